@@ -1,0 +1,7 @@
+"""Write a small generated dataset in a standard layout: ``python tools/make_synthetic.py {cls,seg} OUT``."""
+import sys
+
+from vitasks.data.synthetic import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
