@@ -1,0 +1,36 @@
+"""Small generated datasets, written in the standard layouts the real datasets use.
+
+Each kind is a function ``make_<kind>_dataset(out_dir, seed=0, ...)`` in its own module; the
+demo configs under ``configs/demo/`` read what these write.
+"""
+
+import argparse
+import importlib
+
+# kind -> (module, function): imported on demand so one kind's dependencies don't burden another.
+KINDS = {
+    "cls": ("vitasks.data.synthetic.cls", "make_cls_dataset"),
+    "seg": ("vitasks.data.synthetic.seg", "make_seg_dataset"),
+}
+
+
+def make_synthetic(kind: str, out_dir: str, seed: int = 0):
+    """Write the generated dataset ``kind`` into ``out_dir``."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown synthetic dataset kind {kind!r}; expected one of {sorted(KINDS)}")
+    module_name, function_name = KINDS[kind]
+    make = getattr(importlib.import_module(module_name), function_name)
+    return make(out_dir, seed=seed)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="make_synthetic", description="Write a small generated dataset in a standard layout."
+    )
+    parser.add_argument("kind", choices=sorted(KINDS), help="which task's dataset")
+    parser.add_argument("out", help="output folder (the dataset's data_root)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    make_synthetic(args.kind, args.out, seed=args.seed)
+    print(f"wrote a synthetic {args.kind} dataset to {args.out}")
+    return 0
