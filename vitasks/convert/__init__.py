@@ -1,0 +1,95 @@
+"""Checkpoint converters: timm, Hugging Face, Google .npz, MAE and DeiT weights -> vitasks.
+
+``convert_checkpoint(fmt, src, dst)`` reads a checkpoint safely (safetensors,
+``torch.load(weights_only=True)`` or ``np.load(allow_pickle=False)``), renames it to a vitasks
+classifier state dict (``backbone.*`` + ``head.*``, loadable by ``ImageClassifier`` and, for the
+backbone part, by any task model), applies the fine-tuning edits the ViT paper uses, and saves
+``{"state_dict": ..., "meta": {"converted_from", "source", "config_hint", ...}}``.
+
+Every source module translates into timm's naming (:mod:`vitasks.convert.common`); the shared
+code does the rest. Command line: ``python tools/convert_checkpoint.py FORMAT IN OUT`` or
+``vitasks convert FORMAT IN OUT``.
+"""
+
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+from vitasks.convert import deit, hf, mae, npz, timm
+from vitasks.convert.common import ConvertOptions, Source, describe, save_converted, to_vitasks
+from vitasks.errors import CheckpointError
+
+#: Format name -> reader ``(path, ConvertOptions) -> Source`` (a timm-named state dict).
+CONVERTERS: Dict[str, Callable[[str, ConvertOptions], Source]] = {
+    "timm": timm.read,
+    "hf": hf.read,
+    "npz": npz.read,
+    "mae": mae.read,
+    "deit": deit.read,
+}
+
+
+def convert_checkpoint(
+    fmt: str,
+    src: str,
+    dst: Optional[str],
+    *,
+    img_size: Optional[Union[int, Tuple[int, int]]] = None,
+    num_classes: Optional[int] = None,
+    drop_head: bool = False,
+    drop_final_norm: bool = False,
+    pool: Optional[str] = None,
+    num_heads: Optional[int] = None,
+    keep_pre_logits: bool = False,
+    verbose: bool = True,
+) -> Dict[str, Any]:
+    """Convert checkpoint ``src`` of format ``fmt`` into a vitasks checkpoint at ``dst``.
+
+    Args:
+        fmt: one of :data:`CONVERTERS` (``timm``, ``hf``, ``npz``, ``mae``, ``deit``).
+        src: the source file (for ``hf`` also a folder with ``config.json``).
+        dst: output path; ``.safetensors`` writes safetensors (meta as JSON metadata under
+            ``vitasks_meta``), anything else ``torch.save``. None: convert without saving.
+        img_size: fine-tuning resolution (int or (h, w)); the position embeddings are resampled
+            in 2D (bicubic, class-token position kept) when the token grid changes.
+        num_classes: classes of the target task; when it differs from the checkpoint's head
+            the head is dropped (the model's new head then starts at zero, as in the ViT paper).
+        drop_head: drop the classification head (and pre-logits) whatever the class count.
+        drop_final_norm: drop the final LayerNorm ``norm`` (config hint ``final_norm=False``).
+        pool: ``"token"`` or ``"mean"`` to override the pooling the source uses.
+        num_heads: attention heads when the source does not record them (timm/DeiT/MAE files
+            of non-standard widths).
+        keep_pre_logits: keep a pre-training ``pre_logits`` (Linear + tanh) layer and its head
+            as ``MLPClsHead`` (``head.hidden`` + ``head.fc``) instead of dropping both.
+        verbose: print the inferred architecture and notes.
+
+    Returns:
+        The checkpoint dict ``{"state_dict": ..., "meta": ...}``; ``meta["config_hint"]`` holds
+        the inferred ``VisionTransformer`` arguments, ``meta["head_hint"]`` the head's.
+
+    Raises:
+        CheckpointError: unknown format, unreadable or unsafe file, or weights that are not a
+            supported ViT.
+    """
+    if fmt not in CONVERTERS:
+        raise CheckpointError(f"unknown checkpoint format {fmt!r}; expected one of {sorted(CONVERTERS)}")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+        raise CheckpointError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1):
+        raise CheckpointError(f"num_heads must be a positive integer, got {num_heads!r}")
+    opts = ConvertOptions(
+        img_size=img_size, num_classes=num_classes, drop_head=drop_head,
+        drop_final_norm=drop_final_norm, pool=pool, num_heads=num_heads,
+        keep_pre_logits=keep_pre_logits,
+    )
+    source = CONVERTERS[fmt](str(src), opts)
+    state_dict, meta = to_vitasks(source, opts)
+    if dst is not None:
+        meta["output"] = str(dst)
+        ckpt = save_converted(state_dict, meta, str(dst))
+    else:
+        ckpt = {"state_dict": state_dict, "meta": meta}
+    if verbose:
+        print(describe(meta))
+    return ckpt
+
+
+__all__ = ["CONVERTERS", "ConvertOptions", "Source", "convert_checkpoint", "describe"]

@@ -1,0 +1,2 @@
+from . import imagenet, transforms  # noqa: F401
+from . import ade, seg_transforms  # noqa: F401  (segmentation helper)

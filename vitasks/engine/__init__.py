@@ -1,0 +1,2 @@
+from . import optimizers  # noqa: F401  (backbone helper: LayerDecayOptimizerConstructor)
+from . import amp, checkpoint, distributed, runner  # noqa: F401,E402  (runtime helper)

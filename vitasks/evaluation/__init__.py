@@ -1,0 +1,2 @@
+from . import accuracy, dump  # noqa: F401
+from . import iou  # noqa: F401  (segmentation helper)

@@ -1,0 +1,2 @@
+from . import cls_heads  # noqa: F401
+from . import decode_head, seg_heads  # noqa: F401  (segmentation helper)

@@ -1,0 +1,1 @@
+from . import multilevel  # noqa: F401  (segmentation helper: Feature2Pyramid)

@@ -1,0 +1,108 @@
+"""CrossEntropyLoss against brute-force computations of the documented formulas."""
+
+import math
+
+import pytest
+import torch
+
+from vitasks.errors import ConfigError
+from vitasks.models.losses import CrossEntropyLoss
+
+
+def _log_softmax(row):
+    m = max(row)
+    z = math.log(sum(math.exp(v - m) for v in row)) + m
+    return [v - z for v in row]
+
+
+def _brute_hard(logits, labels, eps=0.0, class_weight=None, ignore=255, avg_non_ignore=True):
+    """Per element: w[y] * (1 - eps) * -log p_y + eps / K * sum_k w[k] * -log p_k (PyTorch's
+    definition); mean over non-ignored (or all) elements."""
+    total, count, n_all = 0.0, 0, 0
+    for row, y in zip(logits, labels):
+        n_all += 1
+        if y == ignore:
+            continue
+        k = len(row)
+        w = class_weight or [1.0] * k
+        logp = _log_softmax(row)
+        total += (1 - eps) * w[y] * -logp[y] + eps / k * sum(w[j] * -logp[j] for j in range(k))
+        count += 1
+    return total / max(count if avg_non_ignore else n_all, 1)
+
+
+def test_hard_labels_match_brute_force():
+    logits = torch.randn(7, 5)
+    labels = torch.tensor([0, 4, 2, 2, 1, 3, 0])
+    loss = CrossEntropyLoss()(logits, labels)
+    assert loss.item() == pytest.approx(_brute_hard(logits.tolist(), labels.tolist()), rel=1e-5)
+
+
+def test_label_smoothing_and_loss_weight():
+    logits = torch.randn(6, 4)
+    labels = torch.tensor([0, 1, 2, 3, 1, 0])
+    loss = CrossEntropyLoss(loss_weight=0.5, label_smoothing=0.1)(logits, labels)
+    expected = 0.5 * _brute_hard(logits.tolist(), labels.tolist(), eps=0.1)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_soft_targets_match_brute_force():
+    logits = torch.randn(5, 3)
+    targets = torch.softmax(torch.randn(5, 3), dim=1)
+    eps = 0.1
+    loss = CrossEntropyLoss(label_smoothing=eps)(logits, targets)
+    expected = 0.0
+    for row, t in zip(logits.tolist(), targets.tolist()):
+        logp = _log_softmax(row)
+        smoothed = [(1 - eps) * v + eps / 3 for v in t]
+        expected -= sum(s * lp for s, lp in zip(smoothed, logp))
+    assert loss.item() == pytest.approx(expected / 5, rel=1e-5)
+
+
+def test_one_hot_soft_target_equals_hard_label():
+    logits = torch.randn(4, 6)
+    labels = torch.tensor([5, 0, 3, 3])
+    onehot = torch.nn.functional.one_hot(labels, 6).float()
+    ce = CrossEntropyLoss(label_smoothing=0.2)
+    assert ce(logits, onehot).item() == pytest.approx(ce(logits, labels).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("avg_non_ignore", [True, False])
+def test_dense_with_ignore_and_class_weights(avg_non_ignore):
+    n, k, h, w = 2, 4, 3, 5
+    logits = torch.randn(n, k, h, w)
+    labels = torch.randint(0, k, (n, h, w))
+    labels[0, 0, :3] = 255
+    labels[1, 2, 4] = 255
+    class_weight = [1.0, 2.0, 0.5, 3.0]
+    ce = CrossEntropyLoss(class_weight=class_weight, avg_non_ignore=avg_non_ignore, label_smoothing=0.1)
+    loss = ce(logits, labels)
+    # Flatten to one row per pixel for the brute force.
+    rows = logits.permute(0, 2, 3, 1).reshape(-1, k).tolist()
+    flat = labels.reshape(-1).tolist()
+    expected = _brute_hard(rows, flat, eps=0.1, class_weight=class_weight, avg_non_ignore=avg_non_ignore)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_all_ignored_gives_zero_with_gradient():
+    logits = torch.randn(1, 3, 2, 2, requires_grad=True)
+    labels = torch.full((1, 2, 2), 255)
+    loss = CrossEntropyLoss()(logits, labels)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert logits.grad is not None
+
+
+def test_gradient_flows_for_soft_targets():
+    logits = torch.randn(3, 4, requires_grad=True)
+    CrossEntropyLoss()(logits, torch.full((3, 4), 0.25)).backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_bad_arguments():
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        CrossEntropyLoss(label_smoothing=1.5)
+    with pytest.raises(ConfigError, match="class_weight has 2 values"):
+        CrossEntropyLoss(class_weight=[1.0, 2.0])(torch.randn(2, 3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="do not fit"):
+        CrossEntropyLoss()(torch.randn(2, 3), torch.tensor([0, 1, 2]))

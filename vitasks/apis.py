@@ -1,0 +1,353 @@
+"""Python API: build a model from a config, run it on images, write drawn predictions.
+
+>>> from vitasks.apis import init_model, inference_model
+>>> model = init_model("configs/demo/cls.yaml", "work_dirs/cls/epoch_1.pth")
+>>> logits = model(normalised_batch, mode="tensor")          # raw head output, (N, K)
+>>> sample = inference_model(model, "cat.jpg")                 # the config's test pipeline
+>>> sample.pred_score.topk(5)
+
+``run_inference`` is what ``vitasks infer`` / ``tools/infer.py`` call: one JSON and one PNG per
+input. The drawing is chosen per task (see :mod:`vitasks.visualization.drawers`), so a new task
+registers a drawer and needs no change here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Sequence
+from typing import Any, Union
+
+import numpy as np
+import torch
+from mmengine.config import Config
+from mmengine.dataset import Compose, pseudo_collate
+from torch import nn
+
+from vitasks.errors import CheckpointError, ConfigError, DataError, VitasksError
+from vitasks.registry import MODELS, TRANSFORMS
+
+ConfigLike = Union[str, os.PathLike, Config, dict]
+ImageLike = Union[str, os.PathLike, np.ndarray]
+
+#: Pipeline steps that read an image file; left out when the input is already an array.
+IMAGE_LOADERS = {"LoadImage"}
+#: Pipeline steps that read annotations (ground truth); inference has none, so they are left out.
+ANNOTATION_LOADERS = {"LoadAnnotations", "LoadSegMap", "LoadSegAnnotations", "LoadDetAnnotations"}
+
+#: File name suffixes that ``run_inference`` collects from a folder given as input.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm")
+
+
+# --------------------------------------------------------------------------------------------
+# Config and model
+
+
+def load_cfg(config: ConfigLike, cfg_options: Sequence[str] | dict | None = None) -> Config:
+    """A config path (YAML, via :func:`vitasks.config.load_config`), a Config or a dict, with
+    ``cfg_options`` applied and the config's plugins imported. Never modifies its argument."""
+    if isinstance(config, (str, os.PathLike)):
+        from vitasks.config import load_config
+
+        cfg = load_config(str(config), cfg_options)
+    elif isinstance(config, (Config, dict)):
+        cfg = copy.deepcopy(config) if isinstance(config, Config) else Config(copy.deepcopy(config))
+        if cfg_options:
+            from vitasks.config import parse_cfg_options
+
+            options = dict(cfg_options) if isinstance(cfg_options, dict) else parse_cfg_options(cfg_options)
+            cfg.merge_from_dict(options, allow_list_keys=True)
+    else:
+        raise ConfigError(f"expected a config path, mmengine Config or dict, got {type(config).__name__}")
+    from vitasks.plugins import import_plugins
+
+    import_plugins(cfg)
+    return cfg
+
+
+def _where(cfg: Config) -> str:
+    return getattr(cfg, "filename", None) or "config"
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """Build ``cfg.model`` from the vitasks registry (weights as initialised by the modules)."""
+    if "model" not in cfg or not isinstance(cfg.model, dict):
+        raise ConfigError(f"{_where(cfg)}: no `model` section (a dict with a `type`)")
+    try:
+        return MODELS.build(cfg.model)
+    except KeyError as e:  # an unregistered type; validate_config gives suggestions
+        raise ConfigError(f"{_where(cfg)}: model: {e.args[0] if e.args else e}") from e
+
+
+def read_checkpoint(path: str) -> tuple[dict, dict]:
+    """``(state_dict, meta)`` of a checkpoint file, read safely (safetensors, or ``torch.load``
+    with ``weights_only=True`` and the runtime's allowlist for mmengine records); ``meta`` is
+    ``{}`` for a plain state dict."""
+    from vitasks.engine.checkpoint import get_state_dict, load_checkpoint_file
+
+    raw = load_checkpoint_file(path)
+    state_dict = get_state_dict(raw, source=f"checkpoint file {path!r}")
+    meta = raw.get("meta") if isinstance(raw, dict) and isinstance(raw.get("meta"), dict) else {}
+    return state_dict, meta
+
+
+def load_weights(model: nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
+    """Load ``state_dict`` into ``model`` for inference: every weight of the model must be
+    there (a missing one raises CheckpointError); unused ones are logged."""
+    from vitasks.engine.checkpoint import load_model_weights
+
+    result = load_model_weights(model, state_dict, source, skip_head_mismatch=False)
+    missing = result["missing"]
+    if missing:
+        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise CheckpointError(
+            f"{source} lacks {len(missing)} weights of the model: {shown} (is it a checkpoint of "
+            "this config? outside weights need `vitasks convert` first)"
+        )
+
+
+def _class_names(cfg: Config, meta: dict) -> list[str] | None:
+    names = cfg.get("class_names")
+    if names is None:
+        dataset_meta = (meta or {}).get("dataset_meta") or {}
+        names = dataset_meta.get("classes")
+    if names is None:
+        dataset = _test_dataset_cfg(cfg) or {}
+        names = (dataset.get("metainfo") or {}).get("classes")
+    return [str(n) for n in names] if names is not None else None
+
+
+def init_model(
+    config: ConfigLike,
+    checkpoint: str | None = None,
+    device: str | torch.device = "cpu",
+    cfg_options: Sequence[str] | dict | None = None,
+) -> nn.Module:
+    """The task model of ``config`` in eval mode on ``device``.
+
+    Args:
+        config: YAML path, mmengine Config or dict.
+        checkpoint: a vitasks checkpoint (``state_dict`` key, as the trainer saves it) or a
+            plain state dict file (``.safetensors`` or a tensors-only ``.pth``), loaded without
+            running pickled code. ``None`` keeps the modules' initial weights.
+        device: where the model goes.
+        cfg_options: overrides, ``["key.sub=value", ...]`` or a dict.
+
+    Returns:
+        The model, with ``model.cfg`` (the merged config) and ``model.dataset_meta``
+        (``{"classes": [...] or None}``: the config's ``class_names``, else the checkpoint's
+        dataset meta, else the test dataset's ``metainfo.classes``). ``model(x,
+        mode="tensor")`` is the raw head output for normalised inputs.
+    """
+    cfg = load_cfg(config, cfg_options)
+    model = build_model(cfg)
+    meta: dict = {}
+    if checkpoint is not None:
+        state_dict, meta = read_checkpoint(os.fspath(checkpoint))
+        load_weights(model, state_dict, f"checkpoint {os.fspath(checkpoint)!r}")
+    model.cfg = cfg
+    model.dataset_meta = {"classes": _class_names(cfg, meta)}
+    model.to(device)
+    model.eval()
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Inference
+
+
+def _test_dataset_cfg(cfg: Config) -> dict | None:
+    for key in ("test_dataloader", "val_dataloader"):
+        loader = cfg.get(key)
+        dataset = loader.get("dataset") if isinstance(loader, dict) else None
+        # Dataset wrappers (ConcatDataset, RepeatDataset, ...) keep the real one under `dataset`
+        # or `datasets`.
+        while isinstance(dataset, dict) and "pipeline" not in dataset:
+            inner = dataset.get("dataset") or (dataset.get("datasets") or [None])[0]
+            dataset = inner
+        if isinstance(dataset, dict):
+            return dataset
+    return None
+
+
+def test_pipeline_cfg(cfg: Config) -> list[dict]:
+    """The test pipeline: ``test_dataloader.dataset.pipeline`` (else the val loader's, else a
+    top-level ``test_pipeline``). The dataset itself is not needed."""
+    dataset = _test_dataset_cfg(cfg)
+    pipeline = dataset.get("pipeline") if dataset else None
+    if pipeline is None:
+        pipeline = cfg.get("test_pipeline")
+    if not pipeline:
+        raise ConfigError(
+            f"{_where(cfg)}: no test pipeline; inference reads `test_dataloader.dataset.pipeline` "
+            "(or `val_dataloader.dataset.pipeline`, or a top-level `test_pipeline`)"
+        )
+    return [dict(t) for t in pipeline]
+
+
+def _type_name(t: dict) -> str:
+    kind = t.get("type")
+    return kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+
+
+def build_test_pipeline(cfg: Config, from_array: bool = False) -> Compose:
+    """Compose of the test pipeline without annotation loaders (and without the image loader
+    when the inputs are arrays)."""
+    steps = []
+    for t in test_pipeline_cfg(cfg):
+        name = _type_name(t)
+        if name in ANNOTATION_LOADERS or (from_array and name in IMAGE_LOADERS):
+            continue
+        try:
+            steps.append(TRANSFORMS.build(t))
+        except KeyError as e:
+            raise ConfigError(f"{_where(cfg)}: test pipeline: {e.args[0] if e.args else e}") from e
+    return Compose(steps)
+
+
+def _array_results(img: np.ndarray, index: int) -> dict:
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] not in (1, 3, 4):
+        raise DataError(
+            f"inputs[{index}]: expected an RGB uint8 array (H, W, 3), got dtype {img.dtype} shape {img.shape}"
+        )
+    if img.shape[2] == 4:
+        img = img[:, :, :3]
+    img = np.ascontiguousarray(img)
+    return {"img": img, "ori_shape": img.shape[:2], "img_shape": img.shape[:2]}
+
+
+def prepare_data(model: nn.Module, inputs: ImageLike | Sequence[ImageLike]) -> list[dict]:
+    """Run the config's test pipeline on each input: ``[{"inputs": ..., "data_samples": ...}]``.
+
+    Inputs are file paths (images; whatever the pipeline's loader reads) or RGB uint8 arrays
+    (H, W, 3)."""
+    items = [inputs] if isinstance(inputs, (str, os.PathLike, np.ndarray)) else list(inputs)
+    cfg = model.cfg
+    pipelines: dict[bool, Compose] = {}
+    data = []
+    for i, item in enumerate(items):
+        from_array = isinstance(item, np.ndarray)
+        if from_array not in pipelines:
+            pipelines[from_array] = build_test_pipeline(cfg, from_array)
+        if from_array:
+            results = _array_results(item, i)
+        else:
+            path = os.fspath(item)
+            if not os.path.exists(path):
+                raise DataError(f"input not found: {path}")
+            results = {"img_path": path}
+        packed = pipelines[from_array](results)
+        if packed is None:
+            raise DataError(f"the test pipeline dropped input {i} ({item if not from_array else 'array'})")
+        data.append(packed)
+    return data
+
+
+def inference_model(
+    model: nn.Module, inputs: ImageLike | Sequence[ImageLike], batch_size: int = 1
+) -> Any:
+    """Predict on images (paths or RGB uint8 arrays) with the config's test pipeline.
+
+    Returns one data sample (for one input) or a list (for a list): the model's ``predict``
+    output, e.g. ``pred_score`` (K,) and ``pred_label`` (1,) for a classifier, with
+    ``img_path`` / ``ori_shape`` / ``img_shape`` in the metainfo.
+    """
+    if not hasattr(model, "cfg"):
+        raise VitasksError("inference_model needs a model from init_model (it reads model.cfg)")
+    single = isinstance(inputs, (str, os.PathLike, np.ndarray))
+    data = prepare_data(model, inputs)
+    samples = []
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            batch = pseudo_collate(data[start:start + batch_size])
+            samples.extend(model.test_step(batch))
+    return samples[0] if single else samples
+
+
+# --------------------------------------------------------------------------------------------
+# Command-line inference
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[str]:
+    """Files as given; folders replaced by their image and video files (sorted, not recursive)."""
+    files: list[str] = []
+    for item in inputs:
+        item = os.fspath(item)
+        if os.path.isdir(item):
+            found = sorted(
+                os.path.join(item, n)
+                for n in os.listdir(item)
+                if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES
+            )
+            if not found:
+                raise DataError(f"input folder {item} has no image or video files")
+            files.extend(found)
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            raise DataError(f"input not found: {item}")
+    if not files:
+        raise DataError("no inputs given")
+    return files
+
+
+def _unique_stems(files: Sequence[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    stems = []
+    for f in files:
+        stem = os.path.splitext(os.path.basename(f))[0]
+        n = seen.get(stem, 0)
+        seen[stem] = n + 1
+        stems.append(stem if n == 0 else f"{stem}_{n}")
+    return stems
+
+
+def run_inference(
+    config: ConfigLike,
+    checkpoint: str | None,
+    inputs: Sequence[str],
+    out_dir: str,
+    device: str = "cpu",
+    topk: int = 5,
+    cfg_options: Sequence[str] | dict | None = None,
+) -> list[dict]:
+    """Predict on each input and write ``<name>.json`` and ``<name>.png`` into ``out_dir``.
+
+    The JSON is ``{"file": path, **task summary}``; a classifier's summary is ``{"predictions":
+    [{"label", "class_name", "score"}, ...]}`` with the top-``topk`` classes. The PNG is the
+    image with the prediction drawn over it. Drawing and summary come from the drawers that
+    :func:`vitasks.visualization.select_drawers` picks for the model.
+
+    Returns the records written, each with ``json`` and ``png`` paths added.
+    """
+    from vitasks.visualization import select_drawers
+
+    if topk < 1:
+        raise VitasksError(f"--topk must be >= 1, got {topk}")
+    files = expand_inputs(inputs)
+    model = init_model(config, checkpoint, device=device, cfg_options=cfg_options)
+    class_names = model.dataset_meta.get("classes")
+    os.makedirs(out_dir, exist_ok=True)
+    records = []
+    for path, stem in zip(files, _unique_stems(files)):
+        sample = inference_model(model, path)
+        drawers = select_drawers(model, sample)
+        record: dict[str, Any] = {"file": path}
+        for drawer in drawers:
+            record.update(drawer.summarize(sample, class_names, topk))
+        image = drawers[0].load_image(path)
+        for drawer in drawers:
+            image = drawer.draw(image, sample, class_names, topk)
+        json_path = os.path.join(out_dir, stem + ".json")
+        png_path = os.path.join(out_dir, stem + ".png")
+        with open(json_path, "w") as f:
+            json.dump(record, f, indent=2)
+        from PIL import Image
+
+        Image.fromarray(image).save(png_path)
+        records.append({**record, "json": json_path, "png": png_path})
+    return records

@@ -1,0 +1,481 @@
+"""What every converter shares: safe reading, the timm-named intermediate, fine-tuning edits
+(heads, final norm, position-embedding resampling), the mapping to vitasks names, saving.
+
+Each source module (``timm``, ``hf``, ``npz``, ``mae``, ``deit``) only translates its own names
+and layouts into a :class:`Source`, a state dict in timm's ViT naming (``patch_embed.proj``,
+``cls_token``, ``pos_embed``, ``blocks.{i}.attn.qkv``, ``norm``, ``fc_norm``, ``head``, ...) plus
+what the source says about conventions the weights cannot (LayerNorm epsilon, number of heads).
+:func:`to_vitasks` then does everything else once.
+"""
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from vitasks.errors import CheckpointError
+
+Tensor = torch.Tensor
+StateDict = Dict[str, Tensor]
+
+#: Heads of the published ViT sizes, by width: tiny, small, base, large, huge, giant (g/14),
+#: gigantic (G/14). A timm-named state dict does not record the head count (the fused qkv weight
+#: is (3C, C) whatever it is); other widths fall back to 64-channel heads.
+NUM_HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16}
+
+#: Wrappers a training script puts around the state dict, tried in this order.
+_WRAPPER_KEYS = ("state_dict", "model", "module", "params")
+
+_POOLS = ("token", "mean")
+
+
+@dataclass
+class ConvertOptions:
+    """Fine-tuning edits applied while converting (see :func:`vitasks.convert.convert_checkpoint`)."""
+
+    img_size: Optional[Union[int, Tuple[int, int]]] = None
+    num_classes: Optional[int] = None
+    drop_head: bool = False
+    drop_final_norm: bool = False
+    pool: Optional[str] = None
+    num_heads: Optional[int] = None
+    keep_pre_logits: bool = False
+
+
+@dataclass
+class Source:
+    """A checkpoint read into timm's ViT naming, with what its origin says beyond the weights.
+
+    Attributes:
+        fmt: the converter's name (``timm``, ``hf``, ...).
+        path: the file (or folder) read.
+        state_dict: tensors under timm names (see the module docstring).
+        norm_eps: LayerNorm epsilon of the source model.
+        num_heads: attention heads when the source states them (None: from the width).
+        grid: the source's token grid (rows, cols) when a config states it (None: square,
+            from the position embedding's length).
+        pool / fc_norm / final_norm: the source's pooling when the weights don't say (None:
+            inferred from the keys).
+        stem: keyword overrides for the hybrid's ``ResNetStem`` (epsilon conventions).
+        notes: messages for the user (what was dropped or assumed).
+    """
+
+    fmt: str
+    path: str
+    state_dict: StateDict
+    norm_eps: float = 1e-6
+    num_heads: Optional[int] = None
+    grid: Optional[Tuple[int, int]] = None
+    pool: Optional[str] = None
+    fc_norm: Optional[bool] = None
+    final_norm: Optional[bool] = None
+    stem: Dict[str, Any] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def _safe_load(path: str) -> Any:
+    """Load a torch/safetensors file without running code (the runtime's safe loader)."""
+    from vitasks.engine.checkpoint import load_state_dict_file
+
+    return load_state_dict_file(path)
+
+
+def unwrap_state_dict(obj: Any, path: str, prefer: Sequence[str] = _WRAPPER_KEYS) -> StateDict:
+    """The tensor dict inside a loaded checkpoint: a plain state dict, or one under
+    ``state_dict`` / ``model`` / ``module`` (as training scripts save them); ``module.``
+    prefixes (DataParallel) are removed."""
+    seen = 0
+    while isinstance(obj, dict) and not _is_tensor_dict(obj) and seen < 3:
+        inner = next((obj[k] for k in prefer if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj, seen = inner, seen + 1
+    if not isinstance(obj, dict) or not _is_tensor_dict(obj):
+        keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(
+            f"{path}: expected a state dict (name -> tensor), or one under one of "
+            f"{list(prefer)}; found {keys}"
+        )
+    sd = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _is_tensor_dict(obj: dict) -> bool:
+    return bool(obj) and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def read_torch_state_dict(path: str, prefer: Sequence[str] = _WRAPPER_KEYS) -> StateDict:
+    """Read a ``.pth`` / ``.bin`` / ``.safetensors`` file safely and return its state dict."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    return unwrap_state_dict(_safe_load(path), path, prefer)
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def block_indices(sd: StateDict, prefix: str = "blocks.") -> List[int]:
+    """Sorted indices i of the keys ``{prefix}{i}.*``."""
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return sorted({int(m.group(1)) for k in sd for m in [pat.match(k)] if m})
+
+
+def _pair(size: Union[int, Sequence[int]], what: str) -> Tuple[int, int]:
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size, size)
+    try:
+        size = tuple(int(s) for s in size)
+    except TypeError:
+        raise CheckpointError(f"{what} must be an int or (height, width), got {size!r}") from None
+    if len(size) != 2 or min(size) < 1:
+        raise CheckpointError(f"{what} must be a positive int or (height, width), got {size!r}")
+    return size
+
+
+def _square_side(n: int) -> Optional[int]:
+    side = math.isqrt(n) if n >= 0 else -1
+    return side if side >= 1 and side * side == n else None
+
+
+def _num(x: float) -> Union[int, float]:
+    """An int when the float is integral (nicer in configs: mlp_ratio 4, not 4.0)."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+# --------------------------------------------------------------------------------------------
+# timm names -> vitasks names
+
+
+def _split_prefix_tokens(sd: StateDict, src: Source) -> Tuple[Tuple[int, int], List[str]]:
+    """Bring ``pos_embed`` to vitasks' layout (class-token position + grid) and fold the
+    positions of the other prefix tokens into them (a token's position embedding is added once,
+    at the input, so token + position is the same token without one).
+
+    timm orders prefix tokens class, distillation, registers; some models give every prefix
+    token a position, some only the class token, some none (``no_embed_class``). Returns the
+    grid and notes.
+    """
+    notes = []
+    pos = sd.pop("pos_embed")
+    if pos.ndim != 3 or pos.shape[0] != 1:
+        raise CheckpointError(f"{src.path}: pos_embed must be (1, N, C), got {tuple(pos.shape)}")
+    has_cls = "cls_token" in sd
+    prefix = ["cls"] * has_cls + ["dist"] * ("dist_token" in sd)
+    num_reg = sd["reg_token"].shape[1] if "reg_token" in sd else 0
+    prefix += ["reg"] * num_reg
+    length = pos.shape[1]
+
+    candidates = []
+    for p in (len(prefix), len(prefix) - num_reg, int(has_cls), 0):
+        if p not in candidates:
+            candidates.append(p)
+    grid = None
+    if src.grid is not None:
+        num_pos = next((p for p in candidates if length - p == src.grid[0] * src.grid[1]), None)
+        if num_pos is not None:
+            grid = src.grid
+    if grid is None:
+        for p in candidates:
+            side = _square_side(length - p)
+            if side:
+                num_pos, grid = p, (side, side)
+                break
+    if grid is None:
+        raise CheckpointError(
+            f"{src.path}: cannot lay pos_embed with {length} entries on a token grid with "
+            f"prefix tokens {prefix} (expected a square grid plus 0..{len(prefix)} prefix entries)"
+        )
+
+    C = pos.shape[-1]
+    cls_pos = torch.zeros(1, 1, C, dtype=pos.dtype)
+    reg_rows = []
+    for j, kind in enumerate(prefix[:num_pos]):
+        row = pos[:, j : j + 1]
+        if kind == "cls":
+            cls_pos = row
+        elif kind == "dist":
+            sd["dist_token"] = sd["dist_token"] + row
+        else:
+            reg_rows.append(row)
+    if reg_rows:
+        sd["reg_token"] = sd["reg_token"] + torch.cat(reg_rows, dim=1)
+    if has_cls and num_pos == 0:
+        notes.append("the class token had no position embedding: a zero one was added")
+
+    # Distillation token -> first register token (vitasks puts register tokens right after
+    # the class token, as DeiT puts its distillation token).
+    if "dist_token" in sd:
+        dist = sd.pop("dist_token")
+        sd["reg_token"] = torch.cat([dist, sd["reg_token"]], dim=1) if "reg_token" in sd else dist
+        notes.append(
+            "DeiT distillation token kept as register token 0 (its position embedding folded "
+            "in); logits come from the class-token head only"
+        )
+    grid_pos = pos[:, num_pos:]
+    sd["pos_embed"] = torch.cat([cls_pos, grid_pos], dim=1) if has_cls else grid_pos
+    return grid, notes
+
+
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_BLOCK_PARTS = {
+    "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+    "attn.proj.bias", "ls1.gamma", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+    "mlp.fc2.weight", "mlp.fc2.bias", "ls2.gamma",
+}
+_BLOCK_ALIASES = {"gamma_1": "ls1.gamma", "gamma_2": "ls2.gamma"}  # DeiT III / BEiT names
+_TOP_LEVEL = {"cls_token", "reg_token", "pos_embed", "norm.weight", "norm.bias",
+              "fc_norm.weight", "fc_norm.bias"}
+_HYBRID_RE = re.compile(
+    r"^patch_embed\.backbone\.(stem\.(conv|norm)\.(weight|bias)|stages\.\d+\.blocks\.\d+\."
+    r"(conv[123]|norm[123]|downsample\.conv|downsample\.norm)\.(weight|bias))$"
+)
+
+
+def _infer_stem(sd: StateDict, src: Source) -> Tuple[Dict[str, Any], int, int]:
+    """Stem config, its stride and the image channels, from ``patch_embed.*``."""
+    if "patch_embed.proj.weight" not in sd:
+        raise CheckpointError(f"{src.path}: no patch embedding (patch_embed.proj.weight) found")
+    proj = sd["patch_embed.proj.weight"]
+    kh, kw = proj.shape[-2:]
+    if kh != kw:
+        raise CheckpointError(f"{src.path}: non-square patch embedding kernel {kh}x{kw} is not supported")
+    if not any(k.startswith("patch_embed.backbone.") for k in sd):
+        return dict(type="PatchEmbed"), kh, proj.shape[1]
+    if kh != 1:
+        raise CheckpointError(
+            f"{src.path}: hybrid projection with a {kh}x{kw} kernel; vitasks' ResNetStem "
+            "projects with a 1x1 conv"
+        )
+    stages = block_indices(sd, "patch_embed.backbone.stages.")
+    layers = [len(block_indices(sd, f"patch_embed.backbone.stages.{s}.blocks.")) for s in stages]
+    widths = [sd[f"patch_embed.backbone.stages.{s}.blocks.0.conv3.weight"].shape[0] for s in stages]
+    root = sd["patch_embed.backbone.stem.conv.weight"]
+    stem = dict(type="ResNetStem", layers=layers, widths=widths, stem_channels=root.shape[0])
+    stem.update(src.stem)
+    return stem, 4 * 2 ** (len(layers) - 1), root.shape[1]
+
+
+def to_vitasks(src: Source, opts: ConvertOptions) -> Tuple[StateDict, Dict[str, Any]]:
+    """Map a timm-named :class:`Source` to a vitasks classifier state dict (``backbone.*`` +
+    ``head.*``), applying the fine-tuning options. Returns the state dict and the meta dict."""
+    sd = dict(src.state_dict)
+    notes = list(src.notes)
+
+    # DeiT III / BEiT layer-scale names -> timm's.
+    for k in list(sd):
+        m = _BLOCK_RE.match(k)
+        if m:
+            part = m.group(2)
+            for old, new in _BLOCK_ALIASES.items():
+                if part == old:
+                    sd[f"blocks.{m.group(1)}.{new}"] = sd.pop(k)
+
+    depth_ids = block_indices(sd)
+    if not depth_ids or depth_ids != list(range(len(depth_ids))):
+        raise CheckpointError(f"{src.path}: expected transformer blocks blocks.0 .. blocks.N-1, found {depth_ids}")
+    depth = len(depth_ids)
+    stem, stride, in_channels = _infer_stem(sd, src)
+    embed_dim = sd["patch_embed.proj.weight"].shape[0]
+    mlp_hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
+    num_heads = opts.num_heads or src.num_heads
+    if num_heads is None:
+        num_heads = NUM_HEADS_BY_WIDTH.get(embed_dim, max(embed_dim // 64, 1))
+        notes.append(f"num_heads={num_heads} assumed from the width (standard ViT sizes); pass num_heads to override")
+    if embed_dim % num_heads:
+        raise CheckpointError(f"num_heads={num_heads} does not divide the width {embed_dim}")
+
+    # Heads: the class-token head `head`, DeiT's `head_dist`, the ViT paper's pre-logits layer.
+    head = {k[len("head."):]: sd.pop(k) for k in [k for k in sd if k.startswith("head.")]}
+    pre_logits = {k.split(".")[-1]: sd.pop(k) for k in [k for k in sd if k.startswith("pre_logits.")]}
+    if any(k.startswith("head_dist.") for k in sd):
+        for k in [k for k in sd if k.startswith("head_dist.")]:
+            sd.pop(k)
+        notes.append("DeiT distillation head (head_dist) dropped: the class-token head is kept")
+    if set(head) - {"weight", "bias"} or set(pre_logits) - {"weight", "bias"}:
+        raise CheckpointError(
+            f"{src.path}: unsupported head parameters {sorted(set(head) | set(pre_logits))}; "
+            "expected a linear head (head.weight/bias) and optional pre_logits.fc"
+        )
+    src_classes = head["weight"].shape[0] if "weight" in head else None
+    if opts.drop_head and (head or pre_logits):
+        head, pre_logits = {}, {}
+        notes.append("head dropped (drop_head): the new head starts at zero")
+    elif opts.num_classes is not None and head and opts.num_classes != src_classes:
+        head, pre_logits = {}, {}
+        notes.append(
+            f"head dropped: {src_classes} classes in the checkpoint, {opts.num_classes} wanted; "
+            "the new head starts at zero"
+        )
+    if pre_logits and not opts.keep_pre_logits:
+        pre_logits, head = {}, {}
+        notes.append(
+            "pre-training MLP head (pre_logits + head) dropped as the ViT paper does for "
+            "fine-tuning; keep_pre_logits maps it to MLPClsHead instead"
+        )
+
+    # Pooling and the final norm: vitasks has one final norm, either ``norm`` on all tokens
+    # before pooling or ``fc_norm`` after it (``final_norm`` says whether either exists).
+    class_token = "cls_token" in sd
+    has_fc_norm = "fc_norm.weight" in sd
+    pool = opts.pool or src.pool or ("mean" if has_fc_norm or not class_token else "token")
+    if pool not in _POOLS:
+        raise CheckpointError(f"pool must be one of {list(_POOLS)}, got {pool!r}")
+    if pool == "token" and not class_token:
+        raise CheckpointError(f"{src.path}: pool='token' needs a class token, and this model has none")
+    use_fc_norm = has_fc_norm if src.fc_norm is None else src.fc_norm
+    keep_norm = "norm.weight" in sd and src.final_norm is not False
+    if keep_norm and use_fc_norm:
+        raise CheckpointError(
+            f"{src.path}: the model has both a final norm and an fc_norm; vitasks' ViT has one "
+            "of them (pass drop_final_norm to drop both)"
+        )
+    if opts.drop_final_norm:
+        if keep_norm or use_fc_norm:
+            notes.append("final norm dropped (drop_final_norm)")
+        keep_norm = use_fc_norm = False
+    for name, keep in (("norm.", keep_norm), ("fc_norm.", use_fc_norm)):
+        if not keep:
+            for k in [k for k in sd if k.startswith(name)]:
+                sd.pop(k)
+
+    grid, pos_notes = _split_prefix_tokens(sd, src)
+    notes += pos_notes
+    src_img = (grid[0] * stride, grid[1] * stride)
+    img_size = src_img
+    if opts.img_size is not None:
+        img_size = _pair(opts.img_size, "img_size")
+        if img_size[0] % stride or img_size[1] % stride:
+            raise CheckpointError(f"img_size {img_size} must be divisible by the stem stride {stride}")
+        new_grid = (img_size[0] // stride, img_size[1] // stride)
+        if new_grid != grid:
+            from vitasks.models.layers.pos_embed import resample_abs_pos_embed
+
+            sd["pos_embed"] = resample_abs_pos_embed(
+                sd["pos_embed"], new_grid, grid, num_prefix_tokens=int(class_token), mode="bicubic"
+            )
+            notes.append(f"position embeddings resampled (bicubic) from a {grid[0]}x{grid[1]} to a "
+                         f"{new_grid[0]}x{new_grid[1]} grid")
+
+    out: StateDict = {}
+    unknown = []
+    for k, v in sd.items():
+        m = _BLOCK_RE.match(k)
+        if k in _TOP_LEVEL or (m and m.group(2) in _BLOCK_PARTS):
+            out["backbone." + k] = v
+        elif k in ("patch_embed.proj.weight", "patch_embed.proj.bias") or _HYBRID_RE.match(k):
+            out["backbone.stem." + k[len("patch_embed."):]] = v
+        else:
+            unknown.append(k)
+    if unknown:
+        raise CheckpointError(
+            f"{src.path}: {len(unknown)} weights have no counterpart in vitasks' ViT (is this a "
+            f"plain ViT / DeiT / MAE / R50 hybrid?): {sorted(unknown)[:10]}"
+        )
+
+    head_hint = None
+    if pre_logits:
+        out["head.hidden.weight"], out["head.hidden.bias"] = pre_logits["weight"], pre_logits["bias"]
+        head_hint = dict(type="MLPClsHead", num_classes=src_classes, in_channels=embed_dim,
+                         hidden_channels=pre_logits["weight"].shape[0])
+    if head:
+        out.update({"head.fc." + k: v for k, v in head.items()})
+    if head_hint is None:
+        k = src_classes if head else opts.num_classes
+        head_hint = dict(type="LinearClsHead", num_classes=k, in_channels=embed_dim)
+
+    ls = "blocks.0.ls1.gamma" in sd
+    hint = dict(
+        img_size=img_size[0] if img_size[0] == img_size[1] else list(img_size),
+        patch_size=stride,
+        in_channels=in_channels,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=_num(mlp_hidden / embed_dim),
+        qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        layer_scale_init_value=1e-5 if ls else None,
+        norm_eps=src.norm_eps,
+        class_token=class_token,
+        num_reg_tokens=sd["reg_token"].shape[1] if "reg_token" in sd else 0,
+        pool=pool,
+        fc_norm=use_fc_norm,
+        final_norm=keep_norm or use_fc_norm,
+        stem=stem,
+    )
+    out = {k: v.detach().to(torch.float32).contiguous() if v.is_floating_point() else v.contiguous()
+           for k, v in out.items()}
+    meta = dict(
+        converted_from=src.fmt,
+        source=os.path.abspath(src.path),
+        config_hint=hint,
+        head_hint=head_hint,
+        source_img_size=list(src_img),
+        notes=notes,
+    )
+    return out, meta
+
+
+# --------------------------------------------------------------------------------------------
+# Saving and describing
+
+
+def save_converted(state_dict: StateDict, meta: Dict[str, Any], dst: str) -> Dict[str, Any]:
+    """Write ``{"state_dict", "meta"}`` with ``torch.save``, or a ``.safetensors`` file whose
+    metadata holds the meta as JSON under ``vitasks_meta``. Returns the checkpoint dict."""
+    ckpt = {"state_dict": state_dict, "meta": meta}
+    parent = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(parent, exist_ok=True)
+    if dst.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file({k: v.clone() for k, v in state_dict.items()}, dst,
+                  metadata={"format": "pt", "vitasks_meta": json.dumps(meta)})
+    else:
+        torch.save(ckpt, dst)
+    return ckpt
+
+
+def suggest_config(hint: Dict[str, Any]) -> str:
+    """The shipped base model config closest to the inferred backbone."""
+    names = {192: "tiny", 384: "small", 768: "base", 1024: "large"}
+    size = names.get(hint["embed_dim"], None)
+    if size is None:
+        return "none shipped: write the backbone from the config hint"
+    if hint["stem"]["type"] == "ResNetStem":
+        return f"configs/_base_/models/vit_{size}_r50_s{hint['patch_size']}.yaml"
+    return f"configs/_base_/models/vit_{size}_p{hint['patch_size']}.yaml"
+
+
+def describe(meta: Dict[str, Any]) -> str:
+    """A human summary of a conversion: the inferred architecture and what to put in a config."""
+    h = meta["config_hint"]
+    stem = h["stem"]
+    stem_txt = stem["type"] + ("" if stem["type"] == "PatchEmbed" else
+                               f"(layers={stem['layers']}, stride {h['patch_size']})")
+    head = meta.get("head_hint") or {}
+    lines = [
+        f"converted {meta['converted_from']} checkpoint {meta['source']}",
+        f"  backbone: VisionTransformer embed_dim={h['embed_dim']} depth={h['depth']} "
+        f"num_heads={h['num_heads']} mlp_ratio={h['mlp_ratio']} patch_size={h['patch_size']} "
+        f"img_size={h['img_size']} stem={stem_txt}",
+        f"            class_token={h['class_token']} num_reg_tokens={h['num_reg_tokens']} "
+        f"pool={h['pool']} fc_norm={h['fc_norm']} final_norm={h['final_norm']} "
+        f"norm_eps={h['norm_eps']} qkv_bias={h['qkv_bias']} "
+        f"layer_scale_init_value={h['layer_scale_init_value']}",
+        f"  head: {head.get('type')} num_classes={head.get('num_classes')} "
+        f"in_channels={head.get('in_channels')}",
+        f"  closest config: {suggest_config(h)} (set model.backbone to the values above)",
+    ]
+    lines += [f"  note: {n}" for n in meta.get("notes", [])]
+    return "\n".join(lines)

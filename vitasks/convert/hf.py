@@ -1,0 +1,173 @@
+"""Hugging Face transformers ViT (``ViTModel``, ``ViTForImageClassification``) and DeiT
+(``DeiTModel``, ``DeiTForImageClassification[WithTeacher]``) checkpoints.
+
+Input: a ``.safetensors`` / ``.bin`` file, or a folder holding ``model.safetensors`` or
+``pytorch_model.bin`` (or their sharded ``*.index.json``) and ``config.json``. The config gives
+``layer_norm_eps`` (HF's default 1e-12, not timm's 1e-6), the heads, the image and patch size;
+without it the weights give everything but the heads and HF's default eps is assumed.
+
+Both the names on the hub (``vit.encoder.layer.{i}.attention.attention.query``, ...,
+``intermediate.dense``, ``output.dense``) and the names of transformers 5 modules
+(``vit.layers.{i}.attention.q_proj``, ``mlp.fc1``, ...) are read. Separate query/key/value
+projections are concatenated into the fused ``qkv`` (rows q, k, v: the order the fused
+projection is split in). ``pooler.dense`` (ViTModel's tanh pooler, the ViT paper's pre-logits)
+is handled as ``pre_logits``; ``mask_token`` is dropped.
+"""
+
+import glob
+import json
+import os
+import re
+from typing import Any, Dict, Optional
+
+import torch
+
+from vitasks.convert.common import ConvertOptions, Source, StateDict, read_torch_state_dict
+from vitasks.errors import CheckpointError
+
+HF_DEFAULT_EPS = 1e-12
+
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+# Per-layer names (after the layer prefix) -> timm names; q/k/v are fused separately.
+_LAYER_MAP = {
+    "attention.output.dense": "attn.proj",   # hub
+    "attention.o_proj": "attn.proj",         # transformers 5
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "layernorm_before": "norm1",
+    "layernorm_after": "norm2",
+}
+_QKV = {
+    "attention.attention.query": "q", "attention.attention.key": "k", "attention.attention.value": "v",
+    "attention.q_proj": "q", "attention.k_proj": "k", "attention.v_proj": "v",
+}
+_LAYER_RE = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$")
+_TOP_MAP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.distillation_token": "dist_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+    "pooler.dense.weight": "pre_logits.fc.weight",
+    "pooler.dense.bias": "pre_logits.fc.bias",
+}
+_HEAD_MAP = {"classifier": "head", "cls_classifier": "head", "distillation_classifier": "head_dist"}
+
+
+def _find_files(path: str):
+    """(weight files, config.json or None) for a file or a model folder."""
+    if os.path.isdir(path):
+        folder = path
+        # One copy of the weights: safetensors when both formats are there.
+        files = [os.path.join(path, f) for f in _WEIGHT_FILES if os.path.isfile(os.path.join(path, f))][:1]
+        if not files:
+            for index in _INDEX_FILES:
+                ipath = os.path.join(path, index)
+                if os.path.isfile(ipath):
+                    with open(ipath, encoding="utf-8") as f:
+                        shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+                    files = [os.path.join(path, s) for s in shards]
+                    break
+        if not files:
+            found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(path, "*")))[:10]
+            raise CheckpointError(
+                f"{path}: no {' or '.join(_WEIGHT_FILES)} (or sharded index) in this folder; found {found}"
+            )
+    elif os.path.isfile(path):
+        folder, files = os.path.dirname(path), [path]
+    else:
+        raise CheckpointError(f"{path}: no such file or folder")
+    cfg = os.path.join(folder, "config.json")
+    return files, cfg if os.path.isfile(cfg) else None
+
+
+def _read_config(path: Optional[str]) -> Dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read the model config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return cfg
+
+
+def hf_to_timm(sd: StateDict, where: str) -> StateDict:
+    """Rename a transformers ViT/DeiT state dict to timm's names (fusing q, k, v)."""
+    prefix = ""
+    for p in ("vit.", "deit."):
+        if any(k.startswith(p) for k in sd):
+            prefix = p
+    out: StateDict = {}
+    qkv: Dict[str, Dict[str, Dict[str, torch.Tensor]]] = {}
+    unknown = []
+    for key, v in sd.items():
+        head = key.split(".")[0]
+        if head in _HEAD_MAP and key.count(".") == 1:
+            out[f"{_HEAD_MAP[head]}.{key.split('.')[1]}"] = v
+            continue
+        if not key.startswith(prefix):
+            unknown.append(key)
+            continue
+        k = key[len(prefix):]
+        if k == "embeddings.mask_token":
+            continue
+        if k in _TOP_MAP:
+            out[_TOP_MAP[k]] = v
+            continue
+        m = _LAYER_RE.match(k)
+        if m:
+            i, part, kind = m.groups()
+            if part in _QKV:
+                qkv.setdefault(i, {}).setdefault(kind, {})[_QKV[part]] = v
+                continue
+            if part in _LAYER_MAP:
+                out[f"blocks.{i}.{_LAYER_MAP[part]}.{kind}"] = v
+                continue
+        unknown.append(key)
+    if unknown:
+        raise CheckpointError(
+            f"{where}: {len(unknown)} weights are not those of a transformers ViT/DeiT "
+            f"(vit.embeddings.*, vit.encoder.layer.*, vit.layernorm, classifier): {sorted(unknown)[:10]}"
+        )
+    for i, kinds in qkv.items():
+        for kind, parts in kinds.items():
+            if set(parts) != {"q", "k", "v"}:
+                raise CheckpointError(f"{where}: layer {i} has {kind}s for {sorted(parts)} only; expected query, key and value")
+            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def read(path: str, opts: ConvertOptions) -> Source:
+    """A transformers ViT/DeiT checkpoint file or folder."""
+    files, cfg_path = _find_files(path)
+    sd: StateDict = {}
+    for f in files:
+        sd.update(read_torch_state_dict(f))
+    cfg = _read_config(cfg_path)
+    src = Source(fmt="hf", path=path, state_dict=hf_to_timm(sd, path))
+    if cfg_path is None:
+        src.notes.append(f"no config.json beside the weights: layer_norm_eps={HF_DEFAULT_EPS} assumed (HF's default)")
+    src.norm_eps = float(cfg.get("layer_norm_eps", HF_DEFAULT_EPS))
+    if "num_attention_heads" in cfg:
+        src.num_heads = int(cfg["num_attention_heads"])
+    act = cfg.get("hidden_act", "gelu")
+    if act != "gelu":
+        src.notes.append(f"hidden_act={act!r}: vitasks' MLP uses exact GELU, so outputs will differ slightly")
+    if "image_size" in cfg and "patch_size" in cfg:
+        img, patch = cfg["image_size"], cfg["patch_size"]
+        img = (img, img) if isinstance(img, int) else tuple(img)
+        patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        src.grid = (img[0] // patch[0], img[1] // patch[1])
+    # transformers' ViT/DeiT pool the first token; a DeiT "with teacher" averages both heads.
+    if "head_dist.weight" in src.state_dict:
+        src.notes.append("HF DeiTForImageClassificationWithTeacher: distillation_classifier dropped")
+    return src

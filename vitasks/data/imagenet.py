@@ -1,0 +1,171 @@
+"""ImageNet-style folders: ``<data_root>/<split>/<class>/<image>`` (jpg, jpeg, png, any case)."""
+
+import copy
+import logging
+import os
+from typing import Callable, List, Optional, Sequence, Union
+
+from mmengine.dataset import BaseDataset, Compose
+from mmengine.logging import print_log
+
+from vitasks.errors import ConfigError, DataError
+from vitasks.registry import DATASETS, TRANSFORMS
+
+IMG_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def build_pipeline(pipeline: Sequence[Union[dict, Callable]], owner: str) -> List[Callable]:
+    """Build transform dicts from vitasks' TRANSFORMS (usable outside a Runner, where mmengine's
+    root registry would not find vitasks' names)."""
+    built = []
+    for i, t in enumerate(pipeline or []):
+        if isinstance(t, dict):
+            if "type" not in t:
+                raise ConfigError(f"{owner}.pipeline[{i}] has no `type`: {t!r}")
+            built.append(TRANSFORMS.build(copy.deepcopy(t)))
+        elif callable(t):
+            built.append(t)
+        else:
+            raise ConfigError(f"{owner}.pipeline[{i}] must be a dict or a callable, got {t!r}")
+    return built
+
+
+class SkipBadSamplesMixin:
+    """``prepare_data`` that turns a DataError from the pipeline into a warning and ``None``
+    when ``skip_bad_samples`` is on in training (mmengine's BaseDataset then draws another
+    sample). Evaluation never skips: a dropped sample would change the metric's denominator, so
+    the error is raised with a hint instead."""
+
+    skip_bad_samples: bool = False
+
+    def prepare_data(self, idx: int):
+        try:
+            return super().prepare_data(idx)  # type: ignore[misc]
+        except DataError as e:
+            if self.skip_bad_samples and not self.test_mode:  # type: ignore[attr-defined]
+                print_log(f"skipping a bad sample (skip_bad_samples: true): {e}",
+                          logger="current", level=logging.WARNING)
+                return None
+            if self.skip_bad_samples:
+                raise DataError(
+                    f"{e} (skip_bad_samples applies to training only: evaluation must see every "
+                    "sample; fix or remove the file)"
+                ) from e
+            raise DataError(f"{e} (set `skip_bad_samples: true` on the training dataset to skip "
+                            "unreadable images with a warning)") from e
+
+
+@DATASETS.register_module()
+class ImageNetFolder(SkipBadSamplesMixin, BaseDataset):
+    """Classification dataset read from class folders, as ImageNet comes.
+
+    ``load_data_list()`` gives ``{"img_path", "gt_label"}`` per image, images sorted by path;
+    metainfo ``classes`` is the sorted list of class folder names (or ``classes`` when given,
+    which fixes the label order and may select a subset of the folders).
+
+    Args:
+        data_root: The dataset folder (holding ``train/`` and ``val/``).
+        split: ``"train"`` or ``"val"``.
+        split_dir: Folder name of the split when it is not the split's name (e.g.
+            ``validation``).
+        classes: Optional class names (folder names) in label order.
+        num_classes: Expected number of classes (configs pass ``${num_classes}``); a mismatch
+            with the folders is a ConfigError.
+        skip_bad_samples: In training, skip unreadable/truncated images with a warning.
+        pipeline: Transform configs.
+        test_mode: Evaluation mode (no re-sampling of bad samples).
+        lazy_init, max_refetch, indices, serialize_data: as mmengine's BaseDataset.
+    """
+
+    SPLITS = ("train", "val", "test")
+
+    def __init__(
+        self,
+        data_root: Optional[str] = None,
+        split: str = "train",
+        split_dir: Optional[str] = None,
+        classes: Optional[Sequence[str]] = None,
+        num_classes: Optional[int] = None,
+        skip_bad_samples: bool = False,
+        pipeline: Sequence[Union[dict, Callable]] = (),
+        test_mode: bool = False,
+        lazy_init: bool = False,
+        max_refetch: int = 1000,
+        indices: Optional[Union[int, Sequence[int]]] = None,
+        serialize_data: bool = True,
+    ) -> None:
+        if not data_root:
+            raise ConfigError(
+                "ImageNetFolder: `data_root` is missing; set the config's top-level `data_root` "
+                "(or --cfg-options data_root=DIR) to a folder with train/<class>/ and val/<class>/"
+            )
+        if not os.path.isdir(data_root):
+            raise DataError(f"ImageNetFolder: data_root {data_root!r} does not exist or is not a folder")
+        if split not in self.SPLITS:
+            raise ConfigError(f"ImageNetFolder: split must be one of {self.SPLITS}, got {split!r}")
+        self.split = split
+        self.split_dir = split_dir or split
+        self.split_path = os.path.join(data_root, self.split_dir)
+        if not os.path.isdir(self.split_path):
+            raise DataError(
+                f"ImageNetFolder: split folder {self.split_path!r} does not exist "
+                f"(expected {data_root}/{self.split_dir}/<class>/<images>)"
+            )
+        self.skip_bad_samples = bool(skip_bad_samples)
+        self.expected_num_classes = num_classes
+
+        found = sorted(
+            d for d in os.listdir(self.split_path)
+            if os.path.isdir(os.path.join(self.split_path, d)) and not d.startswith(".")
+        )
+        if classes is None:
+            class_names = found
+        else:
+            class_names = [str(c) for c in classes]
+            missing = [c for c in class_names if c not in found]
+            if missing:
+                raise DataError(
+                    f"ImageNetFolder: classes {missing[:5]}{'...' if len(missing) > 5 else ''} have "
+                    f"no folder in {self.split_path!r}"
+                )
+        if not class_names:
+            raise DataError(f"ImageNetFolder: {self.split_path!r} has no class folders")
+        if num_classes is not None and num_classes != len(class_names):
+            raise ConfigError(
+                f"num_classes is {num_classes} but {self.split_path!r} has {len(class_names)} "
+                f"classes ({', '.join(class_names[:5])}{', ...' if len(class_names) > 5 else ''}); "
+                f"set num_classes={len(class_names)} (e.g. --cfg-options num_classes={len(class_names)})"
+            )
+        super().__init__(
+            ann_file="",
+            metainfo=dict(classes=tuple(class_names)),
+            data_root=data_root,
+            data_prefix=dict(img_path=""),
+            indices=indices,
+            serialize_data=serialize_data,
+            pipeline=build_pipeline(pipeline, "ImageNetFolder"),
+            test_mode=test_mode,
+            lazy_init=lazy_init,
+            max_refetch=max_refetch,
+        )
+        # `data_root` in the metainfo lets metrics (the prediction dumper) write relative paths.
+        # Set after BaseDataset's init, which would read any string metainfo value as a file.
+        self._metainfo["data_root"] = data_root
+
+    def load_data_list(self) -> List[dict]:
+        data_list = []
+        for label, name in enumerate(self.metainfo["classes"]):
+            class_dir = os.path.join(self.split_path, name)
+            paths = []
+            for root, dirs, files in os.walk(class_dir, followlinks=True):
+                dirs.sort()
+                paths.extend(
+                    os.path.join(root, f) for f in files
+                    if os.path.splitext(f)[1].lower() in IMG_SUFFIXES and not f.startswith(".")
+                )
+            data_list.extend({"img_path": p, "gt_label": label} for p in sorted(paths))
+        if not data_list:
+            raise DataError(
+                f"ImageNetFolder: no images (.jpg, .jpeg, .png) under {self.split_path!r}/<class>/"
+            )
+        return data_list

@@ -1,0 +1,244 @@
+"""Data transforms: load an image, augment it with albumentations, pack it for the model.
+
+A transform is a callable ``results: dict -> dict`` (or ``None`` to drop the sample), the
+protocol of mmengine's ``Compose``. Conventions: ``results["img"]`` is an RGB uint8 HWC numpy
+array; ``results["gt_seg_map"]`` (segmentation) an HW integer array.
+"""
+
+import difflib
+import os
+import warnings
+from typing import Any, Dict, List, Optional, Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from vitasks.errors import ConfigError, DataError
+from vitasks.registry import TRANSFORMS
+from vitasks.structures import DataSample, PixelData
+
+
+class BaseTransform:
+    """A transform: ``__call__(results) -> results`` (``None`` drops the sample)."""
+
+    def transform(self, results: dict) -> Optional[dict]:
+        raise NotImplementedError
+
+    def __call__(self, results: dict) -> Optional[dict]:
+        return self.transform(results)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+def read_image(path: str) -> np.ndarray:
+    """Read an image file as RGB uint8 HWC; any unreadable, truncated or non-image file raises
+    DataError naming it.
+
+    PIL is used because it reports truncated JPEG/PNG files, which OpenCV decodes silently
+    into partly grey images.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()  # decodes everything now, so a truncated file fails here
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+            return np.asarray(im, dtype=np.uint8).copy()
+    except FileNotFoundError as e:
+        raise DataError(f"image file not found: {path}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        # PIL raises OSError ("image file is truncated", "broken data stream") and
+        # SyntaxError for some corrupt PNG chunks.
+        raise DataError(f"cannot read image {path}: {e}") from e
+
+
+@TRANSFORMS.register_module()
+class LoadImage(BaseTransform):
+    """Read ``results["img_path"]`` into ``results["img"]`` (RGB uint8 HWC) and set
+    ``ori_shape`` and ``img_shape`` (H, W).
+
+    A bad file raises DataError naming it (datasets with ``skip_bad_samples: true`` turn this
+    into a warning and another sample).
+    """
+
+    def transform(self, results: dict) -> dict:
+        if "img_path" not in results:
+            raise DataError("LoadImage: the sample has no `img_path`")
+        img = read_image(results["img_path"])
+        results["img"] = img
+        results["ori_shape"] = img.shape[:2]
+        results["img_shape"] = img.shape[:2]
+        return results
+
+
+# Names users may write for OpenCV flags in YAML, instead of the integer constants.
+_INTERPOLATIONS = {
+    "nearest": cv2.INTER_NEAREST,
+    "linear": cv2.INTER_LINEAR,
+    "bilinear": cv2.INTER_LINEAR,
+    "cubic": cv2.INTER_CUBIC,
+    "bicubic": cv2.INTER_CUBIC,
+    "area": cv2.INTER_AREA,
+    "lanczos": cv2.INTER_LANCZOS4,
+}
+_BORDERS = {
+    "constant": cv2.BORDER_CONSTANT,
+    "replicate": cv2.BORDER_REPLICATE,
+    "reflect": cv2.BORDER_REFLECT,
+    "reflect_101": cv2.BORDER_REFLECT_101,
+    "wrap": cv2.BORDER_WRAP,
+}
+_FLAG_KEYS = {"interpolation": _INTERPOLATIONS, "mask_interpolation": _INTERPOLATIONS, "border_mode": _BORDERS}
+
+
+def _albu_classes() -> List[str]:
+    """Names of albumentations' transforms and composers (for "did you mean")."""
+    bases = (A.BasicTransform, A.BaseCompose)
+    return sorted(
+        n for n in dir(A)
+        if not n.startswith("_") and isinstance(getattr(A, n), type) and issubclass(getattr(A, n), bases)
+    )
+
+
+def build_albu(cfg: Dict[str, Any], where: str = "Albu.transforms") -> Any:
+    """Build one albumentations transform from ``{type: Name, **kwargs}``; nested ``transforms``
+    lists (``OneOf``, ``SomeOf``, ...) are built recursively. Errors name the entry."""
+    if not isinstance(cfg, dict) or "type" not in cfg:
+        raise ConfigError(f"{where}: each entry must be a dict with a `type`, got {cfg!r}")
+    args = dict(cfg)
+    name = args.pop("type")
+    cls = getattr(A, name, None) if isinstance(name, str) else None
+    if not isinstance(cls, type):
+        close = difflib.get_close_matches(str(name), _albu_classes(), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"{where}: albumentations has no transform {name!r}{hint}")
+    for key, table in _FLAG_KEYS.items():
+        value = args.get(key)
+        if isinstance(value, str):
+            if value.lower() not in table:
+                raise ConfigError(f"{where}.{name}.{key}: {value!r} is not one of {sorted(table)}")
+            args[key] = table[value.lower()]
+    if "transforms" in args:
+        args["transforms"] = [
+            build_albu(t, f"{where}.{name}.transforms[{i}]") for i, t in enumerate(args["transforms"])
+        ]
+    # Lists from YAML where albumentations expects tuples (size, scale, ratio).
+    args = {k: tuple(v) if isinstance(v, list) and k != "transforms" else v for k, v in args.items()}
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            transform = cls(**args)
+    except Exception as e:  # pydantic ValidationError, TypeError, ValueError
+        raise ConfigError(f"{where}: cannot build albumentations.{name}({args}): {e}") from e
+    for w in caught:
+        # albumentations warns (and ignores) unknown arguments: a typo must not pass silently.
+        text = str(w.message)
+        if "are not valid for transform" in text:
+            raise ConfigError(f"{where}: albumentations.{name}: {text}")
+        warnings.warn(text, w.category)
+    return transform
+
+
+@TRANSFORMS.register_module()
+class Albu(BaseTransform):
+    """Albumentations adaptor: ``A.Compose`` of the listed transforms, applied to ``img`` and,
+    when present, ``gt_seg_map`` as the mask (so segmentation shares the same pipeline).
+
+    Args:
+        transforms: ``[{type: RandomResizedCrop, size: [224, 224]}, {type: HorizontalFlip}, ...]``;
+            ``interpolation``/``mask_interpolation``/``border_mode`` may be names such as
+            ``bicubic`` or ``constant``.
+    """
+
+    def __init__(self, transforms: Sequence[Dict[str, Any]]) -> None:
+        if not isinstance(transforms, (list, tuple)):
+            raise ConfigError(f"Albu.transforms must be a list of dicts, got {transforms!r}")
+        self.transforms = [dict(t) if isinstance(t, dict) else t for t in transforms]
+        self._compose = A.Compose(
+            [build_albu(t, f"Albu.transforms[{i}]") for i, t in enumerate(transforms)]
+        )
+
+    def transform(self, results: dict) -> dict:
+        kwargs = {"image": results["img"]}
+        has_mask = results.get("gt_seg_map") is not None
+        if has_mask:
+            kwargs["mask"] = results["gt_seg_map"]
+        out = self._compose(**kwargs)
+        img = out["image"]
+        if img.dtype != np.uint8:
+            # Keep the uint8 convention (e.g. after a float-producing transform).
+            img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+        results["img"] = np.ascontiguousarray(img)
+        results["img_shape"] = img.shape[:2]
+        if has_mask:
+            results["gt_seg_map"] = np.ascontiguousarray(out["mask"])
+        return results
+
+
+@TRANSFORMS.register_module()
+class ResizeCenterCrop(Albu):
+    """Evaluation resize: shorter side to ``round(size / crop_ratio)``, then a centre crop of
+    ``size`` (ImageNet: 256 then 224, ratio 0.875). Written as a transform so that the resize
+    follows ``${img_size}``.
+
+    Args:
+        size: Output side.
+        crop_ratio: Crop side / resized shorter side.
+        interpolation: Resize interpolation name (DeiT evaluates with bicubic).
+    """
+
+    def __init__(self, size: int, crop_ratio: float = 0.875, interpolation: str = "bicubic") -> None:
+        if not 0 < crop_ratio <= 1:
+            raise ConfigError(f"ResizeCenterCrop.crop_ratio must be in (0, 1], got {crop_ratio}")
+        self.size = int(size)
+        self.crop_ratio = float(crop_ratio)
+        self.interpolation = interpolation
+        super().__init__(
+            [
+                dict(type="SmallestMaxSize", max_size=round(self.size / self.crop_ratio),
+                     interpolation=interpolation),
+                dict(type="CenterCrop", height=self.size, width=self.size),
+            ]
+        )
+
+
+@TRANSFORMS.register_module()
+class PackInputs(BaseTransform):
+    """Pack ``results`` into ``{"inputs": uint8 CHW tensor, "data_samples": DataSample}``.
+
+    The sample gets ``gt_label`` (LongTensor (1,)) when ``results`` has one and ``gt_sem_seg``
+    (PixelData, data (1, H, W) int64) when it has ``gt_seg_map``; metainfo from ``meta_keys``
+    present in ``results``.
+
+    Args:
+        meta_keys: Keys copied into the sample's metainfo.
+    """
+
+    def __init__(
+        self,
+        meta_keys: Sequence[str] = ("img_path", "ori_shape", "img_shape", "seg_map_path", "reduce_zero_label"),
+    ) -> None:
+        self.meta_keys = tuple(meta_keys)
+
+    def transform(self, results: dict) -> dict:
+        img = results["img"]
+        if img.ndim == 2:
+            img = img[:, :, None]
+        inputs = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+        sample = DataSample()
+        if results.get("gt_label") is not None:
+            sample.gt_label = torch.as_tensor(results["gt_label"], dtype=torch.long).reshape(-1)
+        if results.get("gt_seg_map") is not None:
+            seg = torch.from_numpy(np.asarray(results["gt_seg_map"]).astype(np.int64))
+            sample.gt_sem_seg = PixelData(data=seg[None])
+        sample.set_metainfo({k: results[k] for k in self.meta_keys if k in results})
+        return {"inputs": inputs, "data_samples": sample}
+
+
+def image_suffix_ok(path: str, suffixes: Sequence[str]) -> bool:
+    """True when ``path`` ends with one of ``suffixes``, ignoring case."""
+    return os.path.splitext(path)[1].lower() in suffixes

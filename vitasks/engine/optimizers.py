@@ -1,0 +1,134 @@
+"""Optimizer wrapper constructors: layer-wise learning-rate decay for ViT fine-tuning.
+
+Layer-wise lr decay (BEiT, MAE fine-tuning): the parameters of layer ``i`` (0 = embeddings,
+1..depth = blocks, depth + 1 = final norm and everything outside the backbone) train with
+``lr * decay ** (depth + 1 - i)``, so early layers move less than the head.
+"""
+
+import inspect
+import logging
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
+from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
+from mmengine.registry import OPTIM_WRAPPERS, OPTIMIZERS
+from torch import nn
+
+from vitasks.errors import ConfigError
+from vitasks.registry import OPTIM_WRAPPER_CONSTRUCTORS
+
+#: Parameter names (last component) that get no weight decay whatever their shape.
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token")
+_PARAMWISE_KEYS = ("layer_decay_rate", "no_decay_names")
+
+
+@OPTIM_WRAPPER_CONSTRUCTORS.register_module()
+class LayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
+    """Parameter groups with layer-wise lr decay and the usual no-weight-decay rule.
+
+    ``paramwise_cfg``:
+
+    - ``layer_decay_rate`` (float, default 1.0): the decay per layer. A parameter
+      ``backbone.<rest>`` gets layer id ``model.backbone.get_layer_id(<rest>)``; any other
+      parameter (heads, necks) gets ``depth + 1``; its lr is
+      ``base_lr * layer_decay_rate ** (depth + 1 - layer_id)``. A model whose backbone has no
+      ``get_layer_id`` gets the base lr everywhere.
+    - ``no_decay_names`` (list of str): parameters whose name contains one of these also get
+      weight decay 0 (besides 1-D parameters such as biases and norms, ``pos_embed``,
+      ``cls_token`` and ``reg_token``, which always do).
+
+    Frozen parameters (``requires_grad=False``) are left out. Parameters with the same (lr
+    scale, weight decay) share one group; each group also carries ``lr_scale``.
+
+    Example::
+
+        optim_wrapper:
+          optimizer: {type: AdamW, lr: 5.0e-4, weight_decay: 0.05}
+          constructor: LayerDecayOptimizerConstructor
+          paramwise_cfg: {layer_decay_rate: 0.65}
+    """
+
+    def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: Optional[dict] = None) -> None:
+        if not isinstance(optim_wrapper_cfg, dict) or "optimizer" not in optim_wrapper_cfg:
+            raise ConfigError("optim_wrapper must be a dict with an `optimizer` (e.g. {type: AdamW, lr: 1e-3})")
+        paramwise_cfg = {} if paramwise_cfg is None else dict(paramwise_cfg)
+        unknown = sorted(set(paramwise_cfg) - set(_PARAMWISE_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"optim_wrapper.paramwise_cfg: LayerDecayOptimizerConstructor got unknown keys {unknown}; "
+                f"it accepts {list(_PARAMWISE_KEYS)}"
+            )
+        rate = paramwise_cfg.get("layer_decay_rate", 1.0)
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
+            raise ConfigError(f"optim_wrapper.paramwise_cfg.layer_decay_rate must be a number in (0, 1], got {rate!r}")
+        names = paramwise_cfg.get("no_decay_names", [])
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"optim_wrapper.paramwise_cfg.no_decay_names must be a list of names, got {names!r}")
+        super().__init__(optim_wrapper_cfg, paramwise_cfg)
+        if self.base_lr is None:
+            raise ConfigError("optim_wrapper.optimizer.lr is required by LayerDecayOptimizerConstructor")
+        self.layer_decay_rate = float(rate)
+        self.no_decay_names = tuple(names)
+
+    def __call__(self, model: nn.Module) -> OptimWrapper:
+        if is_model_wrapper(model):
+            model = model.module
+        optim_wrapper_cfg = self.optim_wrapper_cfg.copy()
+        optim_wrapper_cfg.setdefault("type", "OptimWrapper")
+        optimizer_cfg = self.optimizer_cfg.copy()
+        optimizer_cls = optimizer_cfg["type"]
+        if isinstance(optimizer_cls, str):
+            with OPTIMIZERS.switch_scope_and_registry(None) as registry:
+                optimizer_cls = registry.get(optimizer_cls)
+        if optimizer_cls is None:
+            raise ConfigError(f"optim_wrapper.optimizer.type: unknown optimizer {self.optimizer_cfg['type']!r}")
+        # Most optimizers take `params`; some (e.g. colossalai's) name it differently.
+        first_arg = next(iter(inspect.signature(optimizer_cls).parameters))
+        params: List[dict] = []
+        self.add_params(params, model)
+        optimizer_cfg[first_arg] = params
+        optimizer = OPTIMIZERS.build(optimizer_cfg)
+        return OPTIM_WRAPPERS.build(optim_wrapper_cfg, default_args=dict(optimizer=optimizer))
+
+    def _no_decay(self, name: str, param: torch.Tensor) -> bool:
+        return (
+            param.ndim <= 1
+            or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
+            or any(key in name for key in self.no_decay_names)
+        )
+
+    def add_params(self, params: List[dict], module: nn.Module, **kwargs) -> None:
+        """Append the parameter groups of ``module`` (the task model) to ``params``."""
+        backbone = getattr(module, "backbone", None)
+        get_layer_id = getattr(backbone, "get_layer_id", None)
+        depth = getattr(backbone, "depth", None)
+        use_layers = callable(get_layer_id) and isinstance(depth, int)
+        if self.layer_decay_rate != 1.0 and not use_layers:
+            print_log(
+                "LayerDecayOptimizerConstructor: the model has no backbone.get_layer_id / backbone.depth; "
+                "layer_decay_rate is not applied",
+                logger="current",
+                level=logging.WARNING,
+            )
+        groups: Dict[Tuple[float, Optional[float]], dict] = {}
+        for name, param in module.named_parameters():
+            if not param.requires_grad:
+                continue
+            scale = 1.0
+            if use_layers:
+                layer_id = get_layer_id(name[len("backbone."):]) if name.startswith("backbone.") else depth + 1
+                scale = self.layer_decay_rate ** (depth + 1 - layer_id)
+            # Without weight_decay in the optimizer config the decayed groups keep the
+            # optimizer's own default; the no-decay ones get 0 explicitly.
+            wd = 0.0 if self._no_decay(name, param) else self.base_wd
+            key = (scale, wd)
+            if key not in groups:
+                groups[key] = dict(params=[], lr=self.base_lr * scale, lr_scale=scale)
+                if wd is not None:
+                    groups[key]["weight_decay"] = wd
+            groups[key]["params"].append(param)
+        # Smallest lr first: the embedding layer, then the blocks in order, then the head;
+        # within a layer the decayed group first.
+        params.extend(groups[k] for k in sorted(groups, key=lambda k: (k[0], k[1] == 0.0)))

@@ -1,0 +1,353 @@
+"""The Runner that vitasks trains and tests with: mmengine's, with a few things made safe.
+
+What :class:`VitasksRunner` changes in mmengine's ``Runner`` (0.10.x), and why:
+
+- checkpoints are read through :mod:`vitasks.engine.checkpoint` (``weights_only=True`` with an
+  allowlist), which is what lets mmengine's own checkpoints be resumed on torch >= 2.6;
+- ``load_from`` follows the vitasks rules (task heads of another shape skipped, any other
+  shape difference a :class:`~vitasks.errors.CheckpointError`);
+- ``resume`` may be ``False``, ``True``/``"auto"`` (the work dir's ``last_checkpoint``) or a
+  path, and never confuses ``load_from`` (pretrained weights) with a checkpoint to resume;
+- an exception or Ctrl-C (or SIGTERM) during training saves a checkpoint and points
+  ``last_checkpoint`` at it before re-raising, and an epoch-based run resumed from such a
+  mid-epoch checkpoint skips the batches it had already trained on;
+- with mixed precision on, validation and test run under the same autocast;
+- on a machine without GPUs, distributed runs wrap the model in DDP without ``device_ids``
+  (mmengine passes ``device_ids=[LOCAL_RANK]``, which DDP rejects for CPU modules);
+- the merged config is written to the work dir as YAML (:func:`vitasks.config.dump_config`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import os.path as osp
+import signal
+import threading
+from contextlib import contextmanager, nullcontext
+from typing import Optional, Sequence
+
+import torch
+from mmengine.dist import is_main_process, master_only
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
+from mmengine.optim import OptimWrapper
+from mmengine.registry import MODEL_WRAPPERS as MMENGINE_MODEL_WRAPPERS
+from mmengine.runner import Runner
+from mmengine.runner.base_loop import BaseLoop
+from mmengine.runner.checkpoint import find_latest_checkpoint
+from mmengine.runner.loops import EpochBasedTrainLoop, TestLoop, ValLoop, _update_losses
+
+from vitasks.engine.amp import autocast_dtype, device_type
+from vitasks.engine.checkpoint import get_state_dict, load_checkpoint_file, load_model_weights
+from vitasks.errors import CheckpointError
+from vitasks.registry import LOOPS
+
+__all__ = [
+    "VitasksRunner",
+    "ResumableEpochBasedTrainLoop",
+    "AutocastValLoop",
+    "AutocastTestLoop",
+    "LAST_CHECKPOINT",
+]
+
+# mmengine's CheckpointHook writes the path of the newest checkpoint into this file.
+LAST_CHECKPOINT = "last_checkpoint"
+
+
+@LOOPS.register_module()
+class ResumableEpochBasedTrainLoop(EpochBasedTrainLoop):
+    """mmengine's epoch loop, able to continue an epoch that a stopped run left half done.
+
+    A checkpoint saved when a run stops mid-epoch records the iterations done; resuming from it,
+    the batches of that epoch already trained on are skipped (the sampler order of an epoch is
+    fixed by the seed and epoch), so no batch is trained twice.
+    """
+
+    def run_epoch(self) -> None:
+        self.runner.call_hook("before_train_epoch")
+        self.runner.model.train()
+        done = self._iter - self._epoch * len(self.dataloader)
+        if done > 0:
+            print_log(
+                f"Resuming epoch {self._epoch + 1} after {done} of its {len(self.dataloader)} "
+                "iterations: skipping the batches already trained on",
+                logger="current",
+            )
+        for idx, data_batch in enumerate(self.dataloader):
+            if idx < done:
+                continue
+            self.run_iter(idx, data_batch)
+        self.runner.call_hook("after_train_epoch")
+        self._epoch += 1
+
+
+class _AutocastMixin:
+    """Runs the model's val/test step under autocast when ``dtype`` (or ``fp16``) is set."""
+
+    amp_dtype: Optional[torch.dtype]
+    fp16: bool
+
+    def _autocast(self):
+        if self.amp_dtype is None and not self.fp16:
+            return nullcontext()
+        device = device_type()
+        # fp16=True without a dtype: mmengine's choice (bf16 on CPU, fp16 on GPU).
+        dtype = self.amp_dtype or (torch.bfloat16 if device == "cpu" else torch.float16)
+        return torch.autocast(device_type=device, dtype=dtype)
+
+
+@LOOPS.register_module()
+class AutocastValLoop(_AutocastMixin, ValLoop):
+    """mmengine's ``ValLoop`` with ``dtype`` (``"bfloat16"``/``"float16"``) for autocast."""
+
+    def __init__(self, runner, dataloader, evaluator, fp16: bool = False, dtype: Optional[str] = None):
+        super().__init__(runner, dataloader, evaluator, fp16=fp16)
+        self.amp_dtype = autocast_dtype(dtype)
+
+    @torch.no_grad()
+    def run_iter(self, idx, data_batch: Sequence[dict]):
+        self.runner.call_hook("before_val_iter", batch_idx=idx, data_batch=data_batch)
+        with self._autocast():
+            outputs = self.runner.model.val_step(data_batch)
+        outputs, self.val_loss = _update_losses(outputs, self.val_loss)
+        self.evaluator.process(data_samples=outputs, data_batch=data_batch)
+        self.runner.call_hook("after_val_iter", batch_idx=idx, data_batch=data_batch, outputs=outputs)
+
+
+@LOOPS.register_module()
+class AutocastTestLoop(_AutocastMixin, TestLoop):
+    """mmengine's ``TestLoop`` with ``dtype`` (``"bfloat16"``/``"float16"``) for autocast."""
+
+    def __init__(self, runner, dataloader, evaluator, fp16: bool = False, dtype: Optional[str] = None):
+        super().__init__(runner, dataloader, evaluator, fp16=fp16)
+        self.amp_dtype = autocast_dtype(dtype)
+
+    @torch.no_grad()
+    def run_iter(self, idx, data_batch: Sequence[dict]) -> None:
+        self.runner.call_hook("before_test_iter", batch_idx=idx, data_batch=data_batch)
+        with self._autocast():
+            outputs = self.runner.model.test_step(data_batch)
+        outputs, self.test_loss = _update_losses(outputs, self.test_loss)
+        self.evaluator.process(data_samples=outputs, data_batch=data_batch)
+        self.runner.call_hook("after_test_iter", batch_idx=idx, data_batch=data_batch, outputs=outputs)
+
+
+def _swap_loop_type(loop, default_cls, names: tuple, **defaults):
+    """Use our subclass where the config asks for mmengine's loop (by name or by default)."""
+    if not isinstance(loop, dict):
+        return loop
+    loop = copy.deepcopy(dict(loop))
+    if "type" not in loop or loop["type"] in names:
+        loop["type"] = default_cls
+        for key, value in defaults.items():
+            if value is not None:
+                loop.setdefault(key, value)
+    return loop
+
+
+class _Interrupted(KeyboardInterrupt):
+    """SIGTERM (a scheduler stopping the job, torchrun stopping the other ranks) during training."""
+
+
+@contextmanager
+def _sigterm_raises():
+    """Turn SIGTERM into an exception while training, so the interrupt checkpoint is written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Interrupted(f"training stopped by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class VitasksRunner(Runner):
+    """mmengine's Runner with safe checkpoint loading, interrupt checkpoints and CPU DDP.
+
+    Built like mmengine's (``VitasksRunner.from_cfg(cfg)``); ``cfg.resume`` may be ``False``,
+    ``True``/``"auto"`` or a checkpoint path.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self._resuming = False
+        self._evaluating = False
+        self._last_saved_iter: Optional[int] = None
+        super().__init__(*args, **kwargs)
+
+    # ----------------------------------------------------------------------------- config
+    @master_only
+    def dump_config(self) -> None:
+        """Write the merged config to the work dir as ``<config name>.yaml``."""
+        from vitasks.config import dump_config
+
+        name = osp.splitext(osp.basename(self.cfg.filename))[0] if self.cfg.filename else self.timestamp
+        dump_config(self.cfg, osp.join(self.work_dir, f"{name}.yaml"))
+
+    @property
+    def amp_dtype(self) -> Optional[str]:
+        """The autocast dtype of mixed-precision training, or None when it is off."""
+        ow = self.cfg.get("optim_wrapper") or {}
+        wrapper_type = ow.get("type") if isinstance(ow, dict) else None
+        name = getattr(wrapper_type, "__name__", wrapper_type)
+        return ow.get("dtype", "bfloat16") if name == "MixedPrecisionOptimWrapper" else None
+
+    # ----------------------------------------------------------------------------- loops
+    def build_train_loop(self, loop):
+        if isinstance(loop, dict) and "type" not in loop and loop.get("by_epoch", False):
+            loop = dict(copy.deepcopy(dict(loop)), type=ResumableEpochBasedTrainLoop)
+            del loop["by_epoch"]
+        elif isinstance(loop, dict) and loop.get("type") == "EpochBasedTrainLoop":
+            loop = dict(copy.deepcopy(dict(loop)), type=ResumableEpochBasedTrainLoop)
+        return super().build_train_loop(loop)
+
+    def build_val_loop(self, loop):
+        loop = _swap_loop_type(loop, AutocastValLoop, ("ValLoop",), dtype=self.amp_dtype)
+        return super().build_val_loop(loop)
+
+    def build_test_loop(self, loop):
+        loop = _swap_loop_type(loop, AutocastTestLoop, ("TestLoop",), dtype=self.amp_dtype)
+        return super().build_test_loop(loop)
+
+    # ----------------------------------------------------------------------------- DDP
+    def wrap_model(self, model_wrapper_cfg, model):
+        if not self.distributed or is_model_wrapper(model) or device_type() != "cpu":
+            return super().wrap_model(model_wrapper_cfg, model)
+        # CPU (gloo) data parallel: DDP must not get device_ids for a CPU module.
+        model = model.to("cpu")
+        if self.cfg.get("sync_bn") is not None:
+            self.logger.warning("sync_bn is ignored on CPU: SyncBatchNorm needs GPUs")
+        wrapper_cfg = dict(copy.deepcopy(model_wrapper_cfg)) if model_wrapper_cfg else dict(
+            broadcast_buffers=False,
+            find_unused_parameters=self.cfg.get("find_unused_parameters", False),
+        )
+        wrapper_cfg.setdefault("type", "MMDistributedDataParallel")
+        return MMENGINE_MODEL_WRAPPERS.build(wrapper_cfg, default_args=dict(module=model))
+
+    # ----------------------------------------------------------------------------- loading
+    def load_or_resume(self) -> None:
+        """Resume (``resume``: True/"auto" or a path) or else initialise from ``load_from``."""
+        if self._has_loaded:
+            return
+        resume_from = None
+        if self._resume is True or self._resume == "auto":
+            resume_from = find_latest_checkpoint(self.work_dir)
+            if resume_from is None:
+                self.logger.warning(
+                    f"resume: no {LAST_CHECKPOINT} file in {self.work_dir}, training from the start"
+                )
+            elif not osp.isfile(resume_from):
+                raise CheckpointError(
+                    f"resume: {osp.join(self.work_dir, LAST_CHECKPOINT)} names {resume_from!r}, "
+                    "which does not exist; pass the checkpoint to resume from explicitly"
+                )
+        elif self._resume:
+            resume_from = str(self._resume)
+            if not osp.isfile(resume_from):
+                raise CheckpointError(f"resume: checkpoint {resume_from!r} does not exist")
+        if resume_from is not None:
+            self.logger.info(f"Resuming from {resume_from}")
+            self.resume(resume_from)
+        elif self._load_from is not None:
+            self.load_checkpoint(self._load_from)
+        self._has_loaded = resume_from is not None or self._load_from is not None
+
+    def resume(self, filename: str, *args, **kwargs) -> None:
+        self._resuming = True
+        try:
+            super().resume(filename, *args, **kwargs)
+        finally:
+            self._resuming = False
+
+    def load_checkpoint(self, filename: str, map_location="cpu", strict: bool = False, revise_keys=None):
+        """Read ``filename`` safely and load its weights into the model.
+
+        While resuming or evaluating every shape must match; for ``load_from`` before
+        training, task-head weights of another shape are skipped (see
+        :func:`~vitasks.engine.checkpoint.load_model_weights`).
+        """
+        checkpoint = load_checkpoint_file(filename, map_location=map_location)
+        source = f"checkpoint {filename!r}"
+        if self._resuming:
+            missing = [k for k in ("meta", "state_dict", "message_hub") if k not in checkpoint]
+            if missing:
+                raise CheckpointError(
+                    f"cannot resume from {filename!r}: it has no {', '.join(missing)} (not a training "
+                    "checkpoint written by vitasks/mmengine); use load_from to start from its weights"
+                )
+        state_dict = get_state_dict(checkpoint, source)
+        if not (isinstance(checkpoint, dict) and "state_dict" in checkpoint):
+            # Hooks (EMA...) expect mmengine's layout.
+            checkpoint = dict(state_dict=state_dict, meta={})
+        self.call_hook("after_load_checkpoint", checkpoint=checkpoint)
+        model = self.model.module if is_model_wrapper(self.model) else self.model
+        load_model_weights(
+            model,
+            checkpoint["state_dict"],
+            source,
+            skip_head_mismatch=not (self._resuming or self._evaluating),
+        )
+        self._has_loaded = True
+        self.logger.info(f"Loaded weights from {filename}")
+        return checkpoint
+
+    # ----------------------------------------------------------------------------- saving
+    def save_checkpoint(self, out_dir: str, filename: str, *args, **kwargs):
+        # mmengine fills in meta["iter"]; remember it to avoid saving the same state twice.
+        if kwargs.get("meta") is None:
+            kwargs["meta"] = {}
+        super().save_checkpoint(out_dir, filename, *args, **kwargs)
+        self._last_saved_iter = kwargs["meta"].get("iter")
+
+    def _save_interrupt_checkpoint(self, exc: BaseException) -> None:
+        """Save the training state so that ``resume`` continues where the run stopped."""
+        loop = self._train_loop
+        if not isinstance(loop, BaseLoop) or not isinstance(self.optim_wrapper, OptimWrapper):
+            return  # training had not started: nothing to keep
+        if loop.iter == 0 or loop.iter == self._last_saved_iter:
+            return  # nothing trained, or the newest checkpoint already holds this state
+        filename = f"interrupted_iter_{loop.iter}.pth"
+        try:
+            self.save_checkpoint(
+                self.work_dir, filename, meta=dict(epoch=loop.epoch, iter=loop.iter), by_epoch=False
+            )
+            if is_main_process():
+                path = osp.join(self.work_dir, filename)
+                with open(osp.join(self.work_dir, LAST_CHECKPOINT), "w") as f:
+                    f.write(path)
+                self.logger.warning(
+                    f"Training stopped ({type(exc).__name__}) at iteration {loop.iter}: saved {path}; "
+                    "continue with --resume"
+                )
+        except Exception as save_error:  # keep the original error as the one raised
+            self.logger.error(f"Could not save a checkpoint after the run stopped: {save_error}")
+
+    def train(self) -> torch.nn.Module:
+        with _sigterm_raises():
+            try:
+                return super().train()
+            except (Exception, KeyboardInterrupt) as exc:
+                self._save_interrupt_checkpoint(exc)
+                raise
+
+    def val(self) -> dict:
+        self._evaluating = True
+        return super().val()
+
+    def test(self) -> dict:
+        self._evaluating = True
+        return super().test()
+
+    @property
+    def work_dir_last_checkpoint(self) -> Optional[str]:
+        """The checkpoint named by the work dir's ``last_checkpoint`` file, if any."""
+        path = osp.join(self.work_dir, LAST_CHECKPOINT)
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return f.read().strip() or None

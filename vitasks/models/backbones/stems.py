@@ -1,0 +1,443 @@
+"""Stems: image (B, in_channels, H, W) -> token map (B, embed_dim, H/stride, W/stride).
+
+A config chooses one under ``model.backbone.stem`` by ``type``. The backbone passes
+``in_channels`` and ``embed_dim`` (and ``patch_size`` to stems that take it); each stem exposes
+``stride``, its total downsampling factor.
+
+- :class:`PatchEmbed`: ViT's patchify conv (p x p, stride p).
+- :class:`ConvStem`: stacked 3x3 conv-BN-ReLU layers, then a 1x1 conv (Xiao et al. 2021,
+  "Early Convolutions Help Transformers See Better").
+- :class:`ResNetStem`: the ResNet (BiT, ResNetV2-style) part of the hybrid R50+ViT-B/16 of
+  Dosovitskiy et al. 2021, then a 1x1 conv projection.
+"""
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitasks.errors import ConfigError
+from vitasks.registry import MODELS
+
+_WHERE = "model.backbone.stem"
+
+
+def _check_positive_int(value, key: str, stem: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{_WHERE}.{key} of {stem} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_int_list(values, key: str, stem: str, allow_empty: bool = False) -> Tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ConfigError(f"{_WHERE}.{key} of {stem} must be a list of positive integers, got {values!r}")
+    values = tuple(values)
+    if not values and not allow_empty:
+        raise ConfigError(f"{_WHERE}.{key} of {stem} must not be empty")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{_WHERE}.{key} of {stem} must be a list of positive integers, got {list(values)!r}")
+    return values
+
+
+# --------------------------------------------------------------------------------------------
+# Patch embedding
+
+
+@MODELS.register_module()
+class PatchEmbed(nn.Module):
+    """Split the image into non-overlapping p x p patches and project each linearly (a p x p
+    convolution with stride p), as in ViT.
+
+    Args:
+        in_channels: image channels.
+        embed_dim: token width.
+        patch_size: patch side p (the stride).
+        bias: whether the projection has a bias.
+
+    State dict: ``proj.{weight,bias}``.
+    """
+
+    def __init__(self, in_channels: int = 3, embed_dim: int = 768, patch_size: int = 16, bias: bool = True) -> None:
+        super().__init__()
+        _check_positive_int(patch_size, "patch_size", "PatchEmbed")
+        self.stride = patch_size
+        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+        # As MAE / timm: initialise the patchify conv like a linear layer on flattened patches.
+        nn.init.xavier_uniform_(self.proj.weight.view(embed_dim, -1))
+        if bias:
+            nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Convolutional stem (Xiao et al. 2021)
+
+#: The stems of the paper's ViTC models (its Table/appendix settings): 3x3 convs with these output
+#: channels and strides, each followed by BN and ReLU, then a 1x1 conv to the model width.
+#: ViTC-1GF/4GF (widths 192/384): four stride-2 convs; ViTC-18GF/36GF (widths 768/1024): six
+#: convs where the stride is 2 whenever the channel count changes.
+CONV_STEM_PRESETS: Dict[str, Dict[str, Tuple[int, ...]]] = {
+    "1GF": dict(channels=(24, 48, 96, 192), strides=(2, 2, 2, 2)),
+    "4GF": dict(channels=(48, 96, 192, 384), strides=(2, 2, 2, 2)),
+    "18GF": dict(channels=(64, 128, 128, 256, 256, 512), strides=(2, 2, 1, 2, 1, 2)),
+    "36GF": dict(channels=(64, 128, 128, 256, 256, 512), strides=(2, 2, 1, 2, 1, 2)),
+}
+# The paper pairs each stem with one model width; used when neither preset nor channels is given.
+_PRESET_FOR_WIDTH = {192: "1GF", 384: "4GF", 768: "18GF", 1024: "36GF"}
+
+
+class ConvBNReLU(nn.Module):
+    """k x k conv (no bias) -> BatchNorm -> ReLU; state dict ``conv.weight``, ``bn.*``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, bn_eps: float = 1e-5) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+@MODELS.register_module()
+class ConvStem(nn.Module):
+    """Stacked 3x3 conv-BN-ReLU layers whose strides multiply to the patch size, then a 1x1 conv
+    to ``embed_dim`` (Xiao et al. 2021).
+
+    Args:
+        in_channels: image channels.
+        embed_dim: token width.
+        preset: one of :data:`CONV_STEM_PRESETS` (``"1GF"``, ``"4GF"``, ``"18GF"``, ``"36GF"``).
+        channels: explicit output channels of the 3x3 convs (instead of ``preset``).
+        strides: explicit strides of the 3x3 convs, one per entry of ``channels``.
+        kernel_size: kernel of the stacked convs (odd; padded to keep ceil(size / stride)).
+        bn_eps: BatchNorm epsilon.
+
+    With neither ``preset`` nor ``channels``, the paper's stem for ``embed_dim`` is used
+    (192 -> 1GF, 384 -> 4GF, 768 -> 18GF, 1024 -> 36GF).
+
+    State dict: ``convs.{i}.conv.weight``, ``convs.{i}.bn.*``, ``proj.{weight,bias}``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        embed_dim: int = 768,
+        preset: Optional[str] = None,
+        channels: Optional[Sequence[int]] = None,
+        strides: Optional[Sequence[int]] = None,
+        kernel_size: int = 3,
+        bn_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        channels, strides = self._resolve(embed_dim, preset, channels, strides)
+        _check_positive_int(kernel_size, "kernel_size", "ConvStem")
+        if kernel_size % 2 == 0:
+            raise ConfigError(f"{_WHERE}.kernel_size of ConvStem must be odd, got {kernel_size}")
+        self.channels = channels
+        self.strides = strides
+        self.stride = math.prod(strides)
+        layers: List[nn.Module] = []
+        prev = in_channels
+        for c, s in zip(channels, strides):
+            layers.append(ConvBNReLU(prev, c, kernel_size, s, bn_eps))
+            prev = c
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(prev, embed_dim, kernel_size=1)
+
+    @staticmethod
+    def _resolve(embed_dim, preset, channels, strides) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        if preset is not None:
+            if channels is not None or strides is not None:
+                raise ConfigError(f"{_WHERE}: ConvStem takes either `preset` or `channels` + `strides`, not both")
+            key = str(preset).upper().replace("VITC-", "")
+            if key not in CONV_STEM_PRESETS:
+                raise ConfigError(
+                    f"{_WHERE}.preset of ConvStem: unknown preset {preset!r}; expected one of "
+                    f"{sorted(CONV_STEM_PRESETS, key=lambda k: int(k[:-2]))}"
+                )
+            p = CONV_STEM_PRESETS[key]
+            return p["channels"], p["strides"]
+        if channels is None and strides is None:
+            if embed_dim not in _PRESET_FOR_WIDTH:
+                raise ConfigError(
+                    f"{_WHERE}: ConvStem needs `preset` (one of {list(CONV_STEM_PRESETS)}) or `channels` "
+                    f"and `strides`; the paper has no default stem for embed_dim {embed_dim}"
+                )
+            p = CONV_STEM_PRESETS[_PRESET_FOR_WIDTH[embed_dim]]
+            return p["channels"], p["strides"]
+        if channels is None or strides is None:
+            raise ConfigError(f"{_WHERE}: ConvStem needs both `channels` and `strides` (one stride per conv)")
+        channels = _check_int_list(channels, "channels", "ConvStem")
+        strides = _check_int_list(strides, "strides", "ConvStem")
+        if len(channels) != len(strides):
+            raise ConfigError(
+                f"{_WHERE}: ConvStem `channels` has {len(channels)} entries but `strides` has {len(strides)}; "
+                "give one stride per conv"
+            )
+        return channels, strides
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.convs(x))
+
+
+# --------------------------------------------------------------------------------------------
+# ResNet hybrid stem (ViT paper's R50+ViT-B/16)
+
+
+def same_padding(size: int, kernel_size: int, stride: int, dilation: int = 1) -> Tuple[int, int]:
+    """TensorFlow's "SAME" padding (before, after) for one spatial dimension.
+
+    The output has ceil(size / stride) positions; the total padding is split with the extra
+    pixel (if odd) after, as TensorFlow does.
+    """
+    total = max((math.ceil(size / stride) - 1) * stride + (kernel_size - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def pad_same(x: torch.Tensor, kernel_size: Tuple[int, int], stride: Tuple[int, int], dilation: Tuple[int, int] = (1, 1), value: float = 0.0) -> torch.Tensor:
+    """Pad a (B, C, H, W) tensor as TensorFlow's "SAME" padding would for this window."""
+    top, bottom = same_padding(x.shape[-2], kernel_size[0], stride[0], dilation[0])
+    left, right = same_padding(x.shape[-1], kernel_size[1], stride[1], dilation[1])
+    if top or bottom or left or right:
+        x = F.pad(x, [left, right, top, bottom], value=value)
+    return x
+
+
+class StdConv2dSame(nn.Conv2d):
+    """Conv2d with weight standardisation (each filter to zero mean, unit variance, as BiT) and
+    TensorFlow "SAME" padding.
+
+    The padding is static (symmetric, inside the conv) when it does not depend on the input size
+    (stride 1 with an odd kernel, or a 1x1 kernel) and computed per input otherwise.
+
+    Args:
+        eps: added to the filter variance (1e-8 in the ViT hybrid, 1e-6 in BiT).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        bias: bool = False,
+        eps: float = 1e-8,
+    ) -> None:
+        static = kernel_size == 1 or (stride == 1 and kernel_size % 2 == 1)
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride=stride,
+            padding=(kernel_size - 1) // 2 if static and stride == 1 else 0, bias=bias,
+        )
+        self.eps = eps
+        self.dynamic_pad = not static
+
+    def standardized_weight(self) -> torch.Tensor:
+        var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), correction=0, keepdim=True)
+        return (self.weight - mean) * torch.rsqrt(var + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic_pad:
+            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class MaxPool2dSame(nn.Module):
+    """Max pooling with TensorFlow "SAME" padding (padded positions never win: padded with -inf)."""
+
+    def __init__(self, kernel_size: int = 3, stride: int = 2) -> None:
+        super().__init__()
+        self.kernel_size = (kernel_size, kernel_size)
+        self.stride = (stride, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = pad_same(x, self.kernel_size, self.stride, value=float("-inf"))
+        return F.max_pool2d(x, self.kernel_size, self.stride)
+
+
+class GroupNormReLU(nn.Module):
+    """GroupNorm, optionally followed by ReLU; state dict ``weight``, ``bias`` (as a GroupNorm)."""
+
+    def __init__(self, num_channels: int, num_groups: int = 32, eps: float = 1e-5, act: bool = True) -> None:
+        super().__init__()
+        self.num_groups = num_groups
+        self.eps = eps
+        self.act = act
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return F.relu(x, inplace=True) if self.act else x
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.numel()}, groups={self.num_groups}, eps={self.eps}, act={self.act}"
+
+
+class ResNetRoot(nn.Module):
+    """7x7/2 weight-standardised conv (SAME) -> GroupNorm -> ReLU -> 3x3/2 max-pool (SAME)."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_groups: int, ws_eps: float, gn_eps: float) -> None:
+        super().__init__()
+        self.conv = StdConv2dSame(in_channels, out_channels, 7, stride=2, eps=ws_eps)
+        self.norm = GroupNormReLU(out_channels, num_groups, gn_eps)
+        self.pool = MaxPool2dSame(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.norm(self.conv(x)))
+
+
+class Downsample(nn.Module):
+    """Projection shortcut: 1x1 weight-standardised conv (with the block's stride) -> GroupNorm."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, num_groups: int, ws_eps: float, gn_eps: float) -> None:
+        super().__init__()
+        self.conv = StdConv2dSame(in_channels, out_channels, 1, stride=stride, eps=ws_eps)
+        self.norm = GroupNormReLU(out_channels, num_groups, gn_eps, act=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x))
+
+
+class Bottleneck(nn.Module):
+    """Non-pre-activation bottleneck (conv -> GN -> ReLU, as the ViT hybrid uses): 1x1, 3x3
+    (carrying the stride), 1x1 to ``out_channels``, GN, add the shortcut, ReLU.
+
+    ``downsample`` adds the projection shortcut; as in BiT/timm, every stage's first block has
+    one (whatever its stride and widths), so checkpoints map one to one."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        num_groups: int,
+        ws_eps: float,
+        gn_eps: float,
+        downsample: bool = False,
+    ) -> None:
+        super().__init__()
+        mid = out_channels // 4
+        if downsample:
+            self.downsample = Downsample(in_channels, out_channels, stride, num_groups, ws_eps, gn_eps)
+        else:
+            self.downsample = None
+        self.conv1 = StdConv2dSame(in_channels, mid, 1, eps=ws_eps)
+        self.norm1 = GroupNormReLU(mid, num_groups, gn_eps)
+        self.conv2 = StdConv2dSame(mid, mid, 3, stride=stride, eps=ws_eps)
+        self.norm2 = GroupNormReLU(mid, num_groups, gn_eps)
+        self.conv3 = StdConv2dSame(mid, out_channels, 1, eps=ws_eps)
+        self.norm3 = GroupNormReLU(out_channels, num_groups, gn_eps, act=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = self.norm1(self.conv1(x))
+        x = self.norm2(self.conv2(x))
+        x = self.norm3(self.conv3(x))
+        return F.relu(x + shortcut, inplace=True)
+
+
+class ResNetStage(nn.Module):
+    """``depth`` bottlenecks; the first one carries the stride and the projection shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, depth: int, **kwargs) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[
+            Bottleneck(
+                in_channels if i == 0 else out_channels, out_channels, stride if i == 0 else 1,
+                downsample=i == 0, **kwargs,
+            )
+            for i in range(depth)
+        ])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+class ResNetV2Body(nn.Module):
+    """Root block and bottleneck stages; total stride 4 * 2 ** (len(layers) - 1)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        layers: Sequence[int],
+        widths: Sequence[int],
+        stem_channels: int,
+        num_groups: int,
+        ws_eps: float,
+        gn_eps: float,
+    ) -> None:
+        super().__init__()
+        kw = dict(num_groups=num_groups, ws_eps=ws_eps, gn_eps=gn_eps)
+        self.stem = ResNetRoot(in_channels, stem_channels, **kw)
+        stages = []
+        prev = stem_channels
+        for i, (depth, width) in enumerate(zip(layers, widths)):
+            stages.append(ResNetStage(prev, width, 1 if i == 0 else 2, depth, **kw))
+            prev = width
+        self.stages = nn.Sequential(*stages)
+        self.out_channels = prev
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))
+
+
+@MODELS.register_module()
+class ResNetStem(nn.Module):
+    """The ResNet part of the ViT paper's hybrid (R50+ViT-B/16): a ResNetV2/BiT-style network with
+    weight-standardised convs, GroupNorm and TensorFlow "SAME" padding, using non-pre-activation
+    bottlenecks, then a 1x1 conv projection to ``embed_dim``.
+
+    Args:
+        in_channels: image channels.
+        embed_dim: token width.
+        layers: bottlenecks per stage; (3, 4, 9) is the hybrid's R50 (stride 16).
+        widths: output channels per stage (default 256, 512, 1024, 2048 truncated to len(layers)).
+        stem_channels: channels of the 7x7 root conv.
+        num_groups: GroupNorm groups.
+        ws_eps: weight-standardisation epsilon (1e-8 as timm's ViT hybrid).
+        gn_eps: GroupNorm epsilon.
+
+    State dict: ``backbone.stem.{conv,norm}``, ``backbone.stages.{s}.blocks.{b}.{conv1,norm1,
+    conv2,norm2,conv3,norm3}``, ``backbone.stages.{s}.blocks.0.downsample.{conv,norm}``,
+    ``proj.{weight,bias}`` (timm's ``patch_embed.*`` names minus the prefix).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        embed_dim: int = 768,
+        layers: Sequence[int] = (3, 4, 9),
+        widths: Optional[Sequence[int]] = None,
+        stem_channels: int = 64,
+        num_groups: int = 32,
+        ws_eps: float = 1e-8,
+        gn_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        layers = _check_int_list(layers, "layers", "ResNetStem")
+        if widths is None:
+            if len(layers) > 4:
+                raise ConfigError(f"{_WHERE}.layers of ResNetStem has {len(layers)} stages; give `widths` for more than 4")
+            widths = (256, 512, 1024, 2048)[: len(layers)]
+        widths = _check_int_list(widths, "widths", "ResNetStem")
+        if len(widths) != len(layers):
+            raise ConfigError(
+                f"{_WHERE}: ResNetStem `widths` has {len(widths)} entries but `layers` has {len(layers)}"
+            )
+        _check_positive_int(stem_channels, "stem_channels", "ResNetStem")
+        for key, c in [("stem_channels", stem_channels)] + [("widths", w) for w in widths] + [("widths / 4", w // 4) for w in widths]:
+            if c % num_groups:
+                raise ConfigError(f"{_WHERE}: ResNetStem {key} ({c}) must be divisible by num_groups ({num_groups})")
+        self.layers = layers
+        self.stride = 4 * 2 ** (len(layers) - 1)
+        self.backbone = ResNetV2Body(in_channels, layers, widths, stem_channels, num_groups, ws_eps, gn_eps)
+        self.proj = nn.Conv2d(self.backbone.out_channels, embed_dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.backbone(x))

@@ -1,0 +1,374 @@
+"""The Vision Transformer backbone (Dosovitskiy et al. 2021), with the common extensions:
+LayerScale, register tokens, mean pooling, multi-level NCHW outputs and any input size."""
+
+import inspect
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from mmengine.logging import print_log
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vitasks.errors import CheckpointError, ConfigError
+from vitasks.registry import MODELS
+
+from ..layers import TransformerBlock, resample_abs_pos_embed
+
+_POOLS = ("token", "mean", "none")
+_INTERPOLATE_MODES = ("nearest", "bilinear", "bicubic", "area", "nearest-exact")
+# Parameters of the embedding "layer": layer id 0 for layer-wise learning-rate decay.
+_EMBED_NAMES = ("stem", "pos_embed", "cls_token", "reg_token")
+# Parameters that get no weight decay whatever their shape.
+NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "reg_token")
+
+
+def _pair(value, key: str) -> Tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        raise ConfigError(f"model.backbone.{key} must be a positive int or [height, width], got {value!r}")
+    return tuple(value)
+
+
+@MODELS.register_module()
+class VisionTransformer(nn.Module):
+    """Vision Transformer: stem -> tokens (+ class / register tokens, + position embeddings) ->
+    pre-norm transformer blocks -> final norm -> pooling or multi-level maps.
+
+    Args:
+        img_size: training image size (int or (H, W)); sets the position-embedding grid
+            ``img_size / stride``. Other sizes divisible by the stride run too (the embeddings
+            are resampled on the fly).
+        patch_size: patch size of ``PatchEmbed``; other stems must have this total stride.
+        in_channels: image channels.
+        embed_dim: token width.
+        depth: number of transformer blocks.
+        num_heads: attention heads per block.
+        mlp_ratio: MLP hidden width / ``embed_dim``.
+        qkv_bias: bias in the fused qkv projection.
+        drop_rate: dropout after the position embeddings, the attention projection and the MLP.
+        attn_drop_rate: dropout on attention probabilities.
+        drop_path_rate: stochastic depth of the last block; it rises linearly from 0 over depth.
+        layer_scale_init_value: LayerScale init (e.g. 1e-5); None: no LayerScale.
+        norm_eps: LayerNorm epsilon (1e-6 as the original ViT).
+        class_token: prepend a learned class token.
+        num_reg_tokens: learned register tokens placed after the class token (Darcet et al.
+            2024); they get no position embedding.
+        pool: ``"token"`` (class token), ``"mean"`` (mean of the patch tokens) or ``"none"``
+            (all tokens).
+        fc_norm: norm after pooling instead of the final norm on all tokens (timm/MAE
+            convention); None means True iff ``pool == "mean"``.
+        final_norm: whether there is a final norm at all (``norm`` or ``fc_norm``).
+        out_indices: block indices (negative counts from the end) whose outputs are returned as
+            NCHW maps (B, C, H/stride, W/stride), prefix tokens removed; the last block's map
+            gets the final ``norm`` when that exists (OpenMMLab convention). None: return the
+            pooled features.
+        stem: config of the stem (``type`` from the MODELS registry: ``PatchEmbed``,
+            ``ConvStem``, ``ResNetStem``); None means ``dict(type="PatchEmbed")``.
+        with_cp: gradient checkpointing of every block (saves memory, costs a recompute).
+        interpolate_mode: ``F.interpolate`` mode for resampling position embeddings.
+
+    ``forward(x)`` returns a tuple: one map per ``out_indices`` entry, else ``(pooled,)`` with
+    pooled (B, C), or ``(tokens,)`` (B, N, C) for ``pool="none"``. Token order is
+    [class token, register tokens, patch tokens (row-major)].
+    """
+
+    def __init__(
+        self,
+        img_size: Union[int, Sequence[int]] = 224,
+        patch_size: int = 16,
+        in_channels: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        layer_scale_init_value: Optional[float] = None,
+        norm_eps: float = 1e-6,
+        class_token: bool = True,
+        num_reg_tokens: int = 0,
+        pool: str = "token",
+        fc_norm: Optional[bool] = None,
+        final_norm: bool = True,
+        out_indices: Optional[Sequence[int]] = None,
+        stem: Optional[dict] = None,
+        with_cp: bool = False,
+        interpolate_mode: str = "bicubic",
+    ) -> None:
+        super().__init__()
+        img_size = _pair(img_size, "img_size")
+        for key, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads), ("patch_size", patch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"model.backbone.{key} must be a positive integer, got {value!r}")
+        if embed_dim % num_heads:
+            raise ConfigError(f"model.backbone: embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
+        if pool not in _POOLS:
+            raise ConfigError(f"model.backbone.pool must be one of {list(_POOLS)}, got {pool!r}")
+        if pool == "token" and not class_token:
+            raise ConfigError('model.backbone: pool="token" needs class_token=True; use pool="mean" without a class token')
+        if isinstance(num_reg_tokens, bool) or not isinstance(num_reg_tokens, int) or num_reg_tokens < 0:
+            raise ConfigError(f"model.backbone.num_reg_tokens must be an integer >= 0, got {num_reg_tokens!r}")
+        if interpolate_mode not in _INTERPOLATE_MODES:
+            raise ConfigError(f"model.backbone.interpolate_mode must be one of {list(_INTERPOLATE_MODES)}, got {interpolate_mode!r}")
+
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.num_heads = num_heads
+        self.patch_size = patch_size
+        self.pool = pool
+        self.interpolate_mode = interpolate_mode
+        self.grad_checkpointing = bool(with_cp)
+        self.num_pos_prefix_tokens = 1 if class_token else 0  # the class token has a position embedding
+        self.num_reg_tokens = num_reg_tokens
+        self.num_prefix_tokens = self.num_pos_prefix_tokens + num_reg_tokens
+
+        self.stem = self._build_stem(stem, in_channels, embed_dim, patch_size)
+        self.stride = self.stem.stride
+        if img_size[0] % self.stride or img_size[1] % self.stride:
+            raise ConfigError(
+                f"model.backbone.img_size {list(img_size)} must be divisible by the stem stride {self.stride}"
+            )
+        self.img_size = img_size
+        self.grid_size = (img_size[0] // self.stride, img_size[1] // self.stride)
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, num_reg_tokens, embed_dim)) if num_reg_tokens else None
+        num_pos = self.num_pos_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
+
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            TransformerBlock(
+                embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate,
+                attn_drop=attn_drop_rate, drop_path=dpr[i], layer_scale_init_value=layer_scale_init_value,
+                norm_eps=norm_eps,
+            )
+            for i in range(depth)
+        )
+        use_fc_norm = (pool == "mean") if fc_norm is None else bool(fc_norm)
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm and not use_fc_norm else nn.Identity()
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm and use_fc_norm else nn.Identity()
+
+        self.out_indices = self._check_out_indices(out_indices)
+        if self.out_indices is not None:
+            self._out_set = frozenset(self.out_indices)
+            # Blocks after the last requested one would be computed for nothing.
+            self._num_run = max(self.out_indices) + 1
+        self._init_weights()
+
+    # ---------------------------------------------------------------------------- construction
+
+    @staticmethod
+    def _build_stem(stem: Optional[dict], in_channels: int, embed_dim: int, patch_size: int) -> nn.Module:
+        stem = dict(type="PatchEmbed") if stem is None else stem
+        if not isinstance(stem, dict) or "type" not in stem:
+            raise ConfigError(
+                "model.backbone.stem must be a dict with a `type` (e.g. PatchEmbed, ConvStem, ResNetStem), "
+                f"got {stem!r}"
+            )
+        cfg = dict(stem)
+        stem_type = cfg.pop("type")
+        cls = stem_type if isinstance(stem_type, type) else MODELS.get(stem_type)
+        if cls is None:
+            raise ConfigError(
+                f"model.backbone.stem.type: {stem_type!r} is not a registered model component; "
+                "stems in vitasks: PatchEmbed, ConvStem, ResNetStem"
+            )
+        name = getattr(cls, "__name__", str(stem_type))
+        params = inspect.signature(cls).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        given = dict(in_channels=in_channels, embed_dim=embed_dim)
+        if "patch_size" in params:
+            given["patch_size"] = patch_size
+        for key, value in given.items():
+            if key in cfg and cfg[key] != value:
+                raise ConfigError(
+                    f"model.backbone.stem.{key} is {cfg[key]!r} but the backbone's {key} is {value!r}; "
+                    f"set it on model.backbone only"
+                )
+            cfg[key] = value
+        if not takes_any:
+            unknown = sorted(set(cfg) - set(params))
+            if unknown:
+                accepted = [k for k in params if k not in given]
+                raise ConfigError(f"model.backbone.stem: {name} got unknown arguments {unknown}; it accepts {accepted}")
+        module = cls(**cfg)
+        stride = getattr(module, "stride", None)
+        if not isinstance(stride, int) or stride < 1:
+            raise ConfigError(f"model.backbone.stem: {name} must expose an integer `stride`, got {stride!r}")
+        if stride != patch_size:
+            raise ConfigError(
+                f"model.backbone: the {name} stem has total stride {stride} but model.backbone.patch_size is "
+                f"{patch_size}; set patch_size: {stride} (or change the stem's strides)"
+            )
+        return module
+
+    def _check_out_indices(self, out_indices) -> Optional[Tuple[int, ...]]:
+        if out_indices is None:
+            return None
+        if isinstance(out_indices, int) and not isinstance(out_indices, bool):
+            out_indices = [out_indices]
+        if isinstance(out_indices, (str, bytes)) or not isinstance(out_indices, Sequence) or not out_indices:
+            raise ConfigError(f"model.backbone.out_indices must be a non-empty list of block indices, got {out_indices!r}")
+        result = []
+        for i in out_indices:
+            if isinstance(i, bool) or not isinstance(i, int) or not -self.depth <= i < self.depth:
+                raise ConfigError(
+                    f"model.backbone.out_indices: {i!r} is not a block index of a depth-{self.depth} model "
+                    f"(expected integers in [{-self.depth}, {self.depth - 1}])"
+                )
+            result.append(i % self.depth)
+        if len(set(result)) != len(result):
+            raise ConfigError(f"model.backbone.out_indices {list(out_indices)} names a block twice")
+        return tuple(result)
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # ---------------------------------------------------------------------------- helpers
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of storing its activations."""
+        self.grad_checkpointing = bool(enable)
+
+    def get_layer_id(self, param_name: str) -> int:
+        """Layer id for layer-wise lr decay of a parameter named relative to the backbone:
+        stem / position embedding / class and register tokens 0, block i -> i + 1, everything
+        else (final norms) depth + 1."""
+        first = param_name.split(".", 1)[0]
+        if first in _EMBED_NAMES:
+            return 0
+        if first == "blocks":
+            return int(param_name.split(".", 2)[1]) + 1
+        return self.depth + 1
+
+    def no_weight_decay(self) -> set:
+        """Names of parameters that conventionally get no weight decay (besides 1-D ones)."""
+        return {n for n in NO_WEIGHT_DECAY if getattr(self, n, None) is not None}
+
+    def _pos_embed_for(self, grid: Tuple[int, int]) -> torch.Tensor:
+        if grid == self.grid_size:
+            return self.pos_embed
+        return resample_abs_pos_embed(
+            self.pos_embed, grid, self.grid_size, self.num_pos_prefix_tokens, mode=self.interpolate_mode
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint trained at another resolution: resample its position embeddings to this
+        # model's grid before the usual copy (which would fail on the shape).
+        key = prefix + "pos_embed"
+        value = state_dict.get(key)
+        if isinstance(value, torch.Tensor) and value.shape != self.pos_embed.shape:
+            if value.ndim == 3 and value.shape[0] == 1 and value.shape[2] == self.embed_dim:
+                num_grid = value.shape[1] - self.num_pos_prefix_tokens
+                side = math.isqrt(max(num_grid, 0))
+                if side * side != num_grid:
+                    raise CheckpointError(
+                        f"{key}: the checkpoint's position embeddings have shape {tuple(value.shape)}; this model "
+                        f"expects (1, {self.num_pos_prefix_tokens} + H*W, {self.embed_dim}) "
+                        f"({self.num_pos_prefix_tokens} for the class token) and can resample only a square "
+                        "H x W grid; convert the checkpoint (tools/convert_checkpoint.py) or build the model "
+                        "at the checkpoint's img_size"
+                    )
+                state_dict[key] = resample_abs_pos_embed(
+                    value, self.grid_size, (side, side), self.num_pos_prefix_tokens, mode=self.interpolate_mode
+                )
+                print_log(
+                    f"Resampled {key} from a {side}x{side} to a {self.grid_size[0]}x{self.grid_size[1]} grid",
+                    logger="current",
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ---------------------------------------------------------------------------- forward
+
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """Image -> tokens (B, N, C) with position embeddings, and the patch grid (h, w)."""
+        B, _, H, W = x.shape
+        if H % self.stride or W % self.stride:
+            raise ConfigError(
+                f"VisionTransformer: input size {H}x{W} is not divisible by the stem stride {self.stride}; "
+                f"resize or pad the images to a multiple of {self.stride} in the data pipeline"
+            )
+        x = self.stem(x)
+        grid = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)  # (B, h*w, C), a view
+        pos = self._pos_embed_for(grid)
+        prefix: List[torch.Tensor] = []
+        if self.cls_token is not None:
+            prefix.append((self.cls_token + pos[:, :1]).expand(B, -1, -1))
+            pos = pos[:, 1:]
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(B, -1, -1))
+        x = x + pos
+        # The concatenation (or contiguous()) gives the blocks one contiguous (B, N, C) tensor.
+        x = torch.cat(prefix + [x], dim=1) if prefix else x.contiguous()
+        return self.pos_drop(x), grid
+
+    def _block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """All tokens (B, N, C) after the blocks and the final ``norm`` (not ``fc_norm``)."""
+        x, _ = self._embed(x)
+        for block in self.blocks:
+            x = self._block(block, x)
+        return self.norm(x)
+
+    def pool_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens from :meth:`forward_features` -> pooled (B, C) (or tokens for pool="none"),
+        then ``fc_norm``."""
+        if self.pool == "token":
+            x = x[:, 0]
+        elif self.pool == "mean":
+            x = x[:, self.num_prefix_tokens :].mean(dim=1)
+        return self.fc_norm(x)
+
+    def _forward_maps(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        B = x.shape[0]
+        x, (h, w) = self._embed(x)
+        maps: Dict[int, torch.Tensor] = {}
+        for i in range(self._num_run):
+            x = self._block(self.blocks[i], x)
+            if i in self._out_set:
+                y = self.norm(x) if i == self.depth - 1 else x
+                # Drop the prefix tokens; (B, h*w, C) -> contiguous (B, C, h, w).
+                maps[i] = y[:, self.num_prefix_tokens :].transpose(1, 2).reshape(B, self.embed_dim, h, w).contiguous()
+        return tuple(maps[i] for i in self.out_indices)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """(B, in_channels, H, W) images, H and W divisible by ``stride`` -> tuple of features
+        (see the class docstring)."""
+        if self.out_indices is not None:
+            return self._forward_maps(x)
+        return (self.pool_tokens(self.forward_features(x)),)
+
+    def forward_with_attention(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Tokens as :meth:`forward_features` and each block's attention probabilities
+        (B, heads, N, N), computed explicitly (slower; for visualisation: call it in eval mode,
+        under ``torch.no_grad()`` unless gradients are wanted)."""
+        x, _ = self._embed(x)
+        attentions = []
+        for block in self.blocks:
+            x, attn = block.forward_with_attention(x)
+            attentions.append(attn)
+        return self.norm(x), attentions

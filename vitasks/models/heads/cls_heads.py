@@ -1,0 +1,160 @@
+"""Classification heads: pooled backbone features ``(N, C)`` -> logits ``(N, K)``."""
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.model import BaseModule
+
+from vitasks.errors import ConfigError
+from vitasks.registry import MODELS
+from vitasks.structures import DataSample
+
+Feats = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def _last(feats: Feats) -> torch.Tensor:
+    """The head reads the last feature of a backbone/neck tuple."""
+    if isinstance(feats, (tuple, list)):
+        feats = feats[-1]
+    if feats.dim() != 2:
+        raise ValueError(
+            f"a classification head expects pooled features (N, C), got shape {tuple(feats.shape)}; "
+            "use a backbone with pool='token' or 'mean'"
+        )
+    return feats
+
+
+class BaseClsHead(BaseModule):
+    """Shared loss/predict logic; subclasses define ``forward(feats) -> logits``.
+
+    Args:
+        num_classes: Number of classes K.
+        loss: Config of the loss (registered in MODELS), by default cross-entropy.
+        init_cfg: mmengine initialisation config.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        loss: Optional[dict] = None,
+        init_cfg: Optional[dict] = None,
+    ) -> None:
+        super().__init__(init_cfg=init_cfg)
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ConfigError(f"{type(self).__name__}: num_classes must be a positive integer, got {num_classes!r}")
+        self.num_classes = num_classes
+        loss = dict(type="CrossEntropyLoss") if loss is None else loss
+        self.loss_module = MODELS.build(loss) if isinstance(loss, dict) else loss
+
+    @staticmethod
+    def _targets(data_samples: Sequence[DataSample], device: torch.device) -> torch.Tensor:
+        """Soft targets ``(N, K)`` when every sample has ``gt_score`` (Mixup/CutMix), else hard
+        labels ``(N,)`` from ``gt_label``."""
+        if all("gt_score" in s for s in data_samples):
+            return torch.stack([s.gt_score for s in data_samples]).to(device)
+        return torch.cat([s.gt_label.reshape(-1) for s in data_samples]).to(device).long()
+
+    def loss(self, feats: Feats, data_samples: Sequence[DataSample]) -> dict:
+        """Loss dict ``{"loss": ...}`` for a batch."""
+        logits = self(feats)
+        targets = self._targets(data_samples, logits.device)
+        return {"loss": self.loss_module(logits, targets)}
+
+    def predict(
+        self, feats: Feats, data_samples: Optional[List[Optional[DataSample]]] = None
+    ) -> List[DataSample]:
+        """Fill ``pred_score`` (softmax, (K,)) and ``pred_label`` ((1,)) into each sample."""
+        logits = self(feats)
+        scores = F.softmax(logits.float(), dim=1).detach()
+        labels = scores.argmax(dim=1, keepdim=True)
+        if data_samples is None:
+            data_samples = [None] * len(scores)
+        out = []
+        for sample, score, label in zip(data_samples, scores, labels):
+            sample = DataSample() if sample is None else sample
+            sample.pred_score = score
+            sample.pred_label = label
+            out.append(sample)
+        return out
+
+
+@MODELS.register_module()
+class LinearClsHead(BaseClsHead):
+    """One linear layer ``fc``, zero-initialised (as for fine-tuning: the first steps then
+    train the head from a neutral start instead of random logits).
+
+    Args:
+        num_classes: Number of classes K.
+        in_channels: Feature width C.
+        loss: Loss config (label smoothing goes here).
+        init_cfg: mmengine initialisation config.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int,
+        loss: Optional[dict] = None,
+        init_cfg: Optional[dict] = None,
+    ) -> None:
+        super().__init__(num_classes, loss=loss, init_cfg=init_cfg)
+        self.in_channels = in_channels
+        self.fc = nn.Linear(in_channels, num_classes)
+        self._zero_fc()
+
+    def _zero_fc(self) -> None:
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        if self.init_cfg is None:
+            self._zero_fc()
+
+    def forward(self, feats: Feats) -> torch.Tensor:
+        return self.fc(_last(feats))
+
+
+@MODELS.register_module()
+class MLPClsHead(BaseClsHead):
+    """ViT pre-training head: ``hidden`` (Linear) -> tanh -> ``fc`` (zero-initialised).
+
+    Args:
+        num_classes: Number of classes K.
+        in_channels: Feature width C.
+        hidden_channels: Width of the tanh layer (the "pre-logits"; C in the ViT paper).
+        loss: Loss config.
+        init_cfg: mmengine initialisation config.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int,
+        hidden_channels: int,
+        loss: Optional[dict] = None,
+        init_cfg: Optional[dict] = None,
+    ) -> None:
+        super().__init__(num_classes, loss=loss, init_cfg=init_cfg)
+        self.in_channels = in_channels
+        self.hidden_channels = hidden_channels
+        self.hidden = nn.Linear(in_channels, hidden_channels)
+        self.fc = nn.Linear(hidden_channels, num_classes)
+        self._reset()
+
+    def _reset(self) -> None:
+        # The hidden layer keeps a small random init; the classifier starts at zero.
+        nn.init.trunc_normal_(self.hidden.weight, std=0.02)
+        nn.init.zeros_(self.hidden.bias)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        if self.init_cfg is None:
+            self._reset()
+
+    def forward(self, feats: Feats) -> torch.Tensor:
+        return self.fc(torch.tanh(self.hidden(_last(feats))))

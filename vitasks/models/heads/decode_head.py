@@ -1,0 +1,173 @@
+"""Base of the semantic segmentation decode heads, and the conv + BN + ReLU block they share.
+
+A decode head maps the backbone/neck tuple of feature maps to class logits ``(N, K, h, w)`` at
+some stride. ``loss`` upsamples the logits bilinearly to the (padded) label size and applies its
+loss(es) with the ignore index; the segmentor resizes logits for prediction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitasks.errors import ConfigError
+from vitasks.registry import MODELS
+from vitasks.structures import DataSample
+
+
+class ConvBNReLU(nn.Sequential):
+    """Conv2d (no bias) -> BatchNorm2d -> ReLU, the unit block of UperNet/FCN/SETR heads.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: square kernel size; padding keeps the size (``dilation * (k // 2)``).
+        dilation: convolution dilation.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1) -> None:
+        super().__init__(
+            nn.Conv2d(
+                in_channels, out_channels, kernel_size,
+                padding=dilation * (kernel_size // 2), dilation=dilation, bias=False,
+            ),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+        # Kaiming init for ReLU convs, as mmcv's ConvModule does.
+        nn.init.kaiming_normal_(self[0].weight, mode="fan_out", nonlinearity="relu")
+
+
+def resize(x: torch.Tensor, size: Sequence[int], align_corners: bool = False) -> torch.Tensor:
+    """Bilinear resize of ``(N, C, H, W)`` to ``size`` (no-op when already there)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(int(s) for s in size), mode="bilinear", align_corners=align_corners)
+
+
+def _loss_name(cfg: dict | nn.Module, index: int, count: int) -> str:
+    name = cfg.get("type") if isinstance(cfg, dict) else type(cfg).__name__
+    if name == "CrossEntropyLoss":
+        base = "loss_ce"
+    else:
+        base = "loss_" + str(name).lower().replace("loss", "")
+    return base if count == 1 else f"{base}_{index}"
+
+
+def stack_labels(data_samples: Sequence[DataSample]) -> torch.Tensor:
+    """``(N, H, W)`` long labels from the samples' ``gt_sem_seg`` (already padded to one size)."""
+    try:
+        labels = [s.gt_sem_seg.data for s in data_samples]
+    except AttributeError as e:
+        raise ValueError("segmentation loss needs `gt_sem_seg` in every data sample") from e
+    shapes = {tuple(t.shape[-2:]) for t in labels}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"label maps of one batch have different sizes {sorted(shapes)}; the data preprocessor "
+            "(SegDataPreprocessor) pads them to one size"
+        )
+    return torch.stack([t.reshape(t.shape[-2:]) for t in labels]).long()
+
+
+class BaseDecodeHead(nn.Module):
+    """Feature selection, classifier, loss and accuracy shared by the decode heads.
+
+    Args:
+        in_channels: channels of the selected input(s) (an int, or a list for several inputs).
+        channels: channels of the head's last feature map (the classifier's input).
+        num_classes: number of classes K.
+        in_index: index (or list of indices) of the input map(s) in the backbone/neck tuple.
+        dropout_ratio: dropout before the classifier.
+        loss_decode: a loss config (default cross-entropy, ignore 255, mean over labelled pixels)
+            or a list of them, summed.
+        ignore_index: label value excluded from loss and accuracy.
+        align_corners: ``align_corners`` of the bilinear resizes.
+        with_conv_seg: build the 1x1 classifier (``conv_seg``); heads that classify otherwise
+            turn it off.
+    """
+
+    def __init__(
+        self,
+        in_channels: int | Sequence[int],
+        channels: int,
+        num_classes: int,
+        in_index: int | Sequence[int] = -1,
+        dropout_ratio: float = 0.1,
+        loss_decode: dict | Sequence[dict] | None = None,
+        ignore_index: int = 255,
+        align_corners: bool = False,
+        with_conv_seg: bool = True,
+    ) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ConfigError(f"{owner}: num_classes must be a positive integer, got {num_classes!r}")
+        if isinstance(in_index, (list, tuple)) != isinstance(in_channels, (list, tuple)):
+            raise ConfigError(
+                f"{owner}: in_index and in_channels must both be single values or both lists, got "
+                f"in_index={in_index!r}, in_channels={in_channels!r}"
+            )
+        if isinstance(in_index, (list, tuple)) and len(in_index) != len(in_channels):
+            raise ConfigError(
+                f"{owner}: {len(in_index)} in_index values for {len(in_channels)} in_channels"
+            )
+        self.in_channels = list(in_channels) if isinstance(in_channels, (list, tuple)) else int(in_channels)
+        self.in_index = list(in_index) if isinstance(in_index, (list, tuple)) else int(in_index)
+        self.channels = int(channels)
+        self.num_classes = num_classes
+        self.ignore_index = int(ignore_index)
+        self.align_corners = bool(align_corners)
+        if loss_decode is None:
+            loss_decode = dict(type="CrossEntropyLoss", ignore_index=self.ignore_index)
+        loss_cfgs = [loss_decode] if isinstance(loss_decode, (dict, nn.Module)) else list(loss_decode)
+        if not loss_cfgs:
+            raise ConfigError(f"{owner}: loss_decode is empty")
+        self.loss_names = [_loss_name(c, i, len(loss_cfgs)) for i, c in enumerate(loss_cfgs)]
+        self.loss_decode = nn.ModuleList(
+            MODELS.build(dict(c)) if isinstance(c, dict) else c for c in loss_cfgs
+        )
+        self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else nn.Identity()
+        if with_conv_seg:
+            self.conv_seg = nn.Conv2d(self.channels, num_classes, kernel_size=1)
+            nn.init.normal_(self.conv_seg.weight, std=0.01)
+            nn.init.zeros_(self.conv_seg.bias)
+
+    def _select(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        """The input map(s) named by ``in_index``."""
+        if isinstance(inputs, torch.Tensor):
+            inputs = (inputs,)
+        indices = self.in_index if isinstance(self.in_index, list) else [self.in_index]
+        for i in indices:
+            if not -len(inputs) <= i < len(inputs):
+                raise ConfigError(
+                    f"{type(self).__name__}: in_index {i} is out of range for {len(inputs)} "
+                    "feature maps (check the backbone's out_indices)"
+                )
+        selected = [inputs[i] for i in indices]
+        return selected if isinstance(self.in_index, list) else selected[0]
+
+    def cls_seg(self, feat: torch.Tensor) -> torch.Tensor:
+        """Dropout, then the 1x1 classifier."""
+        return self.conv_seg(self.dropout(feat))
+
+    def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def loss(self, inputs: Sequence[torch.Tensor], data_samples: Sequence[DataSample]) -> dict:
+        """Losses (and ``acc_seg``, the pixel accuracy in percent) of a batch."""
+        return self.loss_by_logits(self.forward(inputs), data_samples)
+
+    def loss_by_logits(self, logits: torch.Tensor, data_samples: Sequence[DataSample]) -> dict:
+        labels = stack_labels(data_samples).to(logits.device)
+        logits = resize(logits, labels.shape[-2:], self.align_corners)
+        losses = {}
+        for name, loss in zip(self.loss_names, self.loss_decode):
+            losses[name] = loss(logits.float(), labels)
+        with torch.no_grad():
+            valid = labels != self.ignore_index
+            correct = (logits.argmax(1) == labels) & valid
+            losses["acc_seg"] = correct.sum().float() * 100.0 / valid.sum().clamp(min=1).float()
+        return losses

@@ -1,0 +1,66 @@
+"""Multi-level neck for dense heads: a pyramid from single-stride ViT feature maps.
+
+A plain ViT gives maps at one stride (16 for 16-pixel patches). BEiT's and MAE's semantic
+segmentation fine-tuning turn the maps of four blocks into strides 4, 8, 16 and 32 with
+transposed convolutions (up) and max pooling (down), which UperNet then fuses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from vitasks.errors import ConfigError
+from vitasks.registry import MODELS
+
+
+def _rescale_module(scale: float, channels: int) -> nn.Module:
+    """The module changing a map's resolution by ``scale`` (4, 2, 1, 0.5 or 0.25)."""
+    if scale == 4:
+        # Two stride-2 deconvs with BN + GELU between them (BEiT/MAE's fpn1).
+        return nn.Sequential(
+            nn.ConvTranspose2d(channels, channels, kernel_size=2, stride=2),
+            nn.BatchNorm2d(channels),
+            nn.GELU(),
+            nn.ConvTranspose2d(channels, channels, kernel_size=2, stride=2),
+        )
+    if scale == 2:
+        return nn.ConvTranspose2d(channels, channels, kernel_size=2, stride=2)
+    if scale == 1:
+        return nn.Identity()
+    if scale == 0.5:
+        return nn.MaxPool2d(kernel_size=2, stride=2)
+    if scale == 0.25:
+        return nn.MaxPool2d(kernel_size=4, stride=4)
+    raise ConfigError(f"Feature2Pyramid: rescales must be among 4, 2, 1, 0.5, 0.25; got {scale}")
+
+
+@MODELS.register_module()
+class Feature2Pyramid(nn.Module):
+    """Rescale same-stride maps into a pyramid (BEiT/MAE segmentation neck).
+
+    With a stride-16 backbone and the default ``rescales`` the outputs have strides 4, 8, 16
+    and 32; channels are unchanged.
+
+    Args:
+        embed_dim: channels of the input maps (the backbone's ``embed_dim``).
+        rescales: resolution factor per input map, in input order.
+    """
+
+    def __init__(self, embed_dim: int, rescales: Sequence[float] = (4, 2, 1, 0.5)) -> None:
+        super().__init__()
+        if not rescales:
+            raise ConfigError("Feature2Pyramid: rescales is empty")
+        self.embed_dim = int(embed_dim)
+        self.rescales = tuple(float(s) for s in rescales)
+        self.ops = nn.ModuleList(_rescale_module(s, self.embed_dim) for s in self.rescales)
+
+    def forward(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        if len(inputs) != len(self.ops):
+            raise ConfigError(
+                f"Feature2Pyramid: got {len(inputs)} feature maps for {len(self.ops)} rescales "
+                f"{list(self.rescales)}; the backbone's out_indices must name one block per rescale"
+            )
+        return tuple(op(x) for op, x in zip(self.ops, inputs))

@@ -1,0 +1,121 @@
+"""Segmentation data preprocessor: normalise, pad images (0) and label maps (255), stack.
+
+Images and labels are padded on the bottom and right, so pixel (y, x) keeps its place; the
+sample's metainfo records ``pad_shape``, ``batch_input_shape`` and ``padding_size``
+(``[left, right, top, bottom]``, as mmseg), which the segmentor uses to cut the padding off its
+predictions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from mmengine.model import BaseDataPreprocessor
+
+from vitasks.errors import ConfigError
+from vitasks.models.data_preprocessors import IMAGENET_MEAN, IMAGENET_STD
+from vitasks.registry import MODELS
+
+
+@MODELS.register_module()
+class SegDataPreprocessor(BaseDataPreprocessor):
+    """Stack uint8 CHW images into a normalised float batch, padding to a common size.
+
+    In training, images are padded (after normalisation, with ``pad_val``) and label maps (with
+    ``seg_pad_val``, ignored by the loss) to at least ``size`` and to a multiple of
+    ``size_divisor``. In evaluation, images are only padded to the largest of the batch (labels
+    stay at their original size for scoring), so the model sees no extra padding.
+
+    Args:
+        mean: per-channel mean in 0-255 RGB (ImageNet's by default).
+        std: per-channel std in 0-255 RGB.
+        size: ``(H, W)`` minimum padded size in training (the crop size, ``[512, 512]``).
+        size_divisor: pad training batches to a multiple of this.
+        pad_val: image padding value (after normalisation; 0 = the mean colour).
+        seg_pad_val: label padding value (the ignore index).
+        to_rgb: swap channels 0 and 2 (vitasks' LoadImage already gives RGB).
+        non_blocking: non-blocking host-to-device copies.
+    """
+
+    def __init__(
+        self,
+        mean: Sequence[float] | None = IMAGENET_MEAN,
+        std: Sequence[float] | None = IMAGENET_STD,
+        size: Sequence[int] | None = None,
+        size_divisor: int | None = None,
+        pad_val: float = 0.0,
+        seg_pad_val: int = 255,
+        to_rgb: bool = False,
+        non_blocking: bool = False,
+    ) -> None:
+        super().__init__(non_blocking=non_blocking)
+        if (mean is None) != (std is None):
+            raise ConfigError("SegDataPreprocessor: give both mean and std, or neither")
+        if size is not None and (len(size) != 2 or min(size) <= 0):
+            raise ConfigError(f"SegDataPreprocessor.size must be [H, W], got {size!r}")
+        if size_divisor is not None and int(size_divisor) < 1:
+            raise ConfigError(f"SegDataPreprocessor.size_divisor must be >= 1, got {size_divisor!r}")
+        self.normalize = mean is not None
+        if self.normalize:
+            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), False)
+            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1), False)
+        self.size = None if size is None else (int(size[0]), int(size[1]))
+        self.size_divisor = None if size_divisor is None else int(size_divisor)
+        self.pad_val = float(pad_val)
+        self.seg_pad_val = int(seg_pad_val)
+        self.to_rgb = bool(to_rgb)
+
+    def _target_size(self, shapes: list[tuple[int, int]], training: bool) -> tuple[int, int]:
+        height = max(h for h, _ in shapes)
+        width = max(w for _, w in shapes)
+        if training:
+            if self.size is not None:
+                height, width = max(height, self.size[0]), max(width, self.size[1])
+            if self.size_divisor:
+                d = self.size_divisor
+                height, width = -(-height // d) * d, -(-width // d) * d
+        return height, width
+
+    def forward(self, data: dict, training: bool = False) -> dict:
+        data = self.cast_data(data)
+        inputs = data["inputs"]
+        if isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
+            inputs = list(inputs)
+        samples = data.get("data_samples")
+        images = []
+        for img in inputs:
+            img = img.float()
+            if self.to_rgb and img.shape[0] == 3:
+                img = img[[2, 1, 0]]
+            if self.normalize:
+                img = (img - self.mean) / self.std
+            images.append(img)
+        shapes = [tuple(img.shape[-2:]) for img in images]
+        height, width = self._target_size(shapes, training)
+        batch = torch.stack([
+            F.pad(img, (0, width - img.shape[-1], 0, height - img.shape[-2]), value=self.pad_val)
+            for img in images
+        ])
+        if samples is not None:
+            for sample, (h, w) in zip(samples, shapes):
+                sample.set_metainfo(dict(
+                    batch_input_shape=(height, width),
+                    pad_shape=(height, width),
+                    padding_size=[0, width - w, 0, height - h],
+                ))
+                if "img_shape" not in sample:
+                    sample.set_metainfo(dict(img_shape=(h, w)))
+                if training and "gt_sem_seg" in sample:
+                    label = sample.gt_sem_seg.data
+                    if tuple(label.shape[-2:]) != (h, w):
+                        raise ValueError(
+                            f"label map of {sample.get('img_path', 'a sample')} has size "
+                            f"{tuple(label.shape[-2:])} but its image {(h, w)} after the pipeline; "
+                            "resize/crop image and label together (Albu, SegRandomResize, SegRandomCrop)"
+                        )
+                    sample.gt_sem_seg.data = F.pad(
+                        label, (0, width - w, 0, height - h), value=self.seg_pad_val
+                    )
+        return {"inputs": batch, "data_samples": samples}

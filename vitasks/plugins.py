@@ -1,0 +1,186 @@
+"""Plugins: code that registers extra components into the vitasks registries.
+
+A plugin runs only when something names it:
+
+- a config lists it under ``plugins:``, either as an importable module name
+  (``my_package.my_module``) or as a path, relative to the config file, to a ``.py`` file or a
+  package folder (``../plugins/cosine_head/vitasks_cosine_head``);
+- an installed distribution declares an entry point in the group ``vitasks.plugins``. The entry
+  point names a module (imported) or a function (``module:register``, called once with no
+  arguments).
+
+Importing a plugin registers its components (``@MODELS.register_module()`` etc.), after which a
+config can name them by ``type``. See ``plugins/README.md`` for writing one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from importlib import metadata
+from pathlib import Path
+from types import ModuleType
+from typing import Any, List, Mapping, Optional, Set
+
+from vitasks.errors import ConfigError
+
+__all__ = ["ENTRY_POINT_GROUP", "import_plugins", "register_all_modules", "entry_point_plugins"]
+
+ENTRY_POINT_GROUP = "vitasks.plugins"
+
+# Every sub-package that registers components; the registries' ``locations`` name the same ones.
+SUBPACKAGES = (
+    "vitasks.models",
+    "vitasks.data",
+    "vitasks.evaluation",
+    "vitasks.engine",
+    "vitasks.visualization",
+)
+
+# Entry points already loaded in this process ("name = value"): a ``register`` function must
+# not run twice (mmengine refuses to register a name twice).
+_LOADED_ENTRY_POINTS: Set[str] = set()
+
+
+def register_all_modules(init_default_scope: bool = False) -> None:
+    """Import every vitasks sub-package so that all built-in components are registered.
+
+    Args:
+        init_default_scope: Also make ``vitasks`` mmengine's current default scope (what the
+            Runner does from ``default_scope: vitasks``), for building components outside a Runner.
+    """
+    for name in SUBPACKAGES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:  # a dependency of the sub-package is missing: a real error
+                raise
+    if init_default_scope:
+        import datetime
+
+        from mmengine.registry import DefaultScope
+
+        current = DefaultScope.get_current_instance()
+        if current is None or current.scope_name != "vitasks":
+            # The newest instance is the current one; reusing an old name would not make it so.
+            name = "vitasks"
+            if DefaultScope.check_instance_created(name):
+                name = f"vitasks-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
+            DefaultScope.get_instance(name, scope_name="vitasks")
+
+
+def _is_path(entry: str) -> bool:
+    return "/" in entry or os.sep in entry or entry.endswith(".py")
+
+
+def _import_path(entry: str, base_dir: Path, source: str) -> ModuleType:
+    """Import a module file or package folder named by a path in a config."""
+    target = Path(os.path.normpath(base_dir / os.path.expanduser(entry)))
+    if target.is_dir():
+        init = target / "__init__.py"
+        if not init.is_file():
+            raise ConfigError(f"{source}: plugins: '{entry}' is a folder without __init__.py "
+                              f"(looked at {target})")
+        name, file, search = target.name, init, [str(target)]
+    elif target.is_file() and target.suffix == ".py":
+        name, file, search = target.stem, target, None
+    else:
+        raise ConfigError(f"{source}: plugins: '{entry}' not found (looked for {target})")
+    loaded = sys.modules.get(name)
+    if loaded is not None:
+        if os.path.realpath(getattr(loaded, "__file__", "") or "") == os.path.realpath(file):
+            return loaded
+        raise ConfigError(f"{source}: plugins: '{entry}' would be imported as module '{name}', "
+                          f"but another module of that name is already loaded "
+                          f"({getattr(loaded, '__file__', None)})")
+    spec = importlib.util.spec_from_file_location(name, file, submodule_search_locations=search)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException as err:
+        del sys.modules[name]
+        if isinstance(err, ImportError):
+            raise ConfigError(f"{source}: plugins: cannot import '{entry}': {err}") from err
+        raise
+    return module
+
+
+def _import_listed(entry: Any, base_dir: Path, source: str) -> str:
+    if not isinstance(entry, str) or not entry.strip():
+        raise ConfigError(f"{source}: plugins: each entry must be a module name or a path, "
+                          f"got {entry!r}")
+    entry = entry.strip()
+    if _is_path(entry):
+        return _import_path(entry, base_dir, source).__name__
+    try:
+        importlib.import_module(entry)
+    except ImportError as err:
+        raise ConfigError(
+            f"{source}: plugins: cannot import module '{entry}': {err}; install the plugin "
+            "package, put it on PYTHONPATH, or give a path relative to the config file"
+        ) from err
+    return entry
+
+
+def entry_point_plugins() -> List[metadata.EntryPoint]:
+    """The installed entry points of group ``vitasks.plugins`` (one per name and value)."""
+    try:
+        found = metadata.entry_points(group=ENTRY_POINT_GROUP)
+    except TypeError:  # Python 3.9: a dict of groups
+        found = metadata.entry_points().get(ENTRY_POINT_GROUP, [])
+    unique = {}
+    for ep in found:
+        unique.setdefault(f"{ep.name} = {ep.value}", ep)
+    return list(unique.values())
+
+
+def _load_entry_point(ep: metadata.EntryPoint) -> str:
+    key = f"{ep.name} = {ep.value}"
+    if key in _LOADED_ENTRY_POINTS:
+        return ep.value
+    dist = getattr(getattr(ep, "dist", None), "name", None)
+    origin = f"installed plugin '{key}'" + (f" (distribution {dist})" if dist else "")
+    try:
+        obj = ep.load()
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"{origin} in entry-point group {ENTRY_POINT_GROUP} cannot be loaded: "
+                          f"{err}; reinstall or uninstall it") from err
+    if callable(obj) and not isinstance(obj, (type, ModuleType)):
+        obj()
+    _LOADED_ENTRY_POINTS.add(key)
+    return ep.value
+
+
+def import_plugins(cfg: Optional[Mapping[str, Any]] = None, entry_points: bool = True) -> List[str]:
+    """Import the config's ``plugins:`` and the installed entry-point plugins.
+
+    Args:
+        cfg: A config (mmengine ``Config`` or dict) or None; its ``plugins`` key is a list of
+            module names or paths relative to the config file (``cfg.filename``).
+        entry_points: Also load every entry point of group ``vitasks.plugins``.
+
+    Returns:
+        The names of the modules (and entry-point values) imported.
+
+    Raises:
+        ConfigError: a listed module or an installed entry point that cannot be imported.
+    """
+    imported: List[str] = []
+    if cfg is not None:
+        listed = cfg.get("plugins") if hasattr(cfg, "get") else None
+        source = getattr(cfg, "filename", None) or "config"
+        if listed is None:
+            listed = []
+        elif isinstance(listed, str):
+            listed = [listed]
+        elif not isinstance(listed, (list, tuple)):
+            raise ConfigError(f"{source}: plugins must be a list of module names or paths, "
+                              f"got {listed!r}")
+        base_dir = Path(os.path.dirname(os.path.abspath(source))) if source != "config" else Path()
+        imported += [_import_listed(entry, base_dir, source) for entry in listed]
+    if entry_points:
+        imported += [_load_entry_point(ep) for ep in entry_point_plugins()]
+    return imported

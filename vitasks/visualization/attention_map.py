@@ -1,0 +1,172 @@
+"""Attention maps of a ViT over an image: rollout and per-layer class-token attention
+(``tools/attention_map.py CONFIG CKPT IMAGE --out F.png``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from mmengine.dataset import pseudo_collate
+from torch import nn
+
+from vitasks.errors import ConfigError, VitasksError
+from vitasks.visualization.rollout import HEAD_FUSIONS, attention_rollout, upsample_map
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The ViT of a task model (or the model itself when it is one)."""
+    backbone = getattr(model, "backbone", model)
+    if not hasattr(backbone, "forward_with_attention"):
+        raise ConfigError(
+            f"attention maps need a backbone with forward_with_attention (a VisionTransformer); "
+            f"{type(model).__name__} has {type(backbone).__name__}"
+        )
+    return backbone
+
+
+@torch.no_grad()
+def compute_attention_maps(
+    backbone: nn.Module,
+    inputs: torch.Tensor,
+    head_fusion: str = "mean",
+    add_residual: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Rollout and per-layer maps of normalised ``inputs`` (B, C, H, W), upsampled to (H, W).
+
+    Returns ``{"rollout": (B, H, W), "layers": (B, L, H, W), "rollout_grid": (B, h, w),
+    "layers_grid": (B, L, h, w)}``; upsampled maps are scaled to [0, 1] per map.
+    """
+    height, width = inputs.shape[-2:]
+    sh, sw = _pair(getattr(backbone, "stride", 16))
+    if height % sh or width % sw:
+        raise VitasksError(f"input size {height}x{width} is not divisible by the backbone's stride {sh}x{sw}")
+    grid = (height // sh, width // sw)
+    _, attentions = backbone.forward_with_attention(inputs)
+    num_prefix = int(getattr(backbone, "num_prefix_tokens", 1))
+    class_token = getattr(backbone, "cls_token", None) is not None
+    rollout, layers = attention_rollout(
+        attentions, grid, num_prefix_tokens=num_prefix, class_token=class_token,
+        head_fusion=head_fusion, add_residual=add_residual,
+    )
+    return {
+        "rollout_grid": rollout,
+        "layers_grid": layers,
+        "rollout": upsample_map(rollout, (height, width)),
+        "layers": upsample_map(layers, (height, width)),
+    }
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend a [0, 1] heat map (H, W) as a jet colour map over an RGB uint8 image."""
+    import cv2
+
+    colored = cv2.applyColorMap(np.clip(heat * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+    colored = cv2.cvtColor(colored, cv2.COLOR_BGR2RGB)
+    return np.clip((1 - alpha) * image.astype(np.float32) + alpha * colored, 0, 255).astype(np.uint8)
+
+
+def save_attention_grid(
+    image: np.ndarray, rollout: np.ndarray, layers: np.ndarray, out: str, title: str | None = None,
+    max_cols: int = 6,
+) -> None:
+    """One PNG: the image, the rollout overlay, then one overlay per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    panels = [("image", image), ("rollout", overlay(image, rollout))]
+    panels += [(f"layer {i + 1}", overlay(image, m)) for i, m in enumerate(layers)]
+    cols = min(max_cols, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.5 * rows + (0.3 if title else 0)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (name, picture) in zip(axes.flat, panels):
+        ax.imshow(picture)
+        ax.set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def attention_map(
+    config: Any,
+    checkpoint: str | None,
+    image: str | np.ndarray,
+    out: str,
+    device: str = "cpu",
+    head_fusion: str = "mean",
+    add_residual: bool = True,
+    cfg_options: Sequence[str] | dict | None = None,
+) -> dict[str, torch.Tensor]:
+    """Build the model, run the image through the config's test pipeline and the backbone,
+    write the rollout / per-layer PNG grid to ``out``; returns the maps."""
+    from vitasks.apis import init_model, prepare_data
+
+    if head_fusion not in HEAD_FUSIONS:
+        raise VitasksError(f"--head-fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+    model = init_model(config, checkpoint, device=device, cfg_options=cfg_options)
+    backbone = backbone_of(model)
+    packed = prepare_data(model, image)
+    # The picture the model sees (after resize / crop), not the original file.
+    shown = packed[0]["inputs"].permute(1, 2, 0).numpy()
+    if shown.shape[2] == 1:
+        shown = np.repeat(shown, 3, axis=2)
+    data = model.data_preprocessor(pseudo_collate(packed), False)
+    maps = compute_attention_maps(backbone, data["inputs"], head_fusion, add_residual)
+    name = image if isinstance(image, str) else "array"
+    title = f"{os.path.basename(str(name))}: rollout ({head_fusion} over heads" + (
+        ", residual)" if add_residual else ")")
+    save_attention_grid(
+        shown[:, :, :3].astype(np.uint8), maps["rollout"][0].cpu().numpy(), maps["layers"][0].cpu().numpy(), out,
+        title,
+    )
+    return maps
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="tools/attention_map.py",
+        description="Attention rollout (Abnar & Zuidema 2020) and per-layer class-token attention "
+        "of a ViT model, drawn over the image.",
+    )
+    p.add_argument("config", help="config file (YAML)")
+    p.add_argument("checkpoint", help="checkpoint file")
+    p.add_argument("image", help="image file")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--head-fusion", choices=HEAD_FUSIONS, default="mean", help="how heads are fused per layer")
+    p.add_argument("--no-residual", action="store_true",
+                   help="do not model the skip connection as 0.5 * (A + I)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--cfg-options", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="override config keys (dotted)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        attention_map(
+            args.config, args.checkpoint, args.image, args.out, device=args.device,
+            head_fusion=args.head_fusion, add_residual=not args.no_residual, cfg_options=args.cfg_options,
+        )
+    except VitasksError as e:
+        print(f"vitasks: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
