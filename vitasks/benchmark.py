@@ -27,6 +27,7 @@ What is measured, per phase (inference, training):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -38,7 +39,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from vitasks.errors import VitasksError
 
@@ -53,7 +54,10 @@ def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, *
 
 def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
                             **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+    # Twice the forward (the gradients of both matmuls), as the math path counts on the meta
+    # device; torch's own formula for the GPU kernels adds the recomputation of Q K^T, which
+    # is not a model FLOP.
+    return 2 * sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 EXTRA_FLOP_FORMULAS: dict[Any, Callable[..., int]] = {}
@@ -106,6 +110,37 @@ def count_model_flops(model: nn.Module, inputs: torch.Tensor, train: bool = Fals
         if train:
             model.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
+
+
+@contextlib.contextmanager
+def init_on_meta():
+    """Build modules with their parameters and buffers on the ``meta`` device.
+
+    Each parameter or buffer is moved to ``meta`` as it is registered, so the (slow, for big
+    models) random initialisation that follows runs on shapes only, while construction code that
+    needs real values (e.g. ``torch.linspace(...).tolist()``) still works, unlike under
+    ``with torch.device("meta")``. For FLOP counting, which needs shapes only.
+    """
+    register_parameter = nn.Module.register_parameter
+    register_buffer = nn.Module.register_buffer
+
+    def parameter_on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register_parameter(module, name, param)
+
+    def buffer_on_meta(module, name, tensor, persistent=True):
+        if tensor is not None:
+            tensor = tensor.to("meta")
+        register_buffer(module, name, tensor, persistent)
+
+    nn.Module.register_parameter = parameter_on_meta
+    nn.Module.register_buffer = buffer_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register_parameter
+        nn.Module.register_buffer = register_buffer
 
 
 def _sync(device: torch.device) -> None:
@@ -270,9 +305,7 @@ def run_benchmark(
     def autocast():
         return torch.autocast(dev.type, dtype=amp_dtype, enabled=amp)
 
-    # Model FLOPs, eager, one sample, before any checkpointing or compilation.
-    infer_flops = count_model_flops(model, one, train=False)
-    train_flops = count_model_flops(model, one, train=True) if train else 0
+    infer_flops, train_flops = _model_flops(cfg, model, one, train)
 
     runner = torch.compile(model) if compile else model
     result: dict[str, Any] = {
@@ -337,6 +370,22 @@ def run_benchmark(
     for phase in result["phases"].values():
         phase["ratio_to_matmul"] = {k: phase["tflops"] * 1e12 / v for k, v in refs.items()}
     return result
+
+
+def _model_flops(cfg, model: nn.Module, one: torch.Tensor, train: bool) -> tuple[int, int]:
+    """Model FLOPs of one sample (inference, training), eager, without checkpointing: counted on
+    a copy built on the meta device (no computation, no memory), else on the model itself."""
+    try:
+        from vitasks.apis import build_model
+
+        with init_on_meta():
+            meta_model = build_model(cfg)
+        meta_one = torch.empty(one.shape, device="meta")
+        infer = count_model_flops(meta_model, meta_one, train=False)
+        return infer, count_model_flops(meta_model, meta_one, train=True) if train else 0
+    except (NotImplementedError, RuntimeError):  # an op without a meta kernel
+        infer = count_model_flops(model, one, train=False)
+        return infer, count_model_flops(model, one, train=True) if train else 0
 
 
 def _phase(times: list[float], batch_size: int, flops_per_sample: int, peak: int) -> dict[str, Any]:

@@ -88,7 +88,9 @@ _ConfigLoader.add_implicit_resolver(
 # Appended after the int resolver, so plain integers stay ints.
 _ConfigLoader.add_implicit_resolver(
     _FLOAT_TAG,
-    re.compile(r"^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+|[-+]?\.[0-9_]+[eE][-+]?[0-9]+)$"),
+    re.compile(
+        r"^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+|[-+]?\.[0-9_]+[eE][-+]?[0-9]+)$"
+    ),
     list("-+0123456789."),
 )
 
@@ -136,6 +138,11 @@ def _read_yaml_file(path: Path, shown: str) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+def _join(path: str, key: Any) -> str:
+    """Dotted key paths, as --cfg-options takes them (list items by index)."""
+    return f"{path}.{key}" if path else str(key)
+
+
 def _pop_delete(mapping: dict, where: str) -> bool:
     flag = mapping.pop(DELETE_KEY, False)
     if not isinstance(flag, bool):
@@ -147,10 +154,10 @@ def _strip_delete(value: Any, where: str) -> Any:
     """A copy of ``value`` without ``_delete_`` flags (they only matter against a base)."""
     if isinstance(value, dict):
         out = dict(value)
-        _pop_delete(out, where)
-        return {k: _strip_delete(v, f"{where}.{k}") for k, v in out.items()}
+        _pop_delete(out, where or "<top level>")
+        return {k: _strip_delete(v, _join(where, k)) for k, v in out.items()}
     if isinstance(value, list):
-        return [_strip_delete(v, f"{where}.{i}") for i, v in enumerate(value)]
+        return [_strip_delete(v, _join(where, i)) for i, v in enumerate(value)]
     return copy.deepcopy(value)
 
 
@@ -159,7 +166,7 @@ def _merge(base: dict, override: dict, where: str = "") -> dict:
     (lists included) replaces; a mapping with ``_delete_: true`` replaces the base mapping."""
     out = dict(base)
     for key, value in override.items():
-        path = f"{where}.{key}" if where else str(key)
+        path = _join(where, key)
         if isinstance(value, dict):
             value = dict(value)
             replace = _pop_delete(value, path)
@@ -234,7 +241,8 @@ def parse_cfg_options(options: Optional[Iterable[str]]) -> Dict[str, Any]:
 
 
 def _describe(value: Any) -> str:
-    return f"{value!r} (a {type(value).__name__})"
+    name = type(value).__name__
+    return f"{value!r} ({'an' if name[0] in 'aeiou' else 'a'} {name})"
 
 
 def _set_dotted(cfg: dict, key: str, value: Any) -> None:
@@ -252,8 +260,9 @@ def _set_dotted(cfg: dict, key: str, value: Any) -> None:
                 return
             if not isinstance(node.get(part), (dict, list)):
                 if node.get(part) is not None:
-                    raise ConfigError(f"--cfg-options {key}: {here}.{part} is "
-                                      f"{_describe(node[part])}, not a mapping or a list")
+                    at = _join(".".join(parts[:depth]), part)
+                    raise ConfigError(f"--cfg-options {key}: {at} is {_describe(node[part])}, "
+                                      "not a mapping or a list")
                 node[part] = {}  # a missing or null section is created
             node = node[part]
         elif isinstance(node, list):
@@ -413,7 +422,7 @@ def load_config(
 def _plain(value: Any, where: str) -> Any:
     """Config values as plain YAML data (tuples become lists)."""
     if isinstance(value, Mapping):
-        return {k: _plain(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+        return {k: _plain(v, _join(where, k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v, f"{where}.{i}") for i, v in enumerate(value)]
     if isinstance(value, str):
@@ -521,7 +530,7 @@ def _check_args(path: str, node: dict, owner: str, accepted: List[str], extra: s
         if key not in allowed:
             hint = _did_you_mean(str(key), accepted, n=3)
             problems.append(
-                f"{path}.{key}: {owner} has no argument '{key}'{hint}; accepted arguments: "
+                f"{_join(path, key)}: {owner} has no argument '{key}'{hint}; accepted arguments: "
                 f"{', '.join(accepted) if accepted else '(none)'}"
             )
     return problems
@@ -537,13 +546,13 @@ class _Validator:
             foreign_args: Dict[str, str] = {}
             kind = node.get("type")
             if isinstance(kind, str):
-                where = f"{path}.type" if path else "type"
+                where = _join(path, "type")
                 if foreign is not None:
                     self._check_foreign(node, kind, where, path, foreign)
                 else:
                     foreign_args = self._check_registered(node, kind, where, path)
             for key, value in node.items():
-                child = f"{path}.{key}" if path else str(key)
+                child = _join(path, key)
                 self.walk(value, child, foreign_args.get(key, foreign))
         elif isinstance(node, (list, tuple)):
             for index, value in enumerate(node):

@@ -95,14 +95,18 @@ def test_synthetic_dataset_reads_as_ade(tmp_path):
         ADE20KDataset(data_root=root, split="validation", num_classes=5)
 
 
+LOAD = [dict(type="LoadImage"), dict(type="LoadSegAnnotations")]
+
+
 def test_bad_label_value_names_file_and_value(tmp_path):
     root = str(tmp_path)
     write_pair(root, "training", "bad", [[1, 2], [151, 0]])
-    ds = ADE20KDataset(data_root=root)
+    ds = ADE20KDataset(data_root=root, pipeline=LOAD)
     with pytest.raises(DataError, match=r"bad\.png has value\(s\) 151"):
         ds[0]
     write_pair(root, "other", "bad2", [[1, 7]])
-    ds = SegFolderDataset(data_root=root, img_dir="images/other", ann_dir="annotations/other", num_classes=3)
+    ds = SegFolderDataset(data_root=root, img_dir="images/other", ann_dir="annotations/other", num_classes=3,
+                          pipeline=LOAD)
     with pytest.raises(DataError, match=r"bad2\.png has value\(s\) 7"):
         ds[0]
 
@@ -111,7 +115,7 @@ def test_size_mismatch_missing_label_empty_split_num_classes(tmp_path):
     root = str(tmp_path)
     write_pair(root, "training", "a", np.ones((6, 8)), img=np.zeros((6, 9, 3), np.uint8))
     with pytest.raises(DataError, match=r"a\.png has size 6x8 .* has size 6x9"):
-        ADE20KDataset(data_root=root)[0]
+        ADE20KDataset(data_root=root, pipeline=LOAD)[0]
 
     os.makedirs(os.path.join(root, "images", "validation"))
     os.makedirs(os.path.join(root, "annotations", "validation"))
@@ -196,7 +200,6 @@ def test_train_pipeline_keeps_image_and_label_aligned(tmp_path):
         Albu([dict(type="HorizontalFlip", p=1.0)]),
         PackInputs(),
     ]
-    flipped = False
     for t in pipeline:
         results = t(results)
     packed = results
@@ -214,8 +217,7 @@ def test_train_pipeline_keeps_image_and_label_aligned(tmp_path):
     assert torch.equal(inside.float(), expected)
     # The flip happened: columns now decrease.
     cols = image[1, 0, :w]
-    flipped = bool((cols[1:] <= cols[:-1]).all())
-    assert flipped
+    assert bool((cols[1:] <= cols[:-1]).all())
 
 
 def test_test_pipeline_keeps_labels_at_original_size(tmp_path):

@@ -6,10 +6,13 @@ The model's parameter names mimic a classifier (``backbone.*``, ``head.fc.*``) s
 ``load_from`` rules for task heads can be exercised.
 """
 
+import copy
 import json
 import os
+from pathlib import Path
 
 import torch
+import yaml
 from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
 from mmengine.model import BaseModel
@@ -18,6 +21,67 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from vitasks.registry import DATASETS, HOOKS, METRICS, MODELS
+
+def _loader(seed: int, shuffle: bool) -> dict:
+    return dict(
+        batch_size=4,
+        num_workers=0,
+        dataset=dict(type="ToyVectorDataset", length=16, seed=seed),
+        sampler=dict(type="DefaultSampler", shuffle=shuffle),
+    )
+
+
+# A complete config: 16 training vectors, batches of 4 (4 iterations per epoch), 4 epochs.
+BASE_CONFIG = dict(
+    plugins=["vitasks_toy_plugin"],
+    default_scope="vitasks",
+    model=dict(type="ToyClassifier"),
+    train_dataloader=_loader(seed=0, shuffle=True),
+    train_cfg=dict(by_epoch=True, max_epochs=4, val_interval=1),
+    val_dataloader=_loader(seed=1, shuffle=False),
+    val_cfg=dict(),
+    val_evaluator=dict(type="ToyAccuracy"),
+    test_dataloader=_loader(seed=1, shuffle=False),
+    test_cfg=dict(),
+    test_evaluator=dict(type="ToyAccuracy"),
+    test_dump=dict(type="ToyDumper"),
+    optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1, momentum=0.9)),
+    param_scheduler=[dict(type="MultiStepLR", milestones=[2, 3], gamma=0.5, by_epoch=True)],
+    default_hooks=dict(
+        checkpoint=dict(type="CheckpointHook", interval=1, save_best="toy/acc", rule="greater"),
+        logger=dict(type="LoggerHook", interval=1),
+    ),
+    randomness=dict(seed=0),
+    log_level="WARNING",
+)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def write_config(directory, name: str = "toy.yaml", losses: str = None, **overrides) -> str:
+    """Write :data:`BASE_CONFIG` merged with ``overrides`` to ``directory/name``; with
+    ``losses``, a :class:`RecordLossHook` writing to that path is added to ``custom_hooks``."""
+    cfg = _merge(BASE_CONFIG, overrides)
+    if losses is not None:
+        cfg["custom_hooks"] = list(cfg.get("custom_hooks", [])) + [dict(type="RecordLossHook", path=str(losses))]
+    path = Path(directory) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return str(path)
+
+
+def read_losses(path) -> dict:
+    """``{iteration: loss}`` from a :class:`RecordLossHook` file."""
+    return {r["iter"]: r["loss"] for r in map(json.loads, Path(path).read_text().splitlines())}
+
 
 # dtypes seen inside the model's forward, per mode: the amp tests read them.
 SEEN_DTYPES = {}

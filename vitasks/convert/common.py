@@ -446,36 +446,49 @@ def save_converted(state_dict: StateDict, meta: Dict[str, Any], dst: str) -> Dic
     return ckpt
 
 
-def suggest_config(hint: Dict[str, Any]) -> str:
-    """The shipped base model config closest to the inferred backbone."""
-    names = {192: "tiny", 384: "small", 768: "base", 1024: "large"}
-    size = names.get(hint["embed_dim"], None)
-    if size is None:
-        return "none shipped: write the backbone from the config hint"
-    if hint["stem"]["type"] == "ResNetStem":
-        return f"configs/_base_/models/vit_{size}_r50_s{hint['patch_size']}.yaml"
-    return f"configs/_base_/models/vit_{size}_p{hint['patch_size']}.yaml"
+#: The base model configs shipped for converted weights, with the backbone values they fix.
+SHIPPED_CONFIGS = {
+    f"configs/_base_/models/vit_{size}_p{patch}.yaml": dict(
+        embed_dim=dim, depth=depth, num_heads=heads, patch_size=patch, stem="PatchEmbed")
+    for size, dim, depth, heads in (("tiny", 192, 12, 3), ("small", 384, 12, 6),
+                                    ("base", 768, 12, 12), ("large", 1024, 24, 16))
+    for patch in (16, 32)
+}
+SHIPPED_CONFIGS["configs/_base_/models/vit_base_r50_s16.yaml"] = dict(
+    embed_dim=768, depth=12, num_heads=12, patch_size=16, stem="ResNetStem", layers=[3, 4, 9])
+
+
+def suggest_config(hint: Dict[str, Any]) -> Optional[str]:
+    """The shipped base model config whose backbone the inferred one matches, or None."""
+    for path, want in SHIPPED_CONFIGS.items():
+        have = dict(embed_dim=hint["embed_dim"], depth=hint["depth"], num_heads=hint["num_heads"],
+                    patch_size=hint["patch_size"], stem=hint["stem"]["type"])
+        if "layers" in want:
+            have["layers"] = list(hint["stem"].get("layers", []))
+        if have == want:
+            return path
+    return None
 
 
 def describe(meta: Dict[str, Any]) -> str:
-    """A human summary of a conversion: the inferred architecture and what to put in a config."""
+    """A human summary of a conversion: the inferred architecture, the matching config and the
+    model section to put in a config."""
+    import yaml
+
     h = meta["config_hint"]
-    stem = h["stem"]
-    stem_txt = stem["type"] + ("" if stem["type"] == "PatchEmbed" else
-                               f"(layers={stem['layers']}, stride {h['patch_size']})")
     head = meta.get("head_hint") or {}
+    config = suggest_config(h)
+    section = {"model": {"backbone": {"type": "VisionTransformer", **h}, "head": head}}
     lines = [
         f"converted {meta['converted_from']} checkpoint {meta['source']}",
-        f"  backbone: VisionTransformer embed_dim={h['embed_dim']} depth={h['depth']} "
-        f"num_heads={h['num_heads']} mlp_ratio={h['mlp_ratio']} patch_size={h['patch_size']} "
-        f"img_size={h['img_size']} stem={stem_txt}",
-        f"            class_token={h['class_token']} num_reg_tokens={h['num_reg_tokens']} "
-        f"pool={h['pool']} fc_norm={h['fc_norm']} final_norm={h['final_norm']} "
-        f"norm_eps={h['norm_eps']} qkv_bias={h['qkv_bias']} "
-        f"layer_scale_init_value={h['layer_scale_init_value']}",
-        f"  head: {head.get('type')} num_classes={head.get('num_classes')} "
-        f"in_channels={head.get('in_channels')}",
-        f"  closest config: {suggest_config(h)} (set model.backbone to the values above)",
+        f"  architecture: VisionTransformer embed_dim={h['embed_dim']} depth={h['depth']} "
+        f"num_heads={h['num_heads']} patch_size={h['patch_size']} img_size={h['img_size']} "
+        f"stem={h['stem']['type']} pool={h['pool']}; head {head.get('type')} "
+        f"num_classes={head.get('num_classes')}",
+        "  matching base config: " + (config or "none shipped; start from "
+                                      "configs/_base_/models/vit_base_p16.yaml"),
+        "  set these in the config (norm_eps, pool and norms matter for exact outputs):",
     ]
+    lines += ["    " + line for line in yaml.safe_dump(section, sort_keys=False).rstrip().splitlines()]
     lines += [f"  note: {n}" for n in meta.get("notes", [])]
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from mmengine.model import BaseDataPreprocessor
 from vitasks.errors import ConfigError
 from vitasks.models.data_preprocessors import IMAGENET_MEAN, IMAGENET_STD
 from vitasks.registry import MODELS
+from vitasks.structures import PixelData
 
 
 @MODELS.register_module()
@@ -115,7 +116,9 @@ class SegDataPreprocessor(BaseDataPreprocessor):
                             f"{tuple(label.shape[-2:])} but its image {(h, w)} after the pipeline; "
                             "resize/crop image and label together (Albu, SegRandomResize, SegRandomCrop)"
                         )
-                    sample.gt_sem_seg.data = F.pad(
-                        label, (0, width - w, 0, height - h), value=self.seg_pad_val
+                    # A new PixelData: an existing one refuses data of another size.
+                    sample.gt_sem_seg = PixelData(
+                        data=F.pad(label, (0, width - w, 0, height - h), value=self.seg_pad_val),
+                        metainfo=sample.gt_sem_seg.metainfo,
                     )
         return {"inputs": batch, "data_samples": samples}

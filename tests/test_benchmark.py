@@ -1,0 +1,106 @@
+"""FLOP counting of tools/benchmark.py against published and analytical numbers, and a tiny
+end-to-end run (no timed assertions)."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
+
+from vitasks.apis import build_model
+from vitasks.benchmark import count_model_flops, format_table, init_on_meta, main, matmul_flops, run_benchmark
+from vitasks.config import load_config
+
+
+def vit_macs(img=224, patch=16, dim=768, depth=12, mlp_ratio=4, classes=1000, in_ch=3):
+    """Multiply-adds of a ViT with a class token, by hand."""
+    p = (img // patch) ** 2
+    n = p + 1
+    stem = p * dim * in_ch * patch * patch
+    block = n * dim * 3 * dim + n * dim * dim + 2 * n * n * dim + 2 * n * dim * mlp_ratio * dim
+    return stem + depth * block + dim * classes
+
+
+def meta_model(config, options=None):
+    cfg = load_config(config, options)
+    with init_on_meta():
+        model = build_model(cfg)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    return model
+
+
+def test_vit_b16_flops_match_the_published_17_6_gmacs():
+    model = meta_model("configs/cls_imagenet.yaml")
+    x = torch.empty(1, 3, 224, 224, device="meta")
+    flops = count_model_flops(model, x)
+    assert flops == 2 * vit_macs()
+    assert flops / 2e9 == pytest.approx(17.6, rel=0.02)  # DeiT / timm: ViT-B/16 at 224, 17.6 G(MAC)s
+    # Training = forward + backward: twice the forward again, except the input gradient of the
+    # patch embedding, which nothing needs.
+    train = count_model_flops(model, x, train=True)
+    assert train == 3 * flops - 2 * 196 * 768 * 3 * 16 * 16
+
+
+def test_matmul_reference_flops():
+    assert matmul_flops(4096, 4096, 4096) == 2 * 4096**3
+    a, b = torch.empty(64, 48, device="meta"), torch.empty(48, 80, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        a @ b
+    assert counter.get_total_flops() == matmul_flops(64, 80, 48)
+
+
+def tiny_config(tmp_path):
+    cfg = {
+        "num_classes": 5,
+        "img_size": 16,
+        "model": {
+            "type": "ImageClassifier",
+            "backbone": {"type": "VisionTransformer", "img_size": "${img_size}", "patch_size": 4,
+                         "embed_dim": 32, "depth": 2, "num_heads": 2},
+            "head": {"type": "LinearClsHead", "num_classes": "${num_classes}", "in_channels": 32},
+        },
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_attention_is_counted_on_the_cpu_kernel_too(tmp_path):
+    """FlopCounterMode alone counts SDPA's fused CPU kernel as 0; ours counts it as on meta."""
+    config = tiny_config(tmp_path)
+    cpu = build_model(load_config(config)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    on_meta = count_model_flops(meta_model(config), torch.empty(2, 3, 16, 16, device="meta"))
+    assert count_model_flops(cpu, x) == on_meta == 2 * 2 * vit_macs(16, 4, 32, 2, 4, 5)
+    assert count_model_flops(cpu, x, train=True) == count_model_flops(
+        meta_model(config), torch.empty(2, 3, 16, 16, device="meta"), train=True)
+
+
+def test_run_benchmark_end_to_end(tmp_path):
+    config = tiny_config(tmp_path)
+    result = run_benchmark(config, batch_size=2, amp=True, grad_ckpt=True, img_size=24, iters=1, warmup=0,
+                           matmul_size=64, matmul_iters=1, device="cpu")
+    assert result["input_shape"] == [2, 3, 24, 24]
+    assert result["gmacs_per_sample"]["inference"] * 1e9 == pytest.approx(vit_macs(24, 4, 32, 2, 4, 5))
+    assert set(result["phases"]) == {"inference", "training"}
+    assert set(result["matmul"]["tflops"]) == {"float32", "bfloat16"}
+    for phase in result["phases"].values():
+        assert phase["images_per_s"] > 0 and phase["peak_memory_mib"] >= 0
+        assert phase["tflops"] == pytest.approx(
+            phase["images_per_s"] * result["gflops_per_sample"]["inference" if phase is result["phases"]["inference"]
+                                                                else "training"] / 1e3)
+        assert set(phase["ratio_to_matmul"]) == {"float32", "bfloat16"}
+    table = format_table(result)
+    assert "inference" in table and "training" in table and "GMACs" in table
+
+
+def test_benchmark_command_writes_json(tmp_path, capsys):
+    config = tiny_config(tmp_path)
+    out = tmp_path / "bench.json"
+    assert main([config, "--batch-size", "1", "--iters", "1", "--warmup", "0", "--matmul-size", "32",
+                 "--matmul-iters", "1", "--no-train", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert list(data["phases"]) == ["inference"]
+    assert "images/s" in capsys.readouterr().out
+    assert main([str(tmp_path / "missing.yaml")]) == 2
