@@ -111,3 +111,13 @@ def test_hf_foreign_weights_refused(tmp_path):
     torch.save({"bert.embeddings.word_embeddings.weight": torch.zeros(3, 4)}, tmp_path / "x.bin")
     with pytest.raises(CheckpointError, match="transformers ViT"):
         convert_checkpoint("hf", str(tmp_path / "x.bin"), None, verbose=False)
+
+
+def test_hf_preprocessor_config_gives_the_input_normalisation(tmp_path):
+    hf = _randomise(transformers.ViTForImageClassification(_config()))
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "size": {"height": 32}})
+    )
+    ck = convert_checkpoint("hf", str(tmp_path / "model.safetensors"), None, verbose=False)
+    assert ck["meta"]["data_preprocessor_hint"] == dict(mean=[127.5] * 3, std=[127.5] * 3)

@@ -28,6 +28,7 @@ def test_npz_vit_logits_match(tmp_path, prefix, linen):
     hint = ck["meta"]["config_hint"]
     assert hint["num_heads"] == 3  # read from the (C, heads, head_dim) kernels
     assert hint["norm_eps"] == 1e-6 and hint["pool"] == "token"
+    assert ck["meta"]["data_preprocessor_hint"]["mean"] == [127.5] * 3  # Google: inputs in [-1, 1]
     for k in ("backbone.stem.proj.weight", "backbone.blocks.1.attn.qkv.weight", "backbone.blocks.1.attn.proj.weight"):
         assert torch.allclose(ck["state_dict"][k], sd[k[len("backbone."):].replace("stem.", "patch_embed.")])
     model = build_classifier(ck["meta"])
@@ -66,6 +67,10 @@ def test_npz_pre_logits_dropped_or_kept(tmp_path):
     x = image_batch()
     with torch.no_grad():
         assert_close(model(x, mode="tensor"), vit_reference(sd, x, 3)["logits_pre"])
+    # Kept with a new class count: the hidden layer stays, the new classifier starts at zero.
+    ck = convert_checkpoint("npz", str(tmp_path / "i21k.npz"), None, keep_pre_logits=True, num_classes=3, verbose=False)
+    assert sorted(k for k in ck["state_dict"] if k.startswith("head.")) == ["head.hidden.bias", "head.hidden.weight"]
+    assert ck["meta"]["head_hint"]["num_classes"] == 3
 
 
 def _hybrid_weights():

@@ -33,7 +33,8 @@ def test_timm_vit_logits_match(tmp_path, name):
     sd = timm_vit_weights(dim=48, num_classes=5)
     ck = _convert(tmp_path, "timm", sd, name, num_heads=2)
     hint = ck["meta"]["config_hint"]
-    assert (hint["embed_dim"], hint["depth"], hint["num_heads"], hint["patch_size"], hint["img_size"]) == (48, 2, 2, 8, 32)
+    arch = (hint["embed_dim"], hint["depth"], hint["num_heads"], hint["patch_size"], hint["img_size"])
+    assert arch == (48, 2, 2, 8, 32)
     assert hint["pool"] == "token" and hint["final_norm"] and not hint["fc_norm"]
     assert ck["meta"]["converted_from"] == "timm"
     model = build_classifier(ck["meta"])
@@ -96,6 +97,7 @@ def test_deit_distilled_keeps_dist_token_and_class_head(tmp_path):
     ck = _convert(tmp_path, "deit", {"model": sd}, num_heads=2)
     hint = ck["meta"]["config_hint"]
     assert hint["num_reg_tokens"] == 1 and hint["pool"] == "token"
+    assert ck["meta"]["data_preprocessor_hint"]["std"] == [58.395, 57.12, 57.375]  # ImageNet
     assert not any("head_dist" in k for k in ck["state_dict"])
     assert any("distillation" in n for n in ck["meta"]["notes"])
     model = build_classifier(ck["meta"])
@@ -204,3 +206,21 @@ def test_timm_unknown_weights_are_refused(tmp_path):
 def test_not_a_state_dict(tmp_path):
     with pytest.raises(CheckpointError, match="expected a state dict"):
         _convert(tmp_path, "timm", {"epoch": 3, "lr": 0.1})
+
+
+def test_not_a_vit_refused(tmp_path):
+    resnet = {"conv1.weight": torch.zeros(8, 3, 7, 7), "layer1.0.conv1.weight": torch.zeros(8, 8, 1, 1)}
+    with pytest.raises(CheckpointError, match="transformer blocks"):
+        _convert(tmp_path, "timm", resnet)
+    sd = timm_vit_weights()
+    del sd["blocks.1.mlp.fc2.weight"]
+    with pytest.raises(CheckpointError, match="blocks.1.mlp.fc2.weight"):
+        _convert(tmp_path, "timm", sd, num_heads=2)
+
+
+def test_half_precision_source_saved_as_float32_slices_compact(tmp_path):
+    sd = {k: v.half() for k, v in timm_vit_weights().items()}
+    ck = _convert(tmp_path, "timm", sd, num_heads=2)
+    pos = ck["state_dict"]["backbone.pos_embed"]
+    assert pos.dtype == torch.float32
+    assert pos.untyped_storage().nbytes() == pos.numel() * 4

@@ -174,7 +174,8 @@ def resnet_reference(sd: SD, x, ws="timm", ws_eps=1e-8, gn_eps=1e-5) -> torch.Te
             stride = 2 if (s > 0 and b == 0) else 1
             short = x
             if q + "downsample.conv.weight" in sd:
-                short = _gn(_std_conv(x, sd[q + "downsample.conv.weight"], stride, ws, ws_eps), sd, q + "downsample.norm", gn_eps)
+                short = _std_conv(x, sd[q + "downsample.conv.weight"], stride, ws, ws_eps)
+                short = _gn(short, sd, q + "downsample.norm", gn_eps)
             y = torch.relu(_gn(_std_conv(x, sd[q + "conv1.weight"], 1, ws, ws_eps), sd, q + "norm1", gn_eps))
             y = torch.relu(_gn(_std_conv(y, sd[q + "conv2.weight"], stride, ws, ws_eps), sd, q + "norm2", gn_eps))
             y = _gn(_std_conv(y, sd[q + "conv3.weight"], 1, ws, ws_eps), sd, q + "norm3", gn_eps)
@@ -295,7 +296,8 @@ def to_google_npz(sd: SD, path: str, prefix: str = "", num_heads: int = 2, linen
     if "head.weight" in sd:
         out["head/kernel"], out["head/bias"] = dense(sd["head.weight"]), n(sd["head.bias"])
     if "pre_logits.fc.weight" in sd:
-        out["pre_logits/kernel"], out["pre_logits/bias"] = dense(sd["pre_logits.fc.weight"]), n(sd["pre_logits.fc.bias"])
+        out["pre_logits/kernel"] = dense(sd["pre_logits.fc.weight"])
+        out["pre_logits/bias"] = n(sd["pre_logits.fc.bias"])
     p = "patch_embed.backbone."
     if p + "stem.conv.weight" in sd:
         out["conv_root/kernel"] = conv(sd[p + "stem.conv.weight"])

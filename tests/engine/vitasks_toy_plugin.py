@@ -9,6 +9,8 @@ The model's parameter names mimic a classifier (``backbone.*``, ``head.fc.*``) s
 import copy
 import json
 import os
+import signal
+import time
 from pathlib import Path
 
 import torch
@@ -79,8 +81,11 @@ def write_config(directory, name: str = "toy.yaml", losses: str = None, **overri
 
 
 def read_losses(path) -> dict:
-    """``{iteration: loss}`` from a :class:`RecordLossHook` file."""
-    return {r["iter"]: r["loss"] for r in map(json.loads, Path(path).read_text().splitlines())}
+    """``{iteration: loss}`` from a :class:`RecordLossHook` file (each iteration trained once)."""
+    records = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    losses = {r["iter"]: r["loss"] for r in records}
+    assert len(losses) == len(records), "an iteration was trained twice"
+    return losses
 
 
 # dtypes seen inside the model's forward, per mode: the amp tests read them.
@@ -181,12 +186,12 @@ class RecordLossHook(Hook):
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         lr = runner.optim_wrapper.get_lr()["lr"][0]
         with open(self.path, "a") as f:
-            f.write(json.dumps(dict(iter=runner.iter, epoch=runner.epoch, loss=float(outputs["loss"]), lr=lr)) + "\n")
+            f.write(json.dumps(dict(iter=runner.iter, epoch=runner.epoch, loss=float(outputs["loss"].detach()), lr=lr)) + "\n")
 
 
 @HOOKS.register_module()
 class StopAtIterHook(Hook):
-    """Raises ``KeyboardInterrupt`` (or ``RuntimeError``) in the middle of iteration ``at_iter``.
+    """Stops training at iteration ``at_iter``: ``KeyboardInterrupt``, SIGTERM or a ``RuntimeError``.
 
     Raised in ``before_train_iter``: the iteration has not trained yet, as when Ctrl-C arrives
     while a batch is being loaded.
@@ -197,7 +202,11 @@ class StopAtIterHook(Hook):
         self.error = error
 
     def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
-        if runner.iter == self.at_iter:
-            raise KeyboardInterrupt("simulated Ctrl-C") if self.error == "KeyboardInterrupt" else RuntimeError(
-                "simulated crash"
-            )
+        if runner.iter != self.at_iter:
+            return
+        if self.error == "KeyboardInterrupt":
+            raise KeyboardInterrupt("simulated Ctrl-C")
+        if self.error == "SIGTERM":  # what a job scheduler or torchrun sends
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the signal handler raises before this returns
+        raise RuntimeError("simulated crash")

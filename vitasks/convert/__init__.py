@@ -1,14 +1,41 @@
 """Checkpoint converters: timm, Hugging Face, Google .npz, MAE and DeiT weights -> vitasks.
 
 ``convert_checkpoint(fmt, src, dst)`` reads a checkpoint safely (safetensors,
-``torch.load(weights_only=True)`` or ``np.load(allow_pickle=False)``), renames it to a vitasks
-classifier state dict (``backbone.*`` + ``head.*``, loadable by ``ImageClassifier`` and, for the
-backbone part, by any task model), applies the fine-tuning edits the ViT paper uses, and saves
-``{"state_dict": ..., "meta": {"converted_from", "source", "config_hint", ...}}``.
+``torch.load(weights_only=True)`` through :func:`vitasks.engine.checkpoint.load_state_dict_file`,
+or ``np.load(allow_pickle=False)``), renames it to a vitasks classifier state dict
+(``backbone.*`` + ``head.*``: loadable by ``ImageClassifier``, and by any task model for the
+backbone part), applies the fine-tuning edits the ViT paper uses, and saves
+``{"state_dict": ..., "meta": {"converted_from", "source", "config_hint", "head_hint", ...}}``
+(``torch.save``; or ``.safetensors`` with the meta as JSON metadata ``vitasks_meta``).
+``meta["config_hint"]`` is the ``VisionTransformer`` arguments that give the source model's
+outputs; the command prints them as a config section, with the matching
+``configs/_base_/models/vit_*.yaml``.
 
 Every source module translates into timm's naming (:mod:`vitasks.convert.common`); the shared
-code does the rest. Command line: ``python tools/convert_checkpoint.py FORMAT IN OUT`` or
-``vitasks convert FORMAT IN OUT``.
+code does the rest. Conventions each source fixes:
+
+===========  ====================================================================================
+``timm``     LayerNorm eps 1e-6; pooling from the keys (``fc_norm`` -> mean pooling + fc_norm;
+             no class token -> mean); R50 hybrid: ``ResNetStem`` with ws_eps 1e-8, GroupNorm eps
+             1e-5, SAME padding; ``patch_embed.backbone.*`` -> ``stem.backbone.*``.
+``deit``     as timm; distilled models: ``dist_token`` -> register token 0 (position folded in),
+             ``head_dist`` dropped (logits = DeiT's class-token head, not the two-head average);
+             DeiT III ``gamma_1/2`` -> LayerScale, zero class-token position.
+``mae``      eps 1e-6; decoder and mask token dropped; pre-training weights -> global pooling
+             with a fresh ``fc_norm`` and no ``norm`` (MAE fine-tuning), or ``pool="token"``.
+``hf``       ``layer_norm_eps`` from ``config.json`` (HF default 1e-12); q/k/v fused; class
+             token pooled; ``pooler`` = pre-logits; DeiT's distillation token as for ``deit``.
+``npz``      flax eps 1e-6 (LayerNorm and GroupNorm); heads from the kernel shapes; ``gap``
+             models -> mean pooling after the encoder norm; ``pre_logits`` dropped with the head
+             (or kept as ``MLPClsHead``). JAX's tanh-GELU and std-form weight standardisation are
+             not reproduced bit for bit (as in timm's port).
+===========  ====================================================================================
+
+Fine-tuning: ``num_classes`` different from the checkpoint's (or ``drop_head``) drops the head,
+so the model's zero-initialised head is what training starts from; ``img_size`` resamples the
+position embeddings (bicubic, 2D, class-token position kept), exactly what the backbone would do
+at load time; ``drop_final_norm`` removes the final norm. Command line:
+``python tools/convert_checkpoint.py FORMAT IN OUT`` or ``vitasks convert FORMAT IN OUT``.
 """
 
 from typing import Any, Callable, Dict, Optional, Tuple, Union
@@ -52,13 +79,14 @@ def convert_checkpoint(
             in 2D (bicubic, class-token position kept) when the token grid changes.
         num_classes: classes of the target task; when it differs from the checkpoint's head
             the head is dropped (the model's new head then starts at zero, as in the ViT paper).
-        drop_head: drop the classification head (and pre-logits) whatever the class count.
+        drop_head: drop the classification head whatever the class count.
         drop_final_norm: drop the final LayerNorm ``norm`` (config hint ``final_norm=False``).
         pool: ``"token"`` or ``"mean"`` to override the pooling the source uses.
         num_heads: attention heads when the source does not record them (timm/DeiT/MAE files
             of non-standard widths).
-        keep_pre_logits: keep a pre-training ``pre_logits`` (Linear + tanh) layer and its head
-            as ``MLPClsHead`` (``head.hidden`` + ``head.fc``) instead of dropping both.
+        keep_pre_logits: keep a pre-training ``pre_logits`` (Linear + tanh) layer as
+            ``MLPClsHead.hidden`` (with the head as ``head.fc`` unless dropped) instead of
+            dropping the whole pre-training head, as the ViT paper's fine-tuning does.
         verbose: print the inferred architecture and notes.
 
     Returns:
@@ -71,10 +99,9 @@ def convert_checkpoint(
     """
     if fmt not in CONVERTERS:
         raise CheckpointError(f"unknown checkpoint format {fmt!r}; expected one of {sorted(CONVERTERS)}")
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
-        raise CheckpointError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1):
-        raise CheckpointError(f"num_heads must be a positive integer, got {num_heads!r}")
+    for name, value in (("num_classes", num_classes), ("num_heads", num_heads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise CheckpointError(f"{name} must be a positive integer, got {value!r}")
     opts = ConvertOptions(
         img_size=img_size, num_classes=num_classes, drop_head=drop_head,
         drop_final_norm=drop_final_norm, pool=pool, num_heads=num_heads,

@@ -27,6 +27,10 @@ StateDict = Dict[str, Tensor]
 #: is (3C, C) whatever it is); other widths fall back to 64-channel heads.
 NUM_HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16}
 
+#: Input normalisations (0-255 RGB): ImageNet statistics (DeiT, MAE) and [-1, 1] (Google).
+IMAGENET_NORM = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375])
+INCEPTION_NORM = dict(mean=[127.5, 127.5, 127.5], std=[127.5, 127.5, 127.5])
+
 #: Wrappers a training script puts around the state dict, tried in this order.
 _WRAPPER_KEYS = ("state_dict", "model", "module", "params")
 
@@ -61,6 +65,8 @@ class Source:
         pool / fc_norm / final_norm: the source's pooling when the weights don't say (None:
             inferred from the keys).
         stem: keyword overrides for the hybrid's ``ResNetStem`` (epsilon conventions).
+        input_norm: the input normalisation the weights were trained with (``mean``/``std`` in
+            0-255 RGB, the data preprocessor's convention), when the source says.
         notes: messages for the user (what was dropped or assumed).
     """
 
@@ -74,6 +80,7 @@ class Source:
     fc_norm: Optional[bool] = None
     final_norm: Optional[bool] = None
     stem: Dict[str, Any] = field(default_factory=dict)
+    input_norm: Optional[Dict[str, List[float]]] = None
     notes: List[str] = field(default_factory=list)
 
 
@@ -90,28 +97,25 @@ def _safe_load(path: str) -> Any:
 
 def unwrap_state_dict(obj: Any, path: str, prefer: Sequence[str] = _WRAPPER_KEYS) -> StateDict:
     """The tensor dict inside a loaded checkpoint: a plain state dict, or one under
-    ``state_dict`` / ``model`` / ``module`` (as training scripts save them); ``module.``
-    prefixes (DataParallel) are removed."""
-    seen = 0
-    while isinstance(obj, dict) and not _is_tensor_dict(obj) and seen < 3:
-        inner = next((obj[k] for k in prefer if isinstance(obj.get(k), dict)), None)
+    ``state_dict`` / ``model`` / ``module`` (as training scripts save them); non-tensor entries
+    are ignored and ``module.`` prefixes (DataParallel) removed."""
+    for _ in range(3):
+        inner = None
+        if isinstance(obj, dict):
+            inner = next((obj[k] for k in prefer if isinstance(obj.get(k), dict)), None)
         if inner is None:
             break
-        obj, seen = inner, seen + 1
-    if not isinstance(obj, dict) or not _is_tensor_dict(obj):
-        keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        obj = inner
+    sd = {k: v for k, v in obj.items() if isinstance(v, Tensor)} if isinstance(obj, dict) else {}
+    if not sd:
+        found = sorted(map(str, obj))[:8] if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(
             f"{path}: expected a state dict (name -> tensor), or one under one of "
-            f"{list(prefer)}; found {keys}"
+            f"{list(prefer)}; found {found}"
         )
-    sd = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
-    if sd and all(k.startswith("module.") for k in sd):
+    if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
-
-
-def _is_tensor_dict(obj: dict) -> bool:
-    return bool(obj) and all(isinstance(v, Tensor) for v in obj.values())
 
 
 def read_torch_state_dict(path: str, prefer: Sequence[str] = _WRAPPER_KEYS) -> StateDict:
@@ -146,6 +150,17 @@ def _pair(size: Union[int, Sequence[int]], what: str) -> Tuple[int, int]:
 def _square_side(n: int) -> Optional[int]:
     side = math.isqrt(n) if n >= 0 else -1
     return side if side >= 1 and side * side == n else None
+
+
+def _compact(t: Tensor) -> Tensor:
+    """float32 (what the comparisons and training expect), contiguous, owning exactly its
+    storage (so ``torch.save`` does not write the source tensor a slice came from)."""
+    t = t.detach()
+    if t.is_floating_point() and t.dtype != torch.float32:
+        t = t.to(torch.float32)
+    if not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
 
 
 def _num(x: float) -> Union[int, float]:
@@ -283,7 +298,17 @@ def to_vitasks(src: Source, opts: ConvertOptions) -> Tuple[StateDict, Dict[str, 
 
     depth_ids = block_indices(sd)
     if not depth_ids or depth_ids != list(range(len(depth_ids))):
-        raise CheckpointError(f"{src.path}: expected transformer blocks blocks.0 .. blocks.N-1, found {depth_ids}")
+        raise CheckpointError(
+            f"{src.path}: expected transformer blocks blocks.0 .. blocks.N-1 (a ViT in timm "
+            f"naming), found block indices {depth_ids[:10]}"
+        )
+    required = ["pos_embed", "patch_embed.proj.weight"] + [
+        f"blocks.{i}.{part}" for i in depth_ids for part in
+        ("norm1.weight", "attn.qkv.weight", "attn.proj.weight", "norm2.weight", "mlp.fc1.weight", "mlp.fc2.weight")
+    ]
+    missing = [k for k in required if k not in sd]
+    if missing:
+        raise CheckpointError(f"{src.path}: not a complete ViT: missing {missing[:10]}")
     depth = len(depth_ids)
     stem, stride, in_channels = _infer_stem(sd, src)
     embed_dim = sd["patch_embed.proj.weight"].shape[0]
@@ -297,31 +322,35 @@ def to_vitasks(src: Source, opts: ConvertOptions) -> Tuple[StateDict, Dict[str, 
 
     # Heads: the class-token head `head`, DeiT's `head_dist`, the ViT paper's pre-logits layer.
     head = {k[len("head."):]: sd.pop(k) for k in [k for k in sd if k.startswith("head.")]}
-    pre_logits = {k.split(".")[-1]: sd.pop(k) for k in [k for k in sd if k.startswith("pre_logits.")]}
+    pre_logits = {k[len("pre_logits."):]: sd.pop(k) for k in [k for k in sd if k.startswith("pre_logits.")]}
     if any(k.startswith("head_dist.") for k in sd):
         for k in [k for k in sd if k.startswith("head_dist.")]:
             sd.pop(k)
         notes.append("DeiT distillation head (head_dist) dropped: the class-token head is kept")
-    if set(head) - {"weight", "bias"} or set(pre_logits) - {"weight", "bias"}:
-        raise CheckpointError(
-            f"{src.path}: unsupported head parameters {sorted(set(head) | set(pre_logits))}; "
-            "expected a linear head (head.weight/bias) and optional pre_logits.fc"
-        )
     src_classes = head["weight"].shape[0] if "weight" in head else None
-    if opts.drop_head and (head or pre_logits):
-        head, pre_logits = {}, {}
+    if opts.drop_head and head:
+        head = {}
         notes.append("head dropped (drop_head): the new head starts at zero")
     elif opts.num_classes is not None and head and opts.num_classes != src_classes:
-        head, pre_logits = {}, {}
+        head = {}
         notes.append(
             f"head dropped: {src_classes} classes in the checkpoint, {opts.num_classes} wanted; "
             "the new head starts at zero"
         )
     if pre_logits and not opts.keep_pre_logits:
+        if head:
+            notes.append(
+                "pre-training MLP head (pre_logits + head) dropped as the ViT paper does for "
+                "fine-tuning; keep_pre_logits maps it to MLPClsHead instead"
+            )
+        else:
+            notes.append("pre_logits layer dropped (keep_pre_logits keeps it as MLPClsHead.hidden)")
         pre_logits, head = {}, {}
-        notes.append(
-            "pre-training MLP head (pre_logits + head) dropped as the ViT paper does for "
-            "fine-tuning; keep_pre_logits maps it to MLPClsHead instead"
+    if set(head) - {"weight", "bias"} or set(pre_logits) - {"fc.weight", "fc.bias"}:
+        raise CheckpointError(
+            f"{src.path}: unsupported head parameters {sorted(set(head) | set(pre_logits))}; "
+            "expected a linear head (head.weight/bias) and optional pre_logits.fc (drop_head "
+            "drops the head)"
         )
 
     # Pooling and the final norm: vitasks has one final norm, either ``norm`` on all tokens
@@ -384,15 +413,15 @@ def to_vitasks(src: Source, opts: ConvertOptions) -> Tuple[StateDict, Dict[str, 
         )
 
     head_hint = None
+    num_classes = src_classes if head else opts.num_classes
     if pre_logits:
-        out["head.hidden.weight"], out["head.hidden.bias"] = pre_logits["weight"], pre_logits["bias"]
-        head_hint = dict(type="MLPClsHead", num_classes=src_classes, in_channels=embed_dim,
-                         hidden_channels=pre_logits["weight"].shape[0])
+        out["head.hidden.weight"], out["head.hidden.bias"] = pre_logits["fc.weight"], pre_logits["fc.bias"]
+        head_hint = dict(type="MLPClsHead", num_classes=num_classes, in_channels=embed_dim,
+                         hidden_channels=pre_logits["fc.weight"].shape[0])
     if head:
         out.update({"head.fc." + k: v for k, v in head.items()})
     if head_hint is None:
-        k = src_classes if head else opts.num_classes
-        head_hint = dict(type="LinearClsHead", num_classes=k, in_channels=embed_dim)
+        head_hint = dict(type="LinearClsHead", num_classes=num_classes, in_channels=embed_dim)
 
     ls = "blocks.0.ls1.gamma" in sd
     hint = dict(
@@ -413,13 +442,13 @@ def to_vitasks(src: Source, opts: ConvertOptions) -> Tuple[StateDict, Dict[str, 
         final_norm=keep_norm or use_fc_norm,
         stem=stem,
     )
-    out = {k: v.detach().to(torch.float32).contiguous() if v.is_floating_point() else v.contiguous()
-           for k, v in out.items()}
+    out = {k: _compact(v) for k, v in out.items()}
     meta = dict(
         converted_from=src.fmt,
         source=os.path.abspath(src.path),
         config_hint=hint,
         head_hint=head_hint,
+        data_preprocessor_hint=src.input_norm,
         source_img_size=list(src_img),
         notes=notes,
     )
@@ -479,6 +508,8 @@ def describe(meta: Dict[str, Any]) -> str:
     head = meta.get("head_hint") or {}
     config = suggest_config(h)
     section = {"model": {"backbone": {"type": "VisionTransformer", **h}, "head": head}}
+    if meta.get("data_preprocessor_hint"):
+        section["model"] = {"data_preprocessor": meta["data_preprocessor_hint"], **section["model"]}
     lines = [
         f"converted {meta['converted_from']} checkpoint {meta['source']}",
         f"  architecture: VisionTransformer embed_dim={h['embed_dim']} depth={h['depth']} "
@@ -489,6 +520,6 @@ def describe(meta: Dict[str, Any]) -> str:
                                       "configs/_base_/models/vit_base_p16.yaml"),
         "  set these in the config (norm_eps, pool and norms matter for exact outputs):",
     ]
-    lines += ["    " + line for line in yaml.safe_dump(section, sort_keys=False).rstrip().splitlines()]
+    lines += ["    " + line for line in yaml.safe_dump(section, sort_keys=False, default_flow_style=None).rstrip().splitlines()]
     lines += [f"  note: {n}" for n in meta.get("notes", [])]
     return "\n".join(lines)

@@ -11,10 +11,10 @@ in timm naming (LayerNorm eps 1e-6).
   embedding, which is the same model.
 """
 
-from vitasks.convert.common import ConvertOptions, Source, read_torch_state_dict
+from vitasks.convert.common import IMAGENET_NORM, ConvertOptions, Source, read_torch_state_dict
 
 
 def read(path: str, opts: ConvertOptions) -> Source:
     """A DeiT checkpoint (``model`` dict, or a plain state dict)."""
     sd = read_torch_state_dict(path, prefer=("model", "state_dict", "module"))
-    return Source(fmt="deit", path=path, state_dict=sd, norm_eps=1e-6)
+    return Source(fmt="deit", path=path, state_dict=sd, norm_eps=1e-6, input_norm=dict(IMAGENET_NORM))

@@ -18,7 +18,7 @@ import glob
 import json
 import os
 import re
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 
@@ -61,7 +61,7 @@ _HEAD_MAP = {"classifier": "head", "cls_classifier": "head", "distillation_class
 
 
 def _find_files(path: str):
-    """(weight files, config.json or None) for a file or a model folder."""
+    """(weight files, the folder) for a file or a model folder."""
     if os.path.isdir(path):
         folder = path
         # One copy of the weights: safetensors when both formats are there.
@@ -83,12 +83,11 @@ def _find_files(path: str):
         folder, files = os.path.dirname(path), [path]
     else:
         raise CheckpointError(f"{path}: no such file or folder")
-    cfg = os.path.join(folder, "config.json")
-    return files, cfg if os.path.isfile(cfg) else None
+    return files, folder
 
 
-def _read_config(path: Optional[str]) -> Dict[str, Any]:
-    if path is None:
+def _read_config(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
         return {}
     try:
         with open(path, encoding="utf-8") as f:
@@ -141,20 +140,27 @@ def hf_to_timm(sd: StateDict, where: str) -> StateDict:
     for i, kinds in qkv.items():
         for kind, parts in kinds.items():
             if set(parts) != {"q", "k", "v"}:
-                raise CheckpointError(f"{where}: layer {i} has {kind}s for {sorted(parts)} only; expected query, key and value")
+                raise CheckpointError(
+                    f"{where}: layer {i} has {kind}s for {sorted(parts)} only; expected query, key and value"
+                )
             out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return out
 
 
 def read(path: str, opts: ConvertOptions) -> Source:
     """A transformers ViT/DeiT checkpoint file or folder."""
-    files, cfg_path = _find_files(path)
+    files, folder = _find_files(path)
     sd: StateDict = {}
     for f in files:
         sd.update(read_torch_state_dict(f))
-    cfg = _read_config(cfg_path)
+    cfg = _read_config(os.path.join(folder, "config.json"))
     src = Source(fmt="hf", path=path, state_dict=hf_to_timm(sd, path))
-    if cfg_path is None:
+    pre = _read_config(os.path.join(folder, "preprocessor_config.json"))
+    if isinstance(pre.get("image_mean"), list) and isinstance(pre.get("image_std"), list):
+        # transformers' processors normalise 0-1 images; vitasks' preprocessor 0-255 ones.
+        src.input_norm = dict(mean=[round(float(m) * 255, 4) for m in pre["image_mean"]],
+                              std=[round(float(s) * 255, 4) for s in pre["image_std"]])
+    if not cfg:
         src.notes.append(f"no config.json beside the weights: layer_norm_eps={HF_DEFAULT_EPS} assumed (HF's default)")
     src.norm_eps = float(cfg.get("layer_norm_eps", HF_DEFAULT_EPS))
     if "num_attention_heads" in cfg:

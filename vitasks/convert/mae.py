@@ -10,7 +10,7 @@
   MAE's logits.
 """
 
-from vitasks.convert.common import ConvertOptions, Source, read_torch_state_dict
+from vitasks.convert.common import IMAGENET_NORM, ConvertOptions, Source, read_torch_state_dict
 
 _PRETRAIN_ONLY = ("decoder_", "mask_token")
 
@@ -21,7 +21,7 @@ def read(path: str, opts: ConvertOptions) -> Source:
     dropped = [k for k in sd if k.startswith(_PRETRAIN_ONLY)]
     for k in dropped:
         sd.pop(k)
-    src = Source(fmt="mae", path=path, state_dict=sd, norm_eps=1e-6)
+    src = Source(fmt="mae", path=path, state_dict=sd, norm_eps=1e-6, input_norm=dict(IMAGENET_NORM))
     if dropped:
         src.notes.append(f"MAE decoder and mask token dropped ({len(dropped)} tensors)")
     pretrain = "fc_norm.weight" not in sd and not any(k.startswith("head.") for k in sd)

@@ -31,7 +31,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from vitasks.convert.common import ConvertOptions, Source, StateDict
+from vitasks.convert.common import INCEPTION_NORM, ConvertOptions, Source, StateDict
 from vitasks.errors import CheckpointError
 
 #: Google's hybrid: flax GroupNorm (32 groups, eps 1e-6); ws_eps as timm uses for these weights.
@@ -179,7 +179,7 @@ def read(path: str, opts: ConvertOptions) -> Source:
     """A Google ``.npz`` ViT / R50+ViT checkpoint."""
     sd, num_heads = npz_to_timm(load_npz(path), path)
     src = Source(fmt="npz", path=path, state_dict=sd, norm_eps=1e-6, num_heads=num_heads,
-                 stem=dict(GOOGLE_HYBRID_STEM))
+                 stem=dict(GOOGLE_HYBRID_STEM), input_norm=dict(INCEPTION_NORM))
     hybrid = any(k.startswith("patch_embed.backbone.") for k in sd)
     src.notes.append(
         "Google's JAX model uses tanh-approximated GELU"

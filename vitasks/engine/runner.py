@@ -20,7 +20,6 @@ What :class:`VitasksRunner` changes in mmengine's ``Runner`` (0.10.x), and why:
 from __future__ import annotations
 
 import copy
-import os
 import os.path as osp
 import signal
 import threading
@@ -40,7 +39,7 @@ from mmengine.runner.loops import EpochBasedTrainLoop, TestLoop, ValLoop, _updat
 
 from vitasks.engine.amp import autocast_dtype, device_type
 from vitasks.engine.checkpoint import get_state_dict, load_checkpoint_file, load_model_weights
-from vitasks.errors import CheckpointError
+from vitasks.errors import CheckpointError, VitasksError
 from vitasks.registry import LOOPS
 
 __all__ = [
@@ -187,7 +186,10 @@ class VitasksRunner(Runner):
         from vitasks.config import dump_config
 
         name = osp.splitext(osp.basename(self.cfg.filename))[0] if self.cfg.filename else self.timestamp
-        dump_config(self.cfg, osp.join(self.work_dir, f"{name}.yaml"))
+        try:
+            dump_config(self.cfg, osp.join(self.work_dir, f"{name}.yaml"))
+        except VitasksError as e:  # e.g. a config built in Python holding objects, not YAML data
+            self.logger.warning(f"The merged config could not be written as YAML: {e}")
 
     @property
     def amp_dtype(self) -> Optional[str]:
@@ -263,6 +265,7 @@ class VitasksRunner(Runner):
             super().resume(filename, *args, **kwargs)
         finally:
             self._resuming = False
+        self._last_saved_iter = self.iter  # this state is already on disk
 
     def load_checkpoint(self, filename: str, map_location="cpu", strict: bool = False, revise_keys=None):
         """Read ``filename`` safely and load its weights into the model.
@@ -342,12 +345,3 @@ class VitasksRunner(Runner):
     def test(self) -> dict:
         self._evaluating = True
         return super().test()
-
-    @property
-    def work_dir_last_checkpoint(self) -> Optional[str]:
-        """The checkpoint named by the work dir's ``last_checkpoint`` file, if any."""
-        path = osp.join(self.work_dir, LAST_CHECKPOINT)
-        if not os.path.isfile(path):
-            return None
-        with open(path) as f:
-            return f.read().strip() or None

@@ -45,7 +45,7 @@ class UPerHead(BaseDecodeHead):
         num_classes: number of classes.
         in_index: the input levels used, e.g. ``[0, 1, 2, 3]``.
         pool_scales: output sizes of the pyramid pooling.
-        **kwargs: :class:`BaseDecodeHead` arguments (``dropout_ratio``, ``loss_decode``, ...).
+        dropout_ratio, loss_decode, ignore_index, align_corners: as :class:`BaseDecodeHead`.
     """
 
     def __init__(
@@ -55,11 +55,18 @@ class UPerHead(BaseDecodeHead):
         num_classes: int,
         in_index: Sequence[int] = (0, 1, 2, 3),
         pool_scales: Sequence[int] = (1, 2, 3, 6),
-        **kwargs,
+        dropout_ratio: float = 0.1,
+        loss_decode: dict | Sequence[dict] | None = None,
+        ignore_index: int = 255,
+        align_corners: bool = False,
     ) -> None:
         if not isinstance(in_channels, (list, tuple)) or len(in_channels) < 1:
             raise ConfigError(f"UPerHead: in_channels must be a list per level, got {in_channels!r}")
-        super().__init__(in_channels, channels, num_classes, in_index=list(in_index), **kwargs)
+        super().__init__(
+            in_channels, channels, num_classes, in_index=list(in_index),
+            dropout_ratio=dropout_ratio, loss_decode=loss_decode, ignore_index=ignore_index,
+            align_corners=align_corners,
+        )
         self.psp = PyramidPooling(pool_scales, self.in_channels[-1], self.channels, self.align_corners)
         self.bottleneck = ConvBNReLU(self.in_channels[-1] + len(pool_scales) * self.channels, self.channels, 3)
         self.lateral_convs = nn.ModuleList(ConvBNReLU(c, self.channels, 1) for c in self.in_channels[:-1])
@@ -95,7 +102,7 @@ class FCNHead(BaseDecodeHead):
         kernel_size: kernel of the conv blocks.
         concat_input: concatenate the input with the convs' output and fuse with one more conv.
         dilation: dilation of the conv blocks.
-        **kwargs: :class:`BaseDecodeHead` arguments.
+        dropout_ratio, loss_decode, ignore_index, align_corners: as :class:`BaseDecodeHead`.
     """
 
     def __init__(
@@ -108,7 +115,10 @@ class FCNHead(BaseDecodeHead):
         kernel_size: int = 3,
         concat_input: bool = True,
         dilation: int = 1,
-        **kwargs,
+        dropout_ratio: float = 0.1,
+        loss_decode: dict | Sequence[dict] | None = None,
+        ignore_index: int = 255,
+        align_corners: bool = False,
     ) -> None:
         if num_convs < 0:
             raise ConfigError(f"FCNHead: num_convs must be >= 0, got {num_convs}")
@@ -116,7 +126,11 @@ class FCNHead(BaseDecodeHead):
             raise ConfigError(
                 f"FCNHead: with num_convs=0 channels ({channels}) must equal in_channels ({in_channels})"
             )
-        super().__init__(in_channels, channels, num_classes, in_index=in_index, **kwargs)
+        super().__init__(
+            in_channels, channels, num_classes, in_index=in_index,
+            dropout_ratio=dropout_ratio, loss_decode=loss_decode, ignore_index=ignore_index,
+            align_corners=align_corners,
+        )
         self.convs = nn.Sequential(*(
             ConvBNReLU(self.in_channels if i == 0 else self.channels, self.channels, kernel_size, dilation)
             for i in range(num_convs)
@@ -150,7 +164,8 @@ class SETRPUPHead(BaseDecodeHead):
         up_scale: upsampling factor of each stage.
         kernel_size: conv kernel (3 in SETR-PUP).
         norm_eps: epsilon of the input LayerNorm.
-        **kwargs: :class:`BaseDecodeHead` arguments (SETR uses ``dropout_ratio: 0``).
+        dropout_ratio, loss_decode, ignore_index, align_corners: as :class:`BaseDecodeHead`
+            (SETR uses no dropout).
     """
 
     def __init__(
@@ -163,11 +178,18 @@ class SETRPUPHead(BaseDecodeHead):
         up_scale: int = 2,
         kernel_size: int = 3,
         norm_eps: float = 1e-6,
-        **kwargs,
+        dropout_ratio: float = 0.0,
+        loss_decode: dict | Sequence[dict] | None = None,
+        ignore_index: int = 255,
+        align_corners: bool = False,
     ) -> None:
         if num_convs < 1:
             raise ConfigError(f"SETRPUPHead: num_convs must be >= 1, got {num_convs}")
-        super().__init__(in_channels, channels, num_classes, in_index=in_index, **kwargs)
+        super().__init__(
+            in_channels, channels, num_classes, in_index=in_index,
+            dropout_ratio=dropout_ratio, loss_decode=loss_decode, ignore_index=ignore_index,
+            align_corners=align_corners,
+        )
         self.norm = nn.LayerNorm(self.in_channels, eps=norm_eps)
         self.up_scale = int(up_scale)
         self.up_convs = nn.ModuleList(
@@ -194,14 +216,23 @@ class SegmenterLinearHead(BaseDecodeHead):
         num_classes: number of classes.
         in_index: the input map (the last block's).
         dropout_ratio: dropout before the classifier (0 in Segmenter).
-        **kwargs: :class:`BaseDecodeHead` arguments.
+        loss_decode, ignore_index, align_corners: as :class:`BaseDecodeHead`.
     """
 
     def __init__(
-        self, in_channels: int, num_classes: int, in_index: int = -1, dropout_ratio: float = 0.0, **kwargs
+        self,
+        in_channels: int,
+        num_classes: int,
+        in_index: int = -1,
+        dropout_ratio: float = 0.0,
+        loss_decode: dict | Sequence[dict] | None = None,
+        ignore_index: int = 255,
+        align_corners: bool = False,
     ) -> None:
         super().__init__(
-            in_channels, in_channels, num_classes, in_index=in_index, dropout_ratio=dropout_ratio, **kwargs
+            in_channels, in_channels, num_classes, in_index=in_index,
+            dropout_ratio=dropout_ratio, loss_decode=loss_decode, ignore_index=ignore_index,
+            align_corners=align_corners,
         )
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -228,7 +259,7 @@ class SegmenterMaskHead(BaseDecodeHead):
         attn_drop_rate: attention dropout.
         drop_rate: dropout in the blocks.
         in_index: the input map.
-        **kwargs: :class:`BaseDecodeHead` arguments (``loss_decode``, ...).
+        dropout_ratio, loss_decode, ignore_index, align_corners: as :class:`BaseDecodeHead`.
     """
 
     def __init__(
@@ -243,12 +274,18 @@ class SegmenterMaskHead(BaseDecodeHead):
         attn_drop_rate: float = 0.0,
         drop_rate: float = 0.0,
         in_index: int = -1,
-        **kwargs,
+        dropout_ratio: float = 0.0,
+        loss_decode: dict | Sequence[dict] | None = None,
+        ignore_index: int = 255,
+        align_corners: bool = False,
     ) -> None:
         if embed_dims % num_heads:
             raise ConfigError(f"SegmenterMaskHead: embed_dims ({embed_dims}) must be divisible by num_heads ({num_heads})")
-        kwargs.setdefault("dropout_ratio", 0.0)
-        super().__init__(in_channels, embed_dims, num_classes, in_index=in_index, with_conv_seg=False, **kwargs)
+        super().__init__(
+            in_channels, embed_dims, num_classes, in_index=in_index, with_conv_seg=False,
+            dropout_ratio=dropout_ratio, loss_decode=loss_decode, ignore_index=ignore_index,
+            align_corners=align_corners,
+        )
         self.dec_proj = nn.Linear(self.in_channels, embed_dims)
         self.cls_emb = nn.Parameter(torch.zeros(1, num_classes, embed_dims))
         nn.init.trunc_normal_(self.cls_emb, std=0.02)

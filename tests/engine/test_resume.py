@@ -1,0 +1,122 @@
+"""Resuming: a resumed run continues exactly where the stopped one was (vitasks/engine/runner.py)."""
+
+import os
+import signal
+
+import pytest
+import torch
+
+import vitasks_toy_plugin as toy
+from vitasks.config import load_config
+from vitasks.engine.checkpoint import load_checkpoint_file
+from vitasks.engine.launch import train
+from vitasks.errors import CheckpointError
+
+ITERS = 16  # 4 epochs x 4 iterations
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 4-epoch run: its work dir and its per-iteration losses."""
+    root = tmp_path_factory.mktemp("reference")
+    cfg = toy.write_config(root, losses=root / "losses.jsonl")
+    train(cfg, work_dir=str(root / "wd"))
+    return root / "wd", toy.read_losses(root / "losses.jsonl")
+
+
+def _weights(path):
+    return load_checkpoint_file(str(path))["state_dict"]
+
+
+def _assert_same_weights(a, b):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def test_reference_run_layout(reference):
+    work_dir, losses = reference
+    assert sorted(losses) == list(range(ITERS))
+    for name in ("epoch_1.pth", "epoch_4.pth", "toy.yaml"):
+        assert (work_dir / name).is_file(), name
+    assert any(p.name.startswith("best_toy_acc_epoch_") for p in work_dir.iterdir())
+    assert (work_dir / "last_checkpoint").read_text().strip() == str(work_dir / "epoch_4.pth")
+    # The merged config written to the work dir reads back as the same experiment.
+    dumped = load_config(str(work_dir / "toy.yaml"))
+    assert dumped.model == dict(type="ToyClassifier")
+    assert dumped.train_cfg.max_epochs == 4
+
+
+def test_ctrl_c_mid_epoch_then_auto_resume_reproduces_the_run(reference, tmp_path):
+    ref_dir, ref_losses = reference
+    losses = tmp_path / "losses.jsonl"
+    stop = dict(custom_hooks=[dict(type="StopAtIterHook", at_iter=6)])  # 2 iterations into epoch 2
+    with pytest.raises(KeyboardInterrupt):
+        train(toy.write_config(tmp_path, "stop.yaml", losses=losses, **stop), work_dir=str(tmp_path / "wd"))
+    saved = tmp_path / "wd" / "interrupted_iter_6.pth"
+    assert saved.is_file()
+    assert (tmp_path / "wd" / "last_checkpoint").read_text().strip() == str(saved)
+    meta = load_checkpoint_file(str(saved))["meta"]
+    assert (meta["epoch"], meta["iter"]) == (1, 6)
+
+    # load_from (pretrained weights) must not be mistaken for the checkpoint to resume from.
+    cfg = toy.write_config(tmp_path, "stop.yaml", losses=losses, load_from=str(ref_dir / "epoch_1.pth"))
+    train(cfg, work_dir=str(tmp_path / "wd"), resume="auto")
+    resumed = toy.read_losses(losses)
+    assert sorted(resumed) == list(range(ITERS))  # no iteration trained twice or skipped
+    assert resumed == ref_losses
+    _assert_same_weights(tmp_path / "wd" / "epoch_4.pth", ref_dir / "epoch_4.pth")
+
+
+def test_resume_from_a_checkpoint_path(reference, tmp_path):
+    """2 epochs (the reference's epoch_2.pth) + --resume CKPT in a new work dir = epochs 3-4."""
+    ref_dir, ref_losses = reference
+    losses = tmp_path / "losses.jsonl"
+    train(
+        toy.write_config(tmp_path, losses=losses),
+        work_dir=str(tmp_path / "wd"),
+        resume=str(ref_dir / "epoch_2.pth"),
+    )
+    resumed = toy.read_losses(losses)
+    assert sorted(resumed) == list(range(8, ITERS))
+    assert resumed == {i: ref_losses[i] for i in range(8, ITERS)}
+    _assert_same_weights(tmp_path / "wd" / "epoch_4.pth", ref_dir / "epoch_4.pth")
+
+
+def test_an_exception_saves_a_checkpoint_before_propagating(tmp_path):
+    crash = dict(train_cfg=dict(max_epochs=2), custom_hooks=[dict(type="StopAtIterHook", at_iter=5, error="crash")])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(toy.write_config(tmp_path, **crash), work_dir=str(tmp_path / "wd"))
+    saved = tmp_path / "wd" / "interrupted_iter_5.pth"
+    assert (tmp_path / "wd" / "last_checkpoint").read_text().strip() == str(saved)
+    checkpoint = load_checkpoint_file(str(saved))
+    assert checkpoint["meta"]["iter"] == 5
+    assert {"optimizer", "param_schedulers", "message_hub"} <= set(checkpoint)
+
+
+def test_sigterm_saves_a_checkpoint(tmp_path):
+    stop = dict(train_cfg=dict(max_epochs=1), custom_hooks=[dict(type="StopAtIterHook", at_iter=3, error="SIGTERM")])
+    with pytest.raises(KeyboardInterrupt, match="signal"):
+        train(toy.write_config(tmp_path, **stop), work_dir=str(tmp_path / "wd"))
+    assert (tmp_path / "wd" / "interrupted_iter_3.pth").is_file()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is only there while training
+
+
+def test_auto_resume_without_a_checkpoint_starts_from_scratch(tmp_path):
+    losses = tmp_path / "losses.jsonl"
+    train(toy.write_config(tmp_path, losses=losses, train_cfg=dict(max_epochs=1)), work_dir=str(tmp_path / "wd"), resume="auto")
+    assert sorted(toy.read_losses(losses)) == [0, 1, 2, 3]
+
+
+def test_resume_errors(tmp_path):
+    cfg = toy.write_config(tmp_path, train_cfg=dict(max_epochs=1))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train(cfg, work_dir=str(tmp_path / "wd"), resume=str(tmp_path / "missing.pth"))
+    torch.save(toy.ToyClassifier().state_dict(), tmp_path / "weights_only.pth")
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        train(cfg, work_dir=str(tmp_path / "wd"), resume=str(tmp_path / "weights_only.pth"))
+    os.makedirs(tmp_path / "stale")
+    (tmp_path / "stale" / "last_checkpoint").write_text(str(tmp_path / "gone.pth"))
+    with pytest.raises(CheckpointError, match="gone.pth"):
+        train(cfg, work_dir=str(tmp_path / "stale"), resume="auto")
