@@ -91,12 +91,18 @@ def test_infer_arguments(monkeypatch, capsys):
     assert cli.main(["infer", "cfg.yaml", "ckpt.pth", "a.jpg"]) == 2  # --out-dir is required
 
 
+_CONVERT_DEFAULTS = dict(img_size=None, num_classes=None, drop_head=False, drop_final_norm=False,
+                         pool=None, num_heads=None, keep_pre_logits=False)
+
+
 @pytest.mark.parametrize("extra, expected", [
-    ([], dict(img_size=None, num_classes=None, drop_head=False, drop_final_norm=False)),
-    (["--img-size", "384"], dict(img_size=(384, 384), num_classes=None, drop_head=False,
-                                 drop_final_norm=False)),
+    ([], _CONVERT_DEFAULTS),
+    (["--img-size", "384"], dict(_CONVERT_DEFAULTS, img_size=(384, 384))),
     (["--img-size", "224", "320", "--num-classes", "10", "--drop-head", "--drop-final-norm"],
-     dict(img_size=(224, 320), num_classes=10, drop_head=True, drop_final_norm=True)),
+     dict(_CONVERT_DEFAULTS, img_size=(224, 320), num_classes=10, drop_head=True,
+          drop_final_norm=True)),
+    (["--pool", "mean", "--num-heads", "6", "--keep-pre-logits"],
+     dict(_CONVERT_DEFAULTS, pool="mean", num_heads=6, keep_pre_logits=True)),
 ])
 def test_convert_arguments(monkeypatch, extra, expected):
     convert = Recorder()

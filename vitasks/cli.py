@@ -203,6 +203,12 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--drop-head", action="store_true", help="leave out the classifier head")
     parser.add_argument("--drop-final-norm", action="store_true",
                         help="leave out the final norm (for dense tasks)")
+    parser.add_argument("--pool", choices=("token", "mean"),
+                        help="pooling of the converted model when the weights don't say")
+    parser.add_argument("--num-heads", type=int, metavar="H",
+                        help="attention heads, for widths whose head count can't be inferred")
+    parser.add_argument("--keep-pre-logits", action="store_true",
+                        help="keep a pre-training pre_logits layer as MLPClsHead.hidden")
     parser.set_defaults(handler=_run_convert, parser=parser)
     return parser
 
@@ -223,6 +229,9 @@ def _run_convert(args: argparse.Namespace) -> int:
         num_classes=args.num_classes,
         drop_head=args.drop_head,
         drop_final_norm=args.drop_final_norm,
+        pool=args.pool,
+        num_heads=args.num_heads,
+        keep_pre_logits=args.keep_pre_logits,
     )
     print(f"wrote {args.dst}")
     return 0
