@@ -161,9 +161,11 @@ def test_synthetic_generator_layout_and_determinism(tmp_path):
         make_cls_dataset(str(foreign))
 
 
-def test_synthetic_classes_differ_in_colour_and_shape(tmp_path):
-    """Mean colour alone must not separate every class: some pairs share a colour."""
-    _, names = make_cls_dataset(str(tmp_path / "d"), num_classes=6, train_per_class=1, val_per_class=1)
+def test_synthetic_classes_need_colour_and_texture(tmp_path):
+    """Neither colour nor texture alone separates the default classes."""
+    _, names = make_cls_dataset(str(tmp_path / "d"), train_per_class=1, val_per_class=1)
+    assert len(names) == 6
     colours = [n.split("_")[0] for n in names]
-    shapes = [n.split("_")[1] for n in names]
-    assert len(set(colours)) < len(names) and len(set(shapes)) < len(names)
+    textures = [n.split("_")[1] for n in names]
+    assert len(set(colours)) < len(names) and len(set(textures)) < len(names)
+    assert len(set(zip(colours, textures))) == len(names)

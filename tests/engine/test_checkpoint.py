@@ -84,7 +84,7 @@ def test_allowlisted_getattr_only_resolves_history_buffer_statistics(tmp_path):
     assert load_checkpoint_file(str(ok))["f"] is HistoryBuffer.mean
     bad = tmp_path / "bad.pth"
     torch.save({"f": _LooksUpAttribute("__init__")}, bad)
-    with pytest.raises(CheckpointError, match="bad.pth"):
+    with pytest.raises(CheckpointError, match="bad.pth.*would run code"):
         load_checkpoint_file(str(bad))
 
 
@@ -116,6 +116,9 @@ def test_missing_and_non_dict_files(tmp_path):
     torch.save([torch.zeros(1)], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match="list.pth"):
         load_state_dict_file(str(tmp_path / "list.pth"))
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="garbage.pth.*not a valid torch checkpoint"):
+        load_state_dict_file(str(tmp_path / "garbage.pth"))
     assert get_state_dict({"module": {"a": 1}}) == {"a": 1}
 
 

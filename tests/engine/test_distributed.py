@@ -35,11 +35,17 @@ def test_two_process_torchrun_matches_one_process_with_the_summed_batch(tmp_path
         OMP_NUM_THREADS="1",
     )
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    work_dir = tmp_path / "ddp"
-    proc = subprocess.run(
-        ["bash", str(REPO / "tools" / "dist_train.sh"), cfg, "2", "--work-dir", str(work_dir)],
-        env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=240,
-    )
+    for attempt in range(2):
+        work_dir = tmp_path / f"ddp{attempt}"
+        proc = subprocess.run(
+            ["bash", str(REPO / "tools" / "dist_train.sh"), cfg, "2", "--work-dir", str(work_dir)],
+            env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=240,
+        )
+        # Rarely, on a heavily loaded machine, a gloo worker aborts in C++ ("terminate called
+        # without an active exception", SIGABRT) before training; that is not ours: retry once.
+        if proc.returncode == 0 or "SIGABRT" not in proc.stderr:
+            break
+        env["PORT"] = str(_free_port())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (work_dir / "last_checkpoint").read_text().strip() == str(work_dir / "epoch_2.pth")
     ddp = load_checkpoint_file(str(work_dir / "epoch_2.pth"))

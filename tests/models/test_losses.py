@@ -84,6 +84,18 @@ def test_dense_with_ignore_and_class_weights(avg_non_ignore):
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_ignore_index_of_a_real_class_is_not_ignored_for_image_labels():
+    """ImageNet has a class 255: per-image labels of 1000-class logits are never ignored."""
+    logits = torch.randn(3, 300)
+    labels = torch.tensor([255, 3, 255])
+    loss = CrossEntropyLoss()(logits, labels)
+    assert loss.item() == pytest.approx(_brute_hard(logits.tolist(), labels.tolist(), ignore=None), rel=1e-5)
+    # With fewer classes than the ignore index, it is ignored.
+    small = torch.randn(3, 4)
+    expected = _brute_hard(small.tolist(), [255, 3, 255])
+    assert CrossEntropyLoss()(small, torch.tensor([255, 3, 255])).item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_all_ignored_gives_zero_with_gradient():
     logits = torch.randn(1, 3, 2, 2, requires_grad=True)
     labels = torch.full((1, 2, 2), 255)

@@ -80,6 +80,18 @@ SAFE_GLOBALS: list = [
 ]
 
 
+# Phrases of torch's weights-only unpickler (and ours) when a pickle asks for code it may not run.
+_CODE_MARKERS = (
+    "Unsupported global",
+    "is blocked",
+    "Trying to call reduce",
+    "Can only build",
+    "Can only create new object",
+    "is not allowed",
+    "must be imported to load",
+)
+
+
 def _is_safetensors(path: str) -> bool:
     return str(path).endswith(".safetensors")
 
@@ -109,7 +121,14 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> Any:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e)) or re.search(r"function (\S+)", str(e))
+        text = str(e)
+        if not any(marker in text for marker in _CODE_MARKERS):
+            detail = re.search(r"WeightsUnpickler error: \s*(.+?)\s*(?:\n|$)", text)
+            raise CheckpointError(
+                f"cannot read checkpoint file {path!r}: not a valid torch checkpoint "
+                f"({detail.group(1) if detail else text.splitlines()[0]})"
+            ) from e
+        found = re.search(r"GLOBAL (\S+)", text) or re.search(r"function (\S+)", text)
         what = f" (it refers to {found.group(1)})" if found else ""
         raise CheckpointError(
             f"refusing to load {path!r}: it is a pickle that would run code{what}. Only tensors, "

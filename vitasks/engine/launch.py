@@ -48,6 +48,11 @@ def prepare_config(
 
     if isinstance(config, Config):
         cfg = copy.deepcopy(config)
+        if cfg_options:
+            from vitasks.config import parse_cfg_options
+
+            options = cfg_options if isinstance(cfg_options, Mapping) else parse_cfg_options(cfg_options)
+            cfg.merge_from_dict(dict(options))
     else:
         cfg = load_config(config, cfg_options)
     import_plugins(cfg)

@@ -21,7 +21,9 @@ class CrossEntropyLoss(nn.Module):
     Target forms, for logits of shape ``(N, K, ...)``:
 
     - hard labels, ``(N,)`` for ``(N, K)`` logits or ``(N, H, W)`` for ``(N, K, H, W)`` logits:
-      integer class indices; entries equal to ``ignore_index`` contribute nothing;
+      integer class indices; entries equal to ``ignore_index`` contribute nothing. For
+      per-image labels ``(N,)`` the ignore index applies only when it is not a class index
+      (``0 <= ignore_index < K`` is a real class, e.g. ImageNet's class 255);
     - soft targets, a float tensor of the logits' shape (``(N, K)`` from Mixup/CutMix): the loss
       of a sample is ``-sum_k t_k log p_k``.
 
@@ -116,16 +118,19 @@ class CrossEntropyLoss(nn.Module):
                     f"logits of shape {tuple(pred.shape)} (expected {tuple(pred.shape[:1] + pred.shape[2:])})"
                 )
             target = target.long()
+            ignore_index = self.ignore_index
+            if pred.dim() == 2 and 0 <= ignore_index < pred.shape[1]:
+                ignore_index = -100  # a real class of a per-image label: ignore nothing
             loss = F.cross_entropy(
                 pred,
                 target,
                 weight=class_weight,
                 reduction="none",
-                ignore_index=self.ignore_index,
+                ignore_index=ignore_index,
                 label_smoothing=self.label_smoothing,
             )
             # F.cross_entropy already gives 0 at ignored positions; count the rest.
-            num_valid = int((target != self.ignore_index).sum())
+            num_valid = int((target != ignore_index).sum())
 
         if weight is not None:
             loss = loss * weight.to(loss.dtype)

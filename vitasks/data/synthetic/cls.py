@@ -1,9 +1,11 @@
 """A small, learnable classification dataset in the ImageNet folder layout.
 
-Each class is a (shape, colour) pair, e.g. ``red_circle`` or ``blue_triangle``: the shape is drawn
-at a random position, scale and rotation, its colour jittered, over a random dark background with
-noise. Telling classes apart needs both colour and shape, so a small ViT must learn spatial
-structure, yet it reaches high accuracy within a couple of CPU minutes.
+Each class is a (colour, texture) pair, e.g. ``red_hstripes`` or ``blue_checker``: a random
+shape (disc, square or triangle) at a random position, scale and rotation is filled with the
+class's texture (solid, horizontal or vertical stripes, checkerboard, dots) in the class's
+jittered colour, over a random dark background with noise. Classes that share a colour differ in
+texture and vice versa, so a model needs both cues; textures are local, so a small ViT learns
+them within a couple of CPU minutes while the shape, position and scale are nuisances.
 
 Written as ``train/<class>/<class>_<i>.png`` and ``val/<class>/<class>_<i>.png``, plus
 ``synthetic.json`` (the parameters). The same arguments give the same files, byte for byte.
@@ -21,7 +23,8 @@ from PIL import Image
 
 from vitasks.errors import DataError
 
-SHAPES = ("circle", "square", "triangle", "cross", "ring")
+SHAPES = ("disc", "square", "triangle")
+TEXTURES = ("solid", "hstripes", "vstripes", "checker", "dots")
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 200, 60),
@@ -30,72 +33,74 @@ COLOURS = {
 }
 MARKER = "synthetic.json"
 
+# The first classes give each colour two textures and each texture two colours, so that even
+# a small K needs both cues.
+_FIRST = ("red_solid", "red_hstripes", "green_vstripes", "green_checker", "blue_solid",
+          "blue_vstripes", "yellow_hstripes", "yellow_checker")
+
 
 def class_names(num_classes: int) -> List[str]:
-    """The first ``num_classes`` (colour, shape) names, ordered so that consecutive classes
-    differ in shape and in colour (a small K still needs both cues)."""
-    colours = list(COLOURS)
-    names, seen = [], set()
-    # Walk the shape x colour grid along diagonals: (s0, c0), (s1, c1), ...
-    for offset in range(len(colours)):
-        for i in range(len(SHAPES)):
-            name = f"{colours[(i + offset) % len(colours)]}_{SHAPES[i]}"
-            if name not in seen:
-                seen.add(name)
-                names.append(name)
+    """The first ``num_classes`` (colour, texture) class names, sorted."""
+    names = list(_FIRST) + [
+        f"{c}_{t}" for t in TEXTURES for c in COLOURS if f"{c}_{t}" not in _FIRST
+    ]
     if not 2 <= num_classes <= len(names):
         raise ValueError(f"num_classes must be in 2..{len(names)}, got {num_classes}")
     return sorted(names[:num_classes])
 
 
-def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> List[np.ndarray]:
-    """Vertices (int32) of a polygonal shape of radius ``r`` centred at (cx, cy)."""
+def _texture(rng: np.random.Generator, texture: str, size: int) -> np.ndarray:
+    """Float map in [0, 1] (1 = full colour) of the texture, with a random phase."""
+    period = int(rng.integers(4, 7))
+    phase_y, phase_x = rng.integers(0, period, size=2)
+    yy, xx = np.mgrid[0:size, 0:size]
+    on_y = ((yy + phase_y) % period) < period / 2
+    on_x = ((xx + phase_x) % period) < period / 2
+    if texture == "solid":
+        return np.ones((size, size), np.float32)
+    if texture == "hstripes":
+        return on_y.astype(np.float32)
+    if texture == "vstripes":
+        return on_x.astype(np.float32)
+    if texture == "checker":
+        return (on_y ^ on_x).astype(np.float32)
+    if texture == "dots":
+        return (on_y & on_x).astype(np.float32)
+    raise ValueError(texture)
 
-    def rot(points: np.ndarray) -> np.ndarray:
-        c, s = math.cos(angle), math.sin(angle)
-        rotated = points @ np.array([[c, s], [-s, c]])
-        return np.round(rotated + [cx, cy]).astype(np.int32)
 
-    if shape == "square":
-        p = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], float) * r * 0.8
-        return [rot(p)]
-    if shape == "triangle":
-        p = np.array([[math.cos(a), math.sin(a)] for a in np.deg2rad([-90, 30, 150])]) * r
-        return [rot(p)]
-    if shape == "cross":
-        w = 0.35
-        bar = np.array([[-1, -w], [1, -w], [1, w], [-1, w]], float) * r
-        return [rot(bar), rot(bar[:, ::-1].copy())]
-    raise ValueError(shape)
+def _shape_mask(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Float mask in [0, 1] of a random shape (anti-aliased edges)."""
+    mask = np.zeros((size, size), np.uint8)
+    r = rng.uniform(0.28, 0.45) * size
+    cx, cy = rng.uniform(r * 0.7, size - r * 0.7, size=2)
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    if shape == "disc":
+        cv2.circle(mask, (int(round(cx)), int(round(cy))), int(round(r)), 255, -1, cv2.LINE_AA)
+    else:
+        n = 4 if shape == "square" else 3
+        angle = rng.uniform(0, 2 * math.pi)
+        pts = [(cx + r * math.cos(angle + 2 * math.pi * k / n), cy + r * math.sin(angle + 2 * math.pi * k / n))
+               for k in range(n)]
+        cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 255, cv2.LINE_AA)
+    return mask.astype(np.float32) / 255.0
 
 
 def _draw(rng: np.random.Generator, name: str, size: int) -> np.ndarray:
     """One RGB uint8 image of class ``name``."""
-    colour_name, shape = name.split("_", 1)
-    background = rng.uniform(0, 90, size=3)
+    colour_name, texture = name.split("_", 1)
     img = np.empty((size, size, 3), np.float32)
-    img[:] = background
-    # Low-frequency background blotches so the model cannot rely on a flat background.
-    blotch = cv2.resize(rng.uniform(-25, 25, (4, 4, 3)).astype(np.float32), (size, size),
-                        interpolation=cv2.INTER_CUBIC)
-    img += blotch
-    r = rng.uniform(0.22, 0.38) * size
-    cx, cy = rng.uniform(r, size - r, size=2)
-    angle = rng.uniform(0, 2 * math.pi)
-    colour = np.clip(np.array(COLOURS[colour_name]) + rng.normal(0, 18, 3), 0, 255)
-    canvas = np.ascontiguousarray(img.clip(0, 255).astype(np.uint8))
-    color = tuple(int(v) for v in colour)
-    center = (int(round(cx)), int(round(cy)))
-    if shape == "circle":
-        cv2.circle(canvas, center, int(round(r)), color, thickness=-1, lineType=cv2.LINE_AA)
-    elif shape == "ring":
-        cv2.circle(canvas, center, int(round(r * 0.8)), color, thickness=max(2, int(r * 0.35)),
-                   lineType=cv2.LINE_AA)
-    else:
-        for poly in _polygon(shape, cx, cy, r, angle):
-            cv2.fillPoly(canvas, [poly], color, lineType=cv2.LINE_AA)
-    noisy = canvas.astype(np.float32) + rng.normal(0, 8, canvas.shape)
-    return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+    img[:] = rng.uniform(0, 80, size=3)
+    # Low-frequency background blotches: the background carries no class information.
+    img += cv2.resize(rng.uniform(-25, 25, (4, 4, 3)).astype(np.float32), (size, size),
+                      interpolation=cv2.INTER_CUBIC)
+    colour = np.clip(np.array(COLOURS[colour_name], np.float32) + rng.normal(0, 15, 3), 0, 255)
+    # Texture "off" pixels get a dark shade of the colour, so the shape stays visible.
+    fill = colour * (0.3 + 0.7 * _texture(rng, texture, size)[..., None])
+    alpha = _shape_mask(rng, size)[..., None]
+    img = img * (1 - alpha) + fill * alpha
+    img += rng.normal(0, 6, img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
 def make_cls_dataset(
@@ -111,7 +116,7 @@ def make_cls_dataset(
     Args:
         out_dir: The data root to write (``train/`` and ``val/`` inside). A folder written by
             this function before is replaced; any other non-empty folder is refused.
-        num_classes: Number of (colour, shape) classes, 2..20.
+        num_classes: Number of (colour, texture) classes, 2..20.
         train_per_class: Training images per class.
         val_per_class: Validation images per class.
         size: Image side in pixels.
