@@ -66,7 +66,7 @@ def test_test_arguments_and_metrics_table(launch, capsys):
                      "--cfg-options", "test_dataloader.batch_size=2"])
     assert code == 0
     assert launch.test.calls == [(("cfg.yaml", "ckpt.pth"), dict(
-        work_dir="w", dump="p.jsonl", cfg_options=["test_dataloader.batch_size=2"]))]
+        work_dir="w", dump="p.jsonl", amp=False, cfg_options=["test_dataloader.batch_size=2"]))]
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["metric", "value"]
     assert out[2].split() == ["accuracy/top1", "87.5000"]

@@ -112,6 +112,8 @@ def add_test_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--work-dir", help="where logs and metrics.json go")
     parser.add_argument("--dump", metavar="PATH",
                         help="also write the predictions (the config's `test_dump`) to PATH")
+    parser.add_argument("--amp", action="store_true",
+                        help="evaluate under bf16 autocast (CPU and GPU)")
     _add_cfg_options(parser)
     parser.set_defaults(handler=_run_test)
     return parser
@@ -137,6 +139,7 @@ def _run_test(args: argparse.Namespace) -> int:
         args.checkpoint,
         work_dir=args.work_dir,
         dump=args.dump,
+        amp=args.amp,
         cfg_options=cfg_options,
     )
     if isinstance(metrics, dict):

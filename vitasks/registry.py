@@ -19,6 +19,7 @@ from mmengine.registry import OPTIM_WRAPPERS as MMENGINE_OPTIM_WRAPPERS
 from mmengine.registry import OPTIMIZERS as MMENGINE_OPTIMIZERS
 from mmengine.registry import PARAM_SCHEDULERS as MMENGINE_PARAM_SCHEDULERS
 from mmengine.registry import TRANSFORMS as MMENGINE_TRANSFORMS
+from mmengine.registry import VISBACKENDS as MMENGINE_VISBACKENDS
 from mmengine.registry import VISUALIZERS as MMENGINE_VISUALIZERS
 from mmengine.registry import Registry
 
@@ -46,6 +47,8 @@ OPTIM_WRAPPER_CONSTRUCTORS = _child(
 PARAM_SCHEDULERS = _child("parameter scheduler", MMENGINE_PARAM_SCHEDULERS, ["vitasks.engine"])
 MODEL_WRAPPERS = _child("model_wrapper", MMENGINE_MODEL_WRAPPERS, ["vitasks.engine"])
 VISUALIZERS = _child("visualizer", MMENGINE_VISUALIZERS, ["vitasks.visualization"])
+# mmengine looks visualiser backends up in the default scope too; without a child it warns.
+VISBACKENDS = _child("vis_backend", MMENGINE_VISBACKENDS, ["vitasks.visualization"])
 FUNCTIONS = _child("function", MMENGINE_FUNCTIONS, ["vitasks.data"])
 
 # Every child by the name users type in `vitasks list REGISTRY`.
@@ -64,5 +67,6 @@ ALL_REGISTRIES = {
     "param_schedulers": PARAM_SCHEDULERS,
     "model_wrappers": MODEL_WRAPPERS,
     "visualizers": VISUALIZERS,
+    "vis_backends": VISBACKENDS,
     "functions": FUNCTIONS,
 }
