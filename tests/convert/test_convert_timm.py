@@ -36,6 +36,7 @@ def test_timm_vit_logits_match(tmp_path, name):
     arch = (hint["embed_dim"], hint["depth"], hint["num_heads"], hint["patch_size"], hint["img_size"])
     assert arch == (48, 2, 2, 8, 32)
     assert hint["pool"] == "token" and hint["final_norm"] and not hint["fc_norm"]
+    assert hint["mlp_act"] == "gelu"  # PyTorch-trained: exact GELU
     assert ck["meta"]["converted_from"] == "timm"
     model = build_classifier(ck["meta"])
     all_keys_loaded(model, ck["state_dict"])

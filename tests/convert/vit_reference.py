@@ -87,11 +87,15 @@ def timm_vit_weights(
     return sd
 
 
-def timm_resnet_weights(in_chans: int = 3, stem: int = 32, layers=(1, 1), widths=(128, 256)) -> SD:
-    """Random weights of timm's ResNetV2 body (non-pre-activation) under ``patch_embed.backbone``."""
+def timm_resnet_weights(
+    in_chans: int = 3, stem: int = 32, layers=(1, 1), widths=(128, 256), conv_std: float = 0.1
+) -> SD:
+    """Random weights of timm's ResNetV2 body (non-pre-activation) under ``patch_embed.backbone``;
+    ``conv_std``: spread of the conv kernels (small values make the standardisation epsilon
+    matter)."""
     p = "patch_embed.backbone."
     sd = {
-        p + "stem.conv.weight": _rand(stem, in_chans, 7, 7, std=0.1),
+        p + "stem.conv.weight": _rand(stem, in_chans, 7, 7, std=conv_std),
         p + "stem.norm.weight": _rand(stem, mean=1.0), p + "stem.norm.bias": _rand(stem, std=0.1),
     }
     prev = stem
@@ -101,11 +105,11 @@ def timm_resnet_weights(in_chans: int = 3, stem: int = 32, layers=(1, 1), widths
             q = f"{p}stages.{s}.blocks.{b}."
             cin = prev if b == 0 else w
             if b == 0:
-                sd[q + "downsample.conv.weight"] = _rand(w, cin, 1, 1, std=0.1)
+                sd[q + "downsample.conv.weight"] = _rand(w, cin, 1, 1, std=conv_std)
                 sd[q + "downsample.norm.weight"] = _rand(w, mean=1.0)
                 sd[q + "downsample.norm.bias"] = _rand(w, std=0.1)
             for j, (ci, co, k) in enumerate([(cin, mid, 1), (mid, mid, 3), (mid, w, 1)], 1):
-                sd[q + f"conv{j}.weight"] = _rand(co, ci, k, k, std=0.1)
+                sd[q + f"conv{j}.weight"] = _rand(co, ci, k, k, std=conv_std)
                 sd[q + f"norm{j}.weight"] = _rand(co, mean=1.0)
                 sd[q + f"norm{j}.bias"] = _rand(co, std=0.1)
         prev = w
@@ -126,7 +130,12 @@ def _linear(x, sd, name):
     return y + sd[name + ".bias"] if name + ".bias" in sd else y
 
 
-def _gelu(x):
+def _gelu(x, act="gelu"):
+    """``gelu``: exact, x * Phi(x) with the erf; ``gelu_tanh``: the tanh approximation of
+    Hendrycks & Gimpel, what JAX's (and so flax's) ``nn.gelu`` computes by default."""
+    if act == "gelu_tanh":
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+    assert act == "gelu", act
     return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 
@@ -141,14 +150,17 @@ def _same_pad(x, k, s, value=0.0):
 
 def _std_conv(x, w, stride, ws, ws_eps):
     """Weight-standardised conv with SAME padding; ``ws`` is "timm" ((w - m) / sqrt(var + eps))
-    or "google" ((w - m) / (std + eps))."""
+    or "google" (google-research/vision_transformer's StdConv: subtract the mean over the
+    kernel's H, W, in axes, then divide by the population std plus eps)."""
     flat = w.reshape(w.shape[0], -1)
     m = flat.mean(1, keepdim=True)
-    var = ((flat - m) ** 2).mean(1, keepdim=True)
+    centred = flat - m
+    var = (centred ** 2).mean(1, keepdim=True)
     if ws == "timm":
-        flat = (flat - m) / torch.sqrt(var + ws_eps)
+        flat = centred / torch.sqrt(var + ws_eps)
     else:
-        flat = (flat - m) / (torch.sqrt(var) + ws_eps)
+        assert ws == "google", ws
+        flat = centred / (torch.sqrt(var) + ws_eps)
     return F.conv2d(_same_pad(x, w.shape[-1], stride), flat.reshape(w.shape), stride=stride)
 
 
@@ -194,8 +206,10 @@ def vit_reference(
     pos_prefix: Optional[int] = None,
     hybrid: Optional[dict] = None,
     return_features: bool = False,
+    act: str = "gelu",
 ) -> Dict[str, torch.Tensor]:
-    """timm-style ViT forward on a timm-named state dict.
+    """timm-style ViT forward on a timm-named state dict; ``act`` is the MLP activation
+    (``"gelu_tanh"`` for Google's JAX models, see :func:`_gelu`).
 
     Returns ``features`` (the pooled vector after the final norm / fc_norm), ``logits`` (class
     head), ``logits_dist`` and ``logits_avg`` (DeiT distilled), ``logits_pre`` (pre_logits ->
@@ -229,7 +243,7 @@ def vit_reference(
         a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), dim=-1)
         y = _linear((a @ v).transpose(1, 2).reshape(B, N, C), sd, b + "attn.proj")
         x = x + y * sd.get(b + "ls1.gamma", 1.0)
-        y = _linear(_gelu(_linear(_ln(x, sd, b + "norm2", eps), sd, b + "mlp.fc1")), sd, b + "mlp.fc2")
+        y = _linear(_gelu(_linear(_ln(x, sd, b + "norm2", eps), sd, b + "mlp.fc1"), act), sd, b + "mlp.fc2")
         x = x + y * sd.get(b + "ls2.gamma", 1.0)
         i += 1
     if "norm.weight" in sd:

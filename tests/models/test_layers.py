@@ -4,12 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vitasks.errors import ConfigError
 from vitasks.models.layers import (
     Attention,
     DropPath,
     LayerScale,
     TransformerBlock,
     drop_path,
+    mlp_act_layer,
     resample_abs_pos_embed,
 )
 
@@ -63,6 +65,38 @@ def test_block_matches_reference_and_layer_scale():
     y, probs = block.forward_with_attention(x)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     assert probs.shape == (3, 2, 5, 5)
+
+
+def tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation written out (JAX's default ``nn.gelu``)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def test_gelu_tanh_block_matches_reference():
+    block = TransformerBlock(16, 2, mlp_ratio=2.0, mlp_act="gelu_tanh").eval().requires_grad_(False)
+    block.mlp.fc1.weight.mul_(5)  # MLP pre-activations of a few units, where the GELUs differ most
+    x = torch.randn(3, 5, 16)
+    a = x + reference_attention(block.attn, block.norm1(x))
+    h = block.mlp.fc1(block.norm2(a))
+    expected = a + block.mlp.fc2(tanh_gelu(h))
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+    # ... and is not the exact GELU.
+    exact = a + block.mlp.fc2(0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0))))
+    assert not torch.allclose(block(x), exact, rtol=1e-5, atol=1e-5)
+    # The default stays exact, with the same parameter names.
+    default = TransformerBlock(16, 2, mlp_ratio=2.0).eval()
+    default.load_state_dict(block.state_dict())
+    torch.testing.assert_close(default(x), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_act_layer_names_and_errors():
+    x = torch.linspace(-4, 4, 101)
+    torch.testing.assert_close(mlp_act_layer("gelu_tanh")()(x), tanh_gelu(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mlp_act_layer("gelu")()(x), 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0))))
+    with pytest.raises(ConfigError, match=r"mlp_act must be one of \['gelu', 'gelu_tanh'\], got 'relu'"):
+        TransformerBlock(16, 2, mlp_act="relu")
+    with pytest.raises(ConfigError, match="model.backbone.mlp_act"):
+        mlp_act_layer("tanh", key="model.backbone.mlp_act")
 
 
 def test_layer_scale_multiplies_channels():

@@ -147,6 +147,41 @@ def test_std_conv_same_matches_explicit_padding_and_standardisation():
     torch.testing.assert_close(flat.var(1, unbiased=False), torch.ones(8), atol=1e-4, rtol=0)
 
 
+def test_std_conv_std_form_matches_hand_written_standardisation():
+    # Google's StdConv: subtract the filter mean, divide by the population std plus eps.
+    conv = StdConv2dSame(4, 6, 3, stride=1, eps=1e-3, ws_form="std")
+    with torch.no_grad():
+        conv.weight.mul_(1e-2)  # small filters: eps inside or outside the root differ visibly
+    w = conv.weight.detach().double()
+    expected_w = torch.empty_like(w)
+    for o in range(6):
+        f = w[o]
+        centred = f - f.sum() / f.numel()
+        std = math.sqrt(float((centred ** 2).sum()) / f.numel())
+        expected_w[o] = centred / (std + 1e-3)
+    torch.testing.assert_close(conv.standardized_weight().double(), expected_w, rtol=1e-5, atol=1e-6)
+    x = torch.randn(2, 4, 9, 10)
+    torch.testing.assert_close(conv(x), F.conv2d(x, expected_w.float(), padding=1), rtol=1e-4, atol=1e-4)
+    var_form = StdConv2dSame(4, 6, 3, eps=1e-3)
+    var_form.load_state_dict(conv.state_dict())
+    assert (var_form.standardized_weight() - conv.standardized_weight()).abs().max() > 1e-2
+
+
+def test_resnet_stem_ws_form_reaches_every_conv():
+    stem = tiny_resnet_stem(ws_form="std", ws_eps=1e-5, gn_eps=1e-6)
+    convs = [m for m in stem.modules() if isinstance(m, StdConv2dSame)]
+    assert len(convs) == 1 + 3 * 4 + 3  # root, 4 bottlenecks x 3, 3 projection shortcuts
+    assert all(c.ws_form == "std" and c.eps == 1e-5 for c in convs)
+    assert all(c.ws_form == "var" for c in tiny_resnet_stem().modules() if isinstance(c, StdConv2dSame))
+
+
+def test_ws_form_errors():
+    with pytest.raises(ConfigError, match=r"model.backbone.stem.ws_form of StdConv2dSame must be one of \['var', 'std'\]"):
+        StdConv2dSame(3, 8, 3, ws_form="google")
+    with pytest.raises(ConfigError, match=r"model.backbone.stem.ws_form of ResNetStem .*got 'rsqrt'"):
+        tiny_resnet_stem(ws_form="rsqrt")
+
+
 def test_max_pool_same_ignores_padding():
     pool = MaxPool2dSame(3, 2)
     x = -1 - torch.rand(1, 2, 6, 7)  # all negative: zero padding would leak 0 into the borders

@@ -197,6 +197,21 @@ def test_grad_checkpointing_gives_identical_gradients():
     assert not ref.grad_checkpointing
 
 
+def test_mlp_act_reaches_every_block():
+    x = torch.randn(1, 3, 32, 32)
+    exact, approx = tiny().eval(), tiny(mlp_act="gelu_tanh").eval()
+    assert exact.mlp_act == "gelu" and approx.mlp_act == "gelu_tanh"
+    assert all(b.mlp.act.approximate == "none" for b in exact.blocks)
+    assert all(b.mlp.act.approximate == "tanh" for b in approx.blocks)
+    # Same parameters and names; only the activation differs.
+    approx.load_state_dict(exact.state_dict())
+    with torch.no_grad():
+        for b in (exact, approx):  # larger MLP inputs so the two GELUs differ visibly
+            for blk in b.blocks:
+                blk.mlp.fc1.weight.mul_(20)
+        assert not torch.allclose(exact(x)[0], approx(x)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_drop_path_rises_linearly():
     vit = tiny(depth=5, drop_path_rate=0.4)
     rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in vit.blocks]
@@ -228,6 +243,7 @@ def test_get_layer_id():
         (dict(num_reg_tokens=-1), "num_reg_tokens"),
         (dict(interpolate_mode="cubic"), "interpolate_mode"),
         (dict(depth=0), "depth"),
+        (dict(mlp_act="swish"), r"model.backbone.mlp_act must be one of \['gelu', 'gelu_tanh'\]"),
     ],
 )
 def test_bad_config_errors(kwargs, match):

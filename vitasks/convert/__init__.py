@@ -25,10 +25,11 @@ code does the rest. Conventions each source fixes:
              with a fresh ``fc_norm`` and no ``norm`` (MAE fine-tuning), or ``pool="token"``.
 ``hf``       ``layer_norm_eps`` from ``config.json`` (HF default 1e-12); q/k/v fused; class
              token pooled; ``pooler`` = pre-logits; DeiT's distillation token as for ``deit``.
-``npz``      flax eps 1e-6 (LayerNorm and GroupNorm); heads from the kernel shapes; ``gap``
-             models -> mean pooling after the encoder norm; ``pre_logits`` dropped with the head
-             (or kept as ``MLPClsHead``). JAX's tanh-GELU and std-form weight standardisation are
-             not reproduced bit for bit (as in timm's port).
+``npz``      flax eps 1e-6 (LayerNorm and GroupNorm); JAX's tanh GELU (``mlp_act: gelu_tanh``);
+             hybrid weight standardisation (w - mean) / (std + 1e-5) (``ws_form: std``,
+             ``ws_eps: 1e-5``); heads from the kernel shapes; ``gap`` models -> mean pooling
+             after the encoder norm; ``pre_logits`` dropped with the head (or kept as
+             ``MLPClsHead``). Outputs match the JAX model to float32 rounding.
 ===========  ====================================================================================
 
 Fine-tuning: ``num_classes`` different from the checkpoint's (or ``drop_head``) drops the head,

@@ -59,6 +59,7 @@ class Source:
         path: the file (or folder) read.
         state_dict: tensors under timm names (see the module docstring).
         norm_eps: LayerNorm epsilon of the source model.
+        mlp_act: the MLP activation (``"gelu"`` exact, ``"gelu_tanh"`` JAX's approximation).
         num_heads: attention heads when the source states them (None: from the width).
         grid: the source's token grid (rows, cols) when a config states it (None: square,
             from the position embedding's length).
@@ -74,6 +75,7 @@ class Source:
     path: str
     state_dict: StateDict
     norm_eps: float = 1e-6
+    mlp_act: str = "gelu"
     num_heads: Optional[int] = None
     grid: Optional[Tuple[int, int]] = None
     pool: Optional[str] = None
@@ -435,6 +437,7 @@ def to_vitasks(src: Source, opts: ConvertOptions) -> Tuple[StateDict, Dict[str, 
         qkv_bias="blocks.0.attn.qkv.bias" in sd,
         layer_scale_init_value=1e-5 if ls else None,
         norm_eps=src.norm_eps,
+        mlp_act=src.mlp_act,
         class_token=class_token,
         num_reg_tokens=sd["reg_token"].shape[1] if "reg_token" in sd else 0,
         pool=pool,
@@ -514,11 +517,12 @@ def describe(meta: Dict[str, Any]) -> str:
         f"converted {meta['converted_from']} checkpoint {meta['source']}",
         f"  architecture: VisionTransformer embed_dim={h['embed_dim']} depth={h['depth']} "
         f"num_heads={h['num_heads']} patch_size={h['patch_size']} img_size={h['img_size']} "
-        f"stem={h['stem']['type']} pool={h['pool']}; head {head.get('type')} "
+        f"stem={h['stem']['type']} pool={h['pool']} mlp_act={h.get('mlp_act', 'gelu')}; head {head.get('type')} "
         f"num_classes={head.get('num_classes')}",
         "  matching base config: " + (config or "none shipped; start from "
                                       "configs/_base_/models/vit_base_p16.yaml"),
-        "  set these in the config (norm_eps, pool and norms matter for exact outputs):",
+        "  set these in the config (norm_eps, mlp_act, pool, norms and the stem's epsilons matter "
+        "for exact outputs):",
     ]
     lines += ["    " + line for line in yaml.safe_dump(section, sort_keys=False, default_flow_style=None).rstrip().splitlines()]
     lines += [f"  note: {n}" for n in meta.get("notes", [])]

@@ -15,12 +15,13 @@ Layout (flax parameter paths joined with ``/``, sometimes under ``opt/target/``)
 - hybrid: ``conv_root/kernel``, ``gn_root``, ``block{s}/unit{u}/conv{1,2,3}``, ``gn{1,2,3}``,
   ``conv_proj``, ``gn_proj`` -> ``ResNetStem``.
 
-Conventions of the source: flax LayerNorm eps 1e-6; GroupNorm eps 1e-6 (32 groups); a class
-token model pools the class token, a ``gap`` model (no ``cls``) averages all tokens after the
-encoder norm. Two differences remain in vitasks (as in timm's port of the same weights): JAX's
-GELU there is the tanh approximation (vitasks: exact), and weight standardisation divides by
-``std + 1e-5`` (vitasks' ``ResNetStem``: ``sqrt(var + ws_eps)``); both change outputs slightly,
-not accuracy.
+Conventions of the source, all reproduced by the config hint (so a converted model gives the
+JAX model's outputs to float32 rounding): flax LayerNorm eps 1e-6; the MLP activation is flax's
+``nn.gelu``, whose default is the tanh approximation (``mlp_act: gelu_tanh``); the hybrid's
+``StdConv`` standardises each kernel as ``(w - mean) / (std + 1e-5)`` (``ws_form: std``,
+``ws_eps: 1e-5``; timm's port of the same weights uses ``sqrt(var + 1e-8)`` and exact GELU, a
+small output difference), flax GroupNorm eps 1e-6 (32 groups); a class token model pools the
+class token, a ``gap`` model (no ``cls``) averages all tokens after the encoder norm.
 """
 
 import os
@@ -34,8 +35,10 @@ import torch
 from vitasks.convert.common import INCEPTION_NORM, ConvertOptions, Source, StateDict
 from vitasks.errors import CheckpointError
 
-#: Google's hybrid: flax GroupNorm (32 groups, eps 1e-6); ws_eps as timm uses for these weights.
-GOOGLE_HYBRID_STEM = dict(num_groups=32, ws_eps=1e-8, gn_eps=1e-6)
+#: Google's hybrid: ``StdConv`` divides by std + 1e-5; flax GroupNorm (32 groups, eps 1e-6).
+GOOGLE_HYBRID_STEM = dict(num_groups=32, ws_eps=1e-5, ws_form="std", gn_eps=1e-6)
+#: flax ``nn.gelu`` defaults to the tanh approximation.
+GOOGLE_MLP_ACT = "gelu_tanh"
 
 _BLOCK_RE = re.compile(r"^Transformer/encoderblock_(\d+)/")
 _HYBRID_RE = re.compile(r"^block(\d+)/unit(\d+)/(conv[123]|conv_proj|gn[123]|gn_proj)/(kernel|scale|bias)$")
@@ -179,11 +182,11 @@ def read(path: str, opts: ConvertOptions) -> Source:
     """A Google ``.npz`` ViT / R50+ViT checkpoint."""
     sd, num_heads = npz_to_timm(load_npz(path), path)
     src = Source(fmt="npz", path=path, state_dict=sd, norm_eps=1e-6, num_heads=num_heads,
-                 stem=dict(GOOGLE_HYBRID_STEM), input_norm=dict(INCEPTION_NORM))
+                 mlp_act=GOOGLE_MLP_ACT, stem=dict(GOOGLE_HYBRID_STEM), input_norm=dict(INCEPTION_NORM))
     hybrid = any(k.startswith("patch_embed.backbone.") for k in sd)
     src.notes.append(
-        "Google's JAX model uses tanh-approximated GELU"
-        + (" and weight standardisation by std + 1e-5" if hybrid else "")
-        + "; vitasks (like timm's port) differs there slightly"
+        "Google's JAX conventions: tanh-approximated GELU (mlp_act: gelu_tanh)"
+        + (", weight standardisation by std + 1e-5 (stem ws_form: std, ws_eps: 1e-5)" if hybrid else "")
+        + "; keep them in the config for the source model's exact outputs"
     )
     return src

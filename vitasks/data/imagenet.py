@@ -5,7 +5,7 @@ import logging
 import os
 from typing import Callable, List, Optional, Sequence, Union
 
-from mmengine.dataset import BaseDataset, Compose
+from mmengine.dataset import BaseDataset
 from mmengine.logging import print_log
 
 from vitasks.errors import ConfigError, DataError

@@ -6,7 +6,6 @@ array; ``results["gt_seg_map"]`` (segmentation) an HW integer array.
 """
 
 import difflib
-import os
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -237,8 +236,3 @@ class PackInputs(BaseTransform):
             sample.gt_sem_seg = PixelData(data=seg[None])
         sample.set_metainfo({k: results[k] for k in self.meta_keys if k in results})
         return {"inputs": inputs, "data_samples": sample}
-
-
-def image_suffix_ok(path: str, suffixes: Sequence[str]) -> bool:
-    """True when ``path`` ends with one of ``suffixes``, ignoring case."""
-    return os.path.splitext(path)[1].lower() in suffixes

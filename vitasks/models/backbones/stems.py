@@ -23,6 +23,19 @@ from vitasks.registry import MODELS
 
 _WHERE = "model.backbone.stem"
 
+#: Forms of weight standardisation: ``"var"`` (w - mean) / sqrt(var + eps), as timm and BiT's
+#: PyTorch code; ``"std"`` (w - mean) / (std + eps), as Google's JAX ViT hybrid.
+WS_FORMS = ("var", "std")
+
+
+def _check_ws_form(ws_form, stem: str) -> str:
+    if ws_form not in WS_FORMS:
+        raise ConfigError(
+            f"{_WHERE}.ws_form of {stem} must be one of {list(WS_FORMS)} ('var': (w - mean) / sqrt(var + ws_eps), "
+            f"timm's; 'std': (w - mean) / (std + ws_eps), Google's JAX code), got {ws_form!r}"
+        )
+    return ws_form
+
 
 def _check_positive_int(value, key: str, stem: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -217,7 +230,9 @@ class StdConv2dSame(nn.Conv2d):
     (stride 1 with an odd kernel, or a 1x1 kernel) and computed per input otherwise.
 
     Args:
-        eps: added to the filter variance (1e-8 in the ViT hybrid, 1e-6 in BiT).
+        eps: the standardisation epsilon (1e-8 in timm's ViT hybrid, 1e-5 in Google's).
+        ws_form: where ``eps`` goes: ``"var"`` (w - mean) / sqrt(var + eps) (timm) or ``"std"``
+            (w - mean) / (std + eps) (Google's JAX code); variance and std are the population ones.
     """
 
     def __init__(
@@ -228,18 +243,26 @@ class StdConv2dSame(nn.Conv2d):
         stride: int = 1,
         bias: bool = False,
         eps: float = 1e-8,
+        ws_form: str = "var",
     ) -> None:
+        _check_ws_form(ws_form, "StdConv2dSame")
         static = kernel_size == 1 or (stride == 1 and kernel_size % 2 == 1)
         super().__init__(
             in_channels, out_channels, kernel_size, stride=stride,
             padding=(kernel_size - 1) // 2 if static and stride == 1 else 0, bias=bias,
         )
         self.eps = eps
+        self.ws_form = ws_form
         self.dynamic_pad = not static
 
     def standardized_weight(self) -> torch.Tensor:
         var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), correction=0, keepdim=True)
+        if self.ws_form == "std":
+            return (self.weight - mean) / (var.sqrt() + self.eps)
         return (self.weight - mean) * torch.rsqrt(var + self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, eps={self.eps}, ws_form={self.ws_form}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic_pad:
@@ -282,9 +305,11 @@ class GroupNormReLU(nn.Module):
 class ResNetRoot(nn.Module):
     """7x7/2 weight-standardised conv (SAME) -> GroupNorm -> ReLU -> 3x3/2 max-pool (SAME)."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_groups: int, ws_eps: float, gn_eps: float) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, num_groups: int, ws_eps: float, gn_eps: float, ws_form: str = "var"
+    ) -> None:
         super().__init__()
-        self.conv = StdConv2dSame(in_channels, out_channels, 7, stride=2, eps=ws_eps)
+        self.conv = StdConv2dSame(in_channels, out_channels, 7, stride=2, eps=ws_eps, ws_form=ws_form)
         self.norm = GroupNormReLU(out_channels, num_groups, gn_eps)
         self.pool = MaxPool2dSame(3, 2)
 
@@ -295,9 +320,12 @@ class ResNetRoot(nn.Module):
 class Downsample(nn.Module):
     """Projection shortcut: 1x1 weight-standardised conv (with the block's stride) -> GroupNorm."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, num_groups: int, ws_eps: float, gn_eps: float) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int, num_groups: int, ws_eps: float, gn_eps: float,
+        ws_form: str = "var",
+    ) -> None:
         super().__init__()
-        self.conv = StdConv2dSame(in_channels, out_channels, 1, stride=stride, eps=ws_eps)
+        self.conv = StdConv2dSame(in_channels, out_channels, 1, stride=stride, eps=ws_eps, ws_form=ws_form)
         self.norm = GroupNormReLU(out_channels, num_groups, gn_eps, act=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -320,18 +348,20 @@ class Bottleneck(nn.Module):
         ws_eps: float,
         gn_eps: float,
         downsample: bool = False,
+        ws_form: str = "var",
     ) -> None:
         super().__init__()
         mid = out_channels // 4
         if downsample:
-            self.downsample = Downsample(in_channels, out_channels, stride, num_groups, ws_eps, gn_eps)
+            self.downsample = Downsample(in_channels, out_channels, stride, num_groups, ws_eps, gn_eps, ws_form)
         else:
             self.downsample = None
-        self.conv1 = StdConv2dSame(in_channels, mid, 1, eps=ws_eps)
+        ws = dict(eps=ws_eps, ws_form=ws_form)
+        self.conv1 = StdConv2dSame(in_channels, mid, 1, **ws)
         self.norm1 = GroupNormReLU(mid, num_groups, gn_eps)
-        self.conv2 = StdConv2dSame(mid, mid, 3, stride=stride, eps=ws_eps)
+        self.conv2 = StdConv2dSame(mid, mid, 3, stride=stride, **ws)
         self.norm2 = GroupNormReLU(mid, num_groups, gn_eps)
-        self.conv3 = StdConv2dSame(mid, out_channels, 1, eps=ws_eps)
+        self.conv3 = StdConv2dSame(mid, out_channels, 1, **ws)
         self.norm3 = GroupNormReLU(out_channels, num_groups, gn_eps, act=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -371,9 +401,10 @@ class ResNetV2Body(nn.Module):
         num_groups: int,
         ws_eps: float,
         gn_eps: float,
+        ws_form: str = "var",
     ) -> None:
         super().__init__()
-        kw = dict(num_groups=num_groups, ws_eps=ws_eps, gn_eps=gn_eps)
+        kw = dict(num_groups=num_groups, ws_eps=ws_eps, gn_eps=gn_eps, ws_form=ws_form)
         self.stem = ResNetRoot(in_channels, stem_channels, **kw)
         stages = []
         prev = stem_channels
@@ -400,8 +431,10 @@ class ResNetStem(nn.Module):
         widths: output channels per stage (default 256, 512, 1024, 2048 truncated to len(layers)).
         stem_channels: channels of the 7x7 root conv.
         num_groups: GroupNorm groups.
-        ws_eps: weight-standardisation epsilon (1e-8 as timm's ViT hybrid).
-        gn_eps: GroupNorm epsilon.
+        ws_eps: weight-standardisation epsilon (1e-8 as timm's ViT hybrid; 1e-5 in Google's).
+        gn_eps: GroupNorm epsilon (1e-5 as timm; 1e-6 in Google's flax code).
+        ws_form: ``"var"``: (w - mean) / sqrt(var + ws_eps), timm's; ``"std"``: (w - mean) /
+            (std + ws_eps), Google's JAX code (use with ws_eps 1e-5, gn_eps 1e-6 for its weights).
 
     State dict: ``backbone.stem.{conv,norm}``, ``backbone.stages.{s}.blocks.{b}.{conv1,norm1,
     conv2,norm2,conv3,norm3}``, ``backbone.stages.{s}.blocks.0.downsample.{conv,norm}``,
@@ -418,8 +451,10 @@ class ResNetStem(nn.Module):
         num_groups: int = 32,
         ws_eps: float = 1e-8,
         gn_eps: float = 1e-5,
+        ws_form: str = "var",
     ) -> None:
         super().__init__()
+        _check_ws_form(ws_form, "ResNetStem")
         layers = _check_int_list(layers, "layers", "ResNetStem")
         if widths is None:
             if len(layers) > 4:
@@ -436,7 +471,7 @@ class ResNetStem(nn.Module):
                 raise ConfigError(f"{_WHERE}: ResNetStem {key} ({c}) must be divisible by num_groups ({num_groups})")
         self.layers = layers
         self.stride = 4 * 2 ** (len(layers) - 1)
-        self.backbone = ResNetV2Body(in_channels, layers, widths, stem_channels, num_groups, ws_eps, gn_eps)
+        self.backbone = ResNetV2Body(in_channels, layers, widths, stem_channels, num_groups, ws_eps, gn_eps, ws_form)
         self.proj = nn.Conv2d(self.backbone.out_channels, embed_dim, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from vitasks.errors import CheckpointError, ConfigError
 from vitasks.registry import MODELS
 
-from ..layers import TransformerBlock, resample_abs_pos_embed
+from ..layers import TransformerBlock, mlp_act_layer, resample_abs_pos_embed
 
 _POOLS = ("token", "mean", "none")
 _INTERPOLATE_MODES = ("nearest", "bilinear", "bicubic", "area", "nearest-exact")
@@ -56,6 +56,9 @@ class VisionTransformer(nn.Module):
         drop_path_rate: stochastic depth of the last block; it rises linearly from 0 over depth.
         layer_scale_init_value: LayerScale init (e.g. 1e-5); None: no LayerScale.
         norm_eps: LayerNorm epsilon (1e-6 as the original ViT).
+        mlp_act: activation of every block's MLP: ``"gelu"`` (exact, erf; PyTorch/timm-trained
+            weights) or ``"gelu_tanh"`` (the tanh approximation, JAX's default ``nn.gelu``:
+            Google's ``.npz`` weights).
         class_token: prepend a learned class token.
         num_reg_tokens: learned register tokens placed after the class token (Darcet et al.
             2024); they get no position embedding.
@@ -93,6 +96,7 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         layer_scale_init_value: Optional[float] = None,
         norm_eps: float = 1e-6,
+        mlp_act: str = "gelu",
         class_token: bool = True,
         num_reg_tokens: int = 0,
         pool: str = "token",
@@ -116,6 +120,7 @@ class VisionTransformer(nn.Module):
             raise ConfigError('model.backbone: pool="token" needs class_token=True; use pool="mean" without a class token')
         if isinstance(num_reg_tokens, bool) or not isinstance(num_reg_tokens, int) or num_reg_tokens < 0:
             raise ConfigError(f"model.backbone.num_reg_tokens must be an integer >= 0, got {num_reg_tokens!r}")
+        mlp_act_layer(mlp_act, key="model.backbone.mlp_act")  # validated before anything is built
         if interpolate_mode not in _INTERPOLATE_MODES:
             raise ConfigError(f"model.backbone.interpolate_mode must be one of {list(_INTERPOLATE_MODES)}, got {interpolate_mode!r}")
 
@@ -124,6 +129,7 @@ class VisionTransformer(nn.Module):
         self.num_heads = num_heads
         self.patch_size = patch_size
         self.pool = pool
+        self.mlp_act = mlp_act
         self.interpolate_mode = interpolate_mode
         self.grad_checkpointing = bool(with_cp)
         self.num_pos_prefix_tokens = 1 if class_token else 0  # the class token has a position embedding
@@ -150,7 +156,7 @@ class VisionTransformer(nn.Module):
             TransformerBlock(
                 embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate,
                 attn_drop=attn_drop_rate, drop_path=dpr[i], layer_scale_init_value=layer_scale_init_value,
-                norm_eps=norm_eps,
+                norm_eps=norm_eps, mlp_act=mlp_act,
             )
             for i in range(depth)
         )

@@ -5,15 +5,17 @@ from .attention import Attention
 from .block import TransformerBlock
 from .drop_path import DropPath, drop_path
 from .layer_scale import LayerScale
-from .mlp import Mlp
+from .mlp import MLP_ACTS, Mlp, mlp_act_layer
 from .pos_embed import resample_abs_pos_embed
 
 __all__ = [
     "Attention",
     "DropPath",
     "LayerScale",
+    "MLP_ACTS",
     "Mlp",
     "TransformerBlock",
     "drop_path",
+    "mlp_act_layer",
     "resample_abs_pos_embed",
 ]

@@ -8,7 +8,7 @@ from torch import nn
 from .attention import Attention
 from .drop_path import DropPath
 from .layer_scale import LayerScale
-from .mlp import Mlp
+from .mlp import Mlp, mlp_act_layer
 
 
 class TransformerBlock(nn.Module):
@@ -28,6 +28,8 @@ class TransformerBlock(nn.Module):
         drop_path: stochastic depth rate of both branches.
         layer_scale_init_value: LayerScale initial value; None disables LayerScale.
         norm_eps: LayerNorm epsilon.
+        mlp_act: MLP activation, ``"gelu"`` (exact) or ``"gelu_tanh"`` (tanh approximation,
+            as Google's JAX ViT).
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class TransformerBlock(nn.Module):
         drop_path: float = 0.0,
         layer_scale_init_value: Optional[float] = None,
         norm_eps: float = 1e-6,
+        mlp_act: str = "gelu",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
@@ -48,7 +51,7 @@ class TransformerBlock(nn.Module):
         self.ls1 = LayerScale(dim, layer_scale_init_value) if layer_scale_init_value else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=mlp_act_layer(mlp_act), drop=proj_drop)
         self.ls2 = LayerScale(dim, layer_scale_init_value) if layer_scale_init_value else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 

@@ -1,9 +1,28 @@
-"""The transformer feed-forward block."""
+"""The transformer feed-forward block, and the activations a config may choose for it."""
 
-from typing import Optional, Type
+import functools
+from typing import Callable, Optional
 
 import torch
 from torch import nn
+
+from vitasks.errors import ConfigError
+
+#: MLP activations by config name. ``gelu`` is the exact (erf) GELU of PyTorch/timm-trained
+#: models; ``gelu_tanh`` the tanh approximation 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))),
+#: which JAX's ``nn.gelu`` computes by default (so Google's ViT checkpoints were trained with it).
+MLP_ACTS = {
+    "gelu": nn.GELU,
+    "gelu_tanh": functools.partial(nn.GELU, approximate="tanh"),
+}
+
+
+def mlp_act_layer(name: str, key: str = "mlp_act") -> Callable[[], nn.Module]:
+    """The activation-module factory for config name ``name`` (one of :data:`MLP_ACTS`); an
+    unknown name raises a ConfigError naming ``key`` (the config key it came from)."""
+    if not isinstance(name, str) or name not in MLP_ACTS:
+        raise ConfigError(f"{key} must be one of {list(MLP_ACTS)}, got {name!r}")
+    return MLP_ACTS[name]
 
 
 class Mlp(nn.Module):
@@ -13,7 +32,7 @@ class Mlp(nn.Module):
         in_features: input width.
         hidden_features: hidden width (default: ``in_features``).
         out_features: output width (default: ``in_features``).
-        act_layer: activation module class (GELU, as ViT).
+        act_layer: activation module factory (GELU, as ViT; see :func:`mlp_act_layer`).
         drop: dropout after the activation and after the second linear layer.
         bias: whether the linear layers have a bias.
     """
@@ -23,7 +42,7 @@ class Mlp(nn.Module):
         in_features: int,
         hidden_features: Optional[int] = None,
         out_features: Optional[int] = None,
-        act_layer: Type[nn.Module] = nn.GELU,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
         drop: float = 0.0,
         bias: bool = True,
     ) -> None:
