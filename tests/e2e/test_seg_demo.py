@@ -6,6 +6,8 @@ import os
 
 import cv2
 import numpy as np
+import pytest
+import torch
 
 from vitasks.data.synthetic.seg import make_seg_dataset
 from vitasks.engine import launch  # not `import test`: pytest would collect it
@@ -13,7 +15,17 @@ from vitasks.engine import launch  # not `import test`: pytest would collect it
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo", "seg_synthetic.yaml")
 
 
-def test_seg_demo_learns_and_dumps(tmp_path):
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: with two, OpenMP's spinning barriers make many small kernels 5-10x
+    slower whenever another process competes for the two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_seg_demo_learns_and_dumps(tmp_path, one_thread):
     data = make_seg_dataset(str(tmp_path / "data"), num_train=48, num_val=8, img_size=64, num_classes=5)
     work = str(tmp_path / "work")
     # A shortened schedule of the demo (40 iterations instead of 200), evaluated at the end.
@@ -42,7 +54,6 @@ def test_seg_demo_learns_and_dumps(tmp_path):
     with open(tmp_path / "test" / "metrics.json") as f:
         assert json.load(f) == metrics
     # Chance level for 5 classes is about 20% IoU; a learning model is far above it.
-    print("seg demo metrics:", metrics)
     assert metrics["mIoU"] > 50, metrics
 
     files = sorted(os.listdir(dump))

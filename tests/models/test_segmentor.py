@@ -1,15 +1,20 @@
 """EncoderDecoder: modes, sliding-window and TTA inference, SegDataPreprocessor."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import vitasks.data  # noqa: F401
 import vitasks.models  # noqa: F401  (registers everything)
+from vitasks.config import load_config, validate_config
+from vitasks.data.synthetic.seg import make_seg_dataset
 from vitasks.errors import ConfigError
 from vitasks.models.seg_data_preprocessor import SegDataPreprocessor
 from vitasks.models.tasks.segmentor import EncoderDecoder, slide_windows
-from vitasks.registry import MODELS
+from vitasks.registry import DATASETS, MODELS
 from vitasks.structures import DataSample, PixelData
 
 K = 4
@@ -138,7 +143,8 @@ class Pointwise(nn.Module):
 def test_flip_tta_on_a_flip_symmetric_model_equals_plain():
     head = dict(type="SegmenterLinearHead", in_channels=C, num_classes=K)
     plain = EncoderDecoder(backbone=Pointwise(), decode_head=head).eval()
-    tta = EncoderDecoder(backbone=Pointwise(), decode_head=head, test_cfg=dict(tta=dict(ratios=[1.0], flip=True))).eval()
+    tta_cfg = dict(tta=dict(ratios=[1.0], flip=True))
+    tta = EncoderDecoder(backbone=Pointwise(), decode_head=head, test_cfg=tta_cfg).eval()
     tta.load_state_dict(plain.state_dict())
     x = torch.randn(1, 3, 20, 30)
     with torch.no_grad():
@@ -218,3 +224,44 @@ def test_test_cfg_errors():
         build(dict(mode="sliding"))
     with pytest.raises(ConfigError, match="tta"):
         build(dict(tta=dict(scales=[1.0])))
+
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+
+
+@pytest.mark.parametrize(
+    "name", ["seg_ade20k.yaml", "seg_ade20k_setr_pup.yaml", "seg_ade20k_segmenter.yaml", "demo/seg_synthetic.yaml"]
+)
+def test_seg_configs_load_and_validate(name):
+    cfg = load_config(os.path.join(CONFIGS, name))
+    validate_config(cfg)
+    assert cfg.model.type == "EncoderDecoder" and cfg.model.decode_head.num_classes == cfg.num_classes
+    assert cfg.val_evaluator.type == "IoUMetric" and cfg.test_dump.type == "SegPredictionDumper"
+
+
+def test_mae_recipe_settings():
+    cfg = load_config(os.path.join(CONFIGS, "seg_ade20k.yaml"))
+    bb, head, aux = cfg.model.backbone, cfg.model.decode_head, cfg.model.auxiliary_head
+    assert (bb.embed_dim, bb.depth, bb.patch_size, bb.img_size) == (768, 12, 16, 512)
+    assert list(bb.out_indices) == [3, 5, 7, 11] and bb.drop_path_rate == 0.1
+    assert head.type == "UPerHead" and head.channels == 768
+    assert aux.type == "FCNHead" and aux.loss_decode.loss_weight == 0.4
+    assert cfg.optim_wrapper.optimizer.lr == 1e-4 and cfg.optim_wrapper.optimizer.weight_decay == 0.05
+    assert cfg.optim_wrapper.paramwise_cfg.layer_decay_rate == 0.65
+    assert cfg.optim_wrapper.dtype == "bfloat16"
+    warmup, poly = cfg.param_scheduler
+    assert warmup.end == 1500 and poly.type == "PolyLR" and poly.power == 1.0 and poly.eta_min == 0
+    assert cfg.train_cfg.max_iters == 160000 and cfg.train_cfg.val_interval == 16000
+    assert cfg.train_dataloader.batch_size == 2  # x 8 GPUs = 16
+    assert cfg.default_hooks.checkpoint.interval == 16000 and cfg.default_hooks.checkpoint.save_best == "mIoU"
+    assert dict(cfg.model.test_cfg) == dict(mode="slide", crop_size=[512, 512], stride=[341, 341], windows_per_batch=8)
+
+
+def test_ade_config_retargets_to_a_dataset_of_the_same_layout(tmp_path):
+    data = make_seg_dataset(str(tmp_path / "seg"), num_train=2, num_val=1, img_size=32, num_classes=3)
+    cfg = load_config(os.path.join(CONFIGS, "seg_ade20k.yaml"), [f"data_root={data}", "num_classes=3"])
+    dataset = DATASETS.build(cfg.train_dataloader.dataset)
+    assert len(dataset) == 2 and len(dataset.metainfo["classes"]) == 3
+    assert cfg.model.decode_head.num_classes == 3 and cfg.val_evaluator.num_classes == 3
+    item = dataset[0]  # the full ADE training pipeline on the small images
+    assert item["inputs"].shape[0] == 3 and item["data_samples"].gt_sem_seg.data.shape[-2:] == item["inputs"].shape[-2:]

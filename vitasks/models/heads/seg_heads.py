@@ -280,7 +280,9 @@ class SegmenterMaskHead(BaseDecodeHead):
         align_corners: bool = False,
     ) -> None:
         if embed_dims % num_heads:
-            raise ConfigError(f"SegmenterMaskHead: embed_dims ({embed_dims}) must be divisible by num_heads ({num_heads})")
+            raise ConfigError(
+                f"SegmenterMaskHead: embed_dims ({embed_dims}) must be divisible by num_heads ({num_heads})"
+            )
         super().__init__(
             in_channels, embed_dims, num_classes, in_index=in_index, with_conv_seg=False,
             dropout_ratio=dropout_ratio, loss_decode=loss_decode, ignore_index=ignore_index,

@@ -75,6 +75,8 @@ class SegTestConfig:
         if self.windows_per_batch < 1:
             raise ConfigError(f"model.test_cfg.windows_per_batch must be >= 1, got {self.windows_per_batch}")
         self.size_divisor = cfg.get("size_divisor")
+        if self.size_divisor is not None and (not isinstance(self.size_divisor, int) or self.size_divisor < 1):
+            raise ConfigError(f"model.test_cfg.size_divisor must be a positive integer, got {self.size_divisor!r}")
         tta = cfg.get("tta")
         if tta is None:
             self.ratios, self.flip, self.merge = [1.0], False, "logits"
@@ -92,7 +94,9 @@ class SegTestConfig:
                 raise ConfigError(f"model.test_cfg.tta.merge must be 'logits' or 'probs', got {self.merge!r}")
 
 
-def slide_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+def slide_windows(
+    height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]
+) -> list[tuple[int, int, int, int]]:
     """Windows ``(y0, y1, x0, x1)`` covering an image: a grid of ``stride`` steps whose last
     row/column is moved back to end at the image's edge; windows are ``min(crop, image)`` big."""
     (crop_h, crop_w), (stride_h, stride_w) = crop, stride
@@ -236,10 +240,12 @@ class EncoderDecoder(BaseModel):
             crops = torch.cat([inputs[b:b + 1, :, y0:y1, x0:x1] for b, (y0, y1, x0, x1) in chunk])
             logits = self.encode_decode(crops)
             if total is None:
-                total = logits.new_zeros((batch, logits.shape[1], height, width))
+                # float32 sums even under bf16/fp16 autocast.
+                total = logits.new_zeros((batch, logits.shape[1], height, width), dtype=torch.float32)
             for (b, (y0, y1, x0, x1)), window in zip(chunk, logits):
                 total[b, :, y0:y1, x0:x1] += window
-        return total / count
+        # In place: with 150 classes at full resolution these tensors are large.
+        return total.div_(count)
 
     def inference(self, inputs: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, K, H, W)`` for normalised inputs, by ``test_cfg.mode``."""
@@ -261,12 +267,12 @@ class EncoderDecoder(BaseModel):
                 logits = self.inference(x)
                 if flip:
                     logits = logits.flip(-1)
-                logits = resize(logits, out_size, self.decode_head.align_corners)
+                logits = resize(logits.float(), out_size, self.decode_head.align_corners)
                 if cfg.merge == "probs":
                     logits = logits.softmax(dim=1)
-                total = logits if total is None else total + logits
+                total = logits if total is None else total.add_(logits)
                 passes += 1
-        return total / passes
+        return total if passes == 1 else total.div_(passes)
 
     def predict(self, inputs: torch.Tensor, data_samples: Sequence[DataSample] | None = None) -> list[DataSample]:
         """Fill ``seg_logits`` and ``pred_sem_seg`` at each image's original size."""
