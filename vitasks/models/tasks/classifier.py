@@ -1,27 +1,17 @@
 """Image classifier: backbone (+ optional neck) + classification head."""
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-from mmengine.model import BaseModel
 
-from vitasks.errors import ConfigError
+from vitasks.models.tasks.base import TaskModel
 from vitasks.registry import MODELS
 from vitasks.structures import DataSample
 
 
-def _build(cfg: Union[dict, nn.Module], what: str) -> nn.Module:
-    """Build from the vitasks registry (so it works without mmengine's default scope)."""
-    if isinstance(cfg, nn.Module):
-        return cfg
-    if not isinstance(cfg, dict) or "type" not in cfg:
-        raise ConfigError(f"ImageClassifier: `{what}` must be a dict with a `type`, got {cfg!r}")
-    return MODELS.build(cfg)
-
-
 @MODELS.register_module()
-class ImageClassifier(BaseModel):
+class ImageClassifier(TaskModel):
     """Classifier following mmengine's BaseModel protocol.
 
     ``forward(inputs, data_samples, mode)``:
@@ -52,22 +42,8 @@ class ImageClassifier(BaseModel):
     ) -> None:
         if data_preprocessor is None:
             data_preprocessor = dict(type="ClsDataPreprocessor")
-        # Built here from vitasks' registry: mmengine's BaseModel would look in its root registry,
-        # which finds vitasks' types only inside a Runner (default scope set).
-        data_preprocessor = _build(data_preprocessor, "data_preprocessor")
-        super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
-        self.backbone = _build(backbone, "backbone")
-        self.neck = _build(neck, "neck") if neck is not None else None
-        self.head = _build(head, "head")
-
-    def extract_feat(self, inputs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """Backbone (and neck) features as a tuple."""
-        feats = self.backbone(inputs)
-        if isinstance(feats, torch.Tensor):
-            feats = (feats,)
-        if self.neck is not None:
-            feats = self.neck(feats)
-        return tuple(feats)
+        super().__init__(backbone, neck=neck, data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        self.head = self.build_part(head, "head")
 
     def forward(
         self,

@@ -22,24 +22,15 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from mmengine.model import BaseModel
 
 from vitasks.errors import ConfigError
 from vitasks.models.heads.decode_head import resize
+from vitasks.models.tasks.base import TaskModel
 from vitasks.registry import MODELS
 from vitasks.structures import DataSample, PixelData
 
 _TEST_KEYS = {"mode", "crop_size", "stride", "windows_per_batch", "size_divisor", "tta"}
 _TTA_KEYS = {"ratios", "flip", "merge"}
-
-
-def _build(cfg: dict | nn.Module, what: str) -> nn.Module:
-    """Build from vitasks' registry (works without mmengine's default scope)."""
-    if isinstance(cfg, nn.Module):
-        return cfg
-    if not isinstance(cfg, dict) or "type" not in cfg:
-        raise ConfigError(f"EncoderDecoder: `model.{what}` must be a dict with a `type`, got {cfg!r}")
-    return MODELS.build(cfg)
 
 
 def _pair(value, key: str) -> tuple[int, int]:
@@ -112,7 +103,7 @@ def slide_windows(
 
 
 @MODELS.register_module()
-class EncoderDecoder(BaseModel):
+class EncoderDecoder(TaskModel):
     """Semantic segmentor following mmengine's BaseModel protocol.
 
     ``forward(inputs, data_samples, mode)``:
@@ -147,17 +138,15 @@ class EncoderDecoder(BaseModel):
     ) -> None:
         if data_preprocessor is None:
             data_preprocessor = dict(type="SegDataPreprocessor")
-        super().__init__(data_preprocessor=_build(data_preprocessor, "data_preprocessor"), init_cfg=init_cfg)
-        self.backbone = _build(backbone, "backbone")
-        self.neck = _build(neck, "neck") if neck is not None else None
-        self.decode_head = _build(decode_head, "decode_head")
+        super().__init__(backbone, neck=neck, data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        self.decode_head = self.build_part(decode_head, "decode_head")
         self.num_classes = self.decode_head.num_classes
         if auxiliary_head is None:
             self.auxiliary_head = None
         elif isinstance(auxiliary_head, (list, tuple)):
-            self.auxiliary_head = nn.ModuleList(_build(h, f"auxiliary_head[{i}]") for i, h in enumerate(auxiliary_head))
+            self.auxiliary_head = nn.ModuleList(self.build_part(h, f"auxiliary_head[{i}]") for i, h in enumerate(auxiliary_head))
         else:
-            self.auxiliary_head = _build(auxiliary_head, "auxiliary_head")
+            self.auxiliary_head = self.build_part(auxiliary_head, "auxiliary_head")
         heads = [self.decode_head] + (list(self.auxiliary_head) if isinstance(self.auxiliary_head, nn.ModuleList)
                                       else [self.auxiliary_head] if self.auxiliary_head is not None else [])
         for head in heads[1:]:
@@ -172,15 +161,6 @@ class EncoderDecoder(BaseModel):
         self.size_divisor = int(divisor) if divisor else 1
 
     # ------------------------------------------------------------------ features and losses
-    def extract_feat(self, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Backbone (and neck) feature maps."""
-        feats = self.backbone(inputs)
-        if isinstance(feats, torch.Tensor):
-            feats = (feats,)
-        if self.neck is not None:
-            feats = self.neck(feats)
-        return tuple(feats)
-
     def forward(
         self,
         inputs: torch.Tensor,

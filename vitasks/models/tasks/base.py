@@ -1,0 +1,52 @@
+"""What every task model shares: building its parts from vitasks' registry, and features."""
+
+from __future__ import annotations
+
+from typing import Tuple, Union
+
+import torch
+import torch.nn as nn
+from mmengine.model import BaseModel
+
+from vitasks.errors import ConfigError
+from vitasks.registry import MODELS
+
+
+def build_part(cfg: Union[dict, nn.Module], owner: str, key: str) -> nn.Module:
+    """Build ``model.<key>`` of task model ``owner`` from vitasks' registry.
+
+    Built here rather than by mmengine's BaseModel, which looks in its root registry and finds
+    vitasks' types only inside a Runner (where the default scope is set). Already built modules
+    pass through.
+    """
+    if isinstance(cfg, nn.Module):
+        return cfg
+    if not isinstance(cfg, dict) or "type" not in cfg:
+        raise ConfigError(f"{owner}: `model.{key}` must be a dict with a `type`, got {cfg!r}")
+    return MODELS.build(cfg)
+
+
+class TaskModel(BaseModel):
+    """Base of the task models: a data preprocessor, a backbone and an optional neck.
+
+    Subclasses build their heads and implement ``forward(inputs, data_samples, mode)``.
+    """
+
+    def __init__(self, backbone, neck=None, data_preprocessor=None, init_cfg=None) -> None:
+        owner = type(self).__name__
+        super().__init__(data_preprocessor=build_part(data_preprocessor, owner, "data_preprocessor"),
+                         init_cfg=init_cfg)
+        self.backbone = build_part(backbone, owner, "backbone")
+        self.neck = build_part(neck, owner, "neck") if neck is not None else None
+
+    def build_part(self, cfg: Union[dict, nn.Module], key: str) -> nn.Module:
+        return build_part(cfg, type(self).__name__, key)
+
+    def extract_feat(self, inputs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Backbone (and neck) features as a tuple."""
+        feats = self.backbone(inputs)
+        if isinstance(feats, torch.Tensor):
+            feats = (feats,)
+        if self.neck is not None:
+            feats = self.neck(feats)
+        return tuple(feats)
