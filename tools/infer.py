@@ -1,7 +1,8 @@
 """Predict on images: ``python tools/infer.py CONFIG CKPT INPUT... --out-dir D [--topk K]``.
 
-Writes one JSON (top-k labels, class names, scores) and one PNG (the prediction drawn over the
-image) per input into the output folder.
+Writes, per input, a JSON of the prediction and a PNG with it drawn over the image: a
+classifier's top-k labels and scores; a segmentor's label map blended over the image with a
+legend of the classes present (plus the raw label map as ``<name>_labels.png``).
 """
 import sys
 

@@ -318,7 +318,10 @@ def run_inference(
     """Predict on each input and write ``<name>.json`` and ``<name>.png`` into ``out_dir``.
 
     The JSON is ``{"file": path, **task summary}``; a classifier's summary is ``{"predictions":
-    [{"label", "class_name", "score"}, ...]}`` with the top-``topk`` classes. The PNG is the
+    [{"label", "class_name", "score"}, ...]}`` with the top-``topk`` classes; a segmentor's is
+    ``{"classes": [{"label", "class_name", "pixels", "fraction"}, ...], "label_map": path}``
+    (``<name>_labels.png``, the dataset's own label values), see
+    :class:`vitasks.visualization.SegPredictionDrawer`. The PNG is the
     image with the prediction drawn over it. Drawing and summary come from the drawers that
     :func:`vitasks.visualization.select_drawers` picks for the model.
 
@@ -339,6 +342,7 @@ def run_inference(
         record: dict[str, Any] = {"file": path}
         for drawer in drawers:
             record.update(drawer.summarize(sample, class_names, topk))
+            record.update(drawer.write_files(sample, out_dir, stem))
         image = drawers[0].load_image(path)
         for drawer in drawers:
             image = drawer.draw(image, sample, class_names, topk)

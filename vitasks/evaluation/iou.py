@@ -216,6 +216,19 @@ def format_class_table(names: Sequence[str], scores: Mapping[str, np.ndarray]) -
     return "\n".join(lines)
 
 
+def encode_label_map(pred: torch.Tensor | np.ndarray, reduce_zero_label: bool) -> np.ndarray:
+    """A predicted ``(H, W)`` class-id map in the dataset's own label values, ready for a PNG.
+
+    With ``reduce_zero_label`` (ADE20K) class ``c`` is written as ``c + 1`` (0 stays "other").
+    The result is uint8, or uint16 when a value exceeds 255 (a 16-bit PNG).
+    """
+    values = torch.as_tensor(pred).cpu().numpy().astype(np.int64)
+    if reduce_zero_label:
+        values = values + 1
+    dtype = np.uint8 if values.max(initial=0) <= 255 else np.uint16
+    return values.astype(dtype)
+
+
 @METRICS.register_module()
 class SegPredictionDumper(BaseMetric):
     """Write each prediction as a PNG label map named after its image (``--dump PATH``).
@@ -265,11 +278,7 @@ class SegPredictionDumper(BaseMetric):
                 raise DataError("SegPredictionDumper: a sample has no pred_sem_seg to dump")
             img_path = _field(sample, "img_path") or f"{len(self.results) + index:08d}"
             name = osp.splitext(osp.basename(str(img_path)))[0] + ".png"
-            values = pred.cpu().numpy().astype(np.int64)
-            if self._reduce(sample):
-                values = values + 1
-            dtype = np.uint8 if values.max(initial=0) <= 255 else np.uint16
-            cv2.imwrite(osp.join(self.out_path, name), values.astype(dtype))
+            cv2.imwrite(osp.join(self.out_path, name), encode_label_map(pred, self._reduce(sample)))
         self.results.extend([None] * len(data_samples))
 
     def compute_metrics(self, results: list) -> dict:

@@ -40,6 +40,12 @@ class PredictionDrawer:
     pred_field: str | None = None
 
     @classmethod
+    def for_model(cls, model: nn.Module) -> "PredictionDrawer":
+        """The drawer for ``model``; drawers needing the model's settings (e.g. its config) read
+        them here."""
+        return cls()
+
+    @classmethod
     def serves_model(cls, model: nn.Module) -> bool:
         names = {c.__name__ for c in type(model).__mro__}
         return any(name in names for name in cls.task_models)
@@ -62,6 +68,11 @@ class PredictionDrawer:
     def draw(self, image: np.ndarray, sample: Any, class_names: list[str] | None, topk: int) -> np.ndarray:
         raise NotImplementedError
 
+    def write_files(self, sample: Any, out_dir: str, stem: str) -> dict:
+        """Write extra outputs next to ``<stem>.json`` / ``<stem>.png`` in ``out_dir`` (e.g. a raw
+        label map); returns entries for the JSON record (their paths). None by default."""
+        return {}
+
 
 def registered_drawers() -> list[type[PredictionDrawer]]:
     """Every drawer class registered in VISUALIZERS (vitasks' and plugins')."""
@@ -80,7 +91,7 @@ def select_drawers(model: nn.Module, sample: Any) -> list[PredictionDrawer]:
             f"no prediction drawer for {type(model).__name__} (prediction fields: {fields}); register a "
             "PredictionDrawer in vitasks.registry.VISUALIZERS"
         )
-    return [c() for c in chosen]
+    return [c.for_model(model) for c in chosen]
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -88,6 +99,11 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # Pillow < 10.1 or without FreeType: fixed bitmap font
         return ImageFont.load_default()
+
+
+def font_size_for(image: np.ndarray) -> int:
+    """Text height for drawing on ``image``: grows with the image, at least 12 px."""
+    return max(12, min(image.shape[:2]) // 18)
 
 
 def upscale_for_display(image: np.ndarray, min_side: int = MIN_DRAW_SIDE) -> np.ndarray:
@@ -102,7 +118,7 @@ def upscale_for_display(image: np.ndarray, min_side: int = MIN_DRAW_SIDE) -> np.
 def draw_text_lines(image: np.ndarray, lines: list[str], origin: tuple[int, int] = (0, 0)) -> np.ndarray:
     """``lines`` in white on a translucent dark box at ``origin`` (top left); returns a copy."""
     base = Image.fromarray(np.ascontiguousarray(image[:, :, :3])).convert("RGBA")
-    size = max(12, min(base.size) // 18)
+    size = font_size_for(image)
     font = _font(size)
     overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
