@@ -104,3 +104,53 @@ def test_benchmark_command_writes_json(tmp_path, capsys):
     assert list(data["phases"]) == ["inference"]
     assert "images/s" in capsys.readouterr().out
     assert main([str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_no_train_prints_na_not_zero_training_flops(tmp_path, capsys):
+    config = tiny_config(tmp_path)
+    out = tmp_path / "bench.json"
+    assert main([config, "--batch-size", "1", "--iters", "2", "--warmup", "1", "--matmul-size", "32",
+                 "--matmul-iters", "3", "--no-train", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    flops_line = next(line for line in text.splitlines() if line.startswith("params"))
+    assert flops_line.endswith("training (fwd+bwd) n/a")
+    data = json.loads(out.read_text())
+    assert data["gflops_per_sample"]["training"] is None and data["gmacs_per_sample"]["training"] is None
+    phase = data["phases"]["inference"]
+    assert len(phase["times_s"]) == 2 and phase["first_iter_s"] > 0
+    assert phase["median_s"] == pytest.approx(sorted(phase["times_s"])[0] / 2 + sorted(phase["times_s"])[1] / 2)
+    # The reference: 3 matmuls before the model and 3 after, median of all 6.
+    samples = data["matmul"]["samples_tflops"]["float32"]
+    assert len(samples) == 6
+    assert data["matmul"]["tflops"]["float32"] == pytest.approx(sorted(samples)[2] / 2 + sorted(samples)[3] / 2)
+
+
+def test_training_step_uses_the_configs_optimizer(tmp_path):
+    """The timed step runs the optimizer training would build (type, options, param groups)."""
+    config = tiny_config(tmp_path)
+    result = run_benchmark(config, batch_size=1, iters=1, warmup=0, matmul_size=32, matmul_iters=1, device="cpu",
+                           cfg_options={"optim_wrapper": {"type": "OptimWrapper", "optimizer": {
+                               "type": "AdamW", "lr": 1e-3, "weight_decay": 0.05, "fused": True},
+                               "paramwise_cfg": {"norm_decay_mult": 0.0}}})
+    assert result["optimizer"].startswith("AdamW(") and "fused=True" in result["optimizer"]
+    assert "config optim_wrapper" in result["optimizer"]
+    default = run_benchmark(config, batch_size=1, iters=1, warmup=0, matmul_size=32, matmul_iters=1, device="cpu")
+    assert default["optimizer"].startswith("AdamW(") and "default" in default["optimizer"]
+
+
+def test_fused_adamw_matches_the_for_loop_implementation():
+    """`fused: true` in a schedule changes speed only: the same updates to float rounding."""
+    torch.manual_seed(0)
+    params = [torch.randn(7, 5), torch.randn(5), torch.randn(3, 2, 4)]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(4)]
+    results = []
+    for kwargs in ({"foreach": False}, {"fused": True}):
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        opt = torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.05, **kwargs)
+        for step in grads:
+            for p, g in zip(ps, step):
+                p.grad = g.clone()
+            opt.step()
+        results.append([p.detach() for p in ps])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -2,11 +2,19 @@
 
 What is measured, per phase (inference, training):
 
-- **images/s**: batch size / median wall time of the timed iterations (after warm-up
-  iterations, which also absorb ``torch.compile``'s compilation). The device is synchronised
-  around each iteration. Inference is ``model(x, mode="tensor")`` under ``torch.no_grad()``;
-  a training step is that forward in train mode, ``loss = sum(mean(out))`` (task-independent,
-  so any model can be timed without labels), backward and one ``torch.optim.AdamW`` step.
+- **images/s**: batch size / median wall time of the timed iterations, after warm-up
+  iterations (at least 2 with ``--compile``: the first one compiles; its time is reported as
+  ``first_iter_s``, "1st iter s" in the table). The device is synchronised around each
+  iteration; every timed iteration is kept in the JSON (``times_s``). Inference is
+  ``model(x, mode="tensor")`` under ``torch.no_grad()``; a training step is that forward in
+  train mode, ``loss = sum(mean(out))`` (task-independent, so any model can be timed without
+  labels), backward and one step of the optimizer that training would use (the config's
+  ``optim_wrapper``, built as the Runner builds it, with its parameter groups and options such
+  as ``fused``; ``torch.optim.AdamW`` when the config has none).
+- **--compile**: ``torch.compile`` (inductor). Inference is compiled with
+  :data:`COMPILE_INFERENCE_OPTIONS` (``freezing``: weights are constants of the inference
+  graph, so autocast's per-call weight casts and the GEMM weight packing happen once, at
+  compile time); training with the defaults.
 - **peak memory**: on CUDA, ``torch.cuda.max_memory_allocated`` during the phase (weights,
   activations, gradients and optimizer state; the caching allocator's reserve excluded). On
   the CPU, the peak resident set size of the process during the phase (Linux ``VmHWM``, reset
@@ -19,9 +27,14 @@ What is measured, per phase (inference, training):
   ("ViT-B/16: 17.6 GFLOPs") usually state it. Training counts forward + backward; the
   recomputation of gradient checkpointing is not counted (model FLOPs, as in MFU).
 - **achieved FLOP/s** = FLOPs per sample x images/s, and its **ratio to a plain matmul**
-  (``a @ b``, square, ``--matmul-size``) timed in the same run on the same device: fp32, and
-  also bf16 with ``--amp``. A ratio near 1 means the model runs as fast as the hardware's best
-  dense kernel allows.
+  (``a @ b``, square, ``--matmul-size``) timed in the same run on the same device with the same
+  threads: fp32, and also bf16 with ``--amp``. The reference is the median of
+  ``--matmul-iters`` runs before the model and as many after it (after 2 untimed ones each
+  time), so one disturbance on a shared machine does not set it alone. A ratio near 1 means the
+  model runs as fast as the hardware's best dense kernel allows.
+- The load average before and after is recorded: on a shared CPU, other processes (and idle
+  OpenMP threads spinning, see ``OMP_WAIT_POLICY``) make every figure noisy; compare runs
+  made on a quiet machine.
 """
 
 from __future__ import annotations
@@ -44,6 +57,12 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from vitasks.errors import VitasksError
 
 aten = torch.ops.aten
+
+#: Inductor options of ``--compile`` for inference. ``freezing`` treats the weights as constants
+#: of the inference graph: it folds what is recomputed from them on every call (autocast's
+#: weight casts to bf16) and prepacks them for oneDNN's GEMM on the CPU. Training graphs are
+#: compiled with the defaults (weights change there).
+COMPILE_INFERENCE_OPTIONS: dict[str, Any] = {"freezing": True}
 
 
 # FlopCounterMode knows the CUDA attention kernels and the math path (bmm), but not the fused
@@ -148,26 +167,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(iters):
+def _time(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> tuple[list[float], list[float]]:
+    """Wall times of ``warmup`` then ``iters`` calls of ``fn`` (device synchronised around each):
+    (warm-up times, timed times). The first warm-up call includes any compilation."""
+    warm, times = [], []
+    for i in range(warmup + iters):
+        _sync(device)
         start = time.perf_counter()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
+        (warm if i < warmup else times).append(time.perf_counter() - start)
+    return warm, times
 
 
 def time_matmul(size: int, dtype: torch.dtype, device: torch.device, iters: int = 5,
-                warmup: int = 1) -> float:
-    """FLOP/s of a square ``size`` matmul in ``dtype`` (median over ``iters``)."""
+                warmup: int = 2) -> list[float]:
+    """FLOP/s of each of ``iters`` square ``size`` matmuls in ``dtype`` (after ``warmup`` untimed
+    ones, which let the BLAS library set up its threads and buffers), with the same threads as
+    the model."""
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    times = _time(lambda: a @ b, device, warmup, iters)
-    return matmul_flops(size, size, size) / statistics.median(times)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    _, times = _time(lambda: torch.mm(a, b, out=out), device, warmup, iters)
+    return [matmul_flops(size, size, size) / t for t in times]
 
 
 class _PeakMemory:
@@ -285,6 +307,19 @@ def run_benchmark(
     if img_size is not None and isinstance(cfg.model.get("backbone"), dict) and "img_size" in cfg.model.backbone:
         cfg.model.backbone.img_size = int(img_size)
     size = int(img_size) if img_size is not None else _config_img_size(cfg)
+    amp_dtype = torch.bfloat16
+    if amp and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        amp_dtype = torch.float16
+
+    # The reference first (and again at the end): a BLAS kernel timed at two moments, so that a
+    # short disturbance on a shared machine does not set the ratio on its own.
+    ref_dtypes = {"float32": torch.float32}
+    if amp:
+        ref_dtypes[str(amp_dtype).replace("torch.", "")] = amp_dtype
+    ref_samples: dict[str, list[float]] = {
+        k: time_matmul(matmul_size, dt, dev, matmul_iters) for k, dt in ref_dtypes.items()
+    }
+    load_before = _loadavg()
 
     baseline_rss = _current_rss()
     model = build_model(cfg).to(dev)
@@ -298,54 +333,65 @@ def run_benchmark(
     inputs = torch.randn(shape, device=dev)
     one = inputs[:1]
 
-    amp_dtype = torch.bfloat16
-    if amp and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
-        amp_dtype = torch.float16
-
     def autocast():
         return torch.autocast(dev.type, dtype=amp_dtype, enabled=amp)
 
     infer_flops, train_flops = _model_flops(cfg, model, one, train)
+    if compile:
+        warmup = max(warmup, 2)  # the first call compiles; the second may still specialise
 
-    runner = torch.compile(model) if compile else model
     result: dict[str, Any] = {
         "config": getattr(cfg, "filename", None) or (config if isinstance(config, str) else None),
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "torch": torch.__version__,
         "batch_size": batch_size,
         "input_shape": list(shape),
         "amp": amp,
         "amp_dtype": str(amp_dtype).replace("torch.", "") if amp else None,
         "compile": compile,
+        "compile_options": {"inference": COMPILE_INFERENCE_OPTIONS, "training": {}} if compile else None,
         "grad_ckpt": grad_ckpt,
         "iters": iters,
         "warmup": warmup,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-        "gflops_per_sample": {"inference": infer_flops / 1e9, "training": train_flops / 1e9},
-        "gmacs_per_sample": {"inference": infer_flops / 2e9, "training": train_flops / 2e9},
+        "gflops_per_sample": {"inference": infer_flops / 1e9, "training": train_flops / 1e9 if train else None},
+        "gmacs_per_sample": {"inference": infer_flops / 2e9, "training": train_flops / 2e9 if train else None},
         "memory_measure": None,
+        "optimizer": None,
         "phases": {},
     }
 
-    # Inference.
+    # Inference. With --compile: inductor with `freezing` (weights become constants of the graph,
+    # so it folds the per-call work on them: autocast's weight casts, weight prepacking for the
+    # CPU GEMM kernels) -- valid because weights do not change during inference.
     model.eval()
+    runner = torch.compile(model) if compile else model
 
     def infer_step():
         with torch.no_grad(), autocast():
             return runner(inputs, mode="tensor")
 
-    with _PeakMemory(dev, baseline_rss) as mem:
-        times = _time(infer_step, dev, warmup, iters)
+    # The options as inductor's global config while the graph compiles (at the first call):
+    # `torch.compile(options=...)` applies them too late for `freezing` to take effect.
+    inductor_options = _inductor_config(COMPILE_INFERENCE_OPTIONS) if compile else contextlib.nullcontext()
+    with inductor_options, _PeakMemory(dev, baseline_rss) as mem:
+        warm, times = _time(infer_step, dev, warmup, iters)
     result["memory_measure"] = mem.method
-    result["phases"]["inference"] = _phase(times, batch_size, infer_flops, mem.peak)
+    result["phases"]["inference"] = _phase(warm, times, batch_size, infer_flops, mem.peak)
+    del runner
+    if compile:
+        torch._dynamo.reset()  # the frozen inference graph holds copies of the weights
 
-    # Training.
+    # Training: forward, loss, backward and the optimizer step that training would use.
     if train:
         model.train()
         if grad_ckpt:
             model.backbone.set_grad_checkpointing(True)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+        optimizer, result["optimizer"] = _build_optimizer(cfg, model)
+        runner = torch.compile(model) if compile else model
 
         def train_step():
             with autocast():
@@ -355,21 +401,80 @@ def run_benchmark(
             optimizer.zero_grad(set_to_none=True)
 
         with _PeakMemory(dev, baseline_rss) as mem:
-            times = _time(train_step, dev, warmup, iters)
-        result["phases"]["training"] = _phase(times, batch_size, train_flops, mem.peak)
-        del optimizer
-    del runner, model, inputs
+            warm, times = _time(train_step, dev, warmup, iters)
+        result["phases"]["training"] = _phase(warm, times, batch_size, train_flops, mem.peak)
+        del optimizer, runner
+    del model, inputs, one
+    if compile:
+        torch._dynamo.reset()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 
-    # The reference, last so that its buffers do not inflate the model's memory numbers.
-    refs = {"float32": time_matmul(matmul_size, torch.float32, dev, matmul_iters)}
-    if amp:
-        refs[result["amp_dtype"]] = time_matmul(matmul_size, amp_dtype, dev, matmul_iters)
-    result["matmul"] = {"size": matmul_size, "tflops": {k: v / 1e12 for k, v in refs.items()}}
+    for k, dt in ref_dtypes.items():
+        ref_samples[k] += time_matmul(matmul_size, dt, dev, matmul_iters)
+    refs = {k: statistics.median(v) for k, v in ref_samples.items()}
+    result["load_average"] = {"before": load_before, "after": _loadavg()}
+    result["matmul"] = {
+        "size": matmul_size,
+        "tflops": {k: v / 1e12 for k, v in refs.items()},
+        "samples_tflops": {k: [x / 1e12 for x in v] for k, v in ref_samples.items()},
+    }
     for phase in result["phases"].values():
         phase["ratio_to_matmul"] = {k: phase["tflops"] * 1e12 / v for k, v in refs.items()}
     return result
+
+
+def _inductor_config(options: dict[str, Any]):
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(options)
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def _quiet_mmengine():
+    from mmengine.logging import MMLogger
+
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel("WARNING")
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _build_optimizer(cfg, model: nn.Module) -> tuple[torch.optim.Optimizer, str]:
+    """The optimizer that training would use: the config's ``optim_wrapper`` built as the Runner
+    builds it (constructor, parameter groups, the optimizer's own options such as ``fused``);
+    without one, ``torch.optim.AdamW`` with its defaults. Returns it and a description."""
+    ow = cfg.get("optim_wrapper")
+    if isinstance(ow, dict) and isinstance(ow.get("optimizer"), dict):
+        import copy
+
+        from vitasks.registry import OPTIM_WRAPPER_CONSTRUCTORS
+
+        ow = copy.deepcopy(dict(ow))
+        ow["type"] = "OptimWrapper"  # autocast is the benchmark's; only the optimizer is wanted
+        for key in ("dtype", "loss_scale"):
+            ow.pop(key, None)
+        constructor = OPTIM_WRAPPER_CONSTRUCTORS.build(dict(
+            type=ow.pop("constructor", "DefaultOptimWrapperConstructor"),
+            optim_wrapper_cfg=ow, paramwise_cfg=ow.pop("paramwise_cfg", None)))
+        with _quiet_mmengine():  # one log line per parameter group otherwise
+            optimizer = constructor(model).optimizer
+        source = "config optim_wrapper"
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+        source = "default (no optim_wrapper in the config)"
+    flags = [f"{k}={optimizer.defaults[k]}" for k in ("foreach", "fused") if k in optimizer.defaults]
+    return optimizer, f"{type(optimizer).__name__}({', '.join(flags)}) from {source}"
 
 
 def _model_flops(cfg, model: nn.Module, one: torch.Tensor, train: bool) -> tuple[int, int]:
@@ -388,13 +493,17 @@ def _model_flops(cfg, model: nn.Module, one: torch.Tensor, train: bool) -> tuple
         return infer, count_model_flops(model, one, train=True) if train else 0
 
 
-def _phase(times: list[float], batch_size: int, flops_per_sample: int, peak: int) -> dict[str, Any]:
+def _phase(warm: list[float], times: list[float], batch_size: int, flops_per_sample: int,
+           peak: int) -> dict[str, Any]:
     median = statistics.median(times)
     ips = batch_size / median
     return {
         "median_s": median,
         "min_s": min(times),
         "max_s": max(times),
+        "times_s": times,
+        # The first warm-up iteration: with --compile, mostly compilation time.
+        "first_iter_s": warm[0] if warm else None,
         "images_per_s": ips,
         "peak_memory_mib": peak / 2**20,
         "tflops": flops_per_sample * ips / 1e12,
@@ -415,6 +524,8 @@ def _cpu_name() -> str:
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text table of :func:`run_benchmark`'s result."""
     refs = result["matmul"]["tflops"]
+    train_gflops = result["gflops_per_sample"].get("training")
+    load = result.get("load_average")
     head = (
         f"config: {result['config']}\n"
         f"device: {result['device']} ({result['device_name']}), threads {result['threads']}, "
@@ -424,17 +535,26 @@ def format_table(result: dict[str, Any]) -> str:
         f"params {result['params_m']:.2f} M; per sample: inference "
         f"{result['gflops_per_sample']['inference']:.2f} GFLOPs "
         f"({result['gmacs_per_sample']['inference']:.2f} GMACs), training (fwd+bwd) "
-        f"{result['gflops_per_sample']['training']:.2f} GFLOPs\n"
-        f"matmul {result['matmul']['size']}^3 reference: "
+        + (f"{train_gflops:.2f} GFLOPs" if train_gflops is not None else "n/a")
+        + f"\nmatmul {result['matmul']['size']}^3 reference (median of "
+        f"{len(next(iter(result['matmul']['samples_tflops'].values())))} runs, before and after the model): "
         + ", ".join(f"{k} {v * 1e3:.1f} GFLOP/s" for k, v in refs.items())
-        + f"\nmemory: {result['memory_measure']}\n"
+        + (f"\noptimizer: {result['optimizer']}" if result.get("optimizer") else "")
+        + f"\nmemory: {result['memory_measure']}"
+        + (f"\nload average (1, 5, 15 min): before {load['before']}, after {load['after']}"
+           if load and load.get("before") else "")
+        + "\n"
     )
-    cols = ["phase", "images/s", "ms/iter", "peak MiB", "GFLOP/s"] + [f"/ {k} mm" for k in refs]
+    cols = ["phase", "images/s", "ms/iter", "min-max ms", "1st iter s", "peak MiB", "GFLOP/s"] + [
+        f"/ {k} mm" for k in refs]
     rows = []
     for name, p in result["phases"].items():
+        first = p.get("first_iter_s")
         rows.append(
-            [name, f"{p['images_per_s']:.2f}", f"{p['median_s'] * 1e3:.1f}", f"{p['peak_memory_mib']:.0f}",
-             f"{p['tflops'] * 1e3:.1f}"] + [f"{p['ratio_to_matmul'][k]:.2f}" for k in refs]
+            [name, f"{p['images_per_s']:.2f}", f"{p['median_s'] * 1e3:.1f}",
+             f"{p['min_s'] * 1e3:.0f}-{p['max_s'] * 1e3:.0f}", f"{first:.1f}" if first is not None else "-",
+             f"{p['peak_memory_mib']:.0f}", f"{p['tflops'] * 1e3:.1f}"]
+            + [f"{p['ratio_to_matmul'][k]:.2f}" for k in refs]
         )
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
@@ -450,14 +570,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("config", help="config file (YAML)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 on GPUs without bf16)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (inductor; inference with freezing=True); compilation "
+                   "happens in the first warm-up iteration, whose time is printed as '1st iter s'")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in training")
     p.add_argument("--img-size", type=int, default=None, help="input side (default: the config's)")
     p.add_argument("--iters", type=int, default=10, help="timed iterations per phase")
     p.add_argument("--warmup", type=int, default=3, help="warm-up iterations per phase")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--matmul-size", type=int, default=4096, help="side of the reference matmul")
-    p.add_argument("--matmul-iters", type=int, default=5)
+    p.add_argument("--matmul-iters", type=int, default=5,
+                   help="timed reference matmuls before and after the model (each)")
     p.add_argument("--no-train", action="store_true", help="inference only")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
     p.add_argument("--cfg-options", nargs="+", default=None, metavar="KEY=VALUE",
