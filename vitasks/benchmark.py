@@ -21,7 +21,7 @@ What is measured, per phase (inference, training):
   per phase through ``/proc/self/clear_refs``; else ``ru_maxrss``) minus the resident size
   before the model was built: it counts weights, activations, gradients and optimizer state,
   and also whatever the allocator keeps from earlier phases, so read it as an upper bound.
-- **GFLOPs per sample**: counted by ``torch.utils.flop_counter.FlopCounterMode`` on one sample
+- **GFLOPs per sample**: counted by ``torch.utils.flop_counter.FlopCounterMode`` on the batch, per sample
   (matmuls, convolutions, attention; elementwise ops are not counted, as is customary). One
   multiply-add is 2 FLOPs; GMACs = GFLOPs / 2 is printed too, the unit in which model cards
   ("ViT-B/16: 17.6 GFLOPs") usually state it. Training counts forward + backward; the
@@ -331,12 +331,11 @@ def run_benchmark(
             )
     shape = _input_shape(cfg, batch_size, size)
     inputs = torch.randn(shape, device=dev)
-    one = inputs[:1]
 
     def autocast():
         return torch.autocast(dev.type, dtype=amp_dtype, enabled=amp)
 
-    infer_flops, train_flops = _model_flops(cfg, model, one, train)
+    infer_flops, train_flops = _model_flops(cfg, model, inputs, train)
     if compile:
         warmup = max(warmup, 2)  # the first call compiles; the second may still specialise
 
@@ -404,7 +403,7 @@ def run_benchmark(
             warm, times = _time(train_step, dev, warmup, iters)
         result["phases"]["training"] = _phase(warm, times, batch_size, train_flops, mem.peak)
         del optimizer, runner
-    del model, inputs, one
+    del model, inputs
     if compile:
         torch._dynamo.reset()
     if dev.type == "cuda":
@@ -477,20 +476,23 @@ def _build_optimizer(cfg, model: nn.Module) -> tuple[torch.optim.Optimizer, str]
     return optimizer, f"{type(optimizer).__name__}({', '.join(flags)}) from {source}"
 
 
-def _model_flops(cfg, model: nn.Module, one: torch.Tensor, train: bool) -> tuple[int, int]:
-    """Model FLOPs of one sample (inference, training), eager, without checkpointing: counted on
-    a copy built on the meta device (no computation, no memory), else on the model itself."""
+def _model_flops(cfg, model: nn.Module, inputs: torch.Tensor, train: bool) -> tuple[int, int]:
+    """Model FLOPs per sample (inference, training), eager, without checkpointing: the whole
+    batch is counted (training-mode BatchNorm needs more than one sample) and divided by its size,
+    on a copy built on the meta device (no computation, no memory), else on the model itself."""
+    batch = inputs.shape[0]
     try:
         from vitasks.apis import build_model
 
         with init_on_meta():
             meta_model = build_model(cfg)
-        meta_one = torch.empty(one.shape, device="meta")
-        infer = count_model_flops(meta_model, meta_one, train=False)
-        return infer, count_model_flops(meta_model, meta_one, train=True) if train else 0
+        meta_inputs = torch.empty(inputs.shape, device="meta")
+        infer = count_model_flops(meta_model, meta_inputs, train=False)
+        trained = count_model_flops(meta_model, meta_inputs, train=True) if train else 0
     except (NotImplementedError, RuntimeError):  # an op without a meta kernel
-        infer = count_model_flops(model, one, train=False)
-        return infer, count_model_flops(model, one, train=True) if train else 0
+        infer = count_model_flops(model, inputs, train=False)
+        trained = count_model_flops(model, inputs, train=True) if train else 0
+    return infer // batch, trained // batch
 
 
 def _phase(warm: list[float], times: list[float], batch_size: int, flops_per_sample: int,
