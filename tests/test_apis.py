@@ -2,6 +2,7 @@
 
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,3 +240,13 @@ def test_drawers_are_chosen_per_task_model():
             select_drawers(torch.nn.Identity(), BaseDataElement(something=1))
     finally:
         VISUALIZERS.module_dict.pop("ToyDrawerForTest", None)
+
+
+def test_ade_configs_name_their_classes_without_checkpoint_meta():
+    from vitasks.apis import _class_names
+    from vitasks.config import load_config
+    from vitasks.data.ade import ADE20K_CLASSES
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "seg_ade20k.yaml"))
+    names = _class_names(cfg, meta={})
+    assert names == list(ADE20K_CLASSES) and len(names) == 150

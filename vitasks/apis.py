@@ -116,6 +116,10 @@ def _class_names(cfg: Config, meta: dict) -> list[str] | None:
     if names is None:
         dataset = _test_dataset_cfg(cfg) or {}
         names = (dataset.get("metainfo") or {}).get("classes")
+    if names is None and cfg.get("num_classes") == 150 and (_test_dataset_cfg(cfg) or {}).get("type") == "ADE20KDataset":
+        from vitasks.data.ade import ADE20K_CLASSES  # a bare (e.g. converted) ADE checkpoint
+
+        names = ADE20K_CLASSES
     return [str(n) for n in names] if names is not None else None
 
 
