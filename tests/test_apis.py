@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from vitasks.apis import inference_model, init_model, run_inference
@@ -20,42 +19,9 @@ IMG = 16
 CLASSES = ["red", "green", "blue"]
 
 
-def tiny_cfg(tmp_path, class_names=True):
-    cfg = {
-        "default_scope": "vitasks",
-        "num_classes": 3,
-        "img_size": IMG,
-        "model": {
-            "type": "ImageClassifier",
-            "backbone": {"type": "VisionTransformer", "img_size": "${img_size}", "patch_size": 4, "embed_dim": 16,
-                         "depth": 2, "num_heads": 2},
-            "head": {"type": "LinearClsHead", "num_classes": "${num_classes}", "in_channels": 16},
-        },
-        "test_dataloader": {
-            "batch_size": 4,
-            "dataset": {
-                # The dataset folder need not exist: inference only reads the pipeline.
-                "type": "ImageNetFolder",
-                "data_root": str(tmp_path / "no_such_dataset"),
-                "split": "val",
-                "pipeline": [
-                    {"type": "LoadImage"},
-                    {"type": "ResizeCenterCrop", "size": "${img_size}", "crop_ratio": 1.0},
-                    {"type": "PackInputs"},
-                ],
-            },
-        },
-    }
-    if class_names:
-        cfg["class_names"] = CLASSES
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 @pytest.fixture
-def config(tmp_path):
-    return tiny_cfg(tmp_path)
+def config(tiny_cls_config):
+    return tiny_cls_config(img_size=IMG)
 
 
 @pytest.fixture
@@ -108,8 +74,8 @@ def test_checkpoint_weights_are_loaded(config, checkpoint):
     assert model.dataset_meta["classes"] == CLASSES
 
 
-def test_class_names_from_checkpoint_meta(tmp_path, checkpoint):
-    model = init_model(str(tiny_cfg(tmp_path, class_names=False)), str(checkpoint))
+def test_class_names_from_checkpoint_meta(tmp_path, checkpoint, tiny_cls_config):
+    model = init_model(str(tiny_cls_config(img_size=IMG, class_names=False)), str(checkpoint))
     assert model.dataset_meta["classes"] == ["c0", "c1", "c2"]
 
 

@@ -15,7 +15,7 @@ DEMO_CONFIG = REPO / "configs" / "demo" / "cls_synthetic.yaml"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, in_process_loaders):
     root = tmp_path_factory.mktemp("cls_demo")
     data_root = root / "data"
     make_synthetic("cls", str(data_root), seed=0)
@@ -28,12 +28,7 @@ def trained(tmp_path_factory):
         "param_scheduler.1.T_max=5",
         "param_scheduler.1.end=6",
         "default_hooks.checkpoint.interval=6",
-        "train_dataloader.num_workers=0",
-        "train_dataloader.persistent_workers=false",
-        "val_dataloader.num_workers=0",
-        "val_dataloader.persistent_workers=false",
-        "test_dataloader.num_workers=0",
-        "test_dataloader.persistent_workers=false",
+        *in_process_loaders,
     ]
     launch.train(str(DEMO_CONFIG), work_dir=str(work_dir), cfg_options=options)
     return root, data_root, work_dir, options

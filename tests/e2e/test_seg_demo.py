@@ -25,7 +25,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_seg_demo_learns_and_dumps(tmp_path, one_thread):
+def test_seg_demo_learns_and_dumps(tmp_path, one_thread, in_process_loaders):
     data = make_seg_dataset(str(tmp_path / "data"), num_train=48, num_val=8, img_size=64, num_classes=5)
     work = str(tmp_path / "work")
     # A shortened schedule of the demo (40 iterations instead of 200), evaluated at the end.
@@ -37,12 +37,7 @@ def test_seg_demo_learns_and_dumps(tmp_path, one_thread):
         "param_scheduler.1.begin=10",
         "param_scheduler.1.end=40",
         "default_hooks.checkpoint.interval=40",
-        "train_dataloader.num_workers=0",
-        "train_dataloader.persistent_workers=false",
-        "val_dataloader.num_workers=0",
-        "val_dataloader.persistent_workers=false",
-        "test_dataloader.num_workers=0",
-        "test_dataloader.persistent_workers=false",
+        *in_process_loaders,
     ]
     launch.train(CONFIG, work_dir=work, cfg_options=options)
     with open(os.path.join(work, "last_checkpoint")) as f:

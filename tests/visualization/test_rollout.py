@@ -4,7 +4,6 @@ attention, with every stem, and the attention_map command end to end."""
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from vitasks.models.backbones import VisionTransformer
@@ -169,40 +168,10 @@ def test_identity_attention_in_a_real_backbone(monkeypatch):
     torch.testing.assert_close(maps["rollout"], torch.full((2, 16, 24), 0.5))
 
 
-def write_tiny_config(tmp_path, img_size=16):
-    cfg = {
-        "default_scope": "vitasks",
-        "num_classes": 3,
-        "img_size": img_size,
-        "class_names": ["red", "green", "blue"],
-        "model": {
-            "type": "ImageClassifier",
-            "backbone": {"type": "VisionTransformer", "img_size": "${img_size}", "patch_size": 4, "embed_dim": 16,
-                         "depth": 2, "num_heads": 2},
-            "head": {"type": "LinearClsHead", "num_classes": "${num_classes}", "in_channels": 16},
-        },
-        "test_dataloader": {
-            "batch_size": 1,
-            "dataset": {
-                "type": "ImageNetFolder",
-                "data_root": str(tmp_path / "does_not_exist"),
-                "pipeline": [
-                    {"type": "LoadImage"},
-                    {"type": "ResizeCenterCrop", "size": "${img_size}", "crop_ratio": 1.0},
-                    {"type": "PackInputs"},
-                ],
-            },
-        },
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def test_attention_map_command_writes_png(tmp_path):
+def test_attention_map_command_writes_png(tmp_path, tiny_cls_config):
     from vitasks.apis import init_model
 
-    config = write_tiny_config(tmp_path)
+    config = tiny_cls_config()
     ckpt = tmp_path / "tiny.pth"
     torch.save({"state_dict": init_model(str(config)).state_dict()}, ckpt)
     image = tmp_path / "img.png"

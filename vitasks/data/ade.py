@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 from mmengine.dataset import BaseDataset
 
-from vitasks.data.imagenet import SkipBadSamplesMixin, build_pipeline
+from vitasks.data.imagenet import SkipBadSamplesMixin, build_pipeline, check_num_classes
 from vitasks.errors import ConfigError, DataError
 from vitasks.registry import DATASETS
 
@@ -172,12 +172,7 @@ class SegFolderDataset(SkipBadSamplesMixin, BaseDataset):
                 names = [f"class_{i}" for i in range(num_classes)]
         if not names:
             raise ConfigError(f"{owner}: `classes` is empty")
-        if num_classes is not None and num_classes != len(names):
-            raise ConfigError(
-                f"num_classes is {num_classes} but {owner} at {data_root!r} has {len(names)} "
-                f"classes (from {source}); set num_classes={len(names)} (e.g. --cfg-options "
-                f"num_classes={len(names)}) or give the dataset matching `classes`"
-            )
+        check_num_classes(num_classes, names, f"{owner} at {data_root!r} (classes from {source})")
         return names
 
     def load_data_list(self) -> list[dict]:

@@ -30,6 +30,17 @@ def build_pipeline(pipeline: Sequence[Union[dict, Callable]], owner: str) -> Lis
     return built
 
 
+def check_num_classes(num_classes: Optional[int], names: Sequence[str], where: str) -> None:
+    """The config's ``num_classes`` must match the classes a dataset found (``where`` says
+    where, e.g. the split folder); a ConfigError tells the user the value to set."""
+    if num_classes is not None and num_classes != len(names):
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise ConfigError(
+            f"num_classes is {num_classes} but {where} has {len(names)} classes ({shown}); "
+            f"set num_classes={len(names)} (e.g. --cfg-options num_classes={len(names)})"
+        )
+
+
 class SkipBadSamplesMixin:
     """``prepare_data`` that turns a DataError from the pipeline into a warning and ``None``
     when ``skip_bad_samples`` is on in training (mmengine's BaseDataset then draws another
@@ -130,12 +141,7 @@ class ImageNetFolder(SkipBadSamplesMixin, BaseDataset):
                 )
         if not class_names:
             raise DataError(f"ImageNetFolder: {self.split_path!r} has no class folders")
-        if num_classes is not None and num_classes != len(class_names):
-            raise ConfigError(
-                f"num_classes is {num_classes} but {self.split_path!r} has {len(class_names)} "
-                f"classes ({', '.join(class_names[:5])}{', ...' if len(class_names) > 5 else ''}); "
-                f"set num_classes={len(class_names)} (e.g. --cfg-options num_classes={len(class_names)})"
-            )
+        check_num_classes(num_classes, class_names, repr(self.split_path))
         super().__init__(
             ann_file="",
             metainfo=dict(classes=tuple(class_names)),
