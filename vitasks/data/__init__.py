@@ -1,2 +1,3 @@
+from . import seeding  # noqa: F401  (seeded samplers)
 from . import imagenet, transforms  # noqa: F401
 from . import ade, seg_transforms  # noqa: F401  (segmentation helper)

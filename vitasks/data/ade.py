@@ -18,8 +18,10 @@ import os
 from collections.abc import Callable, Sequence
 
 from mmengine.dataset import BaseDataset
+from mmengine.logging import print_log
 
 from vitasks.data.imagenet import SkipBadSamplesMixin, build_pipeline, check_num_classes
+from vitasks.data.seeding import SeededSampleMixin
 from vitasks.errors import ConfigError, DataError
 from vitasks.registry import DATASETS
 
@@ -67,7 +69,7 @@ def _read_classes_file(path: str) -> list[str]:
 
 
 @DATASETS.register_module()
-class SegFolderDataset(SkipBadSamplesMixin, BaseDataset):
+class SegFolderDataset(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
     """Images with label maps of the same relative name in a parallel folder.
 
     Args:
@@ -274,11 +276,14 @@ class ADE20KDataset(SegFolderDataset):
     def _default_classes(self, data_root: str, num_classes: int | None) -> list[str] | None:
         if num_classes is None or num_classes == len(ADE20K_CLASSES):
             return list(ADE20K_CLASSES)
-        classes_file = os.path.join(data_root, CLASSES_FILE)
-        if os.path.isfile(classes_file):
+        if os.path.isfile(os.path.join(data_root, CLASSES_FILE)):
             return None  # the caller reads it and checks the count
-        raise ConfigError(
-            f"num_classes is {num_classes} but ADE20KDataset has {len(ADE20K_CLASSES)} classes; "
-            f"for ADE20K set num_classes=150; for another dataset in the ADE layout at "
-            f"{data_root!r} put its class names in {CLASSES_FILE} or give the dataset `classes`"
+        # A dataset in the ADE layout with other classes (`--cfg-options data_root=DIR
+        # num_classes=K`): without a classes.txt its classes get generic names.
+        print_log(
+            f"ADE20KDataset: num_classes={num_classes} and no {CLASSES_FILE} in {data_root!r}: "
+            f"the classes are named class_0..class_{num_classes - 1} (put one name per line in "
+            f"{CLASSES_FILE} to name them)",
+            logger="current",
         )
+        return [f"class_{i}" for i in range(num_classes)]

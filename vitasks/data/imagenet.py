@@ -8,6 +8,7 @@ from typing import Callable, List, Optional, Sequence, Union
 from mmengine.dataset import BaseDataset
 from mmengine.logging import print_log
 
+from vitasks.data.seeding import SeededSampleMixin
 from vitasks.errors import ConfigError, DataError
 from vitasks.registry import DATASETS, TRANSFORMS
 
@@ -67,7 +68,7 @@ class SkipBadSamplesMixin:
 
 
 @DATASETS.register_module()
-class ImageNetFolder(SkipBadSamplesMixin, BaseDataset):
+class ImageNetFolder(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
     """Classification dataset read from class folders, as ImageNet comes.
 
     ``load_data_list()`` gives ``{"img_path", "gt_label"}`` per image, images sorted by path;

@@ -16,13 +16,13 @@ scaled so that its long side is at most 2048 and its short side at most 512.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 
 import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from vitasks.data.seeding import sample_rng
 from vitasks.data.transforms import BaseTransform
 from vitasks.errors import ConfigError, DataError
 from vitasks.registry import TRANSFORMS
@@ -210,7 +210,7 @@ class SegRandomResize(SegResize):
         self.ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
 
     def transform(self, results: dict) -> dict:
-        ratio = random.uniform(*self.ratio_range)
+        ratio = sample_rng(results).uniform(*self.ratio_range)
         scale = (self.scale[0] * ratio, self.scale[1] * ratio)
         height, width = results["img"].shape[:2]
         return resize_sample(results, self._target(height, width, scale), self.interpolation)
@@ -245,16 +245,17 @@ class SegRandomCrop(BaseTransform):
         self.ignore_index = int(ignore_index)
         self.max_tries = int(max_tries)
 
-    def _random_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+    def _random_box(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         margin_h = max(height - self.crop_size[0], 0)
         margin_w = max(width - self.crop_size[1], 0)
-        y0 = random.randint(0, margin_h)
-        x0 = random.randint(0, margin_w)
+        y0 = int(rng.integers(0, margin_h + 1))
+        x0 = int(rng.integers(0, margin_w + 1))
         return y0, min(y0 + self.crop_size[0], height), x0, min(x0 + self.crop_size[1], width)
 
     def transform(self, results: dict) -> dict:
         height, width = results["img"].shape[:2]
-        box = self._random_box(height, width)
+        rng = sample_rng(results)
+        box = self._random_box(height, width, rng)
         label = results.get("gt_seg_map")
         if self.cat_max_ratio < 1.0 and label is not None:
             for _ in range(self.max_tries):
@@ -265,7 +266,7 @@ class SegRandomCrop(BaseTransform):
                 counts = counts[counts > 0]
                 if counts.size > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
                     break
-                box = self._random_box(height, width)
+                box = self._random_box(height, width, rng)
         y0, y1, x0, x1 = box
         results["img"] = np.ascontiguousarray(results["img"][y0:y1, x0:x1])
         for key in results.get("seg_fields", ["gt_seg_map"]):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from vitasks.data.seeding import sample_rng, seed_from
 from vitasks.errors import ConfigError, DataError
 from vitasks.registry import TRANSFORMS
 from vitasks.structures import DataSample, PixelData
@@ -142,6 +143,15 @@ def build_albu(cfg: Dict[str, Any], where: str = "Albu.transforms") -> Any:
     return transform
 
 
+def _reseed(transform: Any, rng: np.random.Generator) -> None:
+    """Give an albumentations transform and each transform inside it a seed of its own from
+    ``rng``. (``Compose.set_random_seed`` gives all of them the same seed, which would tie their
+    draws together: every p=0.5 transform would fire on the same samples.)"""
+    transform.set_random_seed(seed_from(rng))
+    for child in getattr(transform, "transforms", None) or ():
+        _reseed(child, rng)
+
+
 @TRANSFORMS.register_module()
 class Albu(BaseTransform):
     """Albumentations adaptor: ``A.Compose`` of the listed transforms, applied to ``img`` and,
@@ -162,6 +172,7 @@ class Albu(BaseTransform):
         )
 
     def transform(self, results: dict) -> dict:
+        _reseed(self._compose, sample_rng(results))
         kwargs = {"image": results["img"]}
         has_mask = results.get("gt_seg_map") is not None
         if has_mask:

@@ -1,0 +1,149 @@
+"""Reproducible data: every random draw of a training sample derives from the config's seed and
+the sample's place in the training stream, never from a worker's or a library's global state.
+
+Why: a data loader's workers each hold their own copy of the random state, and albumentations'
+transforms hold generators of their own, so with global seeding the augmentation a sample gets
+depends on which worker loaded it, on ``num_workers``, and on everything drawn before; a resumed
+run cannot reproduce it. Here instead:
+
+- the training samplers (:class:`SeededSampler` for epochs, :class:`SeededInfiniteSampler` for
+  iteration-based loops) yield :class:`SeededIndex` values: plain ``int`` indices that also carry a
+  seed, ``derive_seed(config seed, epoch, position)`` (or ``(config seed, position)`` in the
+  infinite stream); the position counts over the global, pre-rank order, so it does not depend on
+  the worker that loads it;
+- datasets with :class:`SeededSampleMixin` turn that seed into a ``numpy.random.Generator`` that the
+  pipeline finds under ``results["rng"]`` (:func:`sample_rng`); random transforms draw from it, in
+  pipeline order; python's ``random`` and numpy's global state are seeded from it too, for
+  third-party transforms and mmengine's re-fetch of a skipped sample;
+- the main process's torch generator (drop path, dropout, Mixup/CutMix) is re-seeded before each
+  training iteration from ``(seed, iteration, rank)`` by :class:`~vitasks.engine.hooks.IterationSeedHook`.
+
+Nothing has to be saved in a checkpoint for this: a resumed run recomputes the same seeds.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator, Optional
+
+import numpy as np
+from mmengine.dataset import DefaultSampler, InfiniteSampler
+
+from vitasks.registry import DATA_SAMPLERS
+
+__all__ = [
+    "derive_seed",
+    "SeededIndex",
+    "SeededSampler",
+    "SeededInfiniteSampler",
+    "SeededSampleMixin",
+    "sample_rng",
+    "SAMPLE_RNG_KEY",
+]
+
+# Where a dataset puts the sample's generator in the pipeline's ``results`` dict.
+SAMPLE_RNG_KEY = "rng"
+
+
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed mixed from integers (numpy's SeedSequence: nearby inputs give unrelated
+    seeds, unlike ``seed + epoch``)."""
+    return int(np.random.SeedSequence([int(p) % (1 << 63) for p in parts]).generate_state(1)[0])
+
+
+class SeededIndex(int):
+    """A dataset index that also carries the seed of the sample's random draws.
+
+    An ``int`` subclass, so code that only wants the index (dataset wrappers, mmengine's
+    ``BaseDataset``) can use it as one.
+    """
+
+    seed: int
+
+    def __new__(cls, index: int, seed: int) -> "SeededIndex":
+        obj = super().__new__(cls, index)
+        obj.seed = int(seed)
+        return obj
+
+    def __getnewargs__(self):  # pickling to worker processes keeps the seed
+        return int(self), self.seed
+
+    def __repr__(self) -> str:
+        return f"SeededIndex({int(self)}, seed={self.seed})"
+
+
+@DATA_SAMPLERS.register_module()
+class SeededSampler(DefaultSampler):
+    """mmengine's ``DefaultSampler`` (same order: shuffled by ``seed + epoch``, split by rank)
+    yielding :class:`SeededIndex` with seed ``derive_seed(seed, epoch, global position)``."""
+
+    def __iter__(self) -> Iterator[int]:
+        for i, index in enumerate(super().__iter__()):
+            position = self.rank + i * self.world_size
+            yield SeededIndex(index, derive_seed(self.seed, self.epoch, position))
+
+
+@DATA_SAMPLERS.register_module()
+class SeededInfiniteSampler(InfiniteSampler):
+    """mmengine's ``InfiniteSampler`` yielding :class:`SeededIndex` with seed
+    ``derive_seed(seed, global position in the stream)``."""
+
+    def _indices_of_rank(self) -> Iterator[int]:
+        for i, index in enumerate(super()._indices_of_rank()):
+            position = self.rank + i * self.world_size
+            yield SeededIndex(index, derive_seed(self.seed, position))
+
+
+# mmengine sampler names that the Runner swaps for the seeded ones in training.
+SEEDED_SAMPLERS = {
+    "DefaultSampler": SeededSampler,
+    "InfiniteSampler": SeededInfiniteSampler,
+}
+
+
+def sample_rng(results: dict) -> np.random.Generator:
+    """The generator for a transform's random draws on this sample.
+
+    The one the dataset put in ``results`` (seeded training); outside a seeded loader (a
+    pipeline called by hand, ``tools/browse_dataset.py``) a generator seeded from numpy's global
+    state, which ``randomness.seed`` seeds, is made and kept for the rest of the pipeline.
+    """
+    rng = results.get(SAMPLE_RNG_KEY)
+    if rng is None:
+        rng = np.random.default_rng(np.random.randint(0, 2**31 - 1))
+        results[SAMPLE_RNG_KEY] = rng
+    return rng
+
+
+def seed_from(rng: np.random.Generator) -> int:
+    """A 32-bit seed drawn from ``rng``, for a library object with a generator of its own."""
+    return int(rng.integers(0, 2**32 - 1))
+
+
+class SeededSampleMixin:
+    """For mmengine ``BaseDataset`` subclasses: a :class:`SeededIndex` seeds the sample.
+
+    ``get_data_info`` adds ``results["rng"]`` (a fresh generator for this sample and index, so a
+    re-fetched replacement sample gets a stream of its own), and python's and numpy's global
+    states are seeded for the duration of the fetch.
+    """
+
+    _sample_seed: Optional[int] = None
+
+    def __getitem__(self, idx):
+        seed = getattr(idx, "seed", None)
+        if seed is None:
+            return super().__getitem__(idx)  # type: ignore[misc]
+        self._sample_seed = seed
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            return super().__getitem__(int(idx))  # type: ignore[misc]
+        finally:
+            self._sample_seed = None
+
+    def get_data_info(self, idx: int) -> dict:
+        info = super().get_data_info(idx)  # type: ignore[misc]
+        if self._sample_seed is not None:
+            info[SAMPLE_RNG_KEY] = np.random.default_rng(derive_seed(self._sample_seed, int(idx)))
+        return info
