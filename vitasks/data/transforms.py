@@ -148,8 +148,9 @@ def _reseed(transform: Any, rng: np.random.Generator) -> None:
     ``rng``. (``Compose.set_random_seed`` gives all of them the same seed, which would tie their
     draws together: every p=0.5 transform would fire on the same samples.)"""
     transform.set_random_seed(seed_from(rng))
-    for child in getattr(transform, "transforms", None) or ():
-        _reseed(child, rng)
+    if isinstance(transform, A.BaseCompose):  # (some single transforms have a `transforms` list too)
+        for child in transform.transforms:
+            _reseed(child, rng)
 
 
 @TRANSFORMS.register_module()
