@@ -21,7 +21,7 @@ from vitasks.data.seg_transforms import (
 from vitasks.data.synthetic.seg import make_seg_dataset
 from vitasks.data.transforms import Albu, LoadImage, PackInputs
 from vitasks.errors import ConfigError, DataError
-from vitasks.models.seg_data_preprocessor import SegDataPreprocessor
+from vitasks.models.data_preprocessors import SegDataPreprocessor
 from vitasks.registry import DATASETS
 
 

@@ -12,7 +12,7 @@ import vitasks.models  # noqa: F401  (registers everything)
 from vitasks.config import load_config, validate_config
 from vitasks.data.synthetic.seg import make_seg_dataset
 from vitasks.errors import ConfigError
-from vitasks.models.seg_data_preprocessor import SegDataPreprocessor
+from vitasks.models.data_preprocessors import SegDataPreprocessor
 from vitasks.models.tasks.segmentor import EncoderDecoder, slide_windows
 from vitasks.registry import DATASETS, MODELS
 from vitasks.structures import DataSample, PixelData

@@ -1,23 +1,18 @@
-"""Data preprocessors (batching, normalisation) and batch augmentations (Mixup, CutMix).
+"""Batch augmentations of classification training: Mixup, CutMix, and one chosen per batch.
 
-The dataloader hands over uint8 CHW tensors; the model's data preprocessor stacks them, casts to
-float and normalises with mean/std given in 0-255 RGB. In training, the classification
-preprocessor can mix samples (Mixup or CutMix, one chosen per batch, as the DeiT recipe) and turns
-the hard labels into soft targets ``gt_score`` that the loss reads.
+They act on a normalised float batch and soft targets ``(N, K)``, inside
+:class:`~vitasks.models.data_preprocessors.ClsDataPreprocessor`.
 """
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
-from mmengine.model import ImgDataPreprocessor
 
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 
-# ImageNet statistics in 0-255 RGB (torchvision's, which most checkpoints were trained with).
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
+__all__ = ["CutMix", "Mixup", "RandomBatchAugment"]
 
 
 def _sample_beta(alpha: float) -> float:
@@ -143,85 +138,3 @@ class RandomBatchAugment:
         if choice == len(self.augments):
             return inputs, targets
         return self.augments[choice](inputs, targets)
-
-
-@MODELS.register_module()
-class ClsDataPreprocessor(ImgDataPreprocessor):
-    """Stacks uint8 CHW images, casts to float, normalises; in training applies batch augments.
-
-    Args:
-        mean: Per-channel mean in 0-255 RGB (ImageNet's by default; 127.5 for Google's ViT
-            weights).
-        std: Per-channel std in 0-255 (ImageNet's by default; 127.5 for Google's weights).
-        pad_size_divisor: Pad the batch to a multiple of this size.
-        pad_value: Padding value.
-        to_rgb: Swap channels 0 and 2 (images from vitasks' LoadImage are already RGB).
-        num_classes: Number of classes; needed to turn labels into soft targets when
-            ``batch_augments`` is set.
-        batch_augments: ``{augments: [{type: Mixup, alpha: 0.8}, {type: CutMix, alpha: 1.0}],
-            probs: [0.5, 0.5]}``; ``None`` for none.
-        non_blocking: Non-blocking host-to-device copies.
-    """
-
-    def __init__(
-        self,
-        mean: Optional[Sequence[float]] = IMAGENET_MEAN,
-        std: Optional[Sequence[float]] = IMAGENET_STD,
-        pad_size_divisor: int = 1,
-        pad_value: float = 0,
-        to_rgb: bool = False,
-        num_classes: Optional[int] = None,
-        batch_augments: Optional[dict] = None,
-        non_blocking: bool = False,
-    ) -> None:
-        if (mean is None) != (std is None):
-            raise ConfigError("ClsDataPreprocessor: give both mean and std, or neither")
-        super().__init__(
-            mean=mean,
-            std=std,
-            pad_size_divisor=pad_size_divisor,
-            pad_value=pad_value,
-            bgr_to_rgb=to_rgb,
-            non_blocking=non_blocking,
-        )
-        self.num_classes = num_classes
-        if batch_augments is not None:
-            if not isinstance(batch_augments, dict) or "augments" not in batch_augments:
-                raise ConfigError(
-                    "ClsDataPreprocessor.batch_augments must be a dict with `augments` "
-                    f"(and optional `probs`), got {batch_augments!r}"
-                )
-            unknown = set(batch_augments) - {"augments", "probs"}
-            if unknown:
-                raise ConfigError(
-                    f"ClsDataPreprocessor.batch_augments: unknown keys {sorted(unknown)}; "
-                    "expected `augments` and `probs`"
-                )
-            if not isinstance(num_classes, int) or num_classes < 1:
-                raise ConfigError(
-                    "ClsDataPreprocessor: batch_augments need `num_classes` (a positive integer, "
-                    f"e.g. ${{num_classes}}) to build soft targets, got {num_classes!r}"
-                )
-            self.batch_augments = RandomBatchAugment(**batch_augments)
-        else:
-            self.batch_augments = None
-
-    def forward(self, data: dict, training: bool = False) -> dict:
-        data = super().forward(data, training)
-        samples: Optional[List] = data.get("data_samples")
-        if training and self.batch_augments is not None and samples:
-            inputs = data["inputs"]
-            labels = torch.cat([s.gt_label.reshape(-1) for s in samples]).to(inputs.device).long()
-            if labels.numel() != len(samples):
-                raise ValueError("Mixup/CutMix need exactly one gt_label per sample")
-            if int(labels.max()) >= self.num_classes or int(labels.min()) < 0:
-                raise ConfigError(
-                    f"ClsDataPreprocessor: a label ({int(labels.max())}) is outside "
-                    f"0..{self.num_classes - 1}; check `num_classes`"
-                )
-            targets = torch.nn.functional.one_hot(labels, self.num_classes).to(inputs.dtype)
-            inputs, targets = self.batch_augments(inputs, targets)
-            for sample, target in zip(samples, targets):
-                sample.gt_score = target
-            data["inputs"] = inputs
-        return data

@@ -15,9 +15,12 @@ import torch.nn.functional as F
 from mmengine.model import BaseDataPreprocessor
 
 from vitasks.errors import ConfigError
-from vitasks.models.data_preprocessors import IMAGENET_MEAN, IMAGENET_STD
 from vitasks.registry import MODELS
 from vitasks.structures import PixelData
+
+from .normalization import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["SegDataPreprocessor"]
 
 
 @MODELS.register_module()

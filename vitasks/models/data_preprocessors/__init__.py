@@ -1,0 +1,21 @@
+"""Data preprocessors: what a task model does to a collated batch before the backbone.
+
+One module per task (:mod:`.cls`, :mod:`.seg`), the batch augments of classification
+(:mod:`.batch_augments`) and the normalisation statistics they share (:mod:`.normalization`).
+Importing the package registers them all in ``MODELS`` under their class names.
+"""
+
+from .batch_augments import CutMix, Mixup, RandomBatchAugment
+from .cls import ClsDataPreprocessor
+from .normalization import IMAGENET_MEAN, IMAGENET_STD
+from .seg import SegDataPreprocessor
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ClsDataPreprocessor",
+    "CutMix",
+    "Mixup",
+    "RandomBatchAugment",
+    "SegDataPreprocessor",
+]
