@@ -9,10 +9,16 @@ whatever device the run uses:
   scaling (bf16 has float32's exponent range);
 - ``dtype="float16"``: autocast to fp16 with dynamic loss scaling (``torch.amp.GradScaler``),
   meant for GPUs (CPU fp16 works but is slow).
+
+bf16 autocast on a CPU without native bf16 instructions (AVX-512 BF16 / AMX, Arm BF16) is
+emulated and several times slower than float32: :func:`warn_if_bf16_is_slow` says so once per
+process (``tools/train.py --amp`` and ``tools/test.py --amp`` call it through
+:mod:`vitasks.engine.launch`).
 """
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Optional, Union
 
@@ -23,7 +29,8 @@ from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from vitasks.errors import ConfigError
 from vitasks.registry import OPTIM_WRAPPERS
 
-__all__ = ["MixedPrecisionOptimWrapper", "autocast_dtype"]
+__all__ = ["MixedPrecisionOptimWrapper", "autocast_dtype", "SlowBf16Warning", "slow_bf16_reason",
+           "warn_if_bf16_is_slow"]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,6 +49,52 @@ def autocast_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype
 def device_type() -> str:
     """The device type the Runner puts the model on: 'cuda', 'cpu', ..."""
     return get_device().split(":")[0]
+
+
+class SlowBf16Warning(UserWarning):
+    """bf16 autocast was asked for on a CPU that emulates bf16 (slower than float32)."""
+
+
+# One warning per process: train and test in one process, or several runs, say it once.
+_warned_slow_bf16 = False
+
+
+def slow_bf16_reason(device: str, dtype: Union[str, torch.dtype, None], info=None) -> Optional[str]:
+    """Why autocast to ``dtype`` on ``device`` will be slower than float32, or None.
+
+    Only bf16 on a CPU known to lack native bf16 instructions has a reason; GPUs, float16,
+    CPUs with bf16 and CPUs of unknown capability (``info.bf16 is None``) have none.
+
+    Args:
+        device: device type (``"cpu"``, ``"cuda"``...).
+        dtype: the autocast dtype (``"bfloat16"`` or a torch dtype).
+        info: a :class:`~vitasks.engine.cpu_info.CpuInfo`; default this machine's.
+    """
+    if device != "cpu" or autocast_dtype(dtype) != torch.bfloat16:
+        return None
+    if info is None:
+        from vitasks.engine.cpu_info import cpu_info
+
+        info = cpu_info()
+    if info.bf16 is not False:
+        return None
+    flags = ", ".join(info.flags) or "none of avx512f, avx512_bf16, amx_tile, amx_bf16, bf16"
+    return (
+        f"this CPU ({info.model_name}, ISA {info.isa}) has no AVX-512 BF16 / AMX (x86) or BF16 (Arm) "
+        f"instructions (flags: {flags}): bf16 autocast is emulated and will be several times slower "
+        "than float32 (a ViT-B/16 ran 6.7x slower); drop --amp (and optim_wrapper.dtype) on this machine"
+    )
+
+
+def warn_if_bf16_is_slow(device: str, dtype: Union[str, torch.dtype, None], info=None) -> Optional[str]:
+    """Warn (:class:`SlowBf16Warning`, once per process) when :func:`slow_bf16_reason` has a
+    reason. Returns the reason, or None."""
+    global _warned_slow_bf16
+    reason = slow_bf16_reason(device, dtype, info)
+    if reason is not None and not _warned_slow_bf16:
+        _warned_slow_bf16 = True
+        warnings.warn(reason, SlowBf16Warning, stacklevel=2)
+    return reason
 
 
 @OPTIM_WRAPPERS.register_module()

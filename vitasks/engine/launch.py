@@ -75,7 +75,8 @@ def prepare_config(
 
 def _apply_amp(cfg: Config, amp: bool) -> None:
     """Mixed precision: ``--amp`` (bf16 by default), or ``optim_wrapper.dtype`` in the config
-    (``float16`` gives fp16 autocast with dynamic loss scaling)."""
+    (``float16`` gives fp16 autocast with dynamic loss scaling). bf16 on a CPU without bf16
+    instructions warns once (:func:`vitasks.engine.amp.warn_if_bf16_is_slow`)."""
     ow = cfg.get("optim_wrapper")
     if not isinstance(ow, Mapping):
         if amp:
@@ -97,6 +98,10 @@ def _apply_amp(cfg: Config, amp: bool) -> None:
         raise ConfigError(
             f"{cfg.filename}: optim_wrapper.dtype: expected bfloat16 or float16, got {ow['dtype']!r}"
         )
+    from vitasks.engine.amp import device_type, warn_if_bf16_is_slow
+
+    # bf16 on a CPU that emulates it is several times slower than float32: say so, once.
+    warn_if_bf16_is_slow(device_type(), ow["dtype"])
 
 
 def _init_dist(cfg: Config, launcher: str) -> None:
