@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitasks.errors import ConfigError
+from vitasks.models.layers.conv import ConvBNReLU
 from vitasks.registry import MODELS
 
 _WHERE = "model.backbone.stem"
@@ -104,19 +105,6 @@ CONV_STEM_PRESETS: Dict[str, Dict[str, Tuple[int, ...]]] = {
 _PRESET_FOR_WIDTH = {192: "1GF", 384: "4GF", 768: "18GF", 1024: "36GF"}
 
 
-class ConvBNReLU(nn.Module):
-    """k x k conv (no bias) -> BatchNorm -> ReLU; state dict ``conv.weight``, ``bn.*``."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, bn_eps: float = 1e-5) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps)
-        self.act = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
-
-
 @MODELS.register_module()
 class ConvStem(nn.Module):
     """Stacked 3x3 conv-BN-ReLU layers whose strides multiply to the patch size, then a 1x1 conv
@@ -158,7 +146,7 @@ class ConvStem(nn.Module):
         layers: List[nn.Module] = []
         prev = in_channels
         for c, s in zip(channels, strides):
-            layers.append(ConvBNReLU(prev, c, kernel_size, s, bn_eps))
+            layers.append(ConvBNReLU(prev, c, kernel_size, stride=s, bn_eps=bn_eps))
             prev = c
         self.convs = nn.Sequential(*layers)
         self.proj = nn.Conv2d(prev, embed_dim, kernel_size=1)

@@ -1,4 +1,4 @@
-"""Base of the semantic segmentation decode heads, and the conv + BN + ReLU block they share.
+"""Base of the semantic segmentation decode heads.
 
 A decode head maps the backbone/neck tuple of feature maps to class logits ``(N, K, h, w)`` at
 some stride. ``loss`` upsamples the logits bilinearly to the (padded) label size and applies its
@@ -16,29 +16,6 @@ from torch import nn
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 from vitasks.structures import DataSample
-
-
-class ConvBNReLU(nn.Sequential):
-    """Conv2d (no bias) -> BatchNorm2d -> ReLU, the unit block of UperNet/FCN/SETR heads.
-
-    Args:
-        in_channels: input channels.
-        out_channels: output channels.
-        kernel_size: square kernel size; padding keeps the size (``dilation * (k // 2)``).
-        dilation: convolution dilation.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1) -> None:
-        super().__init__(
-            nn.Conv2d(
-                in_channels, out_channels, kernel_size,
-                padding=dilation * (kernel_size // 2), dilation=dilation, bias=False,
-            ),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-        )
-        # Kaiming init for ReLU convs, as mmcv's ConvModule does.
-        nn.init.kaiming_normal_(self[0].weight, mode="fan_out", nonlinearity="relu")
 
 
 def resize(x: torch.Tensor, size: Sequence[int], align_corners: bool = False) -> torch.Tensor:

@@ -14,9 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitasks.errors import ConfigError
-from vitasks.models.heads.decode_head import BaseDecodeHead, ConvBNReLU, resize
-from vitasks.models.layers import TransformerBlock
+from vitasks.models.heads.decode_head import BaseDecodeHead, resize
+from vitasks.models.layers import ConvBNReLU, TransformerBlock
 from vitasks.registry import MODELS
+
+
+def conv_block(in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1) -> ConvBNReLU:
+    """A head's conv + BN + ReLU, Kaiming-initialised (fan_out) as mmcv's ``ConvModule``."""
+    return ConvBNReLU(in_channels, out_channels, kernel_size, dilation=dilation, kaiming_init=True)
 
 
 class PyramidPooling(nn.Module):
@@ -26,7 +31,7 @@ class PyramidPooling(nn.Module):
         super().__init__()
         self.align_corners = align_corners
         self.stages = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(scale), ConvBNReLU(in_channels, channels, 1))
+            nn.Sequential(nn.AdaptiveAvgPool2d(scale), conv_block(in_channels, channels, 1))
             for scale in pool_scales
         )
 
@@ -68,10 +73,10 @@ class UPerHead(BaseDecodeHead):
             align_corners=align_corners,
         )
         self.psp = PyramidPooling(pool_scales, self.in_channels[-1], self.channels, self.align_corners)
-        self.bottleneck = ConvBNReLU(self.in_channels[-1] + len(pool_scales) * self.channels, self.channels, 3)
-        self.lateral_convs = nn.ModuleList(ConvBNReLU(c, self.channels, 1) for c in self.in_channels[:-1])
-        self.fpn_convs = nn.ModuleList(ConvBNReLU(self.channels, self.channels, 3) for _ in self.in_channels[:-1])
-        self.fpn_bottleneck = ConvBNReLU(len(self.in_channels) * self.channels, self.channels, 3)
+        self.bottleneck = conv_block(self.in_channels[-1] + len(pool_scales) * self.channels, self.channels, 3)
+        self.lateral_convs = nn.ModuleList(conv_block(c, self.channels, 1) for c in self.in_channels[:-1])
+        self.fpn_convs = nn.ModuleList(conv_block(self.channels, self.channels, 3) for _ in self.in_channels[:-1])
+        self.fpn_bottleneck = conv_block(len(self.in_channels) * self.channels, self.channels, 3)
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         feats = self._select(inputs)
@@ -132,12 +137,12 @@ class FCNHead(BaseDecodeHead):
             align_corners=align_corners,
         )
         self.convs = nn.Sequential(*(
-            ConvBNReLU(self.in_channels if i == 0 else self.channels, self.channels, kernel_size, dilation)
+            conv_block(self.in_channels if i == 0 else self.channels, self.channels, kernel_size, dilation)
             for i in range(num_convs)
         ))
         self.concat_input = bool(concat_input)
         if self.concat_input:
-            self.conv_cat = ConvBNReLU(self.in_channels + self.channels, self.channels, kernel_size)
+            self.conv_cat = conv_block(self.in_channels + self.channels, self.channels, kernel_size)
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         x = self._select(inputs)
@@ -193,7 +198,7 @@ class SETRPUPHead(BaseDecodeHead):
         self.norm = nn.LayerNorm(self.in_channels, eps=norm_eps)
         self.up_scale = int(up_scale)
         self.up_convs = nn.ModuleList(
-            ConvBNReLU(self.in_channels if i == 0 else self.channels, self.channels, kernel_size)
+            conv_block(self.in_channels if i == 0 else self.channels, self.channels, kernel_size)
             for i in range(num_convs)
         )
 

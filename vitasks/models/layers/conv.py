@@ -1,0 +1,68 @@
+"""The conv -> BatchNorm -> ReLU block shared by the convolutional stem and the decode heads."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["ConvBNReLU"]
+
+# Before the stem and the heads shared this block, the heads' version was an ``nn.Sequential``
+# whose state dict read ``0.weight`` (conv) and ``1.*`` (BatchNorm); such checkpoints still load.
+_LEGACY_PREFIXES = {"0.": "conv.", "1.": "bn."}
+
+
+class ConvBNReLU(nn.Module):
+    """k x k conv (no bias: the BatchNorm shifts) -> BatchNorm2d -> ReLU.
+
+    The unit of :class:`~vitasks.models.backbones.ConvStem` (Xiao et al. 2021) and of the
+    UperNet, FCN and SETR decode heads (mmcv's ``ConvModule`` with BN and ReLU). Padding is
+    ``dilation * (kernel_size // 2)``, so an odd kernel keeps the size at stride 1 and gives
+    ``ceil(size / stride)`` otherwise.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: square kernel size (odd).
+        stride: convolution stride.
+        dilation: convolution dilation.
+        bn_eps: BatchNorm epsilon.
+        kaiming_init: initialise the conv with Kaiming normal (fan_out, ReLU), as mmcv's
+            ``ConvModule`` does for the heads; ``False`` keeps PyTorch's default initialisation.
+
+    State dict: ``conv.weight``, ``bn.{weight,bias,running_mean,running_var,num_batches_tracked}``
+    (mmcv's ``ConvModule`` names).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        dilation: int = 1,
+        bn_eps: float = 1e-5,
+        kaiming_init: bool = False,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride=stride,
+            padding=dilation * (kernel_size // 2), dilation=dilation, bias=False,
+        )
+        self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps)
+        self.act = nn.ReLU(inplace=True)
+        if kaiming_init:
+            nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Rename the heads' former nn.Sequential keys (``<prefix>0.weight`` -> ``<prefix>conv.weight``).
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            rest = key[len(prefix):]
+            for old, new in _LEGACY_PREFIXES.items():
+                if rest.startswith(old) and prefix + new + rest[len(old):] not in state_dict:
+                    state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
+                    break
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
