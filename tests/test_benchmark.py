@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vitasks.apis import build_model
 from vitasks.benchmark import count_model_flops, format_table, init_on_meta, main, matmul_flops, run_benchmark
 from vitasks.config import load_config
+from vitasks.engine.cpu_info import cpu_info, parse_cpuinfo
 
 
 def vit_macs(img=224, patch=16, dim=768, depth=12, mlp_ratio=4, classes=1000, in_ch=3):
@@ -154,3 +155,36 @@ def test_fused_adamw_matches_the_for_loop_implementation():
         results.append([p.detach() for p in ps])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_the_cpus_capability_is_printed_beside_the_table(tmp_path, monkeypatch, capsys):
+    import vitasks.benchmark as benchmark
+
+    config = tiny_config(tmp_path)
+    args = [config, "--batch-size", "1", "--iters", "1", "--warmup", "0", "--matmul-size", "32",
+            "--matmul-iters", "1", "--no-train", "--device", "cpu"]
+    # This machine, as the detection sees it.
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    this = cpu_info()
+    cpu_line = next(line for line in out.splitlines() if line.startswith("cpu: "))
+    assert this.model_name in cpu_line and f"ISA {this.isa}" in cpu_line and "native bf16:" in cpu_line
+    assert "warning:" not in out  # no --amp, nothing to warn about
+    # An AVX2-only CPU under --amp: the table says bf16 is emulated and slower.
+    avx2 = parse_cpuinfo("model name\t: Old Xeon\nflags\t\t: fpu sse avx avx2\n", "x86_64", isa="AVX2")
+    monkeypatch.setattr(benchmark, "cpu_info", lambda: avx2)
+    out_json = tmp_path / "bench.json"
+    assert main(args + ["--amp", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "cpu: Old Xeon [x86_64], ISA AVX2, native bf16: no" in out
+    warning = next(line for line in out.splitlines() if line.startswith("warning: "))
+    assert "Old Xeon" in warning and "slower than float32" in warning
+    data = json.loads(out_json.read_text())
+    assert data["cpu"]["bf16"] is False and data["cpu"]["flags"] == ["avx2"]
+    # A CPU with AMX: --amp is fine, no warning.
+    amx = parse_cpuinfo("model name\t: New Xeon\nflags\t\t: avx2 avx512f avx512_bf16 amx_tile amx_bf16\n",
+                        "x86_64", isa="AVX512")
+    monkeypatch.setattr(benchmark, "cpu_info", lambda: amx)
+    assert main(args + ["--amp"]) == 0
+    out = capsys.readouterr().out
+    assert "native bf16: yes (avx512_bf16, amx_bf16)" in out and "warning:" not in out

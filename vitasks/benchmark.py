@@ -32,6 +32,10 @@ What is measured, per phase (inference, training):
   ``--matmul-iters`` runs before the model and as many after it (after 2 untimed ones each
   time), so one disturbance on a shared machine does not set it alone. A ratio near 1 means the
   model runs as fast as the hardware's best dense kernel allows.
+- **cpu**: the host CPU's name, the vector ISA PyTorch's kernels use and whether it has native
+  bf16 instructions (AVX-512 BF16 / AMX, Arm BF16; :mod:`vitasks.engine.cpu_info`), printed
+  above the table. Without them bf16 is emulated and ``--amp`` on the CPU is several times
+  slower than float32: the table then says so.
 - The load average before and after is recorded: on a shared CPU, other processes (and idle
   OpenMP threads spinning, see ``OMP_WAIT_POLICY``) make every figure noisy; compare runs
   made on a quiet machine.
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -54,6 +59,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from vitasks.engine.amp import slow_bf16_reason
+from vitasks.engine.cpu_info import CpuInfo, cpu_info
 from vitasks.errors import VitasksError
 
 aten = torch.ops.aten
@@ -310,6 +317,7 @@ def run_benchmark(
     amp_dtype = torch.bfloat16
     if amp and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
         amp_dtype = torch.float16
+    cpu = cpu_info()
 
     # The reference first (and again at the end): a BLAS kernel timed at two moments, so that a
     # short disturbance on a shared machine does not set the ratio on its own.
@@ -343,6 +351,10 @@ def run_benchmark(
         "config": getattr(cfg, "filename", None) or (config if isinstance(config, str) else None),
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+        # The host CPU's capability: whether bf16 is native or emulated decides whether --amp
+        # helps or hurts on the CPU (see vitasks.engine.cpu_info).
+        "cpu": dataclasses.asdict(cpu),
+        "amp_note": slow_bf16_reason(dev.type, amp_dtype, cpu) if amp else None,
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch": torch.__version__,
@@ -534,7 +546,9 @@ def format_table(result: dict[str, Any]) -> str:
         f"batch {result['batch_size']}, input {tuple(result['input_shape'])}, "
         f"amp {result['amp_dtype'] or 'off'}, compile {'on' if result['compile'] else 'off'}, "
         f"grad-ckpt {'on' if result['grad_ckpt'] else 'off'}\n"
-        f"params {result['params_m']:.2f} M; per sample: inference "
+        + (f"cpu: {CpuInfo(**result['cpu']).describe()}\n" if result.get("cpu") else "")
+        + (f"warning: {result['amp_note']}\n" if result.get("amp_note") else "")
+        + f"params {result['params_m']:.2f} M; per sample: inference "
         f"{result['gflops_per_sample']['inference']:.2f} GFLOPs "
         f"({result['gmacs_per_sample']['inference']:.2f} GMACs), training (fwd+bwd) "
         + (f"{train_gflops:.2f} GFLOPs" if train_gflops is not None else "n/a")
