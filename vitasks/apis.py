@@ -25,6 +25,7 @@ from mmengine.config import Config
 from mmengine.dataset import Compose, pseudo_collate
 from torch import nn
 
+from vitasks.data.dataset_cfg import test_dataset_cfg
 from vitasks.errors import CheckpointError, ConfigError, DataError, VitasksError
 from vitasks.registry import MODELS, TRANSFORMS
 
@@ -114,9 +115,9 @@ def _class_names(cfg: Config, meta: dict) -> list[str] | None:
         dataset_meta = (meta or {}).get("dataset_meta") or {}
         names = dataset_meta.get("classes")
     if names is None:
-        dataset = _test_dataset_cfg(cfg) or {}
+        dataset = test_dataset_cfg(cfg) or {}
         names = (dataset.get("metainfo") or {}).get("classes")
-    if names is None and cfg.get("num_classes") == 150 and (_test_dataset_cfg(cfg) or {}).get("type") == "ADE20KDataset":
+    if names is None and cfg.get("num_classes") == 150 and (test_dataset_cfg(cfg) or {}).get("type") == "ADE20KDataset":
         from vitasks.data.ade import ADE20K_CLASSES  # a bare (e.g. converted) ADE checkpoint
 
         names = ADE20K_CLASSES
@@ -162,24 +163,10 @@ def init_model(
 # Inference
 
 
-def _test_dataset_cfg(cfg: Config) -> dict | None:
-    for key in ("test_dataloader", "val_dataloader"):
-        loader = cfg.get(key)
-        dataset = loader.get("dataset") if isinstance(loader, dict) else None
-        # Dataset wrappers (ConcatDataset, RepeatDataset, ...) keep the real one under `dataset`
-        # or `datasets`.
-        while isinstance(dataset, dict) and "pipeline" not in dataset:
-            inner = dataset.get("dataset") or (dataset.get("datasets") or [None])[0]
-            dataset = inner
-        if isinstance(dataset, dict):
-            return dataset
-    return None
-
-
 def test_pipeline_cfg(cfg: Config) -> list[dict]:
     """The test pipeline: ``test_dataloader.dataset.pipeline`` (else the val loader's, else a
     top-level ``test_pipeline``). The dataset itself is not needed."""
-    dataset = _test_dataset_cfg(cfg)
+    dataset = test_dataset_cfg(cfg)
     pipeline = dataset.get("pipeline") if dataset else None
     if pipeline is None:
         pipeline = cfg.get("test_pipeline")

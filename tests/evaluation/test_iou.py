@@ -139,3 +139,49 @@ def test_dumper_writes_label_values(tmp_path):
     plain = SegPredictionDumper(out_path=str(tmp_path / "plain"), reduce_zero_label=False)
     plain.process({}, [make_sample(pred, None, img_path="x/b.png")])
     np.testing.assert_array_equal(cv2.imread(str(tmp_path / "plain" / "b.png"), cv2.IMREAD_UNCHANGED), pred)
+
+
+def test_dumper_names_by_path_relative_to_the_image_folder(tmp_path):
+    # Two images of the same file name in different sub-folders of a folder dataset.
+    dumper = SegPredictionDumper(out_path=str(tmp_path / "preds"))
+    dumper.dataset_meta = dict(classes=("a", "b", "c"), reduce_zero_label=False, img_root=str(tmp_path / "images"))
+    first, second = np.array([[0, 1]]), np.array([[2, 2]])
+    dumper.process({}, [make_sample(first, None, img_path=str(tmp_path / "images" / "a" / "x.jpg")),
+                        make_sample(second, None, img_path=str(tmp_path / "images" / "b" / "x.jpg"))])
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "preds" / "a" / "x.png"), cv2.IMREAD_UNCHANGED), first)
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "preds" / "b" / "x.png"), cv2.IMREAD_UNCHANGED), second)
+    assert sorted(p.relative_to(tmp_path / "preds").as_posix() for p in (tmp_path / "preds").rglob("*.png")) == [
+        "a/x.png", "b/x.png"]
+    # An explicit img_root wins over the dataset's.
+    explicit = SegPredictionDumper(out_path=str(tmp_path / "explicit"), img_root=str(tmp_path))
+    explicit.process({}, [make_sample(first, None, img_path=str(tmp_path / "images" / "a" / "x.jpg"))])
+    assert (tmp_path / "explicit" / "images" / "a" / "x.png").is_file()
+
+
+def test_dumper_refuses_to_overwrite_a_prediction_of_the_same_name(tmp_path):
+    dumper = SegPredictionDumper(out_path=str(tmp_path / "preds"), reduce_zero_label=False)  # no image folder known
+    dumper.process({}, [make_sample(np.array([[1]]), None, img_path="/data/a/x.jpg")])
+    with pytest.raises(DataError, match=r"/data/b/x.jpg and /data/a/x.jpg .*img_root"):
+        dumper.process({}, [make_sample(np.array([[2]]), None, img_path="/data/b/x.jpg")])
+    assert cv2.imread(str(tmp_path / "preds" / "x.png"), cv2.IMREAD_UNCHANGED)[0, 0] == 1
+    # A new evaluation (results emptied, as evaluate() does) may write the same names again.
+    dumper.results.clear()
+    dumper.process({}, [make_sample(np.array([[2]]), None, img_path="/data/b/x.jpg")])
+    assert cv2.imread(str(tmp_path / "preds" / "x.png"), cv2.IMREAD_UNCHANGED)[0, 0] == 2
+
+
+def test_dumper_reports_a_file_it_cannot_write(tmp_path):
+    dumper = SegPredictionDumper(out_path=str(tmp_path / "preds"), reduce_zero_label=False)
+    (tmp_path / "preds" / "x.png").mkdir()  # cv2.imwrite cannot write over a folder
+    with pytest.raises(DataError, match=r"could not write the prediction of img/x.jpg to .*x\.png"):
+        dumper.process({}, [make_sample(np.array([[1]]), None, img_path="img/x.jpg")])
+
+
+def test_dumper_sample_flag_wins_over_the_configured_one(tmp_path):
+    # The sample says how its dataset read labels; the configured value is the fallback.
+    dumper = SegPredictionDumper(out_path=str(tmp_path), reduce_zero_label=False)
+    pred = np.array([[0, 3]])
+    dumper.process({}, [make_sample(pred, None, img_path="r.jpg", reduce_zero_label=True),
+                        make_sample(pred, None, img_path="p.jpg")])
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "r.png"), cv2.IMREAD_UNCHANGED), pred + 1)
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "p.png"), cv2.IMREAD_UNCHANGED), pred)

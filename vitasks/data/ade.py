@@ -146,6 +146,9 @@ class SegFolderDataset(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
             lazy_init=lazy_init,
             max_refetch=max_refetch,
         )
+        # The folder that image names are relative to (`--dump` names its PNGs after it). Set
+        # here, not through `metainfo=`, where mmengine would read a string as a file to load.
+        self._metainfo["img_root"] = os.path.abspath(self.img_path)
 
     def _default_classes(self, data_root: str, num_classes: int | None) -> list[str] | None:
         """Class names when the config gives none (overridden by ADE20K)."""

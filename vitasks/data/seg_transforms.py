@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vitasks.data.seeding import sample_rng
+from vitasks.data.seg_labels import reduce_zero
 from vitasks.data.transforms import BaseTransform
 from vitasks.errors import ConfigError, DataError
 from vitasks.registry import TRANSFORMS
@@ -46,14 +47,6 @@ def read_label_map(path: str) -> np.ndarray:
         raise DataError(f"label file not found: {path}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"cannot read label map {path}: {e}") from e
-
-
-def reduce_zero(label: np.ndarray, ignore_index: int = 255) -> np.ndarray:
-    """0 ("other") -> ignore_index, v -> v - 1 otherwise; ignore_index itself stays."""
-    out = label.astype(np.int64) - 1
-    out[label == 0] = ignore_index
-    out[label == ignore_index] = ignore_index
-    return out
 
 
 @TRANSFORMS.register_module()

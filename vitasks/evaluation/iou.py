@@ -25,6 +25,7 @@ import torch
 from mmengine.evaluator import BaseMetric
 from mmengine.logging import print_log
 
+from vitasks.data.seg_labels import encode_label_map, sample_reduce_zero_label
 from vitasks.errors import ConfigError, DataError
 from vitasks.registry import METRICS
 
@@ -216,30 +217,27 @@ def format_class_table(names: Sequence[str], scores: Mapping[str, np.ndarray]) -
     return "\n".join(lines)
 
 
-def encode_label_map(pred: torch.Tensor | np.ndarray, reduce_zero_label: bool) -> np.ndarray:
-    """A predicted ``(H, W)`` class-id map in the dataset's own label values, ready for a PNG.
-
-    With ``reduce_zero_label`` (ADE20K) class ``c`` is written as ``c + 1`` (0 stays "other").
-    The result is uint8, or uint16 when a value exceeds 255 (a 16-bit PNG).
-    """
-    values = torch.as_tensor(pred).cpu().numpy().astype(np.int64)
-    if reduce_zero_label:
-        values = values + 1
-    dtype = np.uint8 if values.max(initial=0) <= 255 else np.uint16
-    return values.astype(dtype)
-
-
 @METRICS.register_module()
 class SegPredictionDumper(BaseMetric):
     """Write each prediction as a PNG label map named after its image (``--dump PATH``).
 
+    The PNG's path under ``out_path`` is the image's path relative to the image folder, with
+    ``.png`` for its suffix (``a/x.jpg`` -> ``OUT/a/x.png``; sub-folders are created), so images
+    of the same name in different folders do not overwrite each other. The image folder is
+    ``img_root``, else the dataset's (``img_root`` in its metainfo, which the segmentation
+    datasets give); an image outside it, or without either, is named by its file name, and two
+    predictions that would get the same name are refused (DataError) rather than overwritten.
+
     Values are the dataset's own label values: with ``reduce_zero_label`` (ADE20K) a predicted
-    class id ``c`` is written as ``c + 1``, so ADE predictions read 1..150 like its annotations.
-    Maps with values above 255 are written as 16-bit PNGs.
+    class id ``c`` is written as ``c + 1``, so ADE predictions read 1..150 like its annotations
+    (:mod:`vitasks.data.seg_labels`). Maps with values above 255 are written as 16-bit PNGs.
 
     Args:
         out_path: folder to write into (created if missing).
-        reduce_zero_label: ``None`` takes the sample's or dataset's ``reduce_zero_label``.
+        reduce_zero_label: used for samples that do not carry their own ``reduce_zero_label``;
+            ``None`` takes the dataset's (metainfo).
+        img_root: the image folder that names are made relative to; ``None`` takes the
+            dataset's.
         collect_device: unused (files are written by every rank), kept for mmengine.
         prefix: unused, kept for mmengine.
     """
@@ -250,35 +248,61 @@ class SegPredictionDumper(BaseMetric):
         self,
         out_path: str,
         reduce_zero_label: bool | None = None,
+        img_root: str | None = None,
         collect_device: str = "cpu",
         prefix: str | None = None,
     ) -> None:
         super().__init__(collect_device=collect_device, prefix=prefix)
         if not out_path:
             raise ConfigError("SegPredictionDumper: out_path must be a folder path")
-        self.out_path = out_path
+        self.out_path = str(out_path)
         self.reduce_zero_label = reduce_zero_label
-        os.makedirs(out_path, exist_ok=True)
+        self.img_root = img_root
+        # Written file -> the image it came from, to refuse a second prediction of the same name.
+        self._written: dict[str, str] = {}
+        os.makedirs(self.out_path, exist_ok=True)
 
-    def _reduce(self, sample: Any) -> bool:
+    def _default_reduce(self) -> bool | None:
         if self.reduce_zero_label is not None:
             return bool(self.reduce_zero_label)
-        value = _field(sample, "reduce_zero_label")
-        if value is None:
-            value = (self.dataset_meta or {}).get("reduce_zero_label", False)
-        return bool(value)
+        return (self.dataset_meta or {}).get("reduce_zero_label")
+
+    def output_name(self, img_path: str) -> str:
+        """The PNG's path relative to ``out_path`` (``/``-separated) for an image."""
+        root = self.img_root or (self.dataset_meta or {}).get("img_root")
+        rel = None
+        if root:
+            rel = osp.relpath(osp.abspath(img_path), osp.abspath(root))
+            if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+                rel = None  # outside the image folder
+        if rel is None:
+            rel = osp.basename(img_path)
+        return osp.splitext(rel)[0].replace(os.sep, "/") + ".png"
 
     def process(self, data_batch: Any, data_samples: Sequence[Any]) -> None:
         """Write one PNG per sample."""
         import cv2
 
+        if not self.results:  # a new evaluation (evaluate() empties the results on every rank)
+            self._written.clear()
         for index, sample in enumerate(data_samples):
             pred = _pixel_data(sample, "pred_sem_seg")
             if pred is None:
                 raise DataError("SegPredictionDumper: a sample has no pred_sem_seg to dump")
             img_path = _field(sample, "img_path") or f"{len(self.results) + index:08d}"
-            name = osp.splitext(osp.basename(str(img_path)))[0] + ".png"
-            cv2.imwrite(osp.join(self.out_path, name), encode_label_map(pred, self._reduce(sample)))
+            name = self.output_name(str(img_path))
+            if name in self._written:
+                raise DataError(
+                    f"SegPredictionDumper: {img_path} and {self._written[name]} would both be written "
+                    f"to {osp.join(self.out_path, name)}; set the dumper's img_root to the image folder "
+                    "so that predictions are named by their path relative to it"
+                )
+            path = osp.join(self.out_path, *name.split("/"))
+            os.makedirs(osp.dirname(path), exist_ok=True)
+            values = encode_label_map(pred, sample_reduce_zero_label(sample, self._default_reduce()))
+            if not cv2.imwrite(path, values):
+                raise DataError(f"SegPredictionDumper: could not write the prediction of {img_path} to {path}")
+            self._written[name] = str(img_path)
         self.results.extend([None] * len(data_samples))
 
     def compute_metrics(self, results: list) -> dict:

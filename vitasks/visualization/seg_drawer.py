@@ -7,7 +7,7 @@ For each input :func:`vitasks.apis.run_inference` writes, through :class:`SegPre
   share per class present, largest first;
 - ``<name>_labels.png``: the raw label map at the image's size, in the dataset's own label values
   (with ``reduce_zero_label``, as ADE20K, class ``c`` is stored as ``c + 1``), as ``tools/test.py
-  --dump`` writes it (:func:`vitasks.evaluation.iou.encode_label_map`);
+  --dump`` writes it (:func:`vitasks.data.seg_labels.encode_label_map`);
 - in ``<name>.json``: ``"classes": [{"label", "value", "class_name", "pixels", "fraction"}, ...]``
   (``label`` the model's class id, ``value`` its value in the label PNG) and ``"label_map"``.
 """
@@ -25,9 +25,9 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+from vitasks.data.seg_labels import configured_reduce_zero_label, encode_label_map, sample_reduce_zero_label
 from vitasks.errors import DataError
-from vitasks.evaluation.iou import encode_label_map
-from vitasks.registry import DATASETS, VISUALIZERS
+from vitasks.registry import VISUALIZERS
 
 from .drawers import PredictionDrawer, _font, class_name, font_size_for, upscale_for_display
 
@@ -148,28 +148,13 @@ def _label_map(sample: Any) -> np.ndarray:
 
 
 def _dataset_reduce_zero_label(model: nn.Module) -> bool:
-    """``reduce_zero_label`` of the model's test dataset: the config's value, else the dataset
-    class's default (ADE20KDataset: true), else false."""
+    """``reduce_zero_label`` of the model's test dataset: its metainfo's, else the config's value,
+    else the dataset class's default (ADE20KDataset: true), else false."""
     meta = getattr(model, "dataset_meta", None) or {}
     if meta.get("reduce_zero_label") is not None:
         return bool(meta["reduce_zero_label"])
     cfg = getattr(model, "cfg", None)
-    if cfg is None:
-        return False
-    from vitasks.apis import _test_dataset_cfg
-
-    dataset = _test_dataset_cfg(cfg) or {}
-    if "reduce_zero_label" in dataset:
-        return bool(dataset["reduce_zero_label"])
-    kind = dataset.get("type")
-    cls = DATASETS.get(kind) if isinstance(kind, str) else kind
-    if isinstance(cls, type):
-        import inspect
-
-        param = inspect.signature(cls).parameters.get("reduce_zero_label")
-        if param is not None and param.default is not inspect.Parameter.empty:
-            return bool(param.default)
-    return False
+    return bool(cfg is not None and configured_reduce_zero_label(cfg))
 
 
 @VISUALIZERS.register_module()
@@ -195,8 +180,7 @@ class SegPredictionDrawer(PredictionDrawer):
         return cls(reduce_zero_label=_dataset_reduce_zero_label(model))
 
     def _reduce(self, sample: Any) -> bool:
-        value = sample.get("reduce_zero_label") if hasattr(sample, "get") else None
-        return self.reduce_zero_label if value is None else bool(value)
+        return sample_reduce_zero_label(sample, self.reduce_zero_label)
 
     @staticmethod
     def _palette(sample: Any, labels: np.ndarray, class_names: list[str] | None) -> np.ndarray:
