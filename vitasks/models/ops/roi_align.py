@@ -1,0 +1,220 @@
+"""RoIAlign in plain torch, equal to ``torchvision.ops.roi_align``.
+
+The definition (Mask R-CNN's, as torchvision and detectron2 implement it). A RoI
+(x1, y1, x2, y2) is scaled by ``spatial_scale`` and, when ``aligned``, shifted by -0.5 so that
+pixel centres sit at half-integers; without ``aligned`` its width and height are raised to at
+least 1. It is cut into ``output_size`` bins; each bin averages ``grid_h x grid_w`` bilinear samples
+placed at the centres of a regular sub-grid, where the grid is ``sampling_ratio`` per side, or,
+when ``sampling_ratio <= 0``, ``ceil(roi_height / output_height)`` by
+``ceil(roi_width / output_width)`` (one sample per feature cell, at least). A sample further than one
+cell outside the feature map contributes 0 (it still counts in the average); one within that
+margin is clamped onto the border.
+
+How it is vectorised: bilinear weights are separable, ``w(y, x) = w_y(y) * w_x(x)``, and so is the
+validity test, so each RoI needs only the two neighbouring rows of each sample row and the two
+neighbouring columns of each sample column. One gather fetches those (rows x columns x channels)
+values for a chunk of RoIs from a channels-last copy of the feature map, and two small batched
+matmuls apply the row and column weights and sum the samples of each bin. RoIs are grouped by
+their sampling grid (the adaptive grid differs between RoIs) and chunked to bound memory.
+Gradients flow to the features through the gather (autograd); RoIs get none, as in torchvision.
+"""
+
+from typing import List, Sequence, Tuple, Union
+
+import torch
+
+from ._precision import as_float, autocast_off
+
+# Values gathered per step (RoIs x sample rows x sample columns x channels): 16M floats = 64 MB.
+GATHER_BUDGET = 1 << 24
+
+BoxesArg = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def _pair(size: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)
+
+
+def boxes_to_rois(boxes: BoxesArg) -> torch.Tensor:
+    """RoIs (K, 5) as (batch_index, x1, y1, x2, y2) from either such a tensor or a list with one
+    (K_i, 4) box tensor per image (image i gets batch index i)."""
+    if isinstance(boxes, torch.Tensor):
+        if boxes.dim() != 2 or boxes.shape[1] != 5:
+            raise ValueError(
+                "RoIs must be a (K, 5) tensor of (batch_index, x1, y1, x2, y2) or a list of (K_i, 4) "
+                f"box tensors, one per image; got a tensor of shape {tuple(boxes.shape)}"
+            )
+        return boxes
+    per_image = []
+    for image_index, image_boxes in enumerate(boxes):
+        if image_boxes.dim() != 2 or image_boxes.shape[1] != 4:
+            raise ValueError(
+                f"boxes of image {image_index} must have shape (K, 4), got {tuple(image_boxes.shape)}"
+            )
+        index_column = image_boxes.new_full((image_boxes.shape[0], 1), image_index)
+        per_image.append(torch.cat((index_column, image_boxes), dim=1))
+    if not per_image:
+        return torch.zeros((0, 5))
+    return torch.cat(per_image)
+
+
+def _bilinear_taps(coords: torch.Tensor, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For sample positions along one axis of length ``size``: the two neighbouring cell indices
+    (..., 2) and their interpolation weights (..., 2), with torchvision's border rules."""
+    valid = (coords >= -1.0) & (coords <= size)
+    coords = torch.where(valid, coords, torch.zeros_like(coords)).clamp(min=0)
+    low = coords.floor()
+    # A sample on or past the last cell reads that cell alone.
+    at_edge = low >= size - 1
+    low = torch.where(at_edge, torch.full_like(low, size - 1), low)
+    high = torch.where(at_edge, low, low + 1)
+    frac = torch.where(at_edge, torch.zeros_like(coords), coords - low)
+    weights = torch.stack((1 - frac, frac), dim=-1) * valid[..., None]
+    indices = torch.stack((low, high), dim=-1).long()
+    return indices, weights
+
+
+def _sample_positions(
+    start: torch.Tensor, bin_size: torch.Tensor, num_bins: int, grid: int
+) -> torch.Tensor:
+    """Sample coordinates (K, num_bins, grid) along one axis, in torchvision's operation order
+    (start + bin * bin_size + (i + 0.5) * bin_size / grid) so they agree with it to the bit."""
+    bins = torch.arange(num_bins, dtype=start.dtype, device=start.device)
+    offsets = torch.arange(grid, dtype=start.dtype, device=start.device) + 0.5
+    bin_starts = start[:, None, None] + bins[None, :, None] * bin_size[:, None, None]
+    return bin_starts + offsets[None, None, :] * bin_size[:, None, None] / grid
+
+
+def _align_chunk(
+    features: torch.Tensor,
+    batch_index: torch.Tensor,
+    row_taps: Tuple[torch.Tensor, torch.Tensor],
+    col_taps: Tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """Bins (k, p, q, C) for k RoIs from channels-last ``features`` (N, H, W, C), given the row
+    taps (k, p, grid_h, 2) and column taps (k, q, grid_w, 2) (indices and weights)."""
+    rows, row_weights = row_taps
+    cols, col_weights = col_taps
+    k, p, grid_h, _ = rows.shape
+    q, grid_w = cols.shape[1], cols.shape[2]
+    channels = features.shape[-1]
+    values = features[
+        batch_index[:, None, None], rows.reshape(k, -1, 1), cols.reshape(k, 1, -1)
+    ]  # (k, p * grid_h * 2, q * grid_w * 2, C)
+    # Rows: weight the 2 * grid_h tap rows of each output row and sum them.
+    values = values.reshape(k, p, grid_h * 2, q * grid_w * 2 * channels)
+    values = torch.matmul(row_weights.reshape(k, p, 1, grid_h * 2), values)
+    # Columns: the same for the 2 * grid_w tap columns of each output column.
+    values = values.reshape(k, p, q, grid_w * 2, channels)
+    values = torch.matmul(col_weights.reshape(k, 1, q, 1, grid_w * 2), values)
+    return values.reshape(k, p, q, channels) / (grid_h * grid_w)
+
+
+def _align_group(
+    features: torch.Tensor,
+    batch_index: torch.Tensor,
+    y_samples: torch.Tensor,
+    x_samples: torch.Tensor,
+) -> torch.Tensor:
+    """Bins (K, p, q, C) for RoIs that share one sampling grid, in memory-bounded steps over RoIs
+    (and, for RoIs with a huge grid, over output rows)."""
+    height, width, channels = features.shape[1:]
+    num_rois, out_h, grid_h = y_samples.shape
+    out_w, grid_w = x_samples.shape[1:]
+    row_taps = _bilinear_taps(y_samples, height)
+    col_taps = _bilinear_taps(x_samples, width)
+    per_output_row = (2 * grid_h) * (out_w * 2 * grid_w) * channels
+    rows_per_step = max(1, min(out_h, GATHER_BUDGET // per_output_row))
+    rois_per_step = max(1, GATHER_BUDGET // (per_output_row * out_h)) if rows_per_step == out_h else 1
+    results = []
+    for first in range(0, num_rois, rois_per_step):
+        rois = slice(first, first + rois_per_step)
+        row_parts = []
+        for first_row in range(0, out_h, rows_per_step):
+            out_rows = slice(first_row, first_row + rows_per_step)
+            row_parts.append(
+                _align_chunk(
+                    features,
+                    batch_index[rois],
+                    (row_taps[0][rois, out_rows], row_taps[1][rois, out_rows]),
+                    (col_taps[0][rois], col_taps[1][rois]),
+                )
+            )
+        results.append(torch.cat(row_parts, dim=1))
+    return torch.cat(results)
+
+
+def roi_align(
+    input: torch.Tensor,
+    boxes: BoxesArg,
+    output_size: Union[int, Tuple[int, int]],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> torch.Tensor:
+    """RoIAlign; same arguments and result as ``torchvision.ops.roi_align``.
+
+    Args:
+        input: feature maps (N, C, H, W).
+        boxes: RoIs (K, 5) as (batch_index, x1, y1, x2, y2) in image coordinates, or a list of
+            (K_i, 4) box tensors, one per image.
+        output_size: bins per RoI, ``int`` or ``(height, width)``.
+        spatial_scale: feature-map cells per image pixel (1 / stride).
+        sampling_ratio: samples per bin side; ``<= 0`` picks ceil(roi size / output size) per RoI.
+        aligned: shift boxes by -0.5 cell so that samples fall on pixel centres (detectron2's and
+            ViTDet's choice); ``False`` is the original Mask R-CNN definition.
+
+    Returns:
+        (K, C, output_height, output_width) in the dtype of ``input`` (computed in float32, or
+        float64 for float64 input, also under autocast).
+    """
+    if input.dim() != 4:
+        raise ValueError(f"roi_align expects features (N, C, H, W), got shape {tuple(input.shape)}")
+    out_h, out_w = _pair(output_size)
+    rois = boxes_to_rois(boxes).to(input.device)
+    num_rois = rois.shape[0]
+    channels, height, width = input.shape[1:]
+    if num_rois == 0 or height == 0 or width == 0:
+        return input.new_zeros((num_rois, channels, out_h, out_w))
+    with autocast_off(input.device.type):
+        features = as_float(input)
+        # Channels-last so that the gather reads contiguous channel vectors.
+        features = features.permute(0, 2, 3, 1).contiguous()
+        rois = rois.detach().to(features.dtype)
+        offset = 0.5 if aligned else 0.0
+        start_x = rois[:, 1] * spatial_scale - offset
+        start_y = rois[:, 2] * spatial_scale - offset
+        roi_w = (rois[:, 3] * spatial_scale - offset) - start_x
+        roi_h = (rois[:, 4] * spatial_scale - offset) - start_y
+        if not aligned:
+            roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+        bin_w, bin_h = roi_w / out_w, roi_h / out_h
+        if sampling_ratio > 0:
+            grids = torch.full((num_rois, 2), sampling_ratio, dtype=torch.long, device=rois.device)
+        else:
+            grids = torch.stack((torch.ceil(roi_h / out_h), torch.ceil(roi_w / out_w)), dim=1)
+            grids = torch.nan_to_num(grids, nan=0.0).long()
+        batch_index = rois[:, 0].long()
+
+        group_grids, group_of_roi = torch.unique(grids, dim=0, return_inverse=True)
+        members_per_group: List[torch.Tensor] = []
+        bins_per_group: List[torch.Tensor] = []
+        for group, (grid_h, grid_w) in enumerate(group_grids.tolist()):
+            members = (group_of_roi == group).nonzero().squeeze(1)
+            members_per_group.append(members)
+            if grid_h <= 0 or grid_w <= 0:
+                # An empty sampling grid (an inverted RoI with adaptive sampling) averages nothing.
+                bins_per_group.append(features.new_zeros((len(members), out_h, out_w, channels)))
+                continue
+            y_samples = _sample_positions(start_y[members], bin_h[members], out_h, grid_h)
+            x_samples = _sample_positions(start_x[members], bin_w[members], out_w, grid_w)
+            bins_per_group.append(
+                _align_group(features, batch_index[members], y_samples, x_samples)
+            )
+        bins = torch.cat(bins_per_group)
+        # Back to the input order of the RoIs.
+        bins = bins[torch.argsort(torch.cat(members_per_group))]
+        return bins.permute(0, 3, 1, 2).contiguous().to(input.dtype)
