@@ -90,9 +90,9 @@ def test_ignore_index_of_a_real_class_is_not_ignored_for_image_labels():
     labels = torch.tensor([255, 3, 255])
     loss = CrossEntropyLoss()(logits, labels)
     assert loss.item() == pytest.approx(_brute_hard(logits.tolist(), labels.tolist(), ignore=None), rel=1e-5)
-    # With fewer classes than the ignore index, it is ignored.
+    # With fewer classes than the ignore index, it is ignored (and counted in the divisor).
     small = torch.randn(3, 4)
-    expected = _brute_hard(small.tolist(), [255, 3, 255])
+    expected = _brute_hard(small.tolist(), [255, 3, 255], avg_non_ignore=False)
     assert CrossEntropyLoss()(small, torch.tensor([255, 3, 255])).item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -118,3 +118,16 @@ def test_bad_arguments():
         CrossEntropyLoss(class_weight=[1.0, 2.0])(torch.randn(2, 3), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="do not fit"):
         CrossEntropyLoss()(torch.randn(2, 3), torch.tensor([0, 1, 2]))
+
+
+def test_default_averages_over_all_pixels_as_mmseg():
+    # mmseg's CrossEntropyLoss (and the BEiT/MAE ADE20K recipe) divides by every pixel, ignored
+    # ones included; avg_non_ignore=True divides by the labelled ones only.
+    logits = torch.randn(2, 4, 3, 5)
+    labels = torch.randint(0, 4, (2, 3, 5))
+    labels[:, 0] = 255
+    summed = torch.nn.functional.cross_entropy(logits, labels, ignore_index=255, reduction="sum")
+    assert CrossEntropyLoss()(logits, labels).item() == pytest.approx(summed.item() / labels.numel(), rel=1e-5)
+    labelled = int((labels != 255).sum())
+    assert CrossEntropyLoss(avg_non_ignore=True)(logits, labels).item() == pytest.approx(
+        summed.item() / labelled, rel=1e-5)

@@ -32,17 +32,18 @@ class CrossEntropyLoss(nn.Module):
     ``class_weight`` scales each class's term (PyTorch's ``weight``: for hard labels a sample is
     scaled by the weight of its class).
 
-    Reduction: the mean of the per-element losses. With ``avg_non_ignore=True`` the sum is divided
-    by the number of non-ignored elements (the mean over labelled pixels); with ``False`` by all
-    elements, ignored ones included (older mmseg behaviour). An explicit ``avg_factor`` replaces
-    the divisor.
+    Reduction: the sum of the per-element losses divided by the number of elements, ignored
+    ones included (``avg_non_ignore=False``, mmseg's default and the BEiT/MAE ADE20K recipe);
+    with ``avg_non_ignore=True`` by the number of non-ignored elements only (the mean over
+    labelled pixels). The two differ only when labels are ignored. An explicit ``avg_factor``
+    replaces the divisor.
 
     Args:
         loss_weight: Multiplies the loss.
         label_smoothing: Smoothing factor ``eps`` in [0, 1).
         class_weight: Optional per-class weights (K values).
         ignore_index: Hard-label value to ignore (255 for segmentation maps).
-        avg_non_ignore: Average over non-ignored elements only.
+        avg_non_ignore: Divide by the non-ignored elements only (default: by all elements).
     """
 
     def __init__(
@@ -51,7 +52,7 @@ class CrossEntropyLoss(nn.Module):
         label_smoothing: float = 0.0,
         class_weight: Optional[Sequence[float]] = None,
         ignore_index: int = 255,
-        avg_non_ignore: bool = True,
+        avg_non_ignore: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:

@@ -7,6 +7,7 @@ loss(es) with the ignore index; the segmentor resizes logits for prediction.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -58,8 +59,8 @@ class BaseDecodeHead(nn.Module):
         num_classes: number of classes K.
         in_index: index (or list of indices) of the input map(s) in the backbone/neck tuple.
         dropout_ratio: dropout before the classifier.
-        loss_decode: a loss config (default cross-entropy, ignore 255, mean over labelled pixels)
-            or a list of them, summed.
+        loss_decode: a loss config (default: cross-entropy averaged over all pixels, as mmseg) or
+            a list of them, summed; a loss config without ``ignore_index`` gets the head's.
         ignore_index: label value excluded from loss and accuracy.
         align_corners: ``align_corners`` of the bilinear resizes.
         with_conv_seg: build the 1x1 classifier (``conv_seg``); heads that classify otherwise
@@ -98,19 +99,30 @@ class BaseDecodeHead(nn.Module):
         self.ignore_index = int(ignore_index)
         self.align_corners = bool(align_corners)
         if loss_decode is None:
-            loss_decode = dict(type="CrossEntropyLoss", ignore_index=self.ignore_index)
+            loss_decode = dict(type="CrossEntropyLoss")
         loss_cfgs = [loss_decode] if isinstance(loss_decode, (dict, nn.Module)) else list(loss_decode)
         if not loss_cfgs:
             raise ConfigError(f"{owner}: loss_decode is empty")
         self.loss_names = [_loss_name(c, i, len(loss_cfgs)) for i, c in enumerate(loss_cfgs)]
         self.loss_decode = nn.ModuleList(
-            MODELS.build(dict(c)) if isinstance(c, dict) else c for c in loss_cfgs
+            MODELS.build(self._with_ignore_index(c)) if isinstance(c, dict) else c for c in loss_cfgs
         )
         self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else nn.Identity()
         if with_conv_seg:
             self.conv_seg = nn.Conv2d(self.channels, num_classes, kernel_size=1)
             nn.init.normal_(self.conv_seg.weight, std=0.01)
             nn.init.zeros_(self.conv_seg.bias)
+
+    def _with_ignore_index(self, loss_cfg: dict) -> dict:
+        """The loss config with the head's ``ignore_index`` when it gives none and the loss takes
+        one (a loss config that sets its own keeps it)."""
+        loss_cfg = dict(loss_cfg)
+        if "ignore_index" not in loss_cfg:
+            kind = loss_cfg.get("type")
+            loss_cls = MODELS.get(kind) if isinstance(kind, str) else kind
+            if isinstance(loss_cls, type) and "ignore_index" in inspect.signature(loss_cls).parameters:
+                loss_cfg["ignore_index"] = self.ignore_index
+        return loss_cfg
 
     def _select(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         """The input map(s) named by ``in_index``."""

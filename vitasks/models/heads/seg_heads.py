@@ -308,6 +308,19 @@ class SegmenterMaskHead(BaseDecodeHead):
         self.patch_proj = nn.Linear(embed_dims, embed_dims, bias=False)
         self.classes_proj = nn.Linear(embed_dims, embed_dims, bias=False)
         self.mask_norm = nn.LayerNorm(num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Segmenter's initialisation: every Linear trunc_normal(std 0.02) with zero bias,
+        every LayerNorm weight 1 and bias 0 (the class embeddings are drawn above)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         x = self._select(inputs)
