@@ -1,5 +1,7 @@
 """Safe checkpoint loading and the load_from rules (vitasks/engine/checkpoint.py, runner)."""
 
+import copy
+import json
 import pickle
 from collections import OrderedDict
 
@@ -12,6 +14,7 @@ from torch import nn
 
 import vitasks_toy_plugin as toy
 from vitasks.engine.checkpoint import (
+    RecordedStateDict,
     get_state_dict,
     is_head_key,
     load_checkpoint_file,
@@ -170,7 +173,7 @@ def test_load_model_weights_rules():
     holder = nn.Module()
     holder.backbone = _Resampling(6)
     result = load_model_weights(holder, {"backbone.pos": torch.arange(3.0)[None]}, "grid")
-    assert result == dict(missing=[], unexpected=[], skipped=[])
+    assert result == dict(missing=[], unexpected=[], skipped=[], architecture=[])
     assert holder.backbone.pos.shape == (1, 6)
 
 
@@ -191,3 +194,30 @@ def test_load_from_in_a_config(tmp_path):
     cfg = toy.write_config(tmp_path, load_from=str(tmp_path / "wide.pth"), **frozen)
     with pytest.raises(CheckpointError, match=r"'backbone\.0\.weight' has shape \(32, 8\)"):
         train(cfg, work_dir=str(tmp_path / "wd2"))
+
+
+def test_a_recorded_architecture_travels_with_the_state_dict_and_is_never_saved(tmp_path):
+    arch = {"type": "VisionTransformer", "norm_eps": 1e-12}
+    sd = _state_dict()
+    torch.save({"state_dict": sd, "meta": {"architecture": arch}}, tmp_path / "converted.pth")
+    save_file(dict(sd), str(tmp_path / "converted.safetensors"),
+              metadata={"vitasks_meta": json.dumps({"architecture": arch, "converted_from": "timm"})})
+    for name in ("converted.pth", "converted.safetensors"):
+        loaded = load_checkpoint_file(str(tmp_path / name))
+        assert loaded["meta"]["architecture"] == arch, name
+        assert isinstance(loaded["state_dict"], RecordedStateDict) and loaded["state_dict"].architecture == arch
+        unwrapped = get_state_dict(loaded)  # what init_model passes on
+        assert unwrapped.architecture == arch and set(unwrapped) == {"w", "b"}
+        assert torch.equal(unwrapped["w"], sd["w"])
+    # Saved again, it is a plain OrderedDict: torch's own weights-only loader (no vitasks
+    # allowlist) reads it, and copies drop the record.
+    torch.save(loaded, tmp_path / "again.pth")
+    again = torch.load(tmp_path / "again.pth", weights_only=True)
+    assert type(again["state_dict"]) is OrderedDict and torch.equal(again["state_dict"]["w"], sd["w"])
+    assert type(copy.deepcopy(loaded["state_dict"])) is OrderedDict
+    # A safetensors file without vitasks metadata stays a flat tensor dict.
+    save_file(dict(sd), str(tmp_path / "plain.safetensors"))
+    assert set(load_checkpoint_file(str(tmp_path / "plain.safetensors"))) == {"w", "b"}
+    # A record with a model whose backbone is not a ViT: nothing to compare.
+    result = load_model_weights(toy.ToyClassifier(), loaded["state_dict"], "converted")
+    assert result["architecture"] == [] and sorted(result["unexpected"]) == ["b", "w"]

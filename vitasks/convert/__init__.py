@@ -5,11 +5,14 @@
 or ``np.load(allow_pickle=False)``), renames it to a vitasks classifier state dict
 (``backbone.*`` + ``head.*``: loadable by ``ImageClassifier``, and by any task model for the
 backbone part), applies the fine-tuning edits the ViT paper uses, and saves
-``{"state_dict": ..., "meta": {"converted_from", "source", "config_hint", "head_hint", ...}}``
-(``torch.save``; or ``.safetensors`` with the meta as JSON metadata ``vitasks_meta``).
-``meta["config_hint"]`` is the ``VisionTransformer`` arguments that give the source model's
-outputs; the command prints them as a config section, with the matching
-``configs/_base_/models/vit_*.yaml``.
+``{"state_dict": ..., "meta": {"converted_from", "source", "config_hint", "architecture",
+"head_hint", ...}}`` (``torch.save``; or ``.safetensors`` with the meta as JSON metadata
+``vitasks_meta``). ``meta["config_hint"]`` is the ``VisionTransformer`` arguments that give the
+source model's outputs; the command prints them as a config section, with the matching
+``configs/_base_/models/vit_*.yaml``. ``meta["architecture"]`` records the settings of that
+backbone that change outputs (:mod:`vitasks.engine.architecture`): loading the checkpoint into a
+model whose backbone differs in any of them (``load_from``, ``init_model``, ``tools/test.py``)
+warns once, naming each setting and both values.
 
 Every source module translates into timm's naming (:mod:`vitasks.convert.common`); the shared
 code does the rest. Conventions each source fixes:

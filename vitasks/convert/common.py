@@ -446,10 +446,15 @@ def to_vitasks(src: Source, opts: ConvertOptions) -> Tuple[StateDict, Dict[str, 
         stem=stem,
     )
     out = {k: _compact(v) for k, v in out.items()}
+    from vitasks.engine.architecture import architecture_from_config
+
     meta = dict(
         converted_from=src.fmt,
         source=os.path.abspath(src.path),
         config_hint=hint,
+        # What the hint builds, read back from the built backbone: loading the checkpoint into
+        # a model whose backbone differs in any of it warns (vitasks.engine.checkpoint).
+        architecture=architecture_from_config(hint),
         head_hint=head_hint,
         data_preprocessor_hint=src.input_norm,
         source_img_size=list(src_img),
@@ -522,7 +527,8 @@ def describe(meta: Dict[str, Any]) -> str:
         "  matching base config: " + (config or "none shipped; start from "
                                       "configs/_base_/models/vit_base_p16.yaml"),
         "  set these in the config (norm_eps, mlp_act, pool, norms and the stem's epsilons matter "
-        "for exact outputs):",
+        "for exact outputs; the checkpoint records them, and loading it into a backbone that "
+        "differs warns, naming each):",
     ]
     lines += ["    " + line for line in yaml.safe_dump(section, sort_keys=False, default_flow_style=None).rstrip().splitlines()]
     lines += [f"  note: {n}" for n in meta.get("notes", [])]

@@ -21,28 +21,46 @@ on checkpoints written by the Runner):
 Importing this module also registers :func:`load_checkpoint_file` as mmengine's loader for local
 paths, so mmengine's own ``load_checkpoint`` (``init_cfg=dict(type="Pretrained")``, the Runner's
 resume) reads through it too.
+
+Recorded architectures: a checkpoint whose ``meta`` records the backbone it came from
+(``meta["architecture"]``, written by the converters; see :mod:`vitasks.engine.architecture`)
+is returned with its state dict as a :class:`RecordedStateDict`, which carries that record to
+:func:`load_model_weights` whoever loads it (``load_from`` through the Runner, ``init_model``,
+``tools/test.py``). There the record is compared with the model's built backbone, and every
+setting that changes outputs and differs (``norm_eps: checkpoint 1e-12, config 1e-06``) is named
+in one warning per load.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
+from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from mmengine.logging import HistoryBuffer, print_log
 from mmengine.runner.checkpoint import CheckpointLoader
 
+from vitasks.engine.architecture import (
+    architecture_mismatches,
+    backbone_architecture,
+    checkpoint_architecture,
+    format_mismatches,
+)
 from vitasks.errors import CheckpointError
 
 __all__ = [
+    "RecordedStateDict",
     "load_checkpoint_file",
     "load_state_dict_file",
     "get_state_dict",
     "load_model_weights",
+    "check_architecture",
     "is_head_key",
     "SAFE_GLOBALS",
 ]
@@ -96,8 +114,61 @@ def _is_safetensors(path: str) -> bool:
     return str(path).endswith(".safetensors")
 
 
+class RecordedStateDict(OrderedDict):
+    """A state dict that carries the backbone architecture its checkpoint records
+    (``architecture``, see :mod:`vitasks.engine.architecture`), so that
+    :func:`load_model_weights` can check it whichever caller passes the weights on.
+
+    It pickles (``torch.save``), copies and deep-copies as a plain ``OrderedDict``: a checkpoint
+    saved again holds nothing that ``torch.load(weights_only=True)`` would refuse.
+    """
+
+    def __init__(self, *args, architecture: Optional[dict] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.architecture = architecture
+
+    def __reduce__(self):
+        return (OrderedDict, (), None, None, iter(self.items()))
+
+
+def _with_architecture(checkpoint: Any) -> Any:
+    """``checkpoint`` with its ``state_dict`` as a :class:`RecordedStateDict` when its ``meta``
+    records an architecture (as it is otherwise)."""
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), Mapping):
+        return checkpoint
+    architecture = checkpoint_architecture(checkpoint.get("meta"))
+    if architecture is not None:
+        checkpoint["state_dict"] = RecordedStateDict(checkpoint["state_dict"], architecture=architecture)
+    return checkpoint
+
+
+def _load_safetensors(path: str) -> Any:
+    """The tensors of a ``.safetensors`` file; a file vitasks wrote (its meta as JSON metadata
+    under ``vitasks_meta``) comes back as ``{"state_dict": ..., "meta": ...}``, as it was saved."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read safetensors file {path!r}: {e}") from e
+    if "vitasks_meta" not in metadata:
+        return tensors
+    try:
+        meta = json.loads(metadata["vitasks_meta"])
+    except ValueError as e:
+        raise CheckpointError(f"{path!r}: its vitasks_meta metadata is not valid JSON ({e})") from e
+    return _with_architecture({"state_dict": tensors, "meta": meta if isinstance(meta, dict) else {}})
+
+
 def load_checkpoint_file(path: str, map_location: Any = "cpu") -> Any:
     """Read a checkpoint file safely and return what it holds (usually a dict).
+
+    A checkpoint whose ``meta`` records its backbone's architecture has its ``state_dict`` as a
+    :class:`RecordedStateDict`; a ``.safetensors`` file written by vitasks (with
+    ``vitasks_meta`` metadata) is returned as ``{"state_dict": ..., "meta": ...}``.
 
     Args:
         path: a ``.safetensors`` file or anything ``torch.save`` wrote.
@@ -110,16 +181,10 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> Any:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file {path!r} does not exist")
     if _is_safetensors(path):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"cannot read safetensors file {path!r}: {e}") from e
+        return _load_safetensors(path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
         if not any(marker in text for marker in _CODE_MARKERS):
@@ -138,6 +203,7 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> Any:
         ) from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read checkpoint file {path!r}: {e}") from e
+    return _with_architecture(checkpoint)
 
 
 def get_state_dict(checkpoint: Mapping, source: str = "checkpoint") -> dict:
@@ -153,8 +219,15 @@ def get_state_dict(checkpoint: Mapping, source: str = "checkpoint") -> dict:
         )
     for key in ("state_dict", "model", "module"):
         if isinstance(checkpoint.get(key), Mapping):
-            return dict(checkpoint[key])
-    return dict(checkpoint)
+            return _copy_state_dict(checkpoint[key])
+    return _copy_state_dict(checkpoint)
+
+
+def _copy_state_dict(state_dict: Mapping) -> dict:
+    # A shallow copy that keeps the recorded architecture, if any.
+    if isinstance(state_dict, RecordedStateDict):
+        return RecordedStateDict(state_dict, architecture=state_dict.architecture)
+    return dict(state_dict)
 
 
 def load_state_dict_file(path: str) -> dict:
@@ -202,9 +275,13 @@ def load_model_weights(
     source: str,
     skip_head_mismatch: bool = True,
     logger: str = "current",
+    architecture: Optional[Mapping] = None,
 ) -> dict:
     """Load ``state_dict`` into ``model`` non-strictly, with the vitasks rules for shapes.
 
+    - the backbone architecture the checkpoint records (``architecture``; by default the one a
+      :class:`RecordedStateDict` carries) is compared with the model's built ``backbone``: the
+      settings that differ are named, with both values, in one warning;
     - a ``module.`` prefix (a checkpoint saved from a DDP-wrapped model) is stripped;
     - missing and unexpected keys are logged;
     - with ``skip_head_mismatch``, task-head weights whose shapes differ from the model's (a new
@@ -214,8 +291,12 @@ def load_model_weights(
       embedding for another grid is not a mismatch.
 
     Returns:
-        ``dict(missing=[...], unexpected=[...], skipped=[...])``.
+        ``dict(missing=[...], unexpected=[...], skipped=[...], architecture=[...])``; the last
+        lists ``(key, checkpoint value, model value)`` per differing backbone setting.
     """
+    if architecture is None:
+        architecture = getattr(state_dict, "architecture", None)
+    mismatches = check_architecture(model, architecture, source, logger=logger)
     state_dict = {re.sub(r"^module\.", "", k): v for k, v in state_dict.items()}
     own = model.state_dict()
     skipped = []
@@ -256,7 +337,30 @@ def load_model_weights(
         print_log(f"Weights missing in {source}: {', '.join(missing)}", logger=logger, level=30)
     if unexpected:
         print_log(f"Unused weights in {source}: {', '.join(unexpected)}", logger=logger, level=30)
-    return dict(missing=missing, unexpected=unexpected, skipped=sorted(skipped_keys))
+    return dict(missing=missing, unexpected=unexpected, skipped=sorted(skipped_keys), architecture=mismatches)
+
+
+def check_architecture(
+    model: torch.nn.Module, architecture: Optional[Mapping], source: str, logger: str = "current"
+) -> list:
+    """Compare a checkpoint's recorded backbone ``architecture`` with ``model.backbone`` as
+    built; warn once, naming every setting that differs and both values. Returns the
+    ``(key, checkpoint value, model value)`` list (empty when nothing to compare)."""
+    if not isinstance(architecture, Mapping):
+        return []
+    built = backbone_architecture(getattr(model, "backbone", None))
+    if built is None:
+        return []
+    mismatches = architecture_mismatches(architecture, built)
+    if mismatches:
+        print_log(
+            f"{source} records a backbone that differs from this model's (model.backbone) in "
+            f"settings that change the outputs: {format_mismatches(mismatches)}. The outputs will "
+            "differ from the checkpoint's source model; set these in model.backbone to match it.",
+            logger=logger,
+            level=30,
+        )
+    return mismatches
 
 
 def _shape(text: str) -> str:
