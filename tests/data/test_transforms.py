@@ -104,3 +104,23 @@ def test_pack_inputs_conventions():
     assert "other" not in sample
     plain = PackInputs(meta_keys=("img_path",))({"img": img, "img_path": "y.png"})
     assert "gt_label" not in plain["data_samples"] and plain["data_samples"].img_path == "y.png"
+
+
+@pytest.mark.parametrize("height, width, ratio, expected", [
+    # 512 * 0.19707 = 100.9 -> 100 and 2048 * 0.19707 = 403.6 -> 403: factor min(403/100, 100/100) = 1,
+    # so the 100 x 100 image stays 100 x 100 (the untruncated scale would give 101 x 101).
+    (100, 100, 0.19707, (100, 100)),
+    # 2048 * 0.49 = 1003.52 -> 1003 and 512 * 0.49 = 250.88 -> 250: factor min(1003/1000, 250/100)
+    # = 1.003: H = int(100.3 + 0.5) = 100, W = int(1003 + 0.5) = 1003 (untruncated: 1004).
+    (100, 1000, 0.49, (100, 1003)),
+    # 2048 * 0.5 = 1024, 512 * 0.5 = 256: factor min(1024/640, 256/480) = 0.5333:
+    # H = int(256 + 0.5) = 256, W = int(341.33 + 0.5) = 341.
+    (480, 640, 0.5, (256, 341)),
+])
+def test_seg_random_resize_truncates_the_scale_like_mmcv(height, width, ratio, expected):
+    resize = TRANSFORMS.build(dict(type="SegRandomResize", scale=[2048, 512], ratio_range=[ratio, ratio]))
+    results = {"img": np.zeros((height, width, 3), np.uint8), "gt_seg_map": np.zeros((height, width), np.uint8),
+               "seg_fields": ["gt_seg_map"], "rng": np.random.default_rng(0)}
+    out = resize(results)
+    assert out["img"].shape[:2] == expected and out["gt_seg_map"].shape == expected
+    assert tuple(out["img_shape"]) == expected

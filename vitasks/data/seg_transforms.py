@@ -179,7 +179,8 @@ class SegResize(BaseTransform):
 @TRANSFORMS.register_module()
 class SegRandomResize(SegResize):
     """mmseg's ``RandomResize(scale, ratio_range, keep_ratio=True)``: the scale is multiplied by
-    ``r ~ U(ratio_range)`` per sample, then the image is resized as :class:`SegResize` does.
+    ``r ~ U(ratio_range)`` per sample and truncated to integers (``int(2048 * r)``, as mmcv), then
+    the image is resized as :class:`SegResize` does.
 
     Args:
         scale: base ``(long, short)`` scale, e.g. ``(2048, 512)``.
@@ -204,7 +205,8 @@ class SegRandomResize(SegResize):
 
     def transform(self, results: dict) -> dict:
         ratio = sample_rng(results).uniform(*self.ratio_range)
-        scale = (self.scale[0] * ratio, self.scale[1] * ratio)
+        # Truncated to whole pixels before the keep-ratio rule, as mmcv's RandomResize does.
+        scale = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
         height, width = results["img"].shape[:2]
         return resize_sample(results, self._target(height, width, scale), self.interpolation)
 
