@@ -1,0 +1,8 @@
+"""Draw what the training pipeline feeds the model (augmentations included, seeded by the config):
+``python tools/browse_dataset.py CONFIG --out-dir D [--num N] [--cfg-options KEY=VALUE ...]``."""
+import sys
+
+from vitasks.visualization.browse import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
