@@ -1,7 +1,9 @@
 """Resuming: a resumed run continues exactly where the stopped one was (vitasks/engine/runner.py)."""
 
+import json
 import os
 import signal
+import unittest.mock as mock
 
 import pytest
 import torch
@@ -120,3 +122,64 @@ def test_resume_errors(tmp_path):
     (tmp_path / "stale" / "last_checkpoint").write_text(str(tmp_path / "gone.pth"))
     with pytest.raises(CheckpointError, match="gone.pth"):
         train(cfg, work_dir=str(tmp_path / "stale"), resume="auto")
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, capsys):
+    """A damaged newest checkpoint (what an interrupted save of a non-atomic writer leaves) is
+    named in the log and the previous one is resumed from; the run still ends as the reference."""
+    ref_dir, ref_losses = reference
+    losses = tmp_path / "losses.jsonl"
+    work_dir = tmp_path / "wd"
+    stop = dict(custom_hooks=[dict(type="StopAtIterHook", at_iter=8)])  # right after epoch 2's save
+    with pytest.raises(KeyboardInterrupt):
+        train(toy.write_config(tmp_path, "stop.yaml", losses=losses, **stop), work_dir=str(work_dir))
+    newest = work_dir / "epoch_2.pth"
+    assert (work_dir / "last_checkpoint").read_text().strip() == str(newest)
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])
+
+    capsys.readouterr()
+    train(toy.write_config(tmp_path, "stop.yaml", losses=losses), work_dir=str(work_dir), resume="auto")
+    log = capsys.readouterr().out  # mmengine's logger writes to the terminal
+    assert f"cannot resume from {newest}" in log
+    # Epoch 2 was trained again from epoch 1's state, exactly as before.
+    _assert_same_weights(work_dir / "epoch_4.pth", ref_dir / "epoch_4.pth")
+    records = [json.loads(line) for line in losses.read_text().splitlines()]
+    assert [r["iter"] for r in records] == list(range(8)) + list(range(4, ITERS))
+    assert {r["iter"]: r["loss"] for r in records} == ref_losses
+
+
+def test_only_unreadable_checkpoints_is_a_clear_error(tmp_path):
+    work_dir = tmp_path / "wd"
+    train(toy.write_config(tmp_path, train_cfg=dict(max_epochs=1)), work_dir=str(work_dir))
+    for path in work_dir.glob("*.pth"):
+        path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* could be resumed from .*epoch_1\.pth"):
+        train(toy.write_config(tmp_path), work_dir=str(work_dir), resume="auto")
+
+
+def test_checkpoints_are_saved_before_old_ones_are_removed(tmp_path):
+    """max_keep_ckpts=1: mmengine removed the old checkpoint before writing the new one (a kill in
+    between left none); now the new one is complete and named in last_checkpoint first."""
+    order = []
+    real_remove = os.remove
+
+    def spy_remove(path, *args, **kwargs):
+        order.append(("remove", os.path.basename(str(path))))
+        return real_remove(path, *args, **kwargs)
+
+    real_replace = os.replace
+
+    def spy_replace(src, dst, *args, **kwargs):
+        order.append(("write", os.path.basename(str(dst))))
+        return real_replace(src, dst, *args, **kwargs)
+
+    cfg = toy.write_config(tmp_path, train_cfg=dict(max_epochs=2),
+                           default_hooks=dict(checkpoint=dict(max_keep_ckpts=1, save_best=None)))
+    with mock.patch("os.remove", spy_remove), mock.patch("os.replace", spy_replace):
+        train(cfg, work_dir=str(tmp_path / "wd"))
+    epoch2 = order.index(("write", "epoch_2.pth"))
+    assert order[epoch2 + 1] == ("write", "last_checkpoint")
+    assert order.index(("remove", "epoch_1.pth")) > epoch2 + 1
+    assert sorted(p.name for p in (tmp_path / "wd").glob("*.pth")) == ["epoch_2.pth"]
+    assert not list((tmp_path / "wd").glob(".*.tmp"))  # no temporary file left behind

@@ -14,12 +14,21 @@ What :class:`VitasksRunner` changes in mmengine's ``Runner`` (0.10.x), and why:
 - with mixed precision on, validation and test run under the same autocast;
 - on a machine without GPUs, distributed runs wrap the model in DDP without ``device_ids``
   (mmengine passes ``device_ids=[LOCAL_RANK]``, which DDP rejects for CPU modules);
-- the merged config is written to the work dir as YAML (:func:`vitasks.config.dump_config`).
+- the merged config is written to the work dir as YAML (:func:`vitasks.config.dump_config`);
+- every random draw of training derives from ``randomness.seed``: the samplers become the seeded
+  ones of :mod:`vitasks.data.seeding` (a seed per sample, whatever worker loads it) and
+  :class:`~vitasks.engine.hooks.IterationSeedHook` re-seeds the process before each iteration, so
+  two runs with one seed, or a killed run resumed, end with bit-identical weights;
+- checkpoints are written to a temporary file and renamed, ``last_checkpoint`` is replaced
+  atomically (:class:`~vitasks.engine.hooks.AtomicCheckpointHook`), and a resume whose newest
+  checkpoint cannot be read says so and falls back to the previous one.
 """
 
 from __future__ import annotations
 
 import copy
+import glob
+import os
 import os.path as osp
 import signal
 import threading
@@ -28,6 +37,7 @@ from typing import Optional, Sequence
 
 import torch
 from mmengine.dist import is_main_process, master_only
+from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.optim import OptimWrapper
@@ -38,7 +48,9 @@ from mmengine.runner.checkpoint import find_latest_checkpoint
 from mmengine.runner.loops import EpochBasedTrainLoop, TestLoop, ValLoop, _update_losses
 
 from vitasks.engine.amp import autocast_dtype, device_type
+from vitasks.data.seeding import SEEDED_SAMPLERS
 from vitasks.engine.checkpoint import get_state_dict, load_checkpoint_file, load_model_weights
+from vitasks.engine.hooks import AtomicCheckpointHook, IterationSeedHook, replace_atomic, write_text_atomic
 from vitasks.errors import CheckpointError, VitasksError
 from vitasks.registry import LOOPS
 
@@ -166,6 +178,20 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _earlier_checkpoints(work_dir: str, newest: str) -> list:
+    """Training checkpoints in ``work_dir`` other than ``newest``, newest first (by the time they
+    were written). ``best_*`` checkpoints hold no optimizer state and are left out."""
+    paths = [
+        p for p in glob.glob(osp.join(work_dir, "*.pth"))
+        if not osp.basename(p).startswith("best_") and osp.abspath(p) != osp.abspath(newest)
+    ]
+    return sorted(paths, key=os.path.getmtime, reverse=True)
+
+
+def _hook_type(hook):
+    return hook.get("type") if isinstance(hook, dict) else type(hook)
+
+
 class VitasksRunner(Runner):
     """mmengine's Runner with safe checkpoint loading, interrupt checkpoints and CPU DDP.
 
@@ -198,6 +224,28 @@ class VitasksRunner(Runner):
         wrapper_type = ow.get("type") if isinstance(ow, dict) else None
         name = getattr(wrapper_type, "__name__", wrapper_type)
         return ow.get("dtype", "bfloat16") if name == "MixedPrecisionOptimWrapper" else None
+
+    # ----------------------------------------------------------------------------- hooks, data
+    def register_hooks(self, default_hooks=None, custom_hooks=None) -> None:
+        default_hooks = dict(copy.deepcopy(dict(default_hooks or {})))
+        checkpoint = default_hooks.get("checkpoint", dict(type="CheckpointHook", interval=1))
+        if isinstance(checkpoint, dict) and checkpoint.get("type") in ("CheckpointHook", CheckpointHook):
+            default_hooks["checkpoint"] = dict(checkpoint, type=AtomicCheckpointHook)
+        custom_hooks = list(custom_hooks or [])
+        if not any(_hook_type(h) in ("IterationSeedHook", IterationSeedHook) for h in custom_hooks):
+            custom_hooks.append(dict(type=IterationSeedHook))
+        super().register_hooks(default_hooks, custom_hooks)
+
+    @staticmethod
+    def build_dataloader(dataloader, seed=None, diff_rank_seed=False):
+        """mmengine's, with ``DefaultSampler``/``InfiniteSampler`` swapped for the seeded ones
+        (same order; each index also carries its sample's seed)."""
+        if isinstance(dataloader, dict):
+            sampler = dataloader.get("sampler")
+            if isinstance(sampler, dict) and sampler.get("type") in SEEDED_SAMPLERS:
+                dataloader = dict(copy.deepcopy(dict(dataloader)))
+                dataloader["sampler"] = dict(sampler, type=SEEDED_SAMPLERS[sampler["type"]])
+        return Runner.build_dataloader(dataloader, seed=seed, diff_rank_seed=diff_rank_seed)
 
     # ----------------------------------------------------------------------------- loops
     def build_train_loop(self, loop):
@@ -236,28 +284,53 @@ class VitasksRunner(Runner):
         """Resume (``resume``: True/"auto" or a path) or else initialise from ``load_from``."""
         if self._has_loaded:
             return
-        resume_from = None
+        resumed = False
         if self._resume is True or self._resume == "auto":
-            resume_from = find_latest_checkpoint(self.work_dir)
-            if resume_from is None:
+            newest = find_latest_checkpoint(self.work_dir)
+            if newest is None:
                 self.logger.warning(
                     f"resume: no {LAST_CHECKPOINT} file in {self.work_dir}, training from the start"
                 )
-            elif not osp.isfile(resume_from):
-                raise CheckpointError(
-                    f"resume: {osp.join(self.work_dir, LAST_CHECKPOINT)} names {resume_from!r}, "
-                    "which does not exist; pass the checkpoint to resume from explicitly"
-                )
+            else:
+                self._resume_newest_readable(newest)
+                resumed = True
         elif self._resume:
             resume_from = str(self._resume)
             if not osp.isfile(resume_from):
                 raise CheckpointError(f"resume: checkpoint {resume_from!r} does not exist")
-        if resume_from is not None:
             self.logger.info(f"Resuming from {resume_from}")
             self.resume(resume_from)
-        elif self._load_from is not None:
+            resumed = True
+        if not resumed and self._load_from is not None:
             self.load_checkpoint(self._load_from)
-        self._has_loaded = resume_from is not None or self._load_from is not None
+        self._has_loaded = resumed or self._load_from is not None
+
+    def _resume_newest_readable(self, newest: str) -> None:
+        """Resume from ``newest`` (what ``last_checkpoint`` names) or, when it is missing or cannot
+        be read (a run killed while saving with an older mmengine, a full disk, a damaged file),
+        from the newest earlier training checkpoint in the work dir that can."""
+        tried = []
+        for path in [newest] + _earlier_checkpoints(self.work_dir, newest):
+            problem = None
+            if not osp.isfile(path):
+                problem = "it does not exist"
+            else:
+                try:
+                    self.logger.info(f"Resuming from {path}")
+                    self.resume(path)
+                    return
+                except CheckpointError as e:
+                    problem = str(e)
+            tried.append(path)
+            self.logger.error(
+                f"resume: cannot resume from {path} ({problem}); trying the previous checkpoint"
+            )
+        where = osp.join(self.work_dir, LAST_CHECKPOINT)
+        raise CheckpointError(
+            f"resume: {where} names {newest!r}, and no checkpoint in {self.work_dir} could be "
+            f"resumed from (tried {', '.join(map(repr, tried))}); pass the checkpoint to resume "
+            "from explicitly, or start without --resume"
+        )
 
     def resume(self, filename: str, *args, **kwargs) -> None:
         self._resuming = True
@@ -304,7 +377,15 @@ class VitasksRunner(Runner):
         # mmengine fills in meta["iter"]; remember it to avoid saving the same state twice.
         if kwargs.get("meta") is None:
             kwargs["meta"] = {}
-        super().save_checkpoint(out_dir, filename, *args, **kwargs)
+        if osp.isdir(out_dir):
+            # Written under a temporary name and renamed: a kill during the save leaves the
+            # previous checkpoints and `last_checkpoint` as they were, never a partial file.
+            tmp_name = f".{filename}.tmp"
+            super().save_checkpoint(out_dir, tmp_name, *args, **kwargs)
+            if is_main_process():
+                replace_atomic(osp.join(out_dir, tmp_name), osp.join(out_dir, filename))
+        else:  # a remote backend: its own put is what we have
+            super().save_checkpoint(out_dir, filename, *args, **kwargs)
         self._last_saved_iter = kwargs["meta"].get("iter")
 
     def _save_interrupt_checkpoint(self, exc: BaseException) -> None:
@@ -321,8 +402,7 @@ class VitasksRunner(Runner):
             )
             if is_main_process():
                 path = osp.join(self.work_dir, filename)
-                with open(osp.join(self.work_dir, LAST_CHECKPOINT), "w") as f:
-                    f.write(path)
+                write_text_atomic(osp.join(self.work_dir, LAST_CHECKPOINT), path)
                 self.logger.warning(
                     f"Training stopped ({type(exc).__name__}) at iteration {loop.iter}: saved {path}; "
                     "continue with --resume"
