@@ -2,40 +2,16 @@
 grid at each pixel centre, zero outside the grid), and RLE round trips through pycocotools."""
 
 import importlib
-import math
 
 import numpy as np
 import pytest
 import torch
 from pycocotools import mask as mask_utils
 
+from ops_references import brute_paste
 from vitasks.models.ops import masks_to_rle, paste_masks_in_image
 
 masks_module = importlib.import_module("vitasks.models.ops.masks")
-
-
-def brute_paste(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Probability of every pixel of every image, one pixel at a time, in float64. The grid's
-    cells tile the box: cell (i, j) has its centre at box_start + (j + 0.5) * box_size / M."""
-    masks = masks.double().numpy()
-    cells_h, cells_w = masks.shape[1:]
-    out = np.zeros((len(masks), height, width))
-
-    def cell(mask, i, j):
-        return mask[i, j] if 0 <= i < cells_h and 0 <= j < cells_w else 0.0
-
-    for n, (x0, y0, x1, y1) in enumerate(boxes.double().tolist()):
-        if not (x1 > x0 and y1 > y0):
-            continue
-        for py in range(height):
-            v = (py + 0.5 - y0) / (y1 - y0) * cells_h - 0.5  # position in cell-centre units
-            for px in range(width):
-                u = (px + 0.5 - x0) / (x1 - x0) * cells_w - 0.5
-                i, j = math.floor(v), math.floor(u)
-                fv, fu = v - i, u - j
-                out[n, py, px] = ((1 - fv) * (1 - fu) * cell(masks[n], i, j) + (1 - fv) * fu * cell(masks[n], i, j + 1)
-                                  + fv * (1 - fu) * cell(masks[n], i + 1, j) + fv * fu * cell(masks[n], i + 1, j + 1))
-    return torch.from_numpy(out)
 
 
 def example(seed: int = 0):

@@ -7,30 +7,11 @@ import importlib
 import pytest
 import torch
 
+from ops_references import brute_nms
 from vitasks.models.ops import batched_nms, nms
 
 # The package exports the function ``nms``, which hides the module of the same name.
 nms_module = importlib.import_module("vitasks.models.ops.nms")
-
-
-def brute_nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, groups=None) -> list:
-    boxes, scores = boxes.tolist(), scores.tolist()
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])  # Python's sort is stable
-    kept = []
-    for i in order:
-        suppressed = False
-        for j in kept:
-            if groups is not None and groups[i] != groups[j]:
-                continue
-            a, b = boxes[j], boxes[i]
-            inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-            union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-            if union != 0 and inter / union > threshold:
-                suppressed = True
-                break
-        if not suppressed:
-            kept.append(i)
-    return kept
 
 
 def clustered_boxes(n: int, seed: int, dtype=torch.float64) -> torch.Tensor:

@@ -2,64 +2,15 @@
 (2) a brute-force loop over RoIs, bins and samples written from that definition."""
 
 import importlib
-import math
 
-import numpy as np
 import pytest
 import torch
 
+from ops_references import brute_roi_align
 from vitasks.models.ops import roi_align
 
 # The package exports the function ``roi_align``, which hides the module of the same name.
 roi_align_module = importlib.import_module("vitasks.models.ops.roi_align")
-
-
-def brute_roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned):
-    """One sample at a time, in float64, as Mask R-CNN / torchvision define RoIAlign."""
-    features = features.double().numpy()
-    _, channels, height, width = features.shape
-    out_h, out_w = output_size
-    out = np.zeros((len(rois), channels, out_h, out_w))
-
-    def bilinear(image, y, x):
-        if y < -1.0 or y > height or x < -1.0 or x > width:
-            return np.zeros(channels)
-        y, x = max(y, 0.0), max(x, 0.0)
-        y0, x0 = int(math.floor(y)), int(math.floor(x))
-        if y0 >= height - 1:
-            y0 = y1 = height - 1
-            y = float(y0)
-        else:
-            y1 = y0 + 1
-        if x0 >= width - 1:
-            x0 = x1 = width - 1
-            x = float(x0)
-        else:
-            x1 = x0 + 1
-        ly, lx = y - y0, x - x0
-        return ((1 - ly) * (1 - lx) * image[:, y0, x0] + (1 - ly) * lx * image[:, y0, x1]
-                + ly * (1 - lx) * image[:, y1, x0] + ly * lx * image[:, y1, x1])
-
-    offset = 0.5 if aligned else 0.0
-    for k, (b, x1, y1, x2, y2) in enumerate(rois.double().tolist()):
-        start_x, start_y = x1 * spatial_scale - offset, y1 * spatial_scale - offset
-        roi_w, roi_h = x2 * spatial_scale - offset - start_x, y2 * spatial_scale - offset - start_y
-        if not aligned:
-            roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
-        bin_w, bin_h = roi_w / out_w, roi_h / out_h
-        grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / out_h)
-        grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / out_w)
-        count = max(grid_h * grid_w, 1)
-        for ph in range(out_h):
-            for pw in range(out_w):
-                total = np.zeros(channels)
-                for iy in range(grid_h):
-                    y = start_y + ph * bin_h + (iy + 0.5) * bin_h / grid_h
-                    for ix in range(grid_w):
-                        x = start_x + pw * bin_w + (ix + 0.5) * bin_w / grid_w
-                        total += bilinear(features[int(b)], y, x)
-                out[k, :, ph, pw] = total / count
-    return torch.from_numpy(out)
 
 
 def ramp() -> torch.Tensor:

@@ -84,8 +84,10 @@ class AnchorGenerator(nn.Module):
         for level, (height, width) in enumerate(grid_sizes):
             base = self.level_cell_anchors(level)
             stride = self.strides[level]
-            shift_x = (torch.arange(width, device=base.device, dtype=base.dtype) + self.offset) * stride
-            shift_y = (torch.arange(height, device=base.device, dtype=base.dtype) + self.offset) * stride
+            columns = torch.arange(width, device=base.device, dtype=base.dtype)
+            rows = torch.arange(height, device=base.device, dtype=base.dtype)
+            shift_x = (columns + self.offset) * stride
+            shift_y = (rows + self.offset) * stride
             shift_y, shift_x = torch.meshgrid(shift_y, shift_x, indexing="ij")
             shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=-1).reshape(-1, 1, 4)
             anchors.append((shifts + base[None]).reshape(-1, 4))

@@ -91,7 +91,8 @@ def _check_inputs(boxes: torch.Tensor, scores: torch.Tensor) -> None:
         raise ValueError(f"NMS expects boxes of shape (N, 4), got {tuple(boxes.shape)}")
     if scores.shape != boxes.shape[:1]:
         raise ValueError(
-            f"NMS expects one score per box: boxes {tuple(boxes.shape)}, scores {tuple(scores.shape)}"
+            f"NMS expects one score per box: boxes {tuple(boxes.shape)}, "
+            f"scores {tuple(scores.shape)}"
         )
 
 

@@ -2,7 +2,7 @@
 size (FPN's rule, as detectron2 applies it), with :func:`roi_align`."""
 
 import math
-from typing import List, Sequence, Tuple, Union
+from typing import Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -57,7 +57,8 @@ class RoIPooler(nn.Module):
             b - a != 1 for a, b in zip(levels, levels[1:])
         ):
             raise ValueError(
-                f"RoIPooler strides must be consecutive powers of two, finest first; got {list(strides)}"
+                "RoIPooler strides must be consecutive powers of two, finest first; "
+                f"got {list(strides)}"
             )
         self.output_size = output_size
         self.strides = tuple(int(s) for s in strides)
@@ -83,7 +84,10 @@ class RoIPooler(nn.Module):
                 f"got {len(features)} feature maps"
             )
         rois = boxes_to_rois(boxes).to(features[0].device)
-        out_h, out_w = (self.output_size,) * 2 if isinstance(self.output_size, int) else self.output_size
+        if isinstance(self.output_size, int):
+            out_h = out_w = self.output_size
+        else:
+            out_h, out_w = self.output_size
         channels = features[0].shape[1]
         if len(features) == 1:
             return roi_align(features[0], rois, (out_h, out_w), 1.0 / self.strides[0],

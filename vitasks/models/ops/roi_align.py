@@ -1,13 +1,13 @@
 """RoIAlign in plain torch, equal to ``torchvision.ops.roi_align``.
 
 The definition (Mask R-CNN's, as torchvision and detectron2 implement it). A RoI
-(x1, y1, x2, y2) is scaled by ``spatial_scale`` and, when ``aligned``, shifted by -0.5 so that
-pixel centres sit at half-integers; without ``aligned`` its width and height are raised to at
-least 1. It is cut into ``output_size`` bins; each bin averages ``grid_h x grid_w`` bilinear samples
+(x1, y1, x2, y2) is scaled by ``spatial_scale`` and, when ``aligned``, shifted by -0.5 cell: cell
+i spans [i, i + 1) in box coordinates but is sampled at index i, so its centre i + 0.5 must map to
+i. Without ``aligned`` the RoI's width and height are raised to at least 1 cell. It is cut into ``output_size`` bins; each bin averages ``grid_h x grid_w`` bilinear samples
 placed at the centres of a regular sub-grid, where the grid is ``sampling_ratio`` per side, or,
 when ``sampling_ratio <= 0``, ``ceil(roi_height / output_height)`` by
-``ceil(roi_width / output_width)`` (one sample per feature cell, at least). A sample further than one
-cell outside the feature map contributes 0 (it still counts in the average); one within that
+``ceil(roi_width / output_width)`` (one sample per feature cell, at least). A sample further than
+one cell outside the feature map contributes 0 (it still counts in the average); one within that
 margin is clamped onto the border.
 
 How it is vectorised: bilinear weights are separable, ``w(y, x) = w_y(y) * w_x(x)``, and so is the
@@ -44,15 +44,16 @@ def boxes_to_rois(boxes: BoxesArg) -> torch.Tensor:
     if isinstance(boxes, torch.Tensor):
         if boxes.dim() != 2 or boxes.shape[1] != 5:
             raise ValueError(
-                "RoIs must be a (K, 5) tensor of (batch_index, x1, y1, x2, y2) or a list of (K_i, 4) "
-                f"box tensors, one per image; got a tensor of shape {tuple(boxes.shape)}"
+                "RoIs must be a (K, 5) tensor of (batch_index, x1, y1, x2, y2) or a list of "
+                f"(K_i, 4) box tensors, one per image; got a tensor of shape {tuple(boxes.shape)}"
             )
         return boxes
     per_image = []
     for image_index, image_boxes in enumerate(boxes):
         if image_boxes.dim() != 2 or image_boxes.shape[1] != 4:
             raise ValueError(
-                f"boxes of image {image_index} must have shape (K, 4), got {tuple(image_boxes.shape)}"
+                f"boxes of image {image_index} must have shape (K, 4), "
+                f"got {tuple(image_boxes.shape)}"
             )
         index_column = image_boxes.new_full((image_boxes.shape[0], 1), image_index)
         per_image.append(torch.cat((index_column, image_boxes), dim=1))
@@ -128,7 +129,10 @@ def _align_group(
     col_taps = _bilinear_taps(x_samples, width)
     per_output_row = (2 * grid_h) * (out_w * 2 * grid_w) * channels
     rows_per_step = max(1, min(out_h, GATHER_BUDGET // per_output_row))
-    rois_per_step = max(1, GATHER_BUDGET // (per_output_row * out_h)) if rows_per_step == out_h else 1
+    if rows_per_step == out_h:  # whole RoIs fit: take as many as the budget allows
+        rois_per_step = max(1, GATHER_BUDGET // (per_output_row * out_h))
+    else:  # one RoI at a time, a few output rows per step
+        rois_per_step = 1
     results = []
     for first in range(0, num_rois, rois_per_step):
         rois = slice(first, first + rois_per_step)
