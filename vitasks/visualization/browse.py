@@ -231,6 +231,18 @@ class GroundTruthDrawer:
         return []
 
 
+def _name(context: DrawContext, label: int) -> str:
+    """The class name of ``label``, ``#label`` when the dataset names none."""
+    return class_name(context.class_names, label) or f"#{label}"
+
+
+def _colour(context: DrawContext, label: int) -> tuple[int, int, int]:
+    """The palette colour of ``label`` (white for a label outside the palette)."""
+    if 0 <= label < len(context.palette):
+        return tuple(int(v) for v in context.palette[label])
+    return (255, 255, 255)
+
+
 def registered_gt_drawers() -> list[GroundTruthDrawer]:
     """One instance of every GroundTruthDrawer in VISUALIZERS (vitasks' and plugins'), in order."""
     VISUALIZERS.import_from_location()
@@ -255,9 +267,9 @@ class GtLabelDrawer(GroundTruthDrawer):
         labels = _as_numpy(sample.gt_label).reshape(-1)
         if labels.dtype.kind == "f" and labels.size > 1:  # a soft target: the classes it weighs
             top = np.argsort(-labels)[:3]
-            parts = [f"{class_name(context.class_names, int(c)) or '#' + str(c)} {labels[c]:.2f}" for c in top if labels[c] > 0]
+            parts = [f"{_name(context, int(c))} {labels[c]:.2f}" for c in top if labels[c] > 0]
             return ["label: " + ", ".join(parts)]
-        names = [f"{class_name(context.class_names, int(c)) or '#' + str(int(c))} ({int(c)})" for c in labels]
+        names = [f"{_name(context, int(c))} ({int(c)})" for c in labels]
         return ["label: " + ", ".join(names)]
 
 
@@ -298,9 +310,8 @@ class GtSemSegDrawer(GroundTruthDrawer):
         valid = labels[~ignored & (labels >= 0) & (labels < len(context.palette))]
         entries = []
         for label, pixels in label_areas(valid):  # most pixels first
-            name = class_name(context.class_names, label) or f"#{label}"
-            entries.append(LegendEntry(label, f"{name}  {100.0 * pixels / labels.size:.1f}%",
-                                       tuple(int(v) for v in context.palette[label])))
+            entries.append(LegendEntry(label, f"{_name(context, label)}  {100.0 * pixels / labels.size:.1f}%",
+                                       _colour(context, label)))
         if ignored.any():
             entries.append(LegendEntry(context.ignore_index, f"ignored ({context.ignore_index})  "
                                        f"{100.0 * int(ignored.sum()) / labels.size:.1f}%", IGNORED_SWATCH))
@@ -345,8 +356,7 @@ class GtInstancesDrawer(GroundTruthDrawer):
     def overlay(self, frame: np.ndarray, frame_index: int, sample: Any, context: DrawContext) -> np.ndarray:
         instances = sample.gt_instances
         labels = self._labels(sample)
-        colours = [tuple(int(v) for v in context.palette[c]) if 0 <= c < len(context.palette) else (255, 255, 255)
-                   for c in labels]
+        colours = [_colour(context, int(c)) for c in labels]
         masks = _instance_masks(instances)
         if masks is not None:
             for mask, colour in zip(masks, colours):
@@ -363,20 +373,21 @@ class GtInstancesDrawer(GroundTruthDrawer):
         draw = ImageDraw.Draw(canvas)
         width = max(1, context.scale // 2)
         for box, colour in zip(boxes, colours):
-            draw.rectangle([float(box[0]), float(box[1]), float(box[2]) - 1, float(box[3]) - 1], outline=colour, width=width)
+            # x2, y2 are exclusive: the outline's last pixel is the box's last input pixel.
+            corners = [float(box[0]), float(box[1]), float(box[2]) - 1, float(box[3]) - 1]
+            draw.rectangle(corners, outline=colour, width=width)
         frame = np.asarray(canvas)
         for box, label in zip(boxes, labels):
-            name = class_name(context.class_names, int(label)) or f"#{int(label)}"
-            frame = draw_text_lines(frame, [name], origin=(int(max(box[0], 0)), int(max(box[1], 0))))
+            origin = (int(max(box[0], 0)), int(max(box[1], 0)))
+            frame = draw_text_lines(frame, [_name(context, int(label))], origin=origin)
         return frame
 
     def legend(self, sample: Any, context: DrawContext) -> list[LegendEntry]:
         labels = self._labels(sample)
         entries = []
         for label in sorted(set(labels.tolist())):
-            name = class_name(context.class_names, label) or f"#{label}"
-            colour = tuple(int(v) for v in context.palette[label]) if 0 <= label < len(context.palette) else (255, 255, 255)
-            entries.append(LegendEntry(label, f"{name}  x{int((labels == label).sum())}", colour))
+            entries.append(LegendEntry(label, f"{_name(context, label)}  x{int((labels == label).sum())}",
+                                       _colour(context, label)))
         return entries
 
 
@@ -442,7 +453,8 @@ def draw_sample(
     names = list(class_names) if class_names is not None else None
     num_labels = max([len(names or ())] + [d.num_labels(sample, ignore_index) for d in active])
     shown = [upscale_for_display(f) for f in frames]
-    context = DrawContext(names, int(ignore_index), shown[0].shape[0] // frames[0].shape[0], seg_palette(max(1, num_labels)))
+    scale = shown[0].shape[0] // frames[0].shape[0]
+    context = DrawContext(names, int(ignore_index), scale, seg_palette(max(1, num_labels)))
     for drawer in active:
         shown = [drawer.overlay(frame, i, sample, context) for i, frame in enumerate(shown)]
 
