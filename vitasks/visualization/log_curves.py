@@ -249,6 +249,7 @@ def plot_curves(
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     if not keys:
         raise VitasksError("no --keys given: name the logged quantities to plot, e.g. --keys loss lr")
@@ -269,6 +270,7 @@ def plot_curves(
             ax.plot(curve.steps, curve.values, marker=marker, markersize=4, label=labels[log_index][row])
         units = sorted({per_key[row].unit for per_key in curves})
         ax.set_xlabel(" / ".join(units))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole iterations or epochs
         ax.set_ylabel(key)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best", fontsize="small")
