@@ -183,3 +183,42 @@ def test_checkpoints_are_saved_before_old_ones_are_removed(tmp_path):
     assert order.index(("remove", "epoch_1.pth")) > epoch2 + 1
     assert sorted(p.name for p in (tmp_path / "wd").glob("*.pth")) == ["epoch_2.pth"]
     assert not list((tmp_path / "wd").glob(".*.tmp"))  # no temporary file left behind
+
+
+ITER_BASED = dict(
+    train_cfg=dict(_delete_=True, type="IterBasedTrainLoop", max_iters=12, val_interval=100),
+    train_dataloader=dict(sampler=dict(type="InfiniteSampler", shuffle=True)),
+    param_scheduler=[dict(type="MultiStepLR", milestones=[5, 9], gamma=0.5, by_epoch=False)],
+    default_hooks=dict(checkpoint=dict(by_epoch=False, interval=4, save_best=None)),
+)
+
+
+def test_iteration_based_resume_skips_trained_batches_without_loading_them(tmp_path):
+    """The stream continues where it stopped (same batches, losses and weights as the
+    uninterrupted run), and the batches already trained on are not loaded again."""
+    ref_losses_path = tmp_path / "ref.jsonl"
+    train(toy.write_config(tmp_path, "ref.yaml", losses=ref_losses_path, **ITER_BASED), work_dir=str(tmp_path / "ref"))
+    ref_losses = toy.read_losses(ref_losses_path)
+    assert sorted(ref_losses) == list(range(12))
+
+    losses = tmp_path / "losses.jsonl"
+    stop = dict(ITER_BASED, custom_hooks=[dict(type="StopAtIterHook", at_iter=7)])
+    with pytest.raises(KeyboardInterrupt):
+        train(toy.write_config(tmp_path, "stop.yaml", losses=losses, **stop), work_dir=str(tmp_path / "wd"))
+    del toy.LOADED[:]
+    train(toy.write_config(tmp_path, "stop.yaml", losses=losses, **ITER_BASED), work_dir=str(tmp_path / "wd"),
+          resume="auto")
+    assert toy.read_losses(losses) == ref_losses
+    assert len(toy.LOADED) == (12 - 7) * 4 + 16  # the batches still to train on, and validation at the end
+    _assert_same_weights(tmp_path / "wd" / "iter_12.pth", tmp_path / "ref" / "iter_12.pth")
+
+
+def test_epoch_resume_mid_epoch_does_not_load_the_trained_batches(reference, tmp_path):
+    stop = dict(custom_hooks=[dict(type="StopAtIterHook", at_iter=6)])  # 2 batches into epoch 2
+    with pytest.raises(KeyboardInterrupt):
+        train(toy.write_config(tmp_path, "stop.yaml", **stop), work_dir=str(tmp_path / "wd"))
+    del toy.LOADED[:]
+    train(toy.write_config(tmp_path, "stop.yaml"), work_dir=str(tmp_path / "wd"), resume="auto")
+    # Training loads 10 batches of 4 (2 left in epoch 2, then 2 epochs), validation 4 x 16.
+    assert len(toy.LOADED) == 10 * 4 + 3 * 16
+    _assert_same_weights(tmp_path / "wd" / "epoch_4.pth", reference[0] / "epoch_4.pth")

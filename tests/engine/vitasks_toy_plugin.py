@@ -61,7 +61,9 @@ BASE_CONFIG = dict(
 def _merge(base: dict, override: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and value.get("_delete_"):  # replaces, as in config files
+            out[key] = {k: v for k, v in copy.deepcopy(value).items() if k != "_delete_"}
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
@@ -88,6 +90,9 @@ def read_losses(path) -> dict:
     return losses
 
 
+# Indices of the samples loaded in this process, in order: the resume tests count them.
+LOADED = []
+
 # dtypes seen inside the model's forward, per mode: the amp tests read them.
 SEEN_DTYPES = {}
 
@@ -107,6 +112,7 @@ class ToyVectorDataset(Dataset):
         return len(self.x)
 
     def __getitem__(self, idx: int) -> dict:
+        LOADED.append(int(idx))
         return dict(inputs=self.x[idx], data_samples=dict(gt_label=int(self.y[idx]), index=idx))
 
 

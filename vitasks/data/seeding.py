@@ -23,6 +23,7 @@ Nothing has to be saved in a checkpoint for this: a resumed run recomputes the s
 
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Iterator, Optional
 
@@ -77,8 +78,18 @@ class SeededSampler(DefaultSampler):
     """mmengine's ``DefaultSampler`` (same order: shuffled by ``seed + epoch``, split by rank)
     yielding :class:`SeededIndex` with seed ``derive_seed(seed, epoch, global position)``."""
 
+    _skip = 0
+
+    def skip(self, num_samples: int) -> None:
+        """Leave out this rank's first ``num_samples`` of the next epoch's order (resuming an
+        epoch half done), without loading them."""
+        self._skip = int(num_samples)
+
     def __iter__(self) -> Iterator[int]:
+        skip, self._skip = self._skip, 0
         for i, index in enumerate(super().__iter__()):
+            if i < skip:
+                continue
             position = self.rank + i * self.world_size
             yield SeededIndex(index, derive_seed(self.seed, self.epoch, position))
 
@@ -92,6 +103,22 @@ class SeededInfiniteSampler(InfiniteSampler):
         for i, index in enumerate(super()._indices_of_rank()):
             position = self.rank + i * self.world_size
             yield SeededIndex(index, derive_seed(self.seed, position))
+
+    def skip(self, num_samples: int) -> None:
+        """Restart this rank's stream after its first ``num_samples`` (resuming), without
+        loading them."""
+        self.indices = itertools.islice(self._indices_of_rank(), int(num_samples), None)
+
+
+def can_skip_samples(dataloader) -> bool:
+    """Whether resuming may skip the trained batches in ``dataloader``'s sampler instead of
+    loading them: a seeded sampler batched by torch's plain ``BatchSampler`` (a grouping batch
+    sampler may form other batches from a shorter stream)."""
+    from torch.utils.data import BatchSampler
+
+    return type(getattr(dataloader, "batch_sampler", None)) is BatchSampler and hasattr(
+        getattr(dataloader, "sampler", None), "skip"
+    )
 
 
 # mmengine sampler names that the Runner swaps for the seeded ones in training.

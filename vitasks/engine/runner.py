@@ -45,10 +45,17 @@ from mmengine.registry import MODEL_WRAPPERS as MMENGINE_MODEL_WRAPPERS
 from mmengine.runner import Runner
 from mmengine.runner.base_loop import BaseLoop
 from mmengine.runner.checkpoint import find_latest_checkpoint
-from mmengine.runner.loops import EpochBasedTrainLoop, TestLoop, ValLoop, _update_losses
+from mmengine.runner.loops import (
+    EpochBasedTrainLoop,
+    IterBasedTrainLoop,
+    TestLoop,
+    ValLoop,
+    _InfiniteDataloaderIterator,
+    _update_losses,
+)
 
 from vitasks.engine.amp import autocast_dtype, device_type
-from vitasks.data.seeding import SEEDED_SAMPLERS
+from vitasks.data.seeding import SEEDED_SAMPLERS, can_skip_samples
 from vitasks.engine.checkpoint import get_state_dict, load_checkpoint_file, load_model_weights
 from vitasks.engine.hooks import AtomicCheckpointHook, IterationSeedHook, replace_atomic, write_text_atomic
 from vitasks.errors import CheckpointError, VitasksError
@@ -57,6 +64,7 @@ from vitasks.registry import LOOPS
 __all__ = [
     "VitasksRunner",
     "ResumableEpochBasedTrainLoop",
+    "ResumableIterBasedTrainLoop",
     "AutocastValLoop",
     "AutocastTestLoop",
     "LAST_CHECKPOINT",
@@ -79,18 +87,54 @@ class ResumableEpochBasedTrainLoop(EpochBasedTrainLoop):
         self.runner.call_hook("before_train_epoch")
         self.runner.model.train()
         done = self._iter - self._epoch * len(self.dataloader)
+        start = 0
         if done > 0:
             print_log(
                 f"Resuming epoch {self._epoch + 1} after {done} of its {len(self.dataloader)} "
                 "iterations: skipping the batches already trained on",
                 logger="current",
             )
-        for idx, data_batch in enumerate(self.dataloader):
+            if can_skip_samples(self.dataloader):  # skipped in the sampler, not loaded
+                self.dataloader.sampler.skip(done * self.dataloader.batch_size)
+                start = done
+        for idx, data_batch in enumerate(self.dataloader, start):
             if idx < done:
                 continue
             self.run_iter(idx, data_batch)
         self.runner.call_hook("after_train_epoch")
         self._epoch += 1
+
+
+class _SkipFirst:
+    """Iterator whose first ``count`` items are ``None`` (nothing loaded), then ``iterator``'s."""
+
+    def __init__(self, count: int, iterator) -> None:
+        self.count = count
+        self.iterator = iterator
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.count > 0:
+            self.count -= 1
+            return None
+        return next(self.iterator)
+
+
+@LOOPS.register_module()
+class ResumableIterBasedTrainLoop(IterBasedTrainLoop):
+    """mmengine's iteration loop; on resume the trained batches are skipped in the seeded
+    sampler instead of being loaded and thrown away (mmengine's way, which for a run resumed
+    at iteration 80k of ADE20K means decoding 80k batches first)."""
+
+    def run(self):
+        if self._iter > 0 and can_skip_samples(self.dataloader):
+            self.dataloader.sampler.skip(self._iter * self.dataloader.batch_size)
+            # mmengine's run() calls next() `_iter` times to skip: give it that many free items
+            # in front of a fresh iterator over the rest of the stream.
+            self.dataloader_iterator = _SkipFirst(self._iter, _InfiniteDataloaderIterator(self.dataloader))
+        return super().run()
 
 
 class _AutocastMixin:
@@ -249,11 +293,14 @@ class VitasksRunner(Runner):
 
     # ----------------------------------------------------------------------------- loops
     def build_train_loop(self, loop):
-        if isinstance(loop, dict) and "type" not in loop and loop.get("by_epoch", False):
-            loop = dict(copy.deepcopy(dict(loop)), type=ResumableEpochBasedTrainLoop)
-            del loop["by_epoch"]
-        elif isinstance(loop, dict) and loop.get("type") == "EpochBasedTrainLoop":
-            loop = dict(copy.deepcopy(dict(loop)), type=ResumableEpochBasedTrainLoop)
+        """mmengine's loops, by name or by ``by_epoch``, become their resumable subclasses."""
+        if isinstance(loop, dict) and ("type" in loop or "by_epoch" in loop):
+            loop = dict(copy.deepcopy(dict(loop)))
+            if "type" not in loop:
+                loop["type"] = "EpochBasedTrainLoop" if loop.pop("by_epoch") else "IterBasedTrainLoop"
+            resumable = {"EpochBasedTrainLoop": ResumableEpochBasedTrainLoop,
+                         "IterBasedTrainLoop": ResumableIterBasedTrainLoop}
+            loop["type"] = resumable.get(loop["type"], loop["type"])
         return super().build_train_loop(loop)
 
     def build_val_loop(self, loop):
