@@ -4,10 +4,16 @@ mmengine's ``init_dist`` always calls ``torch.cuda.set_device``, which fails on 
 without GPUs, and defaults to the NCCL backend, which needs them. :func:`init_distributed`
 starts the group itself (the Runner then sees an initialised group and leaves it alone):
 NCCL with one GPU per process where CUDA is available, gloo on CPUs.
+
+The group is destroyed when the process exits normally (an ``atexit`` handler, while the
+interpreter is still whole). A process that leaves it to the interpreter's teardown can die with
+SIGABRT ("terminate called without an active exception"): gloo's C++ worker threads still hold
+work objects with tensors, and releasing those needs the GIL of an interpreter that is going away.
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import subprocess
@@ -19,7 +25,7 @@ from mmengine.logging import print_log
 
 from vitasks.errors import ConfigError
 
-__all__ = ["init_distributed", "LAUNCHERS"]
+__all__ = ["init_distributed", "shutdown_distributed", "LAUNCHERS"]
 
 LAUNCHERS = ("none", "pytorch", "slurm")
 
@@ -36,6 +42,35 @@ def _env_int(name: str, launcher: str) -> int:
     return int(value)
 
 
+def _first_slurm_host() -> str:
+    """The first host of the job's ``SLURM_NODELIST`` (``scontrol show hostnames``), the master.
+
+    scontrol runs without a shell (the node list is one argument, never interpreted), and only
+    its output on success is used: an error never becomes a host name.
+    """
+    hint = "set MASTER_ADDR to the address of the job's first node"
+    nodes = os.environ.get("SLURM_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
+    if not nodes:
+        raise ConfigError(f"--launcher slurm: SLURM_NODELIST is not set (run inside a slurm job step), or {hint}")
+    command = ["scontrol", "show", "hostnames", nodes]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    except FileNotFoundError as e:
+        raise ConfigError(f"--launcher slurm: `scontrol` was not found on PATH; {hint}") from e
+    except subprocess.TimeoutExpired as e:
+        raise ConfigError(f"--launcher slurm: `{' '.join(command)}` did not answer in 60 s; {hint}") from e
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise ConfigError(
+            f"--launcher slurm: `{' '.join(command)}` failed (exit status {proc.returncode}"
+            f"{': ' + detail[0] if detail else ''}); {hint}"
+        )
+    hosts = proc.stdout.split()
+    if not hosts:
+        raise ConfigError(f"--launcher slurm: `{' '.join(command)}` printed no host name; {hint}")
+    return hosts[0]
+
+
 def _slurm_env(port: Optional[int]) -> None:
     """Translate slurm's variables into the ones ``init_process_group(env://)`` reads."""
     proc_id = _env_int("SLURM_PROCID", "slurm")
@@ -44,9 +79,7 @@ def _slurm_env(port: Optional[int]) -> None:
     if local_id is None:
         local_id = proc_id % max(torch.cuda.device_count(), 1)
     if "MASTER_ADDR" not in os.environ:
-        nodes = os.environ.get("SLURM_NODELIST", "")
-        first = subprocess.getoutput(f"scontrol show hostname {nodes} | head -n1").strip()
-        os.environ["MASTER_ADDR"] = first or "127.0.0.1"
+        os.environ["MASTER_ADDR"] = _first_slurm_host()
     if port is not None:
         os.environ["MASTER_PORT"] = str(port)
     os.environ.setdefault("MASTER_PORT", "29500")
@@ -91,3 +124,14 @@ def init_distributed(
     if timeout is not None:
         kwargs["timeout"] = datetime.timedelta(seconds=timeout)
     dist.init_process_group(backend=backend, **kwargs)
+    atexit.register(shutdown_distributed)
+
+
+def shutdown_distributed() -> None:
+    """Destroy the default process group, if one is up (safe to call more than once).
+
+    Registered with ``atexit`` by :func:`init_distributed`; call it earlier to free the group's
+    threads and sockets before the process ends.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
