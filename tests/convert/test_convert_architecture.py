@@ -183,7 +183,8 @@ def test_hybrid_stem_conventions_are_compared(tmp_path, logged):
     assert set(result["architecture"]) == {
         ("stem.ws_form", "std", "var"), ("stem.ws_eps", 1e-5, 1e-8), ("stem.gn_eps", 1e-6, 1e-5)}
     (message,) = arch_warnings(logged)
-    assert "stem.ws_form: checkpoint std, config var" in message and "stem.ws_eps: checkpoint 1e-05, config 1e-08" in message
+    assert "stem.ws_form: checkpoint std, config var" in message
+    assert "stem.ws_eps: checkpoint 1e-05, config 1e-08" in message
 
 
 def test_a_checkpoint_converted_before_the_record_is_checked_from_its_hint(tmp_path, hf_vit, logged):
