@@ -118,3 +118,48 @@ def test_bad_settings(paramwise_cfg, optimizer, match):
     cfg = dict(optimizer=optimizer or dict(type="AdamW", lr=1e-3))
     with pytest.raises(ConfigError, match=match):
         LayerDecayOptimizerConstructor(cfg, paramwise_cfg)
+
+
+class QueryHead(nn.Module):
+    """A head with learned 2-D queries that it declares free of weight decay (timm's convention)."""
+
+    def __init__(self):
+        super().__init__()
+        self.queries = nn.Parameter(torch.zeros(4, 16))
+        self.proj = nn.Linear(16, 5)
+
+    def no_weight_decay(self):
+        return {"queries"}
+
+
+def test_modules_declare_their_own_no_decay_parameters():
+    model = TaskModel(num_reg_tokens=1)
+    model.head = QueryHead()
+    groups = param_groups(model, dict(layer_decay_rate=DECAY))
+    declared = {"backbone.pos_embed", "backbone.cls_token", "backbone.reg_token", "head.queries"}
+    assert declared <= {name for name, _ in model.named_parameters()}
+    for name, param in model.named_parameters():
+        expected = 0.0 if (param.ndim == 1 or name in declared) else BASE_WD
+        assert lookup(groups, param)["weight_decay"] == expected, name
+    # 2-D parameters that nobody declares keep their weight decay.
+    assert lookup(groups, model.head.proj.weight)["weight_decay"] == BASE_WD
+    assert lookup(groups, model.backbone.blocks[0].attn.qkv.weight)["weight_decay"] == BASE_WD
+
+
+def test_deit_schedule_uses_the_declared_no_decay_rule():
+    import os
+
+    from vitasks.config import load_config
+
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "_base_", "schedules",
+                                   "deit_300e.yaml"))
+    from mmengine.registry import DefaultScope
+
+    model = TaskModel()
+    with DefaultScope.overwrite_default_scope("vitasks"):  # as the Runner sets it
+        groups = build_optim_wrapper(model, cfg.optim_wrapper).optimizer.param_groups
+    for name, param in model.named_parameters():
+        group = lookup(groups, param)
+        assert group["lr"] == pytest.approx(5.0e-4), name  # no layer-wise decay
+        no_decay = param.ndim == 1 or name in ("backbone.pos_embed", "backbone.cls_token")
+        assert group["weight_decay"] == (0.0 if no_decay else 0.05), name

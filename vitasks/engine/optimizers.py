@@ -19,9 +19,22 @@ from torch import nn
 from vitasks.errors import ConfigError
 from vitasks.registry import OPTIM_WRAPPER_CONSTRUCTORS
 
-#: Parameter names (last component) that get no weight decay whatever their shape.
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token")
 _PARAMWISE_KEYS = ("layer_decay_rate", "no_decay_names")
+
+
+def declared_no_decay(model: nn.Module) -> set:
+    """Full names of the parameters that the model's modules declare free of weight decay.
+
+    A module declares them, as in timm, with a ``no_weight_decay()`` method returning names
+    relative to itself (the ViT: ``pos_embed``, ``cls_token``, ``reg_token``), so a new backbone
+    or token type needs no change here.
+    """
+    names = set()
+    for prefix, module in model.named_modules():
+        declare = getattr(module, "no_weight_decay", None)
+        if callable(declare):
+            names.update(f"{prefix}.{name}" if prefix else name for name in declare())
+    return names
 
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
@@ -36,8 +49,9 @@ class LayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
       ``base_lr * layer_decay_rate ** (depth + 1 - layer_id)``. A model whose backbone has no
       ``get_layer_id`` gets the base lr everywhere.
     - ``no_decay_names`` (list of str): parameters whose name contains one of these also get
-      weight decay 0 (besides 1-D parameters such as biases and norms, ``pos_embed``,
-      ``cls_token`` and ``reg_token``, which always do).
+      weight decay 0 (besides those that always do: 1-D parameters such as biases and norms, and
+      those a module declares through ``no_weight_decay()``, see :func:`declared_no_decay`:
+      the ViT's ``pos_embed``, ``cls_token`` and ``reg_token``).
 
     Frozen parameters (``requires_grad=False``) are left out. Parameters with the same (lr
     scale, weight decay) share one group; each group also carries ``lr_scale``.
@@ -92,12 +106,8 @@ class LayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
         optimizer = OPTIMIZERS.build(optimizer_cfg)
         return OPTIM_WRAPPERS.build(optim_wrapper_cfg, default_args=dict(optimizer=optimizer))
 
-    def _no_decay(self, name: str, param: torch.Tensor) -> bool:
-        return (
-            param.ndim <= 1
-            or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
-            or any(key in name for key in self.no_decay_names)
-        )
+    def _no_decay(self, name: str, param: torch.Tensor, declared: set) -> bool:
+        return param.ndim <= 1 or name in declared or any(key in name for key in self.no_decay_names)
 
     def add_params(self, params: List[dict], module: nn.Module, **kwargs) -> None:
         """Append the parameter groups of ``module`` (the task model) to ``params``."""
@@ -112,6 +122,7 @@ class LayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
                 logger="current",
                 level=logging.WARNING,
             )
+        declared = declared_no_decay(module)
         groups: Dict[Tuple[float, Optional[float]], dict] = {}
         for name, param in module.named_parameters():
             if not param.requires_grad:
@@ -122,7 +133,7 @@ class LayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
                 scale = self.layer_decay_rate ** (depth + 1 - layer_id)
             # Without weight_decay in the optimizer config the decayed groups keep the
             # optimizer's own default; the no-decay ones get 0 explicitly.
-            wd = 0.0 if self._no_decay(name, param) else self.base_wd
+            wd = 0.0 if self._no_decay(name, param, declared) else self.base_wd
             key = (scale, wd)
             if key not in groups:
                 groups[key] = dict(params=[], lr=self.base_lr * scale, lr_scale=scale)

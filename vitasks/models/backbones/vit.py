@@ -268,7 +268,8 @@ class VisionTransformer(nn.Module):
         return self.depth + 1
 
     def no_weight_decay(self) -> set:
-        """Names of parameters that conventionally get no weight decay (besides 1-D ones)."""
+        """Names of parameters that get no weight decay (besides 1-D ones), relative to the
+        backbone; the optimizer constructor reads them (timm's convention)."""
         return {n for n in NO_WEIGHT_DECAY if getattr(self, n, None) is not None}
 
     def _pos_embed_for(self, grid: Tuple[int, int]) -> torch.Tensor:
