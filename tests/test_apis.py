@@ -216,3 +216,20 @@ def test_ade_configs_name_their_classes_without_checkpoint_meta():
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "seg_ade20k.yaml"))
     names = _class_names(cfg, meta={})
     assert names == list(ADE20K_CLASSES) and len(names) == 150
+
+
+def test_inputs_are_images_only_for_now(tmp_path):
+    from vitasks.apis import expand_inputs
+
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for name in ("b.jpg", "a.PNG", "clip.mp4", "notes.txt"):
+        (folder / name).write_bytes(b"x")
+    assert expand_inputs([str(folder)]) == [str(folder / "a.PNG"), str(folder / "b.jpg")]
+    with pytest.raises(DataError, match=r"clip\.mp4 is a video; inference reads images only"):
+        expand_inputs([str(folder / "clip.mp4")])
+    videos_only = tmp_path / "videos"
+    videos_only.mkdir()
+    (videos_only / "clip.mp4").write_bytes(b"x")
+    with pytest.raises(DataError, match="has no image files"):
+        expand_inputs([str(videos_only)])

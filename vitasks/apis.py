@@ -39,6 +39,7 @@ ANNOTATION_LOADERS = {"LoadAnnotations", "LoadSegMap", "LoadSegAnnotations", "Lo
 
 #: File name suffixes that ``run_inference`` collects from a folder given as input.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+#: Video files, which inference does not read yet: given one, it says so.
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm")
 
 
@@ -264,7 +265,11 @@ def inference_model(
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[str]:
-    """Files as given; folders replaced by their image and video files (sorted, not recursive)."""
+    """Image files as given; folders replaced by their image files (sorted, not recursive).
+
+    Videos are not supported yet: a video file given by name is an error, and folders are
+    searched for images only.
+    """
     files: list[str] = []
     for item in inputs:
         item = os.fspath(item)
@@ -272,12 +277,14 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
             found = sorted(
                 os.path.join(item, n)
                 for n in os.listdir(item)
-                if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES
+                if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES
             )
             if not found:
-                raise DataError(f"input folder {item} has no image or video files")
+                raise DataError(f"input folder {item} has no image files ({', '.join(IMAGE_SUFFIXES)})")
             files.extend(found)
         elif os.path.isfile(item):
+            if os.path.splitext(item)[1].lower() in VIDEO_SUFFIXES:
+                raise DataError(f"input {item} is a video; inference reads images only (for now)")
             files.append(item)
         else:
             raise DataError(f"input not found: {item}")
