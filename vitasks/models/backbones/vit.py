@@ -1,5 +1,7 @@
 """The Vision Transformer backbone (Dosovitskiy et al. 2021), with the common extensions:
-LayerScale, register tokens, mean pooling, multi-level NCHW outputs and any input size."""
+LayerScale, register tokens, mean pooling, multi-level NCHW outputs and any input size, and
+ViTDet's options (Li et al. 2022): window attention with a few global blocks and the decomposed
+relative position bias."""
 
 import inspect
 import math
@@ -21,6 +23,12 @@ _INTERPOLATE_MODES = ("nearest", "bilinear", "bicubic", "area", "nearest-exact")
 _EMBED_NAMES = ("stem", "pos_embed", "cls_token", "reg_token")
 # Parameters that get no weight decay whatever their shape.
 NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "reg_token")
+# The relative-position tables of each block's attention (blocks.<i>.attn.<name>): no weight decay.
+REL_POS_NAMES = ("rel_pos_h", "rel_pos_w")
+
+
+def _is_square(n: int) -> bool:
+    return n > 0 and math.isqrt(n) ** 2 == n
 
 
 def _pair(value, key: str) -> Tuple[int, int]:
@@ -75,6 +83,24 @@ class VisionTransformer(nn.Module):
             ``ConvStem``, ``ResNetStem``); None means ``dict(type="PatchEmbed")``.
         with_cp: gradient checkpointing of every block (saves memory, costs a recompute).
         interpolate_mode: ``F.interpolate`` mode for resampling position embeddings.
+        window_size: ViTDet's window attention: every block except ``global_indices`` attends
+            within non-overlapping ``window_size`` x ``window_size`` windows of the patch grid
+            (padded with zeros at the bottom/right to a multiple of the window; the padded
+            tokens take part in the attention as in detectron2). 0: global attention everywhere
+            (``global_indices`` is then ignored, so a windowed config can be compared with
+            ``window_size=0``).
+        global_indices: blocks (negative counts from the end) that keep global attention when
+            ``window_size > 0``, e.g. (2, 5, 8, 11) for ViT-B.
+        use_rel_pos: decomposed relative position bias in every block (MViTv2 / ViTDet); the
+            tables of a window block are sized by the window, those of a global block by the
+            grid of ``img_size`` (resampled linearly for other grids).
+        rel_pos_zero_init: start the relative-position tables at zero (detectron2's default).
+
+    Window attention and the relative position bias work on the patch grid alone, as ViTDet
+    (which has no class token): they need ``class_token=False`` and ``num_reg_tokens=0`` (a
+    ``ConfigError`` says so otherwise). A checkpoint with a class token still loads: its
+    ``cls_token`` is unused and the class token's position embedding is dropped (detectron2's
+    ``pretrain_use_cls_token``).
 
     ``forward(x)`` returns a tuple: one map per ``out_indices`` entry, else ``(pooled,)`` with
     pooled (B, C), or ``(tokens,)`` (B, N, C) for ``pool="none"``. Token order is
@@ -106,6 +132,10 @@ class VisionTransformer(nn.Module):
         stem: Optional[dict] = None,
         with_cp: bool = False,
         interpolate_mode: str = "bicubic",
+        window_size: int = 0,
+        global_indices: Sequence[int] = (),
+        use_rel_pos: bool = False,
+        rel_pos_zero_init: bool = True,
     ) -> None:
         super().__init__()
         img_size = _pair(img_size, "img_size")
@@ -135,6 +165,14 @@ class VisionTransformer(nn.Module):
         self.num_pos_prefix_tokens = 1 if class_token else 0  # the class token has a position embedding
         self.num_reg_tokens = num_reg_tokens
         self.num_prefix_tokens = self.num_pos_prefix_tokens + num_reg_tokens
+        self.window_size, self.global_indices = self._check_windows(window_size, global_indices, depth)
+        self.use_rel_pos = bool(use_rel_pos)
+        if (self.window_size or self.use_rel_pos) and self.num_prefix_tokens:
+            raise ConfigError(
+                "model.backbone: window_size and use_rel_pos work on the patch grid alone (as ViTDet): set "
+                "class_token: false, num_reg_tokens: 0 and pool: mean or none (a checkpoint's class token "
+                "is dropped on loading)"
+            )
 
         self.stem = self._build_stem(stem, in_channels, embed_dim, patch_size)
         self.stride = self.stem.stride
@@ -158,6 +196,8 @@ class VisionTransformer(nn.Module):
                 embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate,
                 attn_drop=attn_drop_rate, drop_path=dpr[i], layer_scale_init_value=layer_scale_init_value,
                 norm_eps=norm_eps, mlp_act=mlp_act,
+                window_size=0 if i in self.global_indices else self.window_size,
+                use_rel_pos=self.use_rel_pos, input_size=self.grid_size, rel_pos_zero_init=rel_pos_zero_init,
             )
             for i in range(depth)
         )
@@ -219,6 +259,28 @@ class VisionTransformer(nn.Module):
             )
         return module
 
+    @staticmethod
+    def _check_windows(window_size, global_indices, depth: int) -> Tuple[int, Tuple[int, ...]]:
+        if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 0:
+            raise ConfigError(f"model.backbone.window_size must be an integer >= 0 (0: global attention), got {window_size!r}")
+        if isinstance(global_indices, int) and not isinstance(global_indices, bool):
+            global_indices = [global_indices]
+        if global_indices is None:
+            global_indices = ()
+        if isinstance(global_indices, (str, bytes)) or not isinstance(global_indices, Sequence):
+            raise ConfigError(f"model.backbone.global_indices must be a list of block indices, got {global_indices!r}")
+        result = []
+        for i in global_indices:
+            if isinstance(i, bool) or not isinstance(i, int) or not -depth <= i < depth:
+                raise ConfigError(
+                    f"model.backbone.global_indices: {i!r} is not a block index of a depth-{depth} model "
+                    f"(expected integers in [{-depth}, {depth - 1}])"
+                )
+            result.append(i % depth)
+        if len(set(result)) != len(result):
+            raise ConfigError(f"model.backbone.global_indices {list(global_indices)} names a block twice")
+        return window_size, tuple(sorted(result))
+
     def _check_out_indices(self, out_indices) -> Optional[Tuple[int, ...]]:
         if out_indices is None:
             return None
@@ -258,8 +320,9 @@ class VisionTransformer(nn.Module):
 
     def get_layer_id(self, param_name: str) -> int:
         """Layer id for layer-wise lr decay of a parameter named relative to the backbone:
-        stem / position embedding / class and register tokens 0, block i -> i + 1, everything
-        else (final norms) depth + 1."""
+        stem / position embedding / class and register tokens 0, block i -> i + 1 (its
+        relative-position tables ``blocks.<i>.attn.rel_pos_*`` included), everything else (final
+        norms) depth + 1 (the optimizer gives necks and heads depth + 1 too)."""
         first = param_name.split(".", 1)[0]
         if first in _EMBED_NAMES:
             return 0
@@ -270,7 +333,9 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set:
         """Names of parameters that get no weight decay (besides 1-D ones), relative to the
         backbone; the optimizer constructor reads them (timm's convention)."""
-        return {n for n in NO_WEIGHT_DECAY if getattr(self, n, None) is not None}
+        names = {n for n in NO_WEIGHT_DECAY if getattr(self, n, None) is not None}
+        names.update(n for n, _ in self.blocks.named_parameters(prefix="blocks") if n.rsplit(".", 1)[-1] in REL_POS_NAMES)
+        return names
 
     def _pos_embed_for(self, grid: Tuple[int, int]) -> torch.Tensor:
         if grid == self.grid_size:
@@ -284,6 +349,17 @@ class VisionTransformer(nn.Module):
         # model's grid before the usual copy (which would fail on the shape).
         key = prefix + "pos_embed"
         value = state_dict.get(key)
+        if (
+            isinstance(value, torch.Tensor)
+            and self.cls_token is None
+            and value.ndim == 3
+            and _is_square(value.shape[1] - 1)
+            and not _is_square(value.shape[1])
+        ):
+            # A class-token checkpoint loaded into a model without one (ViTDet): drop the class
+            # token's embedding, as detectron2 does.
+            value = state_dict[key] = value[:, 1:]
+            print_log(f"Dropped the class token's position embedding from {key}", logger="current")
         if isinstance(value, torch.Tensor) and value.shape != self.pos_embed.shape:
             if value.ndim == 3 and value.shape[0] == 1 and value.shape[2] == self.embed_dim:
                 num_grid = value.shape[1] - self.num_pos_prefix_tokens
@@ -330,16 +406,16 @@ class VisionTransformer(nn.Module):
         x = torch.cat(prefix + [x], dim=1) if prefix else x.contiguous()
         return self.pos_drop(x), grid
 
-    def _block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _block(self, block: nn.Module, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
+            return checkpoint(block, x, grid, use_reentrant=False)
+        return block(x, grid)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """All tokens (B, N, C) after the blocks and the final ``norm`` (not ``fc_norm``)."""
-        x, _ = self._embed(x)
+        x, grid = self._embed(x)
         for block in self.blocks:
-            x = self._block(block, x)
+            x = self._block(block, x, grid)
         return self.norm(x)
 
     def pool_tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -356,7 +432,7 @@ class VisionTransformer(nn.Module):
         x, (h, w) = self._embed(x)
         maps: Dict[int, torch.Tensor] = {}
         for i in range(self._num_run):
-            x = self._block(self.blocks[i], x)
+            x = self._block(self.blocks[i], x, (h, w))
             if i in self._out_set:
                 y = self.norm(x) if i == self.depth - 1 else x
                 # Drop the prefix tokens; (B, h*w, C) -> contiguous (B, C, h, w).
@@ -374,9 +450,9 @@ class VisionTransformer(nn.Module):
         """Tokens as :meth:`forward_features` and each block's attention probabilities
         (B, heads, N, N), computed explicitly (slower; for visualisation: call it in eval mode,
         under ``torch.no_grad()`` unless gradients are wanted)."""
-        x, _ = self._embed(x)
+        x, grid = self._embed(x)
         attentions = []
         for block in self.blocks:
-            x, attn = block.forward_with_attention(x)
+            x, attn = block.forward_with_attention(x, grid)
             attentions.append(attn)
         return self.norm(x), attentions

@@ -1,10 +1,12 @@
 """Multi-head self-attention through ``torch.nn.functional.scaled_dot_product_attention``."""
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .rel_pos import decomposed_rel_pos_bias, resize_rel_pos
 
 
 class Attention(nn.Module):
@@ -14,12 +16,24 @@ class Attention(nn.Module):
     views only, and SDPA picks the fastest kernel (flash / memory-efficient on GPUs, the fused
     CPU kernel otherwise).
 
+    With ``use_rel_pos`` the layer adds a decomposed relative position bias (MViTv2 / ViTDet, see
+    :mod:`vitasks.models.layers.rel_pos`) from the tables ``rel_pos_h`` (2 * Sh - 1, head_dim)
+    and ``rel_pos_w`` (2 * Sw - 1, head_dim), where (Sh, Sw) is ``rel_pos_size``, the token grid
+    the layer is made for. The bias goes to SDPA as its float ``attn_mask``, so the fused kernels
+    that accept a mask stay in use. The tokens must then be exactly a grid (no class token) and
+    ``forward`` needs the grid's (height, width).
+
     Args:
         dim: token width C.
         num_heads: number of heads; must divide ``dim``.
         qkv_bias: whether the ``qkv`` projection has a bias.
         attn_drop: dropout on the attention probabilities (training only).
         proj_drop: dropout after the output projection.
+        use_rel_pos: add the decomposed relative position bias.
+        rel_pos_size: (height, width) of the grid the tables are sized for; needed with
+            ``use_rel_pos``. Other grids work too (the tables are resampled linearly).
+        rel_pos_zero_init: start the tables at zero (detectron2's default) instead of a
+            truncated normal with std 0.02.
     """
 
     def __init__(
@@ -29,6 +43,9 @@ class Attention(nn.Module):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        use_rel_pos: bool = False,
+        rel_pos_size: Optional[Tuple[int, int]] = None,
+        rel_pos_zero_init: bool = True,
     ) -> None:
         super().__init__()
         if dim % num_heads != 0:
@@ -40,6 +57,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+        self.use_rel_pos = bool(use_rel_pos)
+        self.rel_pos_h: Optional[nn.Parameter] = None
+        self.rel_pos_w: Optional[nn.Parameter] = None
+        if self.use_rel_pos:
+            if rel_pos_size is None or len(rel_pos_size) != 2 or min(rel_pos_size) < 1:
+                raise ValueError(f"use_rel_pos needs rel_pos_size=(height, width) of the token grid, got {rel_pos_size!r}")
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_size[0] - 1, self.head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size[1] - 1, self.head_dim))
+            if not rel_pos_zero_init:
+                nn.init.trunc_normal_(self.rel_pos_h, std=0.02)
+                nn.init.trunc_normal_(self.rel_pos_w, std=0.02)
 
     def _qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, N, C = x.shape
@@ -48,18 +76,30 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qkv.unbind(0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _bias(self, q: torch.Tensor, hw: Optional[Tuple[int, int]]) -> Optional[torch.Tensor]:
+        """The relative position bias for queries q on the grid ``hw``, or None without it."""
+        if not self.use_rel_pos:
+            return None
+        if hw is None:
+            raise ValueError("Attention with use_rel_pos needs the token grid: call it as attn(x, (height, width))")
+        return decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, hw, hw)
+
+    def forward(self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Tokens (B, N, C) -> (B, N, C); ``hw`` is the (height, width) of the token grid,
+        needed with ``use_rel_pos`` (N == height * width) and ignored otherwise."""
         B, N, C = x.shape
         q, k, v = self._qkv(x)
         x = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop if self.training else 0.0
+            q, k, v, attn_mask=self._bias(q, hw), dropout_p=self.attn_drop if self.training else 0.0
         )
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 
-    def forward_with_attention(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_attention(
+        self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Same output as :meth:`forward` (without attention dropout), plus the attention
-        probabilities softmax(QK^T / sqrt(d)) of shape (B, heads, N, N).
+        probabilities softmax(QK^T / sqrt(d) + bias) of shape (B, heads, N, N).
 
         The explicit N x N matrix makes this slower and hungrier than :meth:`forward`; it exists
         for visualisation (attention maps, rollout).
@@ -67,6 +107,25 @@ class Attention(nn.Module):
         B, N, C = x.shape
         q, k, v = self._qkv(x)
         attn = (q * self.scale) @ k.transpose(-2, -1)
+        bias = self._bias(q, hw)
+        if bias is not None:
+            attn = attn + bias
         attn = attn.softmax(dim=-1)
         x = (attn @ v).transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x)), attn
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Tables trained for another grid (a detector fine-tuned at another input size):
+        # resample them linearly, as the forward pass would, instead of failing on the shape.
+        for name in ("rel_pos_h", "rel_pos_w"):
+            own = getattr(self, name)
+            value = state_dict.get(prefix + name)
+            if (
+                own is not None
+                and isinstance(value, torch.Tensor)
+                and value.ndim == 2
+                and value.shape[1] == own.shape[1]
+                and value.shape[0] != own.shape[0]
+            ):
+                state_dict[prefix + name] = resize_rel_pos(value, own.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
