@@ -85,6 +85,34 @@ def test_folder_dataset_suffixes_classes_and_no_reduce(tmp_path):
     assert len(ds2) == 3 and ds2.metainfo["classes"] == ("class_0", "class_1", "class_2")
 
 
+def test_dump_of_a_folder_dataset_keeps_sub_folders(tmp_path):
+    # Two images called x.jpg in different sub-folders: their predictions must not collide.
+    from vitasks.evaluation.iou import SegPredictionDumper
+    from vitasks.structures import DataSample, PixelData
+
+    root = str(tmp_path)
+    for kind in ("images", "annotations"):
+        for sub in ("a", "b"):
+            os.makedirs(os.path.join(root, kind, "val", sub))
+    write_pair(root, "val", os.path.join("a", "x"), [[1, 2]])
+    write_pair(root, "val", os.path.join("b", "x"), [[2, 1]])
+    ds = SegFolderDataset(data_root=root, img_dir="images/val", ann_dir="annotations/val", num_classes=3)
+    assert ds.metainfo["img_root"] == os.path.abspath(os.path.join(root, "images", "val"))
+    dumper = SegPredictionDumper(out_path=str(tmp_path / "dump"))
+    dumper.dataset_meta = ds.metainfo  # as the Runner sets it
+    samples = []
+    for i in range(len(ds)):
+        info = ds.get_data_info(i)
+        sample = DataSample(metainfo=dict(img_path=info["img_path"], reduce_zero_label=False))
+        sample.pred_sem_seg = PixelData(data=torch.as_tensor(load_label(ds, i)).long()[None])
+        samples.append(sample)
+    dumper.process({}, samples)
+    for sub in ("a", "b"):
+        written = cv2.imread(str(tmp_path / "dump" / sub / "x.png"), cv2.IMREAD_UNCHANGED)
+        label = cv2.imread(os.path.join(root, "annotations", "val", sub, "x.png"), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(written, label)
+
+
 def test_synthetic_dataset_reads_as_ade(tmp_path):
     root = make_seg_dataset(str(tmp_path / "seg"), num_train=4, num_val=2, img_size=32, num_classes=4)
     ds = ADE20KDataset(data_root=root, split="training", num_classes=4)  # names from classes.txt
@@ -188,12 +216,24 @@ def test_random_crop_cat_max_ratio():
         counts = np.bincount(out["gt_seg_map"].ravel(), minlength=2)
         assert counts.max() / counts.sum() < 0.75
         assert out["img"].shape == (50, 50, 3) and out["img_shape"] == (50, 50)
-    # Ignored pixels do not count: class 0 is 60% of all but 100% of the labelled pixels.
-    label = np.full((10, 10), 255, np.uint8)
-    label[:6] = 0
-    crop = SegRandomCrop(crop_size=(10, 10), cat_max_ratio=0.75)
-    out = crop(dict(img=np.zeros((10, 10, 3), np.uint8), gt_seg_map=label))
-    assert out["gt_seg_map"].shape == (10, 10)  # kept after max_tries
+    # Ignored pixels do not count. Columns 0-9 are class 0, 10-19 class 1, 20-29 ignored; a
+    # 10-wide crop starting at x0 is accepted only when both classes are present with less than
+    # 75% of the *labelled* pixels each: x0 in 3..7 (by hand: 10 - x0 and x0 columns, both < 7.5).
+    # Were the ignored columns counted as a class, crops at x0 = 13..17 (class 1 and ignored,
+    # both under 7.5 columns) would pass too.
+    label = np.full((10, 30), 255, np.uint8)
+    label[:, :10] = 0
+    label[:, 10:20] = 1
+    img = np.zeros((10, 30, 3), np.uint8)
+    img[..., 0] = np.arange(30)[None, :]  # the column index, to read x0 back
+    crop = SegRandomCrop(crop_size=(10, 10), cat_max_ratio=0.75, max_tries=1000)
+    starts = set()
+    for seed in range(60):
+        out = crop(dict(img=img.copy(), gt_seg_map=label.copy(), rng=np.random.default_rng(seed)))
+        x0 = int(out["img"][0, 0, 0])
+        np.testing.assert_array_equal(out["gt_seg_map"], label[:, x0:x0 + 10])
+        starts.add(x0)
+    assert starts <= {3, 4, 5, 6, 7} and len(starts) >= 3
     # Smaller images are kept whole along the short side.
     out = SegRandomCrop(crop_size=(64, 64))(dict(img=np.zeros((20, 100, 3), np.uint8)))
     assert out["img"].shape == (20, 64, 3)
