@@ -1,0 +1,95 @@
+"""The torch version setup.cfg declares is the lowest that has every torch feature the code uses.
+
+Each feature: the release that introduced it (from PyTorch's release notes and pull requests)
+and a check that the code does use it. The declared minimum must be the newest of those
+releases: not lower (the code would fail on an older torch), not higher (users would be refused
+a torch that works). The upper bound must admit the torch the project is tested with.
+"""
+
+import configparser
+import inspect
+import pathlib
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TESTED_TORCH = "2.13.0"
+
+
+def _allowlist_has_named_entries() -> bool:
+    from vitasks.engine.checkpoint import SAFE_GLOBALS
+
+    return any(isinstance(entry, tuple) for entry in SAFE_GLOBALS)
+
+
+def _checkpoint_loading_uses_safe_globals() -> bool:
+    from vitasks.engine import checkpoint
+
+    return "torch.serialization.safe_globals(" in inspect.getsource(checkpoint)
+
+
+def _amp_uses_device_grad_scaler() -> bool:
+    from vitasks.engine import amp
+
+    return "torch.amp.GradScaler(self.device_type" in inspect.getsource(amp)
+
+
+def _configs_use_fused_adamw() -> bool:
+    for path in (REPO / "configs").rglob("*.yaml"):
+        text = yaml.safe_load(path.read_text()) or {}
+        optimizer = (text.get("optim_wrapper") or {}).get("optimizer") or {}
+        if optimizer.get("type") == "AdamW" and optimizer.get("fused"):
+            return True  # the training device may be the CPU
+    return False
+
+
+#: feature -> (first torch release with it, the source of that fact, is it used)
+FEATURES = {
+    "(object, 'module.name') entries in torch.serialization.safe_globals": (
+        "2.6", "pytorch/pytorch#142153 (Dec 2024, in 2.6)", _allowlist_has_named_entries),
+    "torch.serialization.safe_globals context manager": (
+        "2.5", "torch 2.5 release notes (add_safe_globals 2.4, the context manager 2.5)",
+        _checkpoint_loading_uses_safe_globals),
+    "torch.optim.AdamW(fused=True) on the CPU": (
+        "2.4", "torch 2.4 release notes (fused Adam/AdamW/SGD on CPU)", _configs_use_fused_adamw),
+    "torch.amp.GradScaler(device)": (
+        "2.3", "torch 2.3 (device-generic GradScaler; torch.cuda.amp.GradScaler deprecated in 2.4, "
+        "pytorch/pytorch#126527)", _amp_uses_device_grad_scaler),
+}
+
+
+def declared_torch() -> Requirement:
+    parser = configparser.ConfigParser()
+    parser.read(REPO / "setup.cfg")
+    lines = [line.strip() for line in parser["options"]["install_requires"].splitlines()]
+    (torch_line,) = [line for line in lines if line and Requirement(line).name == "torch"]
+    return Requirement(torch_line)
+
+
+def lower_bound(requirement: Requirement) -> Version:
+    bounds = [Version(spec.version) for spec in requirement.specifier if spec.operator == ">="]
+    assert len(bounds) == 1, f"setup.cfg: torch needs one '>=' bound, got {requirement}"
+    return bounds[0]
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_each_feature_in_the_table_is_used(feature):
+    _, _, used = FEATURES[feature]
+    assert used(), f"{feature} is no longer used: drop it from FEATURES and recheck setup.cfg's torch minimum"
+
+
+def test_declared_minimum_is_the_newest_feature_release():
+    needed = max(Version(release) for release, _, _ in FEATURES.values())
+    assert lower_bound(declared_torch()) == needed
+
+
+def test_tested_torch_satisfies_the_declared_range():
+    requirement = declared_torch()
+    assert requirement.specifier.contains(TESTED_TORCH)
+    import torch
+
+    installed = Version(torch.__version__.split("+")[0])
+    assert requirement.specifier.contains(installed), f"torch {installed} is outside setup.cfg's {requirement}"
