@@ -1,2 +1,3 @@
 from . import accuracy, dump  # noqa: F401
 from . import iou  # noqa: F401  (segmentation helper)
+from . import coco  # noqa: F401  (detection helper)

@@ -1,0 +1,8 @@
+"""Score a COCO results file with pycocotools:
+``python tools/eval_coco.py RESULTS.json ANNOTATIONS.json [--out metrics.json]``."""
+import sys
+
+from vitasks.evaluation.coco import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,511 @@
+"""Detection transforms: load boxes, labels and masks, ViTDet's large-scale jitter, pack.
+
+Conventions in ``results`` (after :class:`LoadDetAnnotations`):
+
+- ``gt_bboxes``: ``(N, 4)`` float32, ``x1, y1, x2, y2`` in pixels of the current image, where
+  pixel ``i`` covers ``[i, i + 1)`` (COCO's convention);
+- ``gt_labels``: ``(N,)`` int64 in ``0..K-1``; ``gt_ignore_flags``: ``(N,)`` bool, True for crowd
+  regions (kept so that transforms move them too, but never a training target);
+- ``gt_masks``: :class:`InstanceMasks`, the objects' COCO polygons or RLE kept as they are in the
+  file, with the geometric transform applied since; they become bitmaps only when packed.
+
+Why not albumentations here: every geometric step of the large-scale jitter (resize, crop, flip;
+the padding is the data preprocessor's) maps pixel coordinates by ``x' = a * x + b`` per axis. Kept
+as one such map per axis, masks need no bitmaps until the end: a polygon is rasterised once at the
+final size, from exactly transformed vertices, and an RLE mask is warped once. Boxes get the same
+map, so a mask and its box cannot drift apart. Albumentations would carry N full-size bitmaps
+through every step (an image scaled by 2.0 makes them 4x larger before the crop).
+
+Random draws come from :func:`~vitasks.data.seeding.sample_rng`, so a sample's augmentation follows
+from the config's seed and its place in the training stream.
+
+Pipelines (ViTDet's recipe; sizes are config values, a demo may use 128):
+
+- train: ``LoadImage``, ``LoadDetAnnotations``, ``DetRandomResize(scale=[1024, 1024],
+  ratio_range=[0.1, 2.0])``, ``DetRandomCrop(crop_size=[1024, 1024])``, ``FilterDetAnnotations``,
+  ``DetRandomFlip(prob=0.5)``, ``PackDetInputs``; the data preprocessor pads to 1024x1024;
+- test: ``LoadImage``, ``DetResize(scale=[1024, 1024])`` (longest side 1024), ``PackDetInputs``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from mmengine.structures import InstanceData
+from pycocotools import mask as mask_utils
+
+from vitasks.data.seeding import sample_rng
+from vitasks.data.seg_transforms import rescaled_size
+from vitasks.data.transforms import BaseTransform
+from vitasks.errors import ConfigError, DataError
+from vitasks.registry import TRANSFORMS
+from vitasks.structures import DataSample
+
+__all__ = [
+    "InstanceMasks",
+    "LoadDetAnnotations",
+    "DetResize",
+    "DetRandomResize",
+    "DetRandomCrop",
+    "DetRandomFlip",
+    "FilterDetAnnotations",
+    "PackDetInputs",
+    "normalize_segmentation",
+]
+
+_INTERP = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
+           "area": cv2.INTER_AREA}
+
+
+def normalize_segmentation(segmentation: Any, height: int, width: int) -> Any:
+    """A COCO ``segmentation`` in the form :class:`InstanceMasks` keeps: a list of polygons (flat
+    float64 arrays ``x0, y0, x1, y1, ...`` of three points or more) or one compressed RLE dict.
+
+    Uncompressed RLE (``counts`` as a list of run lengths, COCO's crowd regions) is compressed;
+    polygons of fewer than three points are left out (pycocotools would read a 4-number polygon
+    as a box). Returns ``None`` when nothing valid remains. Raises ValueError for an RLE whose
+    ``size`` is not ``(height, width)`` or a value of another type.
+    """
+    if isinstance(segmentation, dict):
+        size = segmentation.get("size")
+        if size is None or "counts" not in segmentation:
+            raise ValueError("an RLE segmentation needs `size` and `counts`")
+        if [int(s) for s in size] != [int(height), int(width)]:
+            raise ValueError(f"RLE size {list(size)} differs from the image's {[height, width]} (HxW)")
+        if isinstance(segmentation["counts"], list):
+            return mask_utils.frPyObjects(segmentation, int(height), int(width))
+        return {"size": [int(height), int(width)], "counts": segmentation["counts"]}
+    if isinstance(segmentation, (list, tuple)):
+        polygons = [np.asarray(p, np.float64).reshape(-1) for p in segmentation]
+        polygons = [p for p in polygons if p.size >= 6 and p.size % 2 == 0]
+        return polygons or None
+    raise ValueError(f"segmentation must be polygons (a list) or RLE (a dict), got {type(segmentation).__name__}")
+
+
+class InstanceMasks:
+    """The masks of N objects as their COCO polygons or RLE in the source image, plus the
+    axis-aligned map from source to current pixels (``x' = sx * x + tx``, ``y' = sy * y + ty``;
+    a flip makes a scale negative) and the current canvas size. Rasterised by :meth:`to_bitmaps`.
+
+    Args:
+        segmentations: per object, the output of :func:`normalize_segmentation` (polygon list,
+            RLE dict, or ``None`` for an empty mask).
+        source_shape: ``(H, W)`` the segmentations refer to.
+        shape: current canvas ``(H, W)`` (the source's by default).
+        affine: ``(sx, tx, sy, ty)`` (identity by default).
+    """
+
+    def __init__(
+        self,
+        segmentations: Sequence[Any],
+        source_shape: tuple[int, int],
+        shape: tuple[int, int] | None = None,
+        affine: Sequence[float] = (1.0, 0.0, 1.0, 0.0),
+    ) -> None:
+        self.segmentations = list(segmentations)
+        self.source_shape = (int(source_shape[0]), int(source_shape[1]))
+        self.shape = self.source_shape if shape is None else (int(shape[0]), int(shape[1]))
+        self.affine = tuple(float(a) for a in affine)
+
+    def __len__(self) -> int:
+        return len(self.segmentations)
+
+    def __getitem__(self, index: Any) -> "InstanceMasks":
+        """The masks selected by a boolean mask, an index array or a slice."""
+        if isinstance(index, torch.Tensor):
+            index = index.cpu().numpy()
+        if isinstance(index, slice):
+            chosen = self.segmentations[index]
+        else:
+            index = np.asarray(index)
+            if index.dtype == bool:
+                index = np.flatnonzero(index)
+            chosen = [self.segmentations[int(i)] for i in index.reshape(-1)]
+        return InstanceMasks(chosen, self.source_shape, self.shape, self.affine)
+
+    def __repr__(self) -> str:
+        return f"InstanceMasks(num={len(self)}, shape={self.shape}, affine={self.affine})"
+
+    # Geometry: each returns a new object; boxes get the same maps in the transforms below.
+    def rescale(self, scale_x: float, scale_y: float, shape: tuple[int, int]) -> "InstanceMasks":
+        sx, tx, sy, ty = self.affine
+        return InstanceMasks(self.segmentations, self.source_shape, shape,
+                             (sx * scale_x, tx * scale_x, sy * scale_y, ty * scale_y))
+
+    def translate(self, dx: float, dy: float, shape: tuple[int, int]) -> "InstanceMasks":
+        sx, tx, sy, ty = self.affine
+        return InstanceMasks(self.segmentations, self.source_shape, shape, (sx, tx + dx, sy, ty + dy))
+
+    def flip(self, direction: str = "horizontal") -> "InstanceMasks":
+        sx, tx, sy, ty = self.affine
+        height, width = self.shape
+        if direction == "horizontal":
+            affine = (-sx, width - tx, sy, ty)
+        else:
+            affine = (sx, tx, -sy, height - ty)
+        return InstanceMasks(self.segmentations, self.source_shape, self.shape, affine)
+
+    # Rasterising.
+    def _polygon_bitmap(self, polygons: list[np.ndarray]) -> np.ndarray:
+        sx, tx, sy, ty = self.affine
+        height, width = self.shape
+        moved = []
+        for poly in polygons:
+            p = poly.copy()
+            p[0::2] = p[0::2] * sx + tx
+            p[1::2] = p[1::2] * sy + ty
+            moved.append(p.tolist())
+        rle = mask_utils.merge(mask_utils.frPyObjects(moved, height, width))
+        return mask_utils.decode(rle).astype(bool)
+
+    def _rle_bitmap(self, rle: dict) -> np.ndarray:
+        source = mask_utils.decode(rle)
+        sx, tx, sy, ty = self.affine
+        height, width = self.shape
+        if self.affine == (1.0, 0.0, 1.0, 0.0) and source.shape == (height, width):
+            return source.astype(bool)
+        # The map is for pixel edges; OpenCV's matrix maps pixel centres (index i is at i + 0.5).
+        matrix = np.array([[sx, 0.0, 0.5 * sx + tx - 0.5], [0.0, sy, 0.5 * sy + ty - 0.5]])
+        warped = cv2.warpAffine(source, matrix, (width, height), flags=cv2.INTER_NEAREST,
+                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        return warped.astype(bool)
+
+    def to_bitmaps(self) -> np.ndarray:
+        """``(N, H, W)`` bool masks at the current canvas size."""
+        height, width = self.shape
+        out = np.zeros((len(self), height, width), bool)
+        for i, seg in enumerate(self.segmentations):
+            if seg is None:
+                continue
+            out[i] = self._rle_bitmap(seg) if isinstance(seg, dict) else self._polygon_bitmap(seg)
+        return out
+
+    def to_tensor(self) -> torch.Tensor:
+        """:meth:`to_bitmaps` as a bool tensor."""
+        return torch.from_numpy(self.to_bitmaps())
+
+
+def _map_boxes(boxes: np.ndarray, scale_x: float, shift_x: float, scale_y: float, shift_y: float) -> np.ndarray:
+    """Boxes under ``x' = scale_x * x + shift_x`` (same for y), re-ordered so that x1 <= x2
+    (a negative scale is a flip)."""
+    xs = boxes[:, 0::2] * scale_x + shift_x
+    ys = boxes[:, 1::2] * scale_y + shift_y
+    return np.stack([xs.min(1), ys.min(1), xs.max(1), ys.max(1)], axis=1).astype(np.float32)
+
+
+def _select(results: dict, keep: np.ndarray) -> None:
+    """Keep the objects where ``keep`` is True in every per-object field."""
+    for key in ("gt_bboxes", "gt_labels", "gt_ignore_flags", "gt_masks"):
+        if results.get(key) is not None:
+            results[key] = results[key][keep]
+
+
+def _check_size(size: Sequence[int], owner: str, key: str) -> tuple[int, int]:
+    if not isinstance(size, (list, tuple)) or len(size) != 2 or min(size) <= 0:
+        raise ConfigError(f"{owner}.{key} must be two positive sizes like [1024, 1024], got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+@TRANSFORMS.register_module()
+class LoadDetAnnotations(BaseTransform):
+    """Turn the dataset's ``instances`` into ``gt_bboxes``, ``gt_labels``, ``gt_ignore_flags`` and
+    (``with_mask``) ``gt_masks``.
+
+    Each instance is ``{"bbox": [x1, y1, x2, y2], "bbox_label": int, "ignore_flag": 0/1,
+    "mask": polygons or RLE}`` (what :class:`~vitasks.data.coco.CocoDataset` gives). Masks are
+    kept compact (:class:`InstanceMasks`). A loaded image whose size differs from the annotation
+    file's ``height``/``width`` is a DataError naming the file (its masks would be misplaced).
+
+    Args:
+        with_mask: load the masks (a box-only dataset sets false).
+    """
+
+    def __init__(self, with_mask: bool = True) -> None:
+        self.with_mask = bool(with_mask)
+
+    def transform(self, results: dict) -> dict:
+        instances = results.get("instances") or []
+        height = int(results.get("height", 0) or results.get("ori_shape", (0, 0))[0])
+        width = int(results.get("width", 0) or results.get("ori_shape", (0, 0))[1])
+        ori_shape = results.get("ori_shape")
+        if ori_shape is not None and results.get("height") is not None and \
+                tuple(ori_shape[:2]) != (int(results["height"]), int(results["width"])):
+            raise DataError(
+                f"image {results.get('img_path', '?')} is {ori_shape[0]}x{ori_shape[1]} (HxW) but the "
+                f"annotation file says {results['height']}x{results['width']}; boxes and masks "
+                "would not fit it (was the image rotated or resized?)"
+            )
+        boxes = np.asarray([inst["bbox"] for inst in instances], np.float32).reshape(-1, 4)
+        results["gt_bboxes"] = boxes
+        results["gt_labels"] = np.asarray([inst["bbox_label"] for inst in instances], np.int64)
+        results["gt_ignore_flags"] = np.asarray(
+            [bool(inst.get("ignore_flag", 0)) for inst in instances], bool
+        )
+        if self.with_mask:
+            missing = [i for i, inst in enumerate(instances) if inst.get("mask") is None
+                       and not inst.get("ignore_flag", 0)]
+            if missing:
+                raise DataError(
+                    f"LoadDetAnnotations: {len(missing)} object(s) of {results.get('img_path', '?')} "
+                    "have no segmentation; set `with_mask: false` for a box-only dataset"
+                )
+            results["gt_masks"] = InstanceMasks(
+                [inst.get("mask") for inst in instances], (height, width)
+            )
+        return results
+
+
+@TRANSFORMS.register_module()
+class DetResize(BaseTransform):
+    """Resize the image with its boxes and masks.
+
+    With ``keep_ratio`` the image is scaled to fit within ``scale`` (``[1024, 1024]``: longest side
+    1024, ViTDet's test resize); without, to exactly ``scale`` = ``(W, H)``. ``scale_factor``
+    (``(w_scale, h_scale)`` from the original image) and ``img_shape`` are updated.
+
+    Args:
+        scale: ``(long, short)`` bound with ``keep_ratio``, else ``(W, H)``.
+        keep_ratio: keep the aspect ratio.
+        interpolation: ``bilinear`` (mmdet's and detectron2's), ``bicubic``, ``area``, ``nearest``.
+    """
+
+    def __init__(self, scale: Sequence[int] = (1024, 1024), keep_ratio: bool = True,
+                 interpolation: str = "bilinear") -> None:
+        owner = type(self).__name__
+        self.scale = _check_size(scale, owner, "scale")
+        self.keep_ratio = bool(keep_ratio)
+        if interpolation not in _INTERP:
+            raise ConfigError(f"{owner}.interpolation must be one of {sorted(_INTERP)}, got {interpolation!r}")
+        self.interpolation = interpolation
+
+    def _target(self, height: int, width: int, scale: tuple[float, float]) -> tuple[int, int]:
+        if self.keep_ratio:
+            return rescaled_size(height, width, scale)
+        return int(scale[1]), int(scale[0])
+
+    def _resize(self, results: dict, size: tuple[int, int]) -> dict:
+        new_h, new_w = max(int(size[0]), 1), max(int(size[1]), 1)
+        img = results["img"]
+        old_h, old_w = img.shape[:2]
+        if (new_h, new_w) != (old_h, old_w):
+            resized = cv2.resize(img, (new_w, new_h), interpolation=_INTERP[self.interpolation])
+            results["img"] = resized[:, :, None] if resized.ndim == 2 and img.ndim == 3 else resized
+        scale_x, scale_y = new_w / old_w, new_h / old_h
+        if results.get("gt_bboxes") is not None:
+            results["gt_bboxes"] = _map_boxes(results["gt_bboxes"], scale_x, 0.0, scale_y, 0.0)
+        if results.get("gt_masks") is not None:
+            results["gt_masks"] = results["gt_masks"].rescale(scale_x, scale_y, (new_h, new_w))
+        previous = results.get("scale_factor", (1.0, 1.0))
+        results["scale_factor"] = (previous[0] * scale_x, previous[1] * scale_y)
+        results["img_shape"] = (new_h, new_w)
+        return results
+
+    def transform(self, results: dict) -> dict:
+        height, width = results["img"].shape[:2]
+        return self._resize(results, self._target(height, width, self.scale))
+
+
+@TRANSFORMS.register_module()
+class DetRandomResize(DetResize):
+    """Resize to ``scale`` times a ratio drawn per sample from ``ratio_range`` (ViTDet's large-scale
+    jitter: ``scale=[1024, 1024]``, ``ratio_range=[0.1, 2.0]``, keeping the aspect ratio, so the
+    image fits in a square of side ``1024 * r``). The scaled bound is truncated to whole pixels
+    before the keep-ratio rule, as mmcv's ``RandomResize`` does.
+
+    Args:
+        scale: base scale, as :class:`DetResize`.
+        ratio_range: ``[min, max]`` of the uniform ratio.
+        keep_ratio, interpolation: as :class:`DetResize`.
+    """
+
+    def __init__(self, scale: Sequence[int] = (1024, 1024), ratio_range: Sequence[float] = (0.1, 2.0),
+                 keep_ratio: bool = True, interpolation: str = "bilinear") -> None:
+        super().__init__(scale, keep_ratio, interpolation)
+        if len(ratio_range) != 2 or not 0 < ratio_range[0] <= ratio_range[1]:
+            raise ConfigError(
+                f"DetRandomResize.ratio_range must be [min, max] with 0 < min <= max, got {ratio_range!r}"
+            )
+        self.ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
+
+    def transform(self, results: dict) -> dict:
+        ratio = sample_rng(results).uniform(*self.ratio_range)
+        scale = (max(int(self.scale[0] * ratio), 1), max(int(self.scale[1] * ratio), 1))
+        height, width = results["img"].shape[:2]
+        return self._resize(results, self._target(height, width, scale))
+
+
+@TRANSFORMS.register_module()
+class DetRandomCrop(BaseTransform):
+    """A crop of ``crop_size`` at a random place (the whole side where the image is smaller), as
+    mmdet's ``RandomCrop(crop_type="absolute")``: boxes are shifted and clipped to the crop, objects
+    whose box vanishes are dropped, masks are cropped alike.
+
+    Args:
+        crop_size: ``(H, W)`` of the crop.
+        allow_negative_crop: keep a crop without any (non-crowd) object; when false such a crop
+            returns ``None`` and the dataset draws another sample (mmdet's behaviour).
+        recompute_bbox: set each box to its cropped mask's bounding box (tighter than the clipped
+            box; detectron2's ``recompute_boxes``). Rasterises the masks.
+    """
+
+    def __init__(self, crop_size: Sequence[int] = (1024, 1024), allow_negative_crop: bool = False,
+                 recompute_bbox: bool = False) -> None:
+        self.crop_size = _check_size(crop_size, "DetRandomCrop", "crop_size")
+        self.allow_negative_crop = bool(allow_negative_crop)
+        self.recompute_bbox = bool(recompute_bbox)
+
+    def transform(self, results: dict) -> dict | None:
+        img = results["img"]
+        height, width = img.shape[:2]
+        rng = sample_rng(results)
+        y0 = int(rng.integers(0, max(height - self.crop_size[0], 0) + 1))
+        x0 = int(rng.integers(0, max(width - self.crop_size[1], 0) + 1))
+        y1, x1 = min(y0 + self.crop_size[0], height), min(x0 + self.crop_size[1], width)
+        crop_h, crop_w = y1 - y0, x1 - x0
+        results["img"] = np.ascontiguousarray(img[y0:y1, x0:x1])
+        results["img_shape"] = (crop_h, crop_w)
+        boxes = results.get("gt_bboxes")
+        if boxes is None:
+            return results
+        boxes = _map_boxes(boxes, 1.0, -x0, 1.0, -y0)
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, crop_w)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, crop_h)
+        results["gt_bboxes"] = boxes
+        if results.get("gt_masks") is not None:
+            results["gt_masks"] = results["gt_masks"].translate(-x0, -y0, (crop_h, crop_w))
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        _select(results, keep)
+        if self.recompute_bbox and results.get("gt_masks") is not None and len(results["gt_masks"]):
+            results["gt_bboxes"] = masks_to_boxes(results["gt_masks"].to_bitmaps())
+        ignore = results.get("gt_ignore_flags")
+        num_targets = int((~ignore).sum()) if ignore is not None else len(results["gt_bboxes"])
+        if num_targets == 0 and not self.allow_negative_crop:
+            return None
+        return results
+
+
+def masks_to_boxes(bitmaps: np.ndarray) -> np.ndarray:
+    """Tight ``(N, 4)`` xyxy boxes of ``(N, H, W)`` bitmaps in pixel-edge coordinates (a mask
+    covering columns 3..7 has x1 = 3, x2 = 8); an empty mask gives a zero box."""
+    boxes = np.zeros((len(bitmaps), 4), np.float32)
+    for i, m in enumerate(bitmaps):
+        cols, rows = np.flatnonzero(m.any(0)), np.flatnonzero(m.any(1))
+        if cols.size:
+            boxes[i] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+    return boxes
+
+
+@TRANSFORMS.register_module()
+class FilterDetAnnotations(BaseTransform):
+    """Drop objects whose box is narrower or shorter than ``min_size`` pixels (mmdet's
+    ``FilterAnnotations``; a large-scale jitter at ratio 0.1 shrinks small objects to nothing).
+
+    Args:
+        min_size: smallest width and height kept.
+        keep_empty: keep a sample left without objects (else ``None``: another sample is drawn).
+    """
+
+    def __init__(self, min_size: float = 1e-2, keep_empty: bool = True) -> None:
+        self.min_size = float(min_size)
+        self.keep_empty = bool(keep_empty)
+
+    def transform(self, results: dict) -> dict | None:
+        boxes = results.get("gt_bboxes")
+        if boxes is None:
+            return results
+        keep = ((boxes[:, 2] - boxes[:, 0]) >= self.min_size) & ((boxes[:, 3] - boxes[:, 1]) >= self.min_size)
+        _select(results, keep)
+        if not keep.any() and not self.keep_empty:
+            return None
+        return results
+
+
+@TRANSFORMS.register_module()
+class DetRandomFlip(BaseTransform):
+    """Flip the image, boxes and masks with probability ``prob``; ``flip`` and
+    ``flip_direction`` go into the sample's metainfo.
+
+    Args:
+        prob: flip probability.
+        direction: ``horizontal`` or ``vertical``.
+    """
+
+    def __init__(self, prob: float = 0.5, direction: str = "horizontal") -> None:
+        if not 0 <= prob <= 1:
+            raise ConfigError(f"DetRandomFlip.prob must be in [0, 1], got {prob}")
+        if direction not in ("horizontal", "vertical"):
+            raise ConfigError(f"DetRandomFlip.direction must be horizontal or vertical, got {direction!r}")
+        self.prob = float(prob)
+        self.direction = direction
+
+    def transform(self, results: dict) -> dict:
+        flip = bool(sample_rng(results).random() < self.prob)
+        results["flip"] = flip
+        results["flip_direction"] = self.direction if flip else None
+        if not flip:
+            return results
+        img = results["img"]
+        height, width = img.shape[:2]
+        horizontal = self.direction == "horizontal"
+        results["img"] = np.ascontiguousarray(img[:, ::-1] if horizontal else img[::-1])
+        if results.get("gt_bboxes") is not None:
+            results["gt_bboxes"] = (_map_boxes(results["gt_bboxes"], -1.0, width, 1.0, 0.0) if horizontal
+                                    else _map_boxes(results["gt_bboxes"], 1.0, 0.0, -1.0, height))
+        if results.get("gt_masks") is not None:
+            results["gt_masks"] = results["gt_masks"].flip(self.direction)
+        return results
+
+
+@TRANSFORMS.register_module()
+class PackDetInputs(BaseTransform):
+    """Pack ``results`` into ``{"inputs": uint8 CHW tensor, "data_samples": DataSample}``.
+
+    The sample gets ``gt_instances`` (InstanceData: ``bboxes`` float32 (N, 4) xyxy, ``labels`` int64
+    (N,), ``masks``) with the objects to learn and ``ignored_instances`` with the crowd regions (as
+    mmdet), when annotations were loaded; metainfo from ``meta_keys``.
+
+    Args:
+        meta_keys: keys copied into the metainfo when present.
+        mask_format: ``bitmap``: masks as a bool tensor (N, H, W) at the image's size;
+            ``compact``: the :class:`InstanceMasks` object (polygons/RLE, rasterised by the model).
+    """
+
+    def __init__(
+        self,
+        meta_keys: Sequence[str] = ("img_id", "img_path", "ori_shape", "img_shape", "scale_factor",
+                                    "flip", "flip_direction"),
+        mask_format: str = "bitmap",
+    ) -> None:
+        if mask_format not in ("bitmap", "compact"):
+            raise ConfigError(f"PackDetInputs.mask_format must be bitmap or compact, got {mask_format!r}")
+        self.meta_keys = tuple(meta_keys)
+        self.mask_format = mask_format
+
+    def _instances(self, results: dict, chosen: np.ndarray) -> InstanceData:
+        instances = InstanceData()
+        instances.bboxes = torch.from_numpy(np.asarray(results["gt_bboxes"], np.float32)[chosen]).reshape(-1, 4)
+        instances.labels = torch.from_numpy(np.asarray(results["gt_labels"], np.int64)[chosen])
+        masks = results.get("gt_masks")
+        if masks is not None:
+            masks = masks[chosen]
+            instances.masks = masks.to_tensor() if self.mask_format == "bitmap" else masks
+        return instances
+
+    def transform(self, results: dict) -> dict:
+        img = results["img"]
+        if img.ndim == 2:
+            img = img[:, :, None]
+        inputs = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+        sample = DataSample()
+        if results.get("gt_bboxes") is not None:
+            ignore = results.get("gt_ignore_flags")
+            if ignore is None:
+                ignore = np.zeros(len(results["gt_bboxes"]), bool)
+            sample.gt_instances = self._instances(results, np.flatnonzero(~ignore))
+            sample.ignored_instances = self._instances(results, np.flatnonzero(ignore))
+        sample.set_metainfo({k: results[k] for k in self.meta_keys if k in results})
+        return {"inputs": inputs, "data_samples": sample}
