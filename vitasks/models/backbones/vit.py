@@ -262,7 +262,9 @@ class VisionTransformer(nn.Module):
     @staticmethod
     def _check_windows(window_size, global_indices, depth: int) -> Tuple[int, Tuple[int, ...]]:
         if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 0:
-            raise ConfigError(f"model.backbone.window_size must be an integer >= 0 (0: global attention), got {window_size!r}")
+            raise ConfigError(
+                f"model.backbone.window_size must be an integer >= 0 (0: global attention), got {window_size!r}"
+            )
         if isinstance(global_indices, int) and not isinstance(global_indices, bool):
             global_indices = [global_indices]
         if global_indices is None:
@@ -334,7 +336,9 @@ class VisionTransformer(nn.Module):
         """Names of parameters that get no weight decay (besides 1-D ones), relative to the
         backbone; the optimizer constructor reads them (timm's convention)."""
         names = {n for n in NO_WEIGHT_DECAY if getattr(self, n, None) is not None}
-        names.update(n for n, _ in self.blocks.named_parameters(prefix="blocks") if n.rsplit(".", 1)[-1] in REL_POS_NAMES)
+        names.update(
+            n for n, _ in self.blocks.named_parameters(prefix="blocks") if n.rsplit(".", 1)[-1] in REL_POS_NAMES
+        )
         return names
 
     def _pos_embed_for(self, grid: Tuple[int, int]) -> torch.Tensor:

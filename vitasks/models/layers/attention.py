@@ -62,7 +62,9 @@ class Attention(nn.Module):
         self.rel_pos_w: Optional[nn.Parameter] = None
         if self.use_rel_pos:
             if rel_pos_size is None or len(rel_pos_size) != 2 or min(rel_pos_size) < 1:
-                raise ValueError(f"use_rel_pos needs rel_pos_size=(height, width) of the token grid, got {rel_pos_size!r}")
+                raise ValueError(
+                    f"use_rel_pos needs rel_pos_size=(height, width) of the token grid, got {rel_pos_size!r}"
+                )
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_size[0] - 1, self.head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size[1] - 1, self.head_dim))
             if not rel_pos_zero_init:

@@ -104,7 +104,8 @@ class SimpleFeaturePyramid(nn.Module):
         norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        for key, value in (("in_channels", in_channels), ("out_channels", out_channels), ("input_stride", input_stride)):
+        sizes = (("in_channels", in_channels), ("out_channels", out_channels), ("input_stride", input_stride))
+        for key, value in sizes:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"model.neck.{key} must be a positive integer, got {value!r}")
         scales = [float(s) for s in scale_factors] if isinstance(scale_factors, Sequence) else None
