@@ -1,2 +1,3 @@
 from . import base, classifier  # noqa: F401
 from . import segmentor  # noqa: F401  (segmentation helper)
+from . import detector  # noqa: F401  (detection helper)
