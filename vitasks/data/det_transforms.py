@@ -348,12 +348,14 @@ class DetRandomCrop(BaseTransform):
         crop_size: ``(H, W)`` of the crop.
         allow_negative_crop: keep a crop without any (non-crowd) object; when false such a crop
             returns ``None`` and the dataset draws another sample (mmdet's behaviour).
-        recompute_bbox: set each box to its cropped mask's bounding box (tighter than the clipped
-            box; detectron2's ``recompute_boxes``). Rasterises the masks.
+        recompute_bbox: give each object that the crop cuts the bounding box of its mask's
+            visible part (ViTDet's setting in detectron2 and mmdet): the clipped box of a cut
+            triangle is larger than what is left of it. Only cut objects' masks are rasterised;
+            an object with no pixel left is dropped. Without masks, boxes are only clipped.
     """
 
     def __init__(self, crop_size: Sequence[int] = (1024, 1024), allow_negative_crop: bool = False,
-                 recompute_bbox: bool = False) -> None:
+                 recompute_bbox: bool = True) -> None:
         self.crop_size = _check_size(crop_size, "DetRandomCrop", "crop_size")
         self.allow_negative_crop = bool(allow_negative_crop)
         self.recompute_bbox = bool(recompute_bbox)
@@ -372,15 +374,20 @@ class DetRandomCrop(BaseTransform):
         if boxes is None:
             return results
         boxes = _map_boxes(boxes, 1.0, -x0, 1.0, -y0)
+        cut = (boxes[:, 0] < 0) | (boxes[:, 1] < 0) | (boxes[:, 2] > crop_w) | (boxes[:, 3] > crop_h)
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, crop_w)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, crop_h)
-        results["gt_bboxes"] = boxes
-        if results.get("gt_masks") is not None:
-            results["gt_masks"] = results["gt_masks"].translate(-x0, -y0, (crop_h, crop_w))
+        masks = results.get("gt_masks")
+        if masks is not None:
+            masks = results["gt_masks"] = masks.translate(-x0, -y0, (crop_h, crop_w))
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        if self.recompute_bbox and masks is not None:
+            redo = np.flatnonzero(keep & cut & np.array([seg is not None for seg in masks.segmentations], bool))
+            if redo.size:
+                boxes[redo] = masks_to_boxes(masks[redo].to_bitmaps())
+                keep[redo] = (boxes[redo, 2] > boxes[redo, 0]) & (boxes[redo, 3] > boxes[redo, 1])
+        results["gt_bboxes"] = boxes
         _select(results, keep)
-        if self.recompute_bbox and results.get("gt_masks") is not None and len(results["gt_masks"]):
-            results["gt_bboxes"] = masks_to_boxes(results["gt_masks"].to_bitmaps())
         ignore = results.get("gt_ignore_flags")
         num_targets = int((~ignore).sum()) if ignore is not None else len(results["gt_bboxes"])
         if num_targets == 0 and not self.allow_negative_crop:

@@ -150,6 +150,16 @@ def instances_to_coco(sample: Any, cat_ids: Sequence[int], with_masks: bool | No
     return int(img_id), entries
 
 
+def _segmentation_rle(segmentation: Any, height: int, width: int) -> dict:
+    """A COCO segmentation (polygons, uncompressed or compressed RLE) as one compressed RLE
+    (pycocotools' ``annToRLE`` rule)."""
+    if isinstance(segmentation, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation["counts"], list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    return segmentation
+
+
 def _complete_ground_truth(api: COCO) -> COCO:
     """Fill the ``iscrowd`` (0) and ``area`` (mask area, else box area) that COCOeval reads and
     some COCO-format files leave out."""
@@ -160,8 +170,7 @@ def _complete_ground_truth(api: COCO) -> COCO:
         if "area" not in ann:
             seg, img = ann.get("segmentation"), api.imgs.get(ann.get("image_id"), {})
             if seg and "height" in img:
-                rles = mask_utils.frPyObjects(seg, img["height"], img["width"])
-                ann["area"] = float(mask_utils.area(mask_utils.merge(rles) if isinstance(rles, list) else rles))
+                ann["area"] = float(mask_utils.area(_segmentation_rle(seg, img["height"], img["width"])))
             else:
                 ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
             changed = True

@@ -59,6 +59,8 @@ def _shape(kind: str, center: np.ndarray, size: float, rng: np.random.Generator)
 
 def _annotation(kind: str, polygons: list[np.ndarray], height: int, width: int) -> tuple[dict, np.ndarray]:
     """COCO ``segmentation``/``bbox``/``area`` and the rasterised mask of one shape."""
+    # Rounded as written to the JSON, so the drawn pixels are the file's polygon rasterised.
+    polygons = [np.round(p, 2) for p in polygons]
     flat = [p.reshape(-1).tolist() for p in polygons]
     if kind == "ring":
         outer, inner = (mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([f], height, width)))
@@ -70,11 +72,11 @@ def _annotation(kind: str, polygons: list[np.ndarray], height: int, width: int) 
     else:
         bitmap = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(flat, height, width)))
         rle = mask_utils.encode(np.asfortranarray(bitmap))
-        segmentation = [[round(v, 2) for v in f] for f in flat]
+        segmentation = flat
         xs = np.concatenate([p[:, 0] for p in polygons])
         ys = np.concatenate([p[:, 1] for p in polygons])
         bbox = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min()), float(ys.max() - ys.min())]
-    ann = {"segmentation": segmentation, "bbox": [round(v, 2) for v in bbox],
+    ann = {"segmentation": segmentation, "bbox": [round(v, 4) for v in bbox],
            "area": float(mask_utils.area(rle)), "iscrowd": 0}
     return ann, bitmap.astype(bool)
 
