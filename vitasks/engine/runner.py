@@ -57,6 +57,7 @@ from mmengine.runner.loops import (
 from vitasks.engine.amp import autocast_dtype, device_type
 from vitasks.data.seeding import SEEDED_SAMPLERS, can_skip_samples
 from vitasks.engine.checkpoint import get_state_dict, load_checkpoint_file, load_model_weights
+from vitasks.engine.fsdp import check_strategy, full_state_dicts, load_full_state, shard_model
 from vitasks.engine.hooks import AtomicCheckpointHook, IterationSeedHook, replace_atomic, write_text_atomic
 from vitasks.errors import CheckpointError, VitasksError
 from vitasks.registry import LOOPS
@@ -247,6 +248,10 @@ class VitasksRunner(Runner):
         self._resuming = False
         self._evaluating = False
         self._last_saved_iter: Optional[int] = None
+        self._fsdp = False  # strategy: fsdp (set in wrap_model)
+        self._loaded_before_sharding = False
+        self._full_state = None  # FSDP: the gathered state dicts of the checkpoint being saved
+        self._resume_checkpoint = None  # FSDP: the checkpoint being resumed (its optimizer state)
         super().__init__(*args, **kwargs)
 
     # ----------------------------------------------------------------------------- config
@@ -313,7 +318,17 @@ class VitasksRunner(Runner):
 
     # ----------------------------------------------------------------------------- DDP
     def wrap_model(self, model_wrapper_cfg, model):
-        if not self.distributed or is_model_wrapper(model) or device_type() != "cpu":
+        """``strategy: ddp`` (the default): mmengine's DDP wrapper (on CPUs without device_ids);
+        ``strategy: fsdp``: FSDP2's ``fully_shard`` per transformer block (:mod:`vitasks.engine.fsdp`)."""
+        strategy = check_strategy(self.cfg.get("strategy"), self.distributed)
+        if not self.distributed or is_model_wrapper(model):
+            return super().wrap_model(model_wrapper_cfg, model)
+        if strategy == "fsdp":
+            return self._shard(model)
+        world = torch.distributed.get_world_size()
+        count = sum(p.numel() for p in model.parameters())
+        self.logger.info(f"DDP wraps the model: {count:,} parameters, replicated on each of {world} ranks")
+        if device_type() != "cpu":
             return super().wrap_model(model_wrapper_cfg, model)
         # CPU (gloo) data parallel: DDP must not get device_ids for a CPU module.
         model = model.to("cpu")
@@ -325,6 +340,30 @@ class VitasksRunner(Runner):
         )
         wrapper_cfg.setdefault("type", "MMDistributedDataParallel")
         return MMENGINE_MODEL_WRAPPERS.build(wrapper_cfg, default_args=dict(module=model))
+
+    def _init_model_weights(self) -> None:
+        if not self._fsdp:  # (under FSDP done before sharding, in _shard)
+            super()._init_model_weights()
+
+    def _shard(self, model):
+        from mmengine.device import get_device
+
+        model = model.to(get_device())
+        # What mmengine does in train() (init_weights, then every rank takes rank 0's values)
+        # must happen before sharding: it broadcasts whole tensors.
+        if hasattr(model, "init_weights"):
+            model.init_weights()
+        for tensor in model.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0)
+        if self._load_from is not None:
+            # Pretrained weights go in before sharding, with every load_from rule (skipped heads,
+            # resampled position embeddings); a resume later replaces them.
+            self.load_checkpoint(self._load_from)
+            self._loaded_before_sharding = True
+        model, description = shard_model(model, autocast_dtype(self.amp_dtype))
+        self._fsdp = True
+        self.logger.info(description)
+        return model
 
     # ----------------------------------------------------------------------------- loading
     def load_or_resume(self) -> None:
@@ -348,7 +387,7 @@ class VitasksRunner(Runner):
             self.logger.info(f"Resuming from {resume_from}")
             self.resume(resume_from)
             resumed = True
-        if not resumed and self._load_from is not None:
+        if not resumed and self._load_from is not None and not self._loaded_before_sharding:
             self.load_checkpoint(self._load_from)
         self._has_loaded = resumed or self._load_from is not None
 
@@ -379,12 +418,16 @@ class VitasksRunner(Runner):
             "from explicitly, or start without --resume"
         )
 
-    def resume(self, filename: str, *args, **kwargs) -> None:
+    def resume(self, filename: str, resume_optimizer: bool = True, *args, **kwargs) -> None:
         self._resuming = True
         try:
-            super().resume(filename, *args, **kwargs)
+            # Under FSDP the optimizer state is scattered to the shards here, not by mmengine.
+            super().resume(filename, resume_optimizer and not self._fsdp, *args, **kwargs)
+            if self._fsdp and resume_optimizer and "optimizer" in self._resume_checkpoint:
+                load_full_state(self.model, None, self.optim_wrapper.optimizer, self._resume_checkpoint["optimizer"])
         finally:
             self._resuming = False
+            self._resume_checkpoint = None
         self._last_saved_iter = self.iter  # this state is already on disk
 
     def load_checkpoint(self, filename: str, map_location="cpu", strict: bool = False, revise_keys=None):
@@ -409,12 +452,18 @@ class VitasksRunner(Runner):
             checkpoint = dict(state_dict=state_dict, meta={})
         self.call_hook("after_load_checkpoint", checkpoint=checkpoint)
         model = self.model.module if is_model_wrapper(self.model) else self.model
-        load_model_weights(
-            model,
-            checkpoint["state_dict"],
-            source,
-            skip_head_mismatch=not (self._resuming or self._evaluating),
-        )
+        if self._fsdp:
+            # Full weights (every rank read the file) scattered to the shards; a sharded model
+            # takes only an exact match (load_from weights went in before sharding).
+            load_full_state(model, checkpoint["state_dict"])
+            self._resume_checkpoint = checkpoint
+        else:
+            load_model_weights(
+                model,
+                checkpoint["state_dict"],
+                source,
+                skip_head_mismatch=not (self._resuming or self._evaluating),
+            )
         self._has_loaded = True
         self.logger.info(f"Loaded weights from {filename}")
         return checkpoint
@@ -424,6 +473,25 @@ class VitasksRunner(Runner):
         # mmengine fills in meta["iter"]; remember it to avoid saving the same state twice.
         if kwargs.get("meta") is None:
             kwargs["meta"] = {}
+        if self._fsdp:
+            # Gathered by every rank (a collective); rank 0 writes them (call_hook below).
+            optimizer = self.optim_wrapper.optimizer if kwargs.get("save_optimizer", True) else None
+            self._full_state = full_state_dicts(self.model, optimizer)
+        try:
+            self._save_checkpoint_file(out_dir, filename, *args, **kwargs)
+        finally:
+            self._full_state = None
+        self._last_saved_iter = kwargs["meta"].get("iter")
+
+    def call_hook(self, fn_name: str, **kwargs) -> None:
+        if fn_name == "before_save_checkpoint" and self._full_state is not None:
+            checkpoint = kwargs["checkpoint"]
+            checkpoint["state_dict"], optim_state = self._full_state
+            if optim_state is not None:
+                checkpoint["optimizer"] = optim_state
+        super().call_hook(fn_name, **kwargs)
+
+    def _save_checkpoint_file(self, out_dir: str, filename: str, *args, **kwargs) -> None:
         if osp.isdir(out_dir):
             # Written under a temporary name and renamed: a kill during the save leaves the
             # previous checkpoints and `last_checkpoint` as they were, never a partial file.
@@ -433,7 +501,6 @@ class VitasksRunner(Runner):
                 replace_atomic(osp.join(out_dir, tmp_name), osp.join(out_dir, filename))
         else:  # a remote backend: its own put is what we have
             super().save_checkpoint(out_dir, filename, *args, **kwargs)
-        self._last_saved_iter = kwargs["meta"].get("iter")
 
     def _save_interrupt_checkpoint(self, exc: BaseException) -> None:
         """Save the training state so that ``resume`` continues where the run stopped."""
@@ -442,6 +509,13 @@ class VitasksRunner(Runner):
             return  # training had not started: nothing to keep
         if loop.iter == 0 or loop.iter == self._last_saved_iter:
             return  # nothing trained, or the newest checkpoint already holds this state
+        if self._fsdp:
+            # Gathering the shards needs every rank, and a stopping rank cannot count on the others.
+            self.logger.warning(
+                f"Training stopped ({type(exc).__name__}) at iteration {loop.iter}; under FSDP no "
+                "interrupt checkpoint is written: --resume continues from the last periodic checkpoint"
+            )
+            return
         filename = f"interrupted_iter_{loop.iter}.pth"
         try:
             self.save_checkpoint(
