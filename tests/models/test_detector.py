@@ -147,6 +147,27 @@ def test_cascade_detector_trains_and_predicts():
     assert len(outputs["cls_logits"]) == 3 and outputs["bbox_deltas"][0].shape[1] == 4
 
 
+def test_compact_polygon_masks_train_like_their_bitmaps():
+    """PackDetInputs(mask_format="compact") hands the model polygons; the loss is the one of
+    the same masks rasterised beforehand."""
+    import numpy as np
+
+    from vitasks.data.det_transforms import InstanceMasks
+
+    polygons = [[np.array([8, 10, 40, 10, 40, 30, 8, 30], np.float64)],
+                [np.array([30, 35, 55, 35, 42, 60], np.float64)]]
+    compact = InstanceMasks(polygons, (64, 64))
+    model = tiny_detector()
+    losses = []
+    for masks in (compact, compact.to_tensor()):
+        data = sample()
+        data.gt_instances.masks = masks
+        torch.manual_seed(3)
+        losses.append(model(image(), [data], mode="loss")["loss_mask"])
+    assert losses[0].item() == losses[1].item()
+    assert compact.to_tensor()[1].sum() > 0
+
+
 def test_box_only_detector_and_clear_errors():
     model = tiny_detector("TwoStageDetector", mask=False)
     losses = model(image(), [sample(with_masks=False)], mode="loss")

@@ -112,19 +112,18 @@ def mask_targets(
 
 
 def _as_mask_tensor(masks, image_index: int) -> torch.Tensor:
-    """Ground-truth masks as a (G, H, W) tensor from a tensor, a numpy array or an object with
-    ``to_tensor()`` / a ``masks`` array (mmdet's bitmap masks)."""
+    """Ground-truth masks as a (G, H, W) tensor from a tensor, a numpy array or a compact form
+    that rasterises itself with ``to_tensor()`` (``PackDetInputs(mask_format="compact")``'s
+    :class:`~vitasks.data.det_transforms.InstanceMasks`: polygons or RLE)."""
     if isinstance(masks, torch.Tensor):
         return masks
     if isinstance(masks, np.ndarray):
         return torch.from_numpy(masks)
-    if hasattr(masks, "to_tensor"):
-        return masks.to_tensor(dtype=torch.uint8, device="cpu")
-    if isinstance(getattr(masks, "masks", None), np.ndarray):
-        return torch.from_numpy(masks.masks)
+    if callable(getattr(masks, "to_tensor", None)):
+        return masks.to_tensor()
     raise TypeError(
-        f"image {image_index}: gt_instances.masks must be a (N, H, W) tensor or array of bitmaps, "
-        f"got {type(masks).__name__}"
+        f"image {image_index}: gt_instances.masks must be a (N, H, W) tensor or array of bitmaps, or "
+        f"masks with a to_tensor() method; got {type(masks).__name__}"
     )
 
 
