@@ -2,6 +2,8 @@
 overfitting one image, gradients into the backbone, predictions mapped back to the original
 image, the tensor mode and the cascade."""
 
+import importlib
+
 import pytest
 import torch
 from mmengine.structures import InstanceData
@@ -177,3 +179,57 @@ def test_box_only_detector_and_clear_errors():
     with pytest.raises(ConfigError, match="model.neck"):
         MODELS.build(dict(type="MaskRCNN", backbone=dict(type="VisionTransformer"), neck=None,
                           rpn_head={}, roi_head={}, data_preprocessor=dict(type="BaseDataPreprocessor")))
+
+
+# The recipe configs, shrunk to a tiny model by --cfg-options: they build, train a step and give
+# the ViTDet learning rates.
+TINY_OPTIONS = {
+    "img_size": 64, "input_size": [64, 64],
+    "model.backbone.embed_dim": 32, "model.backbone.depth": 2, "model.backbone.num_heads": 2,
+    "model.backbone.window_size": 2, "model.backbone.global_indices": [1], "model.backbone.out_indices": [1],
+    "model.backbone.with_cp": False,
+    "model.neck.in_channels": 32, "model.neck.out_channels": 16,
+    "model.rpn_head.in_channels": 16, "model.rpn_head.anchor_sizes": [8, 16, 32, 64, 128],
+    "model.rpn_head.pre_nms_topk": [100, 50], "model.rpn_head.post_nms_topk": [50, 50],
+    "model.roi_head.in_channels": 16, "model.roi_head.batch_size_per_image": 32,
+    "model.roi_head.box_head.conv_channels": 16, "model.roi_head.box_head.fc_channels": 32,
+    "model.roi_head.mask_head.conv_channels": 16,
+    "num_classes": NUM_CLASSES, "data_root": "/nonexistent/coco",
+}
+
+
+@pytest.mark.parametrize("config,stages", [("configs/det_coco.yaml", 0), ("configs/det_coco_cascade.yaml", 3)])
+def test_recipe_configs_build_and_train(config, stages):
+    from vitasks.config import load_config
+    from vitasks.engine.optimizers import LayerDecayOptimizerConstructor
+
+    if MODELS.get("DetDataPreprocessor") is None:  # not yet imported by vitasks.models
+        importlib.import_module("vitasks.models.det_data_preprocessor")
+    cfg = load_config(config, cfg_options=TINY_OPTIONS)
+    model = MODELS.build(cfg.model)
+    assert model.roi_head.num_classes == NUM_CLASSES
+    assert len(getattr(model.roi_head, "box_heads", ())) == stages
+    inputs = (image() * 58 + 120).clamp(0, 255).to(torch.uint8)
+    batch = model.data_preprocessor({"inputs": [inputs[0]], "data_samples": [sample()]}, training=True)
+    assert batch["inputs"].shape == (1, 3, 64, 64)
+    losses = model(batch["inputs"], batch["data_samples"], mode="loss")
+    assert all(torch.isfinite(v) for v in losses.values())
+
+    wrapper_cfg = cfg.optim_wrapper.to_dict()
+    assert wrapper_cfg.pop("constructor") == "LayerDecayOptimizerConstructor"
+    paramwise_cfg = wrapper_cfg.pop("paramwise_cfg")
+    wrapper_cfg.pop("dtype")
+    wrapper = LayerDecayOptimizerConstructor(wrapper_cfg, paramwise_cfg)(model)
+    lr_of = {id(p): g["lr"] for g in wrapper.optimizer.param_groups for p in g["params"]}
+    wd_of = {id(p): g.get("weight_decay", 0.1) for g in wrapper.optimizer.param_groups for p in g["params"]}
+    depth = 2
+    # Block i (layer i + 1) gets lr * 0.7^(depth + 1 - (i + 1)); neck and heads the full lr.
+    assert lr_of[id(model.backbone.blocks[0].attn.qkv.weight)] == pytest.approx(1e-4 * 0.7 ** depth)
+    assert lr_of[id(model.backbone.pos_embed)] == pytest.approx(1e-4 * 0.7 ** (depth + 1))
+    assert lr_of[id(model.rpn_head.objectness.weight)] == pytest.approx(1e-4)
+    assert wd_of[id(model.backbone.pos_embed)] == 0.0
+    assert wd_of[id(model.backbone.blocks[0].norm1.weight)] == 0.0
+    assert wd_of[id(model.backbone.blocks[0].attn.qkv.weight)] == pytest.approx(0.1)
+    schedule = {s["type"]: s for s in cfg.param_scheduler}
+    assert schedule["LinearLR"]["end"] == 250 and schedule["MultiStepLR"]["milestones"] == [163889, 177546]
+    assert cfg.train_cfg.max_iters == 184375
