@@ -162,3 +162,19 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(d
         subprocess.run(_command(data_root, work_dir, tmp_path / "progress_last", resume=True),
                        env=_env(), check=True, capture_output=True)
     assert _same(_final_weights(work_dir), reference)
+
+
+def test_training_checkpoints_record_the_backbone_architecture(data_root, tmp_path, capsys):
+    """A checkpoint of the demo names its backbone's settings; loading it into a config that
+    changes one of them (LayerNorm eps) warns, naming the setting and both values."""
+    from vitasks.apis import init_model
+
+    train(str(DEMO), work_dir=str(tmp_path / "wd"),
+          cfg_options=_options(data_root, **{"train_cfg.max_epochs": 1}))
+    checkpoint = tmp_path / "wd" / "epoch_1.pth"
+    meta = load_checkpoint_file(str(checkpoint))["meta"]
+    assert meta["architecture"]["type"] == "VisionTransformer"
+    assert meta["architecture"]["depth"] == len(init_model(str(DEMO), cfg_options=_options(data_root)).backbone.blocks)
+    capsys.readouterr()
+    init_model(str(DEMO), str(checkpoint), cfg_options=_options(data_root, **{"model.backbone.norm_eps": 1e-3}))
+    assert "norm_eps: checkpoint 1e-06, config 0.001" in capsys.readouterr().out  # mmengine's logger

@@ -56,6 +56,7 @@ from mmengine.runner.loops import (
 
 from vitasks.engine.amp import autocast_dtype, device_type
 from vitasks.data.seeding import SEEDED_SAMPLERS, can_skip_samples
+from vitasks.engine.architecture import ARCHITECTURE_KEY, backbone_architecture
 from vitasks.engine.checkpoint import get_state_dict, load_checkpoint_file, load_model_weights
 from vitasks.engine.fsdp import check_strategy, full_state_dicts, load_full_state, shard_model
 from vitasks.engine.hooks import AtomicCheckpointHook, IterationSeedHook, replace_atomic, write_text_atomic
@@ -473,6 +474,12 @@ class VitasksRunner(Runner):
         # mmengine fills in meta["iter"]; remember it to avoid saving the same state twice.
         if kwargs.get("meta") is None:
             kwargs["meta"] = {}
+        # The backbone's settings that change outputs, so that a config that differs is named
+        # when these weights are loaded (vitasks.engine.architecture).
+        model = self.model.module if is_model_wrapper(self.model) else self.model
+        architecture = backbone_architecture(getattr(model, "backbone", None))
+        if architecture is not None:
+            kwargs["meta"].setdefault(ARCHITECTURE_KEY, architecture)
         if self._fsdp:
             # Gathered by every rank (a collective); rank 0 writes them (call_hook below).
             optimizer = self.optim_wrapper.optimizer if kwargs.get("save_optimizer", True) else None
