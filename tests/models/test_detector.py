@@ -86,6 +86,19 @@ def test_a_few_sgd_steps_overfit_one_image():
         assert last[key] < first[key], key
 
 
+def test_bf16_autocast_keeps_losses_and_boxes_in_float32():
+    model = tiny_detector("CascadeMaskRCNN", "CascadeRoIHead")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(image(), [sample()], mode="loss")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    model.eval()
+    model.roi_head.score_threshold = 0.0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        (result,) = model(image(), [sample()], mode="predict")
+    assert result.pred_instances.bboxes.dtype == torch.float32 and len(result.pred_instances) > 0
+
+
 def test_predict_maps_detections_back_to_the_original_image():
     model = tiny_detector().eval()
     found = Detections(
