@@ -10,16 +10,23 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from mmengine.evaluator import Evaluator
+from mmengine.model import BaseModel
 from mmengine.structures import InstanceData
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torch import nn
 
+import vitasks.data  # noqa: F401  (registers datasets and transforms)
 import vitasks.evaluation  # noqa: F401  (registers the metrics)
+import vitasks.models.det_data_preprocessor  # noqa: F401  (registers DetDataPreprocessor)
+from vitasks.data.synthetic.det import make_det_dataset
+from vitasks.engine import launch
 from vitasks.errors import ConfigError, DataError
 from vitasks.evaluation.coco import CocoMetric, CocoResultsDumper, evaluate_results_file, main
-from vitasks.registry import METRICS
+from vitasks.registry import METRICS, MODELS
 from vitasks.structures import DataSample
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -295,3 +302,50 @@ def test_tools_eval_coco_script(ann_file, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(os.path.join(REPO, "tools", "eval_coco.py"), run_name="__main__")
     assert exit_.value.code == 2 and "holds no detections" in capsys.readouterr().err
+
+
+@MODELS.register_module(force=True)
+class CocoOracleForTest(BaseModel):
+    """Predicts each image's ground truth, mapped back to the original image's pixels."""
+
+    def __init__(self, data_preprocessor=None):
+        super().__init__(data_preprocessor=data_preprocessor)
+        self.unused = nn.Parameter(torch.zeros(1))
+
+    def forward(self, inputs, data_samples=None, mode="tensor"):
+        assert mode == "predict" and inputs.shape[-2:] == (64, 64)  # padded by DetDataPreprocessor
+        for sample in data_samples:
+            gt = sample.gt_instances
+            sx, sy = sample.metainfo.get("scale_factor", (1.0, 1.0))
+            sample.pred_instances = InstanceData(
+                bboxes=gt.bboxes / torch.tensor([sx, sy, sx, sy]), labels=gt.labels,
+                scores=torch.linspace(1.0, 0.5, len(gt)), masks=gt.masks)
+        return data_samples
+
+
+def test_test_command_with_coco_data_metric_and_dump(tmp_path):
+    """tools/test.py's path: CocoDataset -> PackDetInputs -> DetDataPreprocessor -> model ->
+    CocoMetric and --dump; an oracle scores 1.0 and the dump scores what the metric reports."""
+    root = str(tmp_path / "det")
+    make_det_dataset(root, seed=3, num_train=0, num_val=4, img_size=48)
+    dataset = dict(type="CocoDataset", data_root=root, ann_file="annotations/instances_val2017.json",
+                   img_dir="val2017", num_classes=4, test_mode=True,
+                   pipeline=[{"type": "LoadImage"}, {"type": "LoadDetAnnotations"}, {"type": "PackDetInputs"}])
+    cfg = dict(
+        default_scope="vitasks",
+        model=dict(type="CocoOracleForTest", data_preprocessor=dict(type="DetDataPreprocessor", size=[64, 64])),
+        test_dataloader=dict(batch_size=3, num_workers=0, sampler=dict(type="DefaultSampler", shuffle=False),
+                             dataset=dataset),
+        test_cfg={}, test_evaluator=dict(type="CocoMetric"), test_dump=dict(type="CocoResultsDumper"),
+        log_level="WARNING",
+    )
+    config = tmp_path / "oracle.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    ckpt = tmp_path / "oracle.pth"
+    torch.save({"state_dict": CocoOracleForTest().state_dict()}, ckpt)
+    dump = tmp_path / "results.json"
+    metrics = launch.test(str(config), str(ckpt), work_dir=str(tmp_path / "wd"), dump=str(dump))
+    assert metrics["coco/bbox_mAP"] == 1.0 and metrics["coco/segm_mAP"] == 1.0
+    assert set(metrics) == {f"coco/{t}_{n}" for t in ("bbox", "segm") for n in NAMES}
+    scored, _ = evaluate_results_file(str(dump), os.path.join(root, "annotations/instances_val2017.json"))
+    assert scored == metrics
