@@ -11,8 +11,7 @@ LOWER = [
     *sorted((PACKAGE / "models").rglob("*.py")),
     *sorted((PACKAGE / "data").rglob("*.py")),
     *sorted((PACKAGE / "evaluation").rglob("*.py")),
-    PACKAGE / "visualization" / "seg_drawer.py",
-    PACKAGE / "visualization" / "drawers.py",
+    *sorted((PACKAGE / "visualization").rglob("*.py")),
 ]
 
 

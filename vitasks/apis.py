@@ -353,3 +353,40 @@ def run_inference(
         Image.fromarray(image).save(png_path)
         records.append({**record, "json": json_path, "png": png_path})
     return records
+
+
+def attention_map(
+    config: Any,
+    checkpoint: str | None,
+    image: str | np.ndarray,
+    out: str,
+    device: str = "cpu",
+    head_fusion: str = "mean",
+    add_residual: bool = True,
+    cfg_options: Sequence[str] | dict | None = None,
+) -> dict[str, torch.Tensor]:
+    """Build the model, run the image through the config's test pipeline and the backbone,
+    write the rollout / per-layer PNG grid to ``out``; returns the maps."""
+    from vitasks.visualization.attention_map import (
+        HEAD_FUSIONS, backbone_of, compute_attention_maps, save_attention_grid,
+    )
+
+    if head_fusion not in HEAD_FUSIONS:
+        raise VitasksError(f"--head-fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+    model = init_model(config, checkpoint, device=device, cfg_options=cfg_options)
+    backbone = backbone_of(model)
+    packed = prepare_data(model, image)
+    # The picture the model sees (after resize / crop), not the original file.
+    shown = packed[0]["inputs"].permute(1, 2, 0).numpy()
+    if shown.shape[2] == 1:
+        shown = np.repeat(shown, 3, axis=2)
+    data = model.data_preprocessor(pseudo_collate(packed), False)
+    maps = compute_attention_maps(backbone, data["inputs"], head_fusion, add_residual)
+    name = image if isinstance(image, str) else "array"
+    title = f"{os.path.basename(str(name))}: rollout ({head_fusion} over heads" + (
+        ", residual)" if add_residual else ")")
+    save_attention_grid(
+        shown[:, :, :3].astype(np.uint8), maps["rollout"][0].cpu().numpy(), maps["layers"][0].cpu().numpy(), out,
+        title,
+    )
+    return maps

@@ -154,12 +154,12 @@ def _run_test(args: argparse.Namespace) -> int:
 
 def add_infer_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "infer", help="predict on images or videos",
+        "infer", help="predict on images",
         description="Write predictions as JSON and drawn as PNG, one per input.",
     )
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("checkpoint", help="checkpoint file")
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image or video files")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
     parser.add_argument("--out-dir", required=True, help="output folder")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--topk", type=int, default=5, help="classes kept per prediction")
@@ -182,6 +182,43 @@ def _run_infer(args: argparse.Namespace) -> int:
     )
     count = len(results) if isinstance(results, (list, tuple)) else len(args.inputs)
     print(f"wrote predictions for {count} input(s) to {args.out_dir}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# attention-map
+# --------------------------------------------------------------------------------------------
+
+
+def add_attention_map_parser(subparsers) -> argparse.ArgumentParser:
+    from vitasks.visualization.rollout import HEAD_FUSIONS
+
+    parser = subparsers.add_parser(
+        "attention-map", help="attention rollout and per-layer maps over an image",
+        description="Attention rollout (Abnar & Zuidema 2020) and per-layer class-token attention "
+        "of a ViT model, drawn over the image.",
+    )
+    parser.add_argument("config", help="config file (YAML)")
+    parser.add_argument("checkpoint", help="checkpoint file")
+    parser.add_argument("image", help="image file")
+    parser.add_argument("--out", required=True, help="output PNG")
+    parser.add_argument("--head-fusion", choices=HEAD_FUSIONS, default="mean", help="how heads are fused per layer")
+    parser.add_argument("--no-residual", action="store_true",
+                        help="do not model the skip connection as 0.5 * (A + I)")
+    parser.add_argument("--device", default="cpu")
+    _add_cfg_options(parser)
+    parser.set_defaults(handler=_run_attention_map)
+    return parser
+
+
+def _run_attention_map(args: argparse.Namespace) -> int:
+    apis = importlib.import_module("vitasks.apis")
+    apis.attention_map(
+        args.config, args.checkpoint, args.image, args.out, device=args.device,
+        head_fusion=args.head_fusion, add_residual=not args.no_residual,
+        cfg_options=_check_cfg_options(args.cfg_options),
+    )
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -289,6 +326,7 @@ _SUBCOMMANDS: Sequence[Callable] = (
     add_train_parser,
     add_test_parser,
     add_infer_parser,
+    add_attention_map_parser,
     add_convert_parser,
     add_list_parser,
 )

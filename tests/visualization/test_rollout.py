@@ -8,7 +8,8 @@ from PIL import Image
 
 from vitasks.models.backbones import VisionTransformer
 from vitasks.models.layers.attention import Attention
-from vitasks.visualization.attention_map import compute_attention_maps, main
+from vitasks.cli import main as cli_main
+from vitasks.visualization.attention_map import compute_attention_maps
 from vitasks.visualization.rollout import attention_rollout, fuse_heads, rollout_matrix, upsample_map
 
 
@@ -177,7 +178,7 @@ def test_attention_map_command_writes_png(tmp_path, tiny_cls_config):
     image = tmp_path / "img.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 28, 3), dtype=np.uint8)).save(image)
     out = tmp_path / "maps" / "attn.png"
-    assert main([str(config), str(ckpt), str(image), "--out", str(out), "--head-fusion", "max"]) == 0
+    assert cli_main(["attention-map", str(config), str(ckpt), str(image), "--out", str(out), "--head-fusion", "max"]) == 0
     with Image.open(out) as im:
         assert im.size[0] > 200 and im.size[1] > 100
 

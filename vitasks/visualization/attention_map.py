@@ -1,17 +1,14 @@
-"""Attention maps of a ViT over an image: rollout and per-layer class-token attention
-(``tools/attention_map.py CONFIG CKPT IMAGE --out F.png``)."""
+"""Attention maps of a ViT over an image: rollout and per-layer class-token attention, computed
+and drawn. ``tools/attention_map.py CONFIG CKPT IMAGE --out F.png`` (the ``attention-map``
+command of :mod:`vitasks.cli`) builds the model through :func:`vitasks.apis.attention_map`."""
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from mmengine.dataset import pseudo_collate
 from torch import nn
 
 from vitasks.errors import ConfigError, VitasksError
@@ -102,71 +99,3 @@ def save_attention_grid(
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
-
-
-def attention_map(
-    config: Any,
-    checkpoint: str | None,
-    image: str | np.ndarray,
-    out: str,
-    device: str = "cpu",
-    head_fusion: str = "mean",
-    add_residual: bool = True,
-    cfg_options: Sequence[str] | dict | None = None,
-) -> dict[str, torch.Tensor]:
-    """Build the model, run the image through the config's test pipeline and the backbone,
-    write the rollout / per-layer PNG grid to ``out``; returns the maps."""
-    from vitasks.apis import init_model, prepare_data
-
-    if head_fusion not in HEAD_FUSIONS:
-        raise VitasksError(f"--head-fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
-    model = init_model(config, checkpoint, device=device, cfg_options=cfg_options)
-    backbone = backbone_of(model)
-    packed = prepare_data(model, image)
-    # The picture the model sees (after resize / crop), not the original file.
-    shown = packed[0]["inputs"].permute(1, 2, 0).numpy()
-    if shown.shape[2] == 1:
-        shown = np.repeat(shown, 3, axis=2)
-    data = model.data_preprocessor(pseudo_collate(packed), False)
-    maps = compute_attention_maps(backbone, data["inputs"], head_fusion, add_residual)
-    name = image if isinstance(image, str) else "array"
-    title = f"{os.path.basename(str(name))}: rollout ({head_fusion} over heads" + (
-        ", residual)" if add_residual else ")")
-    save_attention_grid(
-        shown[:, :, :3].astype(np.uint8), maps["rollout"][0].cpu().numpy(), maps["layers"][0].cpu().numpy(), out,
-        title,
-    )
-    return maps
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="tools/attention_map.py",
-        description="Attention rollout (Abnar & Zuidema 2020) and per-layer class-token attention "
-        "of a ViT model, drawn over the image.",
-    )
-    p.add_argument("config", help="config file (YAML)")
-    p.add_argument("checkpoint", help="checkpoint file")
-    p.add_argument("image", help="image file")
-    p.add_argument("--out", required=True, help="output PNG")
-    p.add_argument("--head-fusion", choices=HEAD_FUSIONS, default="mean", help="how heads are fused per layer")
-    p.add_argument("--no-residual", action="store_true",
-                   help="do not model the skip connection as 0.5 * (A + I)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--cfg-options", nargs="+", default=None, metavar="KEY=VALUE",
-                   help="override config keys (dotted)")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        attention_map(
-            args.config, args.checkpoint, args.image, args.out, device=args.device,
-            head_fusion=args.head_fusion, add_residual=not args.no_residual, cfg_options=args.cfg_options,
-        )
-    except VitasksError as e:
-        print(f"vitasks: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}")
-    return 0
