@@ -30,7 +30,7 @@ def clustered_boxes(n: int, seed: int, dtype=torch.float64) -> torch.Tensor:
 def small_blocks(monkeypatch):
     """Tiny blocks so a few hundred boxes cross many block and chunk boundaries."""
     monkeypatch.setattr(nms_module, "BLOCK_SIZE", 16)
-    monkeypatch.setattr(nms_module, "KEPT_CHUNK", 8)
+    monkeypatch.setattr(nms_module, "ROW_CHUNK", 8)
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.7, 1.0])

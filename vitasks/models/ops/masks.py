@@ -5,7 +5,7 @@ A mask head predicts an M x M grid of probabilities inside each box. Pasting (de
 interpolation, treating the grid as M x M cells that exactly tile the box, with zeros outside it,
 then thresholds. Here each box is resampled only over its own crop of the image (the box plus the
 half cell where interpolation still reaches), all crops of a chunk at once with one
-``grid_sample``; chunks bound the memory.
+``grid_sample``; chunks group boxes of similar size and bound the memory.
 """
 
 from typing import Dict, List, Optional, Tuple
@@ -15,8 +15,10 @@ import torch.nn.functional as F
 
 from ._precision import as_float, autocast_off
 
-# Crop pixels resampled per chunk (boxes x crop height x crop width): 16M floats = 64 MB.
-PASTE_BUDGET = 1 << 24
+# Crop pixels resampled per chunk (boxes x crop height x crop width): 256K, a 512 x 512 crop.
+# Buffers this small are recycled by the allocator; tens of megabytes would come fresh from the
+# OS each time and pay a page fault per 4 KB.
+PASTE_BUDGET = 1 << 18
 
 
 def _crop_extent(
@@ -82,34 +84,44 @@ def paste_masks_in_image(
         x0, y0, x1, y1 = x0[drawable], y0[drawable], x1[drawable], y1[drawable]
         first_x, size_x = _crop_extent(x0, x1, cells_w, width)
         first_y, size_y = _crop_extent(y0, y1, cells_h, height)
-        crop_h, crop_w = max(int(size_y.max()), 1), max(int(size_x.max()), 1)
-        origin_x = _crop_origins(first_x, crop_w, width)
-        origin_y = _crop_origins(first_y, crop_h, height)
-        steps_x = torch.arange(crop_w, device=masks.device)
-        steps_y = torch.arange(crop_h, device=masks.device)
-
-        per_chunk = max(1, PASTE_BUDGET // (crop_h * crop_w))
-        for first in range(0, drawable.numel(), per_chunk):
-            chunk = slice(first, first + per_chunk)
-            pixels_x = origin_x[chunk, None] + steps_x  # (n, crop_w) image columns
-            pixels_y = origin_y[chunk, None] + steps_y  # (n, crop_h) image rows
-            # Pixel centres in grid_sample's coordinates: -1 and 1 are the box's edges.
-            grid_x = (pixels_x + 0.5 - x0[chunk, None]) / (x1 - x0)[chunk, None] * 2 - 1
-            grid_y = (pixels_y + 0.5 - y0[chunk, None]) / (y1 - y0)[chunk, None] * 2 - 1
-            count = grid_x.shape[0]
-            grid = torch.stack(
-                (
-                    grid_x[:, None, :].expand(count, crop_h, crop_w),
-                    grid_y[:, :, None].expand(count, crop_h, crop_w),
-                ),
-                dim=-1,
-            )
+        # Chunks of boxes with similar crops (sorted by crop area), so that small boxes are not
+        # resampled over the crop size of the largest one.
+        order = torch.argsort(size_x * size_y)
+        sizes = torch.stack((size_y, size_x), dim=1)[order].clamp(min=1).tolist()
+        start = 0
+        while start < len(order):
+            crop_h, crop_w = sizes[start]
+            end = start + 1
+            while end < len(order):
+                grown_h, grown_w = max(crop_h, sizes[end][0]), max(crop_w, sizes[end][1])
+                if (end + 1 - start) * grown_h * grown_w > PASTE_BUDGET:
+                    break
+                crop_h, crop_w, end = grown_h, grown_w, end + 1
+            members = order[start:end]
+            start = end
+            # Crops of one common size; one near the far edge slides back into the image.
+            origin_x = _crop_origins(first_x[members], crop_w, width)
+            origin_y = _crop_origins(first_y[members], crop_h, height)
+            # Pixel centres of the crops in grid_sample's coordinates: -1 and 1 are the box's edges.
+            pixels_x = origin_x[:, None] + torch.arange(crop_w, device=masks.device)  # (n, crop_w)
+            pixels_y = origin_y[:, None] + torch.arange(crop_h, device=masks.device)  # (n, crop_h)
+            box_x0, box_x1 = x0[members, None], x1[members, None]
+            box_y0, box_y1 = y0[members, None], y1[members, None]
+            grid_x = (pixels_x + 0.5 - box_x0) / (box_x1 - box_x0) * 2 - 1
+            grid_y = (pixels_y + 0.5 - box_y0) / (box_y1 - box_y0) * 2 - 1
+            grid = grid_x.new_empty((len(members), crop_h, crop_w, 2))
+            grid[..., 0] = grid_x[:, None, :]
+            grid[..., 1] = grid_y[:, :, None]
             probabilities = F.grid_sample(
-                masks[drawable[chunk], None], grid, mode="bilinear", padding_mode="zeros",
+                masks[drawable[members], None], grid, mode="bilinear", padding_mode="zeros",
                 align_corners=False,
             )[:, 0]
             values = probabilities if threshold is None else probabilities >= threshold
-            pasted[drawable[chunk, None, None], pixels_y[:, :, None], pixels_x[:, None, :]] = values
+            # Each crop is a rectangle of the image: plain slice copies, one per box.
+            for crop, mask_index, top, left in zip(
+                values, drawable[members].tolist(), origin_y.tolist(), origin_x.tolist()
+            ):
+                pasted[mask_index, top : top + crop_h, left : left + crop_w] = crop
     return pasted
 
 

@@ -25,8 +25,10 @@ import torch
 
 from ._precision import as_float, autocast_off
 
-# Values gathered per step (RoIs x sample rows x sample columns x channels): 16M floats = 64 MB.
-GATHER_BUDGET = 1 << 24
+# Values gathered per step (RoIs x sample rows x sample columns x channels): 1M floats = 4 MB.
+# Small steps are faster, not only leaner: buffers this size are recycled by the allocator, while
+# tens of megabytes come fresh from the OS each time and pay a page fault per 4 KB.
+GATHER_BUDGET = 1 << 20
 
 BoxesArg = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -102,9 +104,12 @@ def _align_chunk(
     k, p, grid_h, _ = rows.shape
     q, grid_w = cols.shape[1], cols.shape[2]
     channels = features.shape[-1]
-    values = features[
-        batch_index[:, None, None], rows.reshape(k, -1, 1), cols.reshape(k, 1, -1)
-    ]  # (k, p * grid_h * 2, q * grid_w * 2, C)
+    num_images, height, width = features.shape[:3]
+    # Rows of the (N * H * W, C) table: index_select copies whole channel vectors, several times
+    # faster than advanced indexing with three broadcast index tensors.
+    cells = (batch_index[:, None, None] * height + rows.reshape(k, -1, 1)) * width + cols.reshape(k, 1, -1)
+    values = features.reshape(num_images * height * width, channels).index_select(0, cells.reshape(-1))
+    # (k, p * grid_h * 2, q * grid_w * 2, C)
     # Rows: weight the 2 * grid_h tap rows of each output row and sum them.
     values = values.reshape(k, p, grid_h * 2, q * grid_w * 2 * channels)
     values = torch.matmul(row_weights.reshape(k, p, 1, grid_h * 2), values)
