@@ -296,3 +296,36 @@ def test_data_preprocessor_pads_and_records_shapes():
     assert plain.shape == (2, 3, 70, 50)
     with pytest.raises(ConfigError):
         DetDataPreprocessor(size=[64])
+
+
+def test_masks_drawn_in_windows_equal_whole_canvas_drawing():
+    """Rasterising each mask in the window of its extent gives what pycocotools (polygons) and
+    OpenCV (RLE) give drawing on the whole canvas, for random maps, crops and flips."""
+    rng = np.random.default_rng(0)
+    height, width = 50, 70
+    for trial in range(30):
+        n = int(rng.integers(3, 9))
+        centre, radius = rng.uniform(0, 70, 2), rng.uniform(2, 30)
+        angles = np.sort(rng.uniform(0, 2 * np.pi, n))
+        poly = np.stack([centre[0] + radius * np.cos(angles), centre[1] + radius * np.sin(angles)], 1).reshape(-1)
+        rle = mask_utils.encode(np.asfortranarray((rng.random((height, width)) < 0.3).astype(np.uint8)))
+        masks = InstanceMasks([[poly], rle], (height, width))
+        sx, sy = rng.uniform(0.2, 2.5, 2)
+        shape = (int(height * sy), int(width * sx))
+        masks = masks.rescale(sx, sy, shape)
+        dx, dy = -rng.uniform(0, shape[1] / 2), -rng.uniform(0, shape[0] / 2)
+        crop = (int(rng.integers(5, 60)), int(rng.integers(5, 60)))
+        masks = masks.translate(float(int(dx)), float(int(dy)), crop)
+        if trial % 2:
+            masks = masks.flip("horizontal" if trial % 4 == 1 else "vertical")
+        a_x, b_x, a_y, b_y = masks.affine
+        got = masks.to_bitmaps()
+        # polygon: the whole canvas through pycocotools
+        moved = poly.copy()
+        moved[0::2], moved[1::2] = poly[0::2] * a_x + b_x, poly[1::2] * a_y + b_y
+        whole = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([moved.tolist()], *crop))).astype(bool)
+        np.testing.assert_array_equal(got[0], whole, err_msg=f"polygon, trial {trial}")
+        # RLE: the whole canvas warped by OpenCV, pixel centres mapped
+        matrix = np.array([[a_x, 0, 0.5 * a_x + b_x - 0.5], [0, a_y, 0.5 * a_y + b_y - 0.5]])
+        warped = cv2.warpAffine(mask_utils.decode(rle), matrix, (crop[1], crop[0]), flags=cv2.INTER_NEAREST)
+        np.testing.assert_array_equal(got[1], warped.astype(bool), err_msg=f"rle, trial {trial}")

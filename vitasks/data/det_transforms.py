@@ -149,8 +149,10 @@ class InstanceMasks:
             affine = (sx, tx, -sy, height - ty)
         return InstanceMasks(self.segmentations, self.source_shape, self.shape, affine)
 
-    # Rasterising.
-    def _polygon_bitmap(self, polygons: list[np.ndarray]) -> np.ndarray:
+    # Rasterising. Each mask is drawn only in the window of its own extent (exactly what drawing
+    # it on the whole canvas gives: windows start at whole pixels), so the cost follows the
+    # objects' sizes, not N times the canvas.
+    def _polygon_bitmap(self, polygons: list[np.ndarray], out: np.ndarray) -> None:
         sx, tx, sy, ty = self.affine
         height, width = self.shape
         moved = []
@@ -158,21 +160,38 @@ class InstanceMasks:
             p = poly.copy()
             p[0::2] = p[0::2] * sx + tx
             p[1::2] = p[1::2] * sy + ty
-            moved.append(p.tolist())
-        rle = mask_utils.merge(mask_utils.frPyObjects(moved, height, width))
-        return mask_utils.decode(rle).astype(bool)
+            moved.append(p)
+        xs = np.concatenate([p[0::2] for p in moved])
+        ys = np.concatenate([p[1::2] for p in moved])
+        x0, y0 = max(int(np.floor(xs.min())) - 1, 0), max(int(np.floor(ys.min())) - 1, 0)
+        x1, y1 = min(int(np.ceil(xs.max())) + 2, width), min(int(np.ceil(ys.max())) + 2, height)
+        if x1 <= x0 or y1 <= y0:
+            return  # entirely outside the canvas
+        for p in moved:
+            p[0::2] -= x0
+            p[1::2] -= y0
+        rle = mask_utils.merge(mask_utils.frPyObjects([p.tolist() for p in moved], y1 - y0, x1 - x0))
+        out[y0:y1, x0:x1] = mask_utils.decode(rle)
 
-    def _rle_bitmap(self, rle: dict) -> np.ndarray:
-        source = mask_utils.decode(rle)
+    def _rle_bitmap(self, rle: dict, out: np.ndarray) -> None:
         sx, tx, sy, ty = self.affine
         height, width = self.shape
-        if self.affine == (1.0, 0.0, 1.0, 0.0) and source.shape == (height, width):
-            return source.astype(bool)
-        # The map is for pixel edges; OpenCV's matrix maps pixel centres (index i is at i + 0.5).
-        matrix = np.array([[sx, 0.0, 0.5 * sx + tx - 0.5], [0.0, sy, 0.5 * sy + ty - 0.5]])
-        warped = cv2.warpAffine(source, matrix, (width, height), flags=cv2.INTER_NEAREST,
-                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        return warped.astype(bool)
+        if self.affine == (1.0, 0.0, 1.0, 0.0) and tuple(rle["size"]) == (height, width):
+            out[:] = mask_utils.decode(rle)
+            return
+        # The source extent, mapped: only that window of the canvas can be set.
+        bx, by, bw, bh = mask_utils.toBbox(rle)
+        xs, ys = (bx * sx + tx, (bx + bw) * sx + tx), (by * sy + ty, (by + bh) * sy + ty)
+        x0, y0 = max(int(np.floor(min(xs))) - 1, 0), max(int(np.floor(min(ys))) - 1, 0)
+        x1, y1 = min(int(np.ceil(max(xs))) + 1, width), min(int(np.ceil(max(ys))) + 1, height)
+        if x1 <= x0 or y1 <= y0:
+            return
+        # The map is for pixel edges; OpenCV's matrix maps pixel centres (index i is at i + 0.5),
+        # and the window's origin moves to (x0, y0).
+        matrix = np.array([[sx, 0.0, 0.5 * sx + tx - 0.5 - x0], [0.0, sy, 0.5 * sy + ty - 0.5 - y0]])
+        out[y0:y1, x0:x1] = cv2.warpAffine(mask_utils.decode(rle), matrix, (x1 - x0, y1 - y0),
+                                           flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
+                                           borderValue=0)
 
     def to_bitmaps(self) -> np.ndarray:
         """``(N, H, W)`` bool masks at the current canvas size."""
@@ -181,7 +200,10 @@ class InstanceMasks:
         for i, seg in enumerate(self.segmentations):
             if seg is None:
                 continue
-            out[i] = self._rle_bitmap(seg) if isinstance(seg, dict) else self._polygon_bitmap(seg)
+            if isinstance(seg, dict):
+                self._rle_bitmap(seg, out[i])
+            else:
+                self._polygon_bitmap(seg, out[i])
         return out
 
     def to_tensor(self) -> torch.Tensor:
