@@ -159,13 +159,3 @@ def test_synthetic_generator_layout_and_determinism(tmp_path):
     (foreign / "keep.txt").write_text("mine")
     with pytest.raises(DataError, match="not empty"):
         make_cls_dataset(str(foreign))
-
-
-def test_synthetic_classes_need_colour_and_texture(tmp_path):
-    """Neither colour nor texture alone separates the default classes."""
-    _, names = make_cls_dataset(str(tmp_path / "d"), train_per_class=1, val_per_class=1)
-    assert len(names) == 6
-    colours = [n.split("_")[0] for n in names]
-    textures = [n.split("_")[1] for n in names]
-    assert len(set(colours)) < len(names) and len(set(textures)) < len(names)
-    assert len(set(zip(colours, textures))) == len(names)
