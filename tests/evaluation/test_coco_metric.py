@@ -327,7 +327,7 @@ def test_test_command_with_coco_data_metric_and_dump(tmp_path):
     """tools/test.py's path: CocoDataset -> PackDetInputs -> DetDataPreprocessor -> model ->
     CocoMetric and --dump; an oracle scores 1.0 and the dump scores what the metric reports."""
     root = str(tmp_path / "det")
-    make_det_dataset(root, seed=3, num_train=0, num_val=4, img_size=48)
+    make_det_dataset(root, seed=3, num_train=0, num_val=4, img_size=48, num_classes=4)
     dataset = dict(type="CocoDataset", data_root=root, ann_file="annotations/instances_val2017.json",
                    img_dir="val2017", num_classes=4, test_mode=True,
                    pipeline=[{"type": "LoadImage"}, {"type": "LoadDetAnnotations"}, {"type": "PackDetInputs"}])
