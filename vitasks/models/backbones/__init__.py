@@ -2,5 +2,6 @@
 
 from .stems import ConvStem, PatchEmbed, ResNetStem
 from .vit import VisionTransformer
+from .video_vit import VideoVisionTransformer  # (video helper)
 
-__all__ = ["ConvStem", "PatchEmbed", "ResNetStem", "VisionTransformer"]
+__all__ = ["ConvStem", "PatchEmbed", "ResNetStem", "VideoVisionTransformer", "VisionTransformer"]
