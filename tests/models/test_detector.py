@@ -86,6 +86,21 @@ def test_a_few_sgd_steps_overfit_one_image():
         assert last[key] < first[key], key
 
 
+@pytest.mark.parametrize("detector,roi_head", [("MaskRCNN", "StandardRoIHead"), ("CascadeMaskRCNN", "CascadeRoIHead")])
+def test_an_image_without_objects_trains_on_background(detector, roi_head):
+    model = tiny_detector(detector, roi_head)
+    empty = sample()
+    empty.gt_instances = InstanceData(bboxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long),
+                                      masks=torch.zeros(0, 64, 64, dtype=torch.bool))
+    losses = model(image().repeat(2, 1, 1, 1), [empty, sample()], mode="loss")
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    only_empty = model(image(), [empty], mode="loss")
+    box_losses = [v for k, v in only_empty.items() if k.endswith("bbox")]
+    assert all(v.item() == 0 for v in box_losses) and only_empty["loss_mask"].item() == 0
+    assert only_empty["loss_rpn_cls"].item() > 0
+
+
 def test_bf16_autocast_keeps_losses_and_boxes_in_float32():
     model = tiny_detector("CascadeMaskRCNN", "CascadeRoIHead")
     with torch.autocast("cpu", dtype=torch.bfloat16):
