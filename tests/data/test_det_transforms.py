@@ -104,7 +104,8 @@ def test_large_scale_jitter_keeps_boxes_and_masks_on_their_objects(size):
             # Same pixels up to the outline: each lies within the other grown by a pixel (by a
             # source pixel when upscaled: the reference is the source raster, scaled).
             r = int(np.ceil(max(1.0, *results["scale_factor"])))
-            assert not (mask & ~grow(reference, r)).any() and not (reference & ~grow(mask, r)).any(), (seed, channel)
+            assert not (mask & ~grow(reference, r)).any(), (seed, channel)
+            assert not (reference & ~grow(mask, r)).any(), (seed, channel)
             if min(box[2] - box[0], box[3] - box[1]) >= 8:
                 ious.append((mask & reference).sum() / (mask | reference).sum())
             # The mask's bounding box is the transformed (and clipped) box, to a pixel.
@@ -200,7 +201,8 @@ def test_crop_clips_boxes_drops_vanished_objects_and_refuses_empty_crops():
     y0, x0 = rng_state.integers(0, 91), rng_state.integers(0, 91)
     assert y0 >= 5 or x0 >= 5  # the drawn crop misses the object
     assert DetRandomCrop(crop_size=[10, 10])(dict(empty)) is None
-    kept = DetRandomCrop(crop_size=[10, 10], allow_negative_crop=True)(dict(empty, rng=np.random.default_rng(3)))
+    negative = DetRandomCrop(crop_size=[10, 10], allow_negative_crop=True)
+    kept = negative(dict(empty, rng=np.random.default_rng(3)))
     assert kept is not None and len(kept["gt_bboxes"]) == 0
     # Only a crowd region left: nothing to learn either.
     crowd = dict(empty, gt_bboxes=np.array([[0, 0, 100, 100]], np.float32), gt_ignore_flags=np.array([True]),
@@ -224,7 +226,8 @@ def test_recompute_bbox_gives_the_cropped_masks_extent():
 
 
 def test_filter_small_boxes():
-    results = {"gt_bboxes": np.array([[0, 0, 5, 5], [0, 0, 0.001, 5]], np.float32), "gt_labels": np.array([1, 2]),
+    results = {"gt_bboxes": np.array([[0, 0, 5, 5], [0, 0, 0.001, 5]], np.float32),
+               "gt_labels": np.array([1, 2]),
                "gt_ignore_flags": np.array([False, False])}
     out = FilterDetAnnotations(min_size=0.01)(results)
     assert out["gt_labels"].tolist() == [1]
@@ -274,12 +277,14 @@ def test_bad_transform_arguments():
 def test_data_preprocessor_pads_and_records_shapes():
     pre = DetDataPreprocessor(size=[64, 64], size_divisor=32, pad_mask=True)
     samples = []
-    images = [torch.randint(0, 255, (3, 40, 50), dtype=torch.uint8), torch.randint(0, 255, (3, 70, 20), dtype=torch.uint8)]
+    images = [torch.randint(0, 255, (3, 40, 50), dtype=torch.uint8),
+              torch.randint(0, 255, (3, 70, 20), dtype=torch.uint8)]
     for img in images:
         results = {"img": img.permute(1, 2, 0).numpy(), "img_shape": tuple(img.shape[1:]),
                    "gt_bboxes": np.array([[1, 1, 5, 5]], np.float32), "gt_labels": np.array([0]),
                    "gt_ignore_flags": np.array([False]),
-                   "gt_masks": InstanceMasks([[np.array([1, 1, 5, 1, 5, 5, 1, 5], float)]], tuple(img.shape[1:]))}
+                   "gt_masks": InstanceMasks([[np.array([1, 1, 5, 1, 5, 5, 1, 5], float)]],
+                                             tuple(img.shape[1:]))}
         samples.append(PackDetInputs()(results)["data_samples"])
     out = pre({"inputs": images, "data_samples": samples}, training=True)
     batch = out["inputs"]
@@ -307,7 +312,8 @@ def test_masks_drawn_in_windows_equal_whole_canvas_drawing():
         n = int(rng.integers(3, 9))
         centre, radius = rng.uniform(0, 70, 2), rng.uniform(2, 30)
         angles = np.sort(rng.uniform(0, 2 * np.pi, n))
-        poly = np.stack([centre[0] + radius * np.cos(angles), centre[1] + radius * np.sin(angles)], 1).reshape(-1)
+        poly = np.stack([centre[0] + radius * np.cos(angles),
+                         centre[1] + radius * np.sin(angles)], 1).reshape(-1)
         rle = mask_utils.encode(np.asfortranarray((rng.random((height, width)) < 0.3).astype(np.uint8)))
         masks = InstanceMasks([[poly], rle], (height, width))
         sx, sy = rng.uniform(0.2, 2.5, 2)
@@ -323,7 +329,8 @@ def test_masks_drawn_in_windows_equal_whole_canvas_drawing():
         # polygon: the whole canvas through pycocotools
         moved = poly.copy()
         moved[0::2], moved[1::2] = poly[0::2] * a_x + b_x, poly[1::2] * a_y + b_y
-        whole = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([moved.tolist()], *crop))).astype(bool)
+        whole = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([moved.tolist()], *crop)))
+        whole = whole.astype(bool)
         np.testing.assert_array_equal(got[0], whole, err_msg=f"polygon, trial {trial}")
         # RLE: the whole canvas warped by OpenCV, pixel centres mapped
         matrix = np.array([[a_x, 0, 0.5 * a_x + b_x - 0.5], [0, a_y, 0.5 * a_y + b_y - 0.5]])

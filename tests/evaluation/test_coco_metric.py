@@ -110,7 +110,8 @@ def reference_results(img_ids=IMAGES):
     bbox, segm = [], []
     for img_id in img_ids:
         for (x1, y1, x2, y2), score, cat, mask_box in PREDICTIONS[img_id]:
-            bbox.append({"image_id": img_id, "category_id": cat, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
+            bbox.append({"image_id": img_id, "category_id": cat, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                         "score": score})
             rle = mask_utils.encode(np.asfortranarray(rect_mask(IMAGES[img_id], mask_box).astype(np.uint8)))
             segm.append({"image_id": img_id, "category_id": cat, "segmentation": rle, "score": score})
     return bbox, segm
@@ -229,7 +230,8 @@ def test_dump_round_trips_through_eval_coco_and_plain_pycocotools(ann_file, tmp_
         dumped = json.load(f)
     # labels mapped back to the file's category ids (label 2 -> id 10 ...), boxes as xywh
     bbox, _ = reference_results()
-    assert [(d["image_id"], d["category_id"]) for d in dumped] == [(r["image_id"], r["category_id"]) for r in bbox]
+    ids = [(r["image_id"], r["category_id"]) for r in bbox]
+    assert [(d["image_id"], d["category_id"]) for d in dumped] == ids
     np.testing.assert_allclose([d["bbox"] for d in dumped], [r["bbox"] for r in bbox])
     assert all(isinstance(d["segmentation"]["counts"], str) for d in dumped)
     # tools/eval_coco.py's logic gives the metric's numbers exactly
@@ -272,7 +274,8 @@ def test_box_only_results_file_scores_boxes_only(ann_file, tmp_path):
     ([{"image_id": 1, "bbox": [0, 0, 5, 5], "score": 1.0}], "detection 0 lacks category_id"),
     ([{"image_id": 1, "category_id": 3, "bbox": [0, 0, 5, 5], "score": 1.0,
        "segmentation": {"size": [160, 200], "counts": "PPYo1"}},
-      {"image_id": 1, "category_id": 3, "bbox": [0, 0, 5, 5], "score": 1.0}], "1 of 2 detections have a `segmentation`"),
+      {"image_id": 1, "category_id": 3, "bbox": [0, 0, 5, 5], "score": 1.0}],
+     "1 of 2 detections have a `segmentation`"),
 ])
 def test_bad_results_files(ann_file, tmp_path, capsys, content, message):
     path = tmp_path / "results.json"

@@ -83,7 +83,9 @@ def normalize_segmentation(segmentation: Any, height: int, width: int) -> Any:
         polygons = [np.asarray(p, np.float64).reshape(-1) for p in segmentation]
         polygons = [p for p in polygons if p.size >= 6 and p.size % 2 == 0]
         return polygons or None
-    raise ValueError(f"segmentation must be polygons (a list) or RLE (a dict), got {type(segmentation).__name__}")
+    raise ValueError(
+        f"segmentation must be polygons (a list) or RLE (a dict), got {type(segmentation).__name__}"
+    )
 
 
 class InstanceMasks:
@@ -211,7 +213,9 @@ class InstanceMasks:
         return torch.from_numpy(self.to_bitmaps())
 
 
-def _map_boxes(boxes: np.ndarray, scale_x: float, shift_x: float, scale_y: float, shift_y: float) -> np.ndarray:
+def _map_boxes(
+    boxes: np.ndarray, scale_x: float, shift_x: float, scale_y: float, shift_y: float
+) -> np.ndarray:
     """Boxes under ``x' = scale_x * x + shift_x`` (same for y), re-ordered so that x1 <= x2
     (a negative scale is a flip)."""
     xs = boxes[:, 0::2] * scale_x + shift_x
@@ -301,7 +305,9 @@ class DetResize(BaseTransform):
         self.scale = _check_size(scale, owner, "scale")
         self.keep_ratio = bool(keep_ratio)
         if interpolation not in _INTERP:
-            raise ConfigError(f"{owner}.interpolation must be one of {sorted(_INTERP)}, got {interpolation!r}")
+            raise ConfigError(
+                f"{owner}.interpolation must be one of {sorted(_INTERP)}, got {interpolation!r}"
+            )
         self.interpolation = interpolation
 
     def _target(self, height: int, width: int, scale: tuple[float, float]) -> tuple[int, int]:
@@ -404,7 +410,8 @@ class DetRandomCrop(BaseTransform):
             masks = results["gt_masks"] = masks.translate(-x0, -y0, (crop_h, crop_w))
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         if self.recompute_bbox and masks is not None:
-            redo = np.flatnonzero(keep & cut & np.array([seg is not None for seg in masks.segmentations], bool))
+            has_mask = np.array([seg is not None for seg in masks.segmentations], bool)
+            redo = np.flatnonzero(keep & cut & has_mask)
             if redo.size:
                 boxes[redo] = masks_to_boxes(masks[redo].to_bitmaps())
                 keep[redo] = (boxes[redo, 2] > boxes[redo, 0]) & (boxes[redo, 3] > boxes[redo, 1])
@@ -516,7 +523,8 @@ class PackDetInputs(BaseTransform):
 
     def _instances(self, results: dict, chosen: np.ndarray) -> InstanceData:
         instances = InstanceData()
-        instances.bboxes = torch.from_numpy(np.asarray(results["gt_bboxes"], np.float32)[chosen]).reshape(-1, 4)
+        boxes = np.asarray(results["gt_bboxes"], np.float32)[chosen]
+        instances.bboxes = torch.from_numpy(boxes).reshape(-1, 4)
         instances.labels = torch.from_numpy(np.asarray(results["gt_labels"], np.int64)[chosen])
         masks = results.get("gt_masks")
         if masks is not None:

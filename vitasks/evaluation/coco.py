@@ -99,7 +99,9 @@ def _encode_masks(masks: Any, shape: tuple[int, int] | None, where: str) -> list
             for rle in encoded]
 
 
-def instances_to_coco(sample: Any, cat_ids: Sequence[int], with_masks: bool | None = None) -> tuple[int, list[dict]]:
+def instances_to_coco(
+    sample: Any, cat_ids: Sequence[int], with_masks: bool | None = None
+) -> tuple[int, list[dict]]:
     """A predicted sample's image id and its COCO result entries.
 
     Each entry: ``image_id``, ``category_id`` (``cat_ids[label]``), ``bbox`` (xywh), ``score``
@@ -188,14 +190,17 @@ def load_ground_truth(path: str) -> COCO:
 def check_results(results: Any, gt: COCO, source: str) -> list[dict]:
     """Validate COCO results against the annotations; DataErrors name ``source`` and the fault."""
     if not isinstance(results, list):
-        raise DataError(f"{source}: a COCO results file is a JSON list of detections, got {type(results).__name__}")
+        raise DataError(
+            f"{source}: a COCO results file is a JSON list of detections, got {type(results).__name__}"
+        )
     if not results:
         raise DataError(
             f"{source} holds no detections (an empty list); there is nothing to score (a model that "
             "detects nothing scores 0: check the score threshold and that the test ran on images)"
         )
     for i, entry in enumerate(results):
-        missing = [k for k in ("image_id", "category_id", "score") if not isinstance(entry, dict) or k not in entry]
+        required = ("image_id", "category_id", "score")
+        missing = [k for k in required if not isinstance(entry, dict) or k not in entry]
         if missing or ("bbox" not in entry and "segmentation" not in entry):
             raise DataError(
                 f"{source}: detection {i} lacks {', '.join(missing) or 'both bbox and segmentation'} "
@@ -217,15 +222,17 @@ def check_results(results: Any, gt: COCO, source: str) -> list[dict]:
     for key in ("segmentation", "bbox"):
         count = sum(key in r for r in results)
         if 0 < count < len(results):
-            raise DataError(f"{source}: {count} of {len(results)} detections have a `{key}`; all or none must")
+            raise DataError(
+                f"{source}: {count} of {len(results)} detections have a `{key}`; all or none must"
+            )
     return results
 
 
 def _empty_results(gt: COCO) -> COCO:
     """A results index without detections (``loadRes`` cannot take an empty list)."""
     res = COCO()
-    res.dataset = {"images": list(gt.dataset["images"]), "categories": copy.deepcopy(gt.dataset["categories"]),
-                   "annotations": []}
+    res.dataset = {"images": list(gt.dataset["images"]),
+                   "categories": copy.deepcopy(gt.dataset["categories"]), "annotations": []}
     with contextlib.redirect_stdout(io.StringIO()):
         res.createIndex()
     return res
@@ -435,7 +442,8 @@ class CocoResultsDumper(BaseMetric):
             self.results.append(instances_to_coco(sample, cat_ids, with_masks=self.with_masks))
 
     def compute_metrics(self, results: list) -> dict:
-        entries = [entry for _, sample_entries in sorted(results, key=lambda r: r[0]) for entry in sample_entries]
+        by_image = sorted(results, key=lambda r: r[0])
+        entries = [entry for _, sample_entries in by_image for entry in sample_entries]
         os.makedirs(os.path.dirname(os.path.abspath(self.out_path)), exist_ok=True)
         _write_json(self.out_path, entries)
         written = [self.out_path]
@@ -476,7 +484,8 @@ def evaluate_results_file(results_path: str, ann_path: str) -> tuple[dict[str, f
 def main(argv: Sequence[str] | None = None) -> int:
     """``tools/eval_coco.py RESULTS.json ANNOTATIONS.json [--out metrics.json]``."""
     parser = argparse.ArgumentParser(
-        prog="eval_coco", description="Score a COCO results file with pycocotools (bbox, and segm when present)."
+        prog="eval_coco",
+        description="Score a COCO results file with pycocotools (bbox, and segm when present).",
     )
     parser.add_argument("results", help="COCO results JSON (a list of detections)")
     parser.add_argument("annotations", help="COCO annotation JSON the results refer to")

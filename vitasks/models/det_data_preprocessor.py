@@ -104,7 +104,7 @@ class DetDataPreprocessor(BaseDataPreprocessor):
                 sample.set_metainfo(dict(batch_input_shape=(height, width), pad_shape=(height, width)))
                 if "img_shape" not in sample:
                     sample.set_metainfo(dict(img_shape=(h, w)))
-                masks = getattr(sample.get("gt_instances"), "masks", None) if "gt_instances" in sample else None
+                masks = sample.gt_instances.get("masks") if "gt_instances" in sample else None
                 if self.pad_mask and isinstance(masks, torch.Tensor):
                     sample.gt_instances.masks = F.pad(
                         masks, (0, width - masks.shape[-1], 0, height - masks.shape[-2]), value=0
