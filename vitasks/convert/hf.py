@@ -154,6 +154,10 @@ def read(path: str, opts: ConvertOptions) -> Source:
     for f in files:
         sd.update(read_torch_state_dict(f))
     cfg = _read_config(os.path.join(folder, "config.json"))
+    from vitasks.convert import hf_video  # TimeSformer, VideoMAE and ViViT map themselves
+
+    if hf_video.detect_video_model(sd):
+        return hf_video.read(sd, cfg, path, opts, folder)
     src = Source(fmt="hf", path=path, state_dict=hf_to_timm(sd, path))
     pre = _read_config(os.path.join(folder, "preprocessor_config.json"))
     if isinstance(pre.get("image_mean"), list) and isinstance(pre.get("image_std"), list):
