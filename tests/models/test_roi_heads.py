@@ -86,7 +86,8 @@ def test_box_losses_equal_brute_force():
     coder = BoxCoder((10, 10, 5, 5))
     generator = torch.Generator().manual_seed(0)
     boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 25.0], [2.0, 3.0, 9.0, 8.0], [1.0, 1.0, 4.0, 6.0]])
-    gt_boxes = torch.tensor([[1.0, 0.0, 11.0, 12.0], [4.0, 6.0, 22.0, 24.0], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
+    gt_boxes = torch.tensor([[1.0, 0.0, 11.0, 12.0], [4.0, 6.0, 22.0, 24.0],
+                             [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
     targets = [RoITargets(boxes[:2], torch.tensor([1, 2]), gt_boxes[:2], torch.tensor([0, 1])),
                RoITargets(boxes[2:], torch.tensor([K, 0]), gt_boxes[2:], torch.tensor([0, 0]))]
     logits = torch.randn(4, K + 1, generator=generator)

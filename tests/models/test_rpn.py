@@ -205,7 +205,8 @@ def test_rpn_proposals_follow_the_prediction_layout():
     anchor = anchors[(row * 4 + col) * 3 + cell]
     width = float(anchor[2] - anchor[0])
     shifted = anchor + torch.tensor([0.25 * width, 0, 0.25 * width, 0])
-    want = torch.stack((shifted[0].clamp(0, 28), shifted[1].clamp(0, 30), shifted[2].clamp(0, 28), shifted[3].clamp(0, 30)))
+    want = torch.stack((shifted[0].clamp(0, 28), shifted[1].clamp(0, 30),
+                        shifted[2].clamp(0, 28), shifted[3].clamp(0, 30)))
     assert torch.allclose(boxes[0], want, atol=1e-5)
     assert scores[0] == 10.0
     assert len(boxes) <= 20

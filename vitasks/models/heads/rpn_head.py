@@ -166,7 +166,9 @@ class RPNHead(nn.Module):
         return objectness, deltas
 
     @staticmethod
-    def _flatten(objectness: List[torch.Tensor], deltas: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    def _flatten(
+        objectness: List[torch.Tensor], deltas: List[torch.Tensor]
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Per level ``(N, H*W*A)`` logits and ``(N, H*W*A, 4)`` deltas, in the anchors' order
         (row, column, cell anchor)."""
         flat_objectness = [o.permute(0, 2, 3, 1).flatten(1) for o in objectness]
