@@ -127,6 +127,22 @@ def test_classifier_onnx_metadata(exported_classifier):
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
+def test_timing_onnxruntime_beside_eager(exported_classifier):
+    """The timing helpers run both engines on the exported file (no speed is asserted)."""
+    from vitasks.deploy.timing import compare_onnx_eager_model, format_comparison, time_onnxruntime
+
+    config, checkpoint, path = exported_classifier
+    times = time_onnxruntime(str(path), batch_size=2, iters=3, warmup=0)
+    assert len(times) == 3 and all(t > 0 for t in times)
+    result = compare_onnx_eager_model(str(path), init_model(str(config), str(checkpoint)), batch_size=2,
+                                      iters=3, warmup=1)
+    for engine in ("onnxruntime", "pytorch"):
+        assert len(result[engine]["times_s"]) == 3
+        assert result[engine]["images_per_s"] == pytest.approx(2 / result[engine]["median_s"])
+    assert result["input_shape"] == [3, 16, 16]
+    assert "onnxruntime / pytorch" in format_comparison(result)
+
+
 @pytest.fixture(scope="module")
 def exported_segmentor(tmp_path_factory):
     """The tiny segmentor exported through the Python API at 28 x 36 (padded to the stride

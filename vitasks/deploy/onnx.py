@@ -267,13 +267,15 @@ def check_batch_sizes(batch_size: int) -> list[int]:
 
 
 def verify(model: nn.Module, spec: ExportSpec, path: str, input_shape: Sequence[int],
-           batch_sizes: Sequence[int], rtol: float = DEFAULT_RTOL) -> dict[str, float]:
-    """Run ``path`` with onnxruntime and the model with PyTorch on the same seeded batches;
-    returns ``{"<output>@<batch>": relative difference}``; raises
+           batch_sizes: Sequence[int], rtol: float = DEFAULT_RTOL) -> tuple[dict[str, float], list[str]]:
+    """Run ``path`` with onnxruntime and the model with PyTorch on the same seeded batches.
+
+    Returns ``({"<output>@<batch>": relative difference}, notes)``, the notes naming outputs that
+    PyTorch returns as all zeros (an untrained head: the check then shows little). Raises
     :class:`ExportMismatchError` above ``rtol``."""
     session = ort_session(path)
     differences: dict[str, float] = {}
-    failures = []
+    failures, zero_outputs = [], set()
     for i, batch in enumerate(batch_sizes):
         inputs = sample_batch(batch, input_shape, seed=i + 1)
         with torch.no_grad():
@@ -286,6 +288,8 @@ def verify(model: nn.Module, spec: ExportSpec, path: str, input_shape: Sequence[
             )
         for name, got, want in zip(spec.output_names, actual, expected):
             want = want.detach().float().numpy()
+            if not np.any(want):
+                zero_outputs.add(name)
             diff = relative_difference(np.asarray(got), want)
             differences[f"{name}@{batch}"] = diff
             if not diff <= rtol:
@@ -298,7 +302,9 @@ def verify(model: nn.Module, spec: ExportSpec, path: str, input_shape: Sequence[
             + ". The file was written but is not right; an op the exporter translates differently is "
             "the usual cause"
         )
-    return differences
+    notes = [f"PyTorch's `{name}` is all zeros on the check batches (untrained weights?): the comparison "
+             "shows little for it" for name in sorted(zero_outputs)]
+    return differences, notes
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,10 +399,11 @@ def export_onnx(
     meta = _metadata(model, spec, input_shape, metadata)
     _set_metadata(onnx_program, meta)
     _save(onnx_program, path)
-    differences = verify(model, spec, path, input_shape, check_batch_sizes(batch_size), rtol)
+    differences, check_notes = verify(model, spec, path, input_shape, check_batch_sizes(batch_size), rtol)
     opset_used = onnx_program.model.opset_imports.get("", opset or 0)
     return ExportResult(path=path, input_shape=tuple(input_shape), output_names=spec.output_names,
-                        opset=int(opset_used), differences=differences, metadata=meta, notes=spec.notes)
+                        opset=int(opset_used), differences=differences, metadata=meta,
+                        notes=spec.notes + check_notes)
 
 
 def export_from_config(

@@ -18,6 +18,8 @@ import torch
 from vitasks.deploy.onnx import ort_session, run_onnxruntime, sample_batch
 from vitasks.deploy.specs import export_input_shape, export_spec
 
+__all__ = ["time_onnxruntime", "compare_onnx_eager", "compare_onnx_eager_model", "format_comparison"]
+
 
 def _timed(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
@@ -61,16 +63,30 @@ def compare_onnx_eager(
     img_size: int | Sequence[int] | None = None,
     cfg_options: Sequence[str] | dict | None = None,
 ) -> dict[str, Any]:
-    """Images/s of ``path`` under onnxruntime and of the config's model in eager PyTorch
-    (``torch.no_grad``, float32), timed in alternation on the same batch.
-
-    Returns ``{"batch_size", "threads", "onnxruntime": {...}, "pytorch": {...}, "speedup",
-    "load_before", "load_after", "cpu_count"}``, each engine with ``images_per_s`` (from the
-    median batch time), ``median_s`` and ``times_s``.
-    """
+    """:func:`compare_onnx_eager_model` with ``init_model(config, checkpoint)``."""
     from vitasks.apis import init_model
 
     model = init_model(config, checkpoint, device="cpu", cfg_options=cfg_options)
+    return compare_onnx_eager_model(path, model, batch_size, iters, warmup, img_size)
+
+
+def compare_onnx_eager_model(
+    path: str,
+    model: torch.nn.Module,
+    batch_size: int = 8,
+    iters: int = 10,
+    warmup: int = 2,
+    img_size: int | Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Images/s of ``path`` under onnxruntime and of ``model`` (what it was exported from) in
+    eager PyTorch (``torch.no_grad``, float32, CPU), timed in alternation on the same batch with
+    torch's thread count for both.
+
+    Returns ``{"batch_size", "threads", "input_shape", "onnxruntime": {...}, "pytorch": {...},
+    "speedup", "load_before", "load_after", "cpu_count"}``, each engine with ``images_per_s``
+    (from the median batch time), ``median_s`` and ``times_s``.
+    """
+    model = model.eval()
     spec = export_spec(model)
     shape = export_input_shape(model, img_size)
     threads = torch.get_num_threads()
@@ -111,9 +127,7 @@ def format_comparison(result: dict[str, Any]) -> str:
     for name in ("onnxruntime", "pytorch"):
         r = result[name]
         spread = f"{min(r['times_s']):.3f}-{max(r['times_s']):.3f}"
-        rows.append(f"{name:<12} {r['images_per_s']:>10.1f} {r['median_s']:>15.4f} {spread:>20}")
+        rows.append(f"{name:<12} {r['images_per_s']:>10.2f} {r['median_s']:>15.4f} {spread:>20}")
     rows.append(f"onnxruntime / pytorch: {result['speedup']:.2f}x")
     return "\n".join(rows)
 
-
-__all__ = ["time_onnxruntime", "compare_onnx_eager", "format_comparison"]
