@@ -15,7 +15,10 @@ attend over it (``attention_type``):
   with the class token), then the MLP (TimeSformer's divided space-time attention).
 
 Tokens are kept in (t, h, w) order (the Conv3d's own order); an image ViT's weights load into
-every variant (see :meth:`VideoVisionTransformer._load_from_state_dict`).
+every variant (see :func:`_adapt_checkpoint`). On a static clip (every frame the same) the
+loaded model then computes exactly the image model's output with divided attention, and with
+joint attention without a class token; with joint attention and a class token it is close but
+not equal: the class token is one key among T' copies of each patch key, so it gets less weight.
 """
 
 import math
