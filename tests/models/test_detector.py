@@ -228,11 +228,12 @@ TINY_OPTIONS = {
 
 @pytest.mark.parametrize("config,stages", [("configs/det_coco.yaml", 0), ("configs/det_coco_cascade.yaml", 3)])
 def test_recipe_configs_build_and_train(config, stages):
-    from vitasks.config import load_config
+    from vitasks.config import load_config, validate_config
     from vitasks.engine.optimizers import LayerDecayOptimizerConstructor
 
     if MODELS.get("DetDataPreprocessor") is None:  # not yet imported by vitasks.models
         importlib.import_module("vitasks.models.det_data_preprocessor")
+    validate_config(load_config(config))  # every key is an argument of its component
     cfg = load_config(config, cfg_options=TINY_OPTIONS)
     model = MODELS.build(cfg.model)
     assert model.roi_head.num_classes == NUM_CLASSES
