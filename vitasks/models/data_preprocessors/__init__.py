@@ -9,6 +9,7 @@ from .batch_augments import CutMix, Mixup, RandomBatchAugment
 from .cls import ClsDataPreprocessor
 from .normalization import IMAGENET_MEAN, IMAGENET_STD
 from .seg import SegDataPreprocessor
+from .video import VideoDataPreprocessor  # noqa: F401  (video data helper)
 
 __all__ = [
     "IMAGENET_MEAN",

@@ -1,0 +1,130 @@
+"""Video data preprocessor: stack the clips, fold the views into the batch, cast and normalise;
+in training optionally mix clips (Mixup / CutMix).
+
+The dataloader hands over uint8 clips ``(3, T, H, W)`` or, at test time, views ``(V, 3, T, H, W)``
+(``V = clips x crops``, from :class:`~vitasks.data.video_transforms.PackVideoInputs`). The model
+gets ``(N x V, 3, T, H, W)`` floats, view ``v`` of sample ``n`` at row ``n x V + v``, and each data
+sample records ``num_views = V``, so a recognizer can average its ``V`` scores back to one.
+"""
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+from mmengine.model import BaseDataPreprocessor
+
+from vitasks.errors import ConfigError
+from vitasks.registry import MODELS
+
+from .batch_augments import RandomBatchAugment
+from .normalization import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["VideoDataPreprocessor"]
+
+
+@MODELS.register_module()
+class VideoDataPreprocessor(BaseDataPreprocessor):
+    """Stacks uint8 clips, folds views into the batch, normalises; batch augments in training.
+
+    Args:
+        mean: Per-channel mean in 0-255 RGB (ImageNet's by default; 127.5 for VideoMAE-style
+            [-1, 1] inputs).
+        std: Per-channel std in 0-255.
+        num_classes: Number of classes; needed to turn labels into soft targets when
+            ``batch_augments`` is set.
+        batch_augments: ``{augments: [{type: Mixup, alpha: 0.8}, {type: CutMix, alpha: 1.0}],
+            probs: [0.5, 0.5]}``: one drawn per batch, applied to whole clips (CutMix cuts the
+            same box out of every frame); ``None`` for none.
+        non_blocking: Non-blocking host-to-device copies.
+    """
+
+    def __init__(
+        self,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        num_classes: Optional[int] = None,
+        batch_augments: Optional[dict] = None,
+        non_blocking: bool = False,
+    ) -> None:
+        super().__init__(non_blocking=non_blocking)
+        if len(mean) != 3 or len(std) != 3:
+            raise ConfigError(f"VideoDataPreprocessor: mean and std need 3 values (RGB), got {mean!r} and {std!r}")
+        if any(float(s) <= 0 for s in std):
+            raise ConfigError(f"VideoDataPreprocessor: std must be positive, got {std!r}")
+        # (3, 1, 1, 1): broadcast over (N, 3, T, H, W).
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1), False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1, 1), False)
+        self.num_classes = num_classes
+        self.batch_augments = None
+        if batch_augments is not None:
+            if not isinstance(batch_augments, dict) or set(batch_augments) - {"augments", "probs"} \
+                    or "augments" not in batch_augments:
+                raise ConfigError(
+                    "VideoDataPreprocessor.batch_augments must be a dict with `augments` (and "
+                    f"optional `probs`), got {batch_augments!r}"
+                )
+            if not isinstance(num_classes, int) or num_classes < 1:
+                raise ConfigError(
+                    "VideoDataPreprocessor: batch_augments need `num_classes` (a positive integer, "
+                    f"e.g. ${{num_classes}}) to build soft targets, got {num_classes!r}"
+                )
+            self.batch_augments = RandomBatchAugment(**batch_augments)
+
+    @staticmethod
+    def stack_views(inputs: Union[torch.Tensor, List[torch.Tensor]]) -> torch.Tensor:
+        """A batch as ``(N, V, 3, T, H, W)`` from a list of ``(3, T, H, W)`` or ``(V, 3, T, H,
+        W)`` clips, or from a tensor ``(N, 3, T, H, W)`` / ``(N, V, 3, T, H, W)``."""
+        if isinstance(inputs, torch.Tensor):
+            batch = inputs
+            if batch.dim() == 5:
+                batch = batch.unsqueeze(1)
+        else:
+            if not inputs:
+                raise ValueError("VideoDataPreprocessor: the batch is empty")
+            shapes = {tuple(x.shape) for x in inputs}
+            if len(shapes) > 1:
+                raise ValueError(
+                    "VideoDataPreprocessor: the clips of a batch differ in shape "
+                    f"{sorted(shapes)}; every sample needs the same views, frames and size"
+                )
+            batch = torch.stack(list(inputs))
+            if batch.dim() == 5:
+                batch = batch.unsqueeze(1)
+        if batch.dim() != 6 or batch.shape[2] != 3:
+            raise ValueError(
+                "VideoDataPreprocessor: expected clips (3, T, H, W) or views (V, 3, T, H, W), "
+                f"got a batch of shape {tuple(batch.shape)}"
+            )
+        return batch
+
+    def forward(self, data: dict, training: bool = False) -> dict:
+        data = self.cast_data(data)
+        batch = self.stack_views(data["inputs"])  # (N, V, 3, T, H, W), uint8 or float
+        num_samples, num_views = batch.shape[:2]
+        batch = (batch.float() - self.mean) / self.std
+        samples = data.get("data_samples")
+        if samples:
+            if len(samples) != num_samples:
+                raise ValueError(f"VideoDataPreprocessor: {num_samples} clips but {len(samples)} data samples")
+            for sample in samples:
+                sample.set_metainfo({"num_views": num_views})
+        if training and self.batch_augments is not None and samples:
+            batch = self._mix(batch, samples)
+        data["inputs"] = batch.flatten(0, 1)
+        return data
+
+    def _mix(self, batch: torch.Tensor, samples: list) -> torch.Tensor:
+        """Mixup/CutMix over samples (all views of a sample move together), soft targets into
+        each sample's ``gt_score``."""
+        labels = torch.cat([s.gt_label.reshape(-1) for s in samples]).to(batch.device).long()
+        if labels.numel() != len(samples):
+            raise ValueError("Mixup/CutMix need exactly one gt_label per sample")
+        if int(labels.max()) >= self.num_classes or int(labels.min()) < 0:
+            raise ConfigError(
+                f"VideoDataPreprocessor: a label ({int(labels.max())}) is outside "
+                f"0..{self.num_classes - 1}; check `num_classes`"
+            )
+        targets = torch.nn.functional.one_hot(labels, self.num_classes).to(batch.dtype)
+        batch, targets = self.batch_augments(batch, targets)
+        for sample, target in zip(samples, targets):
+            sample.gt_score = target
+        return batch
