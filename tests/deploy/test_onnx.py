@@ -181,6 +181,14 @@ class NumpyMlp(nn.Module):
         return torch.from_numpy(np.tanh(x.detach().numpy()))
 
 
+class BatchOfTwoMlp(nn.Module):
+    """Traceable, but writes the batch size as a number: the graph would not be batch-dynamic.
+    The error carries no frame of this module, so it is found by exporting submodules."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(2, -1).reshape(x.shape)
+
+
 class EighHead(nn.Module):
     """Traceable, but uses an op the ONNX exporter has no translation for."""
 
@@ -201,6 +209,13 @@ def test_untraceable_module_is_named(tiny_classifier, tmp_path):
         export_onnx(tiny_classifier, str(tmp_path / "bad.onnx"))
     assert "torch.export could not trace it" in str(info.value)
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_fixed_batch_size_names_the_module(tiny_classifier, tmp_path):
+    tiny_classifier.backbone.blocks[1].mlp = BatchOfTwoMlp()
+    with pytest.raises(ExportError, match=r"module `backbone\.blocks\.1\.mlp` \(BatchOfTwoMlp\)") as info:
+        export_onnx(tiny_classifier, str(tmp_path / "bad.onnx"))
+    assert "fixes the batch size" in str(info.value)
 
 
 def test_untranslatable_op_names_its_module(tiny_classifier, tmp_path):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -97,7 +98,7 @@ def _first_line(exc: BaseException) -> str:
     for marker in ("## Exception summary",):  # torch.onnx's reports: the summary is the useful part
         if marker in text:
             text = text.split(marker, 1)[1].strip()
-    return text.splitlines()[0].strip() if text else type(exc).__name__
+    return text.splitlines()[0].strip().rstrip(".") if text else type(exc).__name__
 
 
 def _exception_chain(exc: BaseException) -> list[BaseException]:
@@ -143,6 +144,76 @@ def find_failing_module(exc: BaseException, root: nn.Module) -> tuple[str, str] 
     return found if found and found[0] else None
 
 
+def _batch_dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict, batch_size: int):
+    """``dynamic_shapes`` for torch.export: axis 0 of every tensor of batch size ``batch_size``
+    is the batch (positional arguments, then keyword ones in signature order)."""
+    from torch.utils._pytree import tree_map
+
+    batch = torch.export.Dim("batch", min=1)
+
+    def spec(leaf):
+        is_batched = isinstance(leaf, torch.Tensor) and leaf.ndim > 0 and leaf.shape[0] == batch_size
+        return {0: batch} if is_batched else None
+
+    order = list(inspect.signature(module.forward).parameters)
+    named = sorted(kwargs, key=lambda k: order.index(k) if k in order else len(order))
+    return tuple(tree_map(spec, a) for a in args) + tuple(tree_map(spec, kwargs[k]) for k in named)
+
+
+def _traces(module: nn.Module, call: tuple[tuple, dict], batch_size: int) -> bool:
+    args, kwargs = call
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            torch.export.export(module, args, kwargs, strict=False,
+                                dynamic_shapes=_batch_dynamic_shapes(module, args, kwargs, batch_size))
+        return True
+    except Exception:  # noqa: BLE001 - any failure counts
+        return False
+
+
+def probe_failing_module(root: nn.Module, sample: torch.Tensor) -> tuple[str, str] | None:
+    """``(path, class name)`` of the deepest module that torch.export cannot trace on its own,
+    found by exporting submodules on the inputs they got in an eager run: for errors that carry
+    no Python frame of the module (a batch size fixed by the code shows only when the graph is
+    checked). Descends into the first child that fails; a module whose children all trace is
+    itself at fault. Only run when an export has already failed: it costs one capture per module
+    tried."""
+    calls: dict[str, tuple[tuple, dict]] = {}
+    hooks = []
+    for name, module in root.named_modules():
+        if name:
+            def record(mod, args, kwargs, name=name):
+                calls.setdefault(name, (args, kwargs))
+            hooks.append(module.register_forward_pre_hook(record, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            root(sample)
+    except Exception:  # noqa: BLE001 - the model fails in eager mode too: nothing to probe
+        return None
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    def called_children(module: nn.Module, prefix: str):
+        # The shallowest descendants that were called (a ModuleList is a container, never called).
+        for child_name, child in module.named_children():
+            path = f"{prefix}.{child_name}" if prefix else child_name
+            if path in calls:
+                yield path, child
+            else:
+                yield from called_children(child, path)
+
+    at_fault, module = "", root
+    while True:
+        for path, child in called_children(module, at_fault):
+            if not _traces(child, calls[path], sample.shape[0]):
+                at_fault, module = path, child
+                break
+        else:
+            break
+    return (_module_path(at_fault), type(module).__name__) if _module_path(at_fault) else None
+
+
 def _describe(model: nn.Module, where: tuple[str, str] | None) -> str:
     if where is None:
         return f"{type(model).__name__} (the module at fault could not be determined)"
@@ -181,14 +252,17 @@ def capture(model: nn.Module, spec: ExportSpec, sample: torch.Tensor):
         with _quiet_exporter(), torch.no_grad():
             return torch.export.export(wrapper, (sample,), dynamic_shapes=({0: batch},), strict=False)
     except Exception as e:  # noqa: BLE001 - any capture failure becomes one clear message
-        where = find_failing_module(e, wrapper)
-        hint = ""
+        where = find_failing_module(e, wrapper) or probe_failing_module(wrapper, sample)
         if "batch" in str(e) and ("specializ" in str(e) or "Constraints violated" in str(e)):
-            hint = " (its code fixes the batch size; use the batch axis of the input, e.g. x.shape[0])"
+            problem = "its code fixes the batch size"
+            advice = "Take the batch size from the input (x.shape[0], or -1 in a reshape), not a number"
+        else:
+            problem = "torch.export could not trace it"
+            advice = ("Make that forward traceable: no .numpy() / .item() / .tolist(), no Python `if` on "
+                      "tensor values, shapes from tensors' .shape")
         raise ExportError(
-            f"cannot export {_describe(model, where)}: torch.export could not trace it{hint}: "
-            f"{_first_line(_exception_chain(e)[-1])}. Make that forward traceable: no .numpy() / .item() "
-            "/ .tolist(), no Python `if` on tensor values, shapes from tensors' .shape"
+            f"cannot export {_describe(model, where)}: {problem}: {_first_line(_exception_chain(e)[-1])}. "
+            f"{advice}"
         ) from e
 
 
@@ -236,6 +310,7 @@ def ort_session(path: str, threads: int | None = None):
     options.intra_op_num_threads = int(threads or torch.get_num_threads())
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3  # errors only: no notes on nodes it could not constant-fold
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
