@@ -526,3 +526,15 @@ def test_generated_motion_is_the_class_direction():
 def test_write_mp4_checks_sides(tmp_path):
     with pytest.raises(ValueError, match="even"):
         write_mp4(str(tmp_path / "odd.mp4"), np.zeros((2, 31, 32, 3), np.uint8))
+
+
+def test_missing_pyav_is_a_clear_config_error_never_skipped(dataset_root, monkeypatch):
+    import sys
+
+    from vitasks.data.seeding import SeededIndex
+
+    ds = VideoListDataset(dataset_root, pipeline=train_pipeline(clip_len=2), skip_bad_samples=True)
+    monkeypatch.setattr(video_io, "_index_cache", type(video_io._index_cache)())
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now fails
+    with pytest.raises(ConfigError, match=r"needs PyAV.*pip install 'vitasks\[video\]'"):
+        ds[SeededIndex(0, seed=1)]

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from vitasks.data.transforms import read_image
-from vitasks.errors import DataError
+from vitasks.errors import ConfigError, DataError
 
 __all__ = ["VideoIndex", "import_av", "probe_video", "read_video_frames", "read_raw_frames"]
 
@@ -36,11 +36,14 @@ _index_cache: "OrderedDict[tuple, VideoIndex]" = OrderedDict()
 
 
 def import_av():
-    """PyAV, imported on first use so that image-only installs don't need it."""
+    """PyAV, imported on first use so that image-only installs don't need it.
+
+    Its absence is a ConfigError, not a DataError: ``skip_bad_samples`` must not take it for one
+    bad video after another."""
     try:
         import av
     except ImportError as e:
-        raise DataError(
+        raise ConfigError(
             "reading videos needs PyAV, which is not installed: pip install 'vitasks[video]' "
             "(or pip install av)"
         ) from e
