@@ -538,3 +538,22 @@ def test_missing_pyav_is_a_clear_config_error_never_skipped(dataset_root, monkey
     monkeypatch.setitem(sys.modules, "av", None)  # `import av` now fails
     with pytest.raises(ConfigError, match=r"needs PyAV.*pip install 'vitasks\[video\]'"):
         ds[SeededIndex(0, seed=1)]
+
+
+def test_config_validation_checks_video_albu_names_against_albumentations(tmp_path):
+    from mmengine.config import Config
+
+    from vitasks.config import validate_config
+
+    def config(name):
+        cfg = Config(dict(train_dataloader=dict(dataset=dict(
+            type="VideoListDataset", data_root=str(tmp_path),
+            pipeline=[dict(type="SampleFrames", clip_len=8), dict(type="DecodeFrames"),
+                      dict(type="VideoAlbu", transforms=[dict(type=name, size=[8, 8])]),
+                      dict(type="PackVideoInputs")]))))
+        cfg.filename = "video.yaml"
+        return cfg
+
+    validate_config(config("RandomResizedCrop"))
+    with pytest.raises(ConfigError, match="'RandomResizedCrpo' is not a transform in albumentations"):
+        validate_config(config("RandomResizedCrpo"))

@@ -288,6 +288,9 @@ class VideoAlbu(BaseTransform):
         transforms: albumentations transform configs, as :class:`~vitasks.data.transforms.Albu`.
     """
 
+    # Config validation checks the `type` names in `transforms` against albumentations.
+    config_foreign_types = {"transforms": "albumentations"}
+
     def __init__(self, transforms: Sequence[Dict[str, Any]]) -> None:
         if not isinstance(transforms, (list, tuple)):
             raise ConfigError(f"VideoAlbu.transforms must be a list of dicts, got {transforms!r}")
