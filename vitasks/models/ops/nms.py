@@ -7,10 +7,11 @@ strictly greater than the threshold (in batched NMS: a kept box of the same clas
 ``inter / (area_i + area_j - inter)`` exactly as torchvision computes it, so a pair of empty boxes
 (0 / 0 = NaN) never suppresses anything.
 
-How it is vectorised: the sorted boxes are taken in blocks. A block is first checked against all
-boxes kept so far (one IoU matrix, in chunks), which removes most of it at once; what survives is
-resolved by a greedy pass over the block's own boolean overlap matrix, whose Python loop only
-touches kept boxes. Memory stays at a few block-sized matrices whatever the number of boxes.
+How it is vectorised: the sorted boxes (of one group, in batched NMS) are taken in blocks. A
+block is first checked against all boxes kept so far (IoU matrices in cache-sized tiles), which
+removes most of it at once; what survives is resolved by a greedy pass over the block's own
+boolean overlap matrix, whose Python loop does work only for the boxes it keeps. Memory stays at
+a few block-sized matrices whatever the number of boxes.
 """
 
 from typing import Optional
@@ -34,8 +35,8 @@ def _overlaps(boxes1: torch.Tensor, boxes2: torch.Tensor, iou_threshold: float) 
     # faster than broadcasting (N, 1, 2) against (1, M, 2).
     x1a, y1a, x2a, y2a = (c[:, None] for c in boxes1.t().contiguous())
     x1b, y1b, x2b, y2b = (c[None, :] for c in boxes2.t().contiguous())
-    # Two (N, M) buffers reused through out= and in-place ops: allocation, not arithmetic, is
-    # what costs most here.
+    # Two (N, M) buffers, reused through out= and in-place ops: fewer allocations and passes
+    # over memory, which is what this arithmetic is bound by.
     inter = torch.minimum(x2a, x2b)
     scratch = torch.maximum(x1a, x1b)
     inter.sub_(scratch).clamp_(min=0)
@@ -46,36 +47,27 @@ def _overlaps(boxes1: torch.Tensor, boxes2: torch.Tensor, iou_threshold: float) 
     return inter.div_(scratch.sub_(inter)) > iou_threshold
 
 
-def _greedy_keep(
-    boxes: torch.Tensor, labels: Optional[torch.Tensor], iou_threshold: float
-) -> torch.Tensor:
-    """Keep mask (N,) of the greedy pass over ``boxes`` already sorted by descending score;
-    with ``labels``, only boxes of the same label suppress each other."""
+def _greedy_keep(boxes: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Keep mask (N,) of the greedy pass over ``boxes`` already sorted by descending score."""
     num_boxes = boxes.shape[0]
     keep = torch.zeros(num_boxes, dtype=torch.bool)
     kept_boxes = boxes.new_zeros((0, 4))
-    kept_labels = labels.new_zeros((0,)) if labels is not None else None
     for start in range(0, num_boxes, BLOCK_SIZE):
         block = boxes[start : start + BLOCK_SIZE]
-        block_labels = labels[start : start + BLOCK_SIZE] if labels is not None else None
         alive = torch.ones(block.shape[0], dtype=torch.bool, device=boxes.device)
         # 1. Boxes kept in earlier blocks remove what they overlap in this one.
         for chunk_start in range(0, kept_boxes.shape[0], ROW_CHUNK):
-            chunk = slice(chunk_start, chunk_start + ROW_CHUNK)
-            suppressed = _overlaps(kept_boxes[chunk], block, iou_threshold)
-            if labels is not None:
-                suppressed &= kept_labels[chunk, None] == block_labels[None, :]
-            alive &= ~suppressed.any(dim=0)
+            chunk = kept_boxes[chunk_start : chunk_start + ROW_CHUNK]
+            alive &= ~_overlaps(chunk, block, iou_threshold).any(dim=0)
         # 2. Greedy pass inside the block, over the survivors only.
         survivors = alive.nonzero().squeeze(1)
         candidates = block[survivors]
-        candidate_labels = block_labels[survivors] if labels is not None else None
-        suppresses = torch.cat([
-            _overlaps(candidates[row : row + ROW_CHUNK], candidates, iou_threshold)
-            for row in range(0, len(candidates), ROW_CHUNK)
-        ]) if len(candidates) else candidates.new_zeros((0, 0), dtype=torch.bool)
-        if labels is not None:
-            suppresses &= candidate_labels[:, None] == candidate_labels[None, :]
+        suppresses = torch.zeros(
+            (len(candidates), len(candidates)), dtype=torch.bool, device=boxes.device
+        )
+        for row in range(0, len(candidates), ROW_CHUNK):
+            rows = slice(row, row + ROW_CHUNK)
+            suppresses[rows] = _overlaps(candidates[rows], candidates, iou_threshold)
         # Only a higher-scored box suppresses a lower one: keep the strict upper triangle.
         allowed = (~suppresses.triu_(diagonal=1)).cpu().numpy()
         block_keep = np.ones(len(survivors), dtype=bool)
@@ -85,8 +77,6 @@ def _greedy_keep(
         kept = survivors[torch.from_numpy(block_keep).to(boxes.device)]
         keep[start + kept.cpu()] = True
         kept_boxes = torch.cat((kept_boxes, block[kept]))
-        if labels is not None:
-            kept_labels = torch.cat((kept_labels, block_labels[kept]))
     return keep.to(boxes.device)
 
 
@@ -103,15 +93,24 @@ def _check_inputs(boxes: torch.Tensor, scores: torch.Tensor) -> None:
 def _nms(
     boxes: torch.Tensor,
     scores: torch.Tensor,
-    labels: Optional[torch.Tensor],
+    groups: Optional[torch.Tensor],
     iou_threshold: float,
 ) -> torch.Tensor:
     _check_inputs(boxes, scores)
     if boxes.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True).indices
-    sorted_labels = labels[order] if labels is not None else None
-    keep = _greedy_keep(as_float(boxes.detach())[order], sorted_labels, float(iou_threshold))
+    sorted_boxes = as_float(boxes.detach())[order]
+    if groups is None:
+        return order[_greedy_keep(sorted_boxes, float(iou_threshold))]
+    # Per group: positions (in score order) of each group's boxes, found with one stable sort
+    # by group, so every group's boxes stay in score order.
+    sorted_groups = groups[order]
+    by_group = torch.sort(sorted_groups, stable=True).indices
+    counts = torch.unique_consecutive(sorted_groups[by_group], return_counts=True)[1]
+    keep = torch.zeros(len(order), dtype=torch.bool, device=boxes.device)
+    for members in torch.split(by_group, counts.tolist()):
+        keep[members[_greedy_keep(sorted_boxes[members], float(iou_threshold))]] = True
     return order[keep]
 
 
@@ -135,9 +134,10 @@ def batched_nms(
     """NMS done independently per category (or image, or any grouping) in ``idxs``; equal to
     ``torchvision.ops.batched_nms``.
 
-    Boxes of different groups never suppress each other. Instead of shifting each group's boxes
-    apart (which rounds float32 coordinates) or looping over groups, the overlap matrices are
-    masked with "same group", so the result is exactly per-group NMS.
+    Boxes of different groups never suppress each other. The greedy pass runs on each group's
+    boxes alone (a loop over groups, each pass vectorised) rather than on boxes shifted apart by
+    group, which would round float32 coordinates: the result is exactly per-group NMS, and
+    boxes of other groups cost nothing.
 
     Args:
         boxes: (N, 4) in (x1, y1, x2, y2).

@@ -19,6 +19,7 @@ their sampling grid (the adaptive grid differs between RoIs) and chunked to boun
 Gradients flow to the features through the gather (autograd); RoIs get none, as in torchvision.
 """
 
+from dataclasses import dataclass
 from typing import List, Sequence, Tuple, Union
 
 import torch
@@ -91,69 +92,105 @@ def _sample_positions(
     return bin_starts + offsets[None, None, :] * bin_size[:, None, None] / grid
 
 
-def _align_chunk(
-    features: torch.Tensor,
-    batch_index: torch.Tensor,
-    row_taps: Tuple[torch.Tensor, torch.Tensor],
-    col_taps: Tuple[torch.Tensor, torch.Tensor],
-) -> torch.Tensor:
-    """Bins (k, p, q, C) for k RoIs from channels-last ``features`` (N, H, W, C), given the row
-    taps (k, p, grid_h, 2) and column taps (k, q, grid_w, 2) (indices and weights)."""
-    rows, row_weights = row_taps
-    cols, col_weights = col_taps
-    k, p, grid_h, _ = rows.shape
-    q, grid_w = cols.shape[1], cols.shape[2]
-    channels = features.shape[-1]
-    num_images, height, width = features.shape[:3]
-    # Rows of the (N * H * W, C) table: index_select copies whole channel vectors, several times
-    # faster than advanced indexing with three broadcast index tensors.
-    cells = (batch_index[:, None, None] * height + rows.reshape(k, -1, 1)) * width + cols.reshape(k, 1, -1)
-    values = features.reshape(num_images * height * width, channels).index_select(0, cells.reshape(-1))
-    # (k, p * grid_h * 2, q * grid_w * 2, C)
-    # Rows: weight the 2 * grid_h tap rows of each output row and sum them.
-    values = values.reshape(k, p, grid_h * 2, q * grid_w * 2 * channels)
-    values = torch.matmul(row_weights.reshape(k, p, 1, grid_h * 2), values)
-    # Columns: the same for the 2 * grid_w tap columns of each output column.
-    values = values.reshape(k, p, q, grid_w * 2, channels)
-    values = torch.matmul(col_weights.reshape(k, 1, q, 1, grid_w * 2), values)
-    return values.reshape(k, p, q, channels) / (grid_h * grid_w)
+@dataclass
+class _Step:
+    """One memory-bounded piece of work: some RoIs of one sampling grid, some output rows."""
+
+    rois: torch.Tensor  # (k,) positions in the RoI list
+    out_rows: slice  # output rows of those RoIs computed here
+    batch_index: torch.Tensor  # (k,) image of each RoI
+    rows: torch.Tensor  # (k, p, 2 * grid_h) feature rows read for each output row
+    row_weights: torch.Tensor  # (k, p, 2 * grid_h) their weights (0 for samples off the map)
+    cols: torch.Tensor  # (k, q, 2 * grid_w) feature columns read for each output column
+    col_weights: torch.Tensor  # (k, q, 2 * grid_w)
+    count: int  # samples per bin, grid_h * grid_w: the average's denominator
+
+    def cells(self, height: int, width: int) -> torch.Tensor:
+        """(k * p * 2 * grid_h * q * 2 * grid_w,) rows of the (N * H * W, C) feature table."""
+        k = self.rows.shape[0]
+        row_index = self.batch_index[:, None, None] * height + self.rows.reshape(k, -1, 1)
+        return (row_index * width + self.cols.reshape(k, 1, -1)).reshape(-1)
 
 
-def _align_group(
-    features: torch.Tensor,
-    batch_index: torch.Tensor,
+def _plan(
     y_samples: torch.Tensor,
     x_samples: torch.Tensor,
-) -> torch.Tensor:
-    """Bins (K, p, q, C) for RoIs that share one sampling grid, in memory-bounded steps over RoIs
-    (and, for RoIs with a huge grid, over output rows)."""
-    height, width, channels = features.shape[1:]
+    members: torch.Tensor,
+    batch_index: torch.Tensor,
+    height: int,
+    width: int,
+    channels: int,
+) -> List[_Step]:
+    """Steps for the RoIs ``members`` that share one sampling grid, with sample coordinates
+    (K, p, grid_h) and (K, q, grid_w): as many RoIs per step as the gather budget allows, or, for
+    RoIs with a huge grid, one RoI and a few output rows per step."""
     num_rois, out_h, grid_h = y_samples.shape
     out_w, grid_w = x_samples.shape[1:]
-    row_taps = _bilinear_taps(y_samples, height)
-    col_taps = _bilinear_taps(x_samples, width)
+    rows, row_weights = (
+        taps.reshape(num_rois, out_h, 2 * grid_h) for taps in _bilinear_taps(y_samples, height)
+    )
+    cols, col_weights = (
+        taps.reshape(num_rois, out_w, 2 * grid_w) for taps in _bilinear_taps(x_samples, width)
+    )
     per_output_row = (2 * grid_h) * (out_w * 2 * grid_w) * channels
     rows_per_step = max(1, min(out_h, GATHER_BUDGET // per_output_row))
     if rows_per_step == out_h:  # whole RoIs fit: take as many as the budget allows
         rois_per_step = max(1, GATHER_BUDGET // (per_output_row * out_h))
     else:  # one RoI at a time, a few output rows per step
         rois_per_step = 1
-    results = []
+    steps = []
     for first in range(0, num_rois, rois_per_step):
-        rois = slice(first, first + rois_per_step)
-        row_parts = []
+        some = slice(first, first + rois_per_step)
         for first_row in range(0, out_h, rows_per_step):
             out_rows = slice(first_row, first_row + rows_per_step)
-            row_parts.append(
-                _align_chunk(
-                    features,
-                    batch_index[rois],
-                    (row_taps[0][rois, out_rows], row_taps[1][rois, out_rows]),
-                    (col_taps[0][rois], col_taps[1][rois]),
-                )
-            )
-        results.append(torch.cat(row_parts, dim=1))
-    return torch.cat(results)
+            steps.append(_Step(
+                rois=members[some], out_rows=out_rows, batch_index=batch_index[some],
+                rows=rows[some, out_rows], row_weights=row_weights[some, out_rows],
+                cols=cols[some], col_weights=col_weights[some], count=grid_h * grid_w,
+            ))
+    return steps
+
+
+class _RoIAlignFunction(torch.autograd.Function):
+    """Bins (K, p, q, C) from a channels-last feature table (N * H * W, C), step by step.
+
+    Forward, per step: gather the tap rows x tap columns x channels values, then two batched
+    matmuls weight and sum the row taps and the column taps of each bin. Backward runs the same
+    steps in reverse into one gradient table (autograd through the gather would allocate a
+    full-size gradient per step)."""
+
+    @staticmethod
+    def forward(ctx, table, steps, image_size, output_shape):
+        height, width = image_size
+        num_rois, out_h, out_w, channels = output_shape
+        bins = table.new_zeros(output_shape)
+        for step in steps:
+            k, p, taps_h = step.rows.shape
+            taps_w = step.cols.shape[2]
+            values = table.index_select(0, step.cells(height, width))  # contiguous channel rows
+            values = values.reshape(k, p, taps_h, out_w * taps_w * channels)
+            values = torch.matmul(step.row_weights.reshape(k, p, 1, taps_h), values)
+            values = values.reshape(k, p, out_w, taps_w, channels)
+            values = torch.matmul(step.col_weights.reshape(k, 1, out_w, 1, taps_w), values)
+            bins[step.rois, step.out_rows] = values.reshape(k, p, out_w, channels) / step.count
+        ctx.steps, ctx.image_size, ctx.table_shape = steps, image_size, table.shape
+        return bins
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_bins):
+        height, width = ctx.image_size
+        channels = ctx.table_shape[1]
+        grad_table = grad_bins.new_zeros(ctx.table_shape)
+        for step in ctx.steps:
+            k, p, taps_h = step.rows.shape
+            out_w, taps_w = step.cols.shape[1:]
+            grad = grad_bins[step.rois, step.out_rows] / step.count  # (k, p, q, C)
+            # Spread each bin's gradient over its column taps, then over its row taps.
+            grad = step.col_weights.reshape(k, 1, out_w, taps_w, 1) * grad[..., None, :]
+            grad = step.row_weights.reshape(k, p, taps_h, 1) * grad.reshape(k, p, 1, -1)
+            grad_table.index_add_(0, step.cells(height, width), grad.reshape(-1, channels))
+        return grad_table, None, None, None
 
 
 def roi_align(
@@ -190,8 +227,6 @@ def roi_align(
         return input.new_zeros((num_rois, channels, out_h, out_w))
     with autocast_off(input.device.type):
         features = as_float(input)
-        # Channels-last so that the gather reads contiguous channel vectors.
-        features = features.permute(0, 2, 3, 1).contiguous()
         rois = rois.detach().to(features.dtype)
         offset = 0.5 if aligned else 0.0
         start_x = rois[:, 1] * spatial_scale - offset
@@ -205,25 +240,24 @@ def roi_align(
             grids = torch.full((num_rois, 2), sampling_ratio, dtype=torch.long, device=rois.device)
         else:
             grids = torch.stack((torch.ceil(roi_h / out_h), torch.ceil(roi_w / out_w)), dim=1)
-            grids = torch.nan_to_num(grids, nan=0.0).long()
+            grids = torch.nan_to_num(grids, nan=0.0, posinf=0.0, neginf=0.0).long()
         batch_index = rois[:, 0].long()
 
         group_grids, group_of_roi = torch.unique(grids, dim=0, return_inverse=True)
-        members_per_group: List[torch.Tensor] = []
-        bins_per_group: List[torch.Tensor] = []
+        steps: List[_Step] = []
         for group, (grid_h, grid_w) in enumerate(group_grids.tolist()):
-            members = (group_of_roi == group).nonzero().squeeze(1)
-            members_per_group.append(members)
             if grid_h <= 0 or grid_w <= 0:
-                # An empty sampling grid (an inverted RoI with adaptive sampling) averages nothing.
-                bins_per_group.append(features.new_zeros((len(members), out_h, out_w, channels)))
+                # An empty sampling grid (an inverted RoI with adaptive sampling) averages
+                # nothing: its bins stay 0.
                 continue
+            members = (group_of_roi == group).nonzero().squeeze(1)
             y_samples = _sample_positions(start_y[members], bin_h[members], out_h, grid_h)
             x_samples = _sample_positions(start_x[members], bin_w[members], out_w, grid_w)
-            bins_per_group.append(
-                _align_group(features, batch_index[members], y_samples, x_samples)
-            )
-        bins = torch.cat(bins_per_group)
-        # Back to the input order of the RoIs.
-        bins = bins[torch.argsort(torch.cat(members_per_group))]
+            steps += _plan(y_samples, x_samples, members, batch_index[members], height, width,
+                           channels)
+        # Channels-last, one row per feature cell: the gather reads whole channel vectors.
+        table = features.permute(0, 2, 3, 1).reshape(-1, channels)
+        bins = _RoIAlignFunction.apply(
+            table, steps, (height, width), (num_rois, out_h, out_w, channels)
+        )
         return bins.permute(0, 3, 1, 2).contiguous().to(input.dtype)
