@@ -175,6 +175,9 @@ def test_selected_frames_equal_a_full_decode(dataset_root):
     assert probe_video(path).num_frames == len(everything) == 20
     for selection in ([0], [19], [7, 8, 9], [13, 2, 2, 18], list(range(20)), [6], [5, 6, 12, 17]):
         assert np.array_equal(read_video_frames(path, selection), everything[selection]), selection
+    # A container without timestamps is read from the start, counting frames.
+    no_pts = video_io.VideoIndex(path=path, pts=None, num_frames=20, fps=8.0)
+    assert np.array_equal(read_video_frames(path, [13, 2, 2, 18], index=no_pts), everything[[13, 2, 2, 18]])
 
 
 def test_reading_the_end_seeks_instead_of_decoding_everything(dataset_root, monkeypatch):
