@@ -111,10 +111,10 @@ def _build_index(path: str) -> VideoIndex:
             for packet in container.demux(stream):
                 if packet.size == 0:  # the demuxer's final flush packet
                     continue
-                stamp = packet.pts if packet.pts is not None else packet.dts
-                if stamp is None:
-                    missing_pts = True
-                stamps.append(stamp)
+                # Without presentation timestamps (some AVI files), decode order is not display
+                # order and decoded frames carry none either: such videos are read by counting.
+                missing_pts = missing_pts or packet.pts is None
+                stamps.append(packet.pts)
         except av.FFmpegError as e:
             raise DataError(f"cannot read video {path} (corrupt or truncated?): {e}") from e
     if not stamps:
