@@ -282,6 +282,11 @@ def train_pipeline(clip_len=8, **sampler):
     ]
 
 
+def torch_equal(a, b):
+    return bool((a["inputs"] == b["inputs"]).all()) and np.array_equal(
+        a["data_samples"].frame_inds, b["data_samples"].frame_inds)
+
+
 def test_video_list_dataset_end_to_end(dataset_root):
     ds = DATASETS.build(dict(type="VideoListDataset", data_root=dataset_root, ann_file="train.txt",
                              num_classes=4, pipeline=train_pipeline()))
@@ -292,6 +297,12 @@ def test_video_list_dataset_end_to_end(dataset_root):
     item = ds[5]
     assert item["inputs"].shape == (3, 8, 24, 24) and item["inputs"].dtype.__str__() == "torch.uint8"
     assert item["data_samples"].gt_label.tolist() == [2] and item["data_samples"].num_views == 1
+    # Seeded: the same seed gives the same frames and crop, another seed other ones.
+    from vitasks.data.seeding import SeededIndex
+
+    first = ds[SeededIndex(5, seed=11)]
+    assert torch_equal(first, ds[SeededIndex(5, seed=11)])
+    assert not all(torch_equal(first, ds[SeededIndex(5, seed=s)]) for s in (12, 13))
 
     test = VideoListDataset(dataset_root, ann_file="val.txt", test_mode=True, pipeline=[
         dict(type="SampleFrames", clip_len=4, frame_interval=2, num_clips=2, test_mode=True),

@@ -301,7 +301,8 @@ class VideoAlbu(BaseTransform):
 
     def transform(self, results: dict) -> dict:
         _reseed(self._compose, sample_rng(results))
-        imgs = self._compose(images=results["imgs"])["images"]
+        # The `images` target (albumentations >= 1.4.12): one set of parameters for all frames.
+        imgs = np.asarray(self._compose(images=results["imgs"])["images"])
         if imgs.dtype != np.uint8:
             imgs = np.clip(np.rint(imgs), 0, 255).astype(np.uint8)
         results["imgs"] = np.ascontiguousarray(imgs)
