@@ -68,6 +68,19 @@ def test_mean_class_accuracy_differs_from_top1_on_imbalance():
     assert metric.evaluate(10) == {"acc/top1": 80.0, "acc/mean1": 50.0}
 
 
+def test_tied_scores_count_alike_in_top1_and_mean1():
+    # An untrained model scores every class alike: whichever class is taken as the top one, the
+    # two metrics must agree on it (top1 > 0 exactly when that class occurs).
+    labels = torch.tensor([0, 0, 1])
+    scores = torch.full((3, 4), 0.25)
+    metric = VideoAccuracy(topk=(1,))
+    metric.process({}, make_samples(scores, labels))
+    result = metric.evaluate(3)
+    top = int(scores.topk(1, dim=1).indices[0, 0])
+    assert result == {"acc/top1": pytest.approx(100.0 * int((labels == top).sum()) / 3),
+                      "acc/mean1": 50.0 if top in (0, 1) else 0.0}
+
+
 def test_metric_arguments_and_inputs():
     with pytest.raises(ConfigError, match="topk"):
         VideoAccuracy(topk=(0,))

@@ -22,8 +22,11 @@ __all__ = ["VideoAccuracy", "VideoPredictionDumper", "mean_class_accuracy"]
 
 def mean_class_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean over the classes present in ``labels`` of the percent of their videos whose top
-    score is the label (classes without videos are left out, as mmaction2 does)."""
-    pred = scores.argmax(dim=1)
+    score is the label (classes without videos are left out, as mmaction2 does).
+
+    The top class is taken as top-1 accuracy takes it (``topk``), so that tied scores (an
+    untrained model) count the same way in both."""
+    pred = scores.topk(1, dim=1).indices[:, 0]
     classes = labels.unique()
     recalls = [(pred[labels == c] == c).double().mean() for c in classes]
     return float(torch.stack(recalls).mean()) * 100.0
