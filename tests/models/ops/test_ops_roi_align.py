@@ -87,15 +87,24 @@ def test_roi_align_equals_brute_force(aligned, sampling_ratio):
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_roi_align_memory_chunks_do_not_change_the_result(monkeypatch):
+def test_roi_align_memory_steps_do_not_change_the_result_or_gradient(monkeypatch):
     features = torch.randn(2, 4, 12, 10)
     rois = random_rois(25, 2, 12, 10, seed=3)
-    whole = roi_align(features, rois, 4, 0.5, 0, True)
-    # A budget below one RoI's output row forces steps of one RoI and one output row.
-    monkeypatch.setattr(roi_align_module, "GATHER_BUDGET", 50)
-    torch.testing.assert_close(roi_align(features, rois, 4, 0.5, 0, True), whole)
-    monkeypatch.setattr(roi_align_module, "GATHER_BUDGET", 2000)
-    torch.testing.assert_close(roi_align(features, rois, 4, 0.5, 0, True), whole)
+    projection = torch.randn(25, 4, 4, 4)
+
+    def output_and_gradient():
+        leaf = features.clone().requires_grad_(True)
+        out = roi_align(leaf, rois, 4, 0.5, 0, True)
+        (out * projection).sum().backward()
+        return out.detach(), leaf.grad
+
+    whole, whole_grad = output_and_gradient()
+    # 50: below one RoI's output row, steps of one RoI and one output row; 2000: a few RoIs.
+    for budget in (50, 2000):
+        monkeypatch.setattr(roi_align_module, "GATHER_BUDGET", budget)
+        out, grad = output_and_gradient()
+        torch.testing.assert_close(out, whole)
+        torch.testing.assert_close(grad, whole_grad)
 
 
 def test_roi_align_box_list_input_and_empty_rois():
