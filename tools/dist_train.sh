@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Distributed data parallel training on one machine (or one node of several):
+# Data-parallel training on one machine (or one node of several): DDP, or FSDP with
+# `strategy: fsdp` in the config (see README "Several processes and machines"):
 #
 #   tools/dist_train.sh CONFIG NPROC [train.py arguments...]
 #
