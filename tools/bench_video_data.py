@@ -13,7 +13,6 @@ import os
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 
@@ -66,5 +65,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=3)
     main()

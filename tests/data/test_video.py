@@ -3,9 +3,9 @@ the needed frames, clip transforms that treat every frame alike, the list datase
 errors, and the generated motion dataset."""
 
 import json
-import logging
 import os
 
+import cv2
 import numpy as np
 import pytest
 
@@ -13,6 +13,7 @@ av = pytest.importorskip("av")
 
 import vitasks.data  # noqa: E402,F401  (registers)
 from vitasks.data import video_io  # noqa: E402
+from vitasks.data.seeding import SeededIndex  # noqa: E402
 from vitasks.data.synthetic.video import DIRECTIONS, make_video_dataset, render_clip, write_mp4  # noqa: E402
 from vitasks.data.video import RawFrameDataset, VideoListDataset  # noqa: E402
 from vitasks.data.video_io import probe_video, read_video_frames  # noqa: E402
@@ -298,8 +299,6 @@ def test_video_list_dataset_end_to_end(dataset_root):
     assert item["inputs"].shape == (3, 8, 24, 24) and item["inputs"].dtype.__str__() == "torch.uint8"
     assert item["data_samples"].gt_label.tolist() == [2] and item["data_samples"].num_views == 1
     # Seeded: the same seed gives the same frames and crop, another seed other ones.
-    from vitasks.data.seeding import SeededIndex
-
     first = ds[SeededIndex(5, seed=11)]
     assert torch_equal(first, ds[SeededIndex(5, seed=11)])
     assert not all(torch_equal(first, ds[SeededIndex(5, seed=s)]) for s in (12, 13))
@@ -316,8 +315,6 @@ def test_video_list_dataset_end_to_end(dataset_root):
     # The decoded frames are the sampled ones: view 0 (first crop of the first clip) is frames
     # 0, 2, 4, 6 of the video; 32 px frames resized to 28 px and cropped to 28 px whole.
     frames = full_decode(os.path.join(dataset_root, "val", "down", "down_0000.mp4"))
-    import cv2
-
     expected = np.stack([cv2.resize(f, (28, 28), interpolation=cv2.INTER_AREA) for f in frames[[0, 2, 4, 6]]])
     got = item["inputs"][0].permute(1, 2, 3, 0).numpy()
     assert np.array_equal(got, expected)
@@ -417,18 +414,24 @@ def test_bad_videos_are_named(tmp_path, dataset_root):
     assert np.array_equal(read_video_frames(os.path.join(root, "faststart_full.mp4"), range(20)), good)
 
 
-def test_bad_videos_skipped_in_training_when_configured(tmp_path, dataset_root, caplog):
+def test_bad_videos_skipped_in_training_when_configured(tmp_path, dataset_root, monkeypatch):
+    import vitasks.data.imagenet as imagenet
+
+    warnings = []
+    monkeypatch.setattr(imagenet, "print_log", lambda msg, **kwargs: warnings.append(msg))
     root = str(tmp_path)
     bad_videos(root, dataset_root)
     ds = VideoListDataset(root, pipeline=train_pipeline(clip_len=2), skip_bad_samples=True)
-    with caplog.at_level(logging.WARNING):
-        from vitasks.data.seeding import SeededIndex
-
-        item = ds[SeededIndex(4, seed=1)]  # the cut-off file: another (good) sample comes back
+    item = ds[SeededIndex(4, seed=1)]  # the cut-off file: another (good) sample comes back
     assert item["data_samples"].filename.endswith("good.mp4")
+    assert any("skipping a bad sample" in w and "faststart_cut.mp4" in w for w in warnings)
     strict = VideoListDataset(root, pipeline=train_pipeline(clip_len=2))
     with pytest.raises(DataError, match="skip_bad_samples"):
         strict[3]
+    # Evaluation never skips (it would change the metric's denominator).
+    evaluation = VideoListDataset(root, pipeline=train_pipeline(clip_len=2), skip_bad_samples=True, test_mode=True)
+    with pytest.raises(DataError, match=r"garbage\.mp4.*training only"):
+        evaluation[2]
 
 
 def test_too_short_video_under_a_sampler_that_cannot_loop(dataset_root):
@@ -544,8 +547,6 @@ def test_write_mp4_checks_sides(tmp_path):
 
 def test_missing_pyav_is_a_clear_config_error_never_skipped(dataset_root, monkeypatch):
     import sys
-
-    from vitasks.data.seeding import SeededIndex
 
     ds = VideoListDataset(dataset_root, pipeline=train_pipeline(clip_len=2), skip_bad_samples=True)
     monkeypatch.setattr(video_io, "_index_cache", type(video_io._index_cache)())
