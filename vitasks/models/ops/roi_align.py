@@ -2,21 +2,24 @@
 
 The definition (Mask R-CNN's, as torchvision and detectron2 implement it). A RoI
 (x1, y1, x2, y2) is scaled by ``spatial_scale`` and, when ``aligned``, shifted by -0.5 cell: cell
-i spans [i, i + 1) in box coordinates but is sampled at index i, so its centre i + 0.5 must map to
-i. Without ``aligned`` the RoI's width and height are raised to at least 1 cell. It is cut into ``output_size`` bins; each bin averages ``grid_h x grid_w`` bilinear samples
-placed at the centres of a regular sub-grid, where the grid is ``sampling_ratio`` per side, or,
-when ``sampling_ratio <= 0``, ``ceil(roi_height / output_height)`` by
-``ceil(roi_width / output_width)`` (one sample per feature cell, at least). A sample further than
-one cell outside the feature map contributes 0 (it still counts in the average); one within that
-margin is clamped onto the border.
+i spans [i, i + 1) in box coordinates but is sampled at index i, so its centre i + 0.5 must map
+to i. Without ``aligned`` the RoI's width and height are raised to at least 1 cell. The RoI is
+cut into ``output_size`` bins; each bin averages ``grid_h x grid_w`` bilinear samples placed at
+the centres of a regular sub-grid, where the grid is ``sampling_ratio`` per side, or, when
+``sampling_ratio <= 0``, ``ceil(roi_height / output_height)`` by ``ceil(roi_width / output_width)``
+(one sample per feature cell, at least). A sample further than one cell outside the feature map
+contributes 0 (it still counts in the average); one within that margin is clamped onto the
+border.
 
 How it is vectorised: bilinear weights are separable, ``w(y, x) = w_y(y) * w_x(x)``, and so is the
 validity test, so each RoI needs only the two neighbouring rows of each sample row and the two
-neighbouring columns of each sample column. One gather fetches those (rows x columns x channels)
-values for a chunk of RoIs from a channels-last copy of the feature map, and two small batched
-matmuls apply the row and column weights and sum the samples of each bin. RoIs are grouped by
-their sampling grid (the adaptive grid differs between RoIs) and chunked to bound memory.
-Gradients flow to the features through the gather (autograd); RoIs get none, as in torchvision.
+neighbouring columns of each sample column. One gather (``index_select`` on a channels-last
+table of the feature map) fetches those rows x columns x channels values for a step of RoIs, and
+two small batched matmuls apply the row and column weights and sum the samples of each bin. RoIs
+are grouped by their sampling grid (the adaptive grid differs between RoIs) and taken in steps
+that bound memory. The backward runs the same steps in reverse (weights spread each bin's
+gradient over its taps, ``index_add_`` puts them back into one gradient table); RoIs get no
+gradient, as in torchvision.
 """
 
 from dataclasses import dataclass
