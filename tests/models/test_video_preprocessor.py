@@ -66,7 +66,8 @@ def test_batch_augments_mix_whole_clips_and_make_soft_targets():
         score = sample.gt_score
         assert score.shape == (4,) and score.sum().item() == pytest.approx(1.0)
         lam = float(score[i])  # 1 when the permutation left the clip with itself
-        others = [j for j in range(4) if torch.allclose(out["inputs"][i], lam * plain[i] + (1 - lam) * plain[j], atol=1e-4)]
+        others = [j for j in range(4)
+                  if torch.allclose(out["inputs"][i], lam * plain[i] + (1 - lam) * plain[j], atol=1e-4)]
         assert others, f"sample {i} is not a mix of itself and another clip"
     # Not in evaluation.
     evaluated = pre({"inputs": inputs, "data_samples": labelled(4)}, training=False)

@@ -79,8 +79,8 @@ def _name(results: dict) -> str:
 
 @TRANSFORMS.register_module()
 class SampleFrames(BaseTransform):
-    """mmaction2's ``SampleFrames``: ``num_clips`` clips of ``clip_len`` frames taken every
-    ``frame_interval`` frames.
+    """mmaction2's ``SampleFrames`` (1.x definitions): ``num_clips`` clips of ``clip_len`` frames
+    taken every ``frame_interval`` frames.
 
     Clip start offsets, with ``span = clip_len x frame_interval`` and ``N = num_clips``:
 
@@ -94,7 +94,7 @@ class SampleFrames(BaseTransform):
       for ``N = 1``); for single-frame clips (TSN-style) the centres of ``N`` equal segments.
 
     Indices past the end are handled by ``out_of_bound_opt``: ``loop`` wraps around (modulo
-    the length), ``repeat_last`` repeats the clip's last frame, ``error`` raises a DataError
+    the length), ``repeat_last`` repeats the clip's last frame inside the video, ``error`` raises a DataError
     naming the video (for a recipe that must never see a short clip).
 
     Args:

@@ -45,7 +45,9 @@ class VideoAccuracy(BaseMetric):
 
     default_prefix: Optional[str] = "acc"
 
-    def __init__(self, topk: Sequence[int] = (1, 5), prefix: Optional[str] = None, collect_device: str = "cpu") -> None:
+    def __init__(
+        self, topk: Sequence[int] = (1, 5), prefix: Optional[str] = None, collect_device: str = "cpu"
+    ) -> None:
         super().__init__(collect_device=collect_device, prefix=prefix)
         topk = (topk,) if isinstance(topk, int) else tuple(topk)
         if not topk or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in topk):
