@@ -1,4 +1,4 @@
-"""Write a small generated dataset in a standard layout: ``python tools/make_synthetic.py {cls,seg} OUT``."""
+"""Write a small generated dataset in a standard layout: ``python tools/make_synthetic.py {cls,seg,det,video} OUT``."""
 import sys
 
 from vitasks.data.synthetic import main

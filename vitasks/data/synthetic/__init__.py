@@ -11,6 +11,8 @@ import importlib
 KINDS = {
     "cls": ("vitasks.data.synthetic.cls", "make_cls_dataset"),
     "seg": ("vitasks.data.synthetic.seg", "make_seg_dataset"),
+    "det": ("vitasks.data.synthetic.det", "make_det_dataset"),
+    "video": ("vitasks.data.synthetic.video", "make_video_dataset"),
 }
 
 
