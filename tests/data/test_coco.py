@@ -48,7 +48,8 @@ def write_coco(root, annotations=None, categories=None, images=None, name="insta
     """A hand-made COCO file: categories 3, 10, 7 (file order unsorted); image 5 (30x40) with a
     polygon object, an RLE ring, a crowd region, a zero-width and a negative-height box; image 2
     (32x32) with one object; image 9 with none; image 11 with only a crowd region."""
-    categories = categories or [{"id": 10, "name": "ten"}, {"id": 3, "name": "three"}, {"id": 7, "name": "seven"}]
+    categories = categories or [
+        {"id": 10, "name": "ten"}, {"id": 3, "name": "three"}, {"id": 7, "name": "seven"}]
     images = images or [
         {"id": 5, "file_name": "five.png", "height": 30, "width": 40},
         {"id": 2, "file_name": "sub/two.png", "height": 32, "width": 32},
@@ -110,7 +111,8 @@ def test_non_contiguous_category_ids_map_to_sorted_labels(coco_root):
     ds = val_dataset(coco_root, num_classes=3, test_mode=True)
     assert ds.metainfo["cat_ids"] == (3, 7, 10)
     assert ds.metainfo["classes"] == ("three", "seven", "ten")
-    assert ds.metainfo["ann_file"] == os.path.abspath(os.path.join(coco_root, "annotations/instances_val2017.json"))
+    ann_file = os.path.join(coco_root, "annotations/instances_val2017.json")
+    assert ds.metainfo["ann_file"] == os.path.abspath(ann_file)
     by_id = {ds.get_data_info(i)["img_id"]: ds.get_data_info(i) for i in range(len(ds))}
     labels = {inst["ann_id"]: inst["bbox_label"] for inst in by_id[5]["instances"]}
     # category 10 -> label 2, 3 -> 0, 7 -> 1; and back through cat_ids.
@@ -121,8 +123,8 @@ def test_non_contiguous_category_ids_map_to_sorted_labels(coco_root):
 
 
 def test_registered_and_built_from_config(coco_root):
-    ds = DATASETS.build(dict(type="CocoDataset", data_root=coco_root, ann_file="annotations/instances_val2017.json",
-                             img_dir="val2017", test_mode=True))
+    ds = DATASETS.build(dict(type="CocoDataset", data_root=coco_root, img_dir="val2017", test_mode=True,
+                             ann_file="annotations/instances_val2017.json"))
     assert isinstance(ds, CocoDataset) and len(ds) == 4
 
 
@@ -230,29 +232,65 @@ def test_image_size_differing_from_annotation_is_named(tmp_path):
 
 def test_synthetic_det_dataset(tmp_path):
     root = str(tmp_path / "det")
-    summary = make_det_dataset(root, seed=1, num_train=8, num_val=3, img_size=64, num_classes=4, empty_prob=0.3)
-    assert summary["cat_ids"] == [1, 3, 5, 7]
+    make_det_dataset(root, seed=1, num_train=8, num_val=3, img_size=64, num_classes=4, empty_prob=0.3)
     api = COCO(os.path.join(root, "annotations", "instances_train2017.json"))
-    assert sorted(api.cats) == [1, 3, 5, 7]
-    kinds = {type(a["segmentation"]).__name__ for a in api.anns.values()}
-    rings = [a for a in api.anns.values() if a["category_id"] == 7]
-    assert all(isinstance(a["segmentation"], dict) for a in rings) and "list" in kinds
+    assert sorted(api.cats) == [1, 3, 5, 7]  # not contiguous
+    assert [api.cats[c]["name"] for c in (1, 3, 5, 7)] == ["disc", "ring", "triangle", "square"]
+    rings = [a for a in api.anns.values() if a["category_id"] == 3]
+    assert all(isinstance(a["segmentation"], dict) for a in rings)  # a hole: RLE
+    assert any(isinstance(a["segmentation"], list) for a in api.anns.values())
     for ann in api.anns.values():
         mask = api.annToMask(ann).astype(bool)
-        # area is the rasterised mask's; bbox covers it (polygon extent, to a pixel)
+        # area is the rasterised mask's; the mask lies in the bbox and nearly fills it (a
+        # polygon's sharp tip may hold less than a pixel)
         assert ann["area"] == mask.sum() > 0
         ys, xs = np.nonzero(mask)
         x, y, w, h = ann["bbox"]
-        assert x - 1 <= xs.min() and xs.max() + 1 <= x + w + 1 and y - 1 <= ys.min() and ys.max() + 1 <= y + h + 1
-        # the object is drawn where its mask is: its pixels differ from those just outside it
+        extent = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        box = np.array([x, y, x + w, y + h])
+        assert (extent[:2] >= box[:2] - 0.5).all() and (extent[2:] <= box[2:] + 0.5).all()
+        np.testing.assert_allclose(extent, box, atol=1.5)
+        # the object is drawn where its mask is: its pixels differ from those just around it
         img = cv2.imread(os.path.join(root, "train2017", api.imgs[ann["image_id"]]["file_name"]))
         around = cv2.dilate(mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool) & ~mask
         inner = cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
         if inner.sum() > 5:
-            assert np.abs(img[inner].mean(0) - img[around].mean(0)).max() > 20
+            assert np.abs(img[inner].mean(0).astype(float) - img[around].mean(0)).max() > 20
     train = CocoDataset(data_root=root, num_classes=4, pipeline=TEST_PIPELINE)
     val = CocoDataset(data_root=root, ann_file="annotations/instances_val2017.json", img_dir="val2017",
                       num_classes=4, test_mode=True)
-    assert len(val) == 3 and len(train) == summary["train"][0] - train.load_stats[
-        "images without objects (skipped in training)"]
-    assert train.metainfo["classes"] == ("circle", "square", "triangle", "ring")
+    with_objects = {a["image_id"] for a in api.anns.values()}
+    assert len(val) == 3 and len(train) == len(with_objects) < 8  # empty images skipped in training
+    # The same arguments write the same files.
+    again = str(tmp_path / "again")
+    make_det_dataset(again, seed=1, num_train=8, num_val=3, img_size=64, num_classes=4, empty_prob=0.3)
+    for rel in ("annotations/instances_train2017.json", "val2017/000001000002.jpg"):
+        with open(os.path.join(root, rel), "rb") as a, open(os.path.join(again, rel), "rb") as b:
+            assert a.read() == b.read()
+
+
+def test_synthetic_objects_are_drawn_where_annotated(monkeypatch):
+    """The pixels an object is painted on (coverage >= 0.5) are its annotation's mask up to the
+    outline: each lies within the other grown by one pixel."""
+    import vitasks.data.synthetic.det as det
+
+    seen = []
+    annotate = det._annotation
+
+    def spy(polygons, drawn, size):
+        ann = annotate(polygons, drawn, size)
+        seen.append((ann, drawn, size))
+        return ann
+
+    monkeypatch.setattr(det, "_annotation", spy)
+    for i in range(12):
+        det.draw_det_sample(np.random.default_rng([5, i]), 64, 10)
+    assert any(isinstance(a["segmentation"], list) for a, _, _ in seen)
+    kernel = np.ones((3, 3), np.uint8)
+    for ann, drawn, size in seen:
+        seg = ann["segmentation"]
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, size, size)) if isinstance(seg, list) else seg
+        mask = mask_utils.decode(rle).astype(bool)
+        assert not (drawn & ~cv2.dilate(mask.astype(np.uint8), kernel).astype(bool)).any()
+        assert not (mask & ~cv2.dilate(drawn.astype(np.uint8), kernel).astype(bool)).any()
+        assert (mask & drawn).sum() / (mask | drawn).sum() > 0.85

@@ -1,126 +1,132 @@
-"""A small detection and instance segmentation dataset in the COCO layout.
+"""A small detection and instance segmentation dataset in the COCO layout whose categories differ
+only in shape.
 
 ``annotations/instances_{train2017,val2017}.json`` with images in ``train2017/`` and ``val2017/``.
-Each image holds one to four non-overlapping shapes on a noisy background; the category is the
-shape (circle, square, triangle, ring, cross, star), never the colour, which is drawn at random
-per object. Everything a real COCO file has is exercised:
+Each image holds one to four non-overlapping shapes of :mod:`vitasks.data.synthetic.drawing`
+(disc, ring, triangle, square, star, ...) at random positions, sizes and rotations, in random
+colours and textures over a random background, drawn as the other generated datasets draw them.
+The category is the shape, never the colour. What a real COCO file has is exercised:
 
 - category ids are not contiguous (1, 3, 5, ...), so a label -> id mapping bug shows;
-- masks are polygons, except rings (a disc with a hole, which a polygon cannot hold): RLE;
-- ``bbox`` is the polygon's extent (the RLE's for rings) and ``area`` the rasterised mask's, as
-  in COCO; the image's pixels are pycocotools' rasterisation of the annotation, so the
-  annotation is exactly what is drawn;
+- masks are polygons for shapes made of filled polygons that lie inside the image, RLE otherwise
+  (rings and crescents have holes or bites; strokes; shapes cut by the border);
+- ``bbox`` is the polygon's extent (the RLE's for the others) and ``area`` the rasterised mask's,
+  as in COCO; an object's drawn pixels (coverage >= 0.5) match its annotation to a pixel;
 - a few training images have no object (skipped in training, as COCO's are).
+
+The same arguments write the same files; ``synthetic.json`` records them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-__all__ = ["SHAPES", "make_det_dataset"]
+from vitasks.data.synthetic import drawing
+from vitasks.data.synthetic.layout import prepare_output, write_marker
 
-SHAPES = ("circle", "square", "triangle", "ring", "cross", "star")
+__all__ = ["det_class_names", "draw_det_sample", "make_det_dataset"]
 
-
-def _regular(center: np.ndarray, radius: float, count: int, angle: float, radii=None) -> np.ndarray:
-    """Vertices (count, 2) around ``center``; ``radii`` varies the radius per vertex (stars)."""
-    theta = angle + np.arange(count) * 2 * np.pi / count
-    r = radius if radii is None else radius * np.asarray(radii)
-    return center + np.stack([np.cos(theta), np.sin(theta)], 1) * np.reshape(r, (-1, 1))
+MAX_CLASSES = len(drawing.SHAPE_NAMES)
+SPLITS = (("train2017", 1), ("val2017", 1_000_001))  # folder, first image id
 
 
-def _shape(kind: str, center: np.ndarray, size: float, rng: np.random.Generator):
-    """The shape's segmentation: a list of polygons (flat x, y lists) or, for a ring, the two
-    polygons of its outer and inner edge (the caller makes the RLE)."""
-    angle = rng.uniform(-np.pi / 12, np.pi / 12)
-    r = size / 2
-    if kind == "circle":
-        return [_regular(center, r, 32, 0.0)]
-    if kind == "square":
-        return [_regular(center, r * np.sqrt(2) * 0.8, 4, np.pi / 4 + angle)]
-    if kind == "triangle":
-        return [_regular(center, r, 3, -np.pi / 2 + angle)]
-    if kind == "ring":
-        return [_regular(center, r, 32, 0.0), _regular(center, r * rng.uniform(0.45, 0.6), 32, 0.0)]
-    if kind == "cross":
-        a, b = r, r * 0.35
-        pts = np.array([[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b], [b, a], [-b, a], [-b, b],
-                        [-a, b], [-a, -b], [-b, -b]])
-        rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-        return [center + pts @ rot.T]
-    # star: five points
-    return [_regular(center, r, 10, -np.pi / 2 + angle, radii=[1.0, 0.45] * 5)]
+def det_class_names(num_classes: int) -> list[str]:
+    """The K category names in label order: the first K shapes."""
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise ValueError(f"make_det_dataset: num_classes must be in 1..{MAX_CLASSES}, got {num_classes}")
+    return list(drawing.SHAPE_NAMES[:num_classes])
 
 
-def _annotation(kind: str, polygons: list[np.ndarray], height: int, width: int) -> tuple[dict, np.ndarray]:
-    """COCO ``segmentation``/``bbox``/``area`` and the rasterised mask of one shape."""
-    # Rounded as written to the JSON, so the drawn pixels are the file's polygon rasterised.
-    polygons = [np.round(p, 2) for p in polygons]
-    flat = [p.reshape(-1).tolist() for p in polygons]
-    if kind == "ring":
-        outer, inner = (mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([f], height, width)))
-                        for f in flat)
-        bitmap = (outer & (1 - inner)).astype(np.uint8)
-        rle = mask_utils.encode(np.asfortranarray(bitmap))
-        segmentation = {"size": [height, width], "counts": rle["counts"].decode("ascii")}
-        bbox = [float(v) for v in mask_utils.toBbox(rle)]
-    else:
-        bitmap = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(flat, height, width)))
-        rle = mask_utils.encode(np.asfortranarray(bitmap))
-        segmentation = flat
-        xs = np.concatenate([p[:, 0] for p in polygons])
-        ys = np.concatenate([p[:, 1] for p in polygons])
+def _polygons(shape: str, centre: np.ndarray, radius: float, angle_deg: float, aspect: float,
+              size: int) -> list[np.ndarray] | None:
+    """The shape's outline as pixel polygons (continuous coordinates), mapped as
+    :func:`drawing.shape_alpha` maps them; ``None`` when the shape is not made of filled polygons
+    alone or leaves the image (its mask is stored as RLE then)."""
+    strokes = drawing.SHAPES[shape]
+    if any(op != "fill" for op, _, _ in strokes):
+        return None
+    c, s = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
+    rotation = np.array([[c, -s], [s, c]])
+    polygons = [(points * [aspect, 1.0]) @ rotation.T * radius + centre for _, points, _ in strokes]
+    if any((p < 0).any() or (p > size).any() for p in polygons):
+        return None
+    # Rounded as they are written to the JSON, so that what is drawn is the file's polygon.
+    return [np.round(p, 2) for p in polygons]
+
+
+def _polygon_alpha(polygons: list[np.ndarray], size: int, supersample: int = 4) -> np.ndarray:
+    """Coverage (H, W) in [0, 1] of the polygons, from pycocotools' rasterisation at
+    ``supersample`` times the size (drawing's own rendering, OpenCV's, puts edges about a
+    quarter pixel further out than pycocotools reads the polygon back): a pixel with coverage
+    >= 0.5 is, to a pixel, one that the annotation's mask holds, with no bias. Rendered in the
+    window of the polygons' extent only."""
+    points = np.concatenate(polygons)
+    x0, y0 = (max(int(v) - 1, 0) for v in points.min(0))
+    x1, y1 = (min(int(np.ceil(v)) + 1, size) for v in points.max(0))
+    alpha = np.zeros((size, size), np.float32)
+    if x1 <= x0 or y1 <= y0:
+        return alpha
+    flat = [((p - [x0, y0]) * supersample).reshape(-1).tolist() for p in polygons]
+    fine_h, fine_w = (y1 - y0) * supersample, (x1 - x0) * supersample
+    fine = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(flat, fine_h, fine_w))) * np.uint8(255)
+    window = cv2.resize(fine, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
+    alpha[y0:y1, x0:x1] = window.astype(np.float32) / 255.0
+    return alpha
+
+
+def _annotation(polygons: list[np.ndarray] | None, drawn: np.ndarray, size: int) -> dict:
+    """COCO ``segmentation``, ``bbox``, ``area`` and ``iscrowd`` of one object."""
+    if polygons is not None:
+        flat = [p.reshape(-1).tolist() for p in polygons]
+        rle = mask_utils.merge(mask_utils.frPyObjects(flat, size, size))
+        xs = np.concatenate([f[0::2] for f in flat])
+        ys = np.concatenate([f[1::2] for f in flat])
         bbox = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min()), float(ys.max() - ys.min())]
-    ann = {"segmentation": segmentation, "bbox": [round(v, 4) for v in bbox],
-           "area": float(mask_utils.area(rle)), "iscrowd": 0}
-    return ann, bitmap.astype(bool)
+        segmentation = flat
+    else:
+        rle = mask_utils.encode(np.asfortranarray(drawn.astype(np.uint8)))
+        bbox = [float(v) for v in mask_utils.toBbox(rle)]
+        segmentation = {"size": [size, size], "counts": rle["counts"].decode("ascii")}
+    return {"segmentation": segmentation, "bbox": [round(v, 4) for v in bbox],
+            "area": float(mask_utils.area(rle)), "iscrowd": 0}
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    grey = rng.uniform(70, 170)
-    noise = cv2.GaussianBlur(rng.normal(0, 20, (size, size, 3)).astype(np.float32), (0, 0), 3.0)
-    return np.clip(grey + noise, 0, 255)
-
-
-def _colour(rng: np.random.Generator, background: float) -> np.ndarray:
-    """A random colour that stands out from the background's mean level."""
-    for _ in range(50):
-        colour = rng.uniform(0, 255, 3)
-        if abs(colour.mean() - background) > 45 or np.ptp(colour) > 120:
-            return colour
-    return np.array([255.0, 255.0, 255.0]) if background < 128 else np.zeros(3)
-
-
-def _image(rng: np.random.Generator, size: int, kinds: tuple[str, ...], empty_prob: float):
-    """One image and its objects ``[(label, annotation), ...]``."""
-    img = _background(rng, size)
-    objects = []
-    if rng.random() < empty_prob:
-        return img.astype(np.uint8), objects
-    taken = np.zeros((size, size), bool)
-    for _ in range(int(rng.integers(1, 5))):
+def draw_det_sample(rng: np.random.Generator, size: int, num_classes: int,
+                    empty: bool = False) -> tuple[np.ndarray, list[tuple[int, dict]]]:
+    """One image (RGB uint8) and its objects ``[(label, annotation without ids), ...]``."""
+    hw = (size, size)
+    img = drawing.background(rng, hw, clutter=int(rng.integers(0, 3)))
+    objects: list[tuple[int, dict]] = []
+    taken = np.zeros(hw, bool)  # covered by an earlier shape, grown by a margin
+    for _ in range(0 if empty else int(rng.integers(1, 5))):
         for _attempt in range(20):
-            extent = rng.uniform(0.14, 0.4) * size
-            center = rng.uniform(extent / 2 + 1, size - extent / 2 - 1, 2)
-            label = int(rng.integers(len(kinds)))
-            ann, bitmap = _annotation(kinds[label], _shape(kinds[label], center, extent, rng), size, size)
-            grown = cv2.dilate(bitmap.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
-            if bitmap.sum() >= 20 and not (grown & taken).any():
+            label = int(rng.integers(num_classes))
+            shape = drawing.SHAPE_NAMES[label]
+            # As drawing.random_shape_alpha draws them, but kept: polygons need the parameters.
+            radius = rng.uniform(0.1, 0.28) * size
+            margin = 0.8 * radius
+            centre = rng.uniform(margin, size - margin, 2)
+            angle, aspect = rng.uniform(-35.0, 35.0), rng.uniform(0.8, 1.2)
+            polygons = _polygons(shape, centre, radius, angle, aspect, size)
+            if polygons is None:
+                alpha = drawing.shape_alpha(shape, hw, (centre[0], centre[1]), radius, angle, aspect)
+            else:
+                alpha = _polygon_alpha(polygons, size)
+            drawn = alpha >= 0.5
+            if drawn.sum() >= 20 and not (taken & (alpha > 0.05)).any():
                 break
         else:
             continue
-        taken |= bitmap
-        shade = _colour(rng, float(img.mean()))
-        texture = 1.0 + rng.normal(0, 0.06, (size, size, 1))
-        img[bitmap] = np.clip(shade * texture, 0, 255)[bitmap]
-        objects.append((label, ann))
-    img = np.clip(img + rng.normal(0, 5, img.shape), 0, 255)
-    return img.astype(np.uint8), objects
+        objects.append((label, _annotation(polygons, drawn, size)))
+        img = drawing.paint(rng, img, alpha)
+        taken |= cv2.dilate((alpha > 0.05).astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    return drawing.finish(rng, img), objects
 
 
 def make_det_dataset(
@@ -129,45 +135,49 @@ def make_det_dataset(
     num_train: int = 400,
     num_val: int = 100,
     img_size: int = 128,
-    num_classes: int = 4,
+    num_classes: int = 10,
     empty_prob: float = 0.03,
-) -> dict:
-    """Write the dataset; returns ``{"train": (images, objects), "val": (...), "cat_ids": [...]}``.
+) -> str:
+    """Write the dataset into ``out_dir`` (the config's ``data_root``) and return it.
 
     Args:
-        out_dir: the dataset root (the config's ``data_root``).
-        seed: everything drawn follows from it.
+        out_dir: output folder; a folder written by a generator before is replaced, any other
+            non-empty folder is refused.
+        seed: random seed (the same arguments write the same files).
         num_train / num_val: images per split.
-        img_size: square image side in pixels.
-        num_classes: how many of :data:`SHAPES` (in order) are used, 1..6.
+        img_size: side of the square images (at least 32).
+        num_classes: how many shapes of :data:`drawing.SHAPE_NAMES` (in order) are categories.
         empty_prob: share of training images without objects.
     """
-    if not 1 <= num_classes <= len(SHAPES):
-        raise ValueError(f"num_classes must be 1..{len(SHAPES)}, got {num_classes}")
-    kinds = SHAPES[:num_classes]
+    names = det_class_names(num_classes)
+    if img_size < 32:
+        raise ValueError(f"make_det_dataset: img_size must be at least 32 pixels, got {img_size}")
+    prepare_output(out_dir, ("annotations", "train2017", "val2017"), "make_det_dataset")
     cat_ids = [1 + 2 * i for i in range(num_classes)]
-    categories = [{"id": c, "name": k, "supercategory": "shape"} for c, k in zip(cat_ids, kinds)]
-    rng = np.random.default_rng(seed)
+    categories = [{"id": c, "name": n, "supercategory": "shape"} for c, n in zip(cat_ids, names)]
     os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
-    summary: dict = {"cat_ids": cat_ids}
     ann_id = 1
-    for split, count, first_id, empty in (("train2017", num_train, 1, empty_prob),
-                                          ("val2017", num_val, 1_000_001, 0.0)):
+    for split_index, ((split, first_id), count) in enumerate(zip(SPLITS, (num_train, num_val))):
         img_dir = os.path.join(out_dir, split)
         os.makedirs(img_dir, exist_ok=True)
         images, annotations = [], []
         for i in range(count):
+            # One generator per image: changing the counts never changes the other images.
+            rng = np.random.default_rng([seed, split_index, i])
+            empty = split_index == 0 and rng.random() < empty_prob
+            img, objects = draw_det_sample(rng, img_size, num_classes, empty=empty)
             img_id = first_id + i
             file_name = f"{img_id:012d}.jpg"
-            img, objects = _image(rng, img_size, kinds, empty)
-            cv2.imwrite(os.path.join(img_dir, file_name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
-                        [cv2.IMWRITE_JPEG_QUALITY, 95])
+            cv2.imwrite(os.path.join(img_dir, file_name), img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
             images.append({"id": img_id, "file_name": file_name, "height": img_size, "width": img_size})
             for label, ann in objects:
                 annotations.append({"id": ann_id, "image_id": img_id, "category_id": cat_ids[label], **ann})
                 ann_id += 1
-        with open(os.path.join(out_dir, "annotations", f"instances_{split}.json"), "w", encoding="utf-8") as f:
+        ann_path = os.path.join(out_dir, "annotations", f"instances_{split}.json")
+        with open(ann_path, "w", encoding="utf-8") as f:
             json.dump({"info": {"description": "vitasks synthetic shapes"}, "licenses": [],
                        "images": images, "annotations": annotations, "categories": categories}, f)
-        summary[split[:-4]] = (len(images), len(annotations))
-    return summary
+    write_marker(out_dir, dict(kind="det", num_classes=num_classes, classes=names, cat_ids=cat_ids,
+                               num_train=num_train, num_val=num_val, img_size=img_size, seed=seed,
+                               empty_prob=empty_prob))
+    return out_dir
