@@ -2,8 +2,6 @@
 overfitting one image, gradients into the backbone, predictions mapped back to the original
 image, the tensor mode and the cascade."""
 
-import importlib
-
 import pytest
 import torch
 from mmengine.structures import InstanceData
@@ -231,8 +229,6 @@ def test_recipe_configs_build_and_train(config, stages):
     from vitasks.config import load_config, validate_config
     from vitasks.engine.optimizers import LayerDecayOptimizerConstructor
 
-    if MODELS.get("DetDataPreprocessor") is None:  # not yet imported by vitasks.models
-        importlib.import_module("vitasks.models.det_data_preprocessor")
     validate_config(load_config(config))  # every key is an argument of its component
     cfg = load_config(config, cfg_options=TINY_OPTIONS)
     model = MODELS.build(cfg.model)
