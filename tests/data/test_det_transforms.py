@@ -21,7 +21,7 @@ from vitasks.data.det_transforms import (
     normalize_segmentation,
 )
 from vitasks.errors import ConfigError
-from vitasks.models.det_data_preprocessor import DetDataPreprocessor
+from vitasks.models.data_preprocessors.det import DetDataPreprocessor
 from vitasks.registry import TRANSFORMS
 
 

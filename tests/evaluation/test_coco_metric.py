@@ -21,7 +21,7 @@ from torch import nn
 
 import vitasks.data  # noqa: F401  (registers datasets and transforms)
 import vitasks.evaluation  # noqa: F401  (registers the metrics)
-import vitasks.models.det_data_preprocessor  # noqa: F401  (registers DetDataPreprocessor)
+import vitasks.models.data_preprocessors.det  # noqa: F401  (registers DetDataPreprocessor)
 from vitasks.data.synthetic.det import make_det_dataset
 from vitasks.engine import launch
 from vitasks.errors import ConfigError, DataError

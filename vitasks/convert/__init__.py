@@ -112,14 +112,16 @@ def convert_checkpoint(
         keep_pre_logits=keep_pre_logits,
     )
     source = CONVERTERS[fmt](str(src), opts)
-    state_dict, meta = to_vitasks(source, opts)
+    # A video source (hf: TimeSformer, VideoMAE, ViViT; vitasks.convert.hf_video) maps itself.
+    own_mapping = getattr(source, "to_vitasks", None)
+    state_dict, meta = own_mapping(opts) if own_mapping else to_vitasks(source, opts)
     if dst is not None:
         meta["output"] = str(dst)
         ckpt = save_converted(state_dict, meta, str(dst))
     else:
         ckpt = {"state_dict": state_dict, "meta": meta}
     if verbose:
-        print(describe(meta))
+        print(source.describe(meta) if own_mapping else describe(meta))
     return ckpt
 
 
