@@ -157,8 +157,8 @@ def test_uniform_attention_in_a_real_backbone_gives_uniform_map():
 def test_identity_attention_in_a_real_backbone(monkeypatch):
     original = Attention.forward_with_attention
 
-    def identity_attention(self, x):
-        out, attn = original(self, x)
+    def identity_attention(self, x, *args, **kwargs):
+        out, attn = original(self, x, *args, **kwargs)
         n = attn.shape[-1]
         return out, torch.eye(n).expand_as(attn)
 
