@@ -259,8 +259,23 @@ def is_head_key(key: str) -> bool:
     The task models name their heads as the OpenMMLab toolboxes do: a top-level module called
     ``head``/``heads`` or ending in ``_head``.
     """
+    if key.startswith("tasks.") and key.count(".") >= 2:  # a multi-task model's tasks.<name>.<key>
+        key = key.split(".", 2)[2]
     top = key.split(".", 1)[0]
     return top in ("head", "heads") or top.endswith("_head") or top.endswith("_heads")
+
+
+def _match_task_layout(model: torch.nn.Module, state_dict: dict) -> dict:
+    """A single-task checkpoint into a multi-task model (``head.*`` -> ``tasks.<name>.head.*``,
+    the model's ``adapt_state_dict``) and a multi-task checkpoint into a single-task model (the
+    task that fits, without its ``tasks.<name>.`` prefix)."""
+    if hasattr(model, "adapt_state_dict"):
+        return model.adapt_state_dict(state_dict)
+    if any(k.startswith("tasks.") for k in state_dict):
+        from vitasks.models.tasks.multitask import single_task_state_dict
+
+        return single_task_state_dict(state_dict, list(model.state_dict().keys()))
+    return state_dict
 
 
 _SIZE_MISMATCH = re.compile(
@@ -298,6 +313,7 @@ def load_model_weights(
         architecture = getattr(state_dict, "architecture", None)
     mismatches = check_architecture(model, architecture, source, logger=logger)
     state_dict = {re.sub(r"^module\.", "", k): v for k, v in state_dict.items()}
+    state_dict = _match_task_layout(model, state_dict)
     own = model.state_dict()
     skipped = []
     if skip_head_mismatch:
