@@ -32,6 +32,10 @@ What is measured, per phase (inference, training):
   ``--matmul-iters`` runs before the model and as many after it (after 2 untimed ones each
   time), so one disturbance on a shared machine does not set it alone. A ratio near 1 means the
   model runs as fast as the hardware's best dense kernel allows.
+- **tokens per block**: for a ViT backbone, the tokens each block's attention sees (counted
+  on the meta copy): a token reduction (``model.backbone.token_reduction``: ToMe's merges,
+  TokenLearner, visual tokens) shows as a shrinking set, and its FLOPs are counted on that set
+  (merging, tokenizer and projector ops included).
 - **cpu**: the host CPU's name, the vector ISA PyTorch's kernels use and whether it has native
   bf16 instructions (AVX-512 BF16 / AMX, Arm BF16; :mod:`vitasks.engine.cpu_info`), printed
   above the table. Without them bf16 is emulated and ``--amp`` on the CPU is several times
@@ -344,6 +348,7 @@ def run_benchmark(
         return torch.autocast(dev.type, dtype=amp_dtype, enabled=amp)
 
     infer_flops, train_flops = _model_flops(cfg, model, inputs, train)
+    tokens_per_block = _tokens_per_block(cfg, model, inputs)
     if compile:
         warmup = max(warmup, 2)  # the first call compiles; the second may still specialise
 
@@ -368,6 +373,8 @@ def run_benchmark(
         "iters": iters,
         "warmup": warmup,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "token_reduction": _token_reduction_name(model),
+        "tokens_per_block": tokens_per_block,
         "gflops_per_sample": {"inference": infer_flops / 1e9, "training": train_flops / 1e9 if train else None},
         "gmacs_per_sample": {"inference": infer_flops / 2e9, "training": train_flops / 2e9 if train else None},
         "memory_measure": None,
@@ -507,6 +514,31 @@ def _model_flops(cfg, model: nn.Module, inputs: torch.Tensor, train: bool) -> tu
     return infer // batch, trained // batch
 
 
+def _token_reduction_name(model: nn.Module) -> str | None:
+    reduction = getattr(getattr(model, "backbone", None), "token_reduction", None)
+    if reduction is None:
+        return None
+    return f"{type(reduction).__name__}({reduction.extra_repr()})"
+
+
+def _tokens_per_block(cfg, model: nn.Module, inputs: torch.Tensor) -> list[int] | None:
+    """Tokens entering each block's attention (a one-sample pass on a meta copy; None when the
+    model has no ViT blocks or the pass fails on meta)."""
+    from vitasks.models.layers.token_reduction import count_tokens
+
+    if not hasattr(getattr(model, "backbone", None), "blocks") or inputs.dim() != 4:
+        return None
+    try:
+        from vitasks.apis import build_model
+
+        with init_on_meta():
+            meta_model = build_model(cfg)
+        meta_model.eval()
+        return count_tokens(meta_model, torch.empty((1, *inputs.shape[1:]), device="meta")) or None
+    except (NotImplementedError, RuntimeError):
+        return None
+
+
 def _phase(warm: list[float], times: list[float], batch_size: int, flops_per_sample: int,
            peak: int) -> dict[str, Any]:
     median = statistics.median(times)
@@ -552,6 +584,9 @@ def format_table(result: dict[str, Any]) -> str:
         f"{result['gflops_per_sample']['inference']:.2f} GFLOPs "
         f"({result['gmacs_per_sample']['inference']:.2f} GMACs), training (fwd+bwd) "
         + (f"{train_gflops:.2f} GFLOPs" if train_gflops is not None else "n/a")
+        + (f"\ntoken reduction: {result['token_reduction']}" if result.get("token_reduction") else "")
+        + (f"\ntokens per block: {' '.join(map(str, result['tokens_per_block']))}"
+           if result.get("tokens_per_block") and result.get("token_reduction") else "")
         + f"\nmatmul {result['matmul']['size']}^3 reference (median of "
         f"{len(next(iter(result['matmul']['samples_tflops'].values())))} runs, before and after the model): "
         + ", ".join(f"{k} {v * 1e3:.1f} GFLOP/s" for k, v in refs.items())

@@ -49,12 +49,17 @@ def compute_attention_maps(
     if height % sh or width % sw:
         raise VitasksError(f"input size {height}x{width} is not divisible by the backbone's stride {sh}x{sw}")
     grid = (height // sh, width // sw)
-    _, attentions = backbone.forward_with_attention(inputs)
+    transitions = None
+    if getattr(backbone, "token_reduction", None) is not None:
+        # A reduced token set: the rollout follows the tokens through merges and tokenizers.
+        _, attentions, transitions = backbone.forward_with_attention_flow(inputs)
+    else:
+        _, attentions = backbone.forward_with_attention(inputs)
     num_prefix = int(getattr(backbone, "num_prefix_tokens", 1))
     class_token = getattr(backbone, "cls_token", None) is not None
     rollout, layers = attention_rollout(
         attentions, grid, num_prefix_tokens=num_prefix, class_token=class_token,
-        head_fusion=head_fusion, add_residual=add_residual,
+        head_fusion=head_fusion, add_residual=add_residual, transitions=transitions,
     )
     return {
         "rollout_grid": rollout,

@@ -10,6 +10,13 @@ Token layout follows :class:`vitasks.models.backbones.VisionTransformer`: the
 ``num_prefix_tokens`` prefix tokens (class token first, then register tokens) come before
 the patch tokens in raster order. Prefix tokens take part in the product (attention flows
 through them) but are left out of the map.
+
+Reduced token sets (``model.backbone.token_reduction``): the token count changes between
+blocks, and ``transitions`` say how: ``transitions[i]`` (B, N_i, N') gives each token before
+block i's attention as weights over the tokens after the previous block (ToMe: a merged token
+weighs its members by size; TokenLearner / visual tokens: the tokenizer's maps over the
+positions). The rollout multiplies them in, so it still ends on the input patches; a per-layer
+map spreads each reduced token's attention over the patches it stands for.
 """
 
 from __future__ import annotations
@@ -57,28 +64,63 @@ def layer_matrices(
     return mats
 
 
+def _check_transitions(attentions: Sequence[Tensor], transitions) -> list:
+    if transitions is None:
+        return [None] * (len(attentions) + 1)
+    transitions = list(transitions)
+    if len(transitions) != len(attentions) + 1:
+        raise ValueError(
+            f"transitions needs one entry per layer plus one after the last ({len(attentions) + 1}), "
+            f"got {len(transitions)}"
+        )
+    return transitions
+
+
 def rollout_matrix(
-    attentions: Sequence[Tensor], head_fusion: str = "mean", add_residual: bool = True
+    attentions: Sequence[Tensor], head_fusion: str = "mean", add_residual: bool = True,
+    transitions: Sequence[Tensor | None] | None = None,
 ) -> Tensor:
-    """Joint attention ``A_L @ ... @ A_1`` of all layers, shape (B, N, N).
+    """Joint attention ``A_L @ ... @ A_1`` of all layers, shape (B, N_out, N_in) (N_out = N_in
+    without a token reduction; with one, the ``transitions`` are multiplied in where they stand).
 
     Row i is how much token i at the output attends, through every layer, to input token j.
     """
     if len(attentions) == 0:
         raise ValueError("attention rollout needs at least one layer of attention")
+    transitions = _check_transitions(attentions, transitions)
     mats = layer_matrices(attentions, head_fusion, add_residual)
-    joint = mats[0]
-    for a in mats[1:]:
-        joint = torch.bmm(a, joint)
+    joint = None
+    for a, t in zip(mats, transitions):
+        if t is not None:
+            joint = t.float() if joint is None else torch.bmm(t.float(), joint)
+        joint = a if joint is None else torch.bmm(a, joint)
+    if transitions[-1] is not None:
+        joint = torch.bmm(transitions[-1].float(), joint)
     return joint
+
+
+def membership_matrices(
+    attentions: Sequence[Tensor], transitions: Sequence[Tensor | None] | None
+) -> list[Tensor | None]:
+    """Per layer, the tokens before its attention as weights over the input tokens (the product
+    of the transitions so far, (B, N_i, N_in)); None while the tokens are the input's."""
+    transitions = _check_transitions(attentions, transitions)
+    result: list[Tensor | None] = []
+    product = None
+    for t in transitions[:-1]:
+        if t is not None:
+            product = t.float() if product is None else torch.bmm(t.float(), product)
+        result.append(product)
+    return result
 
 
 def token_map(
     matrix: Tensor, num_prefix_tokens: int, class_token: bool, grid: tuple[int, int]
 ) -> Tensor:
-    """Read a (B, H, W) map over patch tokens out of a (B, N, N) attention-like matrix.
+    """Read a (B, H, W) map over patch tokens out of a (B, M, N) attention-like matrix (M rows:
+    the output tokens, fewer than N after a token reduction).
 
-    With a class token (index 0) its row is used; otherwise the mean over the patch rows.
+    With a class token (index 0) its row is used; otherwise the mean over the non-prefix rows.
     Prefix (class and register) columns are dropped.
     """
     n = matrix.shape[-1]
@@ -102,6 +144,7 @@ def attention_rollout(
     class_token: bool = True,
     head_fusion: str = "mean",
     add_residual: bool = True,
+    transitions: Sequence[Tensor | None] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Rollout map and per-layer maps over the patch grid.
 
@@ -112,6 +155,8 @@ def attention_rollout(
         class_token: whether token 0 is a class token (else patch rows are averaged).
         head_fusion: "mean", "max" or "min" over heads.
         add_residual: model the skip connection as ``0.5 * (A + I)``.
+        transitions: for a reduced token set, ``len(attentions) + 1`` matrices or None (see
+            the module docstring), as ``VisionTransformer.forward_with_attention_flow`` gives.
 
     Returns:
         ``(rollout (B, H, W), per_layer (B, L, H, W))``; per-layer maps are the fused raw
@@ -119,15 +164,16 @@ def attention_rollout(
     """
     if class_token and num_prefix_tokens < 1:
         raise ValueError("class_token=True needs num_prefix_tokens >= 1")
-    joint = rollout_matrix(attentions, head_fusion, add_residual)
+    joint = rollout_matrix(attentions, head_fusion, add_residual, transitions)
     rollout = token_map(joint, num_prefix_tokens, class_token, grid)
-    per_layer = torch.stack(
-        [
-            token_map(fuse_heads(a.float(), head_fusion), num_prefix_tokens, class_token, grid)
-            for a in attentions
-        ],
-        dim=1,
-    )
+    layers = []
+    for a, members in zip(attentions, membership_matrices(attentions, transitions)):
+        fused = fuse_heads(a.float(), head_fusion)
+        if members is not None:
+            # Each reduced token's attention shared out over the input tokens it stands for.
+            fused = torch.bmm(fused, members)
+        layers.append(token_map(fused, num_prefix_tokens, class_token, grid))
+    per_layer = torch.stack(layers, dim=1)
     return rollout, per_layer
 
 

@@ -16,6 +16,7 @@ from vitasks.errors import CheckpointError, ConfigError
 from vitasks.registry import MODELS
 
 from ..layers import TransformerBlock, mlp_act_layer, resample_abs_pos_embed
+from ..layers.token_reduction import build_token_reduction
 
 _POOLS = ("token", "mean", "none")
 _INTERPOLATE_MODES = ("nearest", "bilinear", "bicubic", "area", "nearest-exact")
@@ -95,6 +96,15 @@ class VisionTransformer(nn.Module):
             tables of a window block are sized by the window, those of a global block by the
             grid of ``img_size`` (resampled linearly for other grids).
         rel_pos_zero_init: start the relative-position tables at zero (detectron2's default).
+        token_reduction: fewer tokens (:mod:`vitasks.models.layers.token_reduction`):
+            ``{type: ToMe, r: 13, proportional_attention: true}`` (token merging, no parameters),
+            ``{type: TokenLearner, num_tokens: 8, at_block: K, fuser: true}`` or
+            ``{type: VisualTokens, num_tokens: 16, at_block: K, recurrent_at: [...]}``. Dense
+            outputs (``out_indices``) keep their shapes (unmerged, fused or projected back onto
+            the grid); ``pool: mean`` averages the reduced patch tokens (ToMe: weighted by
+            size); ``pool: none`` returns the reduced tokens. Blocks that see reduced tokens need
+            global attention without relative position bias (a ``ConfigError`` says where).
+            None: every block sees every token.
 
     Window attention and the relative position bias work on the patch grid alone, as ViTDet
     (which has no class token): they need ``class_token=False`` and ``num_reg_tokens=0`` (a
@@ -136,6 +146,7 @@ class VisionTransformer(nn.Module):
         global_indices: Sequence[int] = (),
         use_rel_pos: bool = False,
         rel_pos_zero_init: bool = True,
+        token_reduction: Optional[dict] = None,
     ) -> None:
         super().__init__()
         img_size = _pair(img_size, "img_size")
@@ -211,6 +222,11 @@ class VisionTransformer(nn.Module):
             # Blocks after the last requested one would be computed for nothing.
             self._num_run = max(self.out_indices) + 1
         self._init_weights()
+        # After _init_weights: the reduction initialises its own layers.
+        self.token_reduction = build_token_reduction(
+            token_reduction, embed_dim=embed_dim, depth=depth, window_sizes=[b.window_size for b in self.blocks],
+            use_rel_pos=self.use_rel_pos, out_indices=self.out_indices,
+        )
 
     # ---------------------------------------------------------------------------- construction
 
@@ -330,6 +346,8 @@ class VisionTransformer(nn.Module):
             return 0
         if first == "blocks":
             return int(param_name.split(".", 2)[1]) + 1
+        if first == "token_reduction":
+            return self.token_reduction.layer_id(param_name.split(".", 1)[1])
         return self.depth + 1
 
     def no_weight_decay(self) -> set:
@@ -416,7 +434,12 @@ class VisionTransformer(nn.Module):
         return block(x, grid)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """All tokens (B, N, C) after the blocks and the final ``norm`` (not ``fc_norm``)."""
+        """All tokens (B, N, C) after the blocks and the final ``norm`` (not ``fc_norm``); with a
+        token reduction, the reduced tokens."""
+        if self.token_reduction is not None:
+            x, grid = self._embed(x)
+            x, _, _ = self.token_reduction.run(self.blocks, x, grid, self.num_prefix_tokens, frozenset(), self._block)
+            return self.norm(x)
         x, grid = self._embed(x)
         for block in self.blocks:
             x = self._block(block, x, grid)
@@ -443,9 +466,30 @@ class VisionTransformer(nn.Module):
                 maps[i] = y[:, self.num_prefix_tokens :].transpose(1, 2).reshape(B, self.embed_dim, h, w).contiguous()
         return tuple(maps[i] for i in self.out_indices)
 
+    def _forward_reduced(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """:meth:`forward` through ``token_reduction``: dense maps on the full patch grid, or the
+        pooled reduced tokens."""
+        B = x.shape[0]
+        x, (h, w) = self._embed(x)
+        dense_at = self._out_set if self.out_indices is not None else frozenset()
+        blocks = self.blocks[: self._num_run] if self.out_indices is not None else self.blocks
+        x, grids, state = self.token_reduction.run(blocks, x, (h, w), self.num_prefix_tokens, dense_at, self._block)
+        if self.out_indices is not None:
+            maps = []
+            for i in self.out_indices:
+                y = self.norm(grids[i]) if i == self.depth - 1 else grids[i]
+                maps.append(y.transpose(1, 2).reshape(B, self.embed_dim, h, w).contiguous())
+            return tuple(maps)
+        x = self.norm(x)
+        if self.pool == "mean":
+            return (self.fc_norm(self.token_reduction.pool_mean(x, state, self.num_prefix_tokens)),)
+        return (self.pool_tokens(x),)
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """(B, in_channels, H, W) images, H and W divisible by ``stride`` -> tuple of features
         (see the class docstring)."""
+        if self.token_reduction is not None:
+            return self._forward_reduced(x)
         if self.out_indices is not None:
             return self._forward_maps(x)
         return (self.pool_tokens(self.forward_features(x)),)
@@ -453,10 +497,31 @@ class VisionTransformer(nn.Module):
     def forward_with_attention(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Tokens as :meth:`forward_features` and each block's attention probabilities
         (B, heads, N, N), computed explicitly (slower; for visualisation: call it in eval mode,
-        under ``torch.no_grad()`` unless gradients are wanted)."""
+        under ``torch.no_grad()`` unless gradients are wanted). With a token reduction the
+        token count changes from block to block (see :meth:`forward_with_attention_flow`)."""
+        if self.token_reduction is not None:
+            x, attentions, _ = self.forward_with_attention_flow(x)
+            return x, attentions
         x, grid = self._embed(x)
         attentions = []
         for block in self.blocks:
             x, attn = block.forward_with_attention(x, grid)
             attentions.append(attn)
         return self.norm(x), attentions
+
+    def forward_with_attention_flow(
+        self, x: torch.Tensor
+    ) -> Tuple[torch.Tensor, List[torch.Tensor], List[Optional[torch.Tensor]]]:
+        """:meth:`forward_with_attention` plus, for a rollout through a token reduction,
+        ``depth + 1`` transitions: ``transitions[i]`` (B, N_i, N') carries the tokens before
+        block i's attention from those after the previous one (ToMe's merges, a tokenizer's
+        weights), the last one follows the last block; None where the token set is unchanged
+        (always, without a reduction)."""
+        if self.token_reduction is None:
+            x, attentions = self.forward_with_attention(x)
+            return x, attentions, [None] * (len(attentions) + 1)
+        x, grid = self._embed(x)
+        x, attentions, transitions = self.token_reduction.run_with_attention(
+            self.blocks, x, grid, self.num_prefix_tokens
+        )
+        return self.norm(x), attentions, transitions

@@ -97,6 +97,34 @@ class Attention(nn.Module):
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 
+    def forward_with_keys(
+        self, x: torch.Tensor, attn_bias: Optional[torch.Tensor] = None, return_attention: bool = False
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Global attention for token merging (ToMe): the output of :meth:`forward`, the keys
+        averaged over heads (B, N, head_dim), ToMe's similarity metric, and the attention
+        probabilities (B, heads, N, N) when ``return_attention`` (computed explicitly), else None.
+
+        ``attn_bias`` is added to the attention logits (SDPA's float ``attn_mask``, broadcast to
+        (B, heads, N, N)): proportional attention passes log(token size) as (B, 1, 1, N). With
+        ``attn_bias=None`` the SDPA call is the one :meth:`forward` makes, so the output is
+        bit-identical. No relative position bias here (merged tokens are no longer a grid).
+        """
+        B, N, C = x.shape
+        q, k, v = self._qkv(x)
+        attn = None
+        if return_attention:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if attn_bias is not None:
+                attn = attn + attn_bias
+            attn = attn.softmax(dim=-1)
+            y = attn @ v
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_bias, dropout_p=self.attn_drop if self.training else 0.0
+            )
+        y = y.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(y)), k.mean(dim=1), attn
+
     def forward_with_attention(
         self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:

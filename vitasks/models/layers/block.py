@@ -1,6 +1,6 @@
 """The pre-norm transformer block of ViT, with ViTDet's window attention as an option."""
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -137,3 +137,25 @@ class TransformerBlock(nn.Module):
         x = x + self.drop_path1(self.ls1(y))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, attn
+
+    def forward_merging(
+        self,
+        x: torch.Tensor,
+        merge: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        attn_bias: Optional[torch.Tensor] = None,
+        return_attention: bool = False,
+    ):
+        """Token merging's block (ToMe, Bolya et al. 2023): attention (global; ``attn_bias`` added
+        to its logits, log token sizes for proportional attention), then ``merge(x, keys)``
+        reduces the tokens, using the keys averaged over heads as similarity, then the MLP runs
+        on the merged tokens. With ``attn_bias=None`` and a ``merge`` that returns ``x`` this is
+        :meth:`forward`, bit for bit. Returns the tokens, or (tokens, attention probabilities
+        (B, heads, N, N) over the tokens before merging) when ``return_attention``.
+        """
+        if self.window_size or self.attn.use_rel_pos:
+            raise ValueError("token merging needs global attention without a relative position bias")
+        y, keys, attn = self.attn.forward_with_keys(self.norm1(x), attn_bias, return_attention)
+        x = x + self.drop_path1(self.ls1(y))
+        x = merge(x, keys)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return (x, attn) if return_attention else x

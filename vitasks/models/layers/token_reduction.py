@@ -1,0 +1,778 @@
+"""Fewer tokens on the shared ViT: ``model.backbone.token_reduction``.
+
+A ViT's cost grows with its token count. Three ways to spend fewer tokens, each one option of the
+same :class:`~vitasks.models.backbones.VisionTransformer` (chosen by ``type`` from MODELS):
+
+- :class:`ToMe` (token merging, Bolya et al. 2023): in every block, after the attention, bipartite
+  soft matching merges the ``r`` most similar pairs of patch tokens (similarity: cosine of the
+  attention keys averaged over heads) into their size-weighted average; proportional attention
+  adds log(size) to the attention logits so a merged token weighs as the patches it stands for.
+  No parameters: it works off the shelf on converted timm / MAE / DeiT weights. ``unmerge``
+  gives every original patch its merged token's value, so dense heads get the full grid.
+- :class:`TokenLearner` (Ryoo et al. 2021, Scenic's v1.1 module): at block ``at_block`` spatial
+  attention maps (LayerNorm, a GELU MLP, softmax over the positions) pool the grid into
+  ``num_tokens`` tokens and the remaining blocks run on them; with ``fuser`` each block from
+  ``at_block`` on learns its tokens from the grid, runs on them, and TokenFuser maps them back
+  onto the grid (plus the grid as residual), as Scenic's ``EncoderModFuser``, so dense outputs
+  keep their shapes.
+- :class:`VisualTokens` (Wu et al. 2020, "Visual Transformers"): at block ``at_block`` a
+  filter-based tokenizer T = softmax_HW(X W_A)^T X replaces the grid X by L visual tokens; groups
+  of blocks may start with a recurrent tokenizer (W_R = T_in W_(T->R)); the projector
+  X_out = X_in + softmax_L((X_in W_Q)(T W_K)^T) T puts the tokens back onto the map for dense
+  heads. Classification pools the tokens.
+
+Class and register tokens are never reduced: they stay in front of the (reduced) patch tokens,
+so ``pool: token`` reads the class token as before.
+
+The backbone calls a reduction through :meth:`TokenReduction.run` (the blocks, dense maps on
+the patch grid for ``out_indices``, the pooling state) and :meth:`TokenReduction.run_with_attention`
+(attention maps: per-block probabilities over the tokens of the moment, and the matrices that
+carry the token set from one block to the next, so a rollout can follow tokens through merges).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from vitasks.errors import ConfigError
+from vitasks.registry import MODELS
+
+WHERE = "model.backbone.token_reduction"
+#: The reduction types a config can name (``type``).
+REDUCTION_TYPES = ("ToMe", "TokenLearner", "VisualTokens")
+
+# A block call as the backbone makes it (gradient checkpointing included): (block, x, grid) -> x.
+BlockCall = Callable[[nn.Module, Tensor, Tuple[int, int]], Tensor]
+
+
+def _check_int(value, key: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{WHERE}.{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _block_index(value, key: str, depth: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not -depth <= value < depth:
+        raise ConfigError(
+            f"{WHERE}.{key}: {value!r} is not a block index of a depth-{depth} model "
+            f"(expected an integer in [{-depth}, {depth - 1}]; 0 = straight after the stem)"
+        )
+    return value % depth
+
+
+def _with_prefix(x: Tensor, num_prefix: int, tokens: Tensor) -> Tensor:
+    """Class and register tokens of ``x`` in front of ``tokens``."""
+    return torch.cat([x[:, :num_prefix], tokens], dim=1) if num_prefix else tokens
+
+
+def _prefix_transition(weights: Tensor, num_prefix: int) -> Tensor:
+    """(B, M, N) token weights -> (B, P + M, P + N): the prefix tokens map to themselves."""
+    if not num_prefix:
+        return weights
+    B, M, N = weights.shape
+    out = weights.new_zeros(B, num_prefix + M, num_prefix + N)
+    out[:, :num_prefix, :num_prefix] = torch.eye(num_prefix, dtype=weights.dtype, device=weights.device)
+    out[:, num_prefix:, num_prefix:] = weights
+    return out
+
+
+class TokenReduction(nn.Module):
+    """What the backbone needs from a token reduction. Subclasses set ``first_reduced_block``:
+    the first block whose attention sees a reduced token set (``depth``: none, switched off).
+
+    Args:
+        embed_dim: token width C (given by the backbone).
+        depth: number of blocks (given by the backbone).
+    """
+
+    def __init__(self, embed_dim: int, depth: int) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.first_reduced_block = depth
+
+    @property
+    def enabled(self) -> bool:
+        return self.first_reduced_block < self.depth
+
+    def validate(self, window_sizes: Sequence[int], use_rel_pos: bool, out_indices: Optional[Sequence[int]]) -> None:
+        """ConfigError where the backbone's layout does not allow this reduction: window attention
+        and the relative position bias work on the full patch grid, so every block from
+        ``first_reduced_block`` on must have global attention without it."""
+        start = self.first_reduced_block
+        windowed = [i for i in range(start, self.depth) if window_sizes[i]]
+        name = type(self).__name__
+        if windowed:
+            raise ConfigError(
+                f"{WHERE}: {name} reduces the tokens from block {start} on, but blocks {windowed} use window "
+                "attention, which needs the full patch grid (ViTDet); reduce only after the last window block "
+                "(a later at_block, or for ToMe an `r` list that is 0 up to there) or set window_size: 0"
+            )
+        if use_rel_pos and start < self.depth:
+            raise ConfigError(
+                f"{WHERE}: {name} reduces the tokens from block {start} on, but use_rel_pos adds a relative "
+                "position bias over the patch grid in every block; set use_rel_pos: false"
+            )
+
+    # The interface the backbone calls -------------------------------------------------------
+
+    def run(
+        self, blocks: Sequence[nn.Module], x: Tensor, grid: Tuple[int, int], num_prefix: int,
+        dense_at: frozenset, call_block: BlockCall,
+    ) -> Tuple[Tensor, Dict[int, Tensor], object]:
+        """Run ``blocks`` on the embedded tokens ``x`` (B, P + h*w, C). Returns the final tokens
+        (prefix first), the patch-grid tokens (B, h*w, C) after each block in ``dense_at``, and
+        the state :meth:`pool_mean` needs."""
+        raise NotImplementedError
+
+    def pool_mean(self, x: Tensor, state: object, num_prefix: int) -> Tensor:
+        """Mean pooling of the (reduced) patch tokens."""
+        return x[:, num_prefix:].mean(dim=1)
+
+    def run_with_attention(
+        self, blocks: Sequence[nn.Module], x: Tensor, grid: Tuple[int, int], num_prefix: int
+    ) -> Tuple[Tensor, List[Tensor], List[Optional[Tensor]]]:
+        """Tokens, each block's attention probabilities (B, heads, N_i, N_i) and ``len(blocks) + 1``
+        transitions: ``transitions[i]`` (B, N_i, N') carries the tokens before block i's attention
+        from those after the previous one (None: unchanged); the last one follows the last
+        attention. Rows are weights over the earlier tokens (rows sum to 1)."""
+        raise NotImplementedError
+
+    def layer_id(self, param_name: str) -> int:
+        """Layer id (layer-wise lr decay) of a parameter of this module, named relative to it:
+        the block it serves + 1."""
+        return self.first_reduced_block + 1
+
+
+# ------------------------------------------------------------------------------------------- ToMe
+
+
+@dataclass
+class Matching:
+    """Bipartite soft matching of the patch tokens of one block: the patch tokens alternate between
+    set A (even positions) and set B (odd); ``src`` (B, r) are the A tokens merged into the B tokens
+    ``dst`` (B, r); ``kept`` (B, |A| - r) the A tokens left alone, in their original order."""
+
+    src: Tensor
+    dst: Tensor
+    kept: Tensor
+    num_patches: int
+
+    def new_index(self) -> Tensor:
+        """(B, num_patches): where each current patch token ends up after the merge. The merged
+        token order is [kept A tokens, B tokens]."""
+        B, r = self.src.shape
+        num_kept = self.kept.shape[1]
+        num_b = self.num_patches // 2
+        index_a = self.src.new_empty(B, self.num_patches - num_b)
+        index_a.scatter_(1, self.kept, torch.arange(num_kept, device=self.src.device).expand(B, -1))
+        index_a.scatter_(1, self.src, num_kept + self.dst)
+        index = self.src.new_empty(B, self.num_patches)
+        index[:, 0::2] = index_a
+        index[:, 1::2] = num_kept + torch.arange(num_b, device=self.src.device)
+        return index
+
+
+def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int = 0) -> Optional[Matching]:
+    """ToMe's matching of the patch tokens (the first ``num_prefix`` tokens are protected).
+
+    The patch tokens alternate between sets A and B; each A token finds its most similar B token
+    (cosine similarity of ``metric`` (B, N, d), the keys averaged over heads); the ``r`` A tokens
+    with the most similar matches are merged into them. ``r`` is capped at half the patch
+    tokens. Returns None when nothing is merged. No gradient flows through the choice.
+    """
+    num_patches = metric.shape[1] - num_prefix
+    r = min(r, num_patches // 2)
+    if r <= 0:
+        return None
+    with torch.no_grad():
+        patch = metric[:, num_prefix:]
+        patch = patch / patch.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        scores = patch[:, 0::2] @ patch[:, 1::2].transpose(-1, -2)  # (B, |A|, |B|)
+        best, best_b = scores.max(dim=-1)
+        # Most similar first; stable, so ties go to the earlier token on every device.
+        order = best.sort(dim=-1, descending=True, stable=True).indices
+        src = order[:, :r]
+        kept = order[:, r:].sort(dim=-1).values  # keep the spatial order of the unmerged tokens
+        dst = best_b.gather(1, src)
+    return Matching(src=src, dst=dst, kept=kept, num_patches=num_patches)
+
+
+def merge_tokens(x: Tensor, sizes: Tensor, matching: Matching, num_prefix: int = 0) -> Tuple[Tensor, Tensor]:
+    """Merge the patch tokens of ``x`` (B, N, C) with token sizes ``sizes`` (B, N, 1) as
+    ``matching`` says: each merged token is the size-weighted average of its members and its
+    size their sum. Prefix tokens pass unchanged. Returns (tokens, sizes)."""
+    prefix_x, patch = x[:, :num_prefix], x[:, num_prefix:]
+    prefix_s, patch_s = sizes[:, :num_prefix], sizes[:, num_prefix:]
+
+    def combine(values: Tensor) -> Tensor:
+        a, b = values[:, 0::2], values[:, 1::2]
+        width = values.shape[-1]
+        kept = a.gather(1, matching.kept[..., None].expand(-1, -1, width))
+        src = a.gather(1, matching.src[..., None].expand(-1, -1, width))
+        b = b.scatter_add(1, matching.dst[..., None].expand(-1, -1, width), src)
+        return torch.cat([kept, b], dim=1)
+
+    merged_sizes = combine(patch_s)
+    merged = combine(patch * patch_s) / merged_sizes
+    return torch.cat([prefix_x, merged], dim=1), torch.cat([prefix_s, merged_sizes], dim=1)
+
+
+class MergeState:
+    """The token set of one ToMe forward pass: token sizes (None while every token is one patch)
+    and ``origin`` (B, num_patches), for each original patch the index of the (merged) patch token
+    that holds it now: the source map that :meth:`unmerge` and the rollout use."""
+
+    def __init__(self, x: Tensor, num_prefix: int, proportional_attention: bool) -> None:
+        B, N, _ = x.shape
+        self.num_prefix = num_prefix
+        self.proportional_attention = proportional_attention
+        self.sizes: Optional[Tensor] = None
+        self.origin = torch.arange(N - num_prefix, device=x.device).expand(B, -1)
+
+    def attn_bias(self) -> Optional[Tensor]:
+        """log(size) (B, 1, 1, N) for proportional attention; None before the first merge (all
+        sizes 1, so the attention is the plain model's, bit for bit)."""
+        if self.sizes is None or not self.proportional_attention:
+            return None
+        return self.sizes.log()[:, None, None, :, 0]
+
+    def merge(self, x: Tensor, matching: Optional[Matching]) -> Tensor:
+        if matching is None:
+            return x
+        sizes = self.sizes if self.sizes is not None else x.new_ones(x.shape[0], x.shape[1], 1)
+        x, self.sizes = merge_tokens(x, sizes, matching, self.num_prefix)
+        self.origin = matching.new_index().gather(1, self.origin)
+        return x
+
+    def transition(self, matching: Matching, old_sizes: Tensor) -> Tensor:
+        """(B, N_new, N_old) for a rollout: a merged token's row weighs its members by size."""
+        index = matching.new_index()  # (B, n_old)
+        B, n_old = index.shape
+        n_new = self.sizes.shape[1] - self.num_prefix
+        weights = old_sizes.new_zeros(B, n_new, n_old)
+        weights.scatter_(1, index[:, None, :], old_sizes[:, self.num_prefix :, 0][:, None, :])
+        weights = weights / self.sizes[:, self.num_prefix :]
+        return _prefix_transition(weights, self.num_prefix)
+
+    def unmerge(self, x: Tensor) -> Tensor:
+        """Patch tokens (B, num_patches, C) on the original grid: each patch takes the value of
+        the merged token that holds it (identity before any merge)."""
+        patch = x[:, self.num_prefix :]
+        if self.sizes is None:
+            return patch
+        return patch.gather(1, self.origin[..., None].expand(-1, -1, x.shape[-1]))
+
+
+@MODELS.register_module()
+class ToMe(TokenReduction):
+    """Token merging (Bolya et al. 2023, "Token Merging: Your ViT But Faster").
+
+    In every block, between the attention and the MLP, ``r`` patch tokens are merged by
+    bipartite soft matching (:func:`bipartite_soft_matching`, keys as similarity); class and
+    register tokens are never merged. Merged tokens are size-weighted averages and carry their
+    size; with ``proportional_attention`` log(size) is added to the attention logits (SDPA's float
+    mask). Dense outputs are unmerged onto the full grid. No parameters: converted timm / MAE /
+    DeiT weights run as they are (ToMe's "off the shelf" use).
+
+    Args:
+        embed_dim, depth: given by the backbone.
+        r: tokens merged per block: an int for every block, or a list with one entry per block
+            (0: no merging there; a backbone with window blocks can merge after the last one).
+            0 everywhere is the plain model, bit for bit.
+        proportional_attention: add log(token size) to the attention logits.
+    """
+
+    def __init__(self, embed_dim: int, depth: int, r=0, proportional_attention: bool = True) -> None:
+        super().__init__(embed_dim, depth)
+        if isinstance(r, (list, tuple)):
+            if len(r) != depth:
+                raise ConfigError(f"{WHERE}.r: a list needs one entry per block ({depth}), got {len(r)}: {list(r)}")
+            self.r = tuple(_check_int(v, "r") for v in r)
+        else:
+            self.r = (_check_int(r, "r"),) * depth
+        self.proportional_attention = bool(proportional_attention)
+        merging = [i for i, v in enumerate(self.r) if v > 0]
+        # The merge of block i follows its attention: block i + 1 is the first to see fewer tokens.
+        self.first_reduced_block = merging[0] + 1 if merging else depth
+
+    def validate(self, window_sizes, use_rel_pos, out_indices) -> None:
+        first_merge = self.first_reduced_block - 1
+        if self.enabled and (window_sizes[first_merge] or use_rel_pos):
+            raise ConfigError(
+                f"{WHERE}: ToMe merges tokens in block {first_merge}, which has "
+                f"{'window attention' if window_sizes[first_merge] else 'a relative position bias'}; merging "
+                "needs global attention without relative position bias from its first merging block on "
+                "(set r to a list that is 0 up to the last window block, or window_size: 0, use_rel_pos: false)"
+            )
+        super().validate(window_sizes, use_rel_pos, out_indices)
+
+    def extra_repr(self) -> str:
+        r = self.r[0] if len(set(self.r)) == 1 else list(self.r)
+        return f"r={r}, proportional_attention={self.proportional_attention}"
+
+    def run(self, blocks, x, grid, num_prefix, dense_at, call_block):
+        state = MergeState(x, num_prefix, self.proportional_attention)
+        dense: Dict[int, Tensor] = {}
+        for i, block in enumerate(blocks):
+            if block.window_size or block.attn.use_rel_pos:
+                x = call_block(block, x, grid)  # before any merge (validated)
+            else:
+                r = self.r[i]
+
+                def merge(tokens: Tensor, keys: Tensor, r: int = r) -> Tensor:
+                    return state.merge(tokens, bipartite_soft_matching(keys, r, num_prefix))
+
+                x = block.forward_merging(x, merge, state.attn_bias())
+            if i in dense_at:
+                dense[i] = state.unmerge(x)
+        return x, dense, state
+
+    def pool_mean(self, x: Tensor, state: MergeState, num_prefix: int) -> Tensor:
+        """The size-weighted mean of the merged patch tokens: the mean over the original patches
+        of their (unmerged) values."""
+        patch = x[:, num_prefix:]
+        if state.sizes is None:
+            return patch.mean(dim=1)
+        sizes = state.sizes[:, num_prefix:]
+        return (patch * sizes).sum(dim=1) / sizes.sum(dim=1)
+
+    def run_with_attention(self, blocks, x, grid, num_prefix):
+        state = MergeState(x, num_prefix, self.proportional_attention)
+        attentions: List[Tensor] = []
+        transitions: List[Optional[Tensor]] = [None] * (len(blocks) + 1)
+        for i, block in enumerate(blocks):
+            if block.window_size or block.attn.use_rel_pos:
+                x, attn = block.forward_with_attention(x, grid)
+            else:
+                def merge(tokens: Tensor, keys: Tensor, r: int = self.r[i], i: int = i) -> Tensor:
+                    matching = bipartite_soft_matching(keys, r, num_prefix)
+                    if matching is None:
+                        return tokens
+                    old = state.sizes if state.sizes is not None else tokens.new_ones(*tokens.shape[:2], 1)
+                    tokens = state.merge(tokens, matching)
+                    transitions[i + 1] = state.transition(matching, old)
+                    return tokens
+
+                x, attn = block.forward_merging(x, merge, state.attn_bias(), return_attention=True)
+            attentions.append(attn)
+        return x, attentions, transitions
+
+
+# ------------------------------------------------------------------------------- TokenLearner
+
+
+class TokenLearnerV11(nn.Module):
+    """Scenic's TokenLearner v1.1 (``TokenLearnerModuleV11``): LayerNorm, an MLP (C -> bottleneck
+    -> S, GELU) gives S spatial attention maps, a softmax over the positions normalises each, and
+    each token is its map's weighted sum of the (un-normalised) input tokens:
+    tokens = softmax_N(MLP(LN(X)))^T X. (v1.0 used convolutions and a sigmoid with mean pooling;
+    v1.1, the one here, the MLP and the softmax.) The GELU is the tanh approximation, JAX's
+    ``nn.gelu`` default, as in Scenic.
+
+    ``forward(x)`` (B, N, C) -> (tokens (B, S, C), weights (B, S, N)).
+    """
+
+    def __init__(self, dim: int, num_tokens: int, bottleneck_dim: int = 64, drop: float = 0.0) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)  # flax's LayerNorm epsilon
+        self.fc1 = nn.Linear(dim, bottleneck_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
+        self.fc2 = nn.Linear(bottleneck_dim, num_tokens)
+
+    def maps(self, x: Tensor) -> Tensor:
+        """Attention maps (B, S, N), each summing to 1 over the positions."""
+        logits = self.drop(self.fc2(self.drop(self.act(self.fc1(self.norm(x))))))
+        return logits.transpose(1, 2).softmax(dim=-1)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        weights = self.maps(x)
+        return weights @ x, weights
+
+
+class TokenFuser(nn.Module):
+    """Scenic's TokenFuser: mixes the S tokens (LayerNorm, a linear map across the tokens,
+    LayerNorm) and spreads them back over the grid with per-position weights
+    sigmoid(MLP(LN(original))) (B, N, S): out = weights @ mixed tokens (B, N, C). The token
+    mixing starts at zero (Scenic's init), so a fresh fuser adds nothing to the residual.
+
+    ``forward(tokens (B, S, C), original (B, N, C))`` -> (B, N, C).
+    """
+
+    def __init__(self, dim: int, num_tokens: int, bottleneck_dim: int = 64, drop: float = 0.0) -> None:
+        super().__init__()
+        self.mix_norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.token_mix = nn.Linear(num_tokens, num_tokens)
+        self.mix_norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.fc1 = nn.Linear(dim, bottleneck_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(bottleneck_dim, num_tokens)
+        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
+
+    def forward(self, tokens: Tensor, original: Tensor) -> Tensor:
+        mixed = self.token_mix(self.mix_norm1(tokens).transpose(1, 2)).transpose(1, 2)
+        mixed = self.mix_norm2(mixed)
+        weights = self.fc2(self.drop(self.act(self.fc1(self.norm(original))))).sigmoid()  # (B, N, S)
+        return self.drop(weights @ mixed)
+
+
+@MODELS.register_module()
+class TokenLearner(TokenReduction):
+    """TokenLearner (Ryoo et al. 2021, "TokenLearner: What Can 8 Learned Tokens Do for Images
+    and Videos?"), as Scenic's ``projects/token_learner`` with the v1.1 module.
+
+    Without ``fuser`` (Scenic's ``EncoderMod``): at block ``at_block`` a :class:`TokenLearnerV11`
+    pools the patch grid into ``num_tokens`` tokens and blocks ``at_block``... run on them (class
+    and register tokens kept in front). Mean pooling then averages the learned tokens (Scenic's
+    ``gap``); there is no grid for dense outputs after ``at_block``.
+
+    With ``fuser`` (Scenic's ``EncoderModFuser``): every block from ``at_block`` on learns its own
+    tokens from the grid, runs on them, and a :class:`TokenFuser` maps them back:
+    grid = fuser(block(tokens), grid) + grid. The grid survives every block, so dense outputs
+    (``out_indices``) keep their shapes.
+
+    Args:
+        embed_dim, depth: given by the backbone.
+        num_tokens: learned tokens S (8 in the paper); 0 switches TokenLearner off (the plain
+            model, bit for bit).
+        at_block: the first block that runs on learned tokens (0 = straight after the stem).
+        fuser: TokenFuser after every block from ``at_block`` on.
+        bottleneck_dim: hidden width of the learner's and the fuser's MLPs (Scenic: 64).
+        drop: dropout in those MLPs.
+    """
+
+    def __init__(
+        self, embed_dim: int, depth: int, num_tokens: int = 8, at_block: int = 0, fuser: bool = False,
+        bottleneck_dim: int = 64, drop: float = 0.0,
+    ) -> None:
+        super().__init__(embed_dim, depth)
+        self.num_tokens = _check_int(num_tokens, "num_tokens")
+        self.at_block = _block_index(at_block, "at_block", depth)
+        _check_int(bottleneck_dim, "bottleneck_dim", 1)
+        self.use_fuser = bool(fuser)
+        self.learners = nn.ModuleList()
+        self.fusers = nn.ModuleList()
+        if self.num_tokens:
+            self.first_reduced_block = self.at_block
+            count = depth - self.at_block if self.use_fuser else 1
+            self.learners.extend(TokenLearnerV11(embed_dim, num_tokens, bottleneck_dim, drop) for _ in range(count))
+            if self.use_fuser:
+                self.fusers.extend(TokenFuser(embed_dim, num_tokens, bottleneck_dim, drop) for _ in range(count))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)  # Scenic's MlpBlock
+                nn.init.zeros_(m.bias)
+        for fuser in self.fusers:
+            nn.init.zeros_(fuser.token_mix.weight)  # Scenic: the token mixing starts at zero
+
+    def validate(self, window_sizes, use_rel_pos, out_indices) -> None:
+        super().validate(window_sizes, use_rel_pos, out_indices)
+        late = [i for i in (out_indices or ()) if self.enabled and not self.use_fuser and i >= self.at_block]
+        if late:
+            raise ConfigError(
+                f"{WHERE}: TokenLearner without fuser has no patch grid after block {self.at_block}, but "
+                f"out_indices asks for the maps of blocks {late}; set fuser: true (TokenFuser maps the tokens "
+                "back onto the grid) or use out_indices before at_block"
+            )
+
+    def extra_repr(self) -> str:
+        return f"num_tokens={self.num_tokens}, at_block={self.at_block}, fuser={self.use_fuser}"
+
+    def layer_id(self, param_name: str) -> int:
+        parts = param_name.split(".")
+        offset = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+        return self.at_block + offset + 1
+
+    def _step(self, i: int, block: nn.Module, x: Tensor, grid, num_prefix: int, call: Callable):
+        """Block i with its learner/fuser; ``call(block, x)`` runs the block. Returns the tokens
+        and the transition into block i (the learner's maps) or None."""
+        if not self.enabled or i < self.at_block:
+            return call(block, x), None
+        if self.use_fuser:
+            residual = x[:, num_prefix:]
+            k = i - self.at_block
+            tokens, weights = self.learners[k](residual)
+            y = call(block, _with_prefix(x, num_prefix, tokens))
+            fused = self.fusers[k](y[:, num_prefix:], residual) + residual
+            return _with_prefix(y, num_prefix, fused), weights
+        weights = None
+        if i == self.at_block:
+            tokens, weights = self.learners[0](x[:, num_prefix:])
+            x = _with_prefix(x, num_prefix, tokens)
+        return call(block, x), weights
+
+    def run(self, blocks, x, grid, num_prefix, dense_at, call_block):
+        dense: Dict[int, Tensor] = {}
+        for i, block in enumerate(blocks):
+            x, _ = self._step(i, block, x, grid, num_prefix, lambda b, t: call_block(b, t, grid))
+            if i in dense_at:
+                dense[i] = x[:, num_prefix:]  # the grid (validated)
+        return x, dense, None
+
+    def run_with_attention(self, blocks, x, grid, num_prefix):
+        if self.enabled and self.use_fuser:
+            raise ConfigError(
+                f"{WHERE}: attention maps cannot follow TokenFuser (its sigmoid mixing and residual are not "
+                "an attention over tokens); draw them with fuser: false, or without token_reduction"
+            )
+        attentions: List[Tensor] = []
+        transitions: List[Optional[Tensor]] = [None] * (len(blocks) + 1)
+
+        def call(block: nn.Module, tokens: Tensor) -> Tensor:
+            out, attn = block.forward_with_attention(tokens, grid)
+            attentions.append(attn)
+            return out
+
+        for i, block in enumerate(blocks):
+            x, weights = self._step(i, block, x, grid, num_prefix, call)
+            if weights is not None:
+                transitions[i] = _prefix_transition(weights, num_prefix)
+        return x, attentions, transitions
+
+
+# ------------------------------------------------------------------------------ visual tokens
+
+
+class FilterTokenizer(nn.Module):
+    """Filter-based tokenizer (Wu et al. 2020, eq. 1): T = softmax_HW(X W_A)^T X, with W_A (C, L)
+    (``weight_a``, a linear map without bias). ``forward(x (B, N, C))`` -> (T (B, L, C),
+    A^T (B, L, N))."""
+
+    def __init__(self, dim: int, num_tokens: int) -> None:
+        super().__init__()
+        self.weight_a = nn.Linear(dim, num_tokens, bias=False)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        weights = self.weight_a(x).softmax(dim=1).transpose(1, 2)  # softmax over the positions
+        return weights @ x, weights
+
+
+class RecurrentTokenizer(nn.Module):
+    """Recurrent tokenizer (Wu et al. 2020, eq. 2): the filters come from the previous tokens,
+    W_R = T_in W_(T->R) (L, C), and T = softmax_HW(X W_R^T)^T X. ``token_to_filter`` is W_(T->R)
+    (C, C, no bias). ``forward(x (B, N, C), tokens_in (B, L, C))`` -> (T (B, L, C), A^T (B, L, N))."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.token_to_filter = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: Tensor, tokens_in: Tensor) -> Tuple[Tensor, Tensor]:
+        filters = self.token_to_filter(tokens_in)  # W_R (B, L, C)
+        weights = (x @ filters.transpose(1, 2)).softmax(dim=1).transpose(1, 2)
+        return weights @ x, weights
+
+
+class Projector(nn.Module):
+    """The projector (Wu et al. 2020, eq. 4): X_out = X_in + softmax_L((X_in W_Q)(T W_K)^T) T,
+    with W_Q and W_K (C, C) linear maps without bias (``query``, ``key``).
+    ``forward(x_in (B, N, C), tokens (B, L, C))`` -> (B, N, C)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.query = nn.Linear(dim, dim, bias=False)
+        self.key = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x_in: Tensor, tokens: Tensor) -> Tensor:
+        weights = (self.query(x_in) @ self.key(tokens).transpose(1, 2)).softmax(dim=-1)  # over the tokens
+        return x_in + weights @ tokens
+
+
+@MODELS.register_module()
+class VisualTokens(TokenReduction):
+    """Visual tokens (Wu et al. 2020, "Visual Transformers: Token-based Image Representation and
+    Processing for Computer Vision"): the tokenizer / transformer / projector pipeline on the ViT.
+
+    At block ``at_block`` (0 = straight after the stem: a conv or ResNet stem's feature map, the
+    paper's VT-ResNet) a :class:`FilterTokenizer` turns the patch grid X into ``num_tokens``
+    visual tokens and the blocks run on them (class and register tokens kept in front). Each
+    block index in ``recurrent_at`` starts a new group: the map is first updated by the previous
+    group's :class:`Projector` with its output tokens, then a :class:`RecurrentTokenizer` draws
+    new tokens from it, guided by those tokens. A dense output (``out_indices``) after
+    ``at_block`` is the current group's projection of its tokens onto its map, so it keeps the
+    grid's shape. Classification pools the tokens (``pool: mean``; ``pool: token`` reads the
+    class token as usual).
+
+    Args:
+        embed_dim, depth, out_indices: given by the backbone. The last group's projector exists
+            only when ``out_indices`` asks for a map in that group (a classifier has none, so
+            every parameter takes part in its loss, as DDP wants).
+        num_tokens: visual tokens L (16 in the paper); 0 switches them off (the plain model,
+            bit for bit).
+        at_block: the first block that runs on visual tokens.
+        recurrent_at: blocks after ``at_block`` that start a group with a recurrent tokenizer.
+    """
+
+    def __init__(
+        self, embed_dim: int, depth: int, num_tokens: int = 16, at_block: int = 0,
+        recurrent_at: Sequence[int] = (), out_indices: Optional[Sequence[int]] = None,
+    ) -> None:
+        super().__init__(embed_dim, depth)
+        self.num_tokens = _check_int(num_tokens, "num_tokens")
+        self.at_block = _block_index(at_block, "at_block", depth)
+        if isinstance(recurrent_at, int) and not isinstance(recurrent_at, bool):
+            recurrent_at = [recurrent_at]
+        if isinstance(recurrent_at, (str, bytes)) or not isinstance(recurrent_at, Sequence):
+            raise ConfigError(f"{WHERE}.recurrent_at must be a list of block indices, got {recurrent_at!r}")
+        starts = sorted(_block_index(i, "recurrent_at", depth) for i in recurrent_at)
+        if len(set(starts)) != len(starts) or any(i <= self.at_block for i in starts):
+            raise ConfigError(
+                f"{WHERE}.recurrent_at {list(recurrent_at)} must name distinct blocks after at_block {self.at_block}"
+            )
+        self.group_starts = (self.at_block, *starts)
+        self.tokenizers = nn.ModuleList()
+        self.projectors = nn.ModuleList()
+        if self.num_tokens:
+            self.first_reduced_block = self.at_block
+            self.tokenizers.append(FilterTokenizer(embed_dim, num_tokens))
+            self.tokenizers.extend(RecurrentTokenizer(embed_dim) for _ in starts)
+            dense_in_last_group = any(i >= self.group_starts[-1] for i in (out_indices or ()))
+            num_projectors = len(self.group_starts) - (0 if dense_in_last_group else 1)
+            self.projectors.extend(Projector(embed_dim) for _ in range(num_projectors))
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+
+    def extra_repr(self) -> str:
+        return f"num_tokens={self.num_tokens}, at_block={self.at_block}, recurrent_at={list(self.group_starts[1:])}"
+
+    def layer_id(self, param_name: str) -> int:
+        parts = param_name.split(".")
+        group = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+        return self.group_starts[min(group, len(self.group_starts) - 1)] + 1
+
+    def _start_group(self, i: int, x: Tensor, state: dict, num_prefix: int) -> Tuple[Tensor, Optional[Tensor]]:
+        """At a group's first block: new visual tokens (and the tokenizer's A^T); else unchanged."""
+        if not self.enabled or i not in self.group_starts:
+            return x, None
+        g = self.group_starts.index(i)
+        if g == 0:
+            state["map"] = x[:, num_prefix:]
+            tokens, weights = self.tokenizers[0](state["map"])
+        else:
+            previous = x[:, num_prefix:]
+            state["map"] = self.projectors[g - 1](state["map"], previous)
+            tokens, weights = self.tokenizers[g](state["map"], previous)
+        state["group"] = g
+        return _with_prefix(x, num_prefix, tokens), weights
+
+    def project(self, x: Tensor, state: dict, num_prefix: int) -> Tensor:
+        """Patch-grid tokens (B, h*w, C): before ``at_block`` the patch tokens themselves, after
+        it the current group's projection of its visual tokens onto its map."""
+        if "map" not in state:
+            return x[:, num_prefix:]
+        return self.projectors[state["group"]](state["map"], x[:, num_prefix:])
+
+    def run(self, blocks, x, grid, num_prefix, dense_at, call_block):
+        state: dict = {}
+        dense: Dict[int, Tensor] = {}
+        for i, block in enumerate(blocks):
+            x, _ = self._start_group(i, x, state, num_prefix)
+            x = call_block(block, x, grid)
+            if i in dense_at:
+                dense[i] = self.project(x, state, num_prefix)
+        return x, dense, state
+
+    def run_with_attention(self, blocks, x, grid, num_prefix):
+        if self.enabled and len(self.group_starts) > 1:
+            raise ConfigError(
+                f"{WHERE}: attention maps cannot follow the projector into a recurrent tokenizer (the map it "
+                "updates is a residual sum, not an attention over tokens); draw them without recurrent_at"
+            )
+        attentions: List[Tensor] = []
+        transitions: List[Optional[Tensor]] = [None] * (len(blocks) + 1)
+        state: dict = {}
+        for i, block in enumerate(blocks):
+            x, weights = self._start_group(i, x, state, num_prefix)
+            if weights is not None:
+                transitions[i] = _prefix_transition(weights, num_prefix)
+            x, attn = block.forward_with_attention(x, grid)
+            attentions.append(attn)
+        return x, attentions, transitions
+
+
+# ------------------------------------------------------------------------------------ building
+
+
+def build_token_reduction(
+    cfg: Optional[dict],
+    *,
+    embed_dim: int,
+    depth: int,
+    window_sizes: Sequence[int],
+    use_rel_pos: bool,
+    out_indices: Optional[Sequence[int]],
+) -> Optional[TokenReduction]:
+    """The reduction ``cfg`` names (``{type: ToMe | TokenLearner | VisualTokens, ...}``), checked
+    against the backbone's layout (window attention, relative position bias, ``out_indices``);
+    None for ``cfg=None``. ``embed_dim`` and ``depth`` come from the backbone."""
+    if cfg is None:
+        return None
+    if not isinstance(cfg, dict) or "type" not in cfg:
+        raise ConfigError(
+            f"{WHERE} must be a dict with a `type` ({', '.join(REDUCTION_TYPES)}), e.g. {{type: ToMe, r: 13}}; "
+            f"got {cfg!r}"
+        )
+    cfg = dict(cfg)
+    kind = cfg.pop("type")
+    cls = kind if isinstance(kind, type) else MODELS.get(kind)
+    if cls is None or not (isinstance(cls, type) and issubclass(cls, TokenReduction)):
+        import difflib
+
+        near = difflib.get_close_matches(str(kind), REDUCTION_TYPES, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(f"{WHERE}.type: {kind!r} is not a token reduction{hint}; expected one of {list(REDUCTION_TYPES)}")
+    given = dict(embed_dim=embed_dim, depth=depth, out_indices=out_indices)
+    for key in given:
+        if key in cfg:
+            raise ConfigError(f"{WHERE}.{key} is set by the backbone (model.backbone.{key}); remove it here")
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    accepted = [p for p in params if p not in given]
+    unknown = sorted(set(cfg) - set(accepted))
+    if unknown:
+        raise ConfigError(f"{WHERE}: {cls.__name__} got unknown keys {unknown}; it accepts {accepted}")
+    module = cls(**{k: v for k, v in given.items() if k in params}, **cfg)
+    module.validate(list(window_sizes), bool(use_rel_pos), out_indices)
+    return module
+
+
+def count_tokens(model: nn.Module, inputs: Tensor) -> List[int]:
+    """Tokens entering each block's attention in ``model``'s ViT backbone for ``inputs`` (any
+    device, meta included): how far a token reduction shrinks the set. Empty without ``blocks``.
+    (Counted at each block's ``norm1``, which every block path calls.)"""
+    backbone = getattr(model, "backbone", model)
+    blocks = getattr(backbone, "blocks", None)
+    if blocks is None:
+        return []
+    counts: List[int] = []
+    hooks = [
+        block.norm1.register_forward_pre_hook(lambda m, args: counts.append(int(args[0].shape[1])))
+        for block in blocks
+    ]
+    try:
+        with torch.no_grad():
+            if backbone is model:
+                model(inputs)
+            else:
+                model(inputs, mode="tensor")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return counts
+
+
+__all__ = [
+    "FilterTokenizer", "Matching", "MergeState", "Projector", "RecurrentTokenizer", "ToMe", "TokenFuser",
+    "TokenLearner", "TokenLearnerV11", "TokenReduction", "VisualTokens", "bipartite_soft_matching",
+    "build_token_reduction", "count_tokens", "merge_tokens",
+]
