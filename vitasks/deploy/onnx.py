@@ -69,9 +69,10 @@ def _require_onnx():
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401  (torch's ONNX translator)
     except ImportError as e:
         raise ExportError(
-            f"ONNX export needs onnx and onnxruntime ({e}); install them with "
+            f"ONNX export needs onnx, onnxruntime and onnxscript ({e}); install them with "
             "`pip install -e .[deploy]` (or `pip install onnx onnxruntime onnxscript`)"
         ) from e
 
@@ -95,9 +96,8 @@ class _ExportModule(nn.Module):
 
 def _first_line(exc: BaseException) -> str:
     text = _ANSI.sub("", str(exc)).strip()
-    for marker in ("## Exception summary",):  # torch.onnx's reports: the summary is the useful part
-        if marker in text:
-            text = text.split(marker, 1)[1].strip()
+    if "## Exception summary" in text:  # torch.onnx's reports: the summary is the useful part
+        text = text.split("## Exception summary", 1)[1].strip()
     return text.splitlines()[0].strip().rstrip(".") if text else type(exc).__name__
 
 
@@ -465,6 +465,11 @@ def export_onnx(
     _require_onnx()
     if batch_size < 1:
         raise ExportError(f"--batch-size must be >= 1, got {batch_size}")
+    devices = {p.device.type for p in model.parameters()}
+    if devices - {"cpu"}:
+        raise ExportError(
+            f"export a model on the CPU (init_model(..., device='cpu')); this one is on {sorted(devices)}"
+        )
     model = model.eval()
     spec = export_spec(model)
     input_shape = export_input_shape(model, img_size)
