@@ -7,27 +7,37 @@ from pathlib import Path
 
 import pytest
 
-from vitasks.data.synthetic import make_synthetic
+from vitasks.data.synthetic.cls import make_cls_dataset
 from vitasks.engine import launch
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo" / "cls_synthetic.yaml"
+EPOCHS = 6
+NUM_CLASSES = 4
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, in_process_loaders):
     root = tmp_path_factory.mktemp("cls_demo")
     data_root = root / "data"
-    make_synthetic("cls", str(data_root), seed=0)
+    # Four generated shape classes at the demo's 64 px in the "plain" style (white on black): the
+    # full random-colour set needs the demo's whole schedule, too long for the suite.
+    make_cls_dataset(str(data_root), num_classes=NUM_CLASSES, train_per_class=80, val_per_class=20, size=64,
+                     seed=0, style="plain")
     work_dir = root / "work"
-    # The demo recipe, shortened so the suite stays quick: 6 epochs, one validation at the end.
     options = [
         f"data_root={data_root}",
-        "train_cfg.max_epochs=6",
-        "train_cfg.val_interval=6",
-        "param_scheduler.1.T_max=5",
-        "param_scheduler.1.end=6",
-        "default_hooks.checkpoint.interval=6",
+        f"num_classes={NUM_CLASSES}",
+        "train_dataloader.batch_size=16",
+        f"train_cfg.max_epochs={EPOCHS}",
+        f"train_cfg.val_interval={EPOCHS}",
+        "param_scheduler.0.end=1",
+        "param_scheduler.1.begin=1",
+        f"param_scheduler.1.end={EPOCHS}",
+        f"param_scheduler.1.T_max={EPOCHS - 1}",
+        f"default_hooks.checkpoint.interval={EPOCHS}",
+        "val_evaluator.topk=[1]",
+        "test_evaluator.topk=[1]",
         *in_process_loaders,
     ]
     launch.train(str(DEMO_CONFIG), work_dir=str(work_dir), cfg_options=options)
@@ -46,7 +56,6 @@ def test_demo_learns_and_dump_matches_metrics(trained):
     # metrics.json holds exactly what test returned, flat {name: number}.
     on_disk = json.loads((test_dir / "metrics.json").read_text())
     assert on_disk["accuracy/top1"] == pytest.approx(metrics["accuracy/top1"])
-    assert set(on_disk) >= {"accuracy/top1", "accuracy/top5"}
 
     # Independent count: the true class is the folder name in the dumped file path.
     classes = sorted(p.name for p in (data_root / "val").iterdir() if p.is_dir())
@@ -56,5 +65,5 @@ def test_demo_learns_and_dump_matches_metrics(trained):
     correct = sum(classes.index(Path(rec["file"]).parent.name) == rec["pred"] for rec in lines)
     assert metrics["accuracy/top1"] == pytest.approx(100.0 * correct / len(lines), abs=1e-6)
 
-    # Well above chance (1/6 = 16.7%).
-    assert metrics["accuracy/top1"] > 40.0, metrics
+    # Well above chance (25 %) on held-out images.
+    assert metrics["accuracy/top1"] > 60.0, metrics

@@ -30,9 +30,12 @@ def class_names(num_classes: int) -> List[str]:
     return sorted(names[:num_classes])
 
 
-def draw_cls_image(rng: np.random.Generator, shape: str, size: int) -> np.ndarray:
-    """One RGB uint8 (size, size, 3) image of ``shape``."""
+def draw_cls_image(rng: np.random.Generator, shape: str, size: int, style: str = "random") -> np.ndarray:
+    """One RGB uint8 (size, size, 3) image of ``shape`` (``style``: see ``drawing.STYLES``)."""
     hw = (size, size)
+    if style == "plain":
+        alpha = drawing.random_shape_alpha(rng, shape, hw, radius_range=(0.25, 0.42))
+        return np.repeat(np.rint(alpha * 255).astype(np.uint8)[..., None], 3, axis=2)
     img = drawing.background(rng, hw, clutter=int(rng.integers(0, 3)))
     alpha = drawing.random_shape_alpha(rng, shape, hw, radius_range=(0.25, 0.42))
     return drawing.finish(rng, drawing.paint(rng, img, alpha))
@@ -45,6 +48,7 @@ def make_cls_dataset(
     val_per_class: int = 20,
     size: int = 64,
     seed: int = 0,
+    style: str = "random",
 ) -> Tuple[str, List[str]]:
     """Write the dataset to ``out_dir`` and return ``(out_dir, class names)``.
 
@@ -56,10 +60,12 @@ def make_cls_dataset(
         val_per_class: Validation images per class.
         size: Image side in pixels (at least 16).
         seed: Random seed; the same arguments give identical files.
+        style: ``"random"`` colours and textures, or ``"plain"`` white shapes on black (quick checks).
     """
     if size < 16:
         raise ValueError(f"size must be at least 16 pixels, got {size}")
     names = class_names(num_classes)
+    drawing.check_style(style)
     prepare_output(out_dir, ("train", "val"), "make_cls_dataset")
     for split_index, (split, count) in enumerate((("train", train_per_class), ("val", val_per_class))):
         for name in names:
@@ -69,7 +75,7 @@ def make_cls_dataset(
             folder = os.path.join(out_dir, split, name)
             os.makedirs(folder, exist_ok=True)
             for i in range(count):
-                Image.fromarray(draw_cls_image(rng, name, size)).save(os.path.join(folder, f"{name}_{i:04d}.png"))
+                Image.fromarray(draw_cls_image(rng, name, size, style)).save(os.path.join(folder, f"{name}_{i:04d}.png"))
     write_marker(out_dir, dict(kind="cls", num_classes=num_classes, classes=names, train_per_class=train_per_class,
-                               val_per_class=val_per_class, size=size, seed=seed))
+                               val_per_class=val_per_class, size=size, seed=seed, style=style))
     return out_dir, names

@@ -128,6 +128,17 @@ def random_shape_alpha(
 
 # ---------------------------------------------------------------------------------- appearance
 
+#: Appearance styles. ``"random"``: random colours and textures (the datasets' default: only the
+#: shape tells the classes apart). ``"plain"``: white shapes on black, no texture or noise; for
+#: quick checks (tests, debugging), where a model can also use the white area.
+STYLES = ("random", "plain")
+
+
+def check_style(style: str) -> str:
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {list(STYLES)}, got {style!r}")
+    return style
+
 
 def _smooth_noise(rng: np.random.Generator, size: Tuple[int, int], cells: int, channels: int) -> np.ndarray:
     """Low-frequency noise in [-1, 1]: a coarse random grid upsampled with bicubic interpolation."""

@@ -33,17 +33,27 @@ def seg_class_names(num_classes: int) -> list[str]:
     return [BACKGROUND, *drawing.SHAPE_NAMES[: num_classes - 1]]
 
 
-def draw_seg_sample(rng: np.random.Generator, size: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """One image (RGB uint8) and its label map (uint8, ADE values: 0 edge, 1 background, 2..K)."""
+def draw_seg_sample(
+    rng: np.random.Generator, size: int, num_classes: int, style: str = "random"
+) -> tuple[np.ndarray, np.ndarray]:
+    """One image (RGB uint8) and its label map (uint8, ADE values: 0 edge, 1 background, 2..K);
+    ``style``: see ``drawing.STYLES``."""
     hw = (size, size)
-    img = drawing.background(rng, hw, clutter=int(rng.integers(0, 3)))
+    plain = style == "plain"
+    img = np.zeros((size, size, 3), np.float32) if plain else drawing.background(rng, hw, clutter=int(rng.integers(0, 3)))
     label = np.ones(hw, np.uint8)
     for _ in range(int(rng.integers(1, 5))):
         shape_index = int(rng.integers(num_classes - 1))
         alpha = drawing.random_shape_alpha(rng, drawing.SHAPE_NAMES[shape_index], hw, radius_range=(0.12, 0.3))
-        img = drawing.paint(rng, img, alpha)
+        if plain:  # white shapes with a black outline, so overlapping ones stay apart
+            edge = (alpha > 0.02).astype(np.float32)[..., None]
+            img = img * (1 - edge) + 255.0 * alpha[..., None] * edge
+        else:
+            img = drawing.paint(rng, img, alpha)
         label[alpha >= 0.5] = shape_index + 2
         label[(alpha > 0.1) & (alpha < 0.5)] = 0  # anti-aliased edge: neither class
+    if plain:
+        return np.clip(np.rint(img), 0, 255).astype(np.uint8), label
     return drawing.finish(rng, img), label
 
 
@@ -54,6 +64,7 @@ def make_seg_dataset(
     num_val: int = 80,
     img_size: int = 96,
     num_classes: int = 11,
+    style: str = "random",
 ) -> str:
     """Write the dataset into ``out_dir`` (the config's ``data_root``) and return it.
 
@@ -65,8 +76,10 @@ def make_seg_dataset(
         num_val: images in ``validation``.
         img_size: side of the square images (at least 16).
         num_classes: K classes: the background (label 1) and K - 1 shapes (labels 2..K); 2..13.
+        style: ``"random"`` colours and textures, or ``"plain"`` white shapes on black (quick checks).
     """
     names = seg_class_names(num_classes)
+    drawing.check_style(style)
     if img_size < 16:
         raise ValueError(f"make_seg_dataset: img_size must be at least 16 pixels, got {img_size}")
     prepare_output(out_dir, ("images", "annotations"), "make_seg_dataset")
@@ -77,12 +90,12 @@ def make_seg_dataset(
         os.makedirs(ann_dir, exist_ok=True)
         for i in range(count):
             # One generator per image: changing the counts never changes the other images.
-            img, label = draw_seg_sample(np.random.default_rng([seed, split_index, i]), img_size, num_classes)
+            img, label = draw_seg_sample(np.random.default_rng([seed, split_index, i]), img_size, num_classes, style)
             name = f"synthetic_{split}_{i:05d}"
             cv2.imwrite(os.path.join(img_dir, name + ".jpg"), img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
             cv2.imwrite(os.path.join(ann_dir, name + ".png"), label)
     with open(os.path.join(out_dir, "classes.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(names) + "\n")
     write_marker(out_dir, dict(kind="seg", num_classes=num_classes, classes=names, num_train=num_train,
-                               num_val=num_val, img_size=img_size, seed=seed))
+                               num_val=num_val, img_size=img_size, seed=seed, style=style))
     return out_dir
