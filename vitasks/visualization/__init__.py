@@ -2,6 +2,7 @@
 pipeline makes them (browse) and training curves from logs (log_curves)."""
 
 from .browse import GroundTruthDrawer, browse_dataset, draw_sample
+from .det_drawer import DetPredictionDrawer
 from .drawers import ClsPredictionDrawer, PredictionDrawer, registered_drawers, select_drawers
 from .log_curves import load_work_dir_logs, plot_curves
 from .rollout import attention_rollout, fuse_heads, rollout_matrix, upsample_map
@@ -9,6 +10,7 @@ from .seg_drawer import SegPredictionDrawer, legend_layout, seg_palette
 
 __all__ = [
     "ClsPredictionDrawer",
+    "DetPredictionDrawer",
     "GroundTruthDrawer",
     "PredictionDrawer",
     "SegPredictionDrawer",
