@@ -14,7 +14,7 @@ BACKBONE = dict(type="VisionTransformer", img_size=32, patch_size=8, embed_dim=E
                 mlp_ratio=2.0, pool="mean", class_token=False, stem=dict(type="PatchEmbed"))
 CLS_TASK = dict(type="ImageClassifier", head=dict(type="LinearClsHead", num_classes=5, in_channels=EMBED),
                 data_preprocessor=dict(type="ClsDataPreprocessor", num_classes=5))
-SEG_TASK = dict(type="EncoderDecoder", out_indices=[1, 3],
+SEG_TASK = dict(type="EncoderDecoder",
                 decode_head=dict(type="FCNHead", in_channels=EMBED, in_index=-1, channels=8, num_convs=1,
                                  num_classes=3, dropout_ratio=0.0),
                 data_preprocessor=dict(type="SegDataPreprocessor"))
@@ -22,7 +22,7 @@ SEG_TASK = dict(type="EncoderDecoder", out_indices=[1, 3],
 
 def build(**overrides):
     cfg = dict(type="MultiTaskModel", backbone=copy.deepcopy(BACKBONE),
-               tasks=dict(cls=copy.deepcopy(CLS_TASK), seg=copy.deepcopy(SEG_TASK)))
+               tasks=dict(cls=copy.deepcopy(CLS_TASK), seg=copy.deepcopy(SEG_TASK)), out_indices=dict(seg=[1, 3]))
     cfg.update(overrides)
     return MODELS.build(cfg)
 
@@ -30,7 +30,6 @@ def build(**overrides):
 def single_models():
     cls = MODELS.build(dict(CLS_TASK, backbone=copy.deepcopy(BACKBONE)))
     seg_cfg = dict(SEG_TASK, backbone=dict(BACKBONE, out_indices=[1, 3]))
-    seg_cfg.pop("out_indices")
     return cls, MODELS.build(seg_cfg)
 
 
@@ -102,6 +101,11 @@ def test_gradients_from_every_task_reach_the_shared_backbone():
         assert all(p.grad is None for p in model.tasks[other].parameters())
 
 
+def test_settings_for_unknown_tasks_are_named():
+    with pytest.raises(ConfigError, match=r"model.loss_weights: \['det'\]"):
+        build(loss_weights=dict(det=2.0))
+
+
 def test_loss_weight_scales_the_task_losses():
     torch.manual_seed(0)
     model = build()
@@ -132,14 +136,12 @@ def test_single_task_checkpoint_loads_into_the_task_and_back():
 
 def test_a_task_with_its_own_backbone_is_named():
     with pytest.raises(ConfigError, match="model.tasks.cls"):
-        build(tasks=dict(cls=dict(CLS_TASK, backbone=BACKBONE)))
+        build(tasks=dict(cls=dict(CLS_TASK, backbone=BACKBONE)), out_indices={})
 
 
 def test_a_dense_task_reading_the_pooled_feature_is_named():
-    bad = dict(SEG_TASK)
-    bad.pop("out_indices")
-    with pytest.raises(ConfigError, match="model.tasks.seg.*out_indices"):
-        build(tasks=dict(seg=bad))
+    with pytest.raises(ConfigError, match="model.tasks.seg.*model.out_indices.seg"):
+        build(tasks=dict(seg=SEG_TASK), out_indices={})
 
 
 def test_a_task_whose_head_and_data_do_not_fit_is_named():
@@ -150,7 +152,7 @@ def test_a_task_whose_head_and_data_do_not_fit_is_named():
 
 def test_task_names_must_be_identifiers():
     with pytest.raises(ConfigError, match="'a/b'"):
-        build(tasks={"a/b": CLS_TASK})
+        build(tasks={"a/b": CLS_TASK}, out_indices={})
 
 
 def test_a_task_name_used_twice_in_a_config_file(tmp_path):

@@ -6,9 +6,9 @@ task model...) built with a :class:`SharedBackboneView` in place of its own back
 models keep all of their code (necks, heads, losses, ``predict``); the view hands each of them
 the backbone outputs it reads:
 
-- ``out_indices`` absent (or null): the pooled feature ``(pooled,)``, as a classifier expects;
-- ``out_indices: [3, 5, 7, 11]``: those blocks' maps (B, C, h, w), as a segmentor's neck
-  expects; ``[-1]`` is the last map, what ViTDet's simple feature pyramid reads.
+- no ``out_indices.<task>``: the pooled feature ``(pooled,)``, as a classifier expects;
+- ``out_indices.<task>: [3, 5, 7, 11]``: those blocks' maps (B, C, h, w), as a segmentor's
+  neck expects; ``[-1]`` is the last map, what ViTDet's simple feature pyramid reads.
 
 Inside :meth:`MultiTaskModel.single_pass` the backbone runs once over the batch for every output
 any task reads, and each task's view picks its own from that pass; outside it (training, where
@@ -21,7 +21,12 @@ Config::
       backbone: {type: VisionTransformer, ...}      # shared; its own out_indices are not used
       tasks:
         cls: {type: ImageClassifier, head: {...}, data_preprocessor: {...}, loss_weight: 1.0}
-        seg: {type: EncoderDecoder, out_indices: [0, 1, 2, 3], neck: {...}, decode_head: {...}}
+        seg: {type: EncoderDecoder, neck: {...}, decode_head: {...}}
+      out_indices: {seg: [0, 1, 2, 3]}             # what each dense task reads (default: pooled)
+      loss_weights: {cls: 1.0, seg: 0.5}           # default 1.0
+
+A task's config is its single-task model config without ``backbone`` (the multi-task settings
+sit beside ``tasks``, so every task config is checked against its own model's arguments).
 
 State-dict keys: ``backbone.*`` (shared) and ``tasks.<name>.<the task model's own keys>``, e.g.
 ``tasks.cls.head.fc.weight``; :meth:`MultiTaskModel.adapt_state_dict` maps a single-task
@@ -48,8 +53,6 @@ __all__ = ["MultiTaskModel", "SharedBackboneView", "OutputSpec", "TASK_KEY_PREFI
 #: Task models sit under this module name: ``tasks.<name>.*`` in the state dict.
 TASK_KEY_PREFIX = "tasks"
 _TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# Keys of ``model.tasks.<name>`` read by the multi-task model, not passed to the task model.
-_OWN_TASK_KEYS = ("type", "out_indices", "loss_weight")
 
 
 class OutputSpec:
@@ -62,12 +65,12 @@ class OutputSpec:
         if isinstance(out_indices, int) and not isinstance(out_indices, bool):
             out_indices = [out_indices]
         if not isinstance(out_indices, (list, tuple)) or not out_indices:
-            raise ConfigError(f"model.tasks.{task}.out_indices must be a non-empty list of block indices, "
+            raise ConfigError(f"model.out_indices.{task} must be a non-empty list of block indices, "
                               f"got {out_indices!r}")
         resolved = []
         for index in out_indices:
             if depth is not None and not -depth <= int(index) < depth:
-                raise ConfigError(f"model.tasks.{task}.out_indices: {index} is not a block of the depth-{depth} backbone")
+                raise ConfigError(f"model.out_indices.{task}: {index} is not a block of the depth-{depth} backbone")
             resolved.append(int(index) % depth if depth is not None else int(index))
         self.map_indices = tuple(resolved)
 
@@ -162,8 +165,10 @@ class MultiTaskModel(BaseModel):
     Args:
         backbone: the shared backbone config (any stem, windowed or not).
         tasks: ``{name: task config}``; a task config is a task model config without
-            ``backbone``, plus ``out_indices`` (what it reads, see the module docstring) and
-            ``loss_weight`` (1.0).
+            ``backbone``.
+        out_indices: ``{task: block indices}`` for the tasks that read maps (see the module
+            docstring); the others read the pooled feature.
+        loss_weights: ``{task: weight}`` (default 1.0 each).
         data_preprocessor: for one batch shared by every task (single-pass inference); default:
             the first task's preprocessor.
         init_cfg: mmengine initialisation config.
@@ -173,6 +178,8 @@ class MultiTaskModel(BaseModel):
         self,
         backbone: Union[dict, nn.Module],
         tasks: Mapping[str, dict],
+        out_indices: Optional[Mapping[str, Sequence[int]]] = None,
+        loss_weights: Optional[Mapping[str, float]] = None,
         data_preprocessor: Optional[Union[dict, nn.Module]] = None,
         init_cfg: Optional[dict] = None,
     ) -> None:
@@ -184,8 +191,14 @@ class MultiTaskModel(BaseModel):
         self.tasks = nn.ModuleDict()
         self.loss_weights: Dict[str, float] = {}
         self.specs: Dict[str, OutputSpec] = {}
+        for key, given in (("out_indices", out_indices), ("loss_weights", loss_weights)):
+            unknown = [n for n in (given or {}) if n not in tasks]
+            if unknown:
+                raise ConfigError(f"model.{key}: {unknown} are not tasks of model.tasks ({list(tasks)})")
         for name, cfg in tasks.items():
-            self.tasks[name] = self._build_task(name, cfg, depth)
+            reads = (out_indices or {}).get(name)
+            weight = float((loss_weights or {}).get(name, 1.0))
+            self.tasks[name] = self._build_task(name, cfg, depth, reads, weight)
         if not _can_walk_blocks(self.backbone):
             reads = {self._reads(s) for s in self.specs.values()}
             if len(reads) > 1:
@@ -207,7 +220,8 @@ class MultiTaskModel(BaseModel):
     def _reads(spec: OutputSpec) -> str:
         return "pooled" if spec.pooled else f"maps {list(spec.map_indices)}"
 
-    def _build_task(self, name: str, cfg: dict, depth: Optional[int]) -> nn.Module:
+    def _build_task(self, name: str, cfg: dict, depth: Optional[int], out_indices: Optional[Sequence[int]],
+                    weight: float) -> nn.Module:
         where = f"model.tasks.{name}"
         if not isinstance(name, str) or not _TASK_NAME.match(name):
             raise ConfigError(f"model.tasks: task name {name!r} must be a Python-style identifier (it prefixes "
@@ -219,10 +233,9 @@ class MultiTaskModel(BaseModel):
         cfg = dict(cfg)
         if "backbone" in cfg:
             raise ConfigError(f"{where}: a task has no backbone of its own; `model.backbone` is shared by every task "
-                              "(say what it reads with `out_indices`)")
+                              f"(say what it reads with model.out_indices.{name})")
         model_type = cfg.pop("type")
-        weight = float(cfg.pop("loss_weight", 1.0))
-        spec = OutputSpec(cfg.pop("out_indices", None), depth, name)
+        spec = OutputSpec(out_indices, depth, name)
         model_cls = MODELS.get(model_type) if isinstance(model_type, str) else model_type
         if model_cls is None:
             raise ConfigError(f"{where}.type: {model_type!r} is not a registered model")
@@ -235,7 +248,7 @@ class MultiTaskModel(BaseModel):
             raise ConfigError(f"{where}: cannot build {getattr(model_cls, '__name__', model_cls)}: {e}") from e
         if spec.pooled and _reads_maps(task):
             raise ConfigError(f"{where}: a {type(task).__name__} reads feature maps, but the task reads the pooled "
-                              "feature; say which blocks' maps it reads with out_indices (e.g. [3, 5, 7, 11], or [-1] "
+                              "feature; say which blocks' maps it reads with model.out_indices.{name} (e.g. [3, 5, 7, 11], or [-1] "
                               "for ViTDet's pyramid)")
         self.loss_weights[name] = weight
         self.specs[name] = spec
