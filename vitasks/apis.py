@@ -246,7 +246,8 @@ def inference_model(
 
     Returns one data sample (for one input) or a list (for a list): the model's ``predict``
     output, e.g. ``pred_score`` (K,) and ``pred_label`` (1,) for a classifier, with
-    ``img_path`` / ``ori_shape`` / ``img_shape`` in the metainfo.
+    ``img_path`` / ``ori_shape`` / ``img_shape`` in the metainfo. For a multi-task model, one
+    ``{task: sample}`` per input, every task's prediction from one backbone pass.
     """
     if not hasattr(model, "cfg"):
         raise VitasksError("inference_model needs a model from init_model (it reads model.cfg)")
@@ -256,7 +257,12 @@ def inference_model(
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
             batch = pseudo_collate(data[start:start + batch_size])
-            samples.extend(model.test_step(batch))
+            if hasattr(model, "predict_all"):  # a multi-task model: every task, one backbone pass
+                per_task = model.predict_all(batch)
+                samples.extend({name: found[i] for name, found in per_task.items()}
+                               for i in range(len(batch["inputs"])))
+            else:
+                samples.extend(model.test_step(batch))
     return samples[0] if single else samples
 
 
@@ -336,6 +342,9 @@ def run_inference(
     records = []
     for path, stem in zip(files, _unique_stems(files)):
         sample = inference_model(model, path)
+        if isinstance(sample, dict):  # a multi-task model
+            records.append(_draw_tasks(model, path, stem, sample, out_dir, topk))
+            continue
         drawers = select_drawers(model, sample)
         record: dict[str, Any] = {"file": path}
         for drawer in drawers:
@@ -353,6 +362,36 @@ def run_inference(
         Image.fromarray(image).save(png_path)
         records.append({**record, "json": json_path, "png": png_path})
     return records
+
+
+def _draw_tasks(model: nn.Module, path: str, stem: str, samples: dict, out_dir: str, topk: int) -> dict:
+    """A multi-task model's predictions for one image: ``{"file", "tasks": {task: summary}}`` as
+    JSON and every task drawn over the image, one after the other, in one PNG. Class names per
+    task come from the config's ``class_names: {task: [...]}``."""
+    from PIL import Image
+
+    from vitasks.visualization import select_drawers
+
+    names_cfg = model.cfg.get("class_names")
+    record: dict[str, Any] = {"file": path, "tasks": {}}
+    image = None
+    for task, sample in samples.items():
+        class_names = names_cfg.get(task) if isinstance(names_cfg, dict) else None
+        drawers = select_drawers(model.tasks[task], sample)
+        summary: dict[str, Any] = {}
+        for drawer in drawers:
+            summary.update(drawer.summarize(sample, class_names, topk))
+            summary.update(drawer.write_files(sample, out_dir, f"{stem}_{task}"))
+            if image is None:
+                image = drawer.load_image(path)
+            image = drawer.draw(image, sample, class_names, topk)
+        record["tasks"][task] = summary
+    json_path = os.path.join(out_dir, stem + ".json")
+    png_path = os.path.join(out_dir, stem + ".png")
+    with open(json_path, "w") as f:
+        json.dump(record, f, indent=2)
+    Image.fromarray(image).save(png_path)
+    return {**record, "json": json_path, "png": png_path}
 
 
 def attention_map(

@@ -163,3 +163,33 @@ def test_a_task_name_used_twice_in_a_config_file(tmp_path):
                     "    cls: {type: EncoderDecoder}\n")
     with pytest.raises(ConfigError, match="duplicate key 'cls'"):
         load_config(str(path))
+
+
+def test_infer_draws_every_task_of_one_image_from_one_backbone_pass(tmp_path):
+    """apis.run_inference (tools/infer.py) on a multi-task model: one JSON with every task, one
+    PNG, and the backbone counted once for the image."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from vitasks import apis
+
+    cfg = dict(default_scope="vitasks",
+               model=dict(type="MultiTaskModel", backbone=copy.deepcopy(BACKBONE),
+                          tasks=dict(cls=copy.deepcopy(CLS_TASK), seg=copy.deepcopy(SEG_TASK)),
+                          out_indices=dict(seg=[1, 3])),
+               test_pipeline=[dict(type="LoadImage"), dict(type="PackInputs")])
+    path = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(path)
+    model = apis.init_model(cfg)
+    samples = apis.inference_model(model, str(path))
+    assert model.backbone_calls == 1
+    assert set(samples) == {"cls", "seg"} and samples["seg"].pred_sem_seg.data.shape == (1, 40, 48)
+    records = apis.run_inference(cfg, None, [str(path)], str(tmp_path / "out"))
+    written = json.load(open(records[0]["json"]))
+    assert set(written["tasks"]) == {"cls", "seg"}
+    # a fresh model (zero-initialised head: uniform scores), so compare the score, not the label
+    assert written["tasks"]["cls"]["predictions"][0]["score"] == pytest.approx(float(samples["cls"].pred_score.max()))
+    assert "classes" in written["tasks"]["seg"]
+    assert Image.open(records[0]["png"]).size[0] >= 48

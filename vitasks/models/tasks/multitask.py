@@ -248,7 +248,7 @@ class MultiTaskModel(BaseModel):
             raise ConfigError(f"{where}: cannot build {getattr(model_cls, '__name__', model_cls)}: {e}") from e
         if spec.pooled and _reads_maps(task):
             raise ConfigError(f"{where}: a {type(task).__name__} reads feature maps, but the task reads the pooled "
-                              "feature; say which blocks' maps it reads with model.out_indices.{name} (e.g. [3, 5, 7, 11], or [-1] "
+                              f"feature; say which blocks' maps it reads with model.out_indices.{name} (e.g. [3, 5, 7, 11], or [-1] "
                               "for ViTDet's pyramid)")
         self.loss_weights[name] = weight
         self.specs[name] = spec
