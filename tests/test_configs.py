@@ -25,7 +25,10 @@ def test_every_task_config_is_listed():
             "demo/seg_synthetic.yaml"} <= set(TASK_CONFIGS)
 
 
-@pytest.mark.parametrize("name", TASK_CONFIGS)
+MULTI_TASK = [n for n in TASK_CONFIGS if "multitask" in n]
+
+
+@pytest.mark.parametrize("name", [n for n in TASK_CONFIGS if n not in MULTI_TASK])
 def test_config_validates_builds_and_retargets(name, tmp_path):
     cfg = load_config(str(CONFIGS / name), [f"data_root={tmp_path}", "num_classes=7"])
     validate_config(cfg)
@@ -37,3 +40,20 @@ def test_config_validates_builds_and_retargets(name, tmp_path):
         model = MODELS.build(cfg.model)
     assert _head_classes(model) == 7
     assert type(model.backbone).__name__ in ("VisionTransformer", "VideoVisionTransformer")
+
+
+@pytest.mark.parametrize("name", MULTI_TASK)
+def test_multitask_config_retargets_each_task(name, tmp_path):
+    """A multi-task config retargets each task: `<task>_data_root=DIR <task>_classes=K`."""
+    cfg = load_config(str(CONFIGS / name))
+    tasks = sorted(cfg.model.tasks)
+    options = [f"{t}_data_root={tmp_path / t}" for t in tasks] + [f"{t}_classes={5 + i}" for i, t in enumerate(tasks)]
+    cfg = load_config(str(CONFIGS / name), options)
+    validate_config(cfg)
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        for task, spec in (cfg.get(loader) or {}).get("tasks", {}).items():
+            assert spec["dataset"]["data_root"] == str(tmp_path / task), (name, loader, task)
+    with init_on_meta():
+        model = MODELS.build(cfg.model)
+    for i, task in enumerate(tasks):
+        assert _head_classes(model.tasks[task]) == 5 + i, task
