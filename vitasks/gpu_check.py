@@ -1,0 +1,163 @@
+"""Check a GPU machine in one command (``bash tools/gpu_check.sh``): which SDPA kernels run, the
+benchmark table (fp32, bf16, ``--compile``) and the MFU of a ViT-B/16 bf16 training step.
+
+MFU (model FLOPs utilisation) = the FLOPs a training step needs (forward + backward, counted by
+:mod:`vitasks.benchmark`: recomputation of gradient checkpointing not counted) per second, over
+the GPU's dense bf16 peak. The peak comes from :data:`BF16_PEAK_TFLOPS` by device name, or
+``--peak-tflops``. The batch is the largest power of two that fits (``--batch-size`` to fix it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["BF16_PEAK_TFLOPS", "bf16_peak_tflops", "sdpa_kernels", "largest_batch", "gpu_check", "main"]
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets. Matched
+# against torch.cuda.get_device_name() in this order (first substring that matches).
+BF16_PEAK_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+    ("RTX 4090", 165.0),
+    ("RTX 3090", 71.0),
+)
+
+
+def bf16_peak_tflops(device_name: str) -> Optional[float]:
+    """The dense bf16 peak of a GPU by its name, or None when the table does not know it."""
+    for key, peak in BF16_PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return peak
+    return None
+
+
+def sdpa_kernels(device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+                 shape: tuple = (8, 12, 197, 64)) -> dict[str, Any]:
+    """Which of SDPA's backends run attention of ``shape`` (B, heads, N, head_dim), and which one
+    SDPA picks by itself (the kernel names a profiler sees)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
+    backends = {}
+    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+        backend = getattr(SDPBackend, name, None)
+        if backend is None:
+            continue
+        try:
+            with sdpa_kernel([backend]):
+                torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            backends[name.lower()] = "runs"
+        except RuntimeError as e:
+            backends[name.lower()] = f"not available: {str(e).splitlines()[0][:120]}"
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    names = sorted({e.key for e in prof.key_averages()})
+    chosen = [n for n in names if any(s in n.lower() for s in ("flash", "efficient", "fmha", "cudnn", "math"))]
+    return {"backends": backends, "default_kernels": chosen}
+
+
+def largest_batch(try_batch, start: int = 8, limit: int = 1024) -> int:
+    """The largest power of two from ``start`` up to ``limit`` for which ``try_batch(b)`` runs
+    without running out of memory."""
+    best, batch = 0, start
+    while batch <= limit:
+        try:
+            try_batch(batch)
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        best, batch = batch, batch * 2
+    if best == 0:
+        raise RuntimeError(f"not even a batch of {start} fits")
+    return best
+
+
+def gpu_check(config: str, batch_size: Optional[int] = None, peak_tflops: Optional[float] = None,
+              iters: int = 10, compile: bool = True) -> dict[str, Any]:
+    """Run the checks on the current CUDA device; returns everything measured."""
+    from vitasks.benchmark import run_benchmark
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("gpu_check needs a CUDA device (torch.cuda.is_available() is False)")
+    name = torch.cuda.get_device_name()
+    peak = peak_tflops or bf16_peak_tflops(name)
+    report: dict[str, Any] = {"device": name, "torch": torch.__version__, "bf16_peak_tflops": peak,
+                              "sdpa": sdpa_kernels("cuda")}
+    rows = {}
+    for label, amp, comp in (("fp32 eager", False, False), ("bf16 eager", True, False), ("bf16 compile", True, True)):
+        if comp and not compile:
+            continue
+        rows[label] = run_benchmark(config, batch_size=64, amp=amp, compile=comp, iters=iters, warmup=3)
+    report["table"] = rows
+
+    def train_at(batch: int) -> dict:
+        return run_benchmark(config, batch_size=batch, amp=True, compile=compile, iters=3, warmup=2)
+
+    batch = batch_size or largest_batch(lambda b: train_at(b))
+    result = train_at(batch) if batch_size else run_benchmark(config, batch_size=batch, amp=True,
+                                                              compile=compile, iters=iters, warmup=3)
+    train_tflops = result["phases"]["training"]["tflops"]
+    report["mfu"] = {"batch_size": batch, "train_tflops": train_tflops,
+                     "mfu": train_tflops / peak if peak else None}
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as markdown (for the README's GPU section)."""
+    lines = [f"GPU: {report['device']}, torch {report['torch']}, dense bf16 peak "
+             f"{report['bf16_peak_tflops']} TFLOP/s", "", "SDPA backends (bf16, 8 x 12 heads x 197 tokens x 64):"]
+    for backend, state in report["sdpa"]["backends"].items():
+        lines.append(f"- {backend}: {state}")
+    lines.append(f"- picked by default: {', '.join(report['sdpa']['default_kernels']) or 'unknown'}")
+    lines += ["", "| run | inference img/s | training img/s | training TFLOP/s |", "|---|---|---|---|"]
+    for label, r in report["table"].items():
+        inf, tr = r["phases"].get("inference", {}), r["phases"].get("training", {})
+        lines.append(f"| {label} | {inf.get('images_per_s', float('nan')):.1f} | "
+                     f"{tr.get('images_per_s', float('nan')):.1f} | {tr.get('tflops', float('nan')):.1f} |")
+    m = report["mfu"]
+    mfu = f"{100 * m['mfu']:.1f} %" if m["mfu"] is not None else "n/a (unknown peak: --peak-tflops)"
+    lines += ["", f"ViT-B/16 bf16 training step at batch {m['batch_size']}: {m['train_tflops']:.1f} TFLOP/s, MFU {mfu}"]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list] = None) -> int:
+    p = argparse.ArgumentParser(prog="tools/gpu_check.sh", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/cls_imagenet.yaml", help="ViT-B/16 by default")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch for the MFU (default: largest that fits)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--json", default=None, metavar="OUT")
+    args = p.parse_args(argv)
+    report = gpu_check(args.config, args.batch_size, args.peak_tflops, args.iters, compile=not args.no_compile)
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
