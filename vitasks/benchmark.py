@@ -287,6 +287,7 @@ def run_benchmark(
     matmul_iters: int = 5,
     train: bool = True,
     cfg_options: list[str] | dict | None = None,
+    onnx: bool = False,
 ) -> dict[str, Any]:
     """Benchmark the model of ``config``; returns a flat-ish dict (see :func:`format_table`).
 
@@ -303,6 +304,8 @@ def run_benchmark(
         matmul_size, matmul_iters: the reference matmul.
         train: also benchmark a training step.
         cfg_options: extra config overrides.
+        onnx: also export the model as ONNX (checked against PyTorch, see vitasks.deploy) and time
+            it with onnxruntime beside eager PyTorch, alternating, same threads (CPU, fp32).
     """
     from vitasks.apis import build_model, load_cfg
 
@@ -402,6 +405,20 @@ def run_benchmark(
     del runner
     if compile:
         torch._dynamo.reset()  # the frozen inference graph holds copies of the weights
+
+    # onnxruntime beside eager PyTorch: fp32 on the CPU, whatever --amp / --compile say.
+    if onnx:
+        if dev.type != "cpu":
+            raise VitasksError("--onnx times onnxruntime's CPU provider: run it with --device cpu")
+        import tempfile
+
+        from vitasks.deploy.onnx import export_onnx
+        from vitasks.deploy.timing import compare_onnx_eager_model
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            export_onnx(model, path, batch_size=batch_size, img_size=size)
+            result["onnxruntime"] = compare_onnx_eager_model(path, model, batch_size, iters, warmup, img_size=size)
 
     # Training: forward, loss, backward and the optimizer step that training would use.
     if train:
@@ -609,7 +626,13 @@ def format_table(result: dict[str, Any]) -> str:
         )
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    return head + "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    table = head + "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    if result.get("onnxruntime"):
+        from vitasks.deploy.timing import format_comparison
+
+        table += "\n\nonnxruntime beside eager PyTorch (fp32, alternating batches):\n" + format_comparison(
+            result["onnxruntime"])
+    return table
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -633,6 +656,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--matmul-iters", type=int, default=5,
                    help="timed reference matmuls before and after the model (each)")
     p.add_argument("--no-train", action="store_true", help="inference only")
+    p.add_argument("--onnx", action="store_true",
+                   help="also export as ONNX and time onnxruntime beside eager PyTorch (CPU, fp32; "
+                   "needs the deploy extra)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
     p.add_argument("--cfg-options", nargs="+", default=None, metavar="KEY=VALUE",
                    help="override config keys (dotted), as for the other commands")
@@ -651,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
             grad_ckpt=args.grad_ckpt, img_size=args.img_size, iters=args.iters,
             warmup=max(0, args.warmup), device=args.device, matmul_size=args.matmul_size,
             matmul_iters=args.matmul_iters, train=not args.no_train, cfg_options=args.cfg_options,
+            onnx=args.onnx,
         )
     except VitasksError as e:
         print(f"vitasks: error: {e}", file=sys.stderr)
