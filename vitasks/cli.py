@@ -286,7 +286,8 @@ def add_list_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "list", help="list the registered components",
         description="Print every component registered in vitasks (built-in and installed "
-        "plugins), grouped by registry.",
+        "plugins), grouped by registry: its name, the module defining it and the package that "
+        "provided it (vitasks, mmengine, a plugin and what named it, or a distribution).",
     )
     parser.add_argument("registry", nargs="?", help="only this registry (e.g. models)")
     parser.set_defaults(handler=_run_list)
@@ -294,7 +295,7 @@ def add_list_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _run_list(args: argparse.Namespace) -> int:
-    from vitasks.plugins import import_plugins, register_all_modules
+    from vitasks.plugins import import_plugins, provider_of, register_all_modules
     from vitasks.registry import ALL_REGISTRIES
 
     if args.registry is not None and args.registry not in ALL_REGISTRIES:
@@ -307,10 +308,14 @@ def _run_list(args: argparse.Namespace) -> int:
     for name in chosen:
         entries = ALL_REGISTRIES[name].module_dict
         lines = [f"{name} ({len(entries)})"]
+        modules = {key: getattr(obj, "__module__", "") or "" for key, obj in entries.items()}
         width = max((len(k) for k in entries), default=0)
+        module_width = max((len(m) for m in modules.values()), default=0)
         for key in sorted(entries):
-            module = getattr(entries[key], "__module__", "")
-            lines.append(f"  {key:<{width}}  {module}".rstrip())
+            # name, defining module, and the package that provided it: vitasks, mmengine, a
+            # plugin (and what named it), or an installed distribution
+            provider = provider_of(modules[key])
+            lines.append(f"  {key:<{width}}  {modules[key]:<{module_width}}  {provider}".rstrip())
         if not entries:
             lines.append("  (none)")
         blocks.append("\n".join(lines))

@@ -22,11 +22,12 @@ import sys
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
-from typing import Any, List, Mapping, Optional, Set
+from typing import Any, Dict, List, Mapping, Optional, Set
 
 from vitasks.errors import ConfigError
 
-__all__ = ["ENTRY_POINT_GROUP", "import_plugins", "register_all_modules", "entry_point_plugins"]
+__all__ = ["ENTRY_POINT_GROUP", "import_plugins", "register_all_modules", "entry_point_plugins",
+           "provider_of"]
 
 ENTRY_POINT_GROUP = "vitasks.plugins"
 
@@ -42,6 +43,75 @@ SUBPACKAGES = (
 # Entry points already loaded in this process ("name = value"): a ``register`` function must
 # not run twice (mmengine refuses to register a name twice).
 _LOADED_ENTRY_POINTS: Set[str] = set()
+
+# Top-level module name of every plugin imported in this process -> who asked for it, for
+# `vitasks list` ("plugin vt_x (config exp.yaml)", "vitasks-depth (entry point depth)").
+_PLUGIN_PROVIDERS: Dict[str, str] = {}
+
+
+def _top(module_name: str) -> str:
+    return module_name.split(".", 1)[0]
+
+
+def provider_of(module_name: str) -> str:
+    """Which package provided a component defined in ``module_name``.
+
+    ``vitasks`` and ``mmengine`` for their own modules; for a plugin, its module and what named it
+    (a config or an installed entry point); for other code, the installed distribution that holds
+    it; an empty string when nothing is known (code registered at run time by a script).
+    """
+    top = _top(module_name or "")
+    if top in ("vitasks", "mmengine"):
+        return top
+    if top in _PLUGIN_PROVIDERS:
+        return _PLUGIN_PROVIDERS[top]
+    try:
+        dists = metadata.packages_distributions().get(top)
+    except Exception:  # a broken installed METADATA must not break listing
+        dists = None
+    return dists[0] if dists else ""
+
+
+def _registering_module(err: KeyError) -> Optional[str]:
+    """The module whose class mmengine refused (the ``module`` being registered), from the traceback."""
+    tb = err.__traceback__
+    found = None
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "_register_module":
+            found = getattr(frame.f_locals.get("module"), "__module__", None)
+        tb = tb.tb_next
+    return found
+
+
+def _duplicate_name_error(err: KeyError, origin: str) -> Optional[ConfigError]:
+    """mmengine's ``KeyError("X is already registered in models at a.b")`` as a ConfigError that
+    names both modules; None for any other KeyError."""
+    message = err.args[0] if err.args and isinstance(err.args[0], str) else ""
+    if " is already registered in " not in message:
+        return None
+    name, rest = message.split(" is already registered in ", 1)
+    registry, _, existing = rest.partition(" at ")
+    new = _registering_module(err) or "?"
+    return ConfigError(
+        f"{origin}: module '{new}' registers '{name}' in registry '{registry}', but module "
+        f"'{existing}' already registered that name; rename one of them (two plugins, or a plugin "
+        "and vitasks, cannot share a component name)")
+
+
+def _run_import(load, origin: str):
+    """Run ``load()`` (an import), turning the plugin mistakes a user can fix into ConfigErrors:
+    a duplicate component name, a syntax error. ImportErrors are left to the caller."""
+    try:
+        return load()
+    except KeyError as err:
+        error = _duplicate_name_error(err, origin)
+        if error is None:
+            raise
+        raise error from err
+    except SyntaxError as err:
+        raise ConfigError(f"{origin}: syntax error in {err.filename}, line {err.lineno}: "
+                          f"{err.msg}") from err
 
 
 def register_all_modules(init_default_scope: bool = False) -> None:
@@ -99,12 +169,13 @@ def _import_path(entry: str, base_dir: Path, source: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
-        spec.loader.exec_module(module)
+        _run_import(lambda: spec.loader.exec_module(module), f"{source}: plugins: '{entry}'")
     except BaseException as err:
         del sys.modules[name]
         if isinstance(err, ImportError):
             raise ConfigError(f"{source}: plugins: cannot import '{entry}': {err}") from err
         raise
+    _PLUGIN_PROVIDERS.setdefault(name, f"plugin {name} (config {os.path.basename(source)})")
     return module
 
 
@@ -116,12 +187,14 @@ def _import_listed(entry: Any, base_dir: Path, source: str) -> str:
     if _is_path(entry):
         return _import_path(entry, base_dir, source).__name__
     try:
-        importlib.import_module(entry)
+        _run_import(lambda: importlib.import_module(entry), f"{source}: plugins: '{entry}'")
     except ImportError as err:
         raise ConfigError(
             f"{source}: plugins: cannot import module '{entry}': {err}; install the plugin "
             "package, put it on PYTHONPATH, or give a path relative to the config file"
         ) from err
+    _PLUGIN_PROVIDERS.setdefault(_top(entry),
+                                 f"plugin {_top(entry)} (config {os.path.basename(source)})")
     return entry
 
 
@@ -144,12 +217,15 @@ def _load_entry_point(ep: metadata.EntryPoint) -> str:
     dist = getattr(getattr(ep, "dist", None), "name", None)
     origin = f"installed plugin '{key}'" + (f" (distribution {dist})" if dist else "")
     try:
-        obj = ep.load()
+        obj = _run_import(ep.load, origin)
     except (ImportError, AttributeError) as err:
         raise ConfigError(f"{origin} in entry-point group {ENTRY_POINT_GROUP} cannot be loaded: "
                           f"{err}; reinstall or uninstall it") from err
+    module = ep.value.split(":", 1)[0].strip()
+    _PLUGIN_PROVIDERS.setdefault(
+        _top(module), f"{dist or 'plugin ' + _top(module)} (entry point {ep.name})")
     if callable(obj) and not isinstance(obj, (type, ModuleType)):
-        obj()
+        _run_import(obj, origin)
     _LOADED_ENTRY_POINTS.add(key)
     return ep.value
 
