@@ -279,3 +279,32 @@ def test_relative_difference_formula():
     assert deploy_onnx.relative_difference(actual, expected) == pytest.approx(0.02 / 4.0)
     assert deploy_onnx.relative_difference(np.zeros(2), np.zeros(3)) == float("inf")
     assert deploy_onnx.relative_difference(np.full(2, 1e-3), np.zeros(2)) == pytest.approx(1e-3)
+
+
+def video_config(attention_type: str) -> dict:
+    return {
+        "default_scope": "vitasks",
+        "model": {
+            "type": "Recognizer",
+            "backbone": {"type": "VideoVisionTransformer", "num_frames": 4, "img_size": 16, "patch_size": 8,
+                         "tubelet_size": 2, "embed_dim": 16, "depth": 2, "num_heads": 2,
+                         "attention_type": attention_type},
+            "head": {"type": "VideoClsHead", "num_classes": 5, "in_channels": 16},
+        },
+    }
+
+
+@pytest.mark.parametrize("attention_type", ["divided", "factorised_encoder"])
+def test_video_recognizer_onnx_equals_pytorch_at_two_batch_sizes(attention_type, tmp_path):
+    model = randomise(init_model(video_config(attention_type)), seed=2)
+    path = tmp_path / "video.onnx"
+    result = export_onnx(model, str(path), batch_size=2)
+    assert result.output_names == ["logits"]
+    assert json.loads(metadata(path)["vitasks.input_shape"]) == ["N", 3, 4, 16, 16]
+    for batch_size in (1, 3):  # neither is the traced batch
+        inputs = torch.randn(batch_size, 3, 4, 16, 16)
+        with torch.no_grad():
+            expected = model(inputs, mode="tensor")
+        (logits,) = onnxruntime_outputs(path, inputs)
+        assert logits.shape == (batch_size, 5) and expected.abs().max() > 0.1
+        torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-5)

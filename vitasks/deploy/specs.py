@@ -57,6 +57,17 @@ def _classifier_spec(model: nn.Module) -> ExportSpec:
     )
 
 
+def _recognizer_spec(model: nn.Module) -> ExportSpec:
+    return ExportSpec(
+        forward=lambda m, x: m(x, mode="tensor"),
+        outputs={"logits": "clip logits (N, K) of clips (N, 3, T, H, W), before softmax"},
+        postprocess=(
+            "one clip per row: for a video's several views (clips x crops), average the softmaxes "
+            "('prob', the head's average_clips) or the logits ('score'), then argmax"
+        ),
+    )
+
+
 def _segmentor_spec(model: nn.Module) -> ExportSpec:
     # Whole-image inference (EncoderDecoder.encode_decode): pad to the backbone's stride, run,
     # upsample bilinearly, cut the padding. Logits rather than the label map, so a caller can
@@ -83,6 +94,7 @@ def _segmentor_spec(model: nn.Module) -> ExportSpec:
 BUILTIN_SPECS: dict[str, Callable[[nn.Module], ExportSpec]] = {
     "ImageClassifier": _classifier_spec,
     "EncoderDecoder": _segmentor_spec,
+    "Recognizer": _recognizer_spec,
 }
 
 
