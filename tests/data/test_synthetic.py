@@ -162,3 +162,15 @@ def test_shape_areas_match_geometry():
     mirrored = arrow[:, ::-1]
     for angle in range(-35, 36, 5):
         assert np.abs(drawing.shape_alpha("arrow", size, centre, r, float(angle)) - mirrored).mean() > 0.05
+
+
+def test_plain_style_is_the_shape_in_white_on_black(tmp_path):
+    root, names = make_cls_dataset(str(tmp_path / "plain"), num_classes=2, train_per_class=2, val_per_class=1,
+                                   size=32, seed=0, style="plain")
+    images, _ = read_split(root, "train")
+    assert (images[..., 0] == images[..., 1]).all() and (images[..., 0] == images[..., 2]).all()
+    # Coverage of the white shape: between the smallest and largest drawn disc/ring area.
+    white = images[..., 0].astype(np.float64).sum(axis=(1, 2)) / 255
+    assert ((white > 0.5 * math.pi * (0.25 * 32) ** 2 * (1 - 0.55 ** 2)) & (white < math.pi * (0.42 * 32 * 1.2) ** 2)).all()
+    with pytest.raises(ValueError, match="style"):
+        make_cls_dataset(str(tmp_path / "bad"), style="neon")
