@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -59,7 +60,8 @@ class DepthHead(FCNHead):
 
     Predicting log depth keeps depth positive and makes errors relative, as the loss and AbsRel
     are. Arguments as :class:`~vitasks.models.heads.seg_heads.FCNHead` without ``num_classes``;
-    ``loss_decode`` defaults to :class:`SILogLoss` (lambda 0.5).
+    ``loss_decode`` defaults to :class:`SILogLoss` (lambda 0.5); ``init_depth`` (metres) is
+    the prediction the head starts from.
     """
 
     def __init__(
@@ -74,7 +76,10 @@ class DepthHead(FCNHead):
         dropout_ratio: float = 0.0,
         loss_decode: dict | Sequence[dict] | None = None,
         align_corners: bool = False,
+        init_depth: float = 3.0,
     ) -> None:
+        if init_depth <= 0:
+            raise ConfigError(f"DepthHead: init_depth must be positive, got {init_depth}")
         super().__init__(
             in_channels, channels, num_classes=1, in_index=in_index, num_convs=num_convs,
             kernel_size=kernel_size, concat_input=concat_input, dilation=dilation,
@@ -82,6 +87,9 @@ class DepthHead(FCNHead):
             loss_decode=loss_decode if loss_decode is not None else dict(type="SILogLoss"),
             align_corners=align_corners,
         )
+        # start from a plausible depth everywhere (log of it), not 1 m: the loss's scale term
+        # (lambda < 1) then has little to correct
+        nn.init.constant_(self.conv_seg.bias, math.log(init_depth))
 
     def loss_by_logits(self, logits: torch.Tensor, data_samples: Sequence[DataSample]) -> dict:
         gt = stack_depths(data_samples).to(logits.device)
