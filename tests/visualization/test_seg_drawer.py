@@ -23,6 +23,8 @@ H, W = 40, 56  # not a multiple of the patch size, not the config's test scale
 # The demo model made smaller (16 channels everywhere); the dataset is never built.
 TINY = [
     "model.backbone.embed_dim=16",
+    "model.backbone.num_heads=2",
+    "num_classes=5",
     "model.neck.embed_dim=16",
     "model.decode_head.in_channels=[16,16,16,16]",
     "model.decode_head.channels=8",
