@@ -50,3 +50,41 @@ class TaskModel(BaseModel):
         if self.neck is not None:
             feats = self.neck(feats)
         return tuple(feats)
+
+
+class HeadTaskModel(TaskModel):
+    """A backbone (+ optional neck) and one ``head`` with ``loss``/``predict``: the shape of the
+    image classifier and the video recognizer, which differ only in their default data
+    preprocessor (``default_preprocessor``) and in what their heads do.
+
+    ``forward(inputs, data_samples, mode)``: ``"tensor"`` gives the head's raw output,
+    ``"loss"`` the head's losses (needs data samples), ``"predict"`` the samples with the head's
+    predictions filled in.
+    """
+
+    default_preprocessor: dict = {}
+
+    def __init__(
+        self,
+        backbone: dict,
+        head: dict,
+        neck: dict | None = None,
+        data_preprocessor: dict | nn.Module | None = None,
+        init_cfg: dict | None = None,
+    ) -> None:
+        if data_preprocessor is None:
+            data_preprocessor = dict(self.default_preprocessor)
+        super().__init__(backbone, neck=neck, data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        self.head = self.build_part(head, "head")
+
+    def forward(self, inputs: torch.Tensor, data_samples=None, mode: str = "tensor"):
+        name = type(self).__name__
+        if mode == "tensor":
+            return self.head(self.extract_feat(inputs))
+        if mode == "loss":
+            if not data_samples:
+                raise ValueError(f"{name}(mode='loss') needs data_samples with gt_label")
+            return self.head.loss(self.extract_feat(inputs), data_samples)
+        if mode == "predict":
+            return self.head.predict(self.extract_feat(inputs), data_samples)
+        raise ValueError(f"{name}: unknown mode {mode!r}; expected 'tensor', 'loss' or 'predict'")

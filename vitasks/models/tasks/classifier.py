@@ -1,17 +1,11 @@
 """Image classifier: backbone (+ optional neck) + classification head."""
 
-from typing import List, Optional, Sequence, Union
-
-import torch
-import torch.nn as nn
-
-from vitasks.models.tasks.base import TaskModel
+from vitasks.models.tasks.base import HeadTaskModel
 from vitasks.registry import MODELS
-from vitasks.structures import DataSample
 
 
 @MODELS.register_module()
-class ImageClassifier(TaskModel):
+class ImageClassifier(HeadTaskModel):
     """Classifier following mmengine's BaseModel protocol.
 
     ``forward(inputs, data_samples, mode)``:
@@ -32,31 +26,4 @@ class ImageClassifier(TaskModel):
         init_cfg: mmengine initialisation config.
     """
 
-    def __init__(
-        self,
-        backbone: dict,
-        head: dict,
-        neck: Optional[dict] = None,
-        data_preprocessor: Optional[Union[dict, nn.Module]] = None,
-        init_cfg: Optional[dict] = None,
-    ) -> None:
-        if data_preprocessor is None:
-            data_preprocessor = dict(type="ClsDataPreprocessor")
-        super().__init__(backbone, neck=neck, data_preprocessor=data_preprocessor, init_cfg=init_cfg)
-        self.head = self.build_part(head, "head")
-
-    def forward(
-        self,
-        inputs: torch.Tensor,
-        data_samples: Optional[Sequence[DataSample]] = None,
-        mode: str = "tensor",
-    ) -> Union[torch.Tensor, dict, List[DataSample]]:
-        if mode == "tensor":
-            return self.head(self.extract_feat(inputs))
-        if mode == "loss":
-            if not data_samples:
-                raise ValueError("ImageClassifier(mode='loss') needs data_samples with gt_label")
-            return self.head.loss(self.extract_feat(inputs), data_samples)
-        if mode == "predict":
-            return self.head.predict(self.extract_feat(inputs), data_samples)
-        raise ValueError(f"ImageClassifier: unknown mode {mode!r}; expected 'tensor', 'loss' or 'predict'")
+    default_preprocessor = dict(type="ClsDataPreprocessor")

@@ -1,17 +1,11 @@
 """Video action recognizer: a video backbone + ``VideoClsHead`` (mmaction2's Recognizer3D)."""
 
-from typing import List, Optional, Sequence, Union
-
-import torch
-import torch.nn as nn
-
-from vitasks.models.tasks.base import TaskModel
+from vitasks.models.tasks.base import HeadTaskModel
 from vitasks.registry import MODELS
-from vitasks.structures import DataSample
 
 
 @MODELS.register_module()
-class Recognizer(TaskModel):
+class Recognizer(HeadTaskModel):
     """Clip classifier following mmengine's BaseModel protocol.
 
     The data preprocessor stacks the V views (clips x crops) of each video along the batch, so
@@ -33,31 +27,4 @@ class Recognizer(TaskModel):
         init_cfg: mmengine initialisation config.
     """
 
-    def __init__(
-        self,
-        backbone: dict,
-        head: dict,
-        neck: Optional[dict] = None,
-        data_preprocessor: Optional[Union[dict, nn.Module]] = None,
-        init_cfg: Optional[dict] = None,
-    ) -> None:
-        if data_preprocessor is None:
-            data_preprocessor = dict(type="VideoDataPreprocessor")
-        super().__init__(backbone, neck=neck, data_preprocessor=data_preprocessor, init_cfg=init_cfg)
-        self.head = self.build_part(head, "head")
-
-    def forward(
-        self,
-        inputs: torch.Tensor,
-        data_samples: Optional[Sequence[DataSample]] = None,
-        mode: str = "tensor",
-    ) -> Union[torch.Tensor, dict, List[DataSample]]:
-        if mode == "tensor":
-            return self.head(self.extract_feat(inputs))
-        if mode == "loss":
-            if not data_samples:
-                raise ValueError("Recognizer(mode='loss') needs data_samples with gt_label")
-            return self.head.loss(self.extract_feat(inputs), data_samples)
-        if mode == "predict":
-            return self.head.predict(self.extract_feat(inputs), data_samples)
-        raise ValueError(f"Recognizer: unknown mode {mode!r}; expected 'tensor', 'loss' or 'predict'")
+    default_preprocessor = dict(type="VideoDataPreprocessor")
