@@ -10,21 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 import torch.nn.functional as F
-from mmengine.model import BaseDataPreprocessor
 
-from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 from vitasks.structures import PixelData
 
-from .normalization import IMAGENET_MEAN, IMAGENET_STD
+from .normalization import IMAGENET_MEAN, IMAGENET_STD, PaddedImagePreprocessor
 
 __all__ = ["SegDataPreprocessor"]
 
 
 @MODELS.register_module()
-class SegDataPreprocessor(BaseDataPreprocessor):
+class SegDataPreprocessor(PaddedImagePreprocessor):
     """Stack uint8 CHW images into a normalised float batch, padding to a common size.
 
     In training, images are padded (after normalisation, with ``pad_val``) and label maps (with
@@ -54,22 +51,8 @@ class SegDataPreprocessor(BaseDataPreprocessor):
         to_rgb: bool = False,
         non_blocking: bool = False,
     ) -> None:
-        super().__init__(non_blocking=non_blocking)
-        if (mean is None) != (std is None):
-            raise ConfigError("SegDataPreprocessor: give both mean and std, or neither")
-        if size is not None and (len(size) != 2 or min(size) <= 0):
-            raise ConfigError(f"SegDataPreprocessor.size must be [H, W], got {size!r}")
-        if size_divisor is not None and int(size_divisor) < 1:
-            raise ConfigError(f"SegDataPreprocessor.size_divisor must be >= 1, got {size_divisor!r}")
-        self.normalize = mean is not None
-        if self.normalize:
-            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), False)
-            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1), False)
-        self.size = None if size is None else (int(size[0]), int(size[1]))
-        self.size_divisor = None if size_divisor is None else int(size_divisor)
-        self.pad_val = float(pad_val)
+        super().__init__(mean, std, size, size_divisor, pad_val, to_rgb, non_blocking)
         self.seg_pad_val = int(seg_pad_val)
-        self.to_rgb = bool(to_rgb)
 
     def _target_size(self, shapes: list[tuple[int, int]], training: bool) -> tuple[int, int]:
         height = max(h for h, _ in shapes)
@@ -84,24 +67,11 @@ class SegDataPreprocessor(BaseDataPreprocessor):
 
     def forward(self, data: dict, training: bool = False) -> dict:
         data = self.cast_data(data)
-        inputs = data["inputs"]
-        if isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
-            inputs = list(inputs)
         samples = data.get("data_samples")
-        images = []
-        for img in inputs:
-            img = img.float()
-            if self.to_rgb and img.shape[0] == 3:
-                img = img[[2, 1, 0]]
-            if self.normalize:
-                img = (img - self.mean) / self.std
-            images.append(img)
+        images = self.normalized_images(data["inputs"])
         shapes = [tuple(img.shape[-2:]) for img in images]
         height, width = self._target_size(shapes, training)
-        batch = torch.stack([
-            F.pad(img, (0, width - img.shape[-1], 0, height - img.shape[-2]), value=self.pad_val)
-            for img in images
-        ])
+        batch = self.pad_batch(images, height, width)
         if samples is not None:
             for sample, (h, w) in zip(samples, shapes):
                 sample.set_metainfo(dict(
