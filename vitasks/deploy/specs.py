@@ -171,6 +171,9 @@ def preprocessing(model: nn.Module) -> dict[str, str]:
         rule = "float32 (pixel - mean) / std per channel, pixels 0-255"
     else:
         rule = "float32 pixels 0-255 (the model's preprocessor does not normalise)"
+    per_image = getattr(prep, "per_image_norm", None)
+    if per_image is not None:
+        rule = f"{rule}, {per_image.describe()}"
     return {
         "mean": json.dumps(mean),
         "std": json.dumps(std),

@@ -15,7 +15,7 @@ from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 
 from .batch_augments import RandomBatchAugment
-from .normalization import IMAGENET_MEAN, IMAGENET_STD
+from .normalization import IMAGENET_MEAN, IMAGENET_STD, PerImageStandardization
 
 __all__ = ["ClsDataPreprocessor"]
 
@@ -36,6 +36,9 @@ class ClsDataPreprocessor(ImgDataPreprocessor):
         batch_augments: ``{augments: [{type: Mixup, alpha: 0.8}, {type: CutMix, alpha: 1.0}],
             probs: [0.5, 0.5]}``; ``None`` for none.
         non_blocking: Non-blocking host-to-device copies.
+        per_image_norm: Standardise each image on its own after mean/std (``true`` or
+            ``{eps, border}``, see :class:`~.normalization.PerImageStandardization`); the
+            small-data recipe for classes told apart by shape.
     """
 
     def __init__(
@@ -48,6 +51,7 @@ class ClsDataPreprocessor(ImgDataPreprocessor):
         num_classes: Optional[int] = None,
         batch_augments: Optional[dict] = None,
         non_blocking: bool = False,
+        per_image_norm: Optional[dict] = None,
     ) -> None:
         if (mean is None) != (std is None):
             raise ConfigError("ClsDataPreprocessor: give both mean and std, or neither")
@@ -60,6 +64,7 @@ class ClsDataPreprocessor(ImgDataPreprocessor):
             non_blocking=non_blocking,
         )
         self.num_classes = num_classes
+        self.per_image_norm = PerImageStandardization.from_config(per_image_norm, "ClsDataPreprocessor")
         if batch_augments is not None:
             if not isinstance(batch_augments, dict) or "augments" not in batch_augments:
                 raise ConfigError(
@@ -83,6 +88,9 @@ class ClsDataPreprocessor(ImgDataPreprocessor):
 
     def forward(self, data: dict, training: bool = False) -> dict:
         data = super().forward(data, training)
+        if self.per_image_norm is not None:
+            # The batch holds same-sized images (no padding unless pad_size_divisor pads them).
+            data["inputs"] = self.per_image_norm(data["inputs"])
         samples: Optional[List] = data.get("data_samples")
         if training and self.batch_augments is not None and samples:
             inputs = data["inputs"]

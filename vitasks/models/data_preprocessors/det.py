@@ -36,6 +36,8 @@ class DetDataPreprocessor(PaddedImagePreprocessor):
         pad_mask: pad ``gt_instances.masks`` bitmaps to the batch shape too.
         to_rgb: swap channels 0 and 2 (vitasks' LoadImage already gives RGB).
         non_blocking: non-blocking host-to-device copies.
+        per_image_norm: standardise each image on its own after mean/std (``true`` or
+            ``{eps, border}``, see :class:`~.normalization.PerImageStandardization`).
     """
 
     def __init__(
@@ -48,8 +50,9 @@ class DetDataPreprocessor(PaddedImagePreprocessor):
         pad_mask: bool = False,
         to_rgb: bool = False,
         non_blocking: bool = False,
+        per_image_norm: dict | bool | None = None,
     ) -> None:
-        super().__init__(mean, std, size, size_divisor, pad_val, to_rgb, non_blocking)
+        super().__init__(mean, std, size, size_divisor, pad_val, to_rgb, non_blocking, per_image_norm)
         self.pad_mask = bool(pad_mask)
 
     def batch_shape(self, shapes: Sequence[tuple[int, int]]) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""Normalisation statistics and the padding preprocessor base shared by the data preprocessors."""
+"""Normalisation statistics, per-image standardisation and the padding preprocessor base shared
+by the data preprocessors."""
 
 from __future__ import annotations
 
@@ -15,10 +16,72 @@ IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
+class PerImageStandardization:
+    """Each image and channel to zero mean and unit spread, with the sign that makes the image's
+    border darker than its mean: ``x' = s (x - mean) / (std + eps)``, ``s = -sign(border mean)``.
+
+    For classes told apart by shape only, the colours of object and background are noise. A
+    small model trained from scratch on a few hundred such images learns nothing with plain
+    mean/std normalisation: near initialisation it is almost linear, and a shape drawn dark on
+    light and light on dark give opposite-signed inputs, so their gradients cancel. Removing each
+    image's own brightness, contrast and polarity per channel gives the model the shape with one
+    sign. Measured on 10 shape classes in random colours (600 / 200 images, 30 epochs, the cls
+    demo's model): 14 % top-1 with plain normalisation, 86 % with this; on plain white-on-black
+    digits both reach 98.5 %.
+
+    Args:
+        eps: added to each channel's standard deviation (in normalised units), so flat channels
+            stay near zero instead of amplifying noise.
+        border: width in pixels of the frame whose mean sets the sign; ``0`` keeps every sign
+            (standardisation only).
+    """
+
+    def __init__(self, eps: float = 0.3, border: int = 4) -> None:
+        if not float(eps) > 0:
+            raise ConfigError(f"data_preprocessor.per_image_norm.eps must be > 0, got {eps!r}")
+        if int(border) != border or border < 0:
+            raise ConfigError(f"data_preprocessor.per_image_norm.border must be an integer >= 0, got {border!r}")
+        self.eps = float(eps)
+        self.border = int(border)
+
+    @classmethod
+    def from_config(cls, cfg: dict | bool | None, owner: str) -> PerImageStandardization | None:
+        """``None``/``False``: off; ``True``: defaults; a dict: the keyword arguments."""
+        if cfg is None or cfg is False:
+            return None
+        if cfg is True:
+            return cls()
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{owner}.per_image_norm must be true, false or a dict with eps/border, got {cfg!r}")
+        unknown = set(cfg) - {"eps", "border"}
+        if unknown:
+            raise ConfigError(f"{owner}.per_image_norm: unknown keys {sorted(unknown)}; expected eps, border")
+        return cls(**cfg)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """``images``: (..., C, H, W) floats, each image unpadded; returns the same shape."""
+        centred = images - images.mean((-2, -1), keepdim=True)
+        out = centred / (centred.std((-2, -1), keepdim=True) + self.eps)
+        height, width = out.shape[-2:]
+        b = min(self.border, height // 2, width // 2)
+        if b == 0:
+            return out
+        frame = torch.ones(height, width, dtype=torch.bool, device=out.device)
+        frame[b:height - b, b:width - b] = False
+        border_mean = out[..., frame].mean(-1)
+        sign = torch.where(border_mean > 0, -1.0, 1.0).to(out.dtype)
+        return out * sign[..., None, None]
+
+    def describe(self) -> str:
+        return (f"then per image and channel: (x - mean(x)) / (std(x) + {self.eps}), negated where the "
+                f"{self.border}-pixel border is above the mean")
+
+
 class PaddedImagePreprocessor(BaseDataPreprocessor):
     """What the dense-task preprocessors share: normalise each uint8 CHW image (``mean``/``std``
-    in 0-255 RGB; both ``None`` leaves the values), optionally swap channels 0 and 2, and pad a
-    list of images on the bottom and right (pixel (y, x) keeps its place) into one batch.
+    in 0-255 RGB; both ``None`` leaves the values), optionally standardise each image on its own
+    (``per_image_norm``, see :class:`PerImageStandardization`), optionally swap channels 0 and 2,
+    and pad a list of images on the bottom and right (pixel (y, x) keeps its place) into one batch.
 
     Subclasses choose the padded size (``size``: a minimum ``(H, W)``; ``size_divisor``: a
     multiple) and what to do with the samples.
@@ -33,9 +96,11 @@ class PaddedImagePreprocessor(BaseDataPreprocessor):
         pad_val: float = 0.0,
         to_rgb: bool = False,
         non_blocking: bool = False,
+        per_image_norm: dict | bool | None = None,
     ) -> None:
         super().__init__(non_blocking=non_blocking)
         owner = type(self).__name__
+        self.per_image_norm = PerImageStandardization.from_config(per_image_norm, owner)
         if (mean is None) != (std is None):
             raise ConfigError(f"{owner}: give both mean and std, or neither")
         if size is not None and (len(size) != 2 or min(size) <= 0):
@@ -62,6 +127,8 @@ class PaddedImagePreprocessor(BaseDataPreprocessor):
                 img = img[[2, 1, 0]]
             if self.normalize:
                 img = (img - self.mean) / self.std
+            if self.per_image_norm is not None:
+                img = self.per_image_norm(img)  # before padding: the statistics of the image alone
             images.append(img)
         return images
 

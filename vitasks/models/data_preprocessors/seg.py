@@ -38,6 +38,8 @@ class SegDataPreprocessor(PaddedImagePreprocessor):
         seg_pad_val: label padding value (the ignore index).
         to_rgb: swap channels 0 and 2 (vitasks' LoadImage already gives RGB).
         non_blocking: non-blocking host-to-device copies.
+        per_image_norm: standardise each image on its own after mean/std (``true`` or
+            ``{eps, border}``, see :class:`~.normalization.PerImageStandardization`).
     """
 
     def __init__(
@@ -50,8 +52,9 @@ class SegDataPreprocessor(PaddedImagePreprocessor):
         seg_pad_val: int = 255,
         to_rgb: bool = False,
         non_blocking: bool = False,
+        per_image_norm: dict | bool | None = None,
     ) -> None:
-        super().__init__(mean, std, size, size_divisor, pad_val, to_rgb, non_blocking)
+        super().__init__(mean, std, size, size_divisor, pad_val, to_rgb, non_blocking, per_image_norm)
         self.seg_pad_val = int(seg_pad_val)
 
     def _target_size(self, shapes: list[tuple[int, int]], training: bool) -> tuple[int, int]:
