@@ -1,5 +1,6 @@
-"""MultiTaskTrainLoop / MultiTaskValLoop: joint training on tiny generated data, prefixed
-metrics, the schedule, and resume reproducing the uninterrupted run."""
+"""MultiTaskTrainLoop / MultiTaskValLoop: joint training of the demo's three tasks
+(classification, segmentation, detection) on tiny generated data, prefixed metrics, the
+schedule, and resume reproducing the uninterrupted run."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from vitasks.data.synthetic.cls import make_cls_dataset
+from vitasks.data.synthetic.det import make_det_dataset
 from vitasks.data.synthetic.seg import make_seg_dataset
 from vitasks.engine.multitask_loop import TaskSchedule
 
@@ -19,11 +21,17 @@ def data_roots(tmp_path_factory):
     root = tmp_path_factory.mktemp("mt_data")
     cls_root, _ = make_cls_dataset(str(root / "cls"), num_classes=3, train_per_class=4, val_per_class=2, size=32)
     seg_root = make_seg_dataset(str(root / "seg"), num_train=6, num_val=3, img_size=32, num_classes=3)
-    return cls_root, seg_root
+    det_root = make_det_dataset(str(root / "det"), num_train=6, num_val=3, img_size=32, num_classes=3, empty_prob=0.0)
+    return cls_root, seg_root, det_root
 
 
-def tiny_options(cls_root, seg_root, max_iters=4, **train):
+TASKS = ("cls", "seg", "det")
+
+
+def tiny_options(cls_root, seg_root, det_root, max_iters=4, **train):
     opts = [f"cls_data_root={cls_root}", "cls_classes=3", f"seg_data_root={seg_root}", "seg_classes=3",
+            f"det_data_root={det_root}", "det_classes=3", "det_input_size=[32,32]",
+            "model.tasks.det.rpn_head.anchor_sizes=[8,16,32,64]",
             "embed_dim=32", "model.backbone.depth=2", "model.backbone.num_heads=2",
             "model.backbone.stem.channels=[8,16,32]", "model.out_indices.seg=[0,1,0,1]",
             "model.tasks.seg.data_preprocessor.size=[32,32]",
@@ -33,7 +41,7 @@ def tiny_options(cls_root, seg_root, max_iters=4, **train):
             "default_hooks.checkpoint.interval=2", "default_hooks.logger.interval=1",
             "param_scheduler=[]", "randomness.seed=3"]
     for stage in ("train", "val"):
-        for task in ("cls", "seg"):
+        for task in TASKS:
             opts += [f"{stage}_dataloader.tasks.{task}.num_workers=0",
                      f"{stage}_dataloader.tasks.{task}.persistent_workers=false",
                      f"{stage}_dataloader.tasks.{task}.batch_size=2"]
@@ -76,7 +84,9 @@ def test_joint_run_resumed_reproduces_the_uninterrupted_one(tmp_path, data_roots
     scalars = [json.loads(line) for line in open(os.path.join(full, runner.timestamp, "vis_data", "scalars.json"))]
     val = [s for s in scalars if "cls/accuracy/top1" in s][-1]
     assert {"seg/mIoU", "seg/aAcc", "mean"} <= set(val)
-    assert val["mean"] == pytest.approx((val["cls/accuracy/top1"] + val["seg/mIoU"]) / 2, abs=0.01)
+    assert {"det/coco/bbox_mAP_50", "det/coco/segm_mAP"} <= set(val)
+    parts = (val["cls/accuracy/top1"], val["seg/mIoU"], val["det/coco/bbox_mAP_50"])
+    assert val["mean"] == pytest.approx(sum(parts) / 3, abs=0.01)
     # interrupted after iteration 2 (its checkpoint), then resumed
     part = str(tmp_path / "part")
     train_run(CONFIG, work_dir=part, cfg_options=opts[:] + ["train_cfg.max_iters=2"])
@@ -87,9 +97,14 @@ def test_joint_run_resumed_reproduces_the_uninterrupted_one(tmp_path, data_roots
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    # and training changed the shared backbone and every task's head
-    assert not torch.equal(first["tasks.cls.head.fc.weight"], a["tasks.cls.head.fc.weight"])
-    assert not torch.equal(first["tasks.seg.decode_head.conv_seg.weight"], a["tasks.seg.decode_head.conv_seg.weight"])
+    # iterations 2 and 3 changed the shared backbone and the heads of the tasks drawn for them,
+    # and left the other heads exactly as they were (no gradient: the optimizer skips them)
+    assert not torch.equal(first["backbone.blocks.0.attn.qkv.weight"], a["backbone.blocks.0.attn.qkv.weight"])
+    trained = {t for i in (2, 3) for t in runner.train_loop.schedule.tasks_at(i)}
+    heads = {"cls": "tasks.cls.head.fc.weight", "seg": "tasks.seg.decode_head.conv_seg.weight",
+             "det": "tasks.det.roi_head.box_head.cls_score.weight"}
+    for task, key in heads.items():
+        assert torch.equal(first[key], a[key]) == (task not in trained), (task, trained)
 
 
 def test_test_writes_prefixed_metrics_json(tmp_path, data_roots):
@@ -102,7 +117,8 @@ def test_test_writes_prefixed_metrics_json(tmp_path, data_roots):
     metrics = test_run(CONFIG, os.path.join(work, "iter_2.pth"), work_dir=str(tmp_path / "t"), cfg_options=opts)
     written = json.load(open(tmp_path / "t" / "metrics.json"))
     assert written == metrics
-    assert {"cls/accuracy/top1", "cls/accuracy/top5", "seg/mIoU", "seg/aAcc", "seg/mAcc", "mean"} <= set(written)
+    assert {"cls/accuracy/top1", "cls/accuracy/top5", "seg/mIoU", "seg/aAcc", "seg/mAcc", "det/coco/bbox_mAP",
+            "det/coco/segm_mAP_50", "mean"} <= set(written)
     assert os.path.isfile(os.path.join(work, "best_mean_iter_2.pth"))  # save_best: mean
 
 

@@ -65,6 +65,11 @@ def _model_of(runner):
     return model.module if hasattr(model, "module") else model
 
 
+def _ddp_wrapper(model) -> Optional[torch.nn.Module]:
+    """The model's ``DistributedDataParallel`` wrapper, or None (one process, or FSDP)."""
+    return model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
+
+
 def _check_data_fits(name: str, task: torch.nn.Module, dataset, key: str) -> None:
     """A task whose class count differs from its dataset's is named before training starts."""
     classes = (getattr(dataset, "metainfo", None) or {}).get("classes")
@@ -180,6 +185,11 @@ class MultiTaskTrainLoop(IterBasedTrainLoop):
             runner.visualizer.dataset_meta = self.dataloader.dataset.metainfo
         self.dynamic_milestones, self.dynamic_intervals = calc_dynamic_intervals(self.val_interval, dynamic_intervals)
         self.iterators: Dict[str, object] = {}
+        self.ddp = _ddp_wrapper(runner.model)
+        if self.ddp is not None and len(names) > 1 and not getattr(self.ddp, "find_unused_parameters", False):
+            raise ConfigError(
+                "a multi-task model under DDP needs `find_unused_parameters: true` (top level of the config): in each "
+                "step the heads of the tasks that did not train get no gradient, which DDP otherwise waits for")
 
     def _start_iterators(self) -> None:
         """An endless iterator per task, after the batches trained on before ``self._iter``."""
@@ -196,6 +206,17 @@ class MultiTaskTrainLoop(IterBasedTrainLoop):
         if self._iter:
             print_log(f"Resuming joint training at iteration {self._iter}: batches already trained per task {done}",
                       logger="current")
+
+    def run_iter(self, data_batch: Dict[str, dict]) -> None:
+        """mmengine's iteration, with the model's own multi-task ``train_step`` under DDP too
+        (mmengine's DDP wrapper would run one preprocessor and one forward for the whole step)."""
+        self.runner.call_hook("before_train_iter", batch_idx=self._iter, data_batch=data_batch)
+        if self.ddp is not None:
+            outputs = self.ddp.module.train_step(data_batch, optim_wrapper=self.runner.optim_wrapper, ddp=self.ddp)
+        else:
+            outputs = self.runner.model.train_step(data_batch, optim_wrapper=self.runner.optim_wrapper)
+        self.runner.call_hook("after_train_iter", batch_idx=self._iter, data_batch=data_batch, outputs=outputs)
+        self._iter += 1
 
     def run(self) -> torch.nn.Module:
         self.runner.call_hook("before_train")

@@ -8,7 +8,15 @@ the backbone outputs it reads:
 
 - no ``out_indices.<task>``: the pooled feature ``(pooled,)``, as a classifier expects;
 - ``out_indices.<task>: [3, 5, 7, 11]``: those blocks' maps (B, C, h, w), as a segmentor's
-  neck expects; ``[-1]`` is the last map, what ViTDet's simple feature pyramid reads.
+  neck expects; ``[-1]`` is the last map, what ViTDet's simple feature pyramid reads (a
+  detector task: ``TwoStageDetector`` with ``SimpleFeaturePyramid``; the backbone may be
+  windowed, the blocks run as configured);
+- a clip task (a ``Recognizer``, or any task model with ``reads_clips = True``): clips
+  (N, 3, T, H, W) go through the shared image backbone frame by frame (N * T images) and the
+  pooled features are averaged over time, ``(mean_t pooled_t,)`` of shape (N, C), as a video
+  head expects (TSN-style late fusion). The image token layout is kept, so the image tasks and
+  the video task share every weight; there is no attention across frames (a joint space-time
+  token layout would need temporal position embeddings the image tasks do not have).
 
 Inside :meth:`MultiTaskModel.single_pass` the backbone runs once over the batch for every output
 any task reads, and each task's view picks its own from that pass; outside it (training, where
@@ -56,12 +64,18 @@ _TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class OutputSpec:
-    """What a task reads from the backbone: the pooled feature, or maps of some blocks."""
+    """What a task reads from the backbone: the pooled feature, or maps of some blocks; and
+    whether its inputs are clips (pooled per frame, averaged over time)."""
 
-    def __init__(self, out_indices: Optional[Sequence[int]], depth: Optional[int], task: str) -> None:
+    def __init__(self, out_indices: Optional[Sequence[int]], depth: Optional[int], task: str,
+                 clips: bool = False) -> None:
+        self.clips = bool(clips)
         if out_indices is None:
             self.map_indices: Optional[Tuple[int, ...]] = None
             return
+        if clips:
+            raise ConfigError(f"model.out_indices.{task}: task {task!r} reads clips, which the shared image backbone "
+                              "turns into the time-averaged pooled feature; it cannot read block maps (remove the entry)")
         if isinstance(out_indices, int) and not isinstance(out_indices, bool):
             out_indices = [out_indices]
         if not isinstance(out_indices, (list, tuple)) or not out_indices:
@@ -138,6 +152,16 @@ def _same_batch(cached: torch.Tensor, inputs: torch.Tensor) -> bool:
 def _reads_maps(task: nn.Module) -> bool:
     """Dense task models (a segmentor's decode head, a detector's pyramid) need maps."""
     return hasattr(task, "decode_head") or hasattr(task, "rpn_head") or getattr(task, "reads_maps", False)
+
+
+def _reads_clips(task: nn.Module) -> bool:
+    """Video task models (a recognizer, or a plugin's model declaring ``reads_clips``) take clips."""
+    declared = getattr(task, "reads_clips", None)
+    if declared is not None:
+        return bool(declared)
+    from vitasks.models.tasks.recognizer import Recognizer
+
+    return isinstance(task, Recognizer)
 
 
 def _can_walk_blocks(backbone: nn.Module) -> bool:
@@ -246,6 +270,9 @@ class MultiTaskModel(BaseModel):
             raise ConfigError(f"{where}: {e}") from e
         except TypeError as e:
             raise ConfigError(f"{where}: cannot build {getattr(model_cls, '__name__', model_cls)}: {e}") from e
+        if _reads_clips(task):
+            spec = OutputSpec(out_indices, depth, name, clips=True)  # known once the task model is built
+            view.spec = spec
         if spec.pooled and _reads_maps(task):
             raise ConfigError(f"{where}: a {type(task).__name__} reads feature maps, but the task reads the pooled "
                               f"feature; say which blocks' maps it reads with model.out_indices.{name} (e.g. [3, 5, 7, 11], or [-1] "
@@ -285,17 +312,42 @@ class MultiTaskModel(BaseModel):
     def _fetch(self, inputs: torch.Tensor, spec: OutputSpec) -> Tuple[torch.Tensor, ...]:
         """A task view's forward: the single pass's outputs when ``inputs`` is its batch, else a
         pass of its own (training; or a task that resized or padded the batch)."""
+        if spec.clips:
+            return (self.clip_features(inputs),)
         cached = self._single_pass
         if cached is not None and _same_batch(cached[0], inputs):
             return spec.select(cached[1])
         outputs = self.run_backbone(inputs, spec.map_indices or (), spec.pooled)
         return spec.select(outputs)
 
+    def clip_features(self, clips: torch.Tensor) -> torch.Tensor:
+        """Clips (N, 3, T, H, W) -> (N, C): every frame through the shared backbone in one pass
+        (N * T images), the pooled features averaged over time."""
+        if clips.dim() != 5:
+            raise ValueError(f"a clip task's inputs must be clips (N, 3, T, H, W), got shape {tuple(clips.shape)}")
+        n, channels, t, h, w = clips.shape
+        frames = clips.transpose(1, 2).reshape(n * t, channels, h, w)
+        pooled = self.run_backbone(frames, (), True).pooled
+        return pooled.reshape(n, t, -1).mean(dim=1)
+
+    @property
+    def image_tasks(self) -> List[str]:
+        """The tasks that read images (all but the clip tasks), in config order."""
+        return [n for n, s in self.specs.items() if not s.clips]
+
+    @property
+    def clip_tasks(self) -> List[str]:
+        return [n for n, s in self.specs.items() if s.clips]
+
     @contextlib.contextmanager
     def single_pass(self, inputs: torch.Tensor, tasks: Optional[Sequence[str]] = None) -> Iterator[None]:
-        """Within this block, tasks that read ``inputs`` get their outputs from one backbone pass."""
-        names = list(tasks) if tasks is not None else list(self.tasks)
-        specs = [self.specs[n] for n in names]
+        """Within this block, image tasks that read ``inputs`` get their outputs from one backbone
+        pass (clip tasks run their own frame pass)."""
+        names = list(tasks) if tasks is not None else self.image_tasks
+        specs = [self.specs[n] for n in names if not self.specs[n].clips]
+        if not specs:
+            yield
+            return
         indices = sorted({i for s in specs if not s.pooled for i in s.map_indices})
         outputs = self.run_backbone(inputs, indices, any(s.pooled for s in specs))
         self._single_pass = (inputs, outputs)
@@ -307,10 +359,22 @@ class MultiTaskModel(BaseModel):
     # ------------------------------------------------------------------ modes
     def forward(self, inputs: torch.Tensor, data_samples: Optional[Sequence] = None, mode: str = "tensor",
                 tasks: Optional[Sequence[str]] = None) -> Dict[str, object]:
-        """Every task (or ``tasks``) on one batch, from one backbone pass: ``{task: output}``."""
+        """Every task (or ``tasks``) on one batch, from one backbone pass: ``{task: output}``.
+        Without ``tasks``: the image tasks for images (N, 3, H, W), the clip tasks for clips
+        (N, 3, T, H, W). In ``"loss"`` mode the outputs are the weighted, prefixed losses."""
         if mode not in ("tensor", "predict", "loss"):
             raise ValueError(f"MultiTaskModel: unknown mode {mode!r}; expected 'tensor', 'loss' or 'predict'")
-        names = list(tasks) if tasks is not None else list(self.tasks)
+        if tasks is not None:
+            names = list(tasks)
+        else:
+            names = self.clip_tasks if inputs.dim() == 5 else self.image_tasks
+        unknown = [n for n in names if n not in self.tasks]
+        if unknown:
+            raise ValueError(f"MultiTaskModel: {unknown} are not tasks of the model ({list(self.tasks)})")
+        if mode == "loss" and len(names) == 1:
+            # One task's training batch: its view runs the backbone for just what it reads.
+            name = names[0]
+            return {name: self._weighted(name, self.tasks[name](inputs, data_samples, mode="loss"))}
         results: Dict[str, object] = {}
         with self.single_pass(inputs, names):
             for name in names:
@@ -333,12 +397,17 @@ class MultiTaskModel(BaseModel):
             raise ValueError(f"MultiTaskModel.{where} takes {{task name: batch}} with names among "
                              f"{sorted(self.tasks)}, got {got}")
 
-    def task_loss(self, name: str, batch: dict) -> Dict[str, torch.Tensor]:
-        """Task ``name``'s weighted, prefixed losses on its own batch (its own preprocessor)."""
+    def task_loss(self, name: str, batch: dict, forward: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
+        """Task ``name``'s weighted, prefixed losses on its own batch (its own preprocessor).
+
+        ``forward``: the module to call for the loss, when not this model itself: its DDP
+        wrapper, so that the wrapper sees the forward and synchronises the gradients.
+        """
         task = self.tasks[name]
         batch = task.data_preprocessor(batch, True)
+        run = self if forward is None else forward
         try:
-            losses = task(batch["inputs"], batch.get("data_samples"), mode="loss")
+            return run(batch["inputs"], batch.get("data_samples"), mode="loss", tasks=[name])[name]
         except torch.OutOfMemoryError:
             raise
         except (KeyError, AttributeError, ValueError, IndexError, RuntimeError) as e:
@@ -346,21 +415,33 @@ class MultiTaskModel(BaseModel):
                 f"task {name!r}: its {type(task).__name__} cannot learn from this batch ({type(e).__name__}: {e}); "
                 f"check that model.tasks.{name} and train_dataloader.tasks.{name} are the same kind of task"
             ) from e
-        return self._weighted(name, losses)
 
-    def train_step(self, data: Mapping[str, dict], optim_wrapper: OptimWrapper) -> Dict[str, torch.Tensor]:
+    def train_step(self, data: Mapping[str, dict], optim_wrapper: OptimWrapper,
+                   ddp: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
+        """One optimizer step on ``{task: batch}`` (one task, or several with ``accumulate``).
+
+        ``ddp``: this model's ``DistributedDataParallel`` wrapper under data-parallel training
+        (what :class:`~vitasks.engine.multitask_loop.MultiTaskTrainLoop` passes). Every task's
+        forward then goes through the wrapper; with several tasks in one step the gradients are
+        accumulated locally (``no_sync``) and all-reduced once, in the last task's backward.
+        The wrapper must be built with ``find_unused_parameters`` (top-level
+        ``find_unused_parameters: true``): the heads of the tasks not in the step get no
+        gradient, and keep none (the optimizer skips them, as in a single process).
+        """
         self._check_batch(data, "train_step")
         log_vars: Dict[str, torch.Tensor] = {}
         total = 0.0
-        with optim_wrapper.optim_context(self):
-            for name, batch in data.items():
-                loss, task_log = self.parse_losses(self.task_loss(name, batch))
+        names = list(data)
+        for index, name in enumerate(names):
+            local = ddp is not None and index < len(names) - 1
+            with (ddp.no_sync() if local else contextlib.nullcontext()), optim_wrapper.optim_context(self):
+                loss, task_log = self.parse_losses(self.task_loss(name, data[name], forward=ddp))
                 # One task's graph at a time: its gradients add up in the shared backbone.
                 optim_wrapper.backward(loss)
-                task_log.pop("loss", None)
-                log_vars.update(task_log)
-                log_vars[f"{name}/loss"] = loss.detach()
-                total = total + loss.detach()
+            task_log.pop("loss", None)
+            log_vars.update(task_log)
+            log_vars[f"{name}/loss"] = loss.detach()
+            total = total + loss.detach()
         optim_wrapper.step()
         optim_wrapper.zero_grad()
         log_vars["loss"] = total
@@ -379,8 +460,9 @@ class MultiTaskModel(BaseModel):
     @torch.no_grad()
     def predict_all(self, data: dict, tasks: Optional[Sequence[str]] = None) -> Dict[str, List]:
         """Every task's predictions for one collated batch (``{"inputs", "data_samples"}``) from
-        one backbone pass: ``{task: [samples]}``. The batch is normalised by the model's
-        ``data_preprocessor`` and padded to the backbone's stride (so no task pads it again)."""
+        one backbone pass: ``{task: [samples]}`` (default: every image task). The batch is
+        normalised by the model's ``data_preprocessor`` and padded to the backbone's stride (so
+        no task pads it again)."""
         batch = self.data_preprocessor(data, False)
         inputs = batch["inputs"]
         stride = int(getattr(self.backbone, "stride", 1) or 1)
