@@ -176,6 +176,16 @@ class Matching:
         index[:, 1::2] = num_kept + torch.arange(num_b, device=self.src.device)
         return index
 
+    def base_index(self, num_prefix: int = 0) -> Tensor:
+        """(B, num_prefix + num_patches - r): for each token after the merge, the position (in
+        the tokens before it, prefix included) of the token it starts from: the prefix tokens,
+        the kept A tokens, then every B token (the merged ones absorb their A tokens)."""
+        B = self.src.shape[0]
+        device = self.src.device
+        prefix = torch.arange(num_prefix, device=device).expand(B, -1)
+        b_tokens = torch.arange(num_prefix + 1, num_prefix + self.num_patches, 2, device=device).expand(B, -1)
+        return torch.cat([prefix, num_prefix + 2 * self.kept, b_tokens], dim=1)
+
 
 def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int = 0) -> Optional[Matching]:
     """ToMe's matching of the patch tokens (the first ``num_prefix`` tokens are protected).
@@ -205,21 +215,29 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int = 0) -> Opti
 def merge_tokens(x: Tensor, sizes: Tensor, matching: Matching, num_prefix: int = 0) -> Tuple[Tensor, Tensor]:
     """Merge the patch tokens of ``x`` (B, N, C) with token sizes ``sizes`` (B, N, 1) as
     ``matching`` says: each merged token is the size-weighted average of its members and its
-    size their sum. Prefix tokens pass unchanged. Returns (tokens, sizes)."""
-    prefix_x, patch = x[:, :num_prefix], x[:, num_prefix:]
-    prefix_s, patch_s = sizes[:, :num_prefix], sizes[:, num_prefix:]
+    size their sum. Prefix tokens pass unchanged. Returns (tokens, sizes) in the order
+    [prefix tokens, kept A tokens, B tokens].
 
-    def combine(values: Tensor) -> Tensor:
-        a, b = values[:, 0::2], values[:, 1::2]
-        width = values.shape[-1]
-        kept = a.gather(1, matching.kept[..., None].expand(-1, -1, width))
-        src = a.gather(1, matching.src[..., None].expand(-1, -1, width))
-        b = b.scatter_add(1, matching.dst[..., None].expand(-1, -1, width), src)
-        return torch.cat([kept, b], dim=1)
-
-    merged_sizes = combine(patch_s)
-    merged = combine(patch * patch_s) / merged_sizes
-    return torch.cat([prefix_x, merged], dim=1), torch.cat([prefix_s, merged_sizes], dim=1)
+    One gather copies every surviving token to its new place; only the ``r`` merged rows are
+    then corrected, in place. (A sum-then-divide merge, weighting and re-normalising every
+    token, makes several full passes over the tokens per block; on a CPU each pass is a parallel
+    region whose cost, on a busy machine, is far above its arithmetic. Unmerged tokens keep
+    their values exactly here.)
+    """
+    C = x.shape[-1]
+    base = matching.base_index(num_prefix)  # (B, N - r): the token each new token starts from
+    src = num_prefix + 2 * matching.src  # (B, r): the merged A tokens' positions in x
+    dst = num_prefix + matching.kept.shape[1] + matching.dst  # (B, r): their B tokens' new positions
+    src_sizes = sizes.gather(1, src[..., None])
+    merged_sizes = sizes.gather(1, base[..., None]).scatter_add_(1, dst[..., None], src_sizes)
+    merged = x.gather(1, base[..., None].expand(-1, -1, C))
+    # (s_b x_b + sum_a s_a x_a) / S  =  x_b + sum_a (s_a / S) (x_a - x_b),  S = s_b + sum_a s_a:
+    # each A token adds its share of its difference to the B token's (unchanged) value.
+    # (Both read from x, so the in-place add below changes nothing autograd has saved.)
+    dst_in_x = num_prefix + 2 * matching.dst + 1
+    share = src_sizes / merged_sizes.gather(1, dst[..., None])
+    step = (x.gather(1, src[..., None].expand(-1, -1, C)) - x.gather(1, dst_in_x[..., None].expand(-1, -1, C))) * share
+    return merged.scatter_add_(1, dst[..., None].expand(-1, -1, C), step), merged_sizes
 
 
 class MergeState:
