@@ -16,6 +16,25 @@ from vitasks.engine.multitask_loop import TaskSchedule
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo", "multitask_synthetic.yaml")
 
 
+@pytest.fixture(autouse=True)
+def config_text_once(monkeypatch):
+    """mmengine formats the whole config with yapf for the visualizer and again for every
+    checkpoint's meta: seconds per call for the 3-task config, most of a tiny run's time. Within
+    a test each Config object's text is formatted once (the runner does not change it)."""
+    from mmengine.config import Config
+
+    formatted = {}
+    original = Config.pretty_text.fget
+
+    def pretty_text_once(self):
+        key = id(self)
+        if key not in formatted:
+            formatted[key] = (self, original(self))  # the object is held: its id stays its own
+        return formatted[key][1]
+
+    monkeypatch.setattr(Config, "pretty_text", property(pretty_text_once))
+
+
 @pytest.fixture(scope="module")
 def data_roots(tmp_path_factory):
     root = tmp_path_factory.mktemp("mt_data")
@@ -130,3 +149,56 @@ def test_a_task_whose_data_has_another_class_count_is_named(tmp_path, data_roots
                                         "model.tasks.cls.data_preprocessor.num_classes=7"]
     with pytest.raises(VitasksError, match="task 'cls'"):
         train_run(CONFIG, work_dir=str(tmp_path / "w"), cfg_options=opts)
+
+
+def test_ddp_two_processes_match_one_process_with_the_summed_batch(tmp_path, data_roots):
+    """torchrun, gloo, 2 processes: the joint loop's DDP path. Iteration 0 trains cls only, so
+    the seg and det heads take no part in the step (find_unused_parameters); the weights equal
+    those of one process whose cls batch is both processes' batches together. (A patch stem:
+    the conv stem's batch norm would see 2 images per process against 4.)"""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vitasks.engine.checkpoint import load_checkpoint_file
+    from vitasks.engine.launch import train as train_run
+
+    repo = Path(__file__).resolve().parents[2]
+    config = tmp_path / "ddp.yaml"
+    # the processes torchrun starts format their config once too (see config_text_once)
+    (tmp_path / "sitecustomize.py").write_text(
+        "from mmengine.config import Config\n"
+        "_original, _formatted = Config.pretty_text.fget, {}\n"
+        "def _once(self):\n"
+        "    if id(self) not in _formatted:\n"
+        "        _formatted[id(self)] = (self, _original(self))\n"
+        "    return _formatted[id(self)][1]\n"
+        "Config.pretty_text = property(_once)\n")
+    config.write_text(f"_base_: ['{os.path.abspath(CONFIG)}']\n"
+                      "model: {backbone: {stem: {_delete_: true, type: PatchEmbed}}}\n"
+                      "find_unused_parameters: true\n")
+    opts = [o for o in tiny_options(*data_roots, max_iters=1) if not o.startswith("model.backbone.stem")]
+    opts += ["train_cfg.val_begin=100", "default_hooks.checkpoint.interval=1", "default_hooks.checkpoint.save_best=null"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PORT=str(port), PYTHON=sys.executable, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(tmp_path), str(repo), os.environ.get("PYTHONPATH", "")]))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    ddp_dir = tmp_path / "ddp"
+    proc = subprocess.run(["bash", str(repo / "tools" / "dist_train.sh"), str(config), "2", "--work-dir", str(ddp_dir),
+                           "--cfg-options", *opts], env=env, cwd=str(tmp_path), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ddp = load_checkpoint_file(str(ddp_dir / "iter_1.pth"))["state_dict"]
+
+    single_dir = str(tmp_path / "single")
+    train_run(str(config), work_dir=single_dir, cfg_options=opts + ["train_dataloader.tasks.cls.batch_size=4"])
+    ref = load_checkpoint_file(os.path.join(single_dir, "iter_1.pth"))["state_dict"]
+    assert ddp.keys() == ref.keys()
+    for key, value in ref.items():
+        torch.testing.assert_close(ddp[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    # and that step moved the backbone and the cls head (it is not a comparison of two no-ops)
+    first = weights_of(single_dir, "iter_1.pth")
+    assert first["tasks.cls.head.fc.weight"].abs().sum() > 0
