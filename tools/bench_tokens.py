@@ -9,7 +9,9 @@ Any configs instead (e.g. the demo variants), each NAME=CONFIG[:KEY=VALUE,...]:
     python tools/bench_tokens.py --variants plain=configs/demo/cls_synthetic.yaml \\
         tome=configs/demo/cls_synthetic_tome.yaml --batch-size 64
 All variants of a run share the first one's weights where the names match (ToMe adds none), so
-the merging decisions are those of one network.
+the merging decisions are those of one network. The machine is shared: set OMP_NUM_THREADS (the
+measurements in docs/tokens.md use 2), and --max-load L waits (at most 30 min) until the 1-minute
+load average is at most L before timing; the load average is printed with the table.
 """
 
 import argparse
@@ -17,13 +19,13 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 from vitasks.apis import build_model, load_cfg
 from vitasks.benchmark import count_model_flops, init_on_meta
 from vitasks.models.layers.token_reduction import count_tokens
+from vitasks.token_tradeoff import interleaved_times, wait_for_quiet
 
 VIT_B = "configs/cls_imagenet.yaml"
 DEFAULT_VARIANTS = [
@@ -60,6 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="round-robin rounds over the variants")
     p.add_argument("--iters", type=int, default=2, help="timed batches per variant per round")
     p.add_argument("--warmup", type=int, default=1, help="untimed batches per variant before the rounds")
+    p.add_argument("--max-load", type=float, default=None, help="wait for this 1-minute load average first")
     p.add_argument("--json", default=None, metavar="OUT")
     args = p.parse_args(argv)
     variants = [parse_variant(v) for v in args.variants] if args.variants else DEFAULT_VARIANTS
@@ -80,23 +83,20 @@ def main(argv=None) -> int:
         gflops = count_model_flops(meta, meta_x) / args.batch_size / 1e9
         tokens = count_tokens(meta, meta_x[:1])
         built.append(dict(name=name, config=config, options=options, model=model, x=x, gflops=gflops,
-                          tokens=tokens, times=[]))
+                          tokens=tokens))
 
     def step(v):
-        with torch.no_grad():
-            v["model"](v["x"], mode="tensor")
+        def run():
+            with torch.no_grad():
+                v["model"](v["x"], mode="tensor")
 
+        return run
+
+    load_before, waited = wait_for_quiet(args.max_load)
+    times = interleaved_times({v["name"]: step(v) for v in built}, args.rounds, args.iters, args.warmup)
+    load_after = os.getloadavg()[0]
     for v in built:
-        for _ in range(args.warmup):
-            step(v)
-    load_before = os.getloadavg()
-    for _ in range(args.rounds):
-        for v in built:
-            for _ in range(args.iters):
-                start = time.perf_counter()
-                step(v)
-                v["times"].append(time.perf_counter() - start)
-    load_after = os.getloadavg()
+        v["times"] = times[v["name"]]
 
     base = None
     rows = []
@@ -107,7 +107,8 @@ def main(argv=None) -> int:
                          speedup=ips / base, gflops=v["gflops"], tokens_per_block=v["tokens"],
                          times_s=v["times"]))
     print(f"batch {args.batch_size}, fp32, threads {torch.get_num_threads()}, {args.rounds} rounds x {args.iters} "
-          f"iters interleaved; load average before {load_before[0]:.1f}, after {load_after[0]:.1f}")
+          f"iters interleaved; load average before {load_before:.1f}, after {load_after:.1f}"
+          + (f" (waited {waited:.0f} s for it)" if waited >= 1 else ""))
     print(f"{'variant':<22}{'images/s':>10}{'speedup':>9}{'GFLOPs':>9}  tokens per block")
     for r in rows:
         tokens = r["tokens_per_block"]
