@@ -232,12 +232,13 @@ def merge_tokens(x: Tensor, sizes: Tensor, matching: Matching, num_prefix: int =
     merged_sizes = sizes.gather(1, base[..., None]).scatter_add_(1, dst[..., None], src_sizes)
     merged = x.gather(1, base[..., None].expand(-1, -1, C))
     # (s_b x_b + sum_a s_a x_a) / S  =  x_b + sum_a (s_a / S) (x_a - x_b),  S = s_b + sum_a s_a:
-    # each A token adds its share of its difference to the B token's (unchanged) value.
-    # (Both read from x, so the in-place add below changes nothing autograd has saved.)
-    dst_in_x = num_prefix + 2 * matching.dst + 1
-    share = src_sizes / merged_sizes.gather(1, dst[..., None])
-    step = (x.gather(1, src[..., None].expand(-1, -1, C)) - x.gather(1, dst_in_x[..., None].expand(-1, -1, C))) * share
-    return merged.scatter_add_(1, dst[..., None].expand(-1, -1, C), step), merged_sizes
+    # each A token adds its share of itself, and takes the same share of its B token's value
+    # (read from x, so the in-place add below changes nothing autograd has saved).
+    share = src_sizes / merged_sizes.gather(1, dst[..., None])  # (B, r, 1)
+    pairs = torch.cat([src, num_prefix + 2 * matching.dst + 1], dim=1)  # the A tokens, then their B tokens
+    terms = x.gather(1, pairs[..., None].expand(-1, -1, C)) * torch.cat([share, -share], dim=1)
+    into = torch.cat([dst, dst], dim=1)[..., None].expand(-1, -1, C)
+    return merged.scatter_add_(1, into, terms), merged_sizes
 
 
 class MergeState:
