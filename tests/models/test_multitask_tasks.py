@@ -332,3 +332,29 @@ def test_layer_decay_puts_task_heads_at_the_top_and_the_backbone_by_block():
         assert math.isclose(lr_of[id(param)], base_lr * rate ** (depth + 1 - layer)), name
         seen.add(name.split(".")[1] if name.startswith("tasks.") else None)
     assert {"cls", "seg", "det"} <= seen
+
+
+def test_infer_draws_classification_segmentation_and_detection_in_one_png(tmp_path):
+    """tools/infer.py's function on a 3-task model: one JSON with every image task (detections
+    listed), one PNG, the backbone run once for the image."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from vitasks import apis
+
+    cfg = dict(default_scope="vitasks",
+               model=dict(type="MultiTaskModel", backbone=copy.deepcopy(BACKBONE),
+                          tasks=dict(cls=copy.deepcopy(CLS), seg=copy.deepcopy(SEG), det=copy.deepcopy(DET)),
+                          out_indices=dict(seg=READS["seg"], det=READS["det"])),
+               test_pipeline=[dict(type="LoadImage"), dict(type="PackInputs")])
+    path = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    model = apis.init_model(cfg)
+    samples = apis.inference_model(model, str(path))
+    assert model.backbone_calls == 1 and set(samples) == {"cls", "seg", "det"}
+    records = apis.run_inference(cfg, None, [str(path)], str(tmp_path / "out"))
+    written = json.load(open(records[0]["json"]))
+    assert set(written["tasks"]) == {"cls", "seg", "det"}
+    assert Image.open(records[0]["png"]).size[0] >= 64
