@@ -104,18 +104,44 @@ class TubeletEmbed(nn.Module):
     stride equal to its kernel. State dict ``proj.{weight,bias}`` as the image ``PatchEmbed``
     (so image checkpoints name the kernel the same: it is inflated on loading).
 
+    With ``motion_energy`` the token is the opponent motion energy of each tubelet instead of its
+    linear response (Adelson & Bergen 1985): ``(w . x)^2 - (w_r . x)^2 + bias``, where ``w_r`` is
+    the same kernel ``w`` played backwards in time. The energy equals
+    ``((w - w_r) . x) ((w + w_r) . x)``, a temporal change times a spatial pattern (the gradient
+    motion detector ``I_t * I_x``), so it is
+
+    - even in the input: a clip and its negative (a dark object on a light background and a light
+      one on a dark background) give the same tokens. A linear tubelet's tokens flip sign with
+      contrast polarity, so near initialisation, with random colours, the motion signal has a
+      random sign across samples and the gradients of a few hundred clips cancel: a small model
+      then learns nothing;
+    - zero on a static tubelet (every frame the same), whatever its texture: appearance that does
+      not move is not in the tokens, which keeps a small model from memorising backgrounds;
+    - odd in time: a clip played backwards gives the negated energies, so the direction of motion
+      is the sign.
+
+    Same parameters as the linear embedding (nothing to load differently); it needs
+    ``tubelet_size >= 2``.
+
     Args:
         in_channels: image channels.
         embed_dim: token width.
         patch_size: spatial patch side p.
         tubelet_size: frames per token t (1 for TimeSformer, 2 for ViViT/VideoMAE).
         bias: whether the projection has a bias.
+        motion_energy: tokens are opponent motion energies (above) rather than linear responses.
     """
 
-    def __init__(self, in_channels: int, embed_dim: int, patch_size: int, tubelet_size: int, bias: bool = True) -> None:
+    def __init__(self, in_channels: int, embed_dim: int, patch_size: int, tubelet_size: int, bias: bool = True,
+                 motion_energy: bool = False) -> None:
         super().__init__()
+        if motion_energy and tubelet_size < 2:
+            raise ConfigError(
+                f"model.backbone.motion_energy needs tubelet_size >= 2 (motion within a tubelet), got {tubelet_size}"
+            )
         self.stride = patch_size
         self.tubelet_size = tubelet_size
+        self.motion_energy = bool(motion_energy)
         kernel = (tubelet_size, patch_size, patch_size)
         self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=kernel, stride=kernel, bias=bias)
         # As the image PatchEmbed (MAE / timm): initialised like a linear layer on flat tubelets.
@@ -124,7 +150,14 @@ class TubeletEmbed(nn.Module):
             nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
+        if not self.motion_energy:
+            return self.proj(x)
+        # The bias is added after the energies: inside the squares it would break the symmetries.
+        # One convolution with the kernel and its time reversal stacked: (B, 2C, t', h, w).
+        weight = self.proj.weight
+        forward, backward = F.conv3d(x, torch.cat([weight, weight.flip(2)]), None, self.proj.stride).chunk(2, dim=1)
+        energy = forward.square() - backward.square()
+        return energy if self.proj.bias is None else energy + self.proj.bias.view(1, -1, 1, 1, 1)
 
 
 class DividedSpaceTimeBlock(TransformerBlock):
@@ -262,6 +295,10 @@ class VideoVisionTransformer(nn.Module):
             ``fc_norm``) at all.
         inflate: how a 2D patch kernel of an image checkpoint becomes the tubelet kernel:
             ``"center"`` (central frame) or ``"average"`` (kernel / t on each frame).
+        motion_energy: tokens are each tubelet's opponent motion energy (see
+            :class:`TubeletEmbed`): polarity-invariant, zero where nothing moves, signed by the
+            direction of motion; for small models learning motion from few clips. Needs
+            ``tubelet_size >= 2``; a static clip then embeds to zero (no image-model equivalence).
         with_cp: gradient checkpointing of every block.
         interpolate_mode: ``F.interpolate`` mode for resampling the spatial position embeddings
             (joint tables are resampled trilinearly).
@@ -296,6 +333,7 @@ class VideoVisionTransformer(nn.Module):
         fc_norm: Optional[bool] = None,
         final_norm: bool = True,
         inflate: str = "center",
+        motion_energy: bool = False,
         with_cp: bool = False,
         interpolate_mode: str = "bicubic",
     ) -> None:
@@ -345,7 +383,7 @@ class VideoVisionTransformer(nn.Module):
         # Layers for layer-wise lr decay (the optimizer reads `depth`): spatial then temporal blocks.
         self.depth = depth + self.temporal_depth
 
-        self.stem = TubeletEmbed(in_channels, embed_dim, patch_size, tubelet_size)
+        self.stem = TubeletEmbed(in_channels, embed_dim, patch_size, tubelet_size, motion_energy=motion_energy)
         self.stride = patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         num_spatial = self.grid_size[0] * self.grid_size[1]
