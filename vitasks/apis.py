@@ -1,10 +1,12 @@
-"""Python API: build a model from a config, run it on images, write drawn predictions.
+"""Python API: build a model from a config, run it on images or videos, write drawn predictions.
 
 >>> from vitasks.apis import init_model, inference_model
 >>> model = init_model("configs/demo/cls.yaml", "work_dirs/cls/epoch_1.pth")
 >>> logits = model(normalised_batch, mode="tensor")          # raw head output, (N, K)
 >>> sample = inference_model(model, "cat.jpg")                 # the config's test pipeline
 >>> sample.pred_score.topk(5)
+>>> video = init_model("configs/demo/video_synthetic.yaml", "work_dirs/video_synthetic/epoch_30.pth")
+>>> inference_model(video, "clip.mp4").pred_score                # sampled and cropped as in testing
 
 ``run_inference`` is what ``vitasks infer`` / ``tools/infer.py`` call: one JSON and one PNG per
 input. The drawing is chosen per task (see :mod:`vitasks.visualization.drawers`), so a new task
@@ -39,8 +41,11 @@ ANNOTATION_LOADERS = {"LoadAnnotations", "LoadSegMap", "LoadSegAnnotations", "Lo
 
 #: File name suffixes that ``run_inference`` collects from a folder given as input.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-#: Video files, which inference does not read yet: given one, it says so.
+#: File name suffixes of videos, which models with a video test pipeline read (see VIDEO_DECODERS).
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm")
+#: Pipeline steps that decode video frames: a test pipeline with one reads video files, given to it
+#: as ``{"filename": path}`` (its sampler probes the frame count).
+VIDEO_DECODERS = {"DecodeFrames"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,6 +204,12 @@ def build_test_pipeline(cfg: Config, from_array: bool = False) -> Compose:
     return Compose(steps)
 
 
+def reads_videos(cfg: Config) -> bool:
+    """Whether the config's test pipeline decodes videos (a video recognizer's) rather than
+    loading images."""
+    return any(_type_name(t) in VIDEO_DECODERS for t in test_pipeline_cfg(cfg))
+
+
 def _array_results(img: np.ndarray, index: int) -> dict:
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
@@ -215,14 +226,20 @@ def _array_results(img: np.ndarray, index: int) -> dict:
 def prepare_data(model: nn.Module, inputs: ImageLike | Sequence[ImageLike]) -> list[dict]:
     """Run the config's test pipeline on each input: ``[{"inputs": ..., "data_samples": ...}]``.
 
-    Inputs are file paths (images; whatever the pipeline's loader reads) or RGB uint8 arrays
-    (H, W, 3)."""
+    Inputs are file paths (images, or videos for a model whose test pipeline decodes videos:
+    whatever the pipeline's loader reads) or, for image models, RGB uint8 arrays (H, W, 3)."""
     items = [inputs] if isinstance(inputs, (str, os.PathLike, np.ndarray)) else list(inputs)
     cfg = model.cfg
+    video = reads_videos(cfg)
     pipelines: dict[bool, Compose] = {}
     data = []
     for i, item in enumerate(items):
         from_array = isinstance(item, np.ndarray)
+        if from_array and video:
+            raise DataError(
+                f"inputs[{i}]: this model's test pipeline decodes video files; give the path of a video "
+                f"({', '.join(VIDEO_SUFFIXES)}), not an array"
+            )
         if from_array not in pipelines:
             pipelines[from_array] = build_test_pipeline(cfg, from_array)
         if from_array:
@@ -231,7 +248,8 @@ def prepare_data(model: nn.Module, inputs: ImageLike | Sequence[ImageLike]) -> l
             path = os.fspath(item)
             if not os.path.exists(path):
                 raise DataError(f"input not found: {path}")
-            results = {"img_path": path}
+            # A video's sampler reads its frame count from the file (the pipeline probes it).
+            results = {"filename": path} if video else {"img_path": path}
         packed = pipelines[from_array](results)
         if packed is None:
             raise DataError(f"the test pipeline dropped input {i} ({item if not from_array else 'array'})")
@@ -242,17 +260,26 @@ def prepare_data(model: nn.Module, inputs: ImageLike | Sequence[ImageLike]) -> l
 def inference_model(
     model: nn.Module, inputs: ImageLike | Sequence[ImageLike], batch_size: int = 1
 ) -> Any:
-    """Predict on images (paths or RGB uint8 arrays) with the config's test pipeline.
+    """Predict on images (paths or RGB uint8 arrays) or videos (paths, for a video recognizer)
+    with the config's test pipeline (for videos: its frame sampling, test views and crops).
 
     Returns one data sample (for one input) or a list (for a list): the model's ``predict``
-    output, e.g. ``pred_score`` (K,) and ``pred_label`` (1,) for a classifier, with
-    ``img_path`` / ``ori_shape`` / ``img_shape`` in the metainfo. For a multi-task model, one
-    ``{task: sample}`` per input, every task's prediction from one backbone pass.
+    output, e.g. ``pred_score`` (K,) and ``pred_label`` (1,) for a classifier or a video
+    recognizer (scores averaged over the test views), with ``img_path`` / ``ori_shape`` /
+    ``img_shape`` (videos: ``filename``, ``frame_inds``, ``num_views``) in the metainfo. For a
+    multi-task model, one ``{task: sample}`` per input, every task's prediction from one backbone
+    pass.
     """
     if not hasattr(model, "cfg"):
         raise VitasksError("inference_model needs a model from init_model (it reads model.cfg)")
     single = isinstance(inputs, (str, os.PathLike, np.ndarray))
-    data = prepare_data(model, inputs)
+    samples = predict_packed(model, prepare_data(model, inputs), batch_size)
+    return samples[0] if single else samples
+
+
+def predict_packed(model: nn.Module, data: list[dict], batch_size: int = 1) -> list[Any]:
+    """The model's predictions on inputs already through the test pipeline (:func:`prepare_data`),
+    one per input (``{task: sample}`` for a multi-task model)."""
     samples = []
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
@@ -263,19 +290,22 @@ def inference_model(
                                for i in range(len(batch["inputs"])))
             else:
                 samples.extend(model.test_step(batch))
-    return samples[0] if single else samples
+    return samples
 
 
 # --------------------------------------------------------------------------------------------
 # Command-line inference
 
 
-def expand_inputs(inputs: Sequence[str]) -> list[str]:
-    """Image files as given; folders replaced by their image files (sorted, not recursive).
+def expand_inputs(inputs: Sequence[str], videos: bool = False) -> list[str]:
+    """Files as given; folders replaced by their files of the model's kind (sorted, not
+    recursive): images, or videos when ``videos`` (a model whose test pipeline decodes videos).
 
-    Videos are not supported yet: a video file given by name is an error, and folders are
-    searched for images only.
+    A video given to an image model, or an image given to a video model, is an error that says
+    which the model reads.
     """
+    wanted, other = (VIDEO_SUFFIXES, IMAGE_SUFFIXES) if videos else (IMAGE_SUFFIXES, VIDEO_SUFFIXES)
+    kind, other_kind = ("video", "image") if videos else ("image", "video")
     files: list[str] = []
     for item in inputs:
         item = os.fspath(item)
@@ -283,14 +313,18 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
             found = sorted(
                 os.path.join(item, n)
                 for n in os.listdir(item)
-                if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES
+                if os.path.splitext(n)[1].lower() in wanted
             )
             if not found:
-                raise DataError(f"input folder {item} has no image files ({', '.join(IMAGE_SUFFIXES)})")
+                raise DataError(f"input folder {item} has no {kind} files ({', '.join(wanted)})")
             files.extend(found)
         elif os.path.isfile(item):
-            if os.path.splitext(item)[1].lower() in VIDEO_SUFFIXES:
-                raise DataError(f"input {item} is a video; inference reads images only (for now)")
+            if os.path.splitext(item)[1].lower() in other:
+                raise DataError(
+                    f"input {item} is {'an' if other_kind == 'image' else 'a'} {other_kind}; inference reads "
+                    f"{kind}s only with this model (its test pipeline "
+                    f"{'decodes videos' if videos else 'decodes no videos'}; {kind} files: {', '.join(wanted)})"
+                )
             files.append(item)
         else:
             raise DataError(f"input not found: {item}")
@@ -321,27 +355,33 @@ def run_inference(
 ) -> list[dict]:
     """Predict on each input and write ``<name>.json`` and ``<name>.png`` into ``out_dir``.
 
-    The JSON is ``{"file": path, **task summary}``; a classifier's summary is ``{"predictions":
-    [{"label", "class_name", "score"}, ...]}`` with the top-``topk`` classes; a segmentor's is
+    The JSON is ``{"file": path, **task summary}``; a classifier's (and a video recognizer's)
+    summary is ``{"predictions": [{"label", "class_name", "score"}, ...]}`` with the
+    top-``topk`` classes; a segmentor's is
     ``{"classes": [{"label", "class_name", "pixels", "fraction"}, ...], "label_map": path}``
     (``<name>_labels.png``, the dataset's own label values), see
     :class:`vitasks.visualization.SegPredictionDrawer`. The PNG is the
-    image with the prediction drawn over it. Drawing and summary come from the drawers that
-    :func:`vitasks.visualization.select_drawers` picks for the model.
+    image with the prediction drawn over it; for a video, the frames the model saw (the test
+    pipeline's sampled, resized and cropped clip, every view) in a strip under the top-k classes.
+    Drawing and summary come from the drawers that :func:`vitasks.visualization.select_drawers`
+    picks for the model.
 
     Returns the records written, each with ``json`` and ``png`` paths added.
     """
     from vitasks.visualization import select_drawers
+    # Registers the video drawer (not yet imported by vitasks.visualization's __init__).
+    from vitasks.visualization import video_drawer  # noqa: F401
 
     if topk < 1:
         raise VitasksError(f"--topk must be >= 1, got {topk}")
-    files = expand_inputs(inputs)
     model = init_model(config, checkpoint, device=device, cfg_options=cfg_options)
+    files = expand_inputs(inputs, videos=reads_videos(model.cfg))
     class_names = model.dataset_meta.get("classes")
     os.makedirs(out_dir, exist_ok=True)
     records = []
     for path, stem in zip(files, _unique_stems(files)):
-        sample = inference_model(model, path)
+        packed = prepare_data(model, path)
+        sample = predict_packed(model, packed)[0]
         if isinstance(sample, dict):  # a multi-task model
             records.append(_draw_tasks(model, path, stem, sample, out_dir, topk))
             continue
@@ -350,7 +390,9 @@ def run_inference(
         for drawer in drawers:
             record.update(drawer.summarize(sample, class_names, topk))
             record.update(drawer.write_files(sample, out_dir, stem))
-        image = drawers[0].load_image(path)
+        # A video drawer draws the clip the model saw (the pipeline's output), not the file.
+        source = packed[0]["inputs"] if getattr(drawers[0], "draws_model_input", False) else path
+        image = drawers[0].load_image(source)
         for drawer in drawers:
             image = drawer.draw(image, sample, class_names, topk)
         json_path = os.path.join(out_dir, stem + ".json")
