@@ -488,7 +488,9 @@ def draw_sample(
 
 
 def _stem(sample: Any, index: int) -> str:
-    path = sample.metainfo.get("img_path") if sample is not None and hasattr(sample, "metainfo") else None
+    meta = sample.metainfo if sample is not None and hasattr(sample, "metainfo") else {}
+    # An image's path, a video's file or a raw-frame clip's folder.
+    path = meta.get("img_path") or meta.get("filename") or meta.get("frame_dir")
     if not path:
         return f"sample{index}"
     stem = os.path.splitext(os.path.basename(str(path)))[0]
