@@ -1,4 +1,4 @@
-"""CrossEntropyLoss against brute-force computations of the documented formulas."""
+"""CrossEntropyLoss and DiceLoss against brute-force computations of the documented formulas."""
 
 import math
 
@@ -131,3 +131,50 @@ def test_default_averages_over_all_pixels_as_mmseg():
     labelled = int((labels != 255).sum())
     assert CrossEntropyLoss(avg_non_ignore=True)(logits, labels).item() == pytest.approx(
         summed.item() / labelled, rel=1e-5)
+
+
+def _dice_brute_force(logits, labels, smooth, exponent, ignore_index):
+    """Per class, loops over every labelled pixel of the batch."""
+    n, k, h, w = logits.shape
+    prob = torch.softmax(logits.double(), 1)
+    terms = []
+    for c in range(k):
+        inter = den_p = den_t = 0.0
+        for i in range(n):
+            for y in range(h):
+                for x in range(w):
+                    label = int(labels[i, y, x])
+                    if label == ignore_index:
+                        continue
+                    p, t = float(prob[i, c, y, x]), float(label == c)
+                    inter += p * t
+                    den_p += p ** exponent
+                    den_t += t ** exponent
+        terms.append(1 - (2 * inter + smooth) / (den_p + den_t + smooth))
+    return sum(terms) / k
+
+
+@pytest.mark.parametrize("smooth, exponent", [(1.0, 2.0), (0.5, 1.0)])
+def test_dice_matches_brute_force(smooth, exponent):
+    from vitasks.models.losses import DiceLoss
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, 5, 6, generator=gen)
+    labels = torch.randint(0, 3, (2, 5, 6), generator=gen)  # class 3 absent: still counted
+    labels[0, :2, :3] = 255
+    loss = DiceLoss(loss_weight=0.7, smooth=smooth, exponent=exponent)(logits, labels)
+    expected = 0.7 * _dice_brute_force(logits, labels, smooth, exponent, 255)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_dice_perfect_prediction_is_near_zero_and_head_uses_ignore_index():
+    from vitasks.models.heads.seg_heads import FCNHead
+    from vitasks.models.losses import DiceLoss
+
+    labels = torch.tensor([[[0, 1], [2, 2]]])
+    logits = torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float() * 50
+    assert float(DiceLoss(smooth=0.0)(logits, labels)) == pytest.approx(0.0, abs=1e-6)
+    head = FCNHead(in_channels=4, channels=4, num_classes=3, ignore_index=7,
+                   loss_decode=[{"type": "CrossEntropyLoss"}, {"type": "DiceLoss", "loss_weight": 0.5}])
+    assert head.loss_names == ["loss_ce_0", "loss_dice_1"]
+    assert head.loss_decode[1].ignore_index == 7

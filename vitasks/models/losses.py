@@ -145,3 +145,55 @@ class CrossEntropyLoss(nn.Module):
             f"loss_weight={self.loss_weight}, label_smoothing={self.label_smoothing}, "
             f"ignore_index={self.ignore_index}, avg_non_ignore={self.avg_non_ignore}"
         )
+
+
+@MODELS.register_module()
+class DiceLoss(nn.Module):
+    """Soft Dice loss over classes for dense prediction (V-Net's squared form, as mmseg 0.x's
+    softmax ``DiceLoss``), the usual companion of cross-entropy when a few classes cover most
+    pixels: each class counts the same, whatever its area.
+
+    With ``p`` the softmax of the logits and ``t`` the one-hot labels, summed over the labelled
+    pixels of the whole batch (pixels equal to ``ignore_index`` are left out)::
+
+        dice_k = (2 sum p_k t_k + smooth) / (sum p_k^e + sum t_k^e + smooth)
+        loss   = loss_weight * mean_k (1 - dice_k)
+
+    A class absent from the batch still counts: its term pushes its predicted probability
+    towards 0.
+
+    Args:
+        loss_weight: Multiplies the loss.
+        smooth: Added to numerator and denominator (keeps empty classes finite).
+        exponent: ``e`` in the denominator (2: V-Net, mmseg's default).
+        ignore_index: Label value of unlabelled pixels.
+    """
+
+    def __init__(self, loss_weight: float = 1.0, smooth: float = 1.0, exponent: float = 2.0,
+                 ignore_index: int = 255) -> None:
+        super().__init__()
+        if smooth < 0 or exponent <= 0:
+            raise ConfigError(f"DiceLoss: smooth must be >= 0 and exponent > 0, got {smooth}, {exponent}")
+        self.loss_weight = float(loss_weight)
+        self.smooth = float(smooth)
+        self.exponent = float(exponent)
+        self.ignore_index = int(ignore_index)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``pred``: logits ``(N, K, H, W)``; ``target``: labels ``(N, H, W)``; a scalar."""
+        if pred.dim() != 4 or target.shape != pred.shape[:1] + pred.shape[2:]:
+            raise ValueError(
+                f"DiceLoss: needs logits (N, K, H, W) and labels (N, H, W), got {tuple(pred.shape)} "
+                f"and {tuple(target.shape)}"
+            )
+        num_classes = pred.shape[1]
+        valid = (target != self.ignore_index).unsqueeze(1).to(pred.dtype)
+        prob = pred.softmax(dim=1) * valid
+        # Ignored pixels get class 0 here, then are zeroed by `valid`.
+        onehot = F.one_hot(torch.where(target == self.ignore_index, 0, target).long(), num_classes)
+        onehot = onehot.permute(0, 3, 1, 2).to(pred.dtype) * valid
+        dims = (0, 2, 3)
+        intersection = (prob * onehot).sum(dims)
+        denominator = prob.pow(self.exponent).sum(dims) + onehot.pow(self.exponent).sum(dims)
+        dice = (2 * intersection + self.smooth) / (denominator + self.smooth)
+        return self.loss_weight * (1 - dice).mean()
