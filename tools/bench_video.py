@@ -12,6 +12,12 @@ attention kernel included). Peak memory is the process's peak resident memory du
 passes minus its resident memory before the first pass (weights and input already allocated), as
 ``tools/benchmark.py`` counts it on a CPU; on a GPU ``torch.cuda.max_memory_allocated``. The
 summary gives each layout's time and memory relative to joint attention at the same length.
+
+``python tools/bench_video.py --data CONFIG [--cfg-options data_root=DIR ...] [--seconds 20]``
+instead measures the data side: the config's training pipeline (sample + decode + transform +
+pack) on its training list, in this one process, as one data-loader worker runs it (one torch
+thread), with the samples' seeds as training draws them: clips/s, the process's CPU time per clip
+(the steadier figure on a shared machine) and the load average.
 """
 
 import argparse
@@ -60,6 +66,27 @@ def run_case(attention: str, frames: int, tubelet: int, img_size: int, warmup: i
                 gflops=flops / 1e9, peak_mib=peak.peak / 2**20, memory=peak.method)
 
 
+def data_speed(config: str, cfg_options, seconds: float) -> dict:
+    """Clips/s and CPU ms per clip of ``config``'s training pipeline over its training list."""
+    import torch
+
+    from vitasks.config import load_config
+    from vitasks.data.seeding import SeededIndex
+    from vitasks.visualization.browse import build_train_dataset
+
+    torch.set_num_threads(1)
+    dataset = build_train_dataset(load_config(config, cfg_options))
+    for i in range(len(dataset)):  # warm up: each video is indexed once per worker
+        dataset[SeededIndex(i, i)]
+    count, cpu0, wall0 = 0, time.process_time(), time.perf_counter()
+    while time.perf_counter() - wall0 < seconds:
+        item = dataset[SeededIndex(count % len(dataset), len(dataset) + count)]
+        count += 1
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    return dict(config=config, videos=len(dataset), clips=count, clips_per_s=count / wall,
+                cpu_ms_per_clip=1000 * cpu / count, shape=list(item["inputs"].shape), loadavg=os.getloadavg()[0])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[8, 32])
@@ -71,8 +98,21 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="torch threads")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--data", metavar="CONFIG", help="measure this config's training data pipeline instead")
+    parser.add_argument("--cfg-options", nargs="+", default=None, metavar="KEY=VALUE",
+                        help="with --data: override config keys, e.g. data_root=DIR")
+    parser.add_argument("--seconds", type=float, default=20.0, help="with --data: how long to measure")
     parser.add_argument("--case", nargs=2, help=argparse.SUPPRESS)  # internal: ATTENTION FRAMES, print JSON
     args = parser.parse_args(argv)
+    if args.data:
+        result = data_speed(args.data, args.cfg_options, args.seconds)
+        print(f"{args.data}: {result['videos']} videos, clips {tuple(result['shape'])}: {result['clips_per_s']:.1f} "
+              f"clips/s, {result['cpu_ms_per_clip']:.1f} ms CPU per clip (one worker, one thread); load average "
+              f"{result['loadavg']:.1f} on {os.cpu_count()} CPUs")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return 0
     import torch
 
     if args.threads:
