@@ -178,3 +178,24 @@ def test_dice_perfect_prediction_is_near_zero_and_head_uses_ignore_index():
                    loss_decode=[{"type": "CrossEntropyLoss"}, {"type": "DiceLoss", "loss_weight": 0.5}])
     assert head.loss_names == ["loss_ce_0", "loss_dice_1"]
     assert head.loss_decode[1].ignore_index == 7
+
+
+def test_balanced_class_weight_equals_explicit_weights_from_the_batch_counts():
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 4, 6, 7, generator=gen)
+    labels = torch.zeros(2, 6, 7, dtype=torch.long)
+    labels[0, :1, :2] = 1   # 2 pixels of class 1
+    labels[1, 3:, 4:] = 2   # 9 pixels of class 2; class 3 absent
+    labels[1, 0, :3] = 255  # ignored
+    n = 2 * 6 * 7 - 3
+    counts = {0: n - 11, 1: 2, 2: 9}
+    expected_w = [math.sqrt(min(n / (3 * counts[k]), 10.0)) for k in range(3)] + [1.0]
+    assert expected_w[1] == pytest.approx(math.sqrt(10.0))  # a rare class hits the cap
+    balanced = CrossEntropyLoss(class_weight="balanced")(logits, labels)
+    explicit = CrossEntropyLoss(class_weight=expected_w)(logits, labels)
+    assert float(balanced) == pytest.approx(float(explicit), rel=1e-6)
+    flat_logits = logits.permute(0, 2, 3, 1).reshape(-1, 4).tolist()
+    brute = _brute_hard(flat_logits, labels.flatten().tolist(), class_weight=expected_w, avg_non_ignore=False)
+    assert float(balanced) == pytest.approx(brute, rel=1e-5)
+    with pytest.raises(ConfigError, match="balanced"):
+        CrossEntropyLoss(class_weight="auto")

@@ -14,6 +14,20 @@ from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 
 
+def balanced_class_weight(labels: torch.Tensor, num_classes: int, ignore_index: int,
+                          max_ratio: float = 10.0) -> torch.Tensor:
+    """``sqrt(min(n / (P n_k), max_ratio))`` per class from a batch of hard labels (``n``
+    labelled elements, ``P`` classes present, ``n_k`` elements of class ``k``); 1 for absent
+    classes (they have no element to weigh)."""
+    valid = labels[labels != ignore_index].long()
+    counts = torch.bincount(valid.flatten(), minlength=num_classes)[:num_classes].float()
+    present = counts > 0
+    if not present.any():
+        return torch.ones(num_classes, device=labels.device)
+    ratio = valid.numel() / (present.sum() * counts.clamp(min=1))
+    return torch.where(present, ratio.clamp(max=max_ratio).sqrt(), torch.ones_like(ratio))
+
+
 @MODELS.register_module()
 class CrossEntropyLoss(nn.Module):
     """Softmax cross-entropy for hard, soft and dense targets.
@@ -41,7 +55,11 @@ class CrossEntropyLoss(nn.Module):
     Args:
         loss_weight: Multiplies the loss.
         label_smoothing: Smoothing factor ``eps`` in [0, 1).
-        class_weight: Optional per-class weights (K values).
+        class_weight: Optional per-class weights (K values), or ``"balanced"``: for dense hard
+            labels, weights from the batch's own label counts, ``w_k = sqrt(min(n / (P n_k),
+            10))`` with ``n`` labelled pixels, ``P`` classes present and ``n_k`` pixels of class
+            ``k`` (1 when all present classes are equally common; rare classes up to 3.2x), so
+            that a recipe keeps working whatever ``num_classes`` it is retargeted to.
         ignore_index: Hard-label value to ignore (255 for segmentation maps).
         avg_non_ignore: Divide by the non-ignored elements only (default: by all elements).
     """
@@ -50,7 +68,7 @@ class CrossEntropyLoss(nn.Module):
         self,
         loss_weight: float = 1.0,
         label_smoothing: float = 0.0,
-        class_weight: Optional[Sequence[float]] = None,
+        class_weight: Optional[Sequence[float] | str] = None,
         ignore_index: int = 255,
         avg_non_ignore: bool = False,
     ) -> None:
@@ -63,6 +81,13 @@ class CrossEntropyLoss(nn.Module):
         self.label_smoothing = float(label_smoothing)
         self.ignore_index = int(ignore_index)
         self.avg_non_ignore = bool(avg_non_ignore)
+        self.balanced = isinstance(class_weight, str)
+        if self.balanced:
+            if class_weight != "balanced":
+                raise ConfigError(
+                    f"CrossEntropyLoss: class_weight must be a list of K numbers or 'balanced', got {class_weight!r}"
+                )
+            class_weight = None
         if class_weight is not None:
             # A buffer so that it follows the module to the logits' device; not saved in
             # checkpoints because it comes from the config.
@@ -100,6 +125,8 @@ class CrossEntropyLoss(nn.Module):
                     f"the logits have {pred.shape[1]} classes"
                 )
             class_weight = self.class_weight.to(device=pred.device, dtype=pred.dtype)
+        elif self.balanced and pred.dim() > 2 and not target.is_floating_point():
+            class_weight = balanced_class_weight(target, pred.shape[1], self.ignore_index).to(pred.dtype)
 
         soft = target.shape == pred.shape and target.is_floating_point()
         if soft:
@@ -144,6 +171,7 @@ class CrossEntropyLoss(nn.Module):
         return (
             f"loss_weight={self.loss_weight}, label_smoothing={self.label_smoothing}, "
             f"ignore_index={self.ignore_index}, avg_non_ignore={self.avg_non_ignore}"
+            + (", class_weight='balanced'" if self.balanced else "")
         )
 
 
