@@ -101,8 +101,9 @@ def test_tome_on_the_plain_demo_weights():
 
 
 def test_format_tradeoff_rows():
-    row = dict(name="plain", trained=True, metrics={"mIoU": 51.234}, agreement=100.0, images_per_s=12.34, speedup=1.0)
+    row = dict(name="plain", trained=True, metrics={"mIoU": 51.234}, agreement=100.0, images_per_s=12.34, speedup=1.0,
+               speedup_fastest=1.0)
     text = format_tradeoff(dict(metric="mIoU", rows=[row, dict(row, name="ToMe r=8", trained=False, speedup=1.5)],
                                 batch_size=8, img_size=96, threads=2, rounds=5, load_average=[1.0, 2.0]))
-    assert "| plain | trained with it | 51.23 | 100.0 % | 12.3 | 1.00x |" in text
-    assert "| ToMe r=8 | plain model's | 51.23 | 100.0 % | 12.3 | 1.50x |" in text
+    assert "| plain | trained with it | 51.23 | 100.0 % | 12.3 | 1.00x | 1.00x |" in text
+    assert "| ToMe r=8 | plain model's | 51.23 | 100.0 % | 12.3 | 1.50x | 1.00x |" in text

@@ -11,7 +11,9 @@ Any configs instead (e.g. the demo variants), each NAME=CONFIG[:KEY=VALUE,...]:
 All variants of a run share the first one's weights where the names match (ToMe adds none), so
 the merging decisions are those of one network. The machine is shared: set OMP_NUM_THREADS (the
 measurements in docs/tokens.md use 2), and --max-load L waits (at most 30 min) until the 1-minute
-load average is at most L before timing; the load average is printed with the table.
+load average is at most L before timing; the load average is printed with the table. images/s and "speedup" come from each variant's median
+batch; "fastest" is the speedup between the fastest batches (other processes only add time, so
+on a busy machine it is the closer estimate of a quiet machine's ratio).
 """
 
 import argparse
@@ -104,16 +106,17 @@ def main(argv=None) -> int:
         ips = args.batch_size / statistics.median(v["times"])
         base = base or ips
         rows.append(dict(name=v["name"], config=v["config"], options=v["options"], images_per_s=ips,
-                         speedup=ips / base, gflops=v["gflops"], tokens_per_block=v["tokens"],
-                         times_s=v["times"]))
+                         speedup=ips / base, speedup_fastest=min(built[0]["times"]) / min(v["times"]),
+                         gflops=v["gflops"], tokens_per_block=v["tokens"], times_s=v["times"]))
     print(f"batch {args.batch_size}, fp32, threads {torch.get_num_threads()}, {args.rounds} rounds x {args.iters} "
           f"iters interleaved; load average before {load_before:.1f}, after {load_after:.1f}"
           + (f" (waited {waited:.0f} s for it)" if waited >= 1 else ""))
-    print(f"{'variant':<22}{'images/s':>10}{'speedup':>9}{'GFLOPs':>9}  tokens per block")
+    print(f"{'variant':<22}{'images/s':>10}{'speedup':>9}{'fastest':>9}{'GFLOPs':>9}  tokens per block")
     for r in rows:
         tokens = r["tokens_per_block"]
         shown = f"{tokens[0]} -> {tokens[-1]} (mean {sum(tokens) / len(tokens):.0f})" if tokens else "-"
-        print(f"{r['name']:<22}{r['images_per_s']:>10.2f}{r['speedup']:>8.2f}x{r['gflops']:>9.2f}  {shown}")
+        print(f"{r['name']:<22}{r['images_per_s']:>10.2f}{r['speedup']:>8.2f}x{r['speedup_fastest']:>8.2f}x"
+              f"{r['gflops']:>9.2f}  {shown}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
