@@ -26,10 +26,8 @@ TINY = [
     "model.backbone.num_heads=2",
     "num_classes=5",
     "model.neck.embed_dim=16",
-    "model.decode_head.in_channels=[16,16,16,16]",
+    "model.decode_head.in_channels=16",
     "model.decode_head.channels=8",
-    "model.auxiliary_head.in_channels=16",
-    "model.auxiliary_head.channels=8",
 ]
 
 
