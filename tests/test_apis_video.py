@@ -25,7 +25,7 @@ CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "demo" / "video_s
 # A tiny model on 32 px frames (4 x 4 patches of 8, 2 time steps of 4 frames).
 TINY = [
     "img_size=32", "model.backbone.embed_dim=16", "model.backbone.depth=1", "model.backbone.num_heads=2",
-    "model.head.in_channels=16", "class_names=[left,right,up,down]",
+    "model.head.in_channels=16", "class_names=[left,right,up,down]", "test_num_clips=1",
 ]
 
 
