@@ -218,7 +218,7 @@ def test_ade_configs_name_their_classes_without_checkpoint_meta():
     assert names == list(ADE20K_CLASSES) and len(names) == 150
 
 
-def test_inputs_are_images_only_for_now(tmp_path):
+def test_an_image_model_reads_images_only(tmp_path):
     from vitasks.apis import expand_inputs
 
     folder = tmp_path / "inputs"

@@ -369,8 +369,6 @@ def run_inference(
     Returns the records written, each with ``json`` and ``png`` paths added.
     """
     from vitasks.visualization import select_drawers
-    # Registers the video drawer (not yet imported by vitasks.visualization's __init__).
-    from vitasks.visualization import video_drawer  # noqa: F401
 
     if topk < 1:
         raise VitasksError(f"--topk must be >= 1, got {topk}")

@@ -154,12 +154,12 @@ def _run_test(args: argparse.Namespace) -> int:
 
 def add_infer_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "infer", help="predict on images",
+        "infer", help="predict on images or videos (every task of a multi-task model)",
         description="Write predictions as JSON and drawn as PNG, one per input.",
     )
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("checkpoint", help="checkpoint file")
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image or video files, or folders of them")
     parser.add_argument("--out-dir", required=True, help="output folder")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--topk", type=int, default=5, help="classes kept per prediction")

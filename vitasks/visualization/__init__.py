@@ -7,6 +7,7 @@ from .drawers import ClsPredictionDrawer, PredictionDrawer, registered_drawers, 
 from .log_curves import load_work_dir_logs, plot_curves
 from .rollout import attention_rollout, fuse_heads, rollout_matrix, upsample_map
 from .seg_drawer import SegPredictionDrawer, legend_layout, seg_palette
+from .video_drawer import VideoPredictionDrawer
 
 __all__ = [
     "ClsPredictionDrawer",
@@ -14,6 +15,7 @@ __all__ = [
     "GroundTruthDrawer",
     "PredictionDrawer",
     "SegPredictionDrawer",
+    "VideoPredictionDrawer",
     "attention_rollout",
     "browse_dataset",
     "draw_sample",
