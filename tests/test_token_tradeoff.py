@@ -107,3 +107,22 @@ def test_format_tradeoff_rows():
                                 batch_size=8, img_size=96, threads=2, rounds=5, load_average=[1.0, 2.0]))
     assert "| plain | trained with it | 51.23 | 100.0 % | 12.3 | 1.00x | 1.00x |" in text
     assert "| ToMe r=8 | plain model's | 51.23 | 100.0 % | 12.3 | 1.50x | 1.00x |" in text
+
+
+def test_bench_tokens_tool_times_every_variant_with_its_tokens(tmp_path):
+    """tools/bench_tokens.py on two demo variants: one row each, the reference first at 1.00x,
+    the tokens each block sees and fewer FLOPs under ToMe."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_tokens", "tools/bench_tokens.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "bench.json"
+    assert tool.main(["--variants", "plain=configs/demo/cls_synthetic.yaml",
+                      "tome=configs/demo/cls_synthetic_tome.yaml:model.backbone.token_reduction.r=4",
+                      "--batch-size", "2", "--rounds", "2", "--iters", "1", "--warmup", "0", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["plain", "tome"]
+    assert rows[0]["speedup"] == 1.0 and all(len(r["times_s"]) == 2 for r in rows)
+    assert rows[0]["tokens_per_block"] == [65] * 4 and rows[1]["tokens_per_block"] == [65, 61, 57, 53]
+    assert rows[1]["gflops"] < rows[0]["gflops"]
