@@ -52,10 +52,8 @@ def tiny_options(cls_root, seg_root, det_root, max_iters=4, **train):
             f"det_data_root={det_root}", "det_classes=3", "det_input_size=[32,32]",
             "model.tasks.det.rpn_head.anchor_sizes=[8,16,32,64]",
             "embed_dim=32", "model.backbone.depth=2", "model.backbone.num_heads=2",
-            "model.backbone.stem.channels=[8,16,32]", "model.out_indices.seg=[0,1,0,1]",
-            "model.tasks.seg.data_preprocessor.size=[32,32]",
-            "model.tasks.seg.decode_head.channels=8", "model.tasks.seg.auxiliary_head.channels=8",
-            "model.tasks.seg.auxiliary_head.in_index=1",
+            "model.backbone.stem.channels=[8,16,32]",
+            "model.tasks.seg.data_preprocessor.size=[32,32]", "model.tasks.seg.decode_head.channels=8",
             f"train_cfg.max_iters={max_iters}", f"train_cfg.val_interval={max_iters}",
             "default_hooks.checkpoint.interval=2", "default_hooks.logger.interval=1",
             "param_scheduler=[]", "randomness.seed=3"]
