@@ -414,7 +414,9 @@ def load_config(
     data = _strip_delete(data, "")
     data = _Resolver(data, shown).run()
     try:
-        return Config(data, filename=shown)
+        # format_python_code=False: mmengine otherwise runs yapf over the whole config (seconds
+        # for a multi-task config) every time it logs it or saves a checkpoint.
+        return Config(data, filename=shown, format_python_code=False)
     except KeyError as err:  # mmengine reserves a few top-level names
         raise ConfigError(f"{shown}: {err.args[0]}") from None
 

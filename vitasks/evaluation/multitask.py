@@ -3,7 +3,9 @@
 ``val_evaluator: {tasks: {cls: {type: Accuracy, topk: [1, 5]}, seg: {type: IoUMetric}}}`` gives
 ``cls/accuracy/top1``, ``cls/accuracy/top5``, ``seg/aAcc``, ``seg/mIoU``, ``seg/mAcc``; with
 ``mean_of: [cls/accuracy/top1, seg/mIoU]`` also ``mean``, their average (what ``save_best: mean``
-picks the best checkpoint by).
+picks the best checkpoint by). The average is taken in percent: COCO's AP and AR, which
+pycocotools reports as fractions (``det/coco/bbox_mAP_50: 0.412``), count as 41.2, so that every
+task weighs alike.
 """
 
 from __future__ import annotations
@@ -14,10 +16,20 @@ from mmengine.evaluator import Evaluator
 
 from vitasks.errors import ConfigError
 
-__all__ = ["MultiTaskEvaluator", "prefixed", "MEAN_KEY"]
+__all__ = ["MultiTaskEvaluator", "prefixed", "in_percent", "MEAN_KEY"]
 
 #: Name of the average of the ``mean_of`` metrics.
 MEAN_KEY = "mean"
+
+#: Metric families reported as fractions (0-1), by their name after the task prefix: COCO's
+#: (pycocotools' convention, kept in metrics.json); the mean counts them in percent.
+FRACTION_PREFIXES = ("coco/",)
+
+
+def in_percent(name: str, value: float) -> float:
+    """``value`` of the prefixed metric ``name`` in percent (fractions times 100)."""
+    unprefixed = name.split("/", 1)[1] if "/" in name else name
+    return float(value) * 100.0 if unprefixed.startswith(FRACTION_PREFIXES) else float(value)
 
 
 def prefixed(task: str, metrics: Mapping[str, float]) -> Dict[str, float]:
@@ -51,7 +63,8 @@ class MultiTaskEvaluator:
 
     def add_mean(self, metrics: Dict[str, float]) -> Dict[str, float]:
         """``metrics`` with ``mean`` added (when ``mean_of`` is set): the average of those
-        metrics; a name that no task reported is an error naming the ones that were."""
+        metrics in percent (:func:`in_percent`); a name that no task reported is an error naming
+        the ones that were."""
         if not self.mean_of:
             return metrics
         missing = [k for k in self.mean_of if k not in metrics]
@@ -59,5 +72,5 @@ class MultiTaskEvaluator:
             raise ConfigError(f"{self.where}.mean_of names {missing}, which no task reported; the metrics are "
                               f"{sorted(metrics)}")
         metrics = dict(metrics)
-        metrics[MEAN_KEY] = sum(float(metrics[k]) for k in self.mean_of) / len(self.mean_of)
+        metrics[MEAN_KEY] = sum(in_percent(k, metrics[k]) for k in self.mean_of) / len(self.mean_of)
         return metrics
