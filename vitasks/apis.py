@@ -9,7 +9,10 @@
 >>> inference_model(video, "clip.mp4").pred_score                # sampled and cropped as in testing
 
 ``run_inference`` is what ``vitasks infer`` / ``tools/infer.py`` call: one JSON and one PNG per
-input. The drawing is chosen per task (see :mod:`vitasks.visualization.drawers`), so a new task
+input. Which test pipeline reads an input, and which tasks predict on its output, is decided in
+one place, :func:`model_inputs`: a single-task model's test pipeline; for a multi-task model an
+image goes through the top-level ``test_pipeline`` to every image task (one backbone pass), a
+video through each clip task's own test pipeline to that task's ``test_step``. The drawing is chosen per task (see :mod:`vitasks.visualization.drawers`), so a new task
 registers a drawer and needs no change here.
 """
 
@@ -18,7 +21,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Union
 
 import numpy as np
@@ -169,9 +173,22 @@ def init_model(
 # Inference
 
 
-def test_pipeline_cfg(cfg: Config) -> list[dict]:
+def test_pipeline_cfg(cfg: Config, task: str | None = None) -> list[dict]:
     """The test pipeline: ``test_dataloader.dataset.pipeline`` (else the val loader's, else a
-    top-level ``test_pipeline``). The dataset itself is not needed."""
+    top-level ``test_pipeline``). The dataset itself is not needed.
+
+    With ``task`` (a multi-task model's clip task): that task's own pipeline,
+    ``test_dataloader.tasks.<task>.dataset.pipeline`` (else the val loader's)."""
+    if task is not None:
+        loaders = {key: _task_loader(cfg, key, task) for key in ("test_dataloader", "val_dataloader")}
+        dataset = test_dataset_cfg(loaders)
+        pipeline = dataset.get("pipeline") if dataset else None
+        if not pipeline:
+            raise ConfigError(
+                f"{_where(cfg)}: no test pipeline for task {task!r}; inference reads its videos with "
+                f"`test_dataloader.tasks.{task}.dataset.pipeline` (or `val_dataloader.tasks.{task}.dataset.pipeline`)"
+            )
+        return [dict(t) for t in pipeline]
     dataset = test_dataset_cfg(cfg)
     pipeline = dataset.get("pipeline") if dataset else None
     if pipeline is None:
@@ -184,30 +201,130 @@ def test_pipeline_cfg(cfg: Config) -> list[dict]:
     return [dict(t) for t in pipeline]
 
 
+def _task_loader(cfg: Config, key: str, task: str) -> dict | None:
+    """``cfg[key].tasks[task]`` (a multi-task config's loader for one task), or None."""
+    section = cfg.get(key)
+    tasks = section.get("tasks") if isinstance(section, Mapping) else None
+    loader = tasks.get(task) if isinstance(tasks, Mapping) else None
+    return loader if isinstance(loader, Mapping) else None
+
+
 def _type_name(t: dict) -> str:
     kind = t.get("type")
     return kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
 
 
-def build_test_pipeline(cfg: Config, from_array: bool = False) -> Compose:
-    """Compose of the test pipeline without annotation loaders (and without the image loader
-    when the inputs are arrays)."""
+def build_test_pipeline(cfg: Config, from_array: bool = False, task: str | None = None) -> Compose:
+    """Compose of the test pipeline (``task``'s own for a multi-task model's clip task, see
+    :func:`test_pipeline_cfg`) without annotation loaders (and without the image loader when
+    the inputs are arrays)."""
     steps = []
-    for t in test_pipeline_cfg(cfg):
+    where = "test pipeline" if task is None else f"test pipeline of task {task!r}"
+    for t in test_pipeline_cfg(cfg, task):
         name = _type_name(t)
         if name in ANNOTATION_LOADERS or (from_array and name in IMAGE_LOADERS):
             continue
         try:
             steps.append(TRANSFORMS.build(t))
         except KeyError as e:
-            raise ConfigError(f"{_where(cfg)}: test pipeline: {e.args[0] if e.args else e}") from e
+            raise ConfigError(f"{_where(cfg)}: {where}: {e.args[0] if e.args else e}") from e
     return Compose(steps)
 
 
-def reads_videos(cfg: Config) -> bool:
-    """Whether the config's test pipeline decodes videos (a video recognizer's) rather than
-    loading images."""
-    return any(_type_name(t) in VIDEO_DECODERS for t in test_pipeline_cfg(cfg))
+def reads_videos(cfg: Config, task: str | None = None) -> bool:
+    """Whether the config's test pipeline (``task``'s own, see :func:`test_pipeline_cfg`)
+    decodes videos (a video recognizer's) rather than loading images."""
+    return any(_type_name(t) in VIDEO_DECODERS for t in test_pipeline_cfg(cfg, task))
+
+
+# --------------------------------------------------------------------------------------------
+# Which pipeline and which tasks read an input
+
+
+def is_multitask(model: nn.Module) -> bool:
+    """A :class:`~vitasks.models.tasks.multitask.MultiTaskModel` (or one that looks like it)."""
+    return all(hasattr(model, name) for name in ("tasks", "image_tasks", "clip_tasks", "predict_all"))
+
+
+@dataclass(frozen=True)
+class InputRoute:
+    """How the model reads one kind of input: through which test pipeline, for which tasks.
+
+    ``clip_task`` is None for the config's test pipeline (a single-task model's; a multi-task
+    model's top-level ``test_pipeline``, feeding every image task from one backbone pass), else
+    the clip task whose own test pipeline reads the video and whose own ``test_step`` predicts.
+    """
+
+    kind: str  # "image" or "video"
+    clip_task: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """What a model reads: ``routes`` maps each kind of input file ("image", "video") to the
+    pipelines that read it (a multi-task model's video: one per clip task); ``reason`` says why
+    in words, for errors."""
+
+    routes: dict[str, tuple[InputRoute, ...]]
+    reason: str
+
+    def routes_for(self, item: ImageLike, name: str) -> tuple[InputRoute, ...]:
+        """The routes of one input (a path or an array, called ``name`` in errors); an input of a
+        kind the model does not read is a DataError that says what the model reads."""
+        kind = input_kind(item)
+        if kind is None:
+            if len(self.routes) == 1:  # an unknown suffix: whatever the model's one pipeline reads
+                return next(iter(self.routes.values()))
+            raise DataError(
+                f"input {name}: cannot tell whether it is an image or a video from its name; this model reads "
+                f"both ({self.reason}); image files: {', '.join(IMAGE_SUFFIXES)}; video files: {', '.join(VIDEO_SUFFIXES)}"
+            )
+        if kind not in self.routes:
+            (wanted,) = self.routes
+            suffixes = VIDEO_SUFFIXES if wanted == "video" else IMAGE_SUFFIXES
+            raise DataError(
+                f"input {name} is {'an' if kind == 'image' else 'a'} {kind}; inference reads {wanted}s only with this "
+                f"model ({self.reason}; {wanted} files: {', '.join(suffixes)})"
+            )
+        return self.routes[kind]
+
+
+def input_kind(item: ImageLike) -> str | None:
+    """"image" (an array, or an image file name), "video" (a video file name), or None (neither)."""
+    if isinstance(item, np.ndarray):
+        return "image"
+    suffix = os.path.splitext(os.fspath(item))[1].lower()
+    return "video" if suffix in VIDEO_SUFFIXES else "image" if suffix in IMAGE_SUFFIXES else None
+
+
+def model_inputs(model: nn.Module) -> ModelInputs:
+    """What ``model`` (from :func:`init_model`) reads. A single-task model: what its test
+    pipeline loads (videos when it decodes them). A multi-task model: images, through the
+    top-level ``test_pipeline``, when it has image tasks; videos, through each clip task's own
+    test pipeline, when it has clip tasks."""
+    if not is_multitask(model):
+        if reads_videos(model.cfg):
+            return ModelInputs({"video": (InputRoute("video"),)}, "its test pipeline decodes video files")
+        return ModelInputs({"image": (InputRoute("image"),)}, "its test pipeline decodes no videos")
+    routes: dict[str, tuple[InputRoute, ...]] = {}
+    said = []
+    if model.image_tasks:
+        routes["image"] = (InputRoute("image"),)
+        said.append(f"its image tasks {', '.join(model.image_tasks)} read images")
+    else:
+        said.append("it has no image task")
+    if model.clip_tasks:
+        for task in model.clip_tasks:
+            if not reads_videos(model.cfg, task):
+                raise ConfigError(
+                    f"{_where(model.cfg)}: the test pipeline of clip task {task!r} decodes no videos; inference gives "
+                    f"it video files (add a {' or '.join(sorted(VIDEO_DECODERS))} step)"
+                )
+        routes["video"] = tuple(InputRoute("video", task) for task in model.clip_tasks)
+        said.append(f"its clip tasks {', '.join(model.clip_tasks)} read videos")
+    else:
+        said.append("it has no clip task")
+    return ModelInputs(routes, "; ".join(said))
 
 
 def _array_results(img: np.ndarray, index: int) -> dict:
@@ -224,36 +341,37 @@ def _array_results(img: np.ndarray, index: int) -> dict:
 
 
 def prepare_data(model: nn.Module, inputs: ImageLike | Sequence[ImageLike]) -> list[dict]:
-    """Run the config's test pipeline on each input: ``[{"inputs": ..., "data_samples": ...}]``.
+    """Run each input through the test pipeline that reads it (:func:`model_inputs`), one
+    ``{"inputs": ..., "data_samples": ...}`` per input; a multi-task model's video gives
+    ``{clip task: {"inputs", "data_samples"}}``, through each clip task's own pipeline.
 
-    Inputs are file paths (images, or videos for a model whose test pipeline decodes videos:
-    whatever the pipeline's loader reads) or, for image models, RGB uint8 arrays (H, W, 3)."""
+    Inputs are file paths (images, or videos for a model that reads them) or RGB uint8 arrays
+    (H, W, 3) for models that read images."""
     items = [inputs] if isinstance(inputs, (str, os.PathLike, np.ndarray)) else list(inputs)
     cfg = model.cfg
-    video = reads_videos(cfg)
-    pipelines: dict[bool, Compose] = {}
+    reads = model_inputs(model)
+    pipelines: dict[tuple[str | None, bool], Compose] = {}
     data = []
     for i, item in enumerate(items):
         from_array = isinstance(item, np.ndarray)
-        if from_array and video:
-            raise DataError(
-                f"inputs[{i}]: this model's test pipeline decodes video files; give the path of a video "
-                f"({', '.join(VIDEO_SUFFIXES)}), not an array"
-            )
-        if from_array not in pipelines:
-            pipelines[from_array] = build_test_pipeline(cfg, from_array)
-        if from_array:
-            results = _array_results(item, i)
-        else:
-            path = os.fspath(item)
-            if not os.path.exists(path):
-                raise DataError(f"input not found: {path}")
-            # A video's sampler reads its frame count from the file (the pipeline probes it).
-            results = {"filename": path} if video else {"img_path": path}
-        packed = pipelines[from_array](results)
-        if packed is None:
-            raise DataError(f"the test pipeline dropped input {i} ({item if not from_array else 'array'})")
-        data.append(packed)
+        path = None if from_array else os.fspath(item)
+        if path is not None and not os.path.exists(path):
+            raise DataError(f"input not found: {path}")
+        per_task = {}
+        for route in reads.routes_for(item, f"inputs[{i}] (an array)" if from_array else path):
+            key = (route.clip_task, from_array)
+            if key not in pipelines:
+                pipelines[key] = build_test_pipeline(cfg, from_array, route.clip_task)
+            if from_array:
+                results = _array_results(item, i)
+            else:
+                # A video's sampler reads its frame count from the file (the pipeline probes it).
+                results = {"filename": path} if route.kind == "video" else {"img_path": path}
+            packed = pipelines[key](results)
+            if packed is None:
+                raise DataError(f"the test pipeline dropped input {i} ({path or 'array'})")
+            per_task[route.clip_task] = packed
+        data.append(per_task[None] if None in per_task else per_task)
     return data
 
 
@@ -267,8 +385,9 @@ def inference_model(
     output, e.g. ``pred_score`` (K,) and ``pred_label`` (1,) for a classifier or a video
     recognizer (scores averaged over the test views), with ``img_path`` / ``ori_shape`` /
     ``img_shape`` (videos: ``filename``, ``frame_inds``, ``num_views``) in the metainfo. For a
-    multi-task model, one ``{task: sample}`` per input, every task's prediction from one backbone
-    pass.
+    multi-task model, one ``{task: sample}`` per input: for an image, every image task's
+    prediction from one backbone pass; for a video, every clip task's, each through its own
+    test pipeline and ``test_step``.
     """
     if not hasattr(model, "cfg"):
         raise VitasksError("inference_model needs a model from init_model (it reads model.cfg)")
@@ -277,35 +396,66 @@ def inference_model(
     return samples[0] if single else samples
 
 
+#: What predicts a multi-task model's image: every image task from one backbone pass (not a
+#: task name: task names are identifiers).
+_IMAGE_TASKS = "<image tasks>"
+
+
+def _packed_parts(model: nn.Module, item: dict) -> list[tuple[str | None, dict]]:
+    """``(who predicts, packed input)`` for one prepared input: None (a single-task model),
+    ``_IMAGE_TASKS`` (a multi-task model's image), or a clip task's name (its video)."""
+    if not is_multitask(model):
+        return [(None, item)]
+    if "inputs" in item and not isinstance(item["inputs"], Mapping):
+        return [(_IMAGE_TASKS, item)]
+    return list(item.items())
+
+
+def _predict_batch(model: nn.Module, who: str | None, batch: dict) -> list[Any]:
+    if who is None:
+        return model.test_step(batch)
+    if who == _IMAGE_TASKS:  # every image task, one backbone pass
+        per_task = model.predict_all(batch)
+        return [{name: found[i] for name, found in per_task.items()} for i in range(len(batch["inputs"]))]
+    # A clip task: its own test_step (its data preprocessor; the test views averaged).
+    return [{who: sample} for sample in model.test_step({who: batch})]
+
+
 def predict_packed(model: nn.Module, data: list[dict], batch_size: int = 1) -> list[Any]:
     """The model's predictions on inputs already through the test pipeline (:func:`prepare_data`),
-    one per input (``{task: sample}`` for a multi-task model)."""
-    samples = []
+    one per input (``{task: sample}`` for a multi-task model). Inputs read the same way are
+    batched together, ``batch_size`` at a time."""
+    groups: dict[str | None, list[tuple[int, dict]]] = {}
+    for index, item in enumerate(data):
+        for who, packed in _packed_parts(model, item):
+            groups.setdefault(who, []).append((index, packed))
+    predictions: list[Any] = [{} for _ in data]
     with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            batch = pseudo_collate(data[start:start + batch_size])
-            if hasattr(model, "predict_all"):  # a multi-task model: every task, one backbone pass
-                per_task = model.predict_all(batch)
-                samples.extend({name: found[i] for name, found in per_task.items()}
-                               for i in range(len(batch["inputs"])))
-            else:
-                samples.extend(model.test_step(batch))
-    return samples
+        for who, members in groups.items():
+            for start in range(0, len(members), batch_size):
+                chunk = members[start:start + batch_size]
+                found = _predict_batch(model, who, pseudo_collate([packed for _, packed in chunk]))
+                for (index, _), prediction in zip(chunk, found):
+                    if who is None:
+                        predictions[index] = prediction
+                    else:
+                        predictions[index].update(prediction)
+    return predictions
 
 
 # --------------------------------------------------------------------------------------------
 # Command-line inference
 
 
-def expand_inputs(inputs: Sequence[str], videos: bool = False) -> list[str]:
-    """Files as given; folders replaced by their files of the model's kind (sorted, not
-    recursive): images, or videos when ``videos`` (a model whose test pipeline decodes videos).
+def expand_inputs(inputs: Sequence[str], reads: ModelInputs | None = None) -> list[str]:
+    """Files as given; folders replaced by their files of the kinds the model reads (sorted, not
+    recursive): images, videos, or both (``reads``, from :func:`model_inputs`; default: images).
 
-    A video given to an image model, or an image given to a video model, is an error that says
-    which the model reads.
-    """
-    wanted, other = (VIDEO_SUFFIXES, IMAGE_SUFFIXES) if videos else (IMAGE_SUFFIXES, VIDEO_SUFFIXES)
-    kind, other_kind = ("video", "image") if videos else ("image", "video")
+    A file of a kind the model does not read is an error that says what the model reads."""
+    if reads is None:
+        reads = ModelInputs({"image": (InputRoute("image"),)}, "its test pipeline decodes no videos")
+    wanted = (IMAGE_SUFFIXES if "image" in reads.routes else ()) + (VIDEO_SUFFIXES if "video" in reads.routes else ())
+    kinds = " or ".join(sorted(reads.routes))
     files: list[str] = []
     for item in inputs:
         item = os.fspath(item)
@@ -316,15 +466,10 @@ def expand_inputs(inputs: Sequence[str], videos: bool = False) -> list[str]:
                 if os.path.splitext(n)[1].lower() in wanted
             )
             if not found:
-                raise DataError(f"input folder {item} has no {kind} files ({', '.join(wanted)})")
+                raise DataError(f"input folder {item} has no {kinds} files ({', '.join(wanted)})")
             files.extend(found)
         elif os.path.isfile(item):
-            if os.path.splitext(item)[1].lower() in other:
-                raise DataError(
-                    f"input {item} is {'an' if other_kind == 'image' else 'a'} {other_kind}; inference reads "
-                    f"{kind}s only with this model (its test pipeline "
-                    f"{'decodes videos' if videos else 'decodes no videos'}; {kind} files: {', '.join(wanted)})"
-                )
+            reads.routes_for(item, item)  # a file of the wrong kind: say what the model reads
             files.append(item)
         else:
             raise DataError(f"input not found: {item}")
@@ -366,71 +511,90 @@ def run_inference(
     Drawing and summary come from the drawers that :func:`vitasks.visualization.select_drawers`
     picks for the model.
 
+    A multi-task model's JSON is ``{"file", "tasks": {task: summary}}``, for an image every
+    image task's (drawn over the image one after the other), for a video every clip task's
+    (each task's strip of the clip it saw, one under the other); a folder gives both kinds
+    when the model has both kinds of task.
+
     Returns the records written, each with ``json`` and ``png`` paths added.
     """
-    from vitasks.visualization import select_drawers
-
     if topk < 1:
         raise VitasksError(f"--topk must be >= 1, got {topk}")
     model = init_model(config, checkpoint, device=device, cfg_options=cfg_options)
-    files = expand_inputs(inputs, videos=reads_videos(model.cfg))
-    class_names = model.dataset_meta.get("classes")
+    files = expand_inputs(inputs, model_inputs(model))
     os.makedirs(out_dir, exist_ok=True)
     records = []
     for path, stem in zip(files, _unique_stems(files)):
-        packed = prepare_data(model, path)
-        sample = predict_packed(model, packed)[0]
-        if isinstance(sample, dict):  # a multi-task model
-            records.append(_draw_tasks(model, path, stem, sample, out_dir, topk))
-            continue
-        drawers = select_drawers(model, sample)
-        record: dict[str, Any] = {"file": path}
-        for drawer in drawers:
-            record.update(drawer.summarize(sample, class_names, topk))
-            record.update(drawer.write_files(sample, out_dir, stem))
-        # A video drawer draws the clip the model saw (the pipeline's output), not the file.
-        source = packed[0]["inputs"] if getattr(drawers[0], "draws_model_input", False) else path
-        image = drawers[0].load_image(source)
-        for drawer in drawers:
-            image = drawer.draw(image, sample, class_names, topk)
-        json_path = os.path.join(out_dir, stem + ".json")
-        png_path = os.path.join(out_dir, stem + ".png")
-        with open(json_path, "w") as f:
-            json.dump(record, f, indent=2)
-        from PIL import Image
-
-        Image.fromarray(image).save(png_path)
-        records.append({**record, "json": json_path, "png": png_path})
+        packed = prepare_data(model, path)[0]
+        prediction = predict_packed(model, [packed])[0]
+        records.append(_write_prediction(model, path, stem, packed, prediction, out_dir, topk))
     return records
 
 
-def _draw_tasks(model: nn.Module, path: str, stem: str, samples: dict, out_dir: str, topk: int) -> dict:
-    """A multi-task model's predictions for one image: ``{"file", "tasks": {task: summary}}`` as
-    JSON and every task drawn over the image, one after the other, in one PNG. Class names per
-    task come from the config's ``class_names: {task: [...]}``."""
-    from PIL import Image
+class _Picture:
+    """One input's PNG: image predictions drawn over the image one after the other; a drawer
+    that draws the model's input (a video's clip strip) makes a panel of its own, under it."""
 
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.image: np.ndarray | None = None
+        self.panels: list[np.ndarray] = []
+
+    def draw(self, drawer: Any, sample: Any, class_names: list[str] | None, topk: int, model_input: Any) -> None:
+        if getattr(drawer, "draws_model_input", False):
+            self.panels.append(drawer.draw(drawer.load_image(model_input), sample, class_names, topk))
+            return
+        if self.image is None:
+            self.image = drawer.load_image(self.path)
+        self.image = drawer.draw(self.image, sample, class_names, topk)
+
+    def save(self, png_path: str) -> None:
+        from PIL import Image
+
+        parts = ([self.image] if self.image is not None else []) + self.panels
+        width = max(p.shape[1] for p in parts)
+        padded = [np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0)), constant_values=255) for p in parts]
+        Image.fromarray(np.concatenate(padded, axis=0)).save(png_path)
+
+
+def _summarize_and_draw(task_model: nn.Module, sample: Any, class_names: list[str] | None, topk: int,
+                        out_dir: str, stem: str, picture: _Picture, model_input: Any) -> dict:
+    """One task's summary (and extra files) from its drawers, and its drawing on ``picture``."""
     from vitasks.visualization import select_drawers
 
-    names_cfg = model.cfg.get("class_names")
-    record: dict[str, Any] = {"file": path, "tasks": {}}
-    image = None
-    for task, sample in samples.items():
-        class_names = names_cfg.get(task) if isinstance(names_cfg, dict) else None
-        drawers = select_drawers(model.tasks[task], sample)
-        summary: dict[str, Any] = {}
-        for drawer in drawers:
-            summary.update(drawer.summarize(sample, class_names, topk))
-            summary.update(drawer.write_files(sample, out_dir, f"{stem}_{task}"))
-            if image is None:
-                image = drawer.load_image(path)
-            image = drawer.draw(image, sample, class_names, topk)
-        record["tasks"][task] = summary
+    summary: dict[str, Any] = {}
+    for drawer in select_drawers(task_model, sample):
+        summary.update(drawer.summarize(sample, class_names, topk))
+        summary.update(drawer.write_files(sample, out_dir, stem))
+        picture.draw(drawer, sample, class_names, topk, model_input)
+    return summary
+
+
+def _write_prediction(model: nn.Module, path: str, stem: str, packed: dict, prediction: Any, out_dir: str,
+                      topk: int) -> dict:
+    """``<stem>.json`` and ``<stem>.png`` for one input. A multi-task model's class names per
+    task come from the config's ``class_names: {task: [...]}``."""
+    picture = _Picture(path)
+    if is_multitask(model):
+        names_cfg = model.cfg.get("class_names")
+        record: dict[str, Any] = {"file": path, "tasks": {}}
+        parts = dict(_packed_parts(model, packed))
+        for task, sample in prediction.items():
+            class_names = names_cfg.get(task) if isinstance(names_cfg, Mapping) else None
+            model_input = parts.get(task, parts.get(_IMAGE_TASKS))["inputs"]
+            record["tasks"][task] = _summarize_and_draw(
+                model.tasks[task], sample, class_names, topk, out_dir, f"{stem}_{task}", picture, model_input
+            )
+    else:
+        class_names = model.dataset_meta.get("classes")
+        record = {"file": path, **_summarize_and_draw(
+            model, prediction, class_names, topk, out_dir, stem, picture, packed["inputs"]
+        )}
     json_path = os.path.join(out_dir, stem + ".json")
     png_path = os.path.join(out_dir, stem + ".png")
     with open(json_path, "w") as f:
         json.dump(record, f, indent=2)
-    Image.fromarray(image).save(png_path)
+    picture.save(png_path)
     return {**record, "json": json_path, "png": png_path}
 
 
