@@ -196,6 +196,11 @@ def test_inputs_the_model_does_not_read_are_named_with_what_it_reads(tmp_path, f
     model = apis.init_model(video_only)
     with pytest.raises(DataError, match=r"inputs\[0\] \(an array\) is an image; .*it has no image task"):
         apis.inference_model(model, np.zeros((32, 32, 3), np.uint8))
+    # a file named neither way, for a model reading both kinds
+    odd = tmp_path / "capture.dat"
+    odd.write_bytes(b"x")
+    with pytest.raises(DataError, match=r"capture\.dat: cannot tell whether it is an image or a video"):
+        apis.inference_model(apis.init_model(config()), str(odd))
     # a folder holding both kinds: only the videos, for a model with only a video task
     folder = tmp_path / "both"
     folder.mkdir()
@@ -204,7 +209,7 @@ def test_inputs_the_model_does_not_read_are_named_with_what_it_reads(tmp_path, f
     assert apis.expand_inputs([str(folder)], apis.model_inputs(model)) == [str(folder / "clip.mp4")]
 
 
-def test_the_clip_task_pipeline_comes_from_the_test_loader_else_the_val_loader():
+def test_the_clip_task_pipeline_comes_from_the_test_loader_else_the_val_loader(files):
     from mmengine.config import Config
 
     from_val = Config(config(loader="val_dataloader"))
@@ -213,3 +218,12 @@ def test_the_clip_task_pipeline_comes_from_the_test_loader_else_the_val_loader()
     missing = Config({key: value for key, value in config().items() if key != "test_dataloader"})
     with pytest.raises(ConfigError, match=r"test_dataloader\.tasks\.video\.dataset\.pipeline"):
         apis.test_pipeline_cfg(missing, "video")
+    # ...asked for only when a video comes: an image needs no clip task's pipeline
+    model = apis.init_model(missing)
+    assert set(apis.inference_model(model, files["image"])) == {"cls"}
+    with pytest.raises(ConfigError, match=r"no test pipeline for task 'video'"):
+        apis.inference_model(model, files["clip"])
+    no_decoder = Config(config())
+    no_decoder.test_dataloader.tasks.video.dataset.pipeline = copy.deepcopy(IMAGE_PIPELINE)
+    with pytest.raises(ConfigError, match=r"clip task 'video' decodes no videos; .*add a DecodeFrames step"):
+        apis.inference_model(apis.init_model(no_decoder), files["clip"])

@@ -12,8 +12,9 @@
 input. Which test pipeline reads an input, and which tasks predict on its output, is decided in
 one place, :func:`model_inputs`: a single-task model's test pipeline; for a multi-task model an
 image goes through the top-level ``test_pipeline`` to every image task (one backbone pass), a
-video through each clip task's own test pipeline to that task's ``test_step``. The drawing is chosen per task (see :mod:`vitasks.visualization.drawers`), so a new task
-registers a drawer and needs no change here.
+video through each clip task's own test pipeline to that task's ``test_step``. The drawing is
+chosen per task (see :mod:`vitasks.visualization.drawers`), so a new task registers a drawer and
+needs no change here.
 """
 
 from __future__ import annotations
@@ -277,7 +278,8 @@ class ModelInputs:
                 return next(iter(self.routes.values()))
             raise DataError(
                 f"input {name}: cannot tell whether it is an image or a video from its name; this model reads "
-                f"both ({self.reason}); image files: {', '.join(IMAGE_SUFFIXES)}; video files: {', '.join(VIDEO_SUFFIXES)}"
+                f"both ({self.reason}); image files: {', '.join(IMAGE_SUFFIXES)}; "
+                f"video files: {', '.join(VIDEO_SUFFIXES)}"
             )
         if kind not in self.routes:
             (wanted,) = self.routes
@@ -287,6 +289,11 @@ class ModelInputs:
                 f"model ({self.reason}; {wanted} files: {', '.join(suffixes)})"
             )
         return self.routes[kind]
+
+
+#: A single-task model's: its test pipeline reads images, or video files.
+_IMAGES_ONLY = ModelInputs({"image": (InputRoute("image"),)}, "its test pipeline decodes no videos")
+_VIDEOS_ONLY = ModelInputs({"video": (InputRoute("video"),)}, "its test pipeline decodes video files")
 
 
 def input_kind(item: ImageLike) -> str | None:
@@ -303,9 +310,7 @@ def model_inputs(model: nn.Module) -> ModelInputs:
     top-level ``test_pipeline``, when it has image tasks; videos, through each clip task's own
     test pipeline, when it has clip tasks."""
     if not is_multitask(model):
-        if reads_videos(model.cfg):
-            return ModelInputs({"video": (InputRoute("video"),)}, "its test pipeline decodes video files")
-        return ModelInputs({"image": (InputRoute("image"),)}, "its test pipeline decodes no videos")
+        return _VIDEOS_ONLY if reads_videos(model.cfg) else _IMAGES_ONLY
     routes: dict[str, tuple[InputRoute, ...]] = {}
     said = []
     if model.image_tasks:
@@ -314,17 +319,22 @@ def model_inputs(model: nn.Module) -> ModelInputs:
     else:
         said.append("it has no image task")
     if model.clip_tasks:
-        for task in model.clip_tasks:
-            if not reads_videos(model.cfg, task):
-                raise ConfigError(
-                    f"{_where(model.cfg)}: the test pipeline of clip task {task!r} decodes no videos; inference gives "
-                    f"it video files (add a {' or '.join(sorted(VIDEO_DECODERS))} step)"
-                )
         routes["video"] = tuple(InputRoute("video", task) for task in model.clip_tasks)
         said.append(f"its clip tasks {', '.join(model.clip_tasks)} read videos")
     else:
         said.append("it has no clip task")
     return ModelInputs(routes, "; ".join(said))
+
+
+def _route_pipeline(cfg: Config, route: InputRoute, from_array: bool) -> Compose:
+    """The test pipeline of ``route``, built when an input first takes it (an image needs no
+    clip task's pipeline)."""
+    if route.clip_task is not None and not reads_videos(cfg, route.clip_task):
+        raise ConfigError(
+            f"{_where(cfg)}: the test pipeline of clip task {route.clip_task!r} decodes no videos; inference gives "
+            f"it video files (add a {' or '.join(sorted(VIDEO_DECODERS))} step)"
+        )
+    return build_test_pipeline(cfg, from_array, route.clip_task)
 
 
 def _array_results(img: np.ndarray, index: int) -> dict:
@@ -361,7 +371,7 @@ def prepare_data(model: nn.Module, inputs: ImageLike | Sequence[ImageLike]) -> l
         for route in reads.routes_for(item, f"inputs[{i}] (an array)" if from_array else path):
             key = (route.clip_task, from_array)
             if key not in pipelines:
-                pipelines[key] = build_test_pipeline(cfg, from_array, route.clip_task)
+                pipelines[key] = _route_pipeline(cfg, route, from_array)
             if from_array:
                 results = _array_results(item, i)
             else:
@@ -452,8 +462,7 @@ def expand_inputs(inputs: Sequence[str], reads: ModelInputs | None = None) -> li
     recursive): images, videos, or both (``reads``, from :func:`model_inputs`; default: images).
 
     A file of a kind the model does not read is an error that says what the model reads."""
-    if reads is None:
-        reads = ModelInputs({"image": (InputRoute("image"),)}, "its test pipeline decodes no videos")
+    reads = reads or _IMAGES_ONLY
     wanted = (IMAGE_SUFFIXES if "image" in reads.routes else ()) + (VIDEO_SUFFIXES if "video" in reads.routes else ())
     kinds = " or ".join(sorted(reads.routes))
     files: list[str] = []
