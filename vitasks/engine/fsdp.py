@@ -12,6 +12,12 @@ before it runs and freed after. What stays as with DDP, by design:
   resume on another number of processes;
 - mixed precision: ``--amp`` keeps its autocast and adds FSDP's policy (parameters gathered in
   bf16, gradients reduced in fp32); activation checkpointing is the backbone's own ``with_cp``.
+- a multi-task model shards the same way (the shared backbone's blocks, then the root with the
+  stem and every task's head): every rank trains the same task at an iteration (the schedule
+  is a function of seed and iteration), the heads of the tasks not in the step get no gradient
+  and the optimizer skips them; with ``accumulate`` each task's backward reduce-scatters its
+  gradients into the shards, where they add up. A head never trained yet has no optimizer
+  state in a checkpoint, and gets none on resume either.
 
 Works with gloo on CPUs and NCCL on GPUs.
 """
@@ -102,15 +108,25 @@ def load_full_state(
     optim_state: Optional[dict] = None, strict: bool = True,
 ) -> None:
     """Scatter full state dicts (read by every rank) into the shards; ``model_state=None`` loads
-    only the optimizer's. A collective."""
+    only the optimizer's; ``strict`` is for the model's keys. A collective."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
-    options = StateDictOptions(full_state_dict=True, strict=strict)
     if model_state is not None:
-        set_model_state_dict(model, model_state, options=options)
+        set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True, strict=strict))
     if optimizer is not None and optim_state is not None:
+        # Not strict: a parameter that never had a gradient has no optimizer state, as in a plain
+        # optimizer's state dict (the head of a task a multi-task run has not trained yet).
+        options = StateDictOptions(full_state_dict=True, strict=False)
         set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+        # torch fills in every parameter's state first (a zero-gradient step at lr 0, which
+        # counts as a step in Adam's bias correction): such a parameter must start from no
+        # state at its first gradient, as it would have without the resume.
+        saved = set(optim_state.get("state", {}))
+        if all(isinstance(key, str) for key in saved):  # keyed by parameter name, as saved above
+            for name, param in model.named_parameters():
+                if name not in saved:
+                    optimizer.state.pop(param, None)

@@ -22,15 +22,24 @@ task size). So a resumed run recomputes how many batches each task had consumed 
 checkpoint's iteration and skips that many in each task's seeded sampler (nothing is loaded
 twice and nothing has to be saved): the resumed run trains on exactly the batches the
 uninterrupted one would have.
+
+Data parallel (torchrun): under DDP the model's own multi-task step runs through the DDP wrapper
+(:meth:`MultiTaskModel.train_step`); under FSDP (``strategy: fsdp``) the model is sharded in
+place and runs its step as in one process. Either way every rank trains the same task at an
+iteration (the schedule's seed is the run's seed without ``diff_rank_seed``'s rank offset), which
+FSDP needs (each rank must gather and reduce the same blocks) and which makes 2 processes train
+like one with the two batches together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from mmengine.dist import get_rank
 from mmengine.logging import print_log
 from mmengine.runner.loops import IterBasedTrainLoop, _InfiniteDataloaderIterator, _update_losses
 from mmengine.runner.base_loop import BaseLoop
@@ -38,6 +47,7 @@ from mmengine.runner.utils import calc_dynamic_intervals
 
 from vitasks.data.seeding import can_skip_samples, derive_seed
 from vitasks.engine.amp import autocast_dtype
+from vitasks.engine.fsdp import is_sharded
 from vitasks.engine.runner import _AutocastMixin
 from vitasks.errors import ConfigError
 from vitasks.evaluation.multitask import MultiTaskEvaluator
@@ -68,6 +78,35 @@ def _model_of(runner):
 def _ddp_wrapper(model) -> Optional[torch.nn.Module]:
     """The model's ``DistributedDataParallel`` wrapper, or None (one process, or FSDP)."""
     return model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
+
+
+def _schedule_seed(runner) -> int:
+    """The seed of the task schedule: the same on every rank. ``runner.seed`` has the rank added
+    with ``randomness.diff_rank_seed`` (each rank's own augmentations), but the ranks must agree
+    on which task trains at each iteration: under FSDP a rank training another task would wait in
+    other collectives, under DDP the step would average the gradients of different tasks."""
+    seed = runner.seed or 0
+    if runner._randomness_cfg.get("diff_rank_seed", False):
+        seed -= get_rank()
+    return seed
+
+
+@contextlib.contextmanager
+def _root_parameters_gathered(model: torch.nn.Module):
+    """Under FSDP, the parameters outside the transformer blocks (stem, position embedding, final
+    norm, every task's head) stay gathered while this block runs.
+
+    A task's ``val_step``/``test_step`` calls the task model, not the sharded root's forward, so
+    the root's hook that gathers them does not run (the blocks gather their own when called).
+    Does nothing without FSDP."""
+    if not is_sharded(model):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def _check_data_fits(name: str, task: torch.nn.Module, dataset, key: str) -> None:
@@ -173,7 +212,7 @@ class MultiTaskTrainLoop(IterBasedTrainLoop):
         self.dataloader = self.dataloaders[names[0]]
         if schedule == "weighted" and weights is None:
             weights = {n: len(loader.dataset) for n, loader in self.dataloaders.items()}
-        self.schedule = TaskSchedule(names, schedule, weights, accumulate, seed=runner.seed or 0)
+        self.schedule = TaskSchedule(names, schedule, weights, accumulate, seed=_schedule_seed(runner))
         self._max_iters = int(max_iters)
         self._max_epochs = 1
         self._epoch = 0
@@ -209,7 +248,8 @@ class MultiTaskTrainLoop(IterBasedTrainLoop):
 
     def run_iter(self, data_batch: Dict[str, dict]) -> None:
         """mmengine's iteration, with the model's own multi-task ``train_step`` under DDP too
-        (mmengine's DDP wrapper would run one preprocessor and one forward for the whole step)."""
+        (mmengine's DDP wrapper would run one preprocessor and one forward for the whole step).
+        Under FSDP ``runner.model`` is the sharded model itself: its step is the plain one."""
         self.runner.call_hook("before_train_iter", batch_idx=self._iter, data_batch=data_batch)
         if self.ddp is not None:
             outputs = self.ddp.module.train_step(data_batch, optim_wrapper=self.runner.optim_wrapper, ddp=self.ddp)
@@ -281,13 +321,15 @@ class _MultiTaskEvalLoop(_AutocastMixin, BaseLoop):
         index = 0
         for name, loader in self.dataloaders.items():
             evaluator = self.evaluator.evaluators[name]
-            for data_batch in loader:
-                self.runner.call_hook(f"before_{stage}_iter", batch_idx=index, data_batch=data_batch)
-                with self._autocast():
-                    outputs = self._step({name: data_batch})
-                evaluator.process(data_samples=outputs, data_batch=data_batch)
-                self.runner.call_hook(f"after_{stage}_iter", batch_idx=index, data_batch=data_batch, outputs=outputs)
-                index += 1
+            with _root_parameters_gathered(self.runner.model):
+                for data_batch in loader:
+                    self.runner.call_hook(f"before_{stage}_iter", batch_idx=index, data_batch=data_batch)
+                    with self._autocast():
+                        outputs = self._step({name: data_batch})
+                    evaluator.process(data_samples=outputs, data_batch=data_batch)
+                    self.runner.call_hook(f"after_{stage}_iter", batch_idx=index, data_batch=data_batch,
+                                          outputs=outputs)
+                    index += 1
             metrics.update(self.evaluator.evaluate(name, len(loader.dataset)))
         metrics = self.evaluator.add_mean(metrics)
         self.runner.call_hook(f"after_{stage}_epoch", metrics=metrics)

@@ -427,6 +427,12 @@ class MultiTaskModel(BaseModel):
         The wrapper must be built with ``find_unused_parameters`` (top-level
         ``find_unused_parameters: true``): the heads of the tasks not in the step get no
         gradient, and keep none (the optimizer skips them, as in a single process).
+
+        Under FSDP (``strategy: fsdp``) this model is itself the sharded module and ``ddp`` is
+        None: each task's backward reduce-scatters the gradients its graph reached into the
+        shards, where the tasks' gradients add up (chosen over ``set_requires_gradient_sync``,
+        which would hold every unsharded gradient until the last task's backward); parameters no
+        task of the step reached keep no gradient, and the optimizer skips them here too.
         """
         self._check_batch(data, "train_step")
         log_vars: Dict[str, torch.Tensor] = {}
