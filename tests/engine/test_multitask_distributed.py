@@ -160,3 +160,22 @@ def test_accumulate_equals_one_process_with_the_combined_batches(runs, strategy)
     # (which the round-robin run's first step, cls only, kept)
     assert single[CLS_HEAD].abs().sum() > 0
     assert not torch.equal(single[SEG_HEAD], weights(root / "single", 1)[SEG_HEAD])
+
+
+def test_weighted_schedule_draws_the_same_tasks_on_every_rank(monkeypatch):
+    """With ``randomness.diff_rank_seed`` mmengine gives rank r the seed ``seed + r`` (its own
+    augmentations); the task schedule must still agree across ranks (FSDP's collectives)."""
+    from types import SimpleNamespace
+
+    from vitasks.engine import multitask_loop
+
+    schedules = []
+    for rank in (0, 1):
+        monkeypatch.setattr(multitask_loop, "get_rank", lambda rank=rank: rank)
+        runner = SimpleNamespace(seed=3 + rank, _randomness_cfg={"seed": 3, "diff_rank_seed": True})
+        seed = multitask_loop._schedule_seed(runner)
+        assert seed == 3
+        schedule = multitask_loop.TaskSchedule(["cls", "seg"], "weighted", {"cls": 1, "seg": 1}, seed=seed)
+        schedules.append([schedule.tasks_at(i)[0] for i in range(32)])
+    assert schedules[0] == schedules[1]
+    assert set(schedules[0]) == {"cls", "seg"}
