@@ -122,6 +122,8 @@ def load_weights(model: nn.Module, state_dict: dict, source: str = "checkpoint")
 
 def _class_names(cfg: Config, meta: dict) -> list[str] | None:
     names = cfg.get("class_names")
+    if isinstance(names, Mapping):  # a multi-task model's {task: names}: drawn per task
+        return None
     if names is None:
         dataset_meta = (meta or {}).get("dataset_meta") or {}
         names = dataset_meta.get("classes")
