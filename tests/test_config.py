@@ -197,6 +197,27 @@ def test_unset_data_root_asks_for_cfg_options(tmp_path):
         load_config(write(tmp_path, "e2.yaml", "data_root: ''\nval: ${data_root}/val\n"))
 
 
+def test_retarget_option_that_nothing_reads(tmp_path):
+    """`num_classes=K` on a config with one class count per task is an error naming those keys;
+    on a config with no classes at all it is ignored with a warning."""
+    per_task = write(tmp_path, "mt.yaml", """
+        data_root: data
+        cls_classes: 10
+        det_classes: 4
+        model: {tasks: {cls: {num_classes: "${cls_classes}"}, det: {num_classes: "${det_classes}"}}}
+        train_dataloader: {dataset: {data_root: "${data_root}/cls"}}
+    """)
+    with pytest.raises(ConfigError, match=r"num_classes.*set cls_classes, det_classes"):
+        load_config(per_task, ["data_root=/x", "num_classes=3"])
+    assert load_config(per_task, ["data_root=/x"]).train_dataloader.dataset.data_root == "/x/cls"
+    no_classes = write(tmp_path, "depth.yaml", """
+        data_root: data
+        val: ${data_root}/val
+    """)
+    with pytest.warns(UserWarning, match="num_classes is ignored"):
+        assert load_config(no_classes, ["data_root=/x", "num_classes=3"]).val == "/x/val"
+
+
 def test_mapping_cannot_be_interpolated(tmp_path):
     with pytest.raises(ConfigError, match="cannot be interpolated"):
         load_config(write(tmp_path, "exp.yaml", "m: {a: 1}\ns: x${m}\n"))

@@ -30,6 +30,7 @@ import importlib
 import inspect
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
@@ -300,6 +301,36 @@ def _apply_options(cfg: dict, options: Union[Sequence[str], Mapping[str, Any], N
         _set_dotted(cfg, key, value)
 
 
+def _mentions(value: Any, text: str) -> bool:
+    """Whether ``text`` occurs in any string of the config tree ``value``."""
+    if isinstance(value, str):
+        return text in value
+    if isinstance(value, Mapping):
+        return any(_mentions(v, text) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_mentions(v, text) for v in value)
+    return False
+
+
+def _check_retarget_keys(cfg: dict, options: Union[Sequence[str], Mapping[str, Any], None], source: str) -> None:
+    """``--cfg-options data_root=DIR num_classes=K`` on a config that reads neither. A multi-task
+    config has a root and a class count per task (``cls_data_root``, ``seg_classes``...): ignoring
+    the option would train on the wrong data, so that is an error naming the keys to set. A
+    config with nothing of the kind (a depth model has no classes) goes on, with a warning."""
+    if not options:
+        return
+    keys = options.keys() if isinstance(options, Mapping) else parse_cfg_options(options).keys()
+    for key in keys:
+        if key not in REQUIRED_WHEN_REFERENCED or key in cfg or _mentions(cfg, "${" + key + "}"):
+            continue
+        suffix = "_data_root" if key == "data_root" else "_classes"
+        instead = [k for k in cfg if isinstance(k, str) and k.endswith(suffix)]
+        if instead:
+            raise ConfigError(f"{source}: --cfg-options {key}: this config has no top-level {key}; it reads one per "
+                              f"task: set {', '.join(instead)}")
+        warnings.warn(f"{source}: --cfg-options {key} is ignored: nothing in this config reads a {key}", stacklevel=3)
+
+
 # --------------------------------------------------------------------------------------------
 # ${name} references
 # --------------------------------------------------------------------------------------------
@@ -410,6 +441,7 @@ def load_config(
     if not file.is_file():
         raise ConfigError(f"config file not found: {shown}")
     data = _load_tree(Path(os.path.abspath(file)), shown, ())
+    _check_retarget_keys(data, cfg_options, shown)
     _apply_options(data, cfg_options)
     data = _strip_delete(data, "")
     data = _Resolver(data, shown).run()
