@@ -520,3 +520,17 @@ def test_validation_imports_listed_plugins(tmp_path):
 
         MODELS._module_dict.pop("CfgPluginThing", None)
         sys.modules.pop("cfg_test_plugin_mod", None)
+
+
+def test_config_text_is_not_run_through_yapf(monkeypatch):
+    """mmengine logs the config's text and puts it in every checkpoint; formatted by yapf that
+    takes seconds for a multi-task config, so a loaded config's text skips the formatter."""
+    import mmengine.config.config as mmengine_config
+
+    def no_formatter(*args, **kwargs):
+        raise AssertionError("yapf ran")
+
+    monkeypatch.setattr(mmengine_config, "FormatCode", no_formatter)
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "demo" / "multitask_synthetic.yaml")
+    text = cfg.pretty_text
+    assert "MultiTaskModel" in text and "cls_data_root" in text

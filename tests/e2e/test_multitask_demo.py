@@ -33,24 +33,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def config_text_once(monkeypatch):
-    """mmengine formats the whole config with yapf for the visualizer and again for every
-    checkpoint's meta: seconds per call for the 3-task config. Each Config object's text is
-    formatted once (the runner does not change it)."""
-    from mmengine.config import Config
-
-    formatted = {}
-    original = Config.pretty_text.fget
-
-    def pretty_text_once(self):
-        if id(self) not in formatted:
-            formatted[id(self)] = (self, original(self))  # the object is held: its id stays its own
-        return formatted[id(self)][1]
-
-    monkeypatch.setattr(Config, "pretty_text", property(pretty_text_once))
-
-
 def shortened_options(cls_root, seg_root, det_root):
     """The demo at smaller sizes (cls 32 px, seg 48 px, det 64 px with anchors halved), in-process
     loaders, a shortened schedule, one validation and one checkpoint at the end."""

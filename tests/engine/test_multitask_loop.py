@@ -16,25 +16,6 @@ from vitasks.engine.multitask_loop import TaskSchedule
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo", "multitask_synthetic.yaml")
 
 
-@pytest.fixture(autouse=True)
-def config_text_once(monkeypatch):
-    """mmengine formats the whole config with yapf for the visualizer and again for every
-    checkpoint's meta: seconds per call for the 3-task config, most of a tiny run's time. Within
-    a test each Config object's text is formatted once (the runner does not change it)."""
-    from mmengine.config import Config
-
-    formatted = {}
-    original = Config.pretty_text.fget
-
-    def pretty_text_once(self):
-        key = id(self)
-        if key not in formatted:
-            formatted[key] = (self, original(self))  # the object is held: its id stays its own
-        return formatted[key][1]
-
-    monkeypatch.setattr(Config, "pretty_text", property(pretty_text_once))
-
-
 @pytest.fixture(scope="module")
 def data_roots(tmp_path_factory):
     root = tmp_path_factory.mktemp("mt_data")
@@ -165,15 +146,6 @@ def test_ddp_two_processes_match_one_process_with_the_summed_batch(tmp_path, dat
 
     repo = Path(__file__).resolve().parents[2]
     config = tmp_path / "ddp.yaml"
-    # the processes torchrun starts format their config once too (see config_text_once)
-    (tmp_path / "sitecustomize.py").write_text(
-        "from mmengine.config import Config\n"
-        "_original, _formatted = Config.pretty_text.fget, {}\n"
-        "def _once(self):\n"
-        "    if id(self) not in _formatted:\n"
-        "        _formatted[id(self)] = (self, _original(self))\n"
-        "    return _formatted[id(self)][1]\n"
-        "Config.pretty_text = property(_once)\n")
     config.write_text(f"_base_: ['{os.path.abspath(CONFIG)}']\n"
                       "model: {backbone: {stem: {_delete_: true, type: PatchEmbed}}}\n"
                       "find_unused_parameters: true\n")
@@ -183,7 +155,7 @@ def test_ddp_two_processes_match_one_process_with_the_summed_batch(tmp_path, dat
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, PORT=str(port), PYTHON=sys.executable, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(tmp_path), str(repo), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
     env.pop("CUDA_VISIBLE_DEVICES", None)
     ddp_dir = tmp_path / "ddp"
     proc = subprocess.run(["bash", str(repo / "tools" / "dist_train.sh"), str(config), "2", "--work-dir", str(ddp_dir),
