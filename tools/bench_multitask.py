@@ -6,9 +6,10 @@ Two measurements, on a multi-task config (default configs/demo/multitask_synthet
    does per iteration) and the joint step with every task's batch (``accumulate``), measured
    interleaved in ONE process (rounds over the variants, medians), batches loaded beforehand,
    so data loading and a shared, loaded machine affect every variant alike.
-2. Metrics: the joint run (round robin, N iterations: N / T batches per task) against each task
-   trained alone (the same model with only that task) for N / T iterations, so the single-task
-   runs together take as many iterations as the joint one; the learning-rate schedule is
+2. Metrics: the joint run (the config's schedule, N iterations) against each task trained alone
+   (the same model with only that task) for as many iterations as it had batches in the joint
+   run (N / T each for round robin), so the single-task runs together take as many iterations
+   as the joint one; the learning-rate schedule is
    rescaled with the iterations. Every run is tested at its end; the table puts each task's
    metrics side by side. The wall-clock time of each run (training + its validation) is listed.
 
@@ -90,6 +91,20 @@ def rescale_schedule(cfg, iters: int):
     if checkpoint is not None:
         checkpoint["interval"] = iters
     return cfg
+
+
+def batches_per_task(cfg, names: list, iters: int) -> dict:
+    """How many batches each task trains on in ``iters`` joint iterations of ``cfg``'s schedule."""
+    from vitasks.engine.multitask_loop import TaskSchedule
+
+    train_cfg = cfg.train_cfg
+    kind = train_cfg.get("schedule", "round_robin")
+    weights = train_cfg.get("weights")
+    if kind == "weighted" and weights is None:
+        raise SystemExit("bench_multitask: a weighted schedule without train_cfg.weights (dataset sizes) is not "
+                         "supported here; give the weights in the config")
+    schedule = TaskSchedule(names, kind, weights, seed=cfg.get("randomness", {}).get("seed") or 0)
+    return schedule.batches_before(iters)
 
 
 # ---------------------------------------------------------------------------- step time
@@ -180,14 +195,16 @@ def main(argv=None) -> dict:
         print(f"  joint / sum                      {timing['joint_over_sum']:.2f}")
     if not args.timing_only:
         iters = args.iters or int(cfg.train_cfg.max_iters)
-        per_task = max(1, iters // len(names))
-        joint_cfg = rescale_schedule(cfg, per_task * len(names))
-        joint_cfg.train_cfg.schedule = "round_robin"
+        joint_cfg = rescale_schedule(cfg, iters)
         joint_cfg.train_cfg.accumulate = False
         report["joint"] = joint = train_and_test(joint_cfg, os.path.join(args.work_dir, "joint"))
+        # Each task alone for as many batches as it had in the joint run (the config's schedule:
+        # round robin gives iters / T each; weighted as it drew them for this seed).
+        batches = batches_per_task(joint_cfg, names, iters)
+        report["batches_per_task"] = batches
         alone = {}
         for name in names:
-            single = rescale_schedule(single_task_config(cfg, name), per_task)
+            single = rescale_schedule(single_task_config(cfg, name), batches[name])
             alone[name] = train_and_test(single, os.path.join(args.work_dir, f"alone_{name}"))
         report["alone"] = alone
         print(table(joint, alone, names))

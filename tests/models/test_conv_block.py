@@ -60,3 +60,36 @@ def test_head_blocks_are_kaiming_initialised_and_stem_blocks_keep_torch_defaults
     # PyTorch's default: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
     assert weight.abs().max().item() <= fan_in ** -0.5
     assert abs(weight.std().item() / (fan_in ** -0.5 / 3 ** 0.5) - 1) < 0.05
+
+
+def test_layer_and_group_norm_options_match_their_formulas_in_train_and_eval():
+    """norm="LN": each pixel's channels standardised; norm="GN": groups of 8 channels over the
+    whole map; both computed by hand, identical in train and eval mode (no running statistics)."""
+    import pytest
+
+    from vitasks.errors import ConfigError
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 6)
+    for norm in ("LN", "GN"):
+        block = ConvBNReLU(3, 16, 3, norm=norm, bn_eps=1e-5)
+        block.bn.weight.data.normal_()
+        block.bn.bias.data.normal_()
+        conv = F.conv2d(x, block.conv.weight, padding=1)
+        if norm == "LN":
+            mean = conv.mean(dim=1, keepdim=True)
+            var = conv.var(dim=1, unbiased=False, keepdim=True)
+            normed = (conv - mean) / torch.sqrt(var + 1e-5)
+        else:
+            groups = conv.reshape(2, 2, 8, 7, 6)  # 16 channels -> 2 groups of 8
+            mean = groups.mean(dim=(2, 3, 4), keepdim=True)
+            var = groups.var(dim=(2, 3, 4), unbiased=False, keepdim=True)
+            normed = ((groups - mean) / torch.sqrt(var + 1e-5)).reshape(2, 16, 7, 6)
+        expected = (normed * block.bn.weight[:, None, None] + block.bn.bias[:, None, None]).clamp(min=0)
+        torch.testing.assert_close(block.train()(x), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(block.eval()(x), expected, rtol=1e-4, atol=1e-5)
+        assert set(block.state_dict()) == {"conv.weight", "bn.weight", "bn.bias"}
+    stem = stems.ConvStem(in_channels=3, embed_dim=16, channels=[8, 8], strides=[2, 2], norm="LN")
+    assert stem(x).shape == (2, 16, 2, 2)
+    with pytest.raises(ConfigError, match=r"stem\.norm.*BN, LN, GN.*'batchnorm'"):
+        stems.ConvStem(in_channels=3, embed_dim=16, channels=[8], strides=[2], norm="batchnorm")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitasks.errors import ConfigError
-from vitasks.models.layers.conv import ConvBNReLU
+from vitasks.models.layers.conv import NORMS, ConvBNReLU
 from vitasks.registry import MODELS
 
 _WHERE = "model.backbone.stem"
@@ -117,7 +117,10 @@ class ConvStem(nn.Module):
         channels: explicit output channels of the 3x3 convs (instead of ``preset``).
         strides: explicit strides of the 3x3 convs, one per entry of ``channels``.
         kernel_size: kernel of the stacked convs (odd; padded to keep ceil(size / stride)).
-        bn_eps: BatchNorm epsilon.
+        bn_eps: epsilon of the normalisation.
+        norm: ``"BN"`` (the paper's BatchNorm), ``"LN"`` or ``"GN"``: see
+            :class:`~vitasks.models.layers.conv.ConvBNReLU`. A stem shared by several tasks
+            (``MultiTaskModel``) may prefer LN or GN, which keep no running statistics.
 
     With neither ``preset`` nor ``channels``, the paper's stem for ``embed_dim`` is used
     (192 -> 1GF, 384 -> 4GF, 768 -> 18GF, 1024 -> 36GF).
@@ -134,9 +137,12 @@ class ConvStem(nn.Module):
         strides: Optional[Sequence[int]] = None,
         kernel_size: int = 3,
         bn_eps: float = 1e-5,
+        norm: str = "BN",
     ) -> None:
         super().__init__()
         channels, strides = self._resolve(embed_dim, preset, channels, strides)
+        if norm not in NORMS:
+            raise ConfigError(f"{_WHERE}.norm of ConvStem: expected one of {', '.join(NORMS)}, got {norm!r}")
         _check_positive_int(kernel_size, "kernel_size", "ConvStem")
         if kernel_size % 2 == 0:
             raise ConfigError(f"{_WHERE}.kernel_size of ConvStem must be odd, got {kernel_size}")
@@ -146,7 +152,7 @@ class ConvStem(nn.Module):
         layers: List[nn.Module] = []
         prev = in_channels
         for c, s in zip(channels, strides):
-            layers.append(ConvBNReLU(prev, c, kernel_size, stride=s, bn_eps=bn_eps))
+            layers.append(ConvBNReLU(prev, c, kernel_size, stride=s, bn_eps=bn_eps, norm=norm))
             prev = c
         self.convs = nn.Sequential(*layers)
         self.proj = nn.Conv2d(prev, embed_dim, kernel_size=1)

@@ -1,15 +1,36 @@
-"""The conv -> BatchNorm -> ReLU block shared by the convolutional stem and the decode heads."""
+"""The conv -> norm (BatchNorm by default) -> ReLU block shared by the convolutional stem and the
+decode heads."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["ConvBNReLU"]
+from vitasks.errors import ConfigError
+from vitasks.models.layers.norm import LayerNorm2d
+
+__all__ = ["ConvBNReLU", "conv_norm", "NORMS"]
 
 # Before the stem and the heads shared this block, the heads' version was an ``nn.Sequential``
 # whose state dict read ``0.weight`` (conv) and ``1.*`` (BatchNorm); such checkpoints still load.
 _LEGACY_PREFIXES = {"0.": "conv.", "1.": "bn."}
+
+
+NORMS = ("BN", "LN", "GN")
+
+
+def conv_norm(norm: str, channels: int, eps: float) -> nn.Module:
+    """The normalisation layer named by ``norm`` (see :class:`ConvBNReLU`) for ``channels``."""
+    if norm == "BN":
+        return nn.BatchNorm2d(channels, eps=eps)
+    if norm == "LN":
+        return LayerNorm2d(channels, eps=eps)
+    if norm == "GN":
+        groups = max(1, min(32, channels // 8))
+        while channels % groups:
+            groups -= 1
+        return nn.GroupNorm(groups, channels, eps=eps)
+    raise ConfigError(f"norm: expected one of {', '.join(NORMS)}, got {norm!r}")
 
 
 class ConvBNReLU(nn.Module):
@@ -26,12 +47,17 @@ class ConvBNReLU(nn.Module):
         kernel_size: square kernel size (odd).
         stride: convolution stride.
         dilation: convolution dilation.
-        bn_eps: BatchNorm epsilon.
+        bn_eps: epsilon of the normalisation.
+        norm: ``"BN"`` (BatchNorm2d, the default), ``"LN"`` (LayerNorm over the channels at each
+            pixel, :class:`LayerNorm2d`) or ``"GN"`` (GroupNorm with one group per 8 channels,
+            at most 32 groups). LN and GN keep no running statistics: a layer shared by inputs
+            of several kinds (the stem of a multi-task model) normalises each the same way in
+            training and inference.
         kaiming_init: initialise the conv with Kaiming normal (fan_out, ReLU), as mmcv's
             ``ConvModule`` does for the heads; ``False`` keeps PyTorch's default initialisation.
 
     State dict: ``conv.weight``, ``bn.{weight,bias,running_mean,running_var,num_batches_tracked}``
-    (mmcv's ``ConvModule`` names).
+    (mmcv's ``ConvModule`` names; LN and GN have ``bn.{weight,bias}`` only).
     """
 
     def __init__(
@@ -43,13 +69,14 @@ class ConvBNReLU(nn.Module):
         dilation: int = 1,
         bn_eps: float = 1e-5,
         kaiming_init: bool = False,
+        norm: str = "BN",
     ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(
             in_channels, out_channels, kernel_size, stride=stride,
             padding=dilation * (kernel_size // 2), dilation=dilation, bias=False,
         )
-        self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps)
+        self.bn = conv_norm(norm, out_channels, bn_eps)
         self.act = nn.ReLU(inplace=True)
         if kaiming_init:
             nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
