@@ -193,3 +193,25 @@ def test_infer_draws_every_task_of_one_image_from_one_backbone_pass(tmp_path):
     assert written["tasks"]["cls"]["predictions"][0]["score"] == pytest.approx(float(samples["cls"].pred_score.max()))
     assert "classes" in written["tasks"]["seg"]
     assert Image.open(records[0]["png"]).size[0] >= 48
+
+
+def test_batchnorm_stem_with_tasks_normalised_differently_is_warned():
+    """One BatchNorm for tasks whose inputs are normalised differently: a warning naming them;
+    the same normalisation, or a stem without BatchNorm, says nothing."""
+    import warnings
+
+    conv_stem = dict(type="ConvStem", channels=[8, 16], strides=[4, 2])
+    seg_per_image = copy.deepcopy(SEG_TASK)
+    seg_per_image["data_preprocessor"]["per_image_norm"] = True
+
+    def warnings_when(stem, seg_task):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            build(backbone=dict(BACKBONE, stem=stem), tasks=dict(cls=copy.deepcopy(CLS_TASK), seg=seg_task))
+        return [str(w.message) for w in caught if "BatchNorm" in str(w.message)]
+
+    said = warnings_when(conv_stem, seg_per_image)
+    assert len(said) == 1 and "cls: mean" in said[0] and "seg: standardised per image" in said[0]
+    assert warnings_when(conv_stem, copy.deepcopy(SEG_TASK)) == []  # both mean/std alike
+    assert warnings_when(dict(conv_stem, norm="LN"), seg_per_image) == []
+    assert warnings_when(dict(type="PatchEmbed"), seg_per_image) == []
