@@ -1,7 +1,6 @@
 """ADE20K / image-label folder datasets, segmentation transforms and their error paths."""
 
 import os
-import random
 
 import cv2
 import numpy as np
@@ -190,7 +189,7 @@ def test_keep_ratio_resize_matches_mmseg_numbers():
 
 
 def test_random_resize_ratio_range():
-    random.seed(0)
+    np.random.seed(0)  # the transforms draw from a generator seeded from numpy's global state
     transform = SegRandomResize(scale=(2048, 512), ratio_range=(0.5, 2.0))
     sizes = []
     for _ in range(20):
@@ -208,10 +207,9 @@ def test_random_crop_cat_max_ratio():
     # x0 in (12.5, 37.5).
     label = np.zeros((50, 100), np.uint8)
     label[:, 50:] = 1
-    random.seed(1)
-    for _ in range(20):
+    for seed in range(20):  # each sample's own generator, as a seeded loader gives it (so no flakes)
         out = SegRandomCrop(crop_size=(50, 50), cat_max_ratio=0.75)(
-            dict(img=np.zeros((50, 100, 3), np.uint8), gt_seg_map=label.copy())
+            dict(img=np.zeros((50, 100, 3), np.uint8), gt_seg_map=label.copy(), rng=np.random.default_rng(seed))
         )
         counts = np.bincount(out["gt_seg_map"].ravel(), minlength=2)
         assert counts.max() / counts.sum() < 0.75
@@ -249,7 +247,7 @@ def test_train_pipeline_keeps_image_and_label_aligned(tmp_path):
     img[..., 0] = np.where(label == 255, 250, label * 40)
     img[:, :, 1] = np.arange(label.shape[1])[None, :] % 256  # columns, to see flips
     results = dict(img=img.copy(), gt_seg_map=label.copy(), img_shape=label.shape)
-    random.seed(3)
+    np.random.seed(3)
     pipeline = [
         SegRandomResize(scale=(96, 64), ratio_range=(0.5, 2.0), interpolation="nearest"),
         SegRandomCrop(crop_size=(48, 48), cat_max_ratio=0.75),
