@@ -287,18 +287,17 @@ def _set_dotted(cfg: dict, key: str, value: Any) -> None:
                               "mapping or a list")
 
 
-def _apply_options(cfg: dict, options: Union[Sequence[str], Mapping[str, Any], None]) -> None:
+def _parsed_options(options: Union[Sequence[str], Mapping[str, Any], None]) -> Dict[str, Any]:
+    """``--cfg-options`` as ``{dotted key: value}`` (strings parsed, a mapping's keys checked)."""
     if options is None:
-        return
+        return {}
     if isinstance(options, Mapping):
         items = dict(options)
         for key in items:
             if not isinstance(key, str) or not key or "" in key.split("."):
                 raise ConfigError(f"--cfg-options: malformed key {key!r}")
-    else:
-        items = parse_cfg_options(options)
-    for key, value in items.items():
-        _set_dotted(cfg, key, value)
+        return items
+    return parse_cfg_options(options)
 
 
 def _mentions(value: Any, text: str) -> bool:
@@ -312,14 +311,11 @@ def _mentions(value: Any, text: str) -> bool:
     return False
 
 
-def _check_retarget_keys(cfg: dict, options: Union[Sequence[str], Mapping[str, Any], None], source: str) -> None:
+def _check_retarget_keys(cfg: dict, keys: Sequence[str], source: str) -> None:
     """``--cfg-options data_root=DIR num_classes=K`` on a config that reads neither. A multi-task
     config has a root and a class count per task (``cls_data_root``, ``seg_classes``...): ignoring
     the option would train on the wrong data, so that is an error naming the keys to set. A
     config with nothing of the kind (a depth model has no classes) goes on, with a warning."""
-    if not options:
-        return
-    keys = options.keys() if isinstance(options, Mapping) else parse_cfg_options(options).keys()
     for key in keys:
         if key not in REQUIRED_WHEN_REFERENCED or key in cfg or _mentions(cfg, "${" + key + "}"):
             continue
@@ -441,8 +437,10 @@ def load_config(
     if not file.is_file():
         raise ConfigError(f"config file not found: {shown}")
     data = _load_tree(Path(os.path.abspath(file)), shown, ())
-    _check_retarget_keys(data, cfg_options, shown)
-    _apply_options(data, cfg_options)
+    options = _parsed_options(cfg_options)
+    _check_retarget_keys(data, list(options), shown)
+    for key, value in options.items():
+        _set_dotted(data, key, value)
     data = _strip_delete(data, "")
     data = _Resolver(data, shown).run()
     try:

@@ -172,14 +172,14 @@ def _can_walk_blocks(backbone: nn.Module) -> bool:
     return all(hasattr(backbone, n) for n in needed) and getattr(backbone, "token_reduction", None) is None
 
 
-def _input_normalisation(preprocessor: nn.Module) -> Optional[Tuple]:
-    """How a task's data preprocessor normalises its images: ``("per image",)`` or
-    ``(mean, std)``; None when it says neither (nothing to compare)."""
+def _input_normalisation(preprocessor: nn.Module) -> Optional[str]:
+    """How a task's data preprocessor normalises its images, in words ("standardised per image"
+    or "mean [...] std [...]"); None when it says neither (nothing to compare)."""
     if getattr(preprocessor, "per_image_norm", None) is not None:
-        return ("per image",)
+        return "standardised per image"
     mean, std = getattr(preprocessor, "mean", None), getattr(preprocessor, "std", None)
     if isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor):
-        return (tuple(mean.flatten().tolist()), tuple(std.flatten().tolist()))
+        return f"mean {mean.flatten().tolist()} std {std.flatten().tolist()}"
     return None
 
 
@@ -190,15 +190,13 @@ def _warn_if_batchnorm_sees_mixed_inputs(backbone: nn.Module, tasks: Mapping[str
     Said once, when the model is built."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules()):
         return
-    kinds: Dict[Tuple, List[str]] = {}
+    kinds: Dict[str, List[str]] = {}
     for name, task in tasks.items():
         kind = _input_normalisation(getattr(task, "data_preprocessor", None))
         if kind is not None:
             kinds.setdefault(kind, []).append(name)
     if len(kinds) > 1:
-        described = "; ".join(
-            f"{', '.join(names)}: {'standardised per image' if kind == ('per image',) else f'mean {list(kind[0])} std {list(kind[1])}'}"
-            for kind, names in kinds.items())
+        described = "; ".join(f"{', '.join(names)}: {kind}" for kind, names in kinds.items())
         warnings.warn(
             "MultiTaskModel: the shared backbone has BatchNorm layers (one set of running statistics for every task), "
             f"but the tasks normalise their images differently ({described}); give every task the same "
