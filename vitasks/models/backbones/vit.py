@@ -18,7 +18,7 @@ from vitasks.registry import MODELS
 from ..layers import TransformerBlock, mlp_act_layer, resample_abs_pos_embed
 from ..layers.token_reduction import build_token_reduction
 
-_POOLS = ("token", "mean", "none")
+_POOLS = ("token", "mean", "token_mean", "none")
 _INTERPOLATE_MODES = ("nearest", "bilinear", "bicubic", "area", "nearest-exact")
 # Parameters of the embedding "layer": layer id 0 for layer-wise learning-rate decay.
 _EMBED_NAMES = ("stem", "pos_embed", "cls_token", "reg_token")
@@ -71,8 +71,10 @@ class VisionTransformer(nn.Module):
         class_token: prepend a learned class token.
         num_reg_tokens: learned register tokens placed after the class token (Darcet et al.
             2024); they get no position embedding.
-        pool: ``"token"`` (class token), ``"mean"`` (mean of the patch tokens) or ``"none"``
-            (all tokens).
+        pool: ``"token"`` (class token), ``"mean"`` (mean of the patch tokens),
+            ``"token_mean"`` (the class token concatenated with the mean of the patch tokens,
+            register tokens excluded: (B, 2 * embed_dim), DINOv2's linear-probe features and
+            transformers' ``Dinov2ForImageClassification`` input) or ``"none"`` (all tokens).
         fc_norm: norm after pooling instead of the final norm on all tokens (timm/MAE
             convention); None means True iff ``pool == "mean"``.
         final_norm: whether there is a final norm at all (``norm`` or ``fc_norm``).
@@ -84,6 +86,18 @@ class VisionTransformer(nn.Module):
             ``ConvStem``, ``ResNetStem``); None means ``dict(type="PatchEmbed")``.
         with_cp: gradient checkpointing of every block (saves memory, costs a recompute).
         interpolate_mode: ``F.interpolate`` mode for resampling position embeddings.
+        interpolate_antialias: ``F.interpolate``'s antialias flag for that resampling
+            (bilinear/bicubic; it changes upsampling too): timm's and DINOv2-with-registers'
+            rule.
+        interpolate_offset: 0 resamples to the target grid size; > 0 (DINOv2's 0.1) passes the
+            scale factors ``(new + offset) / old`` instead, as DINO/DINOv2 do (see
+            :func:`~vitasks.models.layers.pos_embed.resample_abs_pos_embed`). The three
+            ``interpolate_*`` options are the source's rule a converted checkpoint records, so
+            features at other input sizes equal the source's; they apply on the fly and when
+            loading a checkpoint of another grid.
+        frozen: no parameter of the backbone trains (``requires_grad=False``, left out of the
+            optimizer) and it stays in eval mode: a linear probe on frozen features (DINOv2's
+            linear evaluation).
         window_size: ViTDet's window attention: every block except ``global_indices`` attends
             within non-overlapping ``window_size`` x ``window_size`` windows of the patch grid
             (padded with zeros at the bottom/right to a multiple of the window; the padded
@@ -142,6 +156,9 @@ class VisionTransformer(nn.Module):
         stem: Optional[dict] = None,
         with_cp: bool = False,
         interpolate_mode: str = "bicubic",
+        interpolate_antialias: bool = False,
+        interpolate_offset: float = 0.0,
+        frozen: bool = False,
         window_size: int = 0,
         global_indices: Sequence[int] = (),
         use_rel_pos: bool = False,
@@ -157,13 +174,34 @@ class VisionTransformer(nn.Module):
             raise ConfigError(f"model.backbone: embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
         if pool not in _POOLS:
             raise ConfigError(f"model.backbone.pool must be one of {list(_POOLS)}, got {pool!r}")
-        if pool == "token" and not class_token:
-            raise ConfigError('model.backbone: pool="token" needs class_token=True; use pool="mean" without a class token')
+        if pool in ("token", "token_mean") and not class_token:
+            raise ConfigError(f'model.backbone: pool="{pool}" needs class_token=True; use pool="mean" without a class token')
         if isinstance(num_reg_tokens, bool) or not isinstance(num_reg_tokens, int) or num_reg_tokens < 0:
             raise ConfigError(f"model.backbone.num_reg_tokens must be an integer >= 0, got {num_reg_tokens!r}")
         mlp_act_layer(mlp_act, key="model.backbone.mlp_act")  # validated before anything is built
         if interpolate_mode not in _INTERPOLATE_MODES:
             raise ConfigError(f"model.backbone.interpolate_mode must be one of {list(_INTERPOLATE_MODES)}, got {interpolate_mode!r}")
+        if not isinstance(interpolate_antialias, bool):
+            raise ConfigError(f"model.backbone.interpolate_antialias must be true or false, got {interpolate_antialias!r}")
+        if interpolate_antialias and interpolate_mode not in ("bilinear", "bicubic"):
+            raise ConfigError(
+                f"model.backbone.interpolate_antialias needs interpolate_mode bilinear or bicubic, got {interpolate_mode!r}"
+            )
+        if (
+            isinstance(interpolate_offset, bool)
+            or not isinstance(interpolate_offset, (int, float))
+            or not 0 <= interpolate_offset < 1
+        ):
+            raise ConfigError(
+                f"model.backbone.interpolate_offset must be a number in [0, 1) (DINOv2: 0.1), got {interpolate_offset!r}"
+            )
+        if pool == "token_mean" and fc_norm:
+            raise ConfigError(
+                'model.backbone: pool="token_mean" concatenates two tokens after the final norm (DINOv2); '
+                "it takes no fc_norm (set fc_norm: false)"
+            )
+        if not isinstance(frozen, bool):
+            raise ConfigError(f"model.backbone.frozen must be true or false, got {frozen!r}")
 
         self.embed_dim = embed_dim
         self.depth = depth
@@ -172,6 +210,11 @@ class VisionTransformer(nn.Module):
         self.pool = pool
         self.mlp_act = mlp_act
         self.interpolate_mode = interpolate_mode
+        self.interpolate_antialias = interpolate_antialias
+        self.interpolate_offset = float(interpolate_offset)
+        self.frozen = frozen
+        # Width of the pooled features (what a classification head reads).
+        self.num_features = 2 * embed_dim if pool == "token_mean" else embed_dim
         self.grad_checkpointing = bool(with_cp)
         self.num_pos_prefix_tokens = 1 if class_token else 0  # the class token has a position embedding
         self.num_reg_tokens = num_reg_tokens
@@ -227,6 +270,9 @@ class VisionTransformer(nn.Module):
             token_reduction, embed_dim=embed_dim, depth=depth, window_sizes=[b.window_size for b in self.blocks],
             use_rel_pos=self.use_rel_pos, out_indices=self.out_indices,
         )
+        if self.frozen:
+            self.requires_grad_(False)
+            self.train(False)
 
     # ---------------------------------------------------------------------------- construction
 
@@ -332,6 +378,10 @@ class VisionTransformer(nn.Module):
 
     # ---------------------------------------------------------------------------- helpers
 
+    def train(self, mode: bool = True) -> "VisionTransformer":
+        """As ``nn.Module.train``; a ``frozen`` backbone stays in eval mode."""
+        return super().train(mode and not getattr(self, "frozen", False))
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of storing its activations."""
         self.grad_checkpointing = bool(enable)
@@ -359,12 +409,18 @@ class VisionTransformer(nn.Module):
         )
         return names
 
+    def _resample_pos_embed(self, pos: torch.Tensor, new_grid, old_grid) -> torch.Tensor:
+        """Position embeddings on ``old_grid`` -> ``new_grid`` by this backbone's rule
+        (``interpolate_mode``, ``interpolate_antialias``, ``interpolate_offset``)."""
+        return resample_abs_pos_embed(
+            pos, new_grid, old_grid, self.num_pos_prefix_tokens, mode=self.interpolate_mode,
+            antialias=self.interpolate_antialias, offset=self.interpolate_offset,
+        )
+
     def _pos_embed_for(self, grid: Tuple[int, int]) -> torch.Tensor:
         if grid == self.grid_size:
             return self.pos_embed
-        return resample_abs_pos_embed(
-            self.pos_embed, grid, self.grid_size, self.num_pos_prefix_tokens, mode=self.interpolate_mode
-        )
+        return self._resample_pos_embed(self.pos_embed, grid, self.grid_size)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A checkpoint trained at another resolution: resample its position embeddings to this
@@ -394,9 +450,7 @@ class VisionTransformer(nn.Module):
                         "H x W grid; convert the checkpoint (tools/convert_checkpoint.py) or build the model "
                         "at the checkpoint's img_size"
                     )
-                state_dict[key] = resample_abs_pos_embed(
-                    value, self.grid_size, (side, side), self.num_pos_prefix_tokens, mode=self.interpolate_mode
-                )
+                state_dict[key] = self._resample_pos_embed(value, self.grid_size, (side, side))
                 print_log(
                     f"Resampled {key} from a {side}x{side} to a {self.grid_size[0]}x{self.grid_size[1]} grid",
                     logger="current",
@@ -452,6 +506,8 @@ class VisionTransformer(nn.Module):
             x = x[:, 0]
         elif self.pool == "mean":
             x = x[:, self.num_prefix_tokens :].mean(dim=1)
+        elif self.pool == "token_mean":
+            x = torch.cat([x[:, 0], x[:, self.num_prefix_tokens :].mean(dim=1)], dim=-1)
         return self.fc_norm(x)
 
     def _forward_maps(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -483,6 +539,8 @@ class VisionTransformer(nn.Module):
         x = self.norm(x)
         if self.pool == "mean":
             return (self.fc_norm(self.token_reduction.pool_mean(x, state, self.num_prefix_tokens)),)
+        if self.pool == "token_mean":
+            return (torch.cat([x[:, 0], self.token_reduction.pool_mean(x, state, self.num_prefix_tokens)], dim=-1),)
         return (self.pool_tokens(x),)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:

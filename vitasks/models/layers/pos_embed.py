@@ -23,6 +23,7 @@ def resample_abs_pos_embed(
     num_prefix_tokens: int = 1,
     mode: str = "bicubic",
     antialias: bool = False,
+    offset: float = 0.0,
 ) -> torch.Tensor:
     """Resample position embeddings (1, P + H*W, C) laid out row-major on an H x W grid.
 
@@ -36,7 +37,14 @@ def resample_abs_pos_embed(
         old_grid: source (height, width); None means square, inferred from the token count.
         num_prefix_tokens: P, the leading embeddings that are not on the grid.
         mode: interpolation mode of ``F.interpolate`` (bicubic as DeiT/timm/mmpretrain).
-        antialias: antialias when shrinking (``F.interpolate``'s flag).
+        antialias: ``F.interpolate``'s antialias flag (bilinear/bicubic only). Not only for
+            shrinking: PyTorch's antialiased bicubic uses PIL's cubic kernel (a = -0.5) instead
+            of the plain one (a = -0.75), so it changes an upsampling too.
+        offset: 0 gives ``F.interpolate`` the target size. Otherwise it gets the scale factors
+            ``(new + offset) / old`` per axis instead (the output size is then still ``new``
+            for 0 <= offset < 1, but the sampling positions follow the scale): the rule of
+            DINO/DINOv2 (``interpolate_offset=0.1``, facebookresearch/dino issue 8) and of
+            transformers' DINOv2 before it switched to sizes.
     """
     if pos_embed.ndim != 3:
         raise ValueError(f"pos_embed must be (1, P + H*W, C), got shape {tuple(pos_embed.shape)}")
@@ -65,12 +73,22 @@ def resample_abs_pos_embed(
     # Half precision interpolation loses detail; compute in float32 (float64 stays float64).
     compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     grid = grid.reshape(1, old_grid[0], old_grid[1], C).permute(0, 3, 1, 2).to(compute_dtype)
+    if offset:
+        # Python floats, as the sources compute them: (new + offset) / old per axis.
+        resize = dict(scale_factor=(float(new_grid[0] + offset) / old_grid[0], float(new_grid[1] + offset) / old_grid[1]))
+    else:
+        resize = dict(size=new_grid)
     grid = F.interpolate(
         grid,
-        size=new_grid,
         mode=mode,
         align_corners=False if mode in ("linear", "bilinear", "bicubic", "trilinear") else None,
         antialias=antialias,
+        **resize,
     )
+    if tuple(grid.shape[-2:]) != new_grid:
+        raise ValueError(
+            f"resampling with offset {offset} gave a {tuple(grid.shape[-2:])} grid instead of {new_grid}; "
+            "the offset must be in [0, 1)"
+        )
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], C).to(dtype)
     return torch.cat([prefix, grid], dim=1)
