@@ -16,6 +16,7 @@ from vitasks.errors import CheckpointError, ConfigError
 from vitasks.registry import MODELS
 
 from ..layers import TransformerBlock, mlp_act_layer, resample_abs_pos_embed
+from ..layers.rel_pos_bias import RelativePositionBias
 from ..layers.token_reduction import build_token_reduction
 
 _POOLS = ("token", "mean", "token_mean", "none")
@@ -26,6 +27,9 @@ _EMBED_NAMES = ("stem", "pos_embed", "cls_token", "reg_token")
 NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "reg_token")
 # The relative-position tables of each block's attention (blocks.<i>.attn.<name>): no weight decay.
 REL_POS_NAMES = ("rel_pos_h", "rel_pos_w")
+# BEiT's relative position bias tables (blocks.<i>.attn.rel_pos_bias.table, or the shared
+# rel_pos_bias.table): no weight decay, as BEiT's relative_position_bias_table.
+REL_POS_BIAS_SUFFIX = "rel_pos_bias.table"
 
 
 def _is_square(n: int) -> bool:
@@ -110,6 +114,20 @@ class VisionTransformer(nn.Module):
             tables of a window block are sized by the window, those of a global block by the
             grid of ``img_size`` (resampled linearly for other grids).
         rel_pos_zero_init: start the relative-position tables at zero (detectron2's default).
+        use_rel_pos_bias: BEiT's relative position bias in every block (mmseg/BEiT's name): a
+            table ``blocks.<i>.attn.rel_pos_bias.table`` of (2Wh-1)(2Ww-1)+3 rows x num_heads for
+            the grid Wh x Ww of ``img_size``, class-token entries included, zero-initialised,
+            added to the attention logits through SDPA's mask (other grids resample it
+            bilinearly: :mod:`vitasks.models.layers.rel_pos_bias`). A checkpoint with one shared
+            table (BEiT pre-training) loads into every block, as BEiT's fine-tuning does.
+        use_shared_rel_pos_bias: one such table ``rel_pos_bias.table`` shared by all blocks
+            (BEiT pre-training). Both need global attention, no register tokens and no token
+            reduction.
+        pretrain_img_size: ViTDet's absolute position embedding as detectron2 keeps it: the
+            stored ``pos_embed`` is the grid of this size (224: 14 x 14 for 16-pixel patches)
+            and is resampled (``interpolate_mode``, bicubic, ``align_corners=False``:
+            detectron2's ``get_abs_pos``) to the input's grid in every forward. None: the table
+            is the grid of ``img_size``.
         token_reduction: fewer tokens (:mod:`vitasks.models.layers.token_reduction`):
             ``{type: ToMe, r: 13, proportional_attention: true}`` (token merging, no parameters),
             ``{type: TokenLearner, num_tokens: 8, at_block: K, fuser: true}`` or
@@ -163,6 +181,9 @@ class VisionTransformer(nn.Module):
         global_indices: Sequence[int] = (),
         use_rel_pos: bool = False,
         rel_pos_zero_init: bool = True,
+        use_rel_pos_bias: bool = False,
+        use_shared_rel_pos_bias: bool = False,
+        pretrain_img_size: Optional[Union[int, Sequence[int]]] = None,
         token_reduction: Optional[dict] = None,
     ) -> None:
         super().__init__()
@@ -228,6 +249,27 @@ class VisionTransformer(nn.Module):
                 "is dropped on loading)"
             )
 
+        self.use_rel_pos_bias = bool(use_rel_pos_bias)
+        self.use_shared_rel_pos_bias = bool(use_shared_rel_pos_bias)
+        if self.use_rel_pos_bias and self.use_shared_rel_pos_bias:
+            raise ConfigError(
+                "model.backbone: use_rel_pos_bias (a table per block) and use_shared_rel_pos_bias (one table) "
+                "exclude each other; a shared checkpoint table loads into every block with use_rel_pos_bias"
+            )
+        if self.use_rel_pos_bias or self.use_shared_rel_pos_bias:
+            which = "use_rel_pos_bias" if self.use_rel_pos_bias else "use_shared_rel_pos_bias"
+            if self.window_size:
+                raise ConfigError(f"model.backbone.{which} (BEiT's table) needs global attention: set window_size: 0")
+            if num_reg_tokens:
+                raise ConfigError(
+                    f"model.backbone.{which}: BEiT's table has entries for the class token only; set num_reg_tokens: 0"
+                )
+            if token_reduction is not None:
+                raise ConfigError(
+                    f"model.backbone.{which}: the relative position bias needs every block to see the whole patch "
+                    "grid; remove token_reduction"
+                )
+
         self.stem = self._build_stem(stem, in_channels, embed_dim, patch_size)
         self.stride = self.stem.stride
         if img_size[0] % self.stride or img_size[1] % self.stride:
@@ -239,7 +281,16 @@ class VisionTransformer(nn.Module):
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, num_reg_tokens, embed_dim)) if num_reg_tokens else None
-        num_pos = self.num_pos_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+        self.pos_grid = self.grid_size
+        if pretrain_img_size is not None:
+            pretrain_img_size = _pair(pretrain_img_size, "pretrain_img_size")
+            if pretrain_img_size[0] % self.stride or pretrain_img_size[1] % self.stride:
+                raise ConfigError(
+                    f"model.backbone.pretrain_img_size {list(pretrain_img_size)} must be divisible by the stem "
+                    f"stride {self.stride}"
+                )
+            self.pos_grid = (pretrain_img_size[0] // self.stride, pretrain_img_size[1] // self.stride)
+        num_pos = self.num_pos_prefix_tokens + self.pos_grid[0] * self.pos_grid[1]
         self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
 
@@ -252,9 +303,11 @@ class VisionTransformer(nn.Module):
                 norm_eps=norm_eps, mlp_act=mlp_act,
                 window_size=0 if i in self.global_indices else self.window_size,
                 use_rel_pos=self.use_rel_pos, input_size=self.grid_size, rel_pos_zero_init=rel_pos_zero_init,
+                use_rel_pos_bias=self.use_rel_pos_bias,
             )
             for i in range(depth)
         )
+        self.rel_pos_bias = RelativePositionBias(self.grid_size, num_heads) if self.use_shared_rel_pos_bias else None
         use_fc_norm = (pool == "mean") if fc_norm is None else bool(fc_norm)
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm and not use_fc_norm else nn.Identity()
         self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm and use_fc_norm else nn.Identity()
@@ -407,6 +460,7 @@ class VisionTransformer(nn.Module):
         names.update(
             n for n, _ in self.blocks.named_parameters(prefix="blocks") if n.rsplit(".", 1)[-1] in REL_POS_NAMES
         )
+        names.update(n for n, _ in self.named_parameters() if n.endswith(REL_POS_BIAS_SUFFIX))
         return names
 
     def _resample_pos_embed(self, pos: torch.Tensor, new_grid, old_grid) -> torch.Tensor:
@@ -418,9 +472,9 @@ class VisionTransformer(nn.Module):
         )
 
     def _pos_embed_for(self, grid: Tuple[int, int]) -> torch.Tensor:
-        if grid == self.grid_size:
+        if grid == self.pos_grid:
             return self.pos_embed
-        return self._resample_pos_embed(self.pos_embed, grid, self.grid_size)
+        return self._resample_pos_embed(self.pos_embed, grid, self.pos_grid)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A checkpoint trained at another resolution: resample its position embeddings to this
@@ -450,12 +504,30 @@ class VisionTransformer(nn.Module):
                         "H x W grid; convert the checkpoint (tools/convert_checkpoint.py) or build the model "
                         "at the checkpoint's img_size"
                     )
-                state_dict[key] = self._resample_pos_embed(value, self.grid_size, (side, side))
+                state_dict[key] = self._resample_pos_embed(value, self.pos_grid, (side, side))
                 print_log(
-                    f"Resampled {key} from a {side}x{side} to a {self.grid_size[0]}x{self.grid_size[1]} grid",
+                    f"Resampled {key} from a {side}x{side} to a {self.pos_grid[0]}x{self.pos_grid[1]} grid",
                     logger="current",
                 )
+        self._share_rel_pos_bias(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _share_rel_pos_bias(self, state_dict, prefix: str) -> None:
+        """A checkpoint's shared table (BEiT pre-training, ``rel_pos_bias.table``) loaded into a
+        model with a table per block: copied into every block that the checkpoint gives none
+        (BEiT's fine-tuning does the same); each block resamples it to its grid."""
+        key = prefix + REL_POS_BIAS_SUFFIX
+        if self.use_rel_pos_bias and isinstance(state_dict.get(key), torch.Tensor):
+            shared = state_dict.pop(key)
+            for i in range(self.depth):
+                state_dict.setdefault(f"{prefix}blocks.{i}.attn.{REL_POS_BIAS_SUFFIX}", shared.clone())
+            print_log(f"Copied the shared {key} into the table of every block", logger="current")
+
+    def _shared_bias(self, grid: Tuple[int, int], num_tokens: int) -> Optional[torch.Tensor]:
+        """The shared relative position bias (1, heads, N, N) for this forward, or None."""
+        if self.rel_pos_bias is None:
+            return None
+        return self.rel_pos_bias(grid, num_tokens - grid[0] * grid[1])
 
     # ---------------------------------------------------------------------------- forward
 
@@ -482,7 +554,13 @@ class VisionTransformer(nn.Module):
         x = torch.cat(prefix + [x], dim=1) if prefix else x.contiguous()
         return self.pos_drop(x), grid
 
-    def _block(self, block: nn.Module, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    def _block(
+        self, block: nn.Module, x: torch.Tensor, grid: Tuple[int, int], attn_bias: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        if attn_bias is not None:  # the shared relative position bias
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                return checkpoint(block, x, grid, attn_bias, use_reentrant=False)
+            return block(x, grid, attn_bias)
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, x, grid, use_reentrant=False)
         return block(x, grid)
@@ -495,8 +573,9 @@ class VisionTransformer(nn.Module):
             x, _, _ = self.token_reduction.run(self.blocks, x, grid, self.num_prefix_tokens, frozenset(), self._block)
             return self.norm(x)
         x, grid = self._embed(x)
+        bias = self._shared_bias(grid, x.shape[1])
         for block in self.blocks:
-            x = self._block(block, x, grid)
+            x = self._block(block, x, grid, bias)
         return self.norm(x)
 
     def pool_tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -513,9 +592,10 @@ class VisionTransformer(nn.Module):
     def _forward_maps(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         B = x.shape[0]
         x, (h, w) = self._embed(x)
+        bias = self._shared_bias((h, w), x.shape[1])
         maps: Dict[int, torch.Tensor] = {}
         for i in range(self._num_run):
-            x = self._block(self.blocks[i], x, (h, w))
+            x = self._block(self.blocks[i], x, (h, w), bias)
             if i in self._out_set:
                 y = self.norm(x) if i == self.depth - 1 else x
                 # Drop the prefix tokens; (B, h*w, C) -> contiguous (B, C, h, w).
@@ -561,9 +641,10 @@ class VisionTransformer(nn.Module):
             x, attentions, _ = self.forward_with_attention_flow(x)
             return x, attentions
         x, grid = self._embed(x)
+        bias = self._shared_bias(grid, x.shape[1])
         attentions = []
         for block in self.blocks:
-            x, attn = block.forward_with_attention(x, grid)
+            x, attn = block.forward_with_attention(x, grid, bias)
             attentions.append(attn)
         return self.norm(x), attentions
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .rel_pos import decomposed_rel_pos_bias, resize_rel_pos
+from .rel_pos_bias import RelativePositionBias
 
 
 class Attention(nn.Module):
@@ -23,6 +24,12 @@ class Attention(nn.Module):
     that accept a mask stay in use. The tokens must then be exactly a grid (no class token) and
     ``forward`` needs the grid's (height, width).
 
+    With ``use_rel_pos_bias`` the layer adds BEiT's relative position bias (one learned value per
+    head and relative offset, class-token entries included; :mod:`vitasks.models.layers.rel_pos_bias`)
+    from its table ``rel_pos_bias.table``; the tokens are then the grid, optionally behind one
+    class token. ``forward(x, hw, attn_bias)`` also adds an external bias (the backbone's shared
+    table) to the logits. All biases go to SDPA as one float ``attn_mask``.
+
     Args:
         dim: token width C.
         num_heads: number of heads; must divide ``dim``.
@@ -34,6 +41,8 @@ class Attention(nn.Module):
             ``use_rel_pos``. Other grids work too (the tables are resampled linearly).
         rel_pos_zero_init: start the tables at zero (detectron2's default) instead of a
             truncated normal with std 0.02.
+        use_rel_pos_bias: add BEiT's relative position bias from a table sized by
+            ``rel_pos_size`` (zero-initialised; other grids resample it bilinearly).
     """
 
     def __init__(
@@ -46,6 +55,7 @@ class Attention(nn.Module):
         use_rel_pos: bool = False,
         rel_pos_size: Optional[Tuple[int, int]] = None,
         rel_pos_zero_init: bool = True,
+        use_rel_pos_bias: bool = False,
     ) -> None:
         super().__init__()
         if dim % num_heads != 0:
@@ -70,6 +80,13 @@ class Attention(nn.Module):
             if not rel_pos_zero_init:
                 nn.init.trunc_normal_(self.rel_pos_h, std=0.02)
                 nn.init.trunc_normal_(self.rel_pos_w, std=0.02)
+        self.rel_pos_bias: Optional[RelativePositionBias] = None
+        if use_rel_pos_bias:
+            if rel_pos_size is None or len(rel_pos_size) != 2 or min(rel_pos_size) < 1:
+                raise ValueError(
+                    f"use_rel_pos_bias needs rel_pos_size=(height, width) of the token grid, got {rel_pos_size!r}"
+                )
+            self.rel_pos_bias = RelativePositionBias(tuple(rel_pos_size), num_heads)
 
     def _qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, N, C = x.shape
@@ -78,21 +95,38 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qkv.unbind(0)
 
-    def _bias(self, q: torch.Tensor, hw: Optional[Tuple[int, int]]) -> Optional[torch.Tensor]:
-        """The relative position bias for queries q on the grid ``hw``, or None without it."""
-        if not self.use_rel_pos:
-            return None
+    def _bias(
+        self, q: torch.Tensor, hw: Optional[Tuple[int, int]], attn_bias: Optional[torch.Tensor] = None
+    ) -> Optional[torch.Tensor]:
+        """The additive attention bias for queries q on the grid ``hw`` (decomposed relative
+        position, BEiT's relative position table, and ``attn_bias``), or None without any."""
+        bias = attn_bias.to(q.dtype) if attn_bias is not None else None
+        if not self.use_rel_pos and self.rel_pos_bias is None:
+            return bias
         if hw is None:
-            raise ValueError("Attention with use_rel_pos needs the token grid: call it as attn(x, (height, width))")
-        return decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, hw, hw)
+            raise ValueError(
+                "Attention with a relative position bias needs the token grid: call it as attn(x, (height, width))"
+            )
+        if self.use_rel_pos:
+            rel = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, hw, hw)
+            bias = rel if bias is None else bias + rel
+        if self.rel_pos_bias is not None:
+            num_prefix = q.shape[-2] - hw[0] * hw[1]
+            rel = self.rel_pos_bias(hw, num_prefix).to(q.dtype)
+            bias = rel if bias is None else bias + rel
+        return bias
 
-    def forward(self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None, attn_bias: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Tokens (B, N, C) -> (B, N, C); ``hw`` is the (height, width) of the token grid,
-        needed with ``use_rel_pos`` (N == height * width) and ignored otherwise."""
+        needed with ``use_rel_pos`` (N == height * width) or ``use_rel_pos_bias`` (N == height *
+        width, + 1 with a class token) and ignored otherwise; ``attn_bias`` (broadcastable to
+        (B, heads, N, N)) is added to the logits."""
         B, N, C = x.shape
         q, k, v = self._qkv(x)
         x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=self._bias(q, hw), dropout_p=self.attn_drop if self.training else 0.0
+            q, k, v, attn_mask=self._bias(q, hw, attn_bias), dropout_p=self.attn_drop if self.training else 0.0
         )
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
@@ -126,7 +160,7 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(y)), k.mean(dim=1), attn
 
     def forward_with_attention(
-        self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None
+        self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None, attn_bias: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Same output as :meth:`forward` (without attention dropout), plus the attention
         probabilities softmax(QK^T / sqrt(d) + bias) of shape (B, heads, N, N).
@@ -137,7 +171,7 @@ class Attention(nn.Module):
         B, N, C = x.shape
         q, k, v = self._qkv(x)
         attn = (q * self.scale) @ k.transpose(-2, -1)
-        bias = self._bias(q, hw)
+        bias = self._bias(q, hw, attn_bias)
         if bias is not None:
             attn = attn + bias
         attn = attn.softmax(dim=-1)

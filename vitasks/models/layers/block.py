@@ -43,6 +43,10 @@ class TransformerBlock(nn.Module):
         input_size: (height, width) of the token grid of a global-attention block, which sizes
             its relative-position tables (a window block's tables are sized by the window).
         rel_pos_zero_init: zero-initialise the relative-position tables.
+        use_rel_pos_bias: BEiT's relative position bias (``attn.rel_pos_bias.table``, sized by
+            ``input_size``; global attention only). LayerScale's ``ls1.gamma`` / ``ls2.gamma``
+            are BEiT's ``gamma_1`` / ``gamma_2`` (transformers' ``lambda_1`` / ``lambda_2``):
+            the same per-channel gain on each residual branch, before stochastic depth.
     """
 
     def __init__(
@@ -61,16 +65,20 @@ class TransformerBlock(nn.Module):
         use_rel_pos: bool = False,
         input_size: Optional[Tuple[int, int]] = None,
         rel_pos_zero_init: bool = True,
+        use_rel_pos_bias: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 0:
             raise ValueError(f"window_size must be an integer >= 0, got {window_size!r}")
+        if use_rel_pos_bias and window_size > 0:
+            raise ValueError("use_rel_pos_bias (BEiT's table) needs global attention (window_size=0)")
         self.window_size = window_size
         attn_size = (window_size, window_size) if window_size > 0 else input_size
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(
             dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
             use_rel_pos=use_rel_pos, rel_pos_size=attn_size, rel_pos_zero_init=rel_pos_zero_init,
+            use_rel_pos_bias=use_rel_pos_bias,
         )
         self.ls1 = LayerScale(dim, layer_scale_init_value) if layer_scale_init_value else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -87,9 +95,13 @@ class TransformerBlock(nn.Module):
             )
         return hw
 
-    def _attend(self, x: torch.Tensor, hw: Optional[Tuple[int, int]]) -> torch.Tensor:
+    def _attend(
+        self, x: torch.Tensor, hw: Optional[Tuple[int, int]], attn_bias: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         if self.window_size == 0:
-            return self.attn(x, hw)
+            return self.attn(x, hw) if attn_bias is None else self.attn(x, hw, attn_bias)
+        if attn_bias is not None:
+            raise ValueError("an external attention bias needs global attention (window_size=0)")
         B, N, C = x.shape
         h, w = self._grid(x, hw)
         ws = self.window_size
@@ -97,18 +109,23 @@ class TransformerBlock(nn.Module):
         y = self.attn(windows.view(-1, ws * ws, C), (ws, ws))
         return window_unpartition(y.view(-1, ws, ws, C), ws, padded_hw, (h, w)).view(B, N, C)
 
-    def forward(self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None, attn_bias: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Tokens (B, N, C) -> (B, N, C); ``hw`` is the (height, width) of the patch grid, needed
-        with window attention or the relative position bias."""
-        x = x + self.drop_path1(self.ls1(self._attend(self.norm1(x), hw)))
+        with window attention or a relative position bias; ``attn_bias`` (e.g. BEiT's shared
+        relative position bias, (1, heads, N, N)) is added to the attention logits."""
+        x = x + self.drop_path1(self.ls1(self._attend(self.norm1(x), hw, attn_bias)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 
     def _attend_with_attention(
-        self, x: torch.Tensor, hw: Optional[Tuple[int, int]]
+        self, x: torch.Tensor, hw: Optional[Tuple[int, int]], attn_bias: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.window_size == 0:
-            return self.attn.forward_with_attention(x, hw)
+            return self.attn.forward_with_attention(x, hw, attn_bias)
+        if attn_bias is not None:
+            raise ValueError("an external attention bias needs global attention (window_size=0)")
         B, N, C = x.shape
         h, w = self._grid(x, hw)
         ws = self.window_size
@@ -126,14 +143,14 @@ class TransformerBlock(nn.Module):
         return y, full[:, :, :N, :N]
 
     def forward_with_attention(
-        self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None
+        self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None, attn_bias: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward` plus the attention probabilities (B, heads, N, N) of this block.
 
         In a window block the probabilities are zero between windows, and a row sums to less
         than 1 where its window has padded tokens (their share is not shown).
         """
-        y, attn = self._attend_with_attention(self.norm1(x), hw)
+        y, attn = self._attend_with_attention(self.norm1(x), hw, attn_bias)
         x = x + self.drop_path1(self.ls1(y))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, attn
@@ -152,7 +169,7 @@ class TransformerBlock(nn.Module):
         :meth:`forward`, bit for bit. Returns the tokens, or (tokens, attention probabilities
         (B, heads, N, N) over the tokens before merging) when ``return_attention``.
         """
-        if self.window_size or self.attn.use_rel_pos:
+        if self.window_size or self.attn.use_rel_pos or self.attn.rel_pos_bias is not None:
             raise ValueError("token merging needs global attention without a relative position bias")
         y, keys, attn = self.attn.forward_with_keys(self.norm1(x), attn_bias, return_attention)
         x = x + self.drop_path1(self.ls1(y))
