@@ -34,7 +34,7 @@ INCEPTION_NORM = dict(mean=[127.5, 127.5, 127.5], std=[127.5, 127.5, 127.5])
 #: Wrappers a training script puts around the state dict, tried in this order.
 _WRAPPER_KEYS = ("state_dict", "model", "module", "params")
 
-_POOLS = ("token", "mean")
+_POOLS = ("token", "mean", "token_mean")
 
 
 @dataclass
@@ -68,6 +68,10 @@ class Source:
         stem: keyword overrides for the hybrid's ``ResNetStem`` (epsilon conventions).
         input_norm: the input normalisation the weights were trained with (``mean``/``std`` in
             0-255 RGB, the data preprocessor's convention), when the source says.
+        pos_interp: how the source resamples its position embeddings for other input sizes, as
+            backbone options (``interpolate_mode``, ``interpolate_antialias``,
+            ``interpolate_offset``); recorded in the config hint and used for ``img_size``.
+            Empty: vitasks' default (bicubic to the target size).
         notes: messages for the user (what was dropped or assumed).
     """
 
@@ -83,6 +87,7 @@ class Source:
     final_norm: Optional[bool] = None
     stem: Dict[str, Any] = field(default_factory=dict)
     input_norm: Optional[Dict[str, List[float]]] = None
+    pos_interp: Dict[str, Any] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
 
 
@@ -362,8 +367,8 @@ def to_vitasks(src: Source, opts: ConvertOptions) -> Tuple[StateDict, Dict[str, 
     pool = opts.pool or src.pool or ("mean" if has_fc_norm or not class_token else "token")
     if pool not in _POOLS:
         raise CheckpointError(f"pool must be one of {list(_POOLS)}, got {pool!r}")
-    if pool == "token" and not class_token:
-        raise CheckpointError(f"{src.path}: pool='token' needs a class token, and this model has none")
+    if pool in ("token", "token_mean") and not class_token:
+        raise CheckpointError(f"{src.path}: pool={pool!r} needs a class token, and this model has none")
     use_fc_norm = has_fc_norm if src.fc_norm is None else src.fc_norm
     keep_norm = "norm.weight" in sd and src.final_norm is not False
     if keep_norm and use_fc_norm:
@@ -375,6 +380,11 @@ def to_vitasks(src: Source, opts: ConvertOptions) -> Tuple[StateDict, Dict[str, 
         if keep_norm or use_fc_norm:
             notes.append("final norm dropped (drop_final_norm)")
         keep_norm = use_fc_norm = False
+    if pool == "token_mean" and use_fc_norm:
+        raise CheckpointError(
+            f"{src.path}: pool='token_mean' (DINOv2's class token + patch mean after the final norm) takes "
+            "no fc_norm, and this model has one; pass pool='mean' or 'token'"
+        )
     for name, keep in (("norm.", keep_norm), ("fc_norm.", use_fc_norm)):
         if not keep:
             for k in [k for k in sd if k.startswith(name)]:
@@ -392,10 +402,14 @@ def to_vitasks(src: Source, opts: ConvertOptions) -> Tuple[StateDict, Dict[str, 
         if new_grid != grid:
             from vitasks.models.layers.pos_embed import resample_abs_pos_embed
 
+            rule = src.pos_interp
             sd["pos_embed"] = resample_abs_pos_embed(
-                sd["pos_embed"], new_grid, grid, num_prefix_tokens=int(class_token), mode="bicubic"
+                sd["pos_embed"], new_grid, grid, num_prefix_tokens=int(class_token),
+                mode=rule.get("interpolate_mode", "bicubic"), antialias=rule.get("interpolate_antialias", False),
+                offset=rule.get("interpolate_offset", 0.0),
             )
-            notes.append(f"position embeddings resampled (bicubic) from a {grid[0]}x{grid[1]} to a "
+            how = ", ".join(f"{k[len('interpolate_'):]}={v}" for k, v in rule.items()) or "bicubic"
+            notes.append(f"position embeddings resampled ({how}) from a {grid[0]}x{grid[1]} to a "
                          f"{new_grid[0]}x{new_grid[1]} grid")
 
     out: StateDict = {}
@@ -416,6 +430,12 @@ def to_vitasks(src: Source, opts: ConvertOptions) -> Tuple[StateDict, Dict[str, 
 
     head_hint = None
     num_classes = src_classes if head else opts.num_classes
+    feat_dim = 2 * embed_dim if pool == "token_mean" else embed_dim
+    if head and not pre_logits and head["weight"].ndim == 2 and head["weight"].shape[1] != feat_dim:
+        raise CheckpointError(
+            f"{src.path}: the head reads {head['weight'].shape[1]} features but pool={pool!r} gives {feat_dim}; "
+            "pass the source's pooling (token_mean: class token + patch mean, 2 x width) or drop_head"
+        )
     if pre_logits:
         out["head.hidden.weight"], out["head.hidden.bias"] = pre_logits["fc.weight"], pre_logits["fc.bias"]
         head_hint = dict(type="MLPClsHead", num_classes=num_classes, in_channels=embed_dim,
@@ -423,7 +443,7 @@ def to_vitasks(src: Source, opts: ConvertOptions) -> Tuple[StateDict, Dict[str, 
     if head:
         out.update({"head.fc." + k: v for k, v in head.items()})
     if head_hint is None:
-        head_hint = dict(type="LinearClsHead", num_classes=num_classes, in_channels=embed_dim)
+        head_hint = dict(type="LinearClsHead", num_classes=num_classes, in_channels=feat_dim)
 
     ls = "blocks.0.ls1.gamma" in sd
     hint = dict(
@@ -444,6 +464,7 @@ def to_vitasks(src: Source, opts: ConvertOptions) -> Tuple[StateDict, Dict[str, 
         fc_norm=use_fc_norm,
         final_norm=keep_norm or use_fc_norm,
         stem=stem,
+        **src.pos_interp,
     )
     out = {k: _compact(v) for k, v in out.items()}
     from vitasks.engine.architecture import architecture_from_config

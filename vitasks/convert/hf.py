@@ -158,6 +158,10 @@ def read(path: str, opts: ConvertOptions) -> Source:
 
     if hf_video.detect_video_model(sd):
         return hf_video.read(sd, cfg, path, opts, folder)
+    from vitasks.convert import hf_dinov2  # Dinov2[WithRegisters]Model / ForImageClassification
+
+    if hf_dinov2.detect(sd, cfg):
+        return hf_dinov2.read(sd, cfg, path, opts)
     src = Source(fmt="hf", path=path, state_dict=hf_to_timm(sd, path))
     pre = _read_config(os.path.join(folder, "preprocessor_config.json"))
     if isinstance(pre.get("image_mean"), list) and isinstance(pre.get("image_std"), list):

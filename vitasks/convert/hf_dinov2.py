@@ -1,0 +1,136 @@
+"""Hugging Face transformers DINOv2: ``Dinov2Model``, ``Dinov2ForImageClassification``,
+``Dinov2Backbone``, ``Dinov2WithRegistersModel`` and ``Dinov2WithRegistersForImageClassification``.
+
+Names read: the hub's (``embeddings.patch_embeddings.projection``,
+``encoder.layer.{i}.attention.attention.{query,key,value}``, ``attention.output.dense``,
+``layer_scale{1,2}.lambda1``, ``norm{1,2}``, ``mlp.fc{1,2}``, ``layernorm``) and transformers 5's
+module names (``attention.{q,k,v,o}_proj``), under ``dinov2.`` / ``dinov2_with_registers.`` or
+no prefix; ``classifier`` (2 x width inputs: class token + patch mean) becomes the head.
+``embeddings.mask_token`` is dropped. ``config.json`` gives the heads, the LayerNorm epsilon
+(``Dinov2Config``'s default 1e-6 without it), the register count and the SwiGLU flag.
+
+Conventions recorded (see :mod:`vitasks.convert.dinov2`): transformers resamples the position
+embeddings bicubically to the target size, with antialiasing in the with-registers model
+only; the pooling is ``token_mean``, which is what ``Dinov2ForImageClassification`` classifies.
+"""
+
+import re
+from typing import Any, Dict
+
+import torch
+
+from vitasks.convert import dinov2
+from vitasks.convert.common import ConvertOptions, Source, StateDict
+from vitasks.errors import CheckpointError
+
+_PREFIXES = ("dinov2_with_registers.", "dinov2.")
+_TOP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.register_tokens": "reg_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+}
+_LAYER = {
+    "norm1": "norm1",
+    "norm2": "norm2",
+    "attention.output.dense": "attn.proj",  # hub
+    "attention.o_proj": "attn.proj",        # transformers 5
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+_QKV = {
+    "attention.attention.query": "q", "attention.attention.key": "k", "attention.attention.value": "v",
+    "attention.q_proj": "q", "attention.k_proj": "k", "attention.v_proj": "v",
+}
+_SWIGLU = ("mlp.weights_in", "mlp.weights_out", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_LAYER_RE = re.compile(r"^encoder\.layer\.(\d+)\.(.+)\.(weight|bias|lambda1)$")
+
+
+def detect(sd: StateDict, cfg: Dict[str, Any]) -> bool:
+    """A transformers DINOv2 (by its config's ``model_type`` or its LayerScale names)."""
+    if str(cfg.get("model_type", "")).startswith("dinov2"):
+        return True
+    return any(k.endswith("layer_scale1.lambda1") for k in sd)
+
+
+def to_timm(sd: StateDict, where: str) -> StateDict:
+    """transformers DINOv2 names -> timm's (q, k, v fused into qkv)."""
+    prefix = next((p for p in _PREFIXES if any(k.startswith(p) for k in sd)), "")
+    out: StateDict = {}
+    qkv: Dict[str, Dict[str, Dict[str, torch.Tensor]]] = {}
+    unknown = []
+    for key, v in sd.items():
+        if key in ("classifier.weight", "classifier.bias"):
+            out["head." + key.split(".")[1]] = v
+            continue
+        if not key.startswith(prefix):
+            unknown.append(key)
+            continue
+        k = key[len(prefix):]
+        if k == "embeddings.mask_token":
+            continue
+        if k in _TOP:
+            out[_TOP[k]] = v
+            continue
+        m = _LAYER_RE.match(k)
+        if m:
+            i, part, kind = m.groups()
+            if part.startswith(_SWIGLU):
+                raise CheckpointError(f"{where}: {dinov2.SWIGLU_MESSAGE}")
+            if kind == "lambda1" and part in ("layer_scale1", "layer_scale2"):
+                out[f"blocks.{i}.ls{part[-1]}.gamma"] = v
+                continue
+            if part in _QKV and kind != "lambda1":
+                qkv.setdefault(i, {}).setdefault(kind, {})[_QKV[part]] = v
+                continue
+            if part in _LAYER and kind != "lambda1":
+                out[f"blocks.{i}.{_LAYER[part]}.{kind}"] = v
+                continue
+        unknown.append(key)
+    if unknown:
+        raise CheckpointError(
+            f"{where}: {len(unknown)} weights are not those of a transformers DINOv2 "
+            f"({prefix or ''}embeddings.*, {prefix or ''}encoder.layer.*, layernorm, classifier): {sorted(unknown)[:10]}"
+        )
+    for i, kinds in qkv.items():
+        for kind, parts in kinds.items():
+            if set(parts) != {"q", "k", "v"}:
+                raise CheckpointError(f"{where}: layer {i} has {kind}s for {sorted(parts)} only; expected query, key and value")
+            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def read(sd: StateDict, cfg: Dict[str, Any], path: str, opts: ConvertOptions) -> Source:
+    """A transformers DINOv2 state dict (and its ``config.json``, possibly empty) -> Source."""
+    if cfg.get("use_swiglu_ffn"):
+        raise CheckpointError(f"{path}: config.json says use_swiglu_ffn: {dinov2.SWIGLU_MESSAGE}")
+    state = to_timm(sd, path)
+    num_reg = state["reg_token"].shape[1] if "reg_token" in state else 0
+    if "num_register_tokens" in cfg and int(cfg["num_register_tokens"]) != num_reg:
+        raise CheckpointError(
+            f"{path}: config.json says num_register_tokens {cfg['num_register_tokens']} but the weights have {num_reg}"
+        )
+    with_registers = num_reg > 0 or str(cfg.get("model_type", "")) == "dinov2_with_registers"
+    rule = dinov2.RULES["hf_reg" if with_registers else "hf"]
+    src = Source(fmt="hf", path=path, state_dict=state, norm_eps=float(cfg.get("layer_norm_eps", dinov2.DINOV2_EPS)),
+                 pos_interp=dict(rule), input_norm=dict(dinov2.DINOV2_NORM))
+    if not cfg:
+        src.notes.append(f"no config.json beside the weights: layer_norm_eps={dinov2.DINOV2_EPS} assumed (Dinov2Config's default)")
+    if "num_attention_heads" in cfg:
+        src.num_heads = int(cfg["num_attention_heads"])
+    act = cfg.get("hidden_act", "gelu")
+    if act != "gelu":
+        src.notes.append(f"hidden_act={act!r}: vitasks' MLP uses exact GELU, so outputs will differ")
+    if "image_size" in cfg and "patch_size" in cfg:
+        img, patch = cfg["image_size"], cfg["patch_size"]
+        img = (img, img) if isinstance(img, int) else tuple(img)
+        patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        src.grid = (img[0] // patch[0], img[1] // patch[1])
+    embed_dim = state["patch_embed.proj.weight"].shape[0] if "patch_embed.proj.weight" in state else 0
+    src.pool = dinov2.pool_for(state, embed_dim)
+    name = "transformers' Dinov2WithRegisters" if with_registers else "transformers' Dinov2"
+    src.notes += [dinov2.rule_note(rule, name), dinov2.pool_note(opts.pool or src.pool)]
+    return src
