@@ -248,3 +248,16 @@ class PackInputs(BaseTransform):
             sample.gt_sem_seg = PixelData(data=seg[None])
         sample.set_metainfo({k: results[k] for k in self.meta_keys if k in results})
         return {"inputs": inputs, "data_samples": sample}
+
+
+@TRANSFORMS.register_module(name="RandomErasing")
+class _RandomErasingInPipeline(BaseTransform):
+    """Placeholder: timm's RandomErasing acts on normalised images, which only the model's data
+    preprocessor has; a pipeline entry says where it goes."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        raise ConfigError(
+            "RandomErasing acts after normalisation, in the model's data preprocessor: set "
+            "model.data_preprocessor.random_erasing: {type: RandomErasing, probability: 0.25, "
+            "mode: pixel} instead of a pipeline entry"
+        )

@@ -5,7 +5,7 @@ One module per task (:mod:`.cls`, :mod:`.seg`, :mod:`.det`, :mod:`.video`), the 
 Importing the package registers them all in ``MODELS`` under their class names.
 """
 
-from .batch_augments import CutMix, Mixup, RandomBatchAugment
+from .batch_augments import CutMix, Mixup, RandomBatchAugment, RandomErasing
 from .cls import ClsDataPreprocessor
 from .det import DetDataPreprocessor
 from .normalization import IMAGENET_MEAN, IMAGENET_STD
@@ -20,6 +20,7 @@ __all__ = [
     "CutMix",
     "Mixup",
     "RandomBatchAugment",
+    "RandomErasing",
     "SegDataPreprocessor",
     "VideoDataPreprocessor",
 ]

@@ -1,18 +1,20 @@
-"""Batch augmentations of classification training: Mixup, CutMix, and one chosen per batch.
+"""Batch augmentations of classification training: Mixup, CutMix, and one chosen per batch;
+timm's RandomErasing, per sample.
 
-They act on a normalised float batch and soft targets ``(N, K)``, inside
-:class:`~vitasks.models.data_preprocessors.ClsDataPreprocessor`.
+They act on a normalised float batch (Mixup and CutMix also on soft targets ``(N, K)``), inside
+:class:`~vitasks.models.data_preprocessors.ClsDataPreprocessor` (and the video preprocessor).
 """
 
 import math
-from typing import Optional, Sequence, Tuple
+import random
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 
-__all__ = ["CutMix", "Mixup", "RandomBatchAugment"]
+__all__ = ["CutMix", "Mixup", "RandomBatchAugment", "RandomErasing", "build_random_erasing"]
 
 
 def _sample_beta(alpha: float) -> float:
@@ -138,3 +140,155 @@ class RandomBatchAugment:
         if choice == len(self.augments):
             return inputs, targets
         return self.augments[choice](inputs, targets)
+
+
+@MODELS.register_module()
+class RandomErasing:
+    """Random Erasing (Zhong et al., 2020) as timm defines it, on normalised images, per sample.
+
+    timm's definition (``timm.data.random_erasing.RandomErasing``): with probability ``probability``
+    a sample gets ``count`` rectangles (``min_count``, or uniform in ``[min_count, max_count]``);
+    for each, up to 10 tries draw an area fraction ``U(min_area, max_area) / count`` of the image
+    and an aspect ratio ``exp(U(log min_aspect, log max_aspect))`` (``max_aspect = 1 /
+    min_aspect`` by default), ``h = round(sqrt(area * aspect))``, ``w = round(sqrt(area /
+    aspect))``; the first try with ``h < H`` and ``w < W`` places the box at ``top ~ U{0..H-h}``,
+    ``left ~ U{0..W-w}`` and fills it: ``const`` zeros, ``rand`` one normal colour per channel,
+    ``pixel`` normal noise per pixel (values in normalised units, as the image after
+    normalisation). With ``num_splits > 1`` the first ``N // num_splits`` samples stay clean.
+
+    A clip (inputs ``(N, C, T, H, W)``) gets one draw per clip: the same rectangles on every frame
+    and up to 100 tries, with the fill drawn per frame (SlowFast's and VideoMAE's cube erasing).
+
+    Random draws: the rectangles come from a ``random.Random`` seeded from torch's generator, the
+    fill from torch's generator on the batch's device; the training loop re-seeds torch before
+    every iteration from the config's seed, the iteration and the rank, so a run and its resumed
+    copy erase the same boxes.
+
+    Args:
+        probability: chance that a sample is erased (DeiT: 0.25). ``prob`` is accepted too.
+        min_area, max_area: range of the erased area as a fraction of the image.
+        min_aspect, max_aspect: aspect ratio range (``h / w``), drawn log-uniformly.
+        mode: ``const``, ``rand`` or ``pixel`` (DeiT, VideoMAE).
+        min_count, max_count: number of rectangles per erased sample.
+        num_splits: leave the first ``N // num_splits`` samples of a batch untouched (0: none).
+        max_attempts: tries per rectangle; default 10 for images, 100 for clips.
+    """
+
+    def __init__(
+        self,
+        probability: float = 0.5,
+        min_area: float = 0.02,
+        max_area: float = 1 / 3,
+        min_aspect: float = 0.3,
+        max_aspect: Optional[float] = None,
+        mode: str = "const",
+        min_count: int = 1,
+        max_count: Optional[int] = None,
+        num_splits: int = 0,
+        max_attempts: Optional[int] = None,
+        prob: Optional[float] = None,
+    ) -> None:
+        if prob is not None:
+            probability = prob
+        if not 0 <= float(probability) <= 1:
+            raise ConfigError(f"RandomErasing.probability must be in [0, 1], got {probability}")
+        if not 0 < float(min_area) <= float(max_area) <= 1:
+            raise ConfigError(
+                f"RandomErasing: need 0 < min_area <= max_area <= 1, got {min_area} and {max_area}"
+            )
+        max_aspect = max_aspect or 1.0 / min_aspect
+        if not 0 < float(min_aspect) <= float(max_aspect):
+            raise ConfigError(
+                f"RandomErasing: need 0 < min_aspect <= max_aspect, got {min_aspect} and {max_aspect}"
+            )
+        mode = (mode or "const").lower()
+        if mode not in ("const", "rand", "pixel"):
+            raise ConfigError(f"RandomErasing.mode must be const, rand or pixel, got {mode!r}")
+        max_count = max_count or min_count
+        if not 1 <= int(min_count) <= int(max_count):
+            raise ConfigError(f"RandomErasing: need 1 <= min_count <= max_count, got {min_count}, {max_count}")
+        self.probability = float(probability)
+        self.min_area, self.max_area = float(min_area), float(max_area)
+        self.min_aspect, self.max_aspect = float(min_aspect), float(max_aspect)
+        self.log_aspect_ratio = (math.log(self.min_aspect), math.log(self.max_aspect))
+        self.mode = mode
+        self.min_count, self.max_count = int(min_count), int(max_count)
+        self.num_splits = int(num_splits)
+        self.max_attempts = None if max_attempts is None else int(max_attempts)
+
+    def draw_boxes(
+        self, rng: random.Random, height: int, width: int, attempts: int = 10
+    ) -> List[Tuple[int, int, int, int]]:
+        """Rectangles ``(top, left, h, w)`` for one sample, timm's draws in timm's order."""
+        if rng.random() > self.probability:
+            return []
+        area = height * width
+        count = self.min_count if self.min_count == self.max_count else rng.randint(self.min_count, self.max_count)
+        boxes = []
+        for _ in range(count):
+            for _ in range(attempts):
+                target_area = rng.uniform(self.min_area, self.max_area) * area / count
+                aspect = math.exp(rng.uniform(*self.log_aspect_ratio))
+                h = int(round(math.sqrt(target_area * aspect)))
+                w = int(round(math.sqrt(target_area / aspect)))
+                if w < width and h < height:
+                    top = rng.randint(0, height - h)
+                    left = rng.randint(0, width - w)
+                    boxes.append((top, left, h, w))
+                    break
+        return boxes
+
+    def fill(self, shape: Tuple[int, int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The values of one erased rectangle ``(C, h, w)`` (broadcastable)."""
+        if self.mode == "pixel":
+            return torch.empty(shape, dtype=dtype, device=device).normal_()
+        if self.mode == "rand":
+            return torch.empty((shape[0], 1, 1), dtype=dtype, device=device).normal_()
+        return torch.zeros((shape[0], 1, 1), dtype=dtype, device=device)
+
+    def __call__(self, inputs: torch.Tensor, rng: Optional[random.Random] = None) -> torch.Tensor:
+        """Erase in place and return ``inputs``: images ``(N, C, H, W)`` or clips
+        ``(N, C, T, H, W)``. ``rng`` gives the rectangles' draws (default: seeded from torch)."""
+        if rng is None:
+            rng = random.Random(int(torch.randint(0, 2**62, (1,)).item()))
+        if inputs.dim() not in (4, 5):
+            raise ValueError(f"RandomErasing: expected (N, C, H, W) or (N, C, T, H, W), got {tuple(inputs.shape)}")
+        clips = inputs.dim() == 5
+        attempts = self.max_attempts or (100 if clips else 10)
+        num = inputs.shape[0]
+        channels, height, width = inputs.shape[1], inputs.shape[-2], inputs.shape[-1]
+        start = num // self.num_splits if self.num_splits > 1 else 0
+        for i in range(start, num):
+            for top, left, h, w in self.draw_boxes(rng, height, width, attempts):
+                if clips:
+                    for t in range(inputs.shape[2]):
+                        inputs[i, :, t, top:top + h, left:left + w] = self.fill(
+                            (channels, h, w), inputs.dtype, inputs.device)
+                else:
+                    inputs[i, :, top:top + h, left:left + w] = self.fill((channels, h, w), inputs.dtype, inputs.device)
+        return inputs
+
+    def __repr__(self) -> str:
+        return (
+            f"RandomErasing(probability={self.probability}, area=({self.min_area}, {self.max_area}), "
+            f"aspect=({self.min_aspect}, {self.max_aspect}), mode={self.mode!r}, "
+            f"count=({self.min_count}, {self.max_count}), num_splits={self.num_splits})"
+        )
+
+
+def build_random_erasing(cfg, owner: str) -> Optional[RandomErasing]:
+    """A preprocessor's ``random_erasing`` option: ``None``, a dict (``type`` optional, default
+    ``RandomErasing``) or an object."""
+    if cfg is None or isinstance(cfg, RandomErasing):
+        return cfg
+    if not isinstance(cfg, dict):
+        raise ConfigError(
+            f"{owner}.random_erasing must be a dict like {{type: RandomErasing, probability: 0.25, "
+            f"mode: pixel}}, got {cfg!r}"
+        )
+    cfg = dict(cfg)
+    cfg.setdefault("type", "RandomErasing")
+    try:
+        return MODELS.build(cfg)
+    except TypeError as e:
+        raise ConfigError(f"{owner}.random_erasing: {e}") from e

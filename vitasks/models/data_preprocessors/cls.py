@@ -1,7 +1,8 @@
 """Classification data preprocessor: stack, cast to float, normalise, and in training mix.
 
 The dataloader hands over uint8 CHW tensors; the preprocessor stacks them, casts to float and
-normalises with mean/std given in 0-255 RGB. In training it can mix samples (Mixup or CutMix,
+normalises with mean/std given in 0-255 RGB. In training it can erase rectangles of each image
+(timm's RandomErasing, after normalisation as in timm) and mix samples (Mixup or CutMix,
 one chosen per batch, as the DeiT recipe) and turns the hard labels into soft targets
 ``gt_score`` that the loss reads.
 """
@@ -14,7 +15,7 @@ from mmengine.model import ImgDataPreprocessor
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 
-from .batch_augments import RandomBatchAugment
+from .batch_augments import RandomBatchAugment, build_random_erasing
 from .normalization import IMAGENET_MEAN, IMAGENET_STD, PerImageStandardization
 
 __all__ = ["ClsDataPreprocessor"]
@@ -39,6 +40,9 @@ class ClsDataPreprocessor(ImgDataPreprocessor):
         per_image_norm: Standardise each image on its own after mean/std (``true`` or
             ``{eps, border}``, see :class:`~.normalization.PerImageStandardization`); the
             small-data recipe for classes told apart by shape.
+        random_erasing: timm's RandomErasing per image in training, after normalisation and
+            before Mixup/CutMix (DeiT: ``{type: RandomErasing, probability: 0.25, mode: pixel}``);
+            ``None`` for none.
     """
 
     def __init__(
@@ -52,6 +56,7 @@ class ClsDataPreprocessor(ImgDataPreprocessor):
         batch_augments: Optional[dict] = None,
         non_blocking: bool = False,
         per_image_norm: Optional[dict] = None,
+        random_erasing: Optional[dict] = None,
     ) -> None:
         if (mean is None) != (std is None):
             raise ConfigError("ClsDataPreprocessor: give both mean and std, or neither")
@@ -65,6 +70,7 @@ class ClsDataPreprocessor(ImgDataPreprocessor):
         )
         self.num_classes = num_classes
         self.per_image_norm = PerImageStandardization.from_config(per_image_norm, "ClsDataPreprocessor")
+        self.random_erasing = build_random_erasing(random_erasing, "ClsDataPreprocessor")
         if batch_augments is not None:
             if not isinstance(batch_augments, dict) or "augments" not in batch_augments:
                 raise ConfigError(
@@ -91,6 +97,8 @@ class ClsDataPreprocessor(ImgDataPreprocessor):
         if self.per_image_norm is not None:
             # The batch holds same-sized images (no padding unless pad_size_divisor pads them).
             data["inputs"] = self.per_image_norm(data["inputs"])
+        if training and self.random_erasing is not None:
+            data["inputs"] = self.random_erasing(data["inputs"])
         samples: Optional[List] = data.get("data_samples")
         if training and self.batch_augments is not None and samples:
             inputs = data["inputs"]

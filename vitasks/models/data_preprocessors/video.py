@@ -1,5 +1,6 @@
 """Video data preprocessor: stack the clips, fold the views into the batch, cast and normalise;
-in training optionally mix clips (Mixup / CutMix).
+in training optionally erase rectangles (timm's RandomErasing, one draw per clip) and mix clips
+(Mixup / CutMix).
 
 The dataloader hands over uint8 clips ``(3, T, H, W)`` or, at test time, views ``(V, 3, T, H, W)``
 (``V = clips x crops``, from :class:`~vitasks.data.video_transforms.PackVideoInputs`). The model
@@ -15,7 +16,7 @@ from mmengine.model import BaseDataPreprocessor
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 
-from .batch_augments import RandomBatchAugment
+from .batch_augments import RandomBatchAugment, build_random_erasing
 from .normalization import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["VideoDataPreprocessor"]
@@ -35,6 +36,9 @@ class VideoDataPreprocessor(BaseDataPreprocessor):
             probs: [0.5, 0.5]}``: one drawn per batch, applied to whole clips (CutMix cuts the
             same box out of every frame); ``None`` for none.
         non_blocking: Non-blocking host-to-device copies.
+        random_erasing: timm's RandomErasing in training after normalisation, one draw per clip
+            (the same rectangles on every frame, as VideoMAE: ``{type: RandomErasing,
+            probability: 0.25, mode: pixel}``); ``None`` for none.
     """
 
     def __init__(
@@ -44,8 +48,10 @@ class VideoDataPreprocessor(BaseDataPreprocessor):
         num_classes: Optional[int] = None,
         batch_augments: Optional[dict] = None,
         non_blocking: bool = False,
+        random_erasing: Optional[dict] = None,
     ) -> None:
         super().__init__(non_blocking=non_blocking)
+        self.random_erasing = build_random_erasing(random_erasing, "VideoDataPreprocessor")
         if len(mean) != 3 or len(std) != 3:
             raise ConfigError(f"VideoDataPreprocessor: mean and std need 3 values (RGB), got {mean!r} and {std!r}")
         if any(float(s) <= 0 for s in std):
@@ -107,6 +113,9 @@ class VideoDataPreprocessor(BaseDataPreprocessor):
                 raise ValueError(f"VideoDataPreprocessor: {num_samples} clips but {len(samples)} data samples")
             for sample in samples:
                 sample.set_metainfo({"num_views": num_views})
+        if training and self.random_erasing is not None:
+            # Every view of every sample is a clip (N x V, 3, T, H, W) with a draw of its own.
+            batch = self.random_erasing(batch.flatten(0, 1)).view(batch.shape)
         if training and self.batch_augments is not None and samples:
             batch = self._mix(batch, samples)
         data["inputs"] = batch.flatten(0, 1)
