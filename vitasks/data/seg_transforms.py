@@ -1,14 +1,16 @@
 """Segmentation transforms that albumentations does not provide.
 
-Flips, photometric distortion and padding go through the shared ``Albu`` adaptor (it moves
-``gt_seg_map`` with the image); these cover what it lacks:
+Flips and padding go through the shared ``Albu`` adaptor (it moves ``gt_seg_map`` with the
+image); these cover what it lacks:
 
 - :class:`LoadSegAnnotations`: read a label map, apply ``reduce_zero_label``, and reject label
   values that are neither a class nor the ignore index, or a size that differs from the image's;
 - :class:`SegResize` / :class:`SegRandomResize`: mmseg's keep-ratio resize to a ``(long, short)``
   scale (the image is scaled to fit within it), the random one with a ratio drawn per sample;
 - :class:`SegRandomCrop`: a random crop that retries while one class covers more than
-  ``cat_max_ratio`` of the crop's labelled pixels.
+  ``cat_max_ratio`` of the crop's labelled pixels;
+- :class:`PhotoMetricDistortion`: mmseg's colour jitter exactly (uint8 steps with its clipping and
+  truncation, OpenCV's uint8 HSV).
 
 Shapes are (H, W); scales are given as mmseg writes them, e.g. ``(2048, 512)`` meaning an image
 scaled so that its long side is at most 2048 and its short side at most 512.
@@ -268,4 +270,106 @@ class SegRandomCrop(BaseTransform):
             if results.get(key) is not None:
                 results[key] = np.ascontiguousarray(results[key][y0:y1, x0:x1])
         results["img_shape"] = (y1 - y0, x1 - x0)
+        return results
+
+
+@TRANSFORMS.register_module()
+class PhotoMetricDistortion(BaseTransform):
+    """mmsegmentation's ``PhotoMetricDistortion``, step for step, on ``results["img"]`` (RGB uint8).
+
+    mmseg's definition (``mmseg/datasets/transforms/transforms.py``): each step fires with
+    probability 1/2 and works on uint8 pixels as ``uint8(clip(float32(x) * alpha + beta, 0,
+    255))`` (a truncation, not a rounding):
+
+    1. brightness: ``beta ~ U(-brightness_delta, brightness_delta)``;
+    2. a mode draw: contrast here (``alpha ~ U(contrast_range)``) or as the last step;
+    3. saturation: to HSV (OpenCV on uint8: H in 0..179, S and V in 0..255), ``S`` by ``alpha ~
+       U(saturation_range)`` with the same clip and truncation, back to RGB;
+    4. hue: to HSV, ``H = (H + d) mod 180`` with ``d`` an integer in ``[-hue_delta, hue_delta)``
+       (numpy's ``randint`` leaves the upper bound out: -18..17), back to RGB;
+    5. contrast, when the mode draw put it last.
+
+    mmseg's images are BGR; OpenCV's BGR->HSV of a BGR pixel equals its RGB->HSV of the same pixel
+    in RGB order, so the results are the same pixels. Draws come from the sample's generator, in
+    mmseg's order (:meth:`draw`), and are applied by :meth:`apply`.
+
+    Args:
+        brightness_delta: largest brightness shift (32).
+        contrast_range: ``(low, high)`` of the contrast factor ((0.5, 1.5)).
+        saturation_range: ``(low, high)`` of the saturation factor ((0.5, 1.5)).
+        hue_delta: hue shift bound in OpenCV units of 2 degrees (18).
+    """
+
+    def __init__(
+        self,
+        brightness_delta: int = 32,
+        contrast_range: Sequence[float] = (0.5, 1.5),
+        saturation_range: Sequence[float] = (0.5, 1.5),
+        hue_delta: int = 18,
+    ) -> None:
+        for key, value in (("contrast_range", contrast_range), ("saturation_range", saturation_range)):
+            if not isinstance(value, (list, tuple)) or len(value) != 2 or not 0 <= value[0] <= value[1]:
+                raise ConfigError(f"PhotoMetricDistortion.{key} must be [low, high] with 0 <= low <= high, got {value!r}")
+        if brightness_delta < 0 or hue_delta < 0 or hue_delta > 180:
+            raise ConfigError(
+                "PhotoMetricDistortion: brightness_delta must be >= 0 and hue_delta in 0..180, got "
+                f"{brightness_delta} and {hue_delta}"
+            )
+        self.brightness_delta = brightness_delta
+        self.contrast_range = (float(contrast_range[0]), float(contrast_range[1]))
+        self.saturation_range = (float(saturation_range[0]), float(saturation_range[1]))
+        self.hue_delta = int(hue_delta)
+
+    def draw(self, rng: np.random.Generator) -> dict:
+        """The sample's parameters, in mmseg's order of draws; ``None`` for a step that does not
+        fire. Keys: ``brightness`` (beta), ``contrast_first`` (the mode draw), ``contrast``
+        (alpha), ``saturation`` (alpha), ``hue`` (integer shift)."""
+        params: dict = {"brightness": None, "contrast": None, "saturation": None, "hue": None}
+        if rng.integers(2):
+            params["brightness"] = float(rng.uniform(-self.brightness_delta, self.brightness_delta))
+        params["contrast_first"] = bool(rng.integers(2) == 1)
+
+        def contrast() -> None:
+            if rng.integers(2):
+                params["contrast"] = float(rng.uniform(*self.contrast_range))
+
+        if params["contrast_first"]:
+            contrast()
+        if rng.integers(2):
+            params["saturation"] = float(rng.uniform(*self.saturation_range))
+        if rng.integers(2):
+            params["hue"] = int(rng.integers(-self.hue_delta, self.hue_delta)) if self.hue_delta else 0
+        if not params["contrast_first"]:
+            contrast()
+        return params
+
+    @staticmethod
+    def _convert(img: np.ndarray, alpha: float = 1, beta: float = 0) -> np.ndarray:
+        out = img.astype(np.float32) * alpha + beta
+        return np.clip(out, 0, 255).astype(np.uint8)
+
+    def apply(self, img: np.ndarray, params: dict) -> np.ndarray:
+        """The distortion with drawn ``params`` on an RGB uint8 HxWx3 image."""
+        if img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"PhotoMetricDistortion needs an RGB HxWx3 image, got shape {img.shape}")
+        if img.dtype != np.uint8:
+            raise ValueError(f"PhotoMetricDistortion needs a uint8 image (mmseg's steps), got {img.dtype}")
+        if params["brightness"] is not None:
+            img = self._convert(img, beta=params["brightness"])
+        if params["contrast_first"] and params["contrast"] is not None:
+            img = self._convert(img, alpha=params["contrast"])
+        if params["saturation"] is not None:
+            hsv = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2HSV)
+            hsv[:, :, 1] = self._convert(hsv[:, :, 1], alpha=params["saturation"])
+            img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        if params["hue"] is not None:
+            hsv = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2HSV)
+            hsv[:, :, 0] = (hsv[:, :, 0].astype(np.int64) + params["hue"]) % 180
+            img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        if not params["contrast_first"] and params["contrast"] is not None:
+            img = self._convert(img, alpha=params["contrast"])
+        return img
+
+    def transform(self, results: dict) -> dict:
+        results["img"] = self.apply(results["img"], self.draw(sample_rng(results)))
         return results
