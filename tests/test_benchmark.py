@@ -9,9 +9,14 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitasks.apis import build_model
-from vitasks.benchmark import count_model_flops, format_table, init_on_meta, main, matmul_flops, run_benchmark
+from vitasks.benchmarks.throughput import count_model_flops, format_table, init_on_meta, matmul_flops, run_benchmark
+from vitasks.benchmarks.machine import cpu_info, parse_cpuinfo
+from vitasks.cli import main as cli_main
 from vitasks.config import load_config
-from vitasks.engine.cpu_info import cpu_info, parse_cpuinfo
+
+
+def benchmark_main(argv):
+    return cli_main(["benchmark", *argv])
 
 
 def vit_macs(img=224, patch=16, dim=768, depth=12, mlp_ratio=4, classes=1000, in_ch=3):
@@ -99,18 +104,18 @@ def test_run_benchmark_end_to_end(tmp_path):
 def test_benchmark_command_writes_json(tmp_path, capsys):
     config = tiny_config(tmp_path)
     out = tmp_path / "bench.json"
-    assert main([config, "--batch-size", "1", "--iters", "1", "--warmup", "0", "--matmul-size", "32",
+    assert benchmark_main([config, "--batch-size", "1", "--iters", "1", "--warmup", "0", "--matmul-size", "32",
                  "--matmul-iters", "1", "--no-train", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert list(data["phases"]) == ["inference"]
     assert "images/s" in capsys.readouterr().out
-    assert main([str(tmp_path / "missing.yaml")]) == 2
+    assert benchmark_main([str(tmp_path / "missing.yaml")]) == 2
 
 
 def test_no_train_prints_na_not_zero_training_flops(tmp_path, capsys):
     config = tiny_config(tmp_path)
     out = tmp_path / "bench.json"
-    assert main([config, "--batch-size", "1", "--iters", "2", "--warmup", "1", "--matmul-size", "32",
+    assert benchmark_main([config, "--batch-size", "1", "--iters", "2", "--warmup", "1", "--matmul-size", "32",
                  "--matmul-iters", "3", "--no-train", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     flops_line = next(line for line in text.splitlines() if line.startswith("params"))
@@ -158,13 +163,13 @@ def test_fused_adamw_matches_the_for_loop_implementation():
 
 
 def test_the_cpus_capability_is_printed_beside_the_table(tmp_path, monkeypatch, capsys):
-    import vitasks.benchmark as benchmark
+    import vitasks.benchmarks.throughput as benchmark
 
     config = tiny_config(tmp_path)
     args = [config, "--batch-size", "1", "--iters", "1", "--warmup", "0", "--matmul-size", "32",
             "--matmul-iters", "1", "--no-train", "--device", "cpu"]
     # This machine, as the detection sees it.
-    assert main(args) == 0
+    assert benchmark_main(args) == 0
     out = capsys.readouterr().out
     this = cpu_info()
     cpu_line = next(line for line in out.splitlines() if line.startswith("cpu: "))
@@ -174,7 +179,7 @@ def test_the_cpus_capability_is_printed_beside_the_table(tmp_path, monkeypatch, 
     avx2 = parse_cpuinfo("model name\t: Old Xeon\nflags\t\t: fpu sse avx avx2\n", "x86_64", isa="AVX2")
     monkeypatch.setattr(benchmark, "cpu_info", lambda: avx2)
     out_json = tmp_path / "bench.json"
-    assert main(args + ["--amp", "--json", str(out_json)]) == 0
+    assert benchmark_main(args + ["--amp", "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
     assert "cpu: Old Xeon [x86_64], ISA AVX2, native bf16: no" in out
     warning = next(line for line in out.splitlines() if line.startswith("warning: "))
@@ -185,6 +190,6 @@ def test_the_cpus_capability_is_printed_beside_the_table(tmp_path, monkeypatch, 
     amx = parse_cpuinfo("model name\t: New Xeon\nflags\t\t: avx2 avx512f avx512_bf16 amx_tile amx_bf16\n",
                         "x86_64", isa="AVX512")
     monkeypatch.setattr(benchmark, "cpu_info", lambda: amx)
-    assert main(args + ["--amp"]) == 0
+    assert benchmark_main(args + ["--amp"]) == 0
     out = capsys.readouterr().out
     assert "native bf16: yes (avx512_bf16, amx_bf16)" in out and "warning:" not in out

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch.nn as nn
 
-from vitasks.benchmark import init_on_meta
+from vitasks.benchmarks.throughput import init_on_meta
 from vitasks.config import load_config, validate_config
 from vitasks.registry import MODELS
 

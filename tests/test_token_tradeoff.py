@@ -1,4 +1,4 @@
-"""The demo trade-off's pieces (vitasks/token_tradeoff.py): agreement of two prediction dumps
+"""The demo trade-off's pieces (vitasks/benchmarks/token_tradeoff.py): agreement of two prediction dumps
 against a direct count, interleaved timing order, the variants the table runs (their configs
 carry the token option and nothing else), and ToMe applied to the plain demo's weights: r=0 is
 the plain model bit for bit, r>0 changes the tokens but not the output's shape."""
@@ -13,7 +13,7 @@ from PIL import Image
 from vitasks.apis import init_model, load_cfg
 from vitasks.errors import ConfigError
 from vitasks.models.layers.token_reduction import count_tokens
-from vitasks.token_tradeoff import (
+from vitasks.benchmarks.token_tradeoff import (
     cls_agreement,
     demo_variants,
     format_tradeoff,

@@ -3,7 +3,7 @@
 [--title T] [--legend L ...]`` and ``python tools/analyze_logs.py cal_train_time WORK_DIR``."""
 import sys
 
-from vitasks.visualization.log_curves import main
+from vitasks.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(["analyze-logs", *sys.argv[1:]]))

@@ -25,9 +25,9 @@ import sys
 import torch
 
 from vitasks.apis import build_model, load_cfg
-from vitasks.benchmark import count_model_flops, init_on_meta
+from vitasks.benchmarks.throughput import count_model_flops, init_on_meta
 from vitasks.models.layers.token_reduction import count_tokens
-from vitasks.token_tradeoff import interleaved_times, wait_for_quiet
+from vitasks.benchmarks.token_tradeoff import interleaved_times, wait_for_quiet
 
 VIT_B = "configs/cls_imagenet.yaml"
 DEFAULT_VARIANTS = [

@@ -34,7 +34,7 @@ VIT_B = dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, patch_size=16
 def run_case(attention: str, frames: int, tubelet: int, img_size: int, warmup: int, iters: int, device: str) -> dict:
     import torch
 
-    from vitasks.benchmark import _current_rss, _PeakMemory, flop_counter
+    from vitasks.benchmarks.throughput import PeakMemory, current_rss, flop_counter
     from vitasks.models.backbones import VideoVisionTransformer
 
     dev = torch.device(device)
@@ -49,13 +49,13 @@ def run_case(attention: str, frames: int, tubelet: int, img_size: int, warmup: i
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    baseline = _current_rss()
+    baseline = current_rss()
     with flop_counter() as counter:  # the first warm-up pass counts the FLOPs
         step()
     flops = counter.get_total_flops()
     more_warmup = max(warmup - 1, 0)
     times = []
-    with _PeakMemory(dev, baseline) as peak:
+    with PeakMemory(dev, baseline) as peak:
         for i in range(more_warmup + iters):
             start = time.perf_counter()
             step()
@@ -122,11 +122,11 @@ def main(argv=None) -> int:
         print(json.dumps(run_case(attention, frames, args.tubelet, args.img_size, args.warmup, args.iters, args.device)))
         return 0
 
-    from vitasks.benchmark import _cpu_name
+    from vitasks.benchmarks.machine import cpu_name
 
     print(
         f"VideoVisionTransformer ViT-B, {args.img_size}px, tubelets {args.tubelet}x16x16, batch 1, fp32 inference, "
-        f"{args.device}; {_cpu_name()}, {torch.get_num_threads()} threads; load average before: {os.getloadavg()}"
+        f"{args.device}; {cpu_name()}, {torch.get_num_threads()} threads; load average before: {os.getloadavg()}"
     )
     results = []
     for frames in args.frames:

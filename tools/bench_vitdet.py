@@ -39,7 +39,7 @@ VIT_B = dict(
 def run_case(name: str, img_size: int, warmup: int, iters: int, device: str) -> dict:
     import torch
 
-    from vitasks.benchmark import _current_rss, _PeakMemory
+    from vitasks.benchmarks.throughput import PeakMemory, current_rss
     from vitasks.models.backbones import VisionTransformer
 
     attention, mode, ckpt = CASES[name]
@@ -62,9 +62,9 @@ def run_case(name: str, img_size: int, warmup: int, iters: int, device: str) -> 
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    baseline = _current_rss()
+    baseline = current_rss()
     times = []
-    with _PeakMemory(dev, baseline) as peak:
+    with PeakMemory(dev, baseline) as peak:
         for i in range(warmup + iters):
             start = time.perf_counter()
             step()
@@ -94,11 +94,11 @@ def main(argv=None) -> int:
         print(json.dumps(run_case(args.case, args.img_size, args.warmup, args.iters, args.device)))
         return 0
 
-    from vitasks.benchmark import _cpu_name
+    from vitasks.benchmarks.machine import cpu_name
 
     print(
         f"ViT-B backbone, {args.img_size}x{args.img_size}, batch 1, fp32, {args.device}; "
-        f"{_cpu_name()}, {torch.get_num_threads()} threads; load average before: {os.getloadavg()}"
+        f"{cpu_name()}, {torch.get_num_threads()} threads; load average before: {os.getloadavg()}"
     )
     results = []
     for name in args.cases:

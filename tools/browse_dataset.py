@@ -2,7 +2,7 @@
 ``python tools/browse_dataset.py CONFIG --out-dir D [--num N] [--cfg-options KEY=VALUE ...]``."""
 import sys
 
-from vitasks.visualization.browse import main
+from vitasks.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(["browse-dataset", *sys.argv[1:]]))

@@ -2,7 +2,7 @@
 ``python tools/eval_coco.py RESULTS.json ANNOTATIONS.json [--out metrics.json]``."""
 import sys
 
-from vitasks.evaluation.coco import main
+from vitasks.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(["eval-coco", *sys.argv[1:]]))

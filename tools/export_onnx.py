@@ -7,7 +7,7 @@ import sys
 # Passive OpenMP threads: spinning ones make torch much slower on a shared machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from vitasks.deploy.onnx import main  # noqa: E402
+from vitasks.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(["export-onnx", *sys.argv[1:]]))

@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from vitasks.token_tradeoff import format_tradeoff, run_tradeoff
+from vitasks.benchmarks.token_tradeoff import format_tradeoff, run_tradeoff
 
 
 def main(argv=None) -> int:

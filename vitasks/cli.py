@@ -1,4 +1,8 @@
-"""The ``vitasks`` command: ``train``, ``test``, ``infer``, ``convert`` and ``list``.
+"""The ``vitasks`` command: ``train``, ``test``, ``infer``, ``attention-map``, ``convert``,
+``list``, ``benchmark``, ``export-onnx``, ``eval-coco``, ``browse-dataset`` and ``analyze-logs``.
+
+The package's only command-line code: the lower layers expose functions, and this module parses
+arguments for them.
 
 Each sub-command's parser is built by its own ``add_*_parser`` function; the scripts in
 ``tools/`` call ``vitasks.cli.main(["train", *sys.argv[1:]])``. Heavy modules (torch, the
@@ -324,6 +328,222 @@ def _run_list(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# benchmark
+# --------------------------------------------------------------------------------------------
+
+
+def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "benchmark", help="throughput, memory and FLOP efficiency of a config's model",
+        description="Inference and training throughput, peak memory, FLOPs and FLOP/s efficiency "
+        "relative to a plain matmul, for the model of a config (vitasks/benchmarks/throughput.py "
+        "says what is measured).",
+    )
+    parser.add_argument("config", help="config file (YAML)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 on GPUs without bf16)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (inductor; inference with freezing=True); compilation "
+                        "happens in the first warm-up iteration, whose time is printed as '1st iter s'")
+    parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in training")
+    parser.add_argument("--img-size", type=_positive_int, default=None, help="input side (default: the config's)")
+    parser.add_argument("--iters", type=_positive_int, default=10, help="timed iterations per phase")
+    parser.add_argument("--warmup", type=int, default=3, help="warm-up iterations per phase")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--matmul-size", type=_positive_int, default=4096, help="side of the reference matmul")
+    parser.add_argument("--matmul-iters", type=_positive_int, default=5,
+                        help="timed reference matmuls before and after the model (each)")
+    parser.add_argument("--no-train", action="store_true", help="inference only")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also export as ONNX and time onnxruntime beside eager PyTorch (CPU, fp32; "
+                        "needs the deploy extra)")
+    parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    _add_cfg_options(parser)
+    parser.set_defaults(handler=_run_benchmark)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _write_json(path: str, data) -> None:
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+
+
+def _run_benchmark(args: argparse.Namespace) -> int:
+    throughput = importlib.import_module("vitasks.benchmarks.throughput")
+    result = throughput.run_benchmark(
+        args.config, batch_size=args.batch_size, amp=args.amp, compile=args.compile,
+        grad_ckpt=args.grad_ckpt, img_size=args.img_size, iters=args.iters,
+        warmup=max(0, args.warmup), device=args.device, matmul_size=args.matmul_size,
+        matmul_iters=args.matmul_iters, train=not args.no_train,
+        cfg_options=_check_cfg_options(args.cfg_options), onnx=args.onnx,
+    )
+    print(throughput.format_table(result))
+    if args.json:
+        _write_json(args.json, result)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# export-onnx
+# --------------------------------------------------------------------------------------------
+
+
+def add_export_onnx_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "export-onnx", help="export a task model as ONNX, checked with onnxruntime",
+        description="Export a task model as ONNX (dynamic batch) and check it against PyTorch with "
+        "onnxruntime. The graph takes already-normalised float32 inputs; the mean/std, the "
+        "outputs and their post-processing are in the file's metadata_props. Exit status 1 when "
+        "onnxruntime disagrees with PyTorch, 2 when the model cannot be exported.",
+    )
+    parser.add_argument("config", help="config file (YAML)")
+    parser.add_argument("checkpoint", help="checkpoint file; `none` keeps the initial weights")
+    parser.add_argument("out", help="the .onnx file to write")
+    parser.add_argument("--batch-size", type=_positive_int, default=2,
+                        help="a batch size the check runs at (plus one other); the batch axis is dynamic")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--img-size", type=_positive_int, nargs="+", default=None, metavar="H [W]",
+                        help="input size (default: the backbone's img_size)")
+    parser.add_argument("--rtol", type=float, default=1e-4,
+                        help="fail above this relative difference between onnxruntime and PyTorch (default 1e-4)")
+    parser.add_argument("--time", type=int, default=0, metavar="ITERS",
+                        help="then time onnxruntime and eager PyTorch at --batch-size, ITERS runs each")
+    _add_cfg_options(parser)
+    parser.set_defaults(handler=_run_export_onnx, parser=parser)
+    return parser
+
+
+def _run_export_onnx(args: argparse.Namespace) -> int:
+    if args.img_size is not None and len(args.img_size) > 2:
+        args.parser.error("--img-size takes H or H W")
+    img_size = None if args.img_size is None else (args.img_size * 2)[:2]
+    checkpoint = None if args.checkpoint.lower() == "none" else args.checkpoint
+    cfg_options = _check_cfg_options(args.cfg_options)
+    onnx = importlib.import_module("vitasks.deploy.onnx")
+    try:
+        result = onnx.export_from_config(args.config, checkpoint, args.out, cfg_options=cfg_options,
+                                         batch_size=args.batch_size, opset=args.opset, img_size=img_size,
+                                         rtol=args.rtol)
+    except onnx.ExportMismatchError as err:
+        print(f"vitasks: error: {err}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    if args.time > 0:
+        timing = importlib.import_module("vitasks.benchmarks.onnx_timing")
+        print(timing.format_comparison(timing.compare_onnx_eager(
+            args.out, args.config, checkpoint, args.batch_size, iters=args.time, img_size=img_size,
+            cfg_options=cfg_options)))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# eval-coco
+# --------------------------------------------------------------------------------------------
+
+
+def add_eval_coco_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "eval-coco", help="score a COCO results file with pycocotools",
+        description="Score a COCO results file with pycocotools (bbox, and segm when present).",
+    )
+    parser.add_argument("results", help="COCO results JSON (a list of detections)")
+    parser.add_argument("annotations", help="COCO annotation JSON the results refer to")
+    parser.add_argument("--out", help="write the metrics as a flat JSON {name: value}")
+    parser.set_defaults(handler=_run_eval_coco)
+    return parser
+
+
+def _run_eval_coco(args: argparse.Namespace) -> int:
+    coco = importlib.import_module("vitasks.evaluation.coco")
+    metrics, text = coco.evaluate_results_file(args.results, args.annotations)
+    print(text)
+    print(format_metrics(metrics))
+    if args.out:
+        _write_json(args.out, metrics)
+        print(f"wrote {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# browse-dataset
+# --------------------------------------------------------------------------------------------
+
+
+def add_browse_dataset_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "browse-dataset", help="draw what the training pipeline feeds the model",
+        description="Draw what the training pipeline feeds the model: the first N samples of the "
+        "training stream, random augmentations included (seeded by randomness.seed).",
+    )
+    parser.add_argument("config", help="a YAML config")
+    parser.add_argument("--out-dir", required=True, help="folder for the PNGs")
+    parser.add_argument("--num", type=_positive_int, default=10, help="how many samples (default 10)")
+    _add_cfg_options(parser)
+    parser.set_defaults(handler=_run_browse_dataset)
+    return parser
+
+
+def _run_browse_dataset(args: argparse.Namespace) -> int:
+    browse = importlib.import_module("vitasks.visualization.browse")
+    written = browse.browse_dataset(args.config, args.out_dir, num=args.num,
+                                    cfg_options=_check_cfg_options(args.cfg_options))
+    print(f"wrote {len(written)} images to {args.out_dir}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# analyze-logs
+# --------------------------------------------------------------------------------------------
+
+
+def add_analyze_logs_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "analyze-logs", help="training curves and iteration times from work dirs' logs",
+        description="Training curves and iteration times from work dirs' logs.",
+    )
+    sub = parser.add_subparsers(dest="action", required=True)
+    plot = sub.add_parser("plot_curve", help="plot logged quantities (loss, lr, metrics) as a PNG")
+    plot.add_argument("work_dirs", nargs="+", metavar="WORK_DIR",
+                      help="work dirs (or run folders, or scalars.json files); several compare")
+    plot.add_argument("--keys", nargs="+", default=["loss"], help="logged keys to plot (default: loss)")
+    plot.add_argument("--out", help="the PNG to write (default: WORK_DIR/curves.png of the first)")
+    plot.add_argument("--title", help="figure title")
+    plot.add_argument("--legend", nargs="+", help="curve labels: one per work dir, or one per work dir and key")
+    timing = sub.add_parser("cal_train_time", help="mean time per training iteration")
+    timing.add_argument("work_dirs", nargs="+", metavar="WORK_DIR")
+    parser.set_defaults(handler=_run_analyze_logs)
+    return parser
+
+
+def _run_analyze_logs(args: argparse.Namespace) -> int:
+    import os
+
+    curves = importlib.import_module("vitasks.visualization.log_curves")
+    try:
+        if args.action == "plot_curve":
+            out = args.out or os.path.join(args.work_dirs[0], "curves.png")
+            curves.plot_curves(args.work_dirs, args.keys, out, title=args.title, legend=args.legend)
+            print(f"wrote {out}")
+            return 0
+        for path in args.work_dirs:
+            print(curves.format_train_time(path, curves.train_time_stats(curves.load_work_dir_logs(path))))
+    except OSError as err:
+        raise VitasksError(str(err)) from err
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------
 
@@ -334,6 +554,11 @@ _SUBCOMMANDS: Sequence[Callable] = (
     add_attention_map_parser,
     add_convert_parser,
     add_list_parser,
+    add_benchmark_parser,
+    add_export_onnx_parser,
+    add_eval_coco_parser,
+    add_browse_dataset_parser,
+    add_analyze_logs_parser,
 )
 
 

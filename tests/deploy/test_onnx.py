@@ -17,6 +17,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from vitasks.apis import init_model  # noqa: E402
+from vitasks.cli import main as cli_main  # noqa: E402
 from vitasks.deploy import ExportError, export_onnx, export_spec  # noqa: E402
 from vitasks.deploy import onnx as deploy_onnx  # noqa: E402
 
@@ -94,7 +95,7 @@ def exported_classifier(tmp_path_factory):
     checkpoint = root / "tiny.pth"
     torch.save({"state_dict": model.state_dict()}, checkpoint)
     out = root / "tiny_cls.onnx"
-    status = deploy_onnx.main([str(config), str(checkpoint), str(out), "--batch-size", "3"])
+    status = cli_main(["export-onnx", str(config), str(checkpoint), str(out), "--batch-size", "3"])
     assert status == 0
     return config, checkpoint, out
 
@@ -129,7 +130,7 @@ def test_classifier_onnx_metadata(exported_classifier):
 
 def test_timing_onnxruntime_beside_eager(exported_classifier):
     """The timing helpers run both engines on the exported file (no speed is asserted)."""
-    from vitasks.deploy.timing import compare_onnx_eager_model, format_comparison, time_onnxruntime
+    from vitasks.benchmarks.onnx_timing import compare_onnx_eager_model, format_comparison, time_onnxruntime
 
     config, checkpoint, path = exported_classifier
     times = time_onnxruntime(str(path), batch_size=2, iters=3, warmup=0)
@@ -235,7 +236,7 @@ def test_tool_exit_status_on_mismatch(tmp_path, monkeypatch, capsys):
         return [out + 1e-3 * (np.abs(out).max() + 1.0) for out in real_run(session, inputs)]
 
     monkeypatch.setattr(deploy_onnx, "run_onnxruntime", perturbed)
-    status = deploy_onnx.main([str(config), "none", str(tmp_path / "out.onnx")])
+    status = cli_main(["export-onnx", str(config), "none", str(tmp_path / "out.onnx")])
     assert status == 1
     err = capsys.readouterr().err
     assert "differ from PyTorch's above the tolerance 0.0001" in err
@@ -245,7 +246,7 @@ def test_tool_exit_status_on_mismatch(tmp_path, monkeypatch, capsys):
 def test_tool_exit_status_on_bad_checkpoint(tmp_path, capsys):
     config = tmp_path / "tiny_cls.yaml"
     config.write_text(yaml.safe_dump(cls_config()))
-    assert deploy_onnx.main([str(config), str(tmp_path / "missing.pth"), str(tmp_path / "o.onnx")]) == 2
+    assert cli_main(["export-onnx", str(config), str(tmp_path / "missing.pth"), str(tmp_path / "o.onnx")]) == 2
     assert "missing.pth" in capsys.readouterr().err
 
 

@@ -1,5 +1,5 @@
 """Mixed precision (``--amp``, ``optim_wrapper.dtype``) on CPU (vitasks/engine/amp.py), and the
-warning for bf16 on CPUs that emulate it (vitasks/engine/cpu_info.py)."""
+warning for bf16 on CPUs that emulate it (vitasks/benchmarks/machine.py)."""
 
 import math
 
@@ -8,9 +8,9 @@ import torch
 
 import vitasks_toy_plugin as toy
 from vitasks.engine import amp, launch
-from vitasks.engine import cpu_info as cpu_info_module
+from vitasks.benchmarks import machine as cpu_info_module
 from vitasks.engine.amp import MixedPrecisionOptimWrapper
-from vitasks.engine.cpu_info import cpu_info, from_torch_cpuinfo, parse_cpuinfo
+from vitasks.benchmarks.machine import cpu_info, from_torch_cpuinfo, parse_cpuinfo
 from vitasks.engine.launch import train
 from vitasks.errors import ConfigError
 
@@ -64,7 +64,7 @@ def test_bad_dtype_is_a_config_error():
 
 
 # ------------------------------------------------------------------------------------------
-# bf16 on CPUs without bf16 instructions (vitasks/engine/cpu_info.py, amp.slow_bf16_reason)
+# bf16 on CPUs without bf16 instructions (vitasks/benchmarks/machine.py, amp.slow_bf16_reason)
 
 # First-processor blocks of /proc/cpuinfo, trimmed to the lines the detection reads (the flags
 # lines are the real ones of these CPUs, shortened but keeping every AVX-512 / AMX flag).

@@ -25,7 +25,14 @@ import vitasks.models.data_preprocessors.det  # noqa: F401  (registers DetDataPr
 from vitasks.data.synthetic.det import make_det_dataset
 from vitasks.engine import launch
 from vitasks.errors import ConfigError, DataError
-from vitasks.evaluation.coco import CocoMetric, CocoResultsDumper, evaluate_results_file, main
+from vitasks.cli import main as cli_main
+from vitasks.evaluation.coco import CocoMetric, CocoResultsDumper, evaluate_results_file
+
+
+def main(argv):
+    """tools/eval_coco.py."""
+    return cli_main(["eval-coco", *argv])
+
 from vitasks.registry import METRICS, MODELS
 from vitasks.structures import DataSample
 
@@ -284,7 +291,7 @@ def test_bad_results_files(ann_file, tmp_path, capsys, content, message):
         evaluate_results_file(str(path), ann_file)
     assert str(path) in str(err.value)
     assert main([str(path), ann_file]) == 2
-    assert "eval_coco: error:" in capsys.readouterr().err
+    assert "vitasks: error:" in capsys.readouterr().err
 
 
 def test_missing_and_unreadable_files(ann_file, tmp_path):

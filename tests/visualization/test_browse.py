@@ -9,6 +9,7 @@ from mmengine.structures import InstanceData
 from PIL import Image
 
 from vitasks.config import load_config
+from vitasks.cli import main as cli_main
 from vitasks.errors import ConfigError, DataError
 from vitasks.structures import DataSample
 from vitasks.visualization.browse import (
@@ -18,9 +19,13 @@ from vitasks.visualization.browse import (
     browse_dataset,
     draw_sample,
     iter_training_samples,
-    main,
 )
 from vitasks.visualization.seg_drawer import seg_palette
+
+
+def main(argv):
+    """tools/browse_dataset.py."""
+    return cli_main(["browse-dataset", *argv])
 
 CLASSES = ["ant", "bee", "cat"]
 IGNORE = 255

@@ -6,14 +6,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vitasks.cli import main as cli_main
 from vitasks.errors import DataError, VitasksError
 from vitasks.visualization.log_curves import (
     find_scalar_files,
     load_work_dir_logs,
-    main,
     plot_curves,
     train_time_stats,
 )
+
+
+def main(argv):
+    """tools/analyze_logs.py."""
+    return cli_main(["analyze-logs", *argv])
 
 
 def _train(step, epoch, loss, lr=0.1, time=0.5):

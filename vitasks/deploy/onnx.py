@@ -24,14 +24,12 @@ outputs are compared with PyTorch's: above ``rtol`` (1e-4) relative difference
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import inspect
 import json
 import logging
 import os
 import re
-import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -502,60 +500,3 @@ def export_from_config(
              "checkpoint": os.path.basename(str(checkpoint)) if checkpoint else "none (initial weights)"}
     extra.update(kwargs.pop("metadata", None) or {})
     return export_onnx(model, path, metadata=extra, **kwargs)
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="tools/export_onnx.py",
-        description="Export a task model as ONNX (dynamic batch) and check it against PyTorch with "
-        "onnxruntime. The graph takes already-normalised float32 inputs; the mean/std, the "
-        "outputs and their post-processing are in the file's metadata_props.",
-    )
-    p.add_argument("config", help="config file (YAML)")
-    p.add_argument("checkpoint", help="checkpoint file; `none` keeps the initial weights")
-    p.add_argument("out", help="the .onnx file to write")
-    p.add_argument("--batch-size", type=int, default=TRACE_BATCH,
-                   help="a batch size the check runs at (plus one other); the batch axis is dynamic")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
-    p.add_argument("--img-size", type=int, nargs="+", default=None, metavar="H [W]",
-                   help="input size (default: the backbone's img_size)")
-    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
-                   help="fail above this relative difference between onnxruntime and PyTorch (default 1e-4)")
-    p.add_argument("--time", type=int, default=0, metavar="ITERS",
-                   help="then time onnxruntime and eager PyTorch at --batch-size, ITERS runs each")
-    p.add_argument("--cfg-options", nargs="+", default=None, metavar="KEY=VALUE",
-                   help="override config keys (dotted), as for the other commands")
-    return p.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Exit status 0: written and checked; 1: onnxruntime disagrees with PyTorch; 2: the model
-    cannot be exported, or a bad argument, config or checkpoint."""
-    args = parse_args(argv)
-    if args.img_size is not None and len(args.img_size) not in (1, 2):
-        print("export_onnx: error: --img-size takes H or H W", file=sys.stderr)
-        return 2
-    img_size = None if args.img_size is None else (args.img_size * 2)[:2]
-    checkpoint = None if args.checkpoint.lower() == "none" else args.checkpoint
-    try:
-        result = export_from_config(args.config, checkpoint, args.out, cfg_options=args.cfg_options,
-                                    batch_size=args.batch_size, opset=args.opset, img_size=img_size,
-                                    rtol=args.rtol)
-    except ExportMismatchError as e:
-        print(f"export_onnx: error: {e}", file=sys.stderr)
-        return 1
-    except VitasksError as e:
-        print(f"export_onnx: error: {e}", file=sys.stderr)
-        return 2
-    print(result.summary())
-    if args.time > 0:
-        from vitasks.deploy.timing import compare_onnx_eager, format_comparison
-
-        print(format_comparison(compare_onnx_eager(args.out, args.config, checkpoint, args.batch_size,
-                                                   iters=args.time, img_size=img_size,
-                                                   cfg_options=args.cfg_options)))
-    return 0

@@ -68,12 +68,12 @@ def slow_bf16_reason(device: str, dtype: Union[str, torch.dtype, None], info=Non
     Args:
         device: device type (``"cpu"``, ``"cuda"``...).
         dtype: the autocast dtype (``"bfloat16"`` or a torch dtype).
-        info: a :class:`~vitasks.engine.cpu_info.CpuInfo`; default this machine's.
+        info: a :class:`~vitasks.benchmarks.machine.CpuInfo`; default this machine's.
     """
     if device != "cpu" or autocast_dtype(dtype) != torch.bfloat16:
         return None
     if info is None:
-        from vitasks.engine.cpu_info import cpu_info
+        from vitasks.benchmarks.machine import cpu_info
 
         info = cpu_info()
     if info.bf16 is not False:

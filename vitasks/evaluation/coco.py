@@ -19,13 +19,11 @@ the dumper also writes the mask results alone to ``<name>.segm.json`` for plain 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import io
 import json
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,7 +36,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from vitasks.data.coco import load_coco_api
-from vitasks.errors import ConfigError, DataError, VitasksError
+from vitasks.errors import ConfigError, DataError
 from vitasks.registry import METRICS
 
 __all__ = [
@@ -50,7 +48,6 @@ __all__ = [
     "evaluate_coco",
     "evaluate_results_file",
     "instances_to_coco",
-    "main",
 ]
 
 IOU_TYPES = ("bbox", "segm")
@@ -479,29 +476,3 @@ def evaluate_results_file(results_path: str, ann_path: str) -> tuple[dict[str, f
     iou_types = [t for t, key in (("bbox", "bbox"), ("segm", "segmentation")) if key in results[0]]
     metrics, text = evaluate_coco(gt, results, iou_types)
     return {f"{PREFIX}/{name}": value for name, value in metrics.items()}, text
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``tools/eval_coco.py RESULTS.json ANNOTATIONS.json [--out metrics.json]``."""
-    parser = argparse.ArgumentParser(
-        prog="eval_coco",
-        description="Score a COCO results file with pycocotools (bbox, and segm when present).",
-    )
-    parser.add_argument("results", help="COCO results JSON (a list of detections)")
-    parser.add_argument("annotations", help="COCO annotation JSON the results refer to")
-    parser.add_argument("--out", help="write the metrics as a flat JSON {name: value}")
-    args = parser.parse_args(None if argv is None else list(argv))
-    try:
-        metrics, text = evaluate_results_file(args.results, args.annotations)
-    except VitasksError as err:
-        print(f"eval_coco: error: {err}", file=sys.stderr)
-        return 2
-    print(text)
-    width = max(len(k) for k in metrics)
-    for name, value in metrics.items():
-        print(f"{name:<{width}}  {value:.4f}")
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        _write_json(args.out, metrics)
-        print(f"wrote {args.out}")
-    return 0

@@ -21,12 +21,10 @@ registers a ``PredictionDrawer`` for ``vitasks infer``, and nothing here changes
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 import os
 import random
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,7 +57,6 @@ __all__ = [
     "frames_of",
     "iter_training_samples",
     "training_indices",
-    "main",
     "registered_gt_drawers",
 ]
 
@@ -537,37 +534,3 @@ def browse_dataset(
         Image.fromarray(drawing.image).save(path)
         written.append(path)
     return written
-
-
-# ---------------------------------------------------------------------------------------------
-# command line: tools/browse_dataset.py
-# ---------------------------------------------------------------------------------------------
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="browse_dataset",
-        description="Draw what the training pipeline feeds the model: the first N samples of the "
-        "training stream, random augmentations included (seeded by randomness.seed).",
-    )
-    parser.add_argument("config", help="a YAML config")
-    parser.add_argument("--out-dir", required=True, help="folder for the PNGs")
-    parser.add_argument("--num", type=int, default=10, help="how many samples (default 10)")
-    parser.add_argument("--cfg-options", nargs="+", default=None, metavar="KEY=VALUE",
-                        help="override config keys, e.g. data_root=DIR randomness.seed=1")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        written = browse_dataset(args.config, args.out_dir, num=args.num, cfg_options=args.cfg_options)
-    except VitasksError as err:
-        print(f"vitasks: error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(written)} images to {args.out_dir}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -16,10 +16,8 @@ the ones training went on with.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +35,7 @@ __all__ = [
     "load_work_dir_logs",
     "plot_curves",
     "train_time_stats",
-    "main",
+    "format_train_time",
 ]
 
 #: The file mmengine's LocalVisBackend writes in each run's ``vis_data`` folder.
@@ -311,54 +309,14 @@ def train_time_stats(log: WorkDirLog) -> dict:
     return stats
 
 
-# ---------------------------------------------------------------------------------------------
-# command line: tools/analyze_logs.py
-# ---------------------------------------------------------------------------------------------
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="analyze_logs", description="Training curves and iteration times from work dirs' logs."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    plot = sub.add_parser("plot_curve", help="plot logged quantities (loss, lr, metrics) as a PNG")
-    plot.add_argument("work_dirs", nargs="+", metavar="WORK_DIR",
-                      help="work dirs (or run folders, or scalars.json files); several compare")
-    plot.add_argument("--keys", nargs="+", default=["loss"], help="logged keys to plot (default: loss)")
-    plot.add_argument("--out", help="the PNG to write (default: WORK_DIR/curves.png of the first)")
-    plot.add_argument("--title", help="figure title")
-    plot.add_argument("--legend", nargs="+", help="curve labels: one per work dir, or one per work dir and key")
-    timing = sub.add_parser("cal_train_time", help="mean time per training iteration")
-    timing.add_argument("work_dirs", nargs="+", metavar="WORK_DIR")
-    return parser.parse_args(argv)
-
-
-def _print_train_time(path: str) -> None:
-    stats = train_time_stats(load_work_dir_logs(path))
-    print(f"{'-' * 5}Analyze train time of {path}{'-' * 5}")
+def format_train_time(path: str, stats: dict) -> str:
+    """:func:`train_time_stats` of the work dir ``path`` as the lines ``analyze-logs cal_train_time``
+    prints (mmdetection's wording)."""
+    lines = [f"{'-' * 5}Analyze train time of {path}{'-' * 5}"]
     if "per_epoch" in stats:
         slow, fast = stats["slowest_epoch"], stats["fastest_epoch"]
-        print(f"slowest epoch {slow}, average time is {stats['per_epoch'][slow]:.4f} s/iter")
-        print(f"fastest epoch {fast}, average time is {stats['per_epoch'][fast]:.4f} s/iter")
-        print(f"time std over epochs is {stats['epoch_std']:.4f}")
-    print(f"average iter time: {stats['mean']:.4f} s/iter ({stats['records']} logged windows)")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        if args.command == "plot_curve":
-            out = args.out or os.path.join(args.work_dirs[0], "curves.png")
-            plot_curves(args.work_dirs, args.keys, out, title=args.title, legend=args.legend)
-            print(f"wrote {out}")
-        else:
-            for path in args.work_dirs:
-                _print_train_time(path)
-    except (VitasksError, OSError) as err:
-        print(f"vitasks: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+        lines.append(f"slowest epoch {slow}, average time is {stats['per_epoch'][slow]:.4f} s/iter")
+        lines.append(f"fastest epoch {fast}, average time is {stats['per_epoch'][fast]:.4f} s/iter")
+        lines.append(f"time std over epochs is {stats['epoch_std']:.4f}")
+    lines.append(f"average iter time: {stats['mean']:.4f} s/iter ({stats['records']} logged windows)")
+    return "\n".join(lines)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from vitasks.benchmarks.machine import load_average
 from vitasks.deploy.onnx import ort_session, run_onnxruntime, sample_batch
 from vitasks.deploy.specs import export_input_shape, export_spec
 
@@ -44,13 +45,6 @@ def time_onnxruntime(path: str, batch_size: int, iters: int = 10, warmup: int = 
     for _ in range(warmup):
         run_onnxruntime(session, inputs)
     return [_timed(lambda: run_onnxruntime(session, inputs)) for _ in range(iters)]
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def compare_onnx_eager(
@@ -101,7 +95,7 @@ def compare_onnx_eager_model(
     def onnx() -> None:
         run_onnxruntime(session, array)
 
-    load_before = _loadavg()
+    load_before = load_average()
     for _ in range(warmup):
         onnx()
         eager()
@@ -110,7 +104,7 @@ def compare_onnx_eager_model(
         times["onnxruntime"].append(_timed(onnx))
         times["pytorch"].append(_timed(eager))
     result: dict[str, Any] = {"batch_size": batch_size, "threads": threads, "input_shape": list(shape),
-                              "cpu_count": os.cpu_count(), "load_before": load_before, "load_after": _loadavg()}
+                              "cpu_count": os.cpu_count(), "load_before": load_before, "load_after": load_average()}
     for name, values in times.items():
         median = statistics.median(values)
         result[name] = {"images_per_s": batch_size / median, "median_s": median,

@@ -1,4 +1,8 @@
-"""What the CPU can do for bfloat16: whether bf16 autocast will be fast or slow on it.
+"""The machine a measurement ran on: the CPU (name, vector ISA, native bf16) and the load.
+
+The one place that reads them: the benchmarks print them beside every number, and the engine's
+bf16 check (:func:`vitasks.engine.amp.slow_bf16_reason`) asks whether bf16 autocast will be fast
+or slow here. This module imports only torch, so any layer may use it.
 
 bf16 autocast is only fast on CPUs with native bf16 arithmetic: AVX-512 BF16 or AMX on x86
 (Cooper Lake, Sapphire Rapids and later; AMD Zen 4 and later), the BF16 extension on Arm
@@ -19,13 +23,15 @@ Detection, most reliable first:
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Tuple
 
 import torch
 
-__all__ = ["CpuInfo", "cpu_info", "parse_cpuinfo", "X86_BF16_FLAGS", "ARM_BF16_FEATURE"]
+__all__ = ["CpuInfo", "cpu_info", "cpu_name", "load_average", "parse_cpuinfo", "X86_BF16_FLAGS",
+           "ARM_BF16_FEATURE"]
 
 #: x86 ``/proc/cpuinfo`` flags of native bf16 arithmetic (AVX-512 BF16; AMX tiles with bf16).
 X86_BF16_FLAGS: Tuple[str, ...] = ("avx512_bf16", "amx_bf16")
@@ -150,3 +156,16 @@ def cpu_info() -> CpuInfo:
             if found.bf16 is not None or info.model_name == "unknown":
                 return found
     return info
+
+
+def cpu_name() -> str:
+    """The CPU's name and the number of CPUs, for the header of a measurement."""
+    return f"{cpu_info().model_name} ({os.cpu_count()} cpus)"
+
+
+def load_average() -> Optional[list]:
+    """The 1, 5 and 15 minute load averages (rounded), or None where the system has none."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None

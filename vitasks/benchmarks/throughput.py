@@ -37,7 +37,7 @@ What is measured, per phase (inference, training):
   TokenLearner, visual tokens) shows as a shrinking set, and its FLOPs are counted on that set
   (merging, tokenizer and projector ops included).
 - **cpu**: the host CPU's name, the vector ISA PyTorch's kernels use and whether it has native
-  bf16 instructions (AVX-512 BF16 / AMX, Arm BF16; :mod:`vitasks.engine.cpu_info`), printed
+  bf16 instructions (AVX-512 BF16 / AMX, Arm BF16; :mod:`vitasks.benchmarks.machine`), printed
   above the table. Without them bf16 is emulated and ``--amp`` on the CPU is several times
   slower than float32: the table then says so.
 - The load average before and after is recorded: on a shared CPU, other processes (and idle
@@ -47,14 +47,11 @@ What is measured, per phase (inference, training):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import resource
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -64,7 +61,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from vitasks.engine.amp import slow_bf16_reason
-from vitasks.engine.cpu_info import CpuInfo, cpu_info
+from vitasks.benchmarks.machine import CpuInfo, cpu_info, cpu_name, load_average
 from vitasks.errors import VitasksError
 
 aten = torch.ops.aten
@@ -203,7 +200,7 @@ def time_matmul(size: int, dtype: torch.dtype, device: torch.device, iters: int 
     return [matmul_flops(size, size, size) / t for t in times]
 
 
-class _PeakMemory:
+class PeakMemory:
     """Peak memory of a phase in bytes; see the module docstring for what is counted."""
 
     def __init__(self, device: torch.device, baseline_rss: int) -> None:
@@ -211,7 +208,7 @@ class _PeakMemory:
         self.baseline_rss = baseline_rss
         self.method = "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS - RSS before model"
 
-    def __enter__(self) -> "_PeakMemory":
+    def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
@@ -236,7 +233,7 @@ def _status_kb(key: str) -> int | None:
     return None
 
 
-def _current_rss() -> int:
+def current_rss() -> int:
     rss = _status_kb("VmRSS")
     return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -334,9 +331,9 @@ def run_benchmark(
     ref_samples: dict[str, list[float]] = {
         k: time_matmul(matmul_size, dt, dev, matmul_iters) for k, dt in ref_dtypes.items()
     }
-    load_before = _loadavg()
+    load_before = load_average()
 
-    baseline_rss = _current_rss()
+    baseline_rss = current_rss()
     model = build_model(cfg).to(dev)
     if grad_ckpt:
         backbone = getattr(model, "backbone", None)
@@ -358,9 +355,9 @@ def run_benchmark(
     result: dict[str, Any] = {
         "config": getattr(cfg, "filename", None) or (config if isinstance(config, str) else None),
         "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         # The host CPU's capability: whether bf16 is native or emulated decides whether --amp
-        # helps or hurts on the CPU (see vitasks.engine.cpu_info).
+        # helps or hurts on the CPU (see vitasks.benchmarks.machine).
         "cpu": dataclasses.asdict(cpu),
         "amp_note": slow_bf16_reason(dev.type, amp_dtype, cpu) if amp else None,
         "threads": torch.get_num_threads(),
@@ -398,7 +395,7 @@ def run_benchmark(
     # The options as inductor's global config while the graph compiles (at the first call):
     # `torch.compile(options=...)` applies them too late for `freezing` to take effect.
     inductor_options = _inductor_config(COMPILE_INFERENCE_OPTIONS) if compile else contextlib.nullcontext()
-    with inductor_options, _PeakMemory(dev, baseline_rss) as mem:
+    with inductor_options, PeakMemory(dev, baseline_rss) as mem:
         warm, times = _time(infer_step, dev, warmup, iters)
     result["memory_measure"] = mem.method
     result["phases"]["inference"] = _phase(warm, times, batch_size, infer_flops, mem.peak)
@@ -413,7 +410,7 @@ def run_benchmark(
         import tempfile
 
         from vitasks.deploy.onnx import export_onnx
-        from vitasks.deploy.timing import compare_onnx_eager_model
+        from vitasks.benchmarks.onnx_timing import compare_onnx_eager_model
 
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.onnx")
@@ -435,7 +432,7 @@ def run_benchmark(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        with _PeakMemory(dev, baseline_rss) as mem:
+        with PeakMemory(dev, baseline_rss) as mem:
             warm, times = _time(train_step, dev, warmup, iters)
         result["phases"]["training"] = _phase(warm, times, batch_size, train_flops, mem.peak)
         del optimizer, runner
@@ -448,7 +445,7 @@ def run_benchmark(
     for k, dt in ref_dtypes.items():
         ref_samples[k] += time_matmul(matmul_size, dt, dev, matmul_iters)
     refs = {k: statistics.median(v) for k, v in ref_samples.items()}
-    result["load_average"] = {"before": load_before, "after": _loadavg()}
+    result["load_average"] = {"before": load_before, "after": load_average()}
     result["matmul"] = {
         "size": matmul_size,
         "tflops": {k: v / 1e12 for k, v in refs.items()},
@@ -463,13 +460,6 @@ def _inductor_config(options: dict[str, Any]):
     import torch._inductor.config as inductor_config
 
     return inductor_config.patch(options)
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 @contextlib.contextmanager
@@ -573,17 +563,6 @@ def _phase(warm: list[float], times: list[float], batch_size: int, flops_per_sam
     }
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cpus)"
-    except OSError:
-        pass
-    return f"cpu ({os.cpu_count()} cpus)"
-
-
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text table of :func:`run_benchmark`'s result."""
     refs = result["matmul"]["tflops"]
@@ -628,63 +607,8 @@ def format_table(result: dict[str, Any]) -> str:
     line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     table = head + "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows])
     if result.get("onnxruntime"):
-        from vitasks.deploy.timing import format_comparison
+        from vitasks.benchmarks.onnx_timing import format_comparison
 
         table += "\n\nonnxruntime beside eager PyTorch (fp32, alternating batches):\n" + format_comparison(
             result["onnxruntime"])
     return table
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="tools/benchmark.py",
-        description="Inference and training throughput, peak memory, FLOPs and FLOP/s efficiency "
-        "relative to a plain matmul, for the model of a config.",
-    )
-    p.add_argument("config", help="config file (YAML)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 on GPUs without bf16)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (inductor; inference with freezing=True); compilation "
-                   "happens in the first warm-up iteration, whose time is printed as '1st iter s'")
-    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in training")
-    p.add_argument("--img-size", type=int, default=None, help="input side (default: the config's)")
-    p.add_argument("--iters", type=int, default=10, help="timed iterations per phase")
-    p.add_argument("--warmup", type=int, default=3, help="warm-up iterations per phase")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--matmul-size", type=int, default=4096, help="side of the reference matmul")
-    p.add_argument("--matmul-iters", type=int, default=5,
-                   help="timed reference matmuls before and after the model (each)")
-    p.add_argument("--no-train", action="store_true", help="inference only")
-    p.add_argument("--onnx", action="store_true",
-                   help="also export as ONNX and time onnxruntime beside eager PyTorch (CPU, fp32; "
-                   "needs the deploy extra)")
-    p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
-    p.add_argument("--cfg-options", nargs="+", default=None, metavar="KEY=VALUE",
-                   help="override config keys (dotted), as for the other commands")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    for name in ("batch_size", "iters", "matmul_size", "matmul_iters"):
-        if getattr(args, name) < 1:
-            print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
-    try:
-        result = run_benchmark(
-            args.config, batch_size=args.batch_size, amp=args.amp, compile=args.compile,
-            grad_ckpt=args.grad_ckpt, img_size=args.img_size, iters=args.iters,
-            warmup=max(0, args.warmup), device=args.device, matmul_size=args.matmul_size,
-            matmul_iters=args.matmul_iters, train=not args.no_train, cfg_options=args.cfg_options,
-            onnx=args.onnx,
-        )
-    except VitasksError as e:
-        print(f"vitasks: error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(result))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0

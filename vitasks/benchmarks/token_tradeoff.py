@@ -30,6 +30,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from vitasks.benchmarks.machine import load_average
 from vitasks.errors import ConfigError
 
 DEMO_CONFIGS = {
@@ -68,9 +69,9 @@ def wait_for_quiet(max_load: Optional[float], timeout_s: float = 1800.0, poll_s:
     """Wait until the 1-minute load average is at most ``max_load`` (None: don't wait), at most
     ``timeout_s``. Returns (the load average at the start of the measurement, seconds waited)."""
     start = time.monotonic()
-    while max_load is not None and os.getloadavg()[0] > max_load and time.monotonic() - start < timeout_s:
+    while max_load is not None and (load_average() or [0.0])[0] > max_load and time.monotonic() - start < timeout_s:
         time.sleep(poll_s)
-    return os.getloadavg()[0], time.monotonic() - start
+    return (load_average() or [0.0])[0], time.monotonic() - start
 
 
 def images_per_second(models: Mapping[str, torch.nn.Module], inputs: torch.Tensor, rounds: int, iters: int = 1,
@@ -238,7 +239,7 @@ def run_tradeoff(
     inputs = torch.randn(batch, 3, size, size)
     load, waited = wait_for_quiet(max_load)
     ips, times = images_per_second(models, inputs, rounds)
-    load_after = os.getloadavg()[0]
+    load_after = (load_average() or [0.0])[0]
     for row in rows:
         row["images_per_s"] = ips[row["name"]]
         row["speedup"] = ips[row["name"]] / ips["plain"]
