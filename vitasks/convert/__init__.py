@@ -1,4 +1,6 @@
-"""Checkpoint converters: timm, Hugging Face, Google .npz, MAE and DeiT weights -> vitasks.
+"""Checkpoint converters: timm, Hugging Face, Google .npz, MAE and DeiT weights -> vitasks; and
+whole released detectors and segmentors: detectron2 and mmdetection ViTDet, mmsegmentation
+UperNet (``detectron2``, ``mmdet``, ``mmseg``: :mod:`vitasks.convert.dense`).
 
 ``convert_checkpoint(fmt, src, dst)`` reads a checkpoint safely (safetensors,
 ``torch.load(weights_only=True)`` through :func:`vitasks.engine.checkpoint.load_state_dict_file`,
@@ -44,7 +46,7 @@ at load time; ``drop_final_norm`` removes the final norm. Command line:
 
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
-from vitasks.convert import deit, hf, mae, npz, timm
+from vitasks.convert import deit, detectron2, hf, mae, mmdet, mmseg, npz, timm
 from vitasks.convert.common import ConvertOptions, Source, describe, save_converted, to_vitasks
 from vitasks.errors import CheckpointError
 
@@ -56,6 +58,17 @@ CONVERTERS: Dict[str, Callable[[str, ConvertOptions], Source]] = {
     "mae": mae.read,
     "deit": deit.read,
 }
+
+#: Whole detectors and segmentors (:mod:`vitasks.convert.dense`): format -> reader
+#: ``(path, ConvertOptions) -> DenseSource`` (vitasks-named weights of the full task model).
+DENSE_CONVERTERS: Dict[str, Callable[[str, ConvertOptions], Any]] = {
+    "detectron2": detectron2.read,
+    "mmdet": mmdet.read,
+    "mmseg": mmseg.read,
+}
+
+#: Every format ``convert_checkpoint`` reads.
+FORMATS = tuple(CONVERTERS) + tuple(DENSE_CONVERTERS)
 
 
 def convert_checkpoint(
@@ -75,7 +88,8 @@ def convert_checkpoint(
     """Convert checkpoint ``src`` of format ``fmt`` into a vitasks checkpoint at ``dst``.
 
     Args:
-        fmt: one of :data:`CONVERTERS` (``timm``, ``hf``, ``npz``, ``mae``, ``deit``).
+        fmt: one of :data:`FORMATS` (``timm``, ``hf``, ``npz``, ``mae``, ``deit``; whole models:
+            ``detectron2``, ``mmdet``, ``mmseg``, which take none of the fine-tuning options).
         src: the source file (for ``hf`` also a folder with ``config.json``).
         dst: output path; ``.safetensors`` writes safetensors (meta as JSON metadata under
             ``vitasks_meta``), anything else ``torch.save``. None: convert without saving.
@@ -101,8 +115,8 @@ def convert_checkpoint(
         CheckpointError: unknown format, unreadable or unsafe file, or weights that are not a
             supported ViT.
     """
-    if fmt not in CONVERTERS:
-        raise CheckpointError(f"unknown checkpoint format {fmt!r}; expected one of {sorted(CONVERTERS)}")
+    if fmt not in CONVERTERS and fmt not in DENSE_CONVERTERS:
+        raise CheckpointError(f"unknown checkpoint format {fmt!r}; expected one of {sorted(FORMATS)}")
     for name, value in (("num_classes", num_classes), ("num_heads", num_heads)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise CheckpointError(f"{name} must be a positive integer, got {value!r}")
@@ -111,7 +125,14 @@ def convert_checkpoint(
         drop_final_norm=drop_final_norm, pool=pool, num_heads=num_heads,
         keep_pre_logits=keep_pre_logits,
     )
-    source = CONVERTERS[fmt](str(src), opts)
+    if fmt in DENSE_CONVERTERS:
+        changed = [k for k, v in vars(opts).items() if v not in (None, False)]
+        if changed:
+            raise CheckpointError(
+                f"{fmt}: converts a whole model as it is; the options {changed} are for backbone "
+                "checkpoints (fine-tune from the converted model with the config instead)"
+            )
+    source = (DENSE_CONVERTERS.get(fmt) or CONVERTERS[fmt])(str(src), opts)
     # A video source (hf: TimeSformer, VideoMAE, ViViT; vitasks.convert.hf_video) maps itself.
     own_mapping = getattr(source, "to_vitasks", None)
     state_dict, meta = own_mapping(opts) if own_mapping else to_vitasks(source, opts)
@@ -125,4 +146,4 @@ def convert_checkpoint(
     return ckpt
 
 
-__all__ = ["CONVERTERS", "ConvertOptions", "Source", "convert_checkpoint", "describe"]
+__all__ = ["CONVERTERS", "DENSE_CONVERTERS", "FORMATS", "ConvertOptions", "Source", "convert_checkpoint", "describe"]
