@@ -33,7 +33,7 @@ __all__ = [
     "add_list_parser",
 ]
 
-CONVERT_FORMATS = ("timm", "hf", "npz", "mae", "deit")
+CONVERT_FORMATS = ("timm", "hf", "npz", "mae", "deit", "detectron2", "mmdet", "mmseg")
 LAUNCHERS = ("none", "pytorch", "slurm")
 
 
@@ -234,7 +234,9 @@ def _run_attention_map(args: argparse.Namespace) -> int:
 def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "convert", help="convert outside ViT weights to vitasks names",
-        description="Convert a timm, Hugging Face, Google .npz, MAE or DeiT checkpoint.",
+        description="Convert a timm, Hugging Face, Google .npz, MAE or DeiT checkpoint, or a whole "
+        "detectron2 / mmdetection ViTDet detector or mmsegmentation UperNet segmentor (these print "
+        "the config and --cfg-options that hold them).",
     )
     parser.add_argument("format", choices=CONVERT_FORMATS, metavar="FORMAT",
                         help=f"source format: {', '.join(CONVERT_FORMATS)}")
