@@ -158,6 +158,10 @@ def read(path: str, opts: ConvertOptions) -> Source:
 
     if hf_video.detect_video_model(sd):
         return hf_video.read(sd, cfg, path, opts, folder)
+    from vitasks.convert import hf_beit  # BEiT / Data2Vec-vision (semantic segmentation)
+
+    if hf_beit.detect(sd):
+        return hf_beit.read(sd, cfg, path, opts, folder)
     from vitasks.convert import hf_dinov2  # Dinov2[WithRegisters]Model / ForImageClassification
 
     if hf_dinov2.detect(sd, cfg):
