@@ -3,7 +3,8 @@
 Each feature: the release that introduced it (from PyTorch's release notes and pull requests)
 and a check that the code does use it. The declared minimum must be the newest of those
 releases: not lower (the code would fail on an older torch), not higher (users would be refused
-a torch that works). The upper bound must admit the torch the project is tested with.
+a torch that works). The upper bound must admit every torch the project is tested with (CI's two
+legs: 2.13.0 CPU, and 2.14.1 with torchvision 0.29.1) and stop before the next, untested release.
 """
 
 import configparser
@@ -15,8 +16,13 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+# CI's second leg (torch 2.14.1) runs these too (.ci/run).
+pytestmark = pytest.mark.torch_leg
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TESTED_TORCH = "2.13.0"
+# The torch of each CI leg (.ci/run): tools/setup_env.sh pins both.
+TESTED_TORCH = ("2.13.0", "2.14.1")
+SETUP_ENV = REPO / "tools" / "setup_env.sh"
 
 
 def _allowlist_has_named_entries() -> bool:
@@ -86,10 +92,31 @@ def test_declared_minimum_is_the_newest_feature_release():
     assert lower_bound(declared_torch()) == needed
 
 
+def upper_bound(requirement: Requirement) -> Version:
+    bounds = [Version(spec.version) for spec in requirement.specifier if spec.operator == "<"]
+    assert len(bounds) == 1, f"setup.cfg: torch needs one '<' bound, got {requirement}"
+    return bounds[0]
+
+
 def test_tested_torch_satisfies_the_declared_range():
     requirement = declared_torch()
-    assert requirement.specifier.contains(TESTED_TORCH)
+    for tested in TESTED_TORCH:
+        assert requirement.specifier.contains(tested), f"CI tests torch {tested}, outside {requirement}"
     import torch
 
     installed = Version(torch.__version__.split("+")[0])
     assert requirement.specifier.contains(installed), f"torch {installed} is outside setup.cfg's {requirement}"
+
+
+def test_upper_bound_is_the_release_after_the_newest_tested():
+    # Every minor release up to the newest tested one is admitted; the next one, not yet tested,
+    # is not (a cap below a release CI tests would downgrade users, as <2.14 did).
+    newest = max(Version(v) for v in TESTED_TORCH)
+    assert upper_bound(declared_torch()) == Version(f"{newest.major}.{newest.minor + 1}")
+
+
+def test_setup_env_pins_the_tested_torches():
+    # Each leg's torch is what tools/setup_env.sh installs, so the list above is CI's truth.
+    text = SETUP_ENV.read_text()
+    for tested in TESTED_TORCH:
+        assert f"torch=={tested}" in text, f"tools/setup_env.sh does not install torch=={tested}"

@@ -2,11 +2,24 @@
 # Creates .venv in the repository and installs vitasks into it.
 #   bash tools/setup_env.sh        # the package (demo, training, tools)
 #   bash tools/setup_env.sh dev    # plus the test-only peers (pytest, transformers, PyAV)
+#   bash tools/setup_env.sh torch214   # .venv-torch214 instead: torch 2.14.1 + torchvision 0.29.1
+#                                      # + timm and the dev peers (CI's second leg, .ci/run)
 # The CPU build of torch is pinned and installed first: the project's own requirement is a range
 # that 2.13.0 satisfies, so pip adds no CUDA build on top of it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra="${1:-}"
+if [ "$extra" = "torch214" ]; then
+  # The newest torch in the supported range with the torchvision built for it (a CUDA build,
+  # which also runs on the CPU) and timm, to compare the ops and converters with both for real.
+  python3 -m venv .venv-torch214
+  echo '*' > .venv-torch214/.gitignore  # git (and copies of the work tree) leave it out
+  export PIP_DISABLE_PIP_VERSION_CHECK=1
+  .venv-torch214/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" "timm==1.0.31"
+  .venv-torch214/bin/python -m pip install -q -e ".[dev]"
+  echo "vitasks installed in $(pwd)/.venv-torch214"
+  exit 0
+fi
 python3 -m venv .venv
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install -q "torch==2.13.0"

@@ -118,7 +118,13 @@ def _build_runner(cfg: Config):
     from vitasks.engine.runner import VitasksRunner
 
     validate_config(cfg)
-    return VitasksRunner.from_cfg(cfg)
+    runner = VitasksRunner.from_cfg(cfg)
+    # The ops' kernels (torchvision's or plain torch), chosen once per process: a config's
+    # `kernels:` applies here (VITASKS_KERNELS in the environment wins); logged where chosen.
+    from vitasks.models.ops.selection import select_kernels
+
+    select_kernels(cfg.get("kernels"), f"{cfg.filename or 'config'}: kernels")
+    return runner
 
 
 def train(

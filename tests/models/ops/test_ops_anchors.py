@@ -8,6 +8,9 @@ import torch
 
 from vitasks.models.ops import AnchorGenerator, cell_anchors
 
+# CI's second leg runs these too: on torchvision's kernels there (.ci/run).
+pytestmark = pytest.mark.torch_leg
+
 
 def test_cell_anchors_sizes_and_ratios():
     anchors = cell_anchors((32, 64), (0.5, 1.0, 2.0))

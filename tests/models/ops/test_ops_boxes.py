@@ -16,6 +16,9 @@ from vitasks.models.ops import (
     nonempty_boxes,
 )
 
+# CI's second leg runs these too: on torchvision's kernels there (.ci/run).
+pytestmark = pytest.mark.torch_leg
+
 
 def random_boxes(n: int, size: float = 50.0, seed: int = 0, min_side: float = 0.0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

@@ -11,6 +11,9 @@ from pycocotools import mask as mask_utils
 from ops_references import brute_paste
 from vitasks.models.ops import masks_to_rle, paste_masks_in_image
 
+# CI's second leg runs these too: on torchvision's kernels there (.ci/run).
+pytestmark = pytest.mark.torch_leg
+
 masks_module = importlib.import_module("vitasks.models.ops.masks")
 
 

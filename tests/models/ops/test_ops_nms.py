@@ -10,6 +10,9 @@ import torch
 from ops_references import brute_nms
 from vitasks.models.ops import batched_nms, nms
 
+# CI's second leg runs these too: on torchvision's kernels there (.ci/run).
+pytestmark = pytest.mark.torch_leg
+
 # The package exports the function ``nms``, which hides the module of the same name.
 nms_module = importlib.import_module("vitasks.models.ops.nms")
 

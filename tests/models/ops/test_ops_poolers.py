@@ -8,6 +8,9 @@ import torch
 
 from vitasks.models.ops import RoIPooler, assign_boxes_to_levels, roi_align
 
+# CI's second leg runs these too: on torchvision's kernels there (.ci/run).
+pytestmark = pytest.mark.torch_leg
+
 
 def square(side: float, x: float = 0.0) -> list:
     return [x, 0.0, x + side, side]

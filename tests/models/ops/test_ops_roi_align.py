@@ -9,6 +9,9 @@ import torch
 from ops_references import brute_roi_align
 from vitasks.models.ops import roi_align
 
+# CI's second leg runs these too: on torchvision's kernels there (.ci/run).
+pytestmark = pytest.mark.torch_leg
+
 # The package exports the function ``roi_align``, which hides the module of the same name.
 roi_align_module = importlib.import_module("vitasks.models.ops.roi_align")
 

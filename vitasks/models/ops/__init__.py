@@ -1,8 +1,13 @@
 """Detection ops in plain torch (CPU and GPU, vectorised, autocast-safe): boxes and the box coder,
 NMS, RoIAlign and the multi-level RoI pooler, mask pasting, anchors.
 
-Plain functions and modules, nothing registered. They import only torch, numpy and (for RLE)
-pycocotools, so ``tools/crosscheck_ops.py`` can load this package on its own next to torchvision.
+NMS, batched NMS and RoIAlign run torchvision's compiled kernels where torchvision works (every
+GPU install), plain torch otherwise, with the same results; :func:`kernels` says which this
+process runs (``VITASKS_KERNELS`` or a config's ``kernels:`` forces either, see
+:mod:`.selection`).
+
+Plain functions and modules, nothing registered. They import only torch, numpy, (for RLE)
+pycocotools and, where it works, torchvision.
 """
 
 from .anchors import AnchorGenerator, cell_anchors
@@ -20,6 +25,7 @@ from .masks import masks_to_rle, paste_masks_in_image
 from .nms import batched_nms, nms
 from .poolers import RoIPooler, assign_boxes_to_levels
 from .roi_align import boxes_to_rois, roi_align
+from .selection import kernels
 
 __all__ = [
     "AnchorGenerator",
@@ -35,6 +41,7 @@ __all__ = [
     "boxes_to_rois",
     "cell_anchors",
     "clip_boxes",
+    "kernels",
     "masks_to_rle",
     "nms",
     "nonempty_boxes",

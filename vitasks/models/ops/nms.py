@@ -7,7 +7,15 @@ strictly greater than the threshold (in batched NMS: a kept box of the same clas
 ``inter / (area_i + area_j - inter)`` exactly as torchvision computes it, so a pair of empty boxes
 (0 / 0 = NaN) never suppresses anything.
 
-How it is vectorised: the sorted boxes (of one group, in batched NMS) are taken in blocks. A
+:func:`nms` and :func:`batched_nms` run torchvision's compiled NMS where :func:`kernels` chose it
+(:mod:`.selection`), this module's plain-torch version otherwise; ``*_torch`` and
+``*_torchvision`` are the two, for tests and tools. The torchvision path hands torchvision the
+boxes already in this order with strictly decreasing stand-in scores, so equal scores are ordered
+the same way (input order) whatever torchvision's own sort does with ties, and runs batched NMS
+as torchvision's NMS on each group alone (torchvision's ``batched_nms`` shifts groups apart by
+coordinate offsets, which rounds float32 coordinates and can change what is kept).
+
+How the plain version is vectorised: the sorted boxes (of one group, in batched NMS) are taken in blocks. A
 block is first checked against all boxes kept so far (IoU matrices in cache-sized tiles), which
 removes most of it at once; what survives is resolved by a greedy pass over the block's own
 boolean overlap matrix, whose Python loop does work only for the boxes it keeps. Memory stays at
@@ -20,9 +28,12 @@ import numpy as np
 import torch
 
 from ._precision import as_float
+from .selection import kernels, torchvision_ops
 
 # Boxes per block of the greedy pass; the block's overlap matrix is BLOCK_SIZE^2 booleans.
 BLOCK_SIZE = 1024
+# Stand-in scores for torchvision's NMS are float32 ranks: exact integers up to 2**24 boxes.
+MAX_RANKED_BOXES = 1 << 24
 # Rows of an IoU matrix computed at once: 256 x BLOCK_SIZE floats (1 MB) stay in the CPU's cache
 # through the dozen passes of the IoU arithmetic, which is twice as fast as larger tiles.
 ROW_CHUNK = 256
@@ -114,8 +125,75 @@ def _nms(
     return order[keep]
 
 
+def _nms_torchvision(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    groups: Optional[torch.Tensor],
+    iou_threshold: float,
+) -> torch.Tensor:
+    _check_inputs(boxes, scores)
+    num_boxes = boxes.shape[0]
+    if num_boxes == 0:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
+    if num_boxes > MAX_RANKED_BOXES:  # ranks would tie in float32: the plain version decides
+        return _nms(boxes, scores, groups, iou_threshold)
+    tv_ops = torchvision_ops()
+    order = torch.sort(scores, descending=True, stable=True).indices
+    sorted_boxes = as_float(boxes.detach())[order]
+    # Strictly decreasing stand-in scores: torchvision visits the boxes in exactly this order.
+    ranks = torch.arange(num_boxes, 0, -1, dtype=sorted_boxes.dtype, device=boxes.device)
+    threshold = float(iou_threshold)
+    if groups is None:
+        return order[tv_ops.nms(sorted_boxes, ranks, threshold)]
+    sorted_groups = groups[order]
+    by_group = torch.sort(sorted_groups, stable=True).indices
+    counts = torch.unique_consecutive(sorted_groups[by_group], return_counts=True)[1]
+    if len(counts) == 1:
+        return order[tv_ops.nms(sorted_boxes, ranks, threshold)]
+    keep = torch.zeros(num_boxes, dtype=torch.bool, device=boxes.device)
+    for members in torch.split(by_group, counts.tolist()):
+        keep[members[tv_ops.nms(sorted_boxes[members], ranks[members], threshold)]] = True
+    return order[keep]
+
+
+def nms_torch(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """:func:`nms` in plain torch, whatever :func:`kernels` chose."""
+    return _nms(boxes, scores, None, iou_threshold)
+
+
+def nms_torchvision(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """:func:`nms` on torchvision's kernel, whatever :func:`kernels` chose (needs torchvision)."""
+    return _nms_torchvision(boxes, scores, None, iou_threshold)
+
+
+def _check_groups(idxs: torch.Tensor, scores: torch.Tensor) -> None:
+    if idxs.shape != scores.shape:
+        raise ValueError(
+            f"batched_nms expects one group index per box: idxs {tuple(idxs.shape)}, "
+            f"scores {tuple(scores.shape)}"
+        )
+
+
+def batched_nms_torch(
+    boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float
+) -> torch.Tensor:
+    """:func:`batched_nms` in plain torch, whatever :func:`kernels` chose."""
+    _check_groups(idxs, scores)
+    return _nms(boxes, scores, idxs, iou_threshold)
+
+
+def batched_nms_torchvision(
+    boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float
+) -> torch.Tensor:
+    """:func:`batched_nms` on torchvision's NMS kernel (per group), whatever :func:`kernels`
+    chose (needs torchvision)."""
+    _check_groups(idxs, scores)
+    return _nms_torchvision(boxes, scores, idxs, iou_threshold)
+
+
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """Greedy NMS; equal to ``torchvision.ops.nms``.
+    """Greedy NMS; equal to ``torchvision.ops.nms`` (and run by it where :func:`kernels` is
+    ``"torchvision"``).
 
     Args:
         boxes: (N, 4) in (x1, y1, x2, y2).
@@ -125,6 +203,8 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     Returns:
         int64 indices (into ``boxes``) of the kept boxes, by descending score.
     """
+    if kernels() == "torchvision":
+        return _nms_torchvision(boxes, scores, None, iou_threshold)
     return _nms(boxes, scores, None, iou_threshold)
 
 
@@ -132,7 +212,8 @@ def batched_nms(
     boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float
 ) -> torch.Tensor:
     """NMS done independently per category (or image, or any grouping) in ``idxs``; equal to
-    ``torchvision.ops.batched_nms``.
+    ``torchvision.ops.batched_nms`` (exactly per-group NMS; run by torchvision's NMS per group
+    where :func:`kernels` is ``"torchvision"``).
 
     Boxes of different groups never suppress each other. The greedy pass runs on each group's
     boxes alone (a loop over groups, each pass vectorised) rather than on boxes shifted apart by
@@ -148,9 +229,7 @@ def batched_nms(
     Returns:
         int64 indices of the kept boxes, by descending score (ties in input order).
     """
-    if idxs.shape != scores.shape:
-        raise ValueError(
-            f"batched_nms expects one group index per box: idxs {tuple(idxs.shape)}, "
-            f"scores {tuple(scores.shape)}"
-        )
+    _check_groups(idxs, scores)
+    if kernels() == "torchvision":
+        return _nms_torchvision(boxes, scores, idxs, iou_threshold)
     return _nms(boxes, scores, idxs, iou_threshold)

@@ -20,6 +20,12 @@ are grouped by their sampling grid (the adaptive grid differs between RoIs) and 
 that bound memory. The backward runs the same steps in reverse (weights spread each bin's
 gradient over its taps, ``index_add_`` puts them back into one gradient table); RoIs get no
 gradient, as in torchvision.
+
+:func:`roi_align` runs torchvision's compiled RoIAlign where :func:`kernels` chose it
+(:mod:`.selection`), given the same RoIs (a list of boxes per image turned into (K, 5) the same
+way), the same ``aligned`` and ``sampling_ratio`` and the same float32 (or float64) computation
+under autocast; :func:`roi_align_torch` and :func:`roi_align_torchvision` are the two, for tests
+and tools.
 """
 
 from dataclasses import dataclass
@@ -28,6 +34,7 @@ from typing import List, Sequence, Tuple, Union
 import torch
 
 from ._precision import as_float, autocast_off
+from .selection import kernels, torchvision_ops
 
 # Values gathered per step (RoIs x sample rows x sample columns x channels): 1M floats = 4 MB.
 # Small steps are faster, not only leaner: buffers this size are recycled by the allocator, while
@@ -204,7 +211,8 @@ def roi_align(
     sampling_ratio: int = -1,
     aligned: bool = False,
 ) -> torch.Tensor:
-    """RoIAlign; same arguments and result as ``torchvision.ops.roi_align``.
+    """RoIAlign; same arguments and result as ``torchvision.ops.roi_align`` (and run by it where
+    :func:`kernels` is ``"torchvision"``).
 
     Args:
         input: feature maps (N, C, H, W).
@@ -220,10 +228,53 @@ def roi_align(
         (K, C, output_height, output_width) in the dtype of ``input`` (computed in float32, or
         float64 for float64 input, also under autocast).
     """
+    if kernels() == "torchvision":
+        return roi_align_torchvision(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+    return roi_align_torch(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+
+
+def _prepare(input: torch.Tensor, boxes: BoxesArg, output_size) -> Tuple[torch.Tensor, int, int]:
     if input.dim() != 4:
         raise ValueError(f"roi_align expects features (N, C, H, W), got shape {tuple(input.shape)}")
     out_h, out_w = _pair(output_size)
-    rois = boxes_to_rois(boxes).to(input.device)
+    return boxes_to_rois(boxes).to(input.device), out_h, out_w
+
+
+def roi_align_torchvision(
+    input: torch.Tensor,
+    boxes: BoxesArg,
+    output_size: Union[int, Tuple[int, int]],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> torch.Tensor:
+    """:func:`roi_align` on torchvision's kernel, whatever :func:`kernels` chose (needs
+    torchvision)."""
+    rois, out_h, out_w = _prepare(input, boxes, output_size)
+    num_rois = rois.shape[0]
+    channels, height, width = input.shape[1:]
+    if num_rois == 0 or height == 0 or width == 0:
+        return input.new_zeros((num_rois, channels, out_h, out_w))
+    tv_ops = torchvision_ops()
+    with autocast_off(input.device.type):
+        features = as_float(input)
+        bins = tv_ops.roi_align(
+            features, rois.detach().to(features.dtype), (out_h, out_w), float(spatial_scale),
+            int(sampling_ratio), bool(aligned),
+        )
+    return bins.to(input.dtype)
+
+
+def roi_align_torch(
+    input: torch.Tensor,
+    boxes: BoxesArg,
+    output_size: Union[int, Tuple[int, int]],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> torch.Tensor:
+    """:func:`roi_align` in plain torch, whatever :func:`kernels` chose."""
+    rois, out_h, out_w = _prepare(input, boxes, output_size)
     num_rois = rois.shape[0]
     channels, height, width = input.shape[1:]
     if num_rois == 0 or height == 0 or width == 0:
