@@ -70,9 +70,11 @@ def grow(mask, pixels=1):
     return cv2.dilate(mask.astype(np.uint8), kernel).astype(bool)
 
 
-def lsj(size, seed, recompute_bbox=True):
-    pipeline = [DetRandomResize(scale=[size, size], ratio_range=[0.1, 2.0]),
-                DetRandomCrop(crop_size=[size, size], recompute_bbox=recompute_bbox),
+def lsj(size, seed, recompute_bbox=True, detectron2=False):
+    d2 = dict(backend="pil", size_rule="detectron2") if detectron2 else {}
+    pipeline = [DetRandomResize(scale=[size, size], ratio_range=[0.1, 2.0], **d2),
+                DetRandomCrop(crop_size=[size, size], recompute_bbox=recompute_bbox,
+                              offset="detectron2" if detectron2 else "independent"),
                 FilterDetAnnotations(min_size=1.0), DetRandomFlip(prob=0.5)]
     results = scene()
     results["rng"] = np.random.default_rng(seed)
@@ -336,3 +338,81 @@ def test_masks_drawn_in_windows_equal_whole_canvas_drawing():
         matrix = np.array([[a_x, 0, 0.5 * a_x + b_x - 0.5], [0, a_y, 0.5 * a_y + b_y - 0.5]])
         warped = cv2.warpAffine(mask_utils.decode(rle), matrix, (crop[1], crop[0]), flags=cv2.INTER_NEAREST)
         np.testing.assert_array_equal(got[1], warped.astype(bool), err_msg=f"rle, trial {trial}")
+
+
+# --- detectron2's LSJ: PIL's resize, ResizeScale's sizes, FixedSizeCrop's offsets -------------
+
+
+class FixedUniform:
+    """A sample generator whose ``uniform`` answers given values."""
+
+    def __init__(self, *values):
+        self.values = list(values)
+
+    def uniform(self, low, high):
+        return self.values.pop(0)
+
+
+@pytest.mark.parametrize("size", [(23, 31), (90, 120), (300, 410)])
+def test_pil_backend_is_pil_bilinear(size):
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (180, 240, 3), dtype=np.uint8)
+    out = DetResize(scale=[size[1], size[0]], keep_ratio=False, backend="pil")({"img": rgb.copy()})["img"]
+    want = np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.BILINEAR))
+    np.testing.assert_array_equal(out, want)
+    # A one-pixel checkerboard shrunk to 15 px: PIL's filter spans the scale (an even grey),
+    # OpenCV's bilinear samples 2x2 pixels and aliases (from near black to near white).
+    board = ((np.indices((64, 64)).sum(0) % 2) * 255).astype(np.uint8)[..., None].repeat(3, 2)
+    pil = DetResize(scale=[15, 15], keep_ratio=False, backend="pil")({"img": board.copy()})["img"]
+    cv = DetResize(scale=[15, 15], keep_ratio=False)({"img": board.copy()})["img"]
+    assert pil.min() >= 120 and pil.max() <= 135
+    assert cv.min() < 60 and cv.max() > 195
+    # More channels than PIL has modes for (the test scene's masks): each resized alike.
+    many = scene()["img"]
+    out = DetResize(scale=[50, 40], keep_ratio=False, backend="pil")({"img": many.copy()})["img"]
+    want = np.asarray(Image.fromarray(np.ascontiguousarray(many[..., :3])).resize((50, 40), Image.BILINEAR))
+    np.testing.assert_array_equal(out[..., :3], want)
+
+
+def test_detectron2_resize_scale_sizes_by_hand():
+    # 480 x 640 in the box 1024 x 0.5: factor min(512 / 480, 512 / 640) = 0.8 -> 384 x 512.
+    results = {"img": np.zeros((480, 640, 3), np.uint8), "rng": FixedUniform(0.5)}
+    t = DetRandomResize(scale=[1024, 1024], ratio_range=[0.1, 2.0], backend="pil", size_rule="detectron2")
+    assert t(results)["img"].shape[:2] == (384, 512)
+    # 5 x 10 in a box of 10 x 0.5: factor 0.5 -> 2.5 x 5, rounded half to even: 2 (mmcv's rule: 3).
+    results = {"img": np.zeros((5, 10, 3), np.uint8), "rng": FixedUniform(0.5)}
+    small = DetRandomResize(scale=[10, 10], backend="pil", size_rule="detectron2")
+    assert small(results)["img"].shape[:2] == (2, 5)
+    mmcv = DetRandomResize(scale=[10, 10])({"img": np.zeros((5, 10, 3), np.uint8), "rng": FixedUniform(0.5)})
+    assert mmcv["img"].shape[:2] == (3, 5)
+    # Not truncated: box 1000 x 0.3337 = 333.7; 1000 x 500 -> factor 0.3337 -> 334 x 167 (mmcv: 333).
+    results = {"img": np.zeros((500, 1000, 3), np.uint8), "rng": FixedUniform(0.3337)}
+    assert DetRandomResize(scale=[1000, 1000], size_rule="detectron2")(results)["img"].shape[:2] == (167, 334)
+    with pytest.raises(ConfigError, match="size_rule"):
+        DetRandomResize(size_rule="d2")
+    with pytest.raises(ConfigError, match="backend"):
+        DetResize(backend="skimage")
+
+
+def test_detectron2_crop_offset_by_hand():
+    img = np.arange(100 * 90, dtype=np.int64).reshape(100, 90, 1).astype(np.uint8)
+    results = {"img": img, "rng": FixedUniform(0.25)}
+    out = DetRandomCrop(crop_size=[60, 60], offset="detectron2")(results)
+    # Margins 40 and 30; u = 0.25: offsets round(10) = 10 and round(7.5) = 8 (half to even).
+    np.testing.assert_array_equal(out["img"], img[10:70, 8:68])
+    with pytest.raises(ConfigError, match="offset"):
+        DetRandomCrop(offset="random")
+
+
+def test_detectron2_lsj_pipeline():
+    for seed in range(12):
+        results = lsj(128, seed, detectron2=True)
+        if results is None:
+            continue
+        img, boxes = results["img"], results["gt_bboxes"]
+        assert img.shape[0] <= 128 and img.shape[1] <= 128 and img.dtype == np.uint8
+        assert results["gt_masks"].to_bitmaps().shape[1:] == img.shape[:2]
+        assert (boxes[:, [0, 2]] <= img.shape[1]).all() and (boxes[:, [1, 3]] <= img.shape[0]).all()
+    a, b = lsj(128, 3, detectron2=True), lsj(128, 3, detectron2=True)
+    np.testing.assert_array_equal(a["img"], b["img"])

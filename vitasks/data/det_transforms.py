@@ -25,6 +25,14 @@ Pipelines (ViTDet's recipe; sizes are config values, a demo may use 128):
   ratio_range=[0.1, 2.0])``, ``DetRandomCrop(crop_size=[1024, 1024])``, ``FilterDetAnnotations``,
   ``DetRandomFlip(prob=0.5)``, ``PackDetInputs``; the data preprocessor pads to 1024x1024;
 - test: ``LoadImage``, ``DetResize(scale=[1024, 1024])`` (longest side 1024), ``PackDetInputs``.
+
+detectron2's LSJ exactly (ViTDet's published recipe): ``DetRandomResize(..., backend=pil,
+size_rule=detectron2)``, ``DetRandomCrop(..., offset=detectron2)`` and ``DetResize(...,
+backend=pil)`` at test time. detectron2 resizes uint8 images with PIL (``ResizeTransform``), whose
+bilinear filter widens with the scale when shrinking (an antialiasing filter), unlike OpenCV's
+bilinear, which samples 2x2 pixels at any scale; its ``ResizeScale`` fits the image in the box
+``scale x r`` without truncating that box and rounds the size (``np.round``); its
+``FixedSizeCrop`` places the crop with one ``U(0, 1)`` draw for both axes, rounded.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import cv2
 import numpy as np
 import torch
 from mmengine.structures import InstanceData
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from vitasks.data.seeding import sample_rng
@@ -55,10 +64,33 @@ __all__ = [
     "FilterDetAnnotations",
     "PackDetInputs",
     "normalize_segmentation",
+    "pil_resize",
+    "detectron2_scaled_size",
 ]
 
 _INTERP = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
            "area": cv2.INTER_AREA}
+_PIL_INTERP = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+               "bicubic": Image.Resampling.BICUBIC, "area": Image.Resampling.BOX}
+_BACKENDS = ("cv2", "pil")
+
+
+def pil_resize(img: np.ndarray, size: tuple[int, int], interpolation: str = "bilinear") -> np.ndarray:
+    """``img`` (uint8 HW or HWC) resized to ``size`` (H, W) by PIL, as detectron2's
+    ``ResizeTransform`` does for uint8 images (PIL's filters are scaled with the image when
+    shrinking: bilinear averages over about ``1 / scale`` pixels). Channels PIL has no mode for
+    (more than 4) are resized one by one, which gives the same values."""
+    height, width = int(size[0]), int(size[1])
+    if img.dtype != np.uint8:
+        raise ValueError(f"pil_resize needs a uint8 image (as detectron2's PIL path), got {img.dtype}")
+    resample = _PIL_INTERP[interpolation]
+    if img.ndim == 2:
+        return np.asarray(Image.fromarray(img).resize((width, height), resample))
+    if img.shape[2] == 3:
+        return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((width, height), resample))
+    planes = [np.asarray(Image.fromarray(np.ascontiguousarray(img[:, :, c])).resize((width, height), resample))
+              for c in range(img.shape[2])]
+    return np.stack(planes, axis=2)
 
 
 def normalize_segmentation(segmentation: Any, height: int, width: int) -> Any:
@@ -298,10 +330,14 @@ class DetResize(BaseTransform):
         scale: ``(long, short)`` bound with ``keep_ratio``, else ``(W, H)``.
         keep_ratio: keep the aspect ratio.
         interpolation: ``bilinear`` (mmdet's and detectron2's), ``bicubic``, ``area``, ``nearest``.
+        backend: ``cv2`` (OpenCV, as mmcv: no antialiasing) or ``pil`` (PIL, as detectron2: the
+            filter widens when shrinking; uint8 images). The sizes are the same either way (this
+            keep-ratio rule is detectron2's ``ResizeShortestEdge`` rule too when both bounds are
+            equal).
     """
 
     def __init__(self, scale: Sequence[int] = (1024, 1024), keep_ratio: bool = True,
-                 interpolation: str = "bilinear") -> None:
+                 interpolation: str = "bilinear", backend: str = "cv2") -> None:
         owner = type(self).__name__
         self.scale = _check_size(scale, owner, "scale")
         self.keep_ratio = bool(keep_ratio)
@@ -310,19 +346,27 @@ class DetResize(BaseTransform):
                 f"{owner}.interpolation must be one of {sorted(_INTERP)}, got {interpolation!r}"
             )
         self.interpolation = interpolation
+        if backend not in _BACKENDS:
+            raise ConfigError(f"{owner}.backend must be one of {list(_BACKENDS)}, got {backend!r}")
+        self.backend = backend
 
     def _target(self, height: int, width: int, scale: tuple[float, float]) -> tuple[int, int]:
         if self.keep_ratio:
             return rescaled_size(height, width, scale)
         return int(scale[1]), int(scale[0])
 
+    def _resize_image(self, img: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
+        if self.backend == "pil" and img.dtype == np.uint8:
+            return pil_resize(img, (new_h, new_w), self.interpolation)
+        resized = cv2.resize(img, (new_w, new_h), interpolation=_INTERP[self.interpolation])
+        return resized[:, :, None] if resized.ndim == 2 and img.ndim == 3 else resized
+
     def _resize(self, results: dict, size: tuple[int, int]) -> dict:
         new_h, new_w = max(int(size[0]), 1), max(int(size[1]), 1)
         img = results["img"]
         old_h, old_w = img.shape[:2]
         if (new_h, new_w) != (old_h, old_w):
-            resized = cv2.resize(img, (new_w, new_h), interpolation=_INTERP[self.interpolation])
-            results["img"] = resized[:, :, None] if resized.ndim == 2 and img.ndim == 3 else resized
+            results["img"] = self._resize_image(img, new_h, new_w)
         scale_x, scale_y = new_w / old_w, new_h / old_h
         if results.get("gt_bboxes") is not None:
             results["gt_bboxes"] = _map_boxes(results["gt_bboxes"], scale_x, 0.0, scale_y, 0.0)
@@ -345,15 +389,26 @@ class DetRandomResize(DetResize):
     image fits in a square of side ``1024 * r``). The scaled bound is truncated to whole pixels
     before the keep-ratio rule, as mmcv's ``RandomResize`` does.
 
+    With ``size_rule: detectron2`` the size follows detectron2's ``ResizeScale`` instead: the
+    image is fitted in the box ``(W, H) = scale x r`` (not truncated), factor ``min(H r / h,
+    W r / w)``, size ``np.round((h, w) x factor)`` (halves to even).
+
     Args:
-        scale: base scale, as :class:`DetResize`.
+        scale: base scale, as :class:`DetResize` (with ``size_rule: detectron2``: the box ``(W, H)``).
         ratio_range: ``[min, max]`` of the uniform ratio.
-        keep_ratio, interpolation: as :class:`DetResize`.
+        keep_ratio, interpolation, backend: as :class:`DetResize`.
+        size_rule: ``mmcv`` (the default) or ``detectron2``.
     """
 
     def __init__(self, scale: Sequence[int] = (1024, 1024), ratio_range: Sequence[float] = (0.1, 2.0),
-                 keep_ratio: bool = True, interpolation: str = "bilinear") -> None:
-        super().__init__(scale, keep_ratio, interpolation)
+                 keep_ratio: bool = True, interpolation: str = "bilinear", backend: str = "cv2",
+                 size_rule: str = "mmcv") -> None:
+        super().__init__(scale, keep_ratio, interpolation, backend)
+        if size_rule not in ("mmcv", "detectron2"):
+            raise ConfigError(f"DetRandomResize.size_rule must be mmcv or detectron2, got {size_rule!r}")
+        if size_rule == "detectron2" and not keep_ratio:
+            raise ConfigError("DetRandomResize: size_rule detectron2 keeps the ratio; set keep_ratio: true")
+        self.size_rule = size_rule
         if len(ratio_range) != 2 or not 0 < ratio_range[0] <= ratio_range[1]:
             raise ConfigError(
                 f"DetRandomResize.ratio_range must be [min, max] with 0 < min <= max, got {ratio_range!r}"
@@ -362,9 +417,20 @@ class DetRandomResize(DetResize):
 
     def transform(self, results: dict) -> dict:
         ratio = sample_rng(results).uniform(*self.ratio_range)
-        scale = (max(int(self.scale[0] * ratio), 1), max(int(self.scale[1] * ratio), 1))
         height, width = results["img"].shape[:2]
+        if self.size_rule == "detectron2":
+            return self._resize(results, detectron2_scaled_size(height, width, self.scale, ratio))
+        scale = (max(int(self.scale[0] * ratio), 1), max(int(self.scale[1] * ratio), 1))
         return self._resize(results, self._target(height, width, scale))
+
+
+def detectron2_scaled_size(height: int, width: int, box: Sequence[int], ratio: float) -> tuple[int, int]:
+    """(H, W) of detectron2's ``ResizeScale``: fit ``(height, width)`` in the box ``(W, H) = box``
+    scaled by ``ratio``, rounded half to even (``np.round``)."""
+    target_h, target_w = box[1] * ratio, box[0] * ratio
+    factor = min(target_h / height, target_w / width)
+    new_h, new_w = np.round(np.multiply((height, width), factor)).astype(int)
+    return max(int(new_h), 1), max(int(new_w), 1)
 
 
 @TRANSFORMS.register_module()
@@ -381,20 +447,31 @@ class DetRandomCrop(BaseTransform):
             visible part (ViTDet's setting in detectron2 and mmdet): the clipped box of a cut
             triangle is larger than what is left of it. Only cut objects' masks are rasterised;
             an object with no pixel left is dropped. Without masks, boxes are only clipped.
+        offset: ``independent`` (mmdet: a uniform integer per axis) or ``detectron2``
+            (``FixedSizeCrop``: one ``u ~ U(0, 1)`` for both axes, offsets ``np.round(margin x u)``).
     """
 
     def __init__(self, crop_size: Sequence[int] = (1024, 1024), allow_negative_crop: bool = False,
-                 recompute_bbox: bool = True) -> None:
+                 recompute_bbox: bool = True, offset: str = "independent") -> None:
         self.crop_size = _check_size(crop_size, "DetRandomCrop", "crop_size")
         self.allow_negative_crop = bool(allow_negative_crop)
         self.recompute_bbox = bool(recompute_bbox)
+        if offset not in ("independent", "detectron2"):
+            raise ConfigError(f"DetRandomCrop.offset must be independent or detectron2, got {offset!r}")
+        self.offset = offset
+
+    def _offsets(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int]:
+        margin_h, margin_w = max(height - self.crop_size[0], 0), max(width - self.crop_size[1], 0)
+        if self.offset == "detectron2":
+            u = rng.uniform(0.0, 1.0)
+            y0, x0 = np.round(np.multiply((margin_h, margin_w), u)).astype(int)
+            return int(y0), int(x0)
+        return int(rng.integers(0, margin_h + 1)), int(rng.integers(0, margin_w + 1))
 
     def transform(self, results: dict) -> dict | None:
         img = results["img"]
         height, width = img.shape[:2]
-        rng = sample_rng(results)
-        y0 = int(rng.integers(0, max(height - self.crop_size[0], 0) + 1))
-        x0 = int(rng.integers(0, max(width - self.crop_size[1], 0) + 1))
+        y0, x0 = self._offsets(height, width, sample_rng(results))
         y1, x1 = min(y0 + self.crop_size[0], height), min(x0 + self.crop_size[1], width)
         crop_h, crop_w = y1 - y0, x1 - x0
         results["img"] = np.ascontiguousarray(img[y0:y1, x0:x1])
