@@ -514,6 +514,51 @@ def test_classification_pools_and_trains(name):
     assert sum(g.abs().sum() for g in grads) > 0
 
 
+WITH_CP_CASES = {
+    **REDUCTIONS,
+    "tome_r0": dict(type="ToMe", r=0),
+    "tome_list": dict(type="ToMe", r=[0, 2, 0, 3]),
+    "tokenlearner_no_fuser": dict(type="TokenLearner", num_tokens=4, at_block=2),
+}
+
+
+@pytest.mark.parametrize("layout", [dict(pool="mean"), dict(out_indices=[1, 3])])
+@pytest.mark.parametrize("name", list(WITH_CP_CASES))
+def test_with_cp_checkpoints_every_block_under_every_reduction(name, layout, monkeypatch):
+    """``with_cp`` puts every block (ToMe: block and merge) under gradient checkpointing, for every
+    reduction, and the gradients are those without it (the recompute starts from the same sizes)."""
+    import vitasks.models.backbones.vit as vit_module
+
+    if name == "tokenlearner_no_fuser" and "out_indices" in layout:
+        layout = dict(out_indices=[0, 1])
+    calls = []
+    real = vit_module.checkpoint
+
+    def counting(fn, *args, **kwargs):
+        calls.append(fn)
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(vit_module, "checkpoint", counting)
+    plain = tiny(token_reduction=WITH_CP_CASES[name], **layout).train()
+    cp = twin(plain, token_reduction=WITH_CP_CASES[name], with_cp=True, **layout).train()
+    cp.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for model in (plain, cp):
+        calls.clear()
+        sum(o.square().sum() for o in model(x)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    expected_blocks = 4 if "out_indices" not in layout else max(layout["out_indices"]) + 1
+    assert len(calls) == expected_blocks
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        calls.clear()
+        cp(x)
+        assert not calls  # no checkpointing without gradients
+
+
 def test_visual_tokens_pool_the_tokens_and_tokenlearner_without_fuser_pools_the_learned_ones():
     for reduction in (dict(type="VisualTokens", num_tokens=5, at_block=0), dict(type="TokenLearner", num_tokens=4, at_block=1)):
         model = tiny(pool="mean", class_token=False, token_reduction=reduction)

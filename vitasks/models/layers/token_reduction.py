@@ -7,7 +7,8 @@ same :class:`~vitasks.models.backbones.VisionTransformer` (chosen by ``type`` fr
   soft matching merges the ``r`` most similar pairs of patch tokens (similarity: cosine of the
   attention keys averaged over heads) into their size-weighted average; proportional attention
   adds log(size) to the attention logits so a merged token weighs as the patches it stands for.
-  No parameters: it works off the shelf on converted timm / MAE / DeiT weights. ``unmerge``
+  No parameters: it works off the shelf on converted timm / MAE / DeiT weights and gives what
+  facebookresearch/ToMe's timm patch gives (same sets, merges, token order, pooling). ``unmerge``
   gives every original patch its merged token's value, so dense heads get the full grid.
 - :class:`TokenLearner` (Ryoo et al. 2021, Scenic's v1.1 module): at block ``at_block`` spatial
   attention maps (LayerNorm, a GELU MLP, softmax over the positions) pool the grid into
@@ -32,6 +33,7 @@ carry the token set from one block to the next, so a rollout can follow tokens t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -46,6 +48,8 @@ WHERE = "model.backbone.token_reduction"
 REDUCTION_TYPES = ("ToMe", "TokenLearner", "VisualTokens")
 
 # A block call as the backbone makes it (gradient checkpointing included): (block, x, grid) -> x.
+# ``block`` may be any function of (x, grid) (ToMe's block with its merge), so every reduction keeps
+# ``with_cp``.
 BlockCall = Callable[[nn.Module, Tensor, Tuple[int, int]], Tensor]
 
 
@@ -153,150 +157,189 @@ class TokenReduction(nn.Module):
 
 @dataclass
 class Matching:
-    """Bipartite soft matching of the patch tokens of one block: the patch tokens alternate between
-    set A (even positions) and set B (odd); ``src`` (B, r) are the A tokens merged into the B tokens
-    ``dst`` (B, r); ``kept`` (B, |A| - r) the A tokens left alone, in their original order."""
+    """ToMe's bipartite soft matching of one block, over the whole token sequence (N tokens,
+    prefix included) as facebookresearch/ToMe's ``bipartite_soft_matching``: tokens at even
+    positions form set A (the class token, position 0, among them), odd positions set B.
+    ``src`` (B, r) are the A tokens (as indices into A: token ``2 * src``) merged into the B
+    tokens ``dst`` (B, r) (token ``2 * dst + 1``); ``base`` (B, N - r) is, for each token after
+    the merge, the position (before it) of the token it starts from: the prefix tokens in their
+    order, the unmerged A tokens, then every B token in its order (a B token absorbs the A
+    tokens merged into it)."""
 
     src: Tensor
     dst: Tensor
-    kept: Tensor
-    num_patches: int
+    base: Tensor
+    num_tokens: int
 
     def new_index(self) -> Tensor:
-        """(B, num_patches): where each current patch token ends up after the merge. The merged
-        token order is [kept A tokens, B tokens]."""
-        B, r = self.src.shape
-        num_kept = self.kept.shape[1]
-        num_b = self.num_patches // 2
-        index_a = self.src.new_empty(B, self.num_patches - num_b)
-        index_a.scatter_(1, self.kept, torch.arange(num_kept, device=self.src.device).expand(B, -1))
-        index_a.scatter_(1, self.src, num_kept + self.dst)
-        index = self.src.new_empty(B, self.num_patches)
-        index[:, 0::2] = index_a
-        index[:, 1::2] = num_kept + torch.arange(num_b, device=self.src.device)
-        return index
-
-    def base_index(self, num_prefix: int = 0) -> Tensor:
-        """(B, num_prefix + num_patches - r): for each token after the merge, the position (in
-        the tokens before it, prefix included) of the token it starts from: the prefix tokens,
-        the kept A tokens, then every B token (the merged ones absorb their A tokens)."""
-        B = self.src.shape[0]
-        device = self.src.device
-        prefix = torch.arange(num_prefix, device=device).expand(B, -1)
-        b_tokens = torch.arange(num_prefix + 1, num_prefix + self.num_patches, 2, device=device).expand(B, -1)
-        return torch.cat([prefix, num_prefix + 2 * self.kept, b_tokens], dim=1)
+        """(B, num_tokens): where each token ends up after the merge."""
+        B, n_new = self.base.shape
+        index = self.base.new_empty(B, self.num_tokens)
+        index.scatter_(1, self.base, torch.arange(n_new, device=self.base.device).expand(B, -1))
+        return index.scatter_(1, 2 * self.src, index.gather(1, 2 * self.dst + 1))
 
 
 def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int = 0) -> Optional[Matching]:
-    """ToMe's matching of the patch tokens (the first ``num_prefix`` tokens are protected).
+    """ToMe's matching (Bolya et al. 2023; facebookresearch/ToMe ``tome/merge.py``) of the tokens
+    of ``metric`` (B, N, d), the keys averaged over heads; the first ``num_prefix`` tokens
+    (class, register tokens) are protected.
 
-    The patch tokens alternate between sets A and B; each A token finds its most similar B token
-    (cosine similarity of ``metric`` (B, N, d), the keys averaged over heads); the ``r`` A tokens
-    with the most similar matches are merged into them. ``r`` is capped at half the patch
-    tokens. Returns None when nothing is merged. No gradient flows through the choice.
+    The sequence alternates between sets A (even positions) and B (odd). Each A token finds its
+    most similar B token (cosine similarity); the ``r`` A tokens with the most similar matches
+    (sorted by that similarity, descending) merge into them. Protected A tokens never match
+    (their rows are -inf, ToMe's class token) and protected B tokens are never matched (their
+    columns -inf, ToMe's distillation token). ``r`` is capped at ``(N - num_prefix) // 2``.
+    The merged sequence is [prefix tokens, unmerged A tokens, B tokens]: with a prefix the
+    unmerged A tokens are in their order in the sequence, without one (a mean-pooled model
+    without class token) in the order of the similarity sort, most similar first, as ToMe keeps
+    them. (The sort is stable here: ties go to the earlier token on every device.) Returns None
+    when nothing is merged. No gradient flows through the choice.
     """
-    num_patches = metric.shape[1] - num_prefix
-    r = min(r, num_patches // 2)
+    N = metric.shape[1]
+    r = min(r, (N - num_prefix) // 2)
     if r <= 0:
         return None
     with torch.no_grad():
-        patch = metric[:, num_prefix:]
-        patch = patch / patch.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        scores = patch[:, 0::2] @ patch[:, 1::2].transpose(-1, -2)  # (B, |A|, |B|)
+        metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        scores = metric[:, 0::2] @ metric[:, 1::2].transpose(-1, -2)  # (B, |A|, |B|)
+        protected_a, protected_b = (num_prefix + 1) // 2, num_prefix // 2
+        if protected_a:
+            scores[:, :protected_a, :] = -math.inf
+        if protected_b:
+            scores[:, :, :protected_b] = -math.inf
         best, best_b = scores.max(dim=-1)
-        # Most similar first; stable, so ties go to the earlier token on every device.
         order = best.sort(dim=-1, descending=True, stable=True).indices
         src = order[:, :r]
-        kept = order[:, r:].sort(dim=-1).values  # keep the spatial order of the unmerged tokens
+        unmerged = order[:, r:]
+        if num_prefix:
+            unmerged = unmerged.sort(dim=-1).values  # the protected A tokens come first
         dst = best_b.gather(1, src)
-    return Matching(src=src, dst=dst, kept=kept, num_patches=num_patches)
+        B, num_b = scores.shape[0], scores.shape[2]
+        device = metric.device
+        base = torch.cat([
+            torch.arange(num_prefix, device=device).expand(B, -1),
+            2 * unmerged[:, protected_a:],
+            torch.arange(2 * protected_b + 1, 2 * num_b, 2, device=device).expand(B, -1),
+        ], dim=1)
+    return Matching(src=src, dst=dst, base=base, num_tokens=N)
 
 
-def merge_tokens(x: Tensor, sizes: Tensor, matching: Matching, num_prefix: int = 0) -> Tuple[Tensor, Tensor]:
-    """Merge the patch tokens of ``x`` (B, N, C) with token sizes ``sizes`` (B, N, 1) as
-    ``matching`` says: each merged token is the size-weighted average of its members and its
-    size their sum. Prefix tokens pass unchanged. Returns (tokens, sizes) in the order
-    [prefix tokens, kept A tokens, B tokens].
+def merge_tokens(x: Tensor, sizes: Tensor, matching: Matching) -> Tuple[Tensor, Tensor]:
+    """Merge the tokens of ``x`` (B, N, C) with token sizes ``sizes`` (B, N, 1) as ``matching``
+    says: each merged token is the size-weighted average of its members and its size their sum
+    (ToMe's ``merge_wavg``). Returns (tokens, sizes) in the matching's order.
 
     One gather copies every surviving token to its new place; only the ``r`` merged rows are
-    then corrected, in place. (A sum-then-divide merge, weighting and re-normalising every
-    token, makes several full passes over the tokens per block; on a CPU each pass is a parallel
-    region whose cost, on a busy machine, is far above its arithmetic. Unmerged tokens keep
-    their values exactly here.)
+    then corrected. (A sum-then-divide merge, weighting and re-normalising every token, makes
+    several full passes over the tokens per block; on a CPU each pass is a parallel region whose
+    cost, on a busy machine, is far above its arithmetic. Unmerged tokens keep their values
+    exactly here.)
     """
     C = x.shape[-1]
-    base = matching.base_index(num_prefix)  # (B, N - r): the token each new token starts from
-    src = num_prefix + 2 * matching.src  # (B, r): the merged A tokens' positions in x
-    dst = num_prefix + matching.kept.shape[1] + matching.dst  # (B, r): their B tokens' new positions
+    base = matching.base
+    src = 2 * matching.src  # (B, r): the merged A tokens' positions in x
+    dst_old = 2 * matching.dst + 1  # (B, r): their B tokens' positions in x
+    dst = matching.new_index().gather(1, dst_old)  # ... and after the merge
     src_sizes = sizes.gather(1, src[..., None])
-    merged_sizes = sizes.gather(1, base[..., None]).scatter_add_(1, dst[..., None], src_sizes)
+    merged_sizes = sizes.gather(1, base[..., None]).scatter_add(1, dst[..., None], src_sizes)
     merged = x.gather(1, base[..., None].expand(-1, -1, C))
     # (s_b x_b + sum_a s_a x_a) / S  =  x_b + sum_a (s_a / S) (x_a - x_b),  S = s_b + sum_a s_a:
     # each A token adds its share of itself, and takes the same share of its B token's value
     # (read from x, so the in-place add below changes nothing autograd has saved).
     share = src_sizes / merged_sizes.gather(1, dst[..., None])  # (B, r, 1)
-    pairs = torch.cat([src, num_prefix + 2 * matching.dst + 1], dim=1)  # the A tokens, then their B tokens
+    pairs = torch.cat([src, dst_old], dim=1)  # the A tokens, then their B tokens
     terms = x.gather(1, pairs[..., None].expand(-1, -1, C)) * torch.cat([share, -share], dim=1)
     into = torch.cat([dst, dst], dim=1)[..., None].expand(-1, -1, C)
     return merged.scatter_add_(1, into, terms), merged_sizes
 
 
 class MergeState:
-    """The token set of one ToMe forward pass: token sizes (None while every token is one patch)
-    and ``origin`` (B, num_patches), for each original patch the index of the (merged) patch token
-    that holds it now: the source map that :meth:`unmerge` and the rollout use."""
+    """The token set of one ToMe forward pass: token sizes (B, N, 1) (None while every token is
+    one patch) and ``origin`` (B, num_patches), for each original patch the position of the
+    (merged) token that holds it now: the source map that :meth:`unmerge` and the rollout use."""
 
     def __init__(self, x: Tensor, num_prefix: int, proportional_attention: bool) -> None:
         B, N, _ = x.shape
         self.num_prefix = num_prefix
         self.proportional_attention = proportional_attention
         self.sizes: Optional[Tensor] = None
-        self.origin = torch.arange(N - num_prefix, device=x.device).expand(B, -1)
+        self.origin = torch.arange(num_prefix, N, device=x.device).expand(B, -1)
 
-    def attn_bias(self) -> Optional[Tensor]:
+    def attn_bias(self, sizes: Optional[Tensor] = None) -> Optional[Tensor]:
         """log(size) (B, 1, 1, N) for proportional attention; None before the first merge (all
         sizes 1, so the attention is the plain model's, bit for bit)."""
-        if self.sizes is None or not self.proportional_attention:
+        sizes = self.sizes if sizes is None else sizes
+        if sizes is None or not self.proportional_attention:
             return None
-        return self.sizes.log()[:, None, None, :, 0]
+        return sizes.log()[:, None, None, :, 0]
 
     def merge(self, x: Tensor, matching: Optional[Matching]) -> Tensor:
         if matching is None:
             return x
         sizes = self.sizes if self.sizes is not None else x.new_ones(x.shape[0], x.shape[1], 1)
-        x, self.sizes = merge_tokens(x, sizes, matching, self.num_prefix)
-        self.origin = matching.new_index().gather(1, self.origin)
+        x, sizes = merge_tokens(x, sizes, matching)
+        self.update(sizes, matching.new_index())
         return x
+
+    def update(self, sizes: Tensor, new_index: Tensor) -> None:
+        """Record a merge: the new sizes and where each token went."""
+        self.sizes = sizes
+        self.origin = new_index.gather(1, self.origin)
 
     def transition(self, matching: Matching, old_sizes: Tensor) -> Tensor:
         """(B, N_new, N_old) for a rollout: a merged token's row weighs its members by size."""
         index = matching.new_index()  # (B, n_old)
         B, n_old = index.shape
-        n_new = self.sizes.shape[1] - self.num_prefix
-        weights = old_sizes.new_zeros(B, n_new, n_old)
-        weights.scatter_(1, index[:, None, :], old_sizes[:, self.num_prefix :, 0][:, None, :])
-        weights = weights / self.sizes[:, self.num_prefix :]
-        return _prefix_transition(weights, self.num_prefix)
+        weights = old_sizes.new_zeros(B, self.sizes.shape[1], n_old)
+        weights.scatter_(1, index[:, None, :], old_sizes[:, None, :, 0])
+        return weights / self.sizes
 
     def unmerge(self, x: Tensor) -> Tensor:
         """Patch tokens (B, num_patches, C) on the original grid: each patch takes the value of
         the merged token that holds it (identity before any merge)."""
-        patch = x[:, self.num_prefix :]
         if self.sizes is None:
-            return patch
-        return patch.gather(1, self.origin[..., None].expand(-1, -1, x.shape[-1]))
+            return x[:, self.num_prefix :]
+        return x.gather(1, self.origin[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _tome_block(block: nn.Module, r: int, num_prefix: int, sizes: Optional[Tensor], prop_attn: bool) -> Callable:
+    """Block ``block`` with ToMe's merge as a pure function ``(x, grid) -> (x, sizes, new_index)``
+    (``sizes``/``new_index`` None when nothing merged), so the backbone can run it under gradient
+    checkpointing: a recompute in the backward pass starts again from the same ``sizes``."""
+
+    def step(x: Tensor, grid) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        merged = {}
+
+        def merge(tokens: Tensor, keys: Tensor) -> Tensor:
+            matching = bipartite_soft_matching(keys, r, num_prefix)
+            if matching is None:
+                return tokens
+            current = sizes if sizes is not None else tokens.new_ones(*tokens.shape[:2], 1)
+            tokens, merged["sizes"] = merge_tokens(tokens, current, matching)
+            merged["index"] = matching.new_index()
+            return tokens
+
+        bias = sizes.log()[:, None, None, :, 0] if prop_attn and sizes is not None else None
+        x = block.forward_merging(x, merge, bias)
+        return x, merged.get("sizes"), merged.get("index")
+
+    return step
 
 
 @MODELS.register_module()
 class ToMe(TokenReduction):
-    """Token merging (Bolya et al. 2023, "Token Merging: Your ViT But Faster").
+    """Token merging (Bolya et al. 2023, "Token Merging: Your ViT But Faster"), as
+    facebookresearch/ToMe's timm patch.
 
-    In every block, between the attention and the MLP, ``r`` patch tokens are merged by
-    bipartite soft matching (:func:`bipartite_soft_matching`, keys as similarity); class and
-    register tokens are never merged. Merged tokens are size-weighted averages and carry their
-    size; with ``proportional_attention`` log(size) is added to the attention logits (SDPA's float
-    mask). Dense outputs are unmerged onto the full grid. No parameters: converted timm / MAE /
-    DeiT weights run as they are (ToMe's "off the shelf" use).
+    In every block, between the attention and the MLP, ``r`` tokens are merged by bipartite
+    soft matching (:func:`bipartite_soft_matching`: the keys averaged over heads as similarity,
+    sets A and B alternating over the whole sequence); class and register tokens are never
+    merged. Merged tokens are size-weighted averages and carry their size; with
+    ``proportional_attention`` log(size) is added to the attention logits (SDPA's float mask).
+    Mean pooling is the plain mean of the merged patch tokens (as timm's pooling in the
+    patched model). Dense outputs are unmerged onto the full grid. No parameters: converted
+    timm / MAE / DeiT weights run as they are (ToMe's "off the shelf" use) and give the official
+    patch's outputs. Every block goes through the backbone's block call, so ``with_cp`` holds.
 
     Args:
         embed_dim, depth: given by the backbone.
@@ -338,27 +381,16 @@ class ToMe(TokenReduction):
         state = MergeState(x, num_prefix, self.proportional_attention)
         dense: Dict[int, Tensor] = {}
         for i, block in enumerate(blocks):
-            if block.window_size or block.attn.use_rel_pos:
-                x = call_block(block, x, grid)  # before any merge (validated)
+            if block.window_size or block.attn.use_rel_pos or (self.r[i] == 0 and state.sizes is None):
+                x = call_block(block, x, grid)  # no merge yet: the plain block, bit for bit
             else:
-                r = self.r[i]
-
-                def merge(tokens: Tensor, keys: Tensor, r: int = r) -> Tensor:
-                    return state.merge(tokens, bipartite_soft_matching(keys, r, num_prefix))
-
-                x = block.forward_merging(x, merge, state.attn_bias())
+                step = _tome_block(block, self.r[i], num_prefix, state.sizes, self.proportional_attention)
+                x, sizes, new_index = call_block(step, x, grid)
+                if sizes is not None:
+                    state.update(sizes, new_index)
             if i in dense_at:
                 dense[i] = state.unmerge(x)
         return x, dense, state
-
-    def pool_mean(self, x: Tensor, state: MergeState, num_prefix: int) -> Tensor:
-        """The size-weighted mean of the merged patch tokens: the mean over the original patches
-        of their (unmerged) values."""
-        patch = x[:, num_prefix:]
-        if state.sizes is None:
-            return patch.mean(dim=1)
-        sizes = state.sizes[:, num_prefix:]
-        return (patch * sizes).sum(dim=1) / sizes.sum(dim=1)
 
     def run_with_attention(self, blocks, x, grid, num_prefix):
         state = MergeState(x, num_prefix, self.proportional_attention)
