@@ -86,9 +86,11 @@ def test_full_size_key_list_consumed_with_shapes():
     assert len(set(src.key_map.values())) == len(keys)
     assert compare_with_model(src.state_dict, src.model) == dict(missing=[], unexpected=[], shapes=[])
     assert src.model["backbone"]["norm_eps"] == 1e-5
-    # The options det_coco.yaml needs for these weights: only the backbone's LayerNorm epsilon.
+    # The options det_coco.yaml needs for these weights: the backbone's LayerNorm epsilon (and
+    # the stored 14 x 14 position grid, until the config sets it).
     _, meta = src.to_vitasks()
-    assert meta["cfg_options"] == ["model.backbone.norm_eps=1.0e-05"]
+    assert "model.backbone.norm_eps=1.0e-05" in meta["cfg_options"]
+    assert set(meta["cfg_options"]) <= {"model.backbone.norm_eps=1.0e-05", "model.backbone.pretrain_img_size=224"}
     from vitasks.config import load_config
 
     cfg = load_config(os.path.join(ROOT, "configs/det_coco.yaml"), meta["cfg_options"])

@@ -254,6 +254,8 @@ def config_differences(hint: Any, config: Any, prefix: str = "model") -> List[st
             pass
     if hint == config and type(hint) is type(config):
         return []
+    if isinstance(hint, Mapping) and isinstance(config, Mapping):  # another component: replace it
+        return [f"{prefix}={show({'_delete_': True, **hint})}"]
     return [f"{prefix}={show(hint)}"]
 
 

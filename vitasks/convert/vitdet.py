@@ -86,10 +86,8 @@ def vitdet_backbone(t: KeyTaker, prefix: str, norm_eps: float, notes: List[str])
     t.out["backbone.pos_embed"] = pos[:, int(has_cls):].clone()
     t.taken[prefix + "pos_embed"] = "backbone.pos_embed"
     if has_cls:
-        notes.append(
-            f"pos_embed: the class token's entry dropped (never used); the {side}x{side} grid is resampled "
-            f"(bicubic) to the input's grid when loaded, as the source does on every forward pass"
-        )
+        notes.append("pos_embed: the class token's entry dropped (detectron2 never uses it)")
+    pretrain_img_size = side * patch if side * patch != img_size else None
     return dict(
         type="VisionTransformer",
         img_size=img_size,
@@ -109,6 +107,9 @@ def vitdet_backbone(t: KeyTaker, prefix: str, norm_eps: float, notes: List[str])
         window_size=window_size,
         global_indices=global_indices,
         use_rel_pos=use_rel_pos,
+        # the stored grid (MAE's 14 x 14), resampled to the input's grid in every forward pass
+        # exactly as detectron2's get_abs_pos does
+        **({"pretrain_img_size": pretrain_img_size} if pretrain_img_size else {}),
         stem=dict(type="PatchEmbed"),
     )
 
