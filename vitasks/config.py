@@ -38,6 +38,7 @@ import yaml
 from mmengine.config import Config
 from yaml.constructor import ConstructorError
 
+from vitasks.checks import check_literal_arguments
 from vitasks.errors import ConfigError
 
 __all__ = ["load_config", "validate_config", "dump_config", "parse_cfg_options"]
@@ -543,16 +544,25 @@ class _Names:
 
 
 def _accepted_args(obj: Any) -> Optional[List[str]]:
-    """Keyword arguments of a class or function; None when it takes ``**kwargs`` or has no
-    readable signature."""
-    try:
-        params = inspect.signature(obj).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return None
-    return [p.name for p in params
-            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    """Keyword arguments of a class or function; None when it takes ``**kwargs`` that cannot be
+    followed, or has no readable signature. A class whose ``__init__`` passes ``**kwargs`` on
+    accepts its own arguments and those of the next ``__init__`` up its MRO, and so on."""
+    owners = obj.__mro__ if isinstance(obj, type) else (obj,)
+    accepted: List[str] = []
+    for owner in owners:
+        if isinstance(obj, type) and "__init__" not in vars(owner):
+            continue
+        try:
+            params = inspect.signature(owner.__init__ if isinstance(obj, type) else owner).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        accepted += [p.name for p in params if p.name != "self" and p.name not in accepted and p.kind in (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return accepted
+        if not isinstance(obj, type):
+            return None
+    return None
 
 
 def _check_args(path: str, node: dict, owner: str, accepted: List[str], extra: set) -> List[str]:
@@ -619,6 +629,8 @@ class _Validator:
             foreign.update(getattr(obj, "config_foreign_types", None) or {})
         if accepted_all is not None:
             self.problems += _check_args(path, node, owners[0], accepted_all, extra)
+        for _, obj in self.names.vitasks[short]:  # the same checks as when it is built
+            self.problems += check_literal_arguments(obj, node, path)
         return foreign
 
     def _check_foreign(self, node: dict, kind: str, where: str, path: str, module: str) -> None:

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitasks.checks import InRange, PositiveInt, building, checked, config_key
 from vitasks.errors import ConfigError
 from vitasks.models.heads.rpn_head import box_regression_loss
 from vitasks.models.ops import BoxCoder, RoIPooler, batched_nms, box_iou, clip_boxes, nonempty_boxes, roi_align
@@ -151,9 +152,12 @@ class StandardRoIHead(nn.Module):
         loss_cls_weight, loss_bbox_weight, loss_mask_weight: multiply the losses.
     """
 
+    config_key = "model.roi_head"
+
+    @checked
     def __init__(
         self,
-        num_classes: int,
+        num_classes: PositiveInt,
         in_channels: int = 256,
         strides: Sequence[int] = (4, 8, 16, 32),
         box_pooled_size: int = 7,
@@ -164,7 +168,7 @@ class StandardRoIHead(nn.Module):
         box_coder_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
         iou_threshold: float = 0.5,
         batch_size_per_image: int = 512,
-        positive_fraction: float = 0.25,
+        positive_fraction: InRange(0, 1, low_open=True) = 0.25,
         proposal_append_gt: bool = True,
         smooth_l1_beta: float = 0.0,
         score_threshold: float = 0.05,
@@ -175,10 +179,7 @@ class StandardRoIHead(nn.Module):
         loss_mask_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ConfigError(f"model.roi_head.num_classes must be a positive integer, got {num_classes!r}")
-        if not 0 < positive_fraction <= 1:
-            raise ConfigError(f"model.roi_head.positive_fraction must be in (0, 1], got {positive_fraction}")
+        self.config_path = config_key(default=self.config_key)  # for errors at run time too
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.strides = tuple(int(s) for s in strides)
@@ -186,7 +187,7 @@ class StandardRoIHead(nn.Module):
             self.box_pooler = RoIPooler(box_pooled_size, self.strides, sampling_ratio, aligned=True)
             self.mask_pooler = RoIPooler(mask_pooled_size, self.strides, sampling_ratio, aligned=True)
         except ValueError as error:
-            raise ConfigError(f"model.roi_head: {error}") from None
+            raise ConfigError(f"{self.config_path}: {error}") from None
         self.box_pooled_size = box_pooled_size
         self.box_head_cfg = dict(box_head or {})
         self.build_box_heads()
@@ -194,7 +195,8 @@ class StandardRoIHead(nn.Module):
             self.mask_head = None
         else:
             cfg = {"type": "MaskConvUpsampleHead", **mask_head, "num_classes": num_classes, "in_channels": in_channels}
-            self.mask_head = MODELS.build(cfg)
+            with building("mask_head", root=self.config_key):
+                self.mask_head = MODELS.build(cfg)
         self.box_coder = BoxCoder(box_coder_weights)
         self.matcher = Matcher([iou_threshold], (0, 1), allow_low_quality_matches=False)
         self.batch_size_per_image = int(batch_size_per_image)
@@ -215,7 +217,8 @@ class StandardRoIHead(nn.Module):
     def _build_box_head(self, **overrides) -> nn.Module:
         cfg = {"type": "ConvFCBoxHead", **self.box_head_cfg, **overrides}
         cfg.update(num_classes=self.num_classes, in_channels=self.in_channels, pooled_size=self.box_pooled_size)
-        return MODELS.build(cfg)
+        with building("box_head", root=self.config_key):
+            return MODELS.build(cfg)
 
     def build_box_heads(self) -> None:
         self.box_head = self._build_box_head()
@@ -223,7 +226,7 @@ class StandardRoIHead(nn.Module):
     def _levels(self, features: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         if len(features) < len(self.strides):
             raise ConfigError(
-                f"model.roi_head pools from {len(self.strides)} levels (strides {list(self.strides)}), "
+                f"{self.config_path} pools from {len(self.strides)} levels (strides {list(self.strides)}), "
                 f"the neck gives only {len(features)} maps"
             )
         return features[: len(self.strides)]
@@ -298,7 +301,7 @@ class StandardRoIHead(nn.Module):
             if gt.masks is None:
                 raise ValueError(
                     f"image {image_index}: the mask head needs gt_instances.masks (load the masks with the "
-                    "annotations, or set model.roi_head.mask_head: null for a box-only detector)"
+                    f"annotations, or set {self.config_path}.mask_head: null for a box-only detector)"
                 )
             if len(foreground):
                 size = 2 * self.mask_pooler.output_size
@@ -418,25 +421,26 @@ class CascadeRoIHead(StandardRoIHead):
         stage_loss_weights: Optional[Sequence[float]] = None,
         **kwargs,
     ) -> None:
+        where = config_key(default=self.config_key)
         for key in ("iou_threshold", "box_coder_weights"):
             if key in kwargs:
                 raise ConfigError(
-                    f"model.roi_head.{key}: CascadeRoIHead takes per-stage lists (stage_iou_thresholds, "
+                    f"{where}.{key}: CascadeRoIHead takes per-stage lists (stage_iou_thresholds, "
                     "stage_box_coder_weights) instead"
                 )
         self.num_stages = len(stage_iou_thresholds)
         if self.num_stages < 1 or len(stage_box_coder_weights) != self.num_stages:
             raise ConfigError(
-                "model.roi_head: stage_iou_thresholds and stage_box_coder_weights need one entry per stage, "
+                f"{where}: stage_iou_thresholds and stage_box_coder_weights need one entry per stage, "
                 f"got {len(stage_iou_thresholds)} and {len(stage_box_coder_weights)}"
             )
         if (kwargs.get("box_head") or {}).get("class_agnostic") is False:
-            raise ConfigError("model.roi_head.box_head.class_agnostic: the cascade's box heads are class-agnostic")
+            raise ConfigError(f"{where}.box_head.class_agnostic: the cascade's box heads are class-agnostic")
         super().__init__(num_classes, iou_threshold=stage_iou_thresholds[0], **kwargs)
         weights = [1.0] * self.num_stages if stage_loss_weights is None else [float(w) for w in stage_loss_weights]
         if len(weights) != self.num_stages:
             raise ConfigError(
-                f"model.roi_head.stage_loss_weights needs {self.num_stages} values, got {list(stage_loss_weights)}"
+                f"{where}.stage_loss_weights needs {self.num_stages} values, got {list(stage_loss_weights)}"
             )
         self.stage_loss_weights = weights
         self.box_coders = [BoxCoder(w) for w in stage_box_coder_weights]

@@ -53,6 +53,7 @@ import torch.nn as nn
 from mmengine.model import BaseDataPreprocessor, BaseModel
 from mmengine.optim import OptimWrapper
 
+from vitasks.checks import building
 from vitasks.errors import ConfigError
 from vitasks.models.tasks.base import build_part
 from vitasks.registry import MODELS
@@ -299,8 +300,11 @@ class MultiTaskModel(BaseModel):
             raise ConfigError(f"{where}.type: {model_type!r} is not a registered model")
         view = SharedBackboneView(name, spec, self._fetch, self.backbone)
         try:
-            task = model_cls(backbone=view, **cfg)
+            with building("tasks", name, root="model"):  # the task's parts name model.tasks.<name>.<part>
+                task = model_cls(backbone=view, **cfg)
         except ConfigError as e:
+            if str(e).startswith(where):
+                raise
             raise ConfigError(f"{where}: {e}") from e
         except TypeError as e:
             raise ConfigError(f"{where}: cannot build {getattr(model_cls, '__name__', model_cls)}: {e}") from e

@@ -1,0 +1,292 @@
+"""Argument checks for the components a config builds, and the config key each error names.
+
+One way to say what an argument must be: an annotation. ``depth: PositiveInt``,
+``img_size: IntPair``, ``pool: OneOf("token", "mean", "none")``, ``out_indices:
+BlockIndices("depth")``. :func:`checked` on a component's ``__init__`` checks (and normalises:
+an ``IntPair`` becomes a tuple) every annotated argument before the body runs, and
+:mod:`vitasks.config`'s validation runs the same checks on a YAML file before anything is
+built, so a bad value gets the same message at either time.
+
+Every message names the argument's real config key. While a component is built from a config,
+:func:`building` records where: the Runner builds ``model``, a task model builds
+``model.<part>`` (``build_part``), a multi-task model builds ``model.tasks.<name>`` and its
+parts under it. :func:`config_key` joins that with an argument's name, so a detector's RoI head
+says ``model.tasks.det.roi_head.num_classes`` inside a multi-task model and
+``model.roi_head.num_classes`` alone. A component built by hand (a test, a notebook) names the
+key its class declares as ``config_key`` (``model.backbone``...).
+
+This module imports nothing of vitasks but its errors, so any layer may use it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Annotated, Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, get_type_hints
+
+from vitasks.errors import ConfigError
+
+__all__ = [
+    "Check",
+    "PositiveInt",
+    "NonNegativeInt",
+    "IntPair",
+    "OneOf",
+    "InRange",
+    "BlockIndices",
+    "OrNone",
+    "building",
+    "config_key",
+    "checked",
+    "argument_checks",
+    "int_pair",
+    "positive_int",
+    "one_of",
+    "in_range",
+    "block_indices",
+    "build_child",
+]
+
+# The config key of what is being built now, as its parts ("model", "tasks", "det", "roi_head").
+_BUILDING: ContextVar[Tuple[str, ...]] = ContextVar("vitasks_building", default=())
+
+
+@contextmanager
+def building(*keys: str, root: Optional[str] = None) -> Iterator[Tuple[str, ...]]:
+    """Build components under config key ``keys``, appended to the current key (or to ``root``,
+    e.g. ``"model"``, when nothing is being built yet). Dotted parts are split."""
+    current = _BUILDING.get() or tuple(p for p in (root or "").split(".") if p)
+    parts = current + tuple(p for key in keys for p in str(key).split(".") if p)
+    token = _BUILDING.set(parts)
+    try:
+        yield parts
+    finally:
+        _BUILDING.reset(token)
+
+
+def config_key(*names: str, default: str = "") -> str:
+    """The dotted config key of ``names`` under the component being built now; ``default`` is the
+    component's own key when it is built outside any config (its class's ``config_key``)."""
+    base = _BUILDING.get() or tuple(p for p in default.split(".") if p)
+    return ".".join((*base, *(n for n in names if n)))
+
+
+# --------------------------------------------------------------------------------------------
+# the checks
+# --------------------------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def positive_int(value: Any, key: str) -> int:
+    if not _is_int(value) or value < 1:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def int_pair(value: Any, key: str, what: str = "a positive int or [height, width]") -> Tuple[int, int]:
+    """``N`` or ``[H, W]`` of positive ints, as ``(H, W)``."""
+    if _is_int(value):
+        value = (value, value)
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(_is_int(v) and v > 0 for v in value):
+        raise ConfigError(f"{key} must be {what}, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def one_of(value: Any, choices: Sequence[Any], key: str) -> Any:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def in_range(value: Any, key: str, low: Optional[float] = None, high: Optional[float] = None,
+             low_open: bool = False, high_open: bool = False) -> Any:
+    """A finite number in the interval (``low`` .. ``high``, each end open or closed)."""
+    ok = _number(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        raise ConfigError(f"{key} must be a number in {_interval(low, high, low_open, high_open)}, got {value!r}")
+    return value
+
+
+def _interval(low, high, low_open, high_open) -> str:
+    left = "(" if low_open or low is None else "["
+    right = ")" if high_open or high is None else "]"
+    return f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+
+
+def block_indices(values: Any, depth: int, key: str, allow_empty: bool = True) -> Tuple[int, ...]:
+    """Block indices in ``[-depth, depth)`` (negative counts from the end), as non-negative ints."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not all(_is_int(v) for v in values):
+        raise ConfigError(f"{key} must be a list of block indices, got {values!r}")
+    if not values and not allow_empty:
+        raise ConfigError(f"{key} must name at least one block")
+    bad = [v for v in values if not -depth <= v < depth]
+    if bad:
+        raise ConfigError(f"{key}: block indices {bad} out of range for depth {depth} "
+                          f"(valid: {-depth}..{depth - 1})")
+    return tuple(v % depth for v in values)
+
+
+class Check:
+    """A check of one argument, used as ``Annotated[type, check]``. ``__call__(value, key,
+    arguments)`` returns the value (normalised) or raises a :class:`ConfigError` naming ``key``;
+    ``arguments`` are the other arguments of the call (for checks that depend on one)."""
+
+    #: names of other arguments this check reads (skipped at config time when they are not literals)
+    reads: Tuple[str, ...] = ()
+
+    def __call__(self, value: Any, key: str, arguments: Mapping[str, Any]) -> Any:
+        raise NotImplementedError
+
+
+class _Function(Check):
+    def __init__(self, function: Callable[..., Any], **options: Any) -> None:
+        self.function, self.options = function, options
+
+    def __call__(self, value: Any, key: str, arguments: Mapping[str, Any]) -> Any:
+        return self.function(value, key=key, **self.options)
+
+    def __repr__(self) -> str:
+        return f"{self.function.__name__}({self.options or ''})"
+
+
+class _OneOf(Check):
+    def __init__(self, choices: Sequence[Any]) -> None:
+        self.choices = tuple(choices)
+
+    def __call__(self, value: Any, key: str, arguments: Mapping[str, Any]) -> Any:
+        return one_of(value, self.choices, key)
+
+
+class _BlockIndices(Check):
+    def __init__(self, depth_argument: str, allow_empty: bool) -> None:
+        self.reads = (depth_argument,)
+        self.allow_empty = allow_empty
+
+    def __call__(self, value: Any, key: str, arguments: Mapping[str, Any]) -> Any:
+        return block_indices(value, arguments[self.reads[0]], key, self.allow_empty)
+
+
+class _Optional(Check):
+    """None passes; anything else goes to ``check``."""
+
+    def __init__(self, check: Check) -> None:
+        self.check, self.reads = check, check.reads
+
+    def __call__(self, value: Any, key: str, arguments: Mapping[str, Any]) -> Any:
+        return None if value is None else self.check(value, key, arguments)
+
+
+PositiveInt = Annotated[int, _Function(positive_int)]
+NonNegativeInt = Annotated[int, _Function(in_range, low=0)]
+IntPair = Annotated[Any, _Function(int_pair)]
+
+
+def OneOf(*choices: Any) -> Any:  # noqa: N802  (reads as a type in a signature)
+    return Annotated[Any, _OneOf(choices)]
+
+
+def InRange(low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False,  # noqa: N802
+            high_open: bool = False) -> Any:
+    return Annotated[float, _Function(in_range, low=low, high=high, low_open=low_open, high_open=high_open)]
+
+
+def BlockIndices(depth_argument: str = "depth", allow_empty: bool = True) -> Any:  # noqa: N802
+    return Annotated[Any, _BlockIndices(depth_argument, allow_empty)]
+
+
+def OrNone(annotation: Any) -> Any:  # noqa: N802
+    """``OrNone(PositiveInt)``: None, or what ``annotation`` accepts."""
+    return Annotated[Any, _Optional(_check_of(annotation))]
+
+
+def _check_of(annotation: Any) -> Optional[Check]:
+    for extra in getattr(annotation, "__metadata__", ()):
+        if isinstance(extra, Check):
+            return extra
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def argument_checks(function: Callable) -> Dict[str, Check]:
+    """The :class:`Check` of each annotated argument of ``function`` (an ``__init__``)."""
+    function = getattr(function, "__vitasks_unchecked__", function)
+    try:
+        hints = get_type_hints(function, include_extras=True)
+    except Exception:  # noqa: BLE001  (an annotation that cannot be resolved has no check)
+        return {}
+    return {name: check for name, hint in hints.items() if (check := _check_of(hint)) is not None}
+
+
+def checked(init: Callable) -> Callable:
+    """Decorate a component's ``__init__``: every argument annotated with a :class:`Check` is
+    checked (and normalised) before the body runs, its message naming the config key
+    (:func:`config_key` under the class's ``config_key``)."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self, *args: Any, **kwargs: Any) -> Any:
+        checks = argument_checks(init)
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        default = getattr(type(self), "config_key", "")
+        for name, check in checks.items():
+            if name in bound.arguments:
+                bound.arguments[name] = check(bound.arguments[name], config_key(name, default=default),
+                                              bound.arguments)
+        return init(*bound.args, **bound.kwargs)
+
+    wrapper.__vitasks_unchecked__ = init
+    return wrapper
+
+
+def check_literal_arguments(cls: Any, node: Mapping[str, Any], path: str) -> list:
+    """Config-time: the problems :func:`checked` would raise for the literal values in ``node``
+    (a component's config at key ``path``); values that are components or references are left
+    to build time."""
+    init = getattr(cls, "__init__", None)
+    if not callable(init) or not hasattr(init, "__vitasks_unchecked__"):
+        return []
+    problems = []
+    for name, check in argument_checks(init).items():
+        if name not in node or isinstance(node[name], dict):
+            continue
+        if any(r not in node for r in check.reads):
+            continue
+        try:
+            check(node[name], f"{path}.{name}" if path else name, node)
+        except ConfigError as err:
+            problems.append(str(err))
+        except (TypeError, KeyError):  # a value of another kind: the build reports it
+            continue
+    return problems
+
+
+def build_child(cfg: Any, key: str, registry: Any, owner: str = "", **inject: Any) -> Any:
+    """Build the child component ``key`` of the one being built from ``{type: ..., ...}`` in
+    ``registry``, with ``inject`` added (an argument the config may not set itself). An already
+    built object passes through."""
+    if cfg is None or not isinstance(cfg, dict):
+        return cfg
+    if "type" not in cfg:
+        raise ConfigError(f"{config_key(key)} must be a dict with a `type`{f' ({owner})' if owner else ''}, "
+                          f"got {cfg!r}")
+    clash = sorted(set(cfg) & set(inject))
+    if clash:
+        raise ConfigError(f"{config_key(key)}: {', '.join(clash)} is set by {owner or 'its parent'}; "
+                          "leave it out of the config")
+    with building(key):
+        return registry.build({**cfg, **inject})
