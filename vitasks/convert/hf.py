@@ -160,7 +160,7 @@ def read(path: str, opts: ConvertOptions) -> Source:
         return hf_video.read(sd, cfg, path, opts, folder)
     from vitasks.convert import hf_beit  # BEiT / Data2Vec-vision (semantic segmentation)
 
-    if hf_beit.detect(sd):
+    if hf_beit.detect(sd) is not None:
         return hf_beit.read(sd, cfg, path, opts, folder)
     from vitasks.convert import hf_dinov2  # Dinov2[WithRegisters]Model / ForImageClassification
 

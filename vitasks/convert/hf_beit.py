@@ -108,15 +108,23 @@ _HEADS = [
     (r"^auxiliary_head\.convs\.(\d+)\.", r"auxiliary_head.convs.\1."),
     (r"^auxiliary_head\.conv_cat\.", "auxiliary_head.conv_cat."),
 ]
+_REST_HEADS = ("fpn", "decode_head.", "auxiliary_head.")
 _BN_FIELDS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
+_BARE_MARKERS = re.compile(r"^(?:encoder\.layer|layers)\.\d+\.(?:lambda_1|.*relative_position_bias_table)$|"
+                           r"^(?:encoder\.relative_position_bias|shared_position_bias)\.")
+
+
 def detect(sd: StateDict) -> Optional[str]:
-    """The model prefix (``beit`` or ``data2vec_vision``) when ``sd`` is a transformers BEiT or
-    Data2Vec-vision state dict, else None."""
+    """The key prefix of a transformers BEiT or Data2Vec-vision state dict (``"beit."``,
+    ``"data2vec_vision."``, or ``""`` for a bare ``BeitModel`` saved on its own, recognised by
+    its LayerScale or relative position tables), else None."""
     for p in PREFIXES:
         if any(k.startswith(p) for k in sd):
-            return p[:-1]
+            return p
+    if any(_BARE_MARKERS.match(k) for k in sd):
+        return ""
     return None
 
 
@@ -152,7 +160,7 @@ def _rename(sd: StateDict, prefix: str, path: str, notes: List[str]) -> Tuple[St
     qkv: Dict[str, Dict[str, Dict[str, torch.Tensor]]] = {}
     unknown = []
     for key, v in sd.items():
-        if key.startswith(prefix):
+        if key.startswith(prefix) and not (prefix == "" and key.startswith(("classifier.",) + _REST_HEADS)):
             k = key[len(prefix):]
             if k in _DROPPED or k.endswith("relative_position_index"):
                 continue
@@ -212,13 +220,13 @@ def _config_value(cfg: Dict[str, Any], key: str, default):
 def read(sd: StateDict, cfg: Dict[str, Any], path: str, opts: ConvertOptions, folder: str) -> BeitSource:
     """Map a transformers BEiT / Data2Vec-vision state dict (with ``config.json`` as ``cfg``,
     possibly empty) to a :class:`BeitSource`."""
-    kind = detect(sd)
-    if kind is None:
+    prefix = detect(sd)
+    if prefix is None:
         raise CheckpointError(f"{path}: not a transformers BEiT / Data2Vec-vision state dict")
     notes: List[str] = []
-    backbone, rest = _rename(sd, kind + ".", path, notes)
+    backbone, rest = _rename(sd, prefix, path, notes)
     segmentation = any(k.startswith("decode_head.") for k in rest)
-    model = ("Beit" if kind == "beit" else "Data2VecVision") + (
+    model = ("Data2VecVision" if prefix == "data2vec_vision." or "data2vec" in str(cfg.get("model_type", "")) else "Beit") + (
         "ForSemanticSegmentation" if segmentation else ("ForImageClassification" if "head.fc.weight" in rest else "Model")
     )
     if not cfg:
