@@ -65,7 +65,7 @@ def test_checks_normalise_valid_values():
     (dict(depth=True), "model.toy.depth must be a positive integer, got True"),
     (dict(size=[1, 2, 3]), r"model.toy.size must be a positive int or \[height, width\], got \[1, 2, 3\]"),
     (dict(size=[0, 2]), "model.toy.size must be"),
-    (dict(mode="c"), "model.toy.mode must be one of 'a', 'b', got 'c'"),
+    (dict(mode="c"), r"model.toy.mode must be one of \['a', 'b'\], got 'c'"),
     (dict(ratio=0), r"model.toy.ratio must be a number in \(0, 1\], got 0"),
     (dict(ratio=float("nan")), "model.toy.ratio must be a number"),
     (dict(blocks=[2]), r"model.toy.blocks: block indices \[2\] out of range for depth 2 \(valid: -2..1\)"),
@@ -92,7 +92,7 @@ def test_config_time_checks_are_the_build_time_checks():
     assert sorted(problems) == sorted([
         "model.tasks.t.depth must be a positive integer, got 0",
         "model.tasks.t.blocks: block indices [5] out of range for depth 0 (valid: 0..-1)",
-        "model.tasks.t.mode must be one of 'a', 'b', got 'z'",
+        "model.tasks.t.mode must be one of ['a', 'b'], got 'z'",
     ])
     # a value the config sets by reference to another component is left to build time
     assert check_literal_arguments(Toy, {"depth": {"type": "X"}}, "m") == []

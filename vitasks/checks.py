@@ -104,7 +104,7 @@ def int_pair(value: Any, key: str, what: str = "a positive int or [height, width
 
 def one_of(value: Any, choices: Sequence[Any], key: str) -> Any:
     if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
     return value
 
 
