@@ -69,8 +69,16 @@ def pool_for(sd: StateDict, embed_dim: int) -> str:
 
 
 def is_facebook_dinov2(sd: StateDict) -> bool:
-    """A state dict as facebookresearch/dinov2 saves it (``dinov2_vit*14*_pretrain.pth``)."""
-    return "mask_token" in sd or "register_tokens" in sd
+    """A state dict as facebookresearch/dinov2 saves it (``dinov2_vit*14*_pretrain.pth``): its
+    ``register_tokens``, or its (1, C) ``mask_token`` beside a patch-14 embedding (MAE's mask
+    token is (1, 1, C) and comes with a decoder)."""
+    if "register_tokens" in sd:
+        return True
+    mask, proj = sd.get("mask_token"), sd.get("patch_embed.proj.weight")
+    return (
+        mask is not None and mask.ndim == 2 and proj is not None and proj.ndim == 4
+        and tuple(proj.shape[-2:]) == (14, 14)
+    )
 
 
 def from_facebook(sd: StateDict, where: str) -> StateDict:
