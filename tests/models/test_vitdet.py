@@ -466,3 +466,59 @@ def test_simple_pyramid_options_and_errors():
         SimpleFeaturePyramid(in_channels=18)
     with pytest.raises(ConfigError, match="out_indices"):
         neck(torch.randn(1, 8, 4, 4))
+
+
+# ------------------------------------------------------------- position embedding as detectron2
+
+
+def detectron2_get_abs_pos(abs_pos: torch.Tensor, has_cls_token: bool, hw) -> torch.Tensor:
+    """detectron2's ``get_abs_pos`` (modeling/backbone/utils.py), written from its description:
+    drop the class token's entry, lay the rest on its square grid, resize bicubically
+    (align_corners=False) to the input's h x w when it differs, return (1, h, w, C)."""
+    h, w = hw
+    if has_cls_token:
+        abs_pos = abs_pos[:, 1:]
+    size = int(math.sqrt(abs_pos.shape[1]))
+    assert size * size == abs_pos.shape[1]
+    grid = abs_pos.reshape(1, size, size, -1)
+    if size != h or size != w:
+        grid = F.interpolate(grid.permute(0, 3, 1, 2), size=(h, w), mode="bicubic", align_corners=False)
+        grid = grid.permute(0, 2, 3, 1)
+    return grid
+
+
+@pytest.mark.parametrize("input_size", [(64, 64), (96, 80), (32, 32)])
+def test_pretrain_grid_position_embedding_is_detectron2s_get_abs_pos(input_size):
+    """pretrain_img_size: the stored table is the pre-training grid (224 / 16 = 14 x 14 in
+    ViTDet; here 48 / 16 = 3 x 3), resampled to the input's grid in every forward."""
+    torch.manual_seed(0)
+    vit = vitdet(pretrain_img_size=48, window_size=0, global_indices=[], use_rel_pos=False, depth=1).eval()
+    assert vit.pos_embed.shape == (1, 9, DIM)
+    with torch.no_grad():
+        vit.pos_embed.normal_()
+    expected = detectron2_get_abs_pos(vit.pos_embed.detach(), False, (input_size[0] // 16, input_size[1] // 16))
+    got = vit._pos_embed_for((input_size[0] // 16, input_size[1] // 16))
+    torch.testing.assert_close(got.reshape(expected.shape), expected, rtol=1e-6, atol=1e-6)
+    # And it is what the blocks see: tokens = patch embedding + detectron2's positions.
+    x = torch.randn(1, 3, *input_size)
+    tokens, grid = vit._embed(x)
+    patches = vit.stem(x).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(tokens, patches + expected.reshape(1, -1, DIM), rtol=1e-6, atol=1e-6)
+
+
+def test_pretrain_grid_loads_a_class_token_checkpoint_unchanged():
+    """A 224-style checkpoint (class token + 3 x 3 grid) loads as is: the class token's entry
+    dropped (detectron2's pretrain_use_cls_token), no resampling at load time."""
+    torch.manual_seed(0)
+    table = torch.randn(1, 10, DIM)
+    vit = vitdet(pretrain_img_size=48)
+    vit.load_state_dict({"pos_embed": table}, strict=False)
+    torch.testing.assert_close(vit.pos_embed.detach(), table[:, 1:])
+    expected = detectron2_get_abs_pos(table, True, (4, 4))
+    torch.testing.assert_close(vit._pos_embed_for((4, 4)).reshape(expected.shape), expected, rtol=1e-6, atol=1e-6)
+    assert "pos_embed" in vit.no_weight_decay()
+
+
+def test_pretrain_img_size_must_divide_by_the_stride():
+    with pytest.raises(ConfigError, match="pretrain_img_size"):
+        vitdet(pretrain_img_size=40)
