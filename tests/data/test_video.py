@@ -517,6 +517,27 @@ def test_generator_is_deterministic_and_balanced(tmp_path, dataset_root):
         os.path.join(dataset_root, "train", "up", "up_0000.mp4"), "rb").read()
 
 
+def test_generated_bytes_do_not_depend_on_the_heap(tmp_path, dataset_root):
+    """The same dataset written by a fresh process whose fresh and freed heap memory is filled with
+    a pattern (glibc's MALLOC_PERTURB_) has the same bytes. x264's AVX-512 assembly reads
+    uninitialised memory, so without ``asm=0`` on an AVX-512 machine the bytes of some clips
+    change with the pattern (on other CPUs this cannot fail)."""
+    import subprocess
+    import sys
+
+    again = str(tmp_path / "perturbed")
+    code = ("from vitasks.data.synthetic.video import make_video_dataset\n"
+            f"make_video_dataset({again!r}, seed=3, train_per_class=2, val_per_class=1, size=32, "
+            "num_frames=20, keyframe_interval=6)\n")
+    env = dict(os.environ, MALLOC_PERTURB_="85", OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    clips = [line.split()[0] for split in ("train.txt", "val.txt") for line in open(os.path.join(dataset_root, split))]
+    assert len(clips) == 12
+    changed = [rel for rel in clips
+               if open(os.path.join(dataset_root, rel), "rb").read() != open(os.path.join(again, rel), "rb").read()]
+    assert changed == []
+
+
 def estimated_motion(frames):
     """The whole-pixel shift (dx, dy) that best carries each frame difference onto the next one
     (by correlation): the direction the changes move in, whatever moves."""

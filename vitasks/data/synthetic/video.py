@@ -12,7 +12,9 @@ single frame, at any time, has the same distribution in every class: only motion
 Written as ``train/<class>/<class>_<i>.mp4`` and ``val/...`` (H.264 through PyAV), the lists
 ``train.txt`` and ``val.txt`` (``train/left/left_0000.mp4 0``), ``classes.txt`` (the names in
 label order) and ``synthetic.json`` (the parameters). The same arguments give the same files,
-byte for byte (single-threaded encoding).
+byte for byte, on every run with the same PyAV build, whatever the machine's load, threads or CPU
+features: x264 runs single-threaded on its plain C code (see :data:`X264_OPTIONS`). Another
+FFmpeg/x264 build writes other bytes (its version strings, its encoder's decisions).
 """
 
 from __future__ import annotations
@@ -102,9 +104,21 @@ def _panning_scene(rng, step, size, num_frames, shapes) -> np.ndarray:
     return np.stack(frames)
 
 
+# x264 options that make the bytes a function of the frames alone. ``threads=1``: no frame or
+# lookahead threads. ``asm=0``: x264's C code instead of the assembly chosen for the CPU. The
+# assembly is not bit-exact across instruction sets (the C, AVX2 and AVX-512 paths give different
+# bitstreams for the same frames), and its AVX-512 macroblock-tree code (x264 core 165, in PyAV
+# 18's wheels) reads uninitialised heap memory on these small frames: on AVX-512 machines the
+# same frames encoded to different bytes depending on what the process had allocated and freed
+# before (measured: with MALLOC_PERTURB_ set, the bytes changed with its value; with asm=0, or
+# with mbtree=0, they did not; valgrind finds no uninitialised read in the C path). The C path
+# costs ~30 ms more per 48 px, 16-frame clip (~10 s for the default set).
+X264_OPTIONS = {"crf": "18", "threads": "1", "preset": "fast", "x264-params": "asm=0"}
+
+
 def write_mp4(path: str, frames: np.ndarray, fps: int = 8, keyframe_interval: int = 8) -> None:
     """Encode RGB uint8 frames ``(T, H, W, 3)`` as H.264 in MP4 (yuv420p, even sides), with a
-    keyframe at least every ``keyframe_interval`` frames, single-threaded (deterministic)."""
+    keyframe at least every ``keyframe_interval`` frames; deterministic (:data:`X264_OPTIONS`)."""
     av = import_av()
     height, width = frames.shape[1:3]
     if height % 2 or width % 2:
@@ -113,7 +127,7 @@ def write_mp4(path: str, frames: np.ndarray, fps: int = 8, keyframe_interval: in
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.gop_size = keyframe_interval
-        stream.codec_context.options = {"crf": "18", "threads": "1", "preset": "fast"}
+        stream.codec_context.options = dict(X264_OPTIONS)
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                 container.mux(packet)
