@@ -174,3 +174,33 @@ def test_plain_style_is_the_shape_in_white_on_black(tmp_path):
     assert ((white > 0.5 * math.pi * (0.25 * 32) ** 2 * (1 - 0.55 ** 2)) & (white < math.pi * (0.42 * 32 * 1.2) ** 2)).all()
     with pytest.raises(ValueError, match="style"):
         make_cls_dataset(str(tmp_path / "bad"), style="neon")
+
+
+
+def test_photo_style_draws_light_or_dark_shapes_over_the_photograph(tmp_path):
+    photo = drawing.photographs()[0]
+    assert photo.ndim == 3 and photo.shape[2] == 3 and min(photo.shape[:2]) >= 256
+    rng = np.random.default_rng(0)
+    # Backgrounds: crops of the photograph, channels in any order; their sorted-channel mean levels
+    # (what a channel permutation keeps) match the photograph's, and they are textured, not flat.
+    crops = np.stack([drawing.photo_background(rng, (32, 32)) for _ in range(200)])
+    levels = np.sort(crops.reshape(-1, 3), axis=1).mean(axis=0)
+    photo_levels = np.sort(photo.reshape(-1, 3), axis=1).mean(axis=0)
+    assert np.abs(levels - photo_levels).max() < 15, (levels, photo_levels)
+    assert np.median(crops.std(axis=(1, 2, 3))) > 10
+    # Shapes: light or dark, about half each, whatever is underneath.
+    alpha = np.zeros((16, 16), np.float32)
+    alpha[4:12, 4:12] = 1.0
+    grey = np.full((16, 16, 3), 128.0, np.float32)
+    inside = np.array([drawing.paint_light_or_dark(rng, grey, alpha)[6:10, 6:10].mean() for _ in range(200)])
+    assert ((inside > 150) | (inside < 105)).all()
+    assert 70 < (inside > 150).sum() < 130
+
+    root, _ = make_cls_dataset(str(tmp_path / "a"), num_classes=3, train_per_class=3, val_per_class=1, size=32,
+                               seed=1, style="photo")
+    again, _ = make_cls_dataset(str(tmp_path / "b"), num_classes=3, train_per_class=3, val_per_class=1, size=32,
+                                seed=1, style="photo")
+    assert digest(os.path.join(root, "train")) == digest(os.path.join(again, "train"))
+    assert json.load(open(os.path.join(root, "synthetic.json")))["style"] == "photo"
+    seg_root = make_seg_dataset(str(tmp_path / "seg"), num_train=2, num_val=1, img_size=32, style="photo")
+    assert json.load(open(os.path.join(seg_root, "synthetic.json")))["style"] == "photo"

@@ -16,12 +16,21 @@ KINDS = {
 }
 
 
-def make_synthetic(kind: str, out_dir: str, seed: int = 0):
-    """Write the generated dataset ``kind`` into ``out_dir``."""
+#: Kinds that take ``style`` (see ``drawing.STYLES``); the others draw the ``"random"`` style only.
+STYLED_KINDS = ("cls", "seg")
+
+
+def make_synthetic(kind: str, out_dir: str, seed: int = 0, style: str = "random"):
+    """Write the generated dataset ``kind`` into ``out_dir`` in the appearance ``style``
+    (``"random"``, ``"plain"`` or ``"photo"``: see ``drawing.STYLES``)."""
     if kind not in KINDS:
         raise ValueError(f"unknown synthetic dataset kind {kind!r}; expected one of {sorted(KINDS)}")
     module_name, function_name = KINDS[kind]
     make = getattr(importlib.import_module(module_name), function_name)
+    if kind in STYLED_KINDS:
+        return make(out_dir, seed=seed, style=style)
+    if style != "random":
+        raise ValueError(f"the {kind!r} dataset has no style {style!r}; styles are for {', '.join(STYLED_KINDS)}")
     return make(out_dir, seed=seed)
 
 
@@ -32,7 +41,17 @@ def main(argv=None) -> int:
     parser.add_argument("kind", choices=sorted(KINDS), help="which task's dataset")
     parser.add_argument("out", help="output folder (the dataset's data_root)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--style",
+        choices=("random", "plain", "photo"),
+        default="random",
+        help="random: shapes in random colours and textures on textured backgrounds (default); "
+        "plain: white shapes on black (quick checks); photo: shapes drawn light or dark over crops "
+        "of the photograph that ships with matplotlib (photo composites). cls and seg only.",
+    )
     args = parser.parse_args(argv)
-    make_synthetic(args.kind, args.out, seed=args.seed)
-    print(f"wrote a synthetic {args.kind} dataset to {args.out}")
+    if args.style != "random" and args.kind not in STYLED_KINDS:
+        parser.error(f"--style {args.style} is for {' and '.join(STYLED_KINDS)} only")
+    make_synthetic(args.kind, args.out, seed=args.seed, style=args.style)
+    print(f"wrote a synthetic {args.kind} dataset ({args.style} style) to {args.out}")
     return 0

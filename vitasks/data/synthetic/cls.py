@@ -36,6 +36,10 @@ def draw_cls_image(rng: np.random.Generator, shape: str, size: int, style: str =
     if style == "plain":
         alpha = drawing.random_shape_alpha(rng, shape, hw, radius_range=(0.25, 0.42))
         return np.repeat(np.rint(alpha * 255).astype(np.uint8)[..., None], 3, axis=2)
+    if style == "photo":
+        img = drawing.photo_background(rng, hw)
+        alpha = drawing.random_shape_alpha(rng, shape, hw, radius_range=(0.25, 0.42))
+        return drawing.finish(rng, drawing.paint_light_or_dark(rng, img, alpha))
     img = drawing.background(rng, hw, clutter=int(rng.integers(0, 3)))
     alpha = drawing.random_shape_alpha(rng, shape, hw, radius_range=(0.25, 0.42))
     return drawing.finish(rng, drawing.paint(rng, img, alpha))
@@ -60,7 +64,8 @@ def make_cls_dataset(
         val_per_class: Validation images per class.
         size: Image side in pixels (at least 16).
         seed: Random seed; the same arguments give identical files.
-        style: ``"random"`` colours and textures, or ``"plain"`` white shapes on black (quick checks).
+        style: ``"random"`` colours and textures, ``"plain"`` white shapes on black (quick checks),
+            or ``"photo"``: light or dark shapes over crops of photographs (see ``drawing.STYLES``).
     """
     if size < 16:
         raise ValueError(f"size must be at least 16 pixels, got {size}")

@@ -130,8 +130,15 @@ def random_shape_alpha(
 
 #: Appearance styles. ``"random"``: random colours and textures (the datasets' default: only the
 #: shape tells the classes apart). ``"plain"``: white shapes on black, no texture or noise; for
-#: quick checks (tests, debugging), where a model can also use the white area.
-STYLES = ("random", "plain")
+#: quick checks (tests, debugging), where a model can also use the white area. ``"photo"``: each
+#: shape drawn light or dark (at random) over a random crop of a real photograph
+#: (:func:`photo_background`), as objects appear in real images: busy backgrounds with edges
+#: everywhere, and no polarity or colour that tells the object from its surroundings.
+STYLES = ("random", "plain", "photo")
+
+#: The photographs the ``"photo"`` style crops: those that ship with matplotlib (a dependency).
+PHOTO_FILES = ("grace_hopper.jpg",)
+_PHOTOS: List[np.ndarray] = []
 
 
 def check_style(style: str) -> str:
@@ -211,3 +218,49 @@ def finish(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     """Add pixel noise of a random strength; clip and round to RGB uint8."""
     img = img + rng.normal(0.0, rng.uniform(2.0, 10.0), img.shape)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------- photographs
+
+
+def photographs() -> List[np.ndarray]:
+    """The photographs of :data:`PHOTO_FILES` as RGB float32 arrays (read once)."""
+    if not _PHOTOS:
+        from matplotlib import cbook
+
+        for name in PHOTO_FILES:
+            path = str(cbook.get_sample_data(name, asfileobj=False))
+            bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise FileNotFoundError(f"the photograph {name!r} that matplotlib ships was not found at {path!r}")
+            _PHOTOS.append(bgr[:, :, ::-1].astype(np.float32))
+    return _PHOTOS
+
+
+def photo_background(rng: np.random.Generator, size: Tuple[int, int]) -> np.ndarray:
+    """A random crop (H, W, 3) float32 in 0-255 of one of :func:`photographs`: a square of 15 to
+    60 % of the photograph's shorter side, resized, flipped or turned at random, its colour
+    channels in a random order (so a few photographs give backgrounds of many colours)."""
+    height, width = size
+    photo = photographs()[int(rng.integers(len(photographs())))]
+    side = int(rng.uniform(0.15, 0.6) * min(photo.shape[:2]))
+    side = max(side, 8)
+    top = int(rng.integers(0, photo.shape[0] - side + 1))
+    left = int(rng.integers(0, photo.shape[1] - side + 1))
+    crop = photo[top:top + side, left:left + side]
+    crop = np.rot90(crop, int(rng.integers(4)))
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    crop = crop[:, :, rng.permutation(3)]
+    return cv2.resize(np.ascontiguousarray(crop), (width, height), interpolation=cv2.INTER_AREA)
+
+
+def paint_light_or_dark(rng: np.random.Generator, img: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Composite a shape's coverage ``alpha`` onto ``img`` in a light or a dark colour (one or the
+    other at random, whatever lies underneath), with a little shading."""
+    size = img.shape[:2]
+    level = rng.uniform(180, 250) if rng.random() < 0.5 else rng.uniform(5, 75)
+    colour = np.clip(level + rng.uniform(-40, 40, 3), 0, 255).astype(np.float32)
+    fill = colour * (1.0 + 0.15 * _smooth_noise(rng, size, 2, 1))
+    a = alpha[..., None]
+    return img * (1.0 - a) + fill * a

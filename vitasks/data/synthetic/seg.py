@@ -40,7 +40,13 @@ def draw_seg_sample(
     ``style``: see ``drawing.STYLES``."""
     hw = (size, size)
     plain = style == "plain"
-    img = np.zeros((size, size, 3), np.float32) if plain else drawing.background(rng, hw, clutter=int(rng.integers(0, 3)))
+    photo = style == "photo"
+    if plain:
+        img = np.zeros((size, size, 3), np.float32)
+    elif photo:
+        img = drawing.photo_background(rng, hw)
+    else:
+        img = drawing.background(rng, hw, clutter=int(rng.integers(0, 3)))
     label = np.ones(hw, np.uint8)
     for _ in range(int(rng.integers(1, 5))):
         shape_index = int(rng.integers(num_classes - 1))
@@ -48,6 +54,8 @@ def draw_seg_sample(
         if plain:  # white shapes with a black outline, so overlapping ones stay apart
             edge = (alpha > 0.02).astype(np.float32)[..., None]
             img = img * (1 - edge) + 255.0 * alpha[..., None] * edge
+        elif photo:
+            img = drawing.paint_light_or_dark(rng, img, alpha)
         else:
             img = drawing.paint(rng, img, alpha)
         label[alpha >= 0.5] = shape_index + 2
@@ -76,7 +84,8 @@ def make_seg_dataset(
         num_val: images in ``validation``.
         img_size: side of the square images (at least 16).
         num_classes: K classes: the background (label 1) and K - 1 shapes (labels 2..K); 2..13.
-        style: ``"random"`` colours and textures, or ``"plain"`` white shapes on black (quick checks).
+        style: ``"random"`` colours and textures, ``"plain"`` white shapes on black (quick checks),
+            or ``"photo"``: light or dark shapes over crops of photographs (see ``drawing.STYLES``).
     """
     names = seg_class_names(num_classes)
     drawing.check_style(style)
