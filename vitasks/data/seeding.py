@@ -7,7 +7,7 @@ depends on which worker loaded it, on ``num_workers``, and on everything drawn b
 run cannot reproduce it. Here instead:
 
 - the training samplers (:class:`SeededSampler` for epochs, :class:`SeededInfiniteSampler` for
-  iteration-based loops) yield :class:`SeededIndex` values: plain ``int`` indices that also carry a
+  iteration-based loops, :class:`RepeatAugSampler` for repeated augmentation) yield :class:`SeededIndex` values: plain ``int`` indices that also carry a
   seed, ``derive_seed(config seed, epoch, position)`` (or ``(config seed, position)`` in the
   infinite stream); the position counts over the global, pre-rank order, so it does not depend on
   the worker that loads it;
@@ -24,11 +24,14 @@ Nothing has to be saved in a checkpoint for this: a resumed run recomputes the s
 from __future__ import annotations
 
 import itertools
+import math
 import random
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
+import torch
 from mmengine.dataset import DefaultSampler, InfiniteSampler
+from torch.utils.data import Sampler
 
 from vitasks.registry import DATA_SAMPLERS
 
@@ -37,6 +40,7 @@ __all__ = [
     "SeededIndex",
     "SeededSampler",
     "SeededInfiniteSampler",
+    "RepeatAugSampler",
     "SeededSampleMixin",
     "sample_rng",
     "SAMPLE_RNG_KEY",
@@ -108,6 +112,129 @@ class SeededInfiniteSampler(InfiniteSampler):
         """Restart this rank's stream after its first ``num_samples`` (resuming), without
         loading them."""
         self.indices = itertools.islice(self._indices_of_rank(), int(num_samples), None)
+
+
+@DATA_SAMPLERS.register_module()
+class RepeatAugSampler(Sampler):
+    """Repeated augmentation (Hoffer et al. 2020; DeiT's ``RASampler``; VideoMAE's ``num_sample``):
+    every sample of an epoch is used ``num_repeats`` times, each time with its own augmentation,
+    and yielded as :class:`SeededIndex` like :class:`SeededSampler` (same seed, same indices and
+    sample seeds; :meth:`skip` resumes an epoch exactly).
+
+    With ``spread`` (DeiT): the dataset's order (shuffled by ``seed + epoch``, mmengine's rule;
+    DeiT seeds with the epoch alone, the same for ``seed: 0``) has each index repeated
+    ``num_repeats`` times in a row, padded with its own start to a multiple of the world size and
+    dealt out by rank (rank r takes positions r, r + world, ...), so the repeats of a sample go to
+    different processes. With ``keep_epoch_length`` each rank then keeps its first
+    ``floor(len // selected_round * selected_round / world)`` indices (DeiT: ``selected_round``
+    256), or ``ceil(len / world)`` with ``selected_round: 0``: an epoch has as many samples as
+    without repetition, so the schedule in epochs is unchanged and each epoch sees about a third
+    of the distinct samples three times.
+
+    Without ``spread`` and without ``keep_epoch_length`` (VideoMAE's ``num_sample``): rank r takes
+    the samples r, r + world, ... of the order (torch's ``DistributedSampler``, padded with its
+    start) and yields each ``num_repeats`` times in a row, so a sample's repeats fall in the same
+    batch: with the batch size multiplied by ``num_repeats`` an epoch has the iterations it had,
+    each sample with ``num_repeats`` augmentations. (VideoMAE decodes the clip once and augments
+    it twice; here each repeat is loaded on its own, so the frame sampling differs too.)
+
+    Args:
+        dataset: the training dataset (given by the Runner).
+        num_repeats: uses of each sample (DeiT: 3).
+        shuffle: shuffle the order each epoch.
+        seed: the shuffling and sample seed; None takes a random one shared by the ranks (the
+            Runner passes ``randomness.seed``).
+        selected_round: see above (DeiT: 256; 0: ``ceil(len / world)``).
+        spread: repeats on different ranks (DeiT) or in a row on one rank (VideoMAE).
+        keep_epoch_length: truncate each rank's share to the epoch length of one pass (DeiT);
+            False keeps every repeat (``num_repeats`` times the samples per epoch).
+    """
+
+    _skip = 0
+
+    def __init__(
+        self, dataset, num_repeats: int = 3, shuffle: bool = True, seed: Optional[int] = None,
+        selected_round: int = 256, spread: bool = True, keep_epoch_length: bool = True,
+    ) -> None:
+        from mmengine.dist import get_dist_info, sync_random_seed
+
+        from vitasks.errors import ConfigError
+
+        where = "train_dataloader.sampler"
+        for key, value, minimum in (("num_repeats", num_repeats, 1), ("selected_round", selected_round, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"{where}.{key} must be an integer >= {minimum}, got {value!r}")
+        self.rank, self.world_size = get_dist_info()
+        self.dataset = dataset
+        self.num_repeats = num_repeats
+        self.shuffle = bool(shuffle)
+        self.seed = sync_random_seed() if seed is None else int(seed)
+        self.selected_round = selected_round
+        self.spread = bool(spread)
+        self.keep_epoch_length = bool(keep_epoch_length)
+        self.epoch = 0
+        n = len(dataset)
+        if self.spread:
+            self.num_samples = math.ceil(n * num_repeats / self.world_size)  # per rank, padded
+        else:
+            self.num_samples = math.ceil(n / self.world_size) * num_repeats
+        if not self.keep_epoch_length:
+            self.num_selected = self.num_samples
+        elif selected_round:
+            self.num_selected = int(n // selected_round * selected_round // self.world_size)
+        else:
+            self.num_selected = math.ceil(n / self.world_size)
+        self.num_selected = min(self.num_selected, self.num_samples)
+        if self.num_selected == 0:
+            raise ConfigError(
+                f"{where}: RepeatAugSampler keeps floor(len // selected_round * selected_round / world) = 0 "
+                f"samples per process for a dataset of {n} with selected_round {selected_round} on "
+                f"{self.world_size} process(es); set {where}.selected_round to 0 (ceil(len / world)) or a "
+                "smaller multiple"
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_selected
+
+    def skip(self, num_samples: int) -> None:
+        """Leave out this rank's first ``num_samples`` of the next epoch (resuming an epoch half
+        done), without loading them."""
+        self._skip = int(num_samples)
+
+    def _order(self) -> List[int]:
+        n = len(self.dataset)
+        if not self.shuffle:
+            return list(range(n))
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return torch.randperm(n, generator=g).tolist()
+
+    def _indices_and_positions(self) -> Tuple[List[int], List[int]]:
+        """This rank's indices of the epoch (before truncation) and their positions in the
+        global, pre-rank order (which the sample seeds derive from)."""
+        order, world, R = self._order(), self.world_size, self.num_repeats
+        if self.spread:
+            repeated = [i for i in order for _ in range(R)]
+            total = self.num_samples * world
+            while len(repeated) < total:  # pad with the start (less than `world` indices)
+                repeated += repeated[: total - len(repeated)]
+            positions = list(range(self.rank, total, world))
+            return [repeated[p] for p in positions], positions
+        per_rank = self.num_samples // R
+        total = per_rank * world
+        while len(order) < total:
+            order += order[: total - len(order)]
+        mine = range(self.rank, total, world)
+        return [order[j] for j in mine for _ in range(R)], [j * R + k for j in mine for k in range(R)]
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self._skip = self._skip, 0
+        indices, positions = self._indices_and_positions()
+        for index, position in zip(indices[skip : self.num_selected], positions[skip : self.num_selected]):
+            yield SeededIndex(index, derive_seed(self.seed, self.epoch, position))
 
 
 def can_skip_samples(dataloader) -> bool:
