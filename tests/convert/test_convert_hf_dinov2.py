@@ -3,6 +3,7 @@ vitasks, checked against the transformers models at their own size (518 px, a 37
 and at 224 px (the position embeddings resampled by each source's rule)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +148,55 @@ def test_hf_dinov2_swiglu_refused(tmp_path):
     (tmp_path / "hf" / "config.json").unlink()
     with pytest.raises(CheckpointError, match="SwiGLU"):
         convert_checkpoint("hf", str(tmp_path / "hf"), None, verbose=False)
+
+
+# ------------------------------------------------------------------------------------ the configs
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+_SHRINK = dict(embed_dim=24, depth=4, num_heads=2, mlp_ratio=2)
+
+
+def test_cls_dinov2_config_gives_transformers_logits(tmp_path):
+    # configs/cls_dinov2_vitb14.yaml shrunk to the tiny model by overrides of the sizes only;
+    # everything else (patch 14, the 518 grid, the rule, token_mean, eps) is the config's.
+    from vitasks.apis import init_model
+    from vitasks.engine.architecture import architecture_mismatches, backbone_architecture
+
+    hf = _randomise(transformers.Dinov2ForImageClassification(_config(num_hidden_layers=4)))
+    hf.save_pretrained(tmp_path / "hf")
+    ck = convert_checkpoint("hf", str(tmp_path / "hf"), str(tmp_path / "b14.pth"), verbose=False)
+    options = {f"model.backbone.{k}": v for k, v in _SHRINK.items()}
+    options.update({"model.head.in_channels": 48, "num_classes": 5})
+    model = init_model(str(CONFIGS / "cls_dinov2_vitb14.yaml"), str(tmp_path / "b14.pth"), cfg_options=options).eval()
+    assert not architecture_mismatches(ck["meta"]["architecture"], backbone_architecture(model.backbone))
+    for key in ("interpolate_mode", "interpolate_antialias", "interpolate_offset", "pool"):
+        assert getattr(model.backbone, key) == ck["meta"]["config_hint"][key], key
+    assert model.backbone.img_size == (518, 518) and model.backbone.frozen and not model.backbone.training
+    x = _images(224)
+    with torch.no_grad():
+        assert_close(model(x, mode="tensor"), hf(pixel_values=x).logits)
+
+
+def test_dinov2_backbone_base_composes_with_a_segmentor(tmp_path):
+    # _base_/models/vit_b14_dinov2.yaml after UperNet's model base: a DINOv2 segmentor.
+    from vitasks.config import load_config
+    from vitasks.registry import MODELS
+
+    cfg_file = tmp_path / "seg_dinov2.yaml"
+    cfg_file.write_text(
+        "_base_:\n"
+        f"  - {CONFIGS}/_base_/models/upernet_vit_b16.yaml\n"
+        f"  - {CONFIGS}/_base_/models/vit_b14_dinov2.yaml\n"
+        "crop_size: [70, 70]\n"
+    )
+    options = [f"model.backbone.{k}={v}" for k, v in _SHRINK.items()] + [
+        "model.backbone.img_size=70", "model.neck.embed_dim=24", "model.decode_head.in_channels=[24,24,24,24]",
+        "model.decode_head.channels=16", "model.auxiliary_head.in_channels=24", "model.auxiliary_head.channels=8",
+        "model.backbone.out_indices=[0,1,2,3]",
+    ]
+    cfg = load_config(str(cfg_file), options)
+    assert (cfg.model.backbone.patch_size, cfg.model.backbone.final_norm) == (14, False)
+    model = MODELS.build(cfg.model).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, 70, 70), mode="tensor")
+    assert logits.shape == (1, 150, 20, 20)  # stride 4 of the 5 x 5 patch grid
