@@ -242,3 +242,67 @@ def test_tools_test_on_converted_segmentor(beit_seg, tmp_path):
     reference = _miou(dump, os.path.join(data, "annotations", "validation"), 5)
     for key, value in reference.items():
         assert metrics[key] == pytest.approx(value, abs=0.006), (key, metrics, reference)
+
+
+def _unilm_names(sd):
+    """transformers 5 BeitForImageClassification names -> BEiT's own checkpoint names
+    (microsoft/unilm beit/modeling_finetune.py): fused qkv weight, q_bias / v_bias, gamma_1/2."""
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"^beit\.layers\.(\d+)\.(.+)$", k)
+        if m:
+            i, part = m.groups()
+            if part.startswith("attention.k_proj"):
+                continue
+            if part == "attention.q_proj.weight":
+                out[f"blocks.{i}.attn.qkv.weight"] = torch.cat(
+                    [v, sd[f"beit.layers.{i}.attention.k_proj.weight"], sd[f"beit.layers.{i}.attention.v_proj.weight"]])
+                continue
+            if part == "attention.v_proj.weight":
+                continue
+            name = {"attention.q_proj.bias": "attn.q_bias", "attention.v_proj.bias": "attn.v_bias",
+                    "attention.o_proj.weight": "attn.proj.weight", "attention.o_proj.bias": "attn.proj.bias",
+                    "lambda_1": "gamma_1", "lambda_2": "gamma_2",
+                    "relative_position_bias.relative_position_bias_table": "attn.relative_position_bias_table",
+                    }.get(part, part.replace("layernorm_before", "norm1").replace("layernorm_after", "norm2"))
+            out[f"blocks.{i}.{name}"] = v
+            continue
+        name = {"beit.embeddings.cls_token": "cls_token", "beit.embeddings.position_embeddings": "pos_embed",
+                "beit.embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+                "beit.embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+                "beit.shared_position_bias.relative_position_bias_table": "rel_pos_bias.relative_position_bias_table",
+                "beit.pooler.layernorm.weight": "fc_norm.weight", "beit.pooler.layernorm.bias": "fc_norm.bias",
+                "classifier.weight": "head.weight", "classifier.bias": "head.bias"}[k]
+        out[name] = v
+    return out
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_beit_own_checkpoint_through_the_mae_converter(tmp_path, shared):
+    """BEiT's own (unilm) checkpoint naming, read by `convert_checkpoint.py mae`: logits equal
+    transformers' BeitForImageClassification with the same weights; a shared table also loads
+    into a per-block model (BEiT's fine-tuning)."""
+    torch.manual_seed(0)
+    cfg = transformers.BeitConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        use_relative_position_bias=not shared, use_shared_relative_position_bias=shared,
+        use_absolute_position_embeddings=False, layer_scale_init_value=0.1, use_mean_pooling=True, num_labels=4,
+        layer_norm_eps=1e-6,
+    )
+    hf_model = _randomise(transformers.BeitForImageClassification(cfg))
+    sd = _unilm_names(hf_model.state_dict())
+    torch.save({"model": sd}, tmp_path / "beit.pth")
+    ckpt = convert_checkpoint("mae", str(tmp_path / "beit.pth"), None, verbose=False)
+    hint = ckpt["meta"]["config_hint"]
+    assert hint["use_shared_rel_pos_bias"] == shared and hint["use_rel_pos_bias"] == (not shared)
+    variants = [hint] + ([{**hint, "use_shared_rel_pos_bias": False, "use_rel_pos_bias": True}] if shared else [])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        theirs = hf_model(pixel_values=x).logits
+    for backbone in variants:
+        model = MODELS.build(dict(type="ImageClassifier", backbone=dict(type="VisionTransformer", **backbone),
+                                  head=ckpt["meta"]["head_hint"])).eval()
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+        with torch.no_grad():
+            ours = model(x, mode="tensor")
+        assert _rel(ours, theirs) < 1e-4
