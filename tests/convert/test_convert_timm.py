@@ -10,12 +10,17 @@ from vit_reference import (
     build_classifier,
     image_batch,
     timm_resnet_weights,
+    timm_vit,
     timm_vit_weights,
     vit_reference,
 )
 
 from vitasks.convert import convert_checkpoint
 from vitasks.errors import CheckpointError
+
+# CI's second leg (torch 2.14.1 + timm) runs these too, and there the converted models also meet
+# timm's own models (test_converted_model_equals_timm), not only the reference forward.
+pytestmark = pytest.mark.torch_leg
 
 
 def _convert(tmp_path, fmt, obj, name="src.pth", **kw):
@@ -225,3 +230,65 @@ def test_half_precision_source_saved_as_float32_slices_compact(tmp_path):
     pos = ck["state_dict"]["backbone.pos_embed"]
     assert pos.dtype == torch.float32
     assert pos.untyped_storage().nbytes() == pos.numel() * 4
+
+
+def _deit3_weights():
+    """DeiT III (timm names, layer scale, positions for the patches only) and its source layout
+    (DeiT's own gamma_1 / gamma_2 names)."""
+    sd = timm_vit_weights(layer_scale=True, pos_prefix=0)
+    source = {k.replace("ls1.gamma", "gamma_1").replace("ls2.gamma", "gamma_2"): v for k, v in sd.items()}
+    return sd, {"model": source}
+
+
+def _as_is(**kw):
+    return lambda: (lambda sd: (sd, sd))(timm_vit_weights(**kw))
+
+
+def _in_model_key(**kw):
+    return lambda: (lambda sd: (sd, {"model": sd}))(timm_vit_weights(**kw))
+
+
+def _r50_hybrid():
+    sd = timm_vit_weights(dim=64, patch=1, grid=4, in_chans=256, num_classes=5)
+    sd.update(timm_resnet_weights(stem=32, layers=(1, 2), widths=(128, 256)))
+    return sd, sd
+
+
+# case -> (converter, () -> (timm state dict, what the converter reads), heads, timm_vit options)
+TIMM_CASES = {
+    "vit": ("timm", _as_is(dim=48, num_classes=5), 2, {}),
+    "gap_registers_fc_norm_layer_scale": (
+        "timm", _as_is(cls=False, num_reg=2, pos_prefix=0, fc_norm=True, layer_scale=True), 2,
+        dict(pool="mean", pos_prefix=0)),
+    "registers_with_positions": ("timm", _as_is(cls=True, num_reg=2), 2, {}),
+    "deit_distilled": ("deit", _in_model_key(dist=True, num_classes=4), 2, {}),
+    "deit3": ("deit", _deit3_weights, 2, dict(pos_prefix=0)),
+    "mae_finetuned": ("mae", _in_model_key(fc_norm=True, num_classes=6), 2, dict(pool="mean")),
+    "r50_hybrid": ("timm", _r50_hybrid, 4, {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TIMM_CASES))
+def test_converted_model_equals_timm(tmp_path, case):
+    fmt, weights, num_heads, options = TIMM_CASES[case]
+    sd, source = weights()
+    reference = timm_vit(sd, num_heads, **options)  # skips where timm does not import
+    assert type(reference).__module__.startswith("timm.models."), type(reference)
+    ck = _convert(tmp_path, fmt, source, num_heads=num_heads)
+    model = build_classifier(ck["meta"])
+    all_keys_loaded(model, ck["state_dict"])
+    x = image_batch()
+    with torch.no_grad():
+        out = model(x, mode="tensor")
+        timm_out = reference(x)
+        if "dist_token" in sd:
+            # vitasks keeps DeiT's class-token head; timm averages it with the distillation head.
+            tokens = reference.forward_features(x)
+            expected = reference.head(tokens[:, 0])
+            assert_close(timm_out, (expected + reference.head_dist(tokens[:, 1])) / 2)
+        else:
+            expected = timm_out
+    assert_close(out, expected)
+    # The reference forward the other tests use is timm's forward too.
+    hybrid = dict(ws="timm", ws_eps=1e-8, gn_eps=1e-5) if case == "r50_hybrid" else None
+    assert_close(vit_reference(sd, x, num_heads, hybrid=hybrid, **options)["logits"], expected)

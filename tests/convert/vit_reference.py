@@ -269,6 +269,70 @@ def vit_reference(
     return out
 
 
+# ------------------------------------------------------------------------------ timm itself
+
+
+def timm_vit(sd: SD, num_heads: int, pool: str = "token", pos_prefix: Optional[int] = None) -> torch.nn.Module:
+    """timm's own ViT (DeiT's distilled one for a ``dist_token``) built for a timm-named state dict
+    of :func:`timm_vit_weights`, the weights loaded strictly, in eval mode. Skips the test where
+    timm does not import (CI's first leg); CI's second leg has timm."""
+    import pytest
+
+    pytest.importorskip("timm")
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer
+
+    extra = {}
+    stride = 1
+    if "patch_embed.backbone.stem.conv.weight" in sd:  # R50+ViT hybrid: timm's ResNetV2 body
+        from functools import partial
+
+        from timm.layers import StdConv2dSame
+        from timm.models.resnetv2 import ResNetV2
+        from timm.models.vision_transformer_hybrid import HybridEmbed
+
+        p = "patch_embed.backbone."
+        layers, widths = [], []
+        while f"{p}stages.{len(layers)}.blocks.0.conv1.weight" in sd:
+            blocks = 0
+            while f"{p}stages.{len(layers)}.blocks.{blocks}.conv1.weight" in sd:
+                blocks += 1
+            widths.append(sd[f"{p}stages.{len(layers)}.blocks.0.conv3.weight"].shape[0])
+            layers.append(blocks)
+        body = ResNetV2(
+            layers=layers, channels=widths, stem_chs=sd[p + "stem.conv.weight"].shape[0], num_classes=0,
+            global_pool="", in_chans=sd[p + "stem.conv.weight"].shape[1], preact=False, stem_type="same",
+            conv_layer=partial(StdConv2dSame, eps=1e-8),
+        )
+        extra["embed_layer"] = partial(HybridEmbed, backbone=body)
+        stride = 4 * 2 ** (len(layers) - 1)  # stem (conv and max-pool) and one per later stage
+
+    proj = sd["patch_embed.proj.weight"]
+    dim, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
+    num_prefix = ("cls_token" in sd) + ("dist_token" in sd) + (sd["reg_token"].shape[1] if "reg_token" in sd else 0)
+    pos_prefix = num_prefix if pos_prefix is None else pos_prefix
+    grid = math.isqrt(sd["pos_embed"].shape[1] - pos_prefix)
+    depth = 0
+    while f"blocks.{depth}.norm1.weight" in sd:
+        depth += 1
+    if extra:
+        in_chans = sd["patch_embed.backbone.stem.conv.weight"].shape[1]
+    kwargs = dict(
+        img_size=grid * patch * stride, patch_size=patch, in_chans=in_chans, embed_dim=dim, depth=depth,
+        num_heads=num_heads, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+        qkv_bias="blocks.0.attn.qkv.bias" in sd, num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
+        global_pool="token" if pool == "token" else "avg", fc_norm="fc_norm.weight" in sd,
+        init_values=1.0 if "blocks.0.ls1.gamma" in sd else None, no_embed_class=pos_prefix == 0, **extra,
+    )
+    if "dist_token" in sd:
+        model = VisionTransformerDistilled(**kwargs)
+    else:
+        model = VisionTransformer(class_token="cls_token" in sd,
+                                  reg_tokens=sd["reg_token"].shape[1] if "reg_token" in sd else 0, **kwargs)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
 # ------------------------------------------------------------------------------ Google layout
 
 
