@@ -232,7 +232,7 @@ def config_differences(hint: Any, config: Any, prefix: str = "model") -> List[st
     import yaml
 
     def show(v: Any) -> str:
-        return yaml.safe_dump(v, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+        return yaml.safe_dump(v, default_flow_style=True, width=10_000, sort_keys=False).strip().removesuffix("...").strip()
 
     if isinstance(hint, Mapping) and isinstance(config, Mapping) and hint.get("type") == config.get("type", hint.get("type")):
         defaults = _defaults(hint.get("type"))
