@@ -21,7 +21,7 @@ def _last(feats: Feats) -> torch.Tensor:
     if feats.dim() != 2:
         raise ValueError(
             f"a classification head expects pooled features (N, C), got shape {tuple(feats.shape)}; "
-            "use a backbone with pool='token' or 'mean'"
+            "use a backbone with pool='token', 'mean' or 'token_mean'"
         )
     return feats
 
@@ -114,7 +114,13 @@ class LinearClsHead(BaseClsHead):
             self._zero_fc()
 
     def forward(self, feats: Feats) -> torch.Tensor:
-        return self.fc(_last(feats))
+        feats = _last(feats)
+        if feats.shape[-1] != self.in_channels:
+            raise ConfigError(
+                f"LinearClsHead: in_channels is {self.in_channels} but the backbone gives {feats.shape[-1]} features; "
+                "set model.head.in_channels to the backbone's width (2 x embed_dim for pool='token_mean')"
+            )
+        return self.fc(feats)
 
 
 @MODELS.register_module()
