@@ -337,6 +337,11 @@ class DenseSource:
             lines.append("  with --cfg-options " + " ".join(f"'{o}'" for o in meta["cfg_options"]))
         elif meta.get("cfg_options") is not None:
             lines.append("  (the config holds these weights as it is)")
+        options = meta.get("cfg_options") or []
+        test = f"python tools/test.py {meta['config']} {meta.get('output') or 'CONVERTED.pth'}"
+        if options:
+            test += " --cfg-options " + " ".join(f"'{o}'" for o in options)
+        lines.append(f"  test: {test}")
         if meta.get("published"):
             lines.append(f"  published: {meta['published']}")
         lines += [f"  note: {n}" for n in meta.get("notes", [])]
