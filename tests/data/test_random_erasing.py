@@ -182,3 +182,21 @@ def test_pipeline_entry_says_where_it_goes():
 
     with pytest.raises(ConfigError, match="data_preprocessor.random_erasing"):
         TRANSFORMS.build(dict(type="RandomErasing", probability=0.25))
+
+
+def test_cls_preprocessor_erases_before_mixing():
+    from vitasks.structures import DataSample
+
+    pre = ClsDataPreprocessor(num_classes=3, random_erasing={"probability": 1.0},
+                              batch_augments={"augments": [{"type": "Mixup", "alpha": 0.8}]})
+    seen = {}
+
+    def recorder(inputs, targets):
+        seen["inputs"] = inputs.clone()
+        return inputs, targets
+
+    pre.batch_augments = recorder
+    batch = _cls_batch()
+    batch["data_samples"] = [DataSample(gt_label=torch.tensor([i % 3])) for i in range(4)]
+    pre(batch, training=True)
+    assert all((seen["inputs"][n] == 0).any() for n in range(4))  # each image erased, then mixed
