@@ -240,6 +240,8 @@ def test_recorded_config_text_wins_and_bad_index_is_refused():
             "norm_cfg=dict(type='LN', eps=1e-05)), neck=dict(type='MultiLevelNeck'), "
             "auxiliary_head=dict(type='FCNHead', in_index=1))")
     assert recorded_settings(text) == dict(out_indices=[1, 2, 3, 3], norm_eps=1e-5, aux_in_index=1)
+    assert recorded_settings("backbone=dict(num_heads=16, out_indices=[7, 11, 15, 23]), neck=dict(num_heads=3)") == dict(
+        num_heads=16, out_indices=[7, 11, 15, 23])
     keys = mmseg_keys("vit", **SMALL)
     src = convert_state_dict(make(keys), "vit.pth", {"config": text.replace("(1, 2, 3, 3)", "(0, 1, 2, 3)")})
     assert src.model["backbone"]["out_indices"] == [0, 1, 2, 3] and src.model["backbone"]["norm_eps"] == 1e-5
@@ -249,3 +251,80 @@ def test_recorded_config_text_wins_and_bad_index_is_refused():
     sd["backbone.layers.2.attn.relative_position_index"] = sd["backbone.layers.2.attn.relative_position_index"].flip(0)
     with pytest.raises(CheckpointError, match=r"layers\.2\.attn\.relative_position_index"):
         convert_state_dict(sd, "beit.pth")
+
+
+def mmseg_backbone_reference(sd, family, x, out_indices, heads, final_norm=False, eps=1e-6):
+    """mmseg's VisionTransformer / MAE / BEiT forward, written from its definitions, on the source
+    state dict: the maps of ``out_indices`` (class token removed, NCHW)."""
+    b = "backbone."
+    w = sd[b + "patch_embed.projection.weight"]
+    p = w.shape[-1]
+    t = F.conv2d(x, w, sd[b + "patch_embed.projection.bias"], stride=p)
+    B, C, h, wd = t.shape
+    t = torch.cat([sd[b + "cls_token"].expand(B, -1, -1), t.flatten(2).transpose(1, 2)], dim=1)
+    if b + "pos_embed" in sd:
+        t = t + sd[b + "pos_embed"]
+    depth = len({k.split(".")[2] for k in sd if k.startswith(b + "layers.")})
+    outs = []
+    for i in range(depth):
+        L = f"{b}layers.{i}."
+        y = F.layer_norm(t, (C,), sd[L + "ln1.weight"], sd[L + "ln1.bias"], eps)
+        if family == "vit":
+            qkv = F.linear(y, sd[L + "attn.attn.in_proj_weight"], sd[L + "attn.attn.in_proj_bias"])
+        elif family == "beit":
+            bias = torch.cat([sd[L + "attn.q_bias"], torch.zeros(C), sd[L + "attn.v_bias"]])
+            qkv = F.linear(y, sd[L + "attn.qkv.weight"], bias)
+        else:
+            qkv = F.linear(y, sd[L + "attn.qkv.weight"], sd[L + "attn.qkv.bias"])
+        q, k, v = qkv.reshape(B, -1, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+        attn = (q * (C // heads) ** -0.5) @ k.transpose(-2, -1)
+        if family != "vit":
+            n = h * wd + 1
+            index = sd[L + "attn.relative_position_index"].view(-1)
+            attn = attn + sd[L + "attn.relative_position_bias_table"][index].view(n, n, -1).permute(2, 0, 1)
+        y = (attn.softmax(-1) @ v).transpose(1, 2).reshape(B, -1, C)
+        if family == "vit":
+            y = F.linear(y, sd[L + "attn.attn.out_proj.weight"], sd[L + "attn.attn.out_proj.bias"])
+        else:
+            y = F.linear(y, sd[L + "attn.proj.weight"], sd[L + "attn.proj.bias"]) * sd[L + "gamma_1"]
+        t = t + y
+        y = F.layer_norm(t, (C,), sd[L + "ln2.weight"], sd[L + "ln2.bias"], eps)
+        y = F.linear(F.gelu(F.linear(y, sd[L + "ffn.layers.0.0.weight"], sd[L + "ffn.layers.0.0.bias"])),
+                     sd[L + "ffn.layers.1.weight"], sd[L + "ffn.layers.1.bias"])
+        t = t + (y if family == "vit" else y * sd[L + "gamma_2"])
+        if i == depth - 1 and final_norm:
+            t = F.layer_norm(t, (C,), sd[b + "ln1.weight"], sd[b + "ln1.bias"], eps)
+        if i in out_indices:
+            outs.append(t[:, 1:].transpose(1, 2).reshape(B, C, h, wd))
+    return outs
+
+
+@pytest.mark.parametrize("family", ["vit", "mae", "beit"])
+def test_converted_backbone_and_neck_give_mmsegs_outputs(family):
+    """The converted vitasks backbone (+ Feature2Pyramid's first level) against mmseg's forward
+    computed from the source weights: same maps for the same blocks."""
+    keys = mmseg_keys(family, **SMALL, final_norm=family == "vit")
+    sd = make(keys, seed=5)
+    for k in [k for k in sd if k.endswith(("gamma_1", "gamma_2"))]:
+        sd[k] = sd[k] * 0.1  # LayerScale-sized values keep the random network well conditioned
+    # mmseg's stored config text (the ViT's head count is not in its weights)
+    text = "model = dict(backbone=dict(type='X', num_heads=2, norm_cfg=dict(type='LN', eps=1e-06)), neck=dict())"
+    src = convert_state_dict(sd, f"{family}.pth", {"config": text})
+    assert src.model["backbone"]["num_heads"] == 2
+    from vitasks.registry import MODELS
+
+    model = MODELS.build(src.model).eval()
+    model.load_state_dict(src.state_dict, strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    out_indices = src.model["backbone"]["out_indices"]
+    with torch.no_grad():
+        got = model.backbone(x)
+        ref = mmseg_backbone_reference(sd, family, x, out_indices, heads=2, final_norm=family == "vit")
+        for a, r in zip(got, ref):
+            assert torch.allclose(a, r, atol=1e-4, rtol=1e-4), (a - r).abs().max()
+        if family != "vit":  # upsample_4x: deconv, BN (eval), GELU, deconv
+            n = "neck.upsample_4x."
+            y = F.conv_transpose2d(ref[0], sd[n + "0.weight"], sd[n + "0.bias"], stride=2)
+            y = F.batch_norm(y, sd[n + "1.running_mean"], sd[n + "1.running_var"], sd[n + "1.weight"], sd[n + "1.bias"])
+            y = F.conv_transpose2d(F.gelu(y), sd[n + "3.weight"], sd[n + "3.bias"], stride=2)
+            assert torch.allclose(model.neck(got)[0], y, atol=1e-4, rtol=1e-4)

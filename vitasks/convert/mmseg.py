@@ -79,8 +79,8 @@ def _ints(text: str) -> List[int]:
 
 
 def recorded_settings(config_text: Optional[str]) -> Dict[str, Any]:
-    """``out_indices``, the auxiliary head's ``in_index`` and the backbone's LayerNorm ``eps``
-    from the config text mmseg stores in a checkpoint's meta (what it finds)."""
+    """``out_indices``, ``num_heads``, the backbone's LayerNorm ``eps`` and the auxiliary head's
+    ``in_index`` from the config text mmseg stores in a checkpoint's meta (what it finds)."""
     found: Dict[str, Any] = {}
     if not isinstance(config_text, str):
         return found
@@ -88,6 +88,9 @@ def recorded_settings(config_text: Optional[str]) -> Dict[str, Any]:
     m = re.search(r"out_indices=[\(\[]([\d,\s]+)[\)\]]", backbone)
     if m:
         found["out_indices"] = _ints(m.group(1))
+    m = re.search(r"\bnum_heads=(\d+)", backbone.split("neck=dict(", 1)[0])
+    if m:
+        found["num_heads"] = int(m.group(1))
     m = re.search(r"norm_cfg=dict\(type='LN',\s*eps=([0-9.eE+-]+)\)", backbone.split("neck=dict(", 1)[0])
     if m:
         found["norm_eps"] = float(m.group(1))
@@ -300,6 +303,14 @@ def convert_state_dict(sd: Dict[str, Any], source: str, meta: Optional[Dict[str,
         out_indices = [7, 11, 15, 23] if depth == 24 else [depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1, depth - 1]
     if "norm_eps" in recorded:
         backbone["norm_eps"] = recorded["norm_eps"]
+    if "num_heads" in recorded:
+        if family != "vit" and recorded["num_heads"] != backbone["num_heads"]:
+            raise CheckpointError(
+                f"{source}: the stored config says num_heads={recorded['num_heads']}, the relative-position "
+                f"tables have {backbone['num_heads']} heads"
+            )
+        backbone["num_heads"] = recorded["num_heads"]
+        notes[:] = [n for n in notes if not n.startswith("num_heads=")]
     backbone["out_indices"] = list(out_indices)
     if "out_indices" not in recorded:
         notes.append(f"out_indices {list(out_indices)} and the auxiliary head's in_index {aux_in_index}: mmseg's "
