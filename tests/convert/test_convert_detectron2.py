@@ -276,3 +276,127 @@ def test_meta_model_is_the_hint():
     src = convert_state_dict(random_weights(detectron2_vitdet_keys(**SMALL)), "x.pkl")
     model = build_meta_model(src.model)
     assert model.backbone.window_size == 4 and model.backbone.global_indices == (1, 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# detectron2's forward, written from its definitions (modeling/backbone/vit.py and utils.py,
+# layers/batch_norm.py LayerNorm, rpn.py, box_head.py, fast_rcnn.py, mask_head.py), on the source
+# weights: the converted vitasks modules must give the same outputs.
+
+
+def _ln2d(x, w, b, eps=1e-6):  # detectron2's channels-first LayerNorm
+    u = x.mean(1, keepdim=True)
+    s = (x - u).pow(2).mean(1, keepdim=True)
+    return w[:, None, None] * ((x - u) / torch.sqrt(s + eps)) + b[:, None, None]
+
+
+def _rel_pos(q_size, k_size, table):
+    length = 2 * max(q_size, k_size) - 1
+    if table.shape[0] != length:
+        table = F.interpolate(table.reshape(1, table.shape[0], -1).permute(0, 2, 1), size=length, mode="linear")
+        table = table.reshape(-1, length).permute(1, 0)
+    q = torch.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
+    k = torch.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
+    return table[((q - k) + (k_size - 1) * max(q_size / k_size, 1.0)).long()]
+
+
+def _vit_reference(w, x, heads, window, global_blocks, pretrain_grid):
+    n = "backbone.net."
+    x = F.conv2d(x, w[n + "patch_embed.proj.weight"], w[n + "patch_embed.proj.bias"], stride=16).permute(0, 2, 3, 1)
+    B, H, W, C = x.shape
+    pos = w[n + "pos_embed"][:, 1:].reshape(1, pretrain_grid, pretrain_grid, C).permute(0, 3, 1, 2)
+    x = x + F.interpolate(pos, size=(H, W), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+    depth = len({k.split(".")[3] for k in w if k.startswith(n + "blocks.")})
+    for i in range(depth):
+        p = f"{n}blocks.{i}."
+        shortcut = x
+        y = F.layer_norm(x, (C,), w[p + "norm1.weight"], w[p + "norm1.bias"], 1e-6)
+        ws = 0 if i in global_blocks else window
+        if ws:
+            ph, pw = (ws - H % ws) % ws, (ws - W % ws) % ws
+            y = F.pad(y, (0, 0, 0, pw, 0, ph))
+            Hp, Wp = H + ph, W + pw
+            y = y.view(B, Hp // ws, ws, Wp // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws, ws, C)
+        b_, h, wd, _ = y.shape
+        qkv = F.linear(y, w[p + "attn.qkv.weight"], w[p + "attn.qkv.bias"])
+        q, k, v = qkv.reshape(b_, h * wd, 3, heads, -1).permute(2, 0, 3, 1, 4).reshape(3, b_ * heads, h * wd, -1).unbind(0)
+        attn = (q * (C // heads) ** -0.5) @ k.transpose(-2, -1)
+        Rh, Rw = _rel_pos(h, h, w[p + "attn.rel_pos_h"]), _rel_pos(wd, wd, w[p + "attn.rel_pos_w"])
+        r_q = q.reshape(-1, h, wd, C // heads)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh)
+        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw)
+        attn = (attn.view(-1, h, wd, h, wd) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).view(-1, h * wd, h * wd)
+        y = (attn.softmax(-1) @ v).view(b_, heads, h, wd, -1).permute(0, 2, 3, 1, 4).reshape(b_, h, wd, -1)
+        y = F.linear(y, w[p + "attn.proj.weight"], w[p + "attn.proj.bias"])
+        if ws:
+            y = y.view(B, Hp // ws, Wp // ws, ws, ws, -1).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, -1)[:, :H, :W]
+        x = shortcut + y
+        y = F.layer_norm(x, (C,), w[p + "norm2.weight"], w[p + "norm2.bias"], 1e-6)
+        y = F.linear(F.gelu(F.linear(y, w[p + "mlp.fc1.weight"], w[p + "mlp.fc1.bias"])), w[p + "mlp.fc2.weight"], w[p + "mlp.fc2.bias"])
+        x = x + y
+    return x.permute(0, 3, 1, 2)
+
+
+def _conv_ln(w, name, x, padding):
+    return _ln2d(F.conv2d(x, w[name + ".weight"], padding=padding), w[name + ".norm.weight"], w[name + ".norm.bias"])
+
+
+def _simfp_reference(w, x):
+    s = "backbone.simfp_"
+    outs = []
+    y = F.conv_transpose2d(x, w[s + "2.0.weight"], w[s + "2.0.bias"], stride=2)
+    y = F.gelu(_ln2d(y, w[s + "2.1.weight"], w[s + "2.1.bias"]))
+    y = F.conv_transpose2d(y, w[s + "2.3.weight"], w[s + "2.3.bias"], stride=2)
+    outs.append(_conv_ln(w, s + "2.5", _conv_ln(w, s + "2.4", y, 0), 1))
+    y = F.conv_transpose2d(x, w[s + "3.0.weight"], w[s + "3.0.bias"], stride=2)
+    outs.append(_conv_ln(w, s + "3.2", _conv_ln(w, s + "3.1", y, 0), 1))
+    outs.append(_conv_ln(w, s + "4.1", _conv_ln(w, s + "4.0", x, 0), 1))
+    y = F.max_pool2d(x, 2, 2)
+    outs.append(_conv_ln(w, s + "5.2", _conv_ln(w, s + "5.1", y, 0), 1))
+    outs.append(F.max_pool2d(outs[-1], 1, 2))  # LastLevelMaxPool
+    return outs
+
+
+def test_converted_modules_give_detectron2s_outputs():
+    keys = detectron2_vitdet_keys(**SMALL)
+    w = {k: torch.from_numpy(v) for k, v in random_weights(keys, seed=3).items()}
+    for k in w:  # keep the random network well conditioned
+        if k.endswith(("attn.proj.weight", "mlp.fc2.weight")):
+            w[k] = w[k] * 0.05
+    src = convert_state_dict({k: v.numpy() for k, v in w.items()}, "x.pkl")
+    from vitasks.registry import MODELS
+
+    model = MODELS.build(src.model).eval()
+    model.load_state_dict(src.state_dict, strict=True)
+    x = torch.randn(1, 3, 96, 128)  # 6 x 8 patches: padded windows, resampled global tables
+    with torch.no_grad():
+        feat = model.backbone(x)[0]
+        ref = _vit_reference(w, x, heads=2, window=4, global_blocks=(1, 3), pretrain_grid=4)
+        assert torch.allclose(feat, ref, atol=1e-4, rtol=1e-4), (feat - ref).abs().max()
+        pyramid = model.neck((ref,))
+        for a, b in zip(pyramid, _simfp_reference(w, ref)):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+        r = "proposal_generator.rpn_head."
+        objectness, deltas = model.rpn_head(list(pyramid))
+        for level, p in enumerate(pyramid):
+            t = F.relu(F.conv2d(p, w[r + "conv.conv0.weight"], w[r + "conv.conv0.bias"], padding=1))
+            t = F.relu(F.conv2d(t, w[r + "conv.conv1.weight"], w[r + "conv.conv1.bias"], padding=1))
+            assert torch.allclose(objectness[level], F.conv2d(t, w[r + "objectness_logits.weight"], w[r + "objectness_logits.bias"]), atol=1e-4)
+            assert torch.allclose(deltas[level], F.conv2d(t, w[r + "anchor_deltas.weight"], w[r + "anchor_deltas.bias"]), atol=1e-4)
+        pooled = torch.randn(5, 16, 7, 7)
+        t = pooled
+        for k in range(1, 5):
+            t = F.relu(_conv_ln(w, f"roi_heads.box_head.conv{k}", t, 1))
+        t = F.relu(F.linear(t.flatten(1), w["roi_heads.box_head.fc1.weight"], w["roi_heads.box_head.fc1.bias"]))
+        scores, boxes = model.roi_head.box_head(pooled)
+        p = "roi_heads.box_predictor."
+        assert torch.allclose(scores, F.linear(t, w[p + "cls_score.weight"], w[p + "cls_score.bias"]), atol=1e-4, rtol=1e-4)
+        assert torch.allclose(boxes, F.linear(t, w[p + "bbox_pred.weight"], w[p + "bbox_pred.bias"]), atol=1e-4, rtol=1e-4)
+        pooled = torch.randn(3, 16, 14, 14)
+        t = pooled
+        for k in range(1, 5):
+            t = F.relu(_conv_ln(w, f"roi_heads.mask_head.mask_fcn{k}", t, 1))
+        m = "roi_heads.mask_head."
+        t = F.relu(F.conv_transpose2d(t, w[m + "deconv.weight"], w[m + "deconv.bias"], stride=2))
+        expected = F.conv2d(t, w[m + "predictor.weight"], w[m + "predictor.bias"])
+        assert torch.allclose(model.roi_head.mask_head(pooled), expected, atol=1e-4, rtol=1e-4)
