@@ -154,7 +154,7 @@ def test_convert_pkl_loads_exactly_and_keeps_values(tmp_path):
     weights = random_weights(keys)
     write_zoo_pkl(tmp_path / "model_final.pkl", weights)
     ckpt = convert_checkpoint("detectron2", str(tmp_path / "model_final.pkl"), str(tmp_path / "out.pth"), verbose=False)
-    sd, meta = ckpt["state_dict"], ckpt["meta"]
+    meta = ckpt["meta"]
     assert meta["converted_from"] == "detectron2" and meta["task"] == "MaskRCNN"
     assert meta["dataset_meta"]["cat_ids"] == list(COCO_CATEGORY_IDS)
     assert meta["dataset_meta"]["classes"][0] == "person" and len(meta["dataset_meta"]["classes"]) == 80
