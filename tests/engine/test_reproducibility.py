@@ -6,7 +6,9 @@
 - a run SIGKILLed at random moments, during checkpoint saves included, and resumed each time
   with ``--resume`` ends with the uninterrupted run's weights, and ``last_checkpoint`` never
   names a partial file (four kills: two at random moments of training, two half-way through
-  writing a checkpoint).
+  writing a checkpoint);
+- with repeated augmentation (``RepeatAugSampler``) and the weights' EMA (``EMAHook``) on, a run
+  stopped mid-epoch and resumed ends with the uninterrupted run's weights and average.
 """
 
 import os
@@ -96,6 +98,35 @@ def test_num_workers_changes_nothing(reference, data_root, tmp_path):
     train(str(DEMO), work_dir=str(tmp_path / "workers"),
           cfg_options=_options(data_root, **{"train_dataloader.num_workers": 2}))
     assert _same(_final_weights(tmp_path / "workers"), reference)
+
+
+# Repeated augmentation (3 repeats, the epoch length kept: 12 images per epoch) and the EMA on.
+REPEAT_AUG_EMA = {
+    "train_dataloader.sampler": "{type: RepeatAugSampler, num_repeats: 3, selected_round: 0}",
+    "custom_hooks": "[{type: EMAHook, decay: 0.9, warmup: true}]",
+}
+
+
+def test_repeat_aug_and_ema_same_seed_and_stopped_then_resumed(reference, data_root, tmp_path):
+    """With RepeatAugSampler and EMAHook on, a run with the same seed stopped mid-epoch (interrupt
+    checkpoint) and resumed ends with the uninterrupted run's weights and average, bit for bit;
+    and the recipe changed the training (the weights are not the plain run's)."""
+    def final(work_dir):
+        ck = load_checkpoint_file(str(Path(work_dir) / f"epoch_{EPOCHS}.pth"))
+        return ck["state_dict"], ck["ema_state_dict"]
+
+    train(str(DEMO), work_dir=str(tmp_path / "a"), cfg_options=_options(data_root, **REPEAT_AUG_EMA))
+    first = final(tmp_path / "a")
+    trained = {k[len("module."):]: v for k, v in first[1].items() if k != "steps"}  # state_dict holds the average
+    assert not _same(trained, reference) and not _same(first[0], trained)
+
+    stop = dict(REPEAT_AUG_EMA, plugins="[vitasks_toy_plugin]",
+                custom_hooks="[{type: EMAHook, decay: 0.9, warmup: true}, {type: StopAtIterHook, at_iter: 5}]")
+    with pytest.raises(KeyboardInterrupt):
+        train(str(DEMO), work_dir=str(tmp_path / "c"), cfg_options=_options(data_root, **stop))
+    assert (tmp_path / "c" / "interrupted_iter_5.pth").is_file()  # 2 iterations into epoch 2
+    train(str(DEMO), work_dir=str(tmp_path / "c"), resume="auto", cfg_options=_options(data_root, **REPEAT_AUG_EMA))
+    assert all(_same(x, y) for x, y in zip(first, final(tmp_path / "c")))
 
 
 def _command(data_root, work_dir, progress, resume):
