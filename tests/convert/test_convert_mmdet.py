@@ -164,3 +164,42 @@ def test_errors_name_the_file_and_keys(tmp_path):
         convert_checkpoint("mmdet", str(tmp_path / "none.pth"), None, num_classes=3)
     with pytest.raises(CheckpointError, match="no such"):
         convert_checkpoint("mmdet", str(tmp_path / "none.pth"), None)
+
+
+STORED_CFG = """model = dict(
+    type='MaskRCNN',
+    backbone=dict(
+        type='ViT',
+        img_size=1024,
+        patch_size=16,
+        embed_dim=32,
+        depth=4,
+        num_heads=2,
+        drop_path_rate=0.1,
+        window_size=4,
+        mlp_ratio=4,
+        qkv_bias=True,
+        norm_cfg=dict(type='LN', requires_grad=True),
+        window_block_indexes=[
+            0,
+            2,
+        ],
+        use_rel_pos=True,
+        init_cfg=dict(type='Pretrained', checkpoint='mae_pretrain_vit_base.pth')),
+    neck=dict(type='SimpleFPN', backbone_channel=32, norm_cfg=dict(type='LN2d', requires_grad=True)))
+"""
+
+
+def test_stored_config_is_checked_against_the_weights():
+    keys = mmdet_vitdet_keys(**SMALL)
+    sd = {k: torch.zeros(s) for k, s in keys.items()}
+    meta = dict(released_meta(), cfg=STORED_CFG)
+    src = convert_state_dict(sd, "x.pth", meta)  # windows 0, 2 -> global 1, 3 as the tables say
+    assert src.model["backbone"]["norm_eps"] == 1e-5 and src.model["backbone"]["global_indices"] == [1, 3]
+    assert any("stored in the file" in n for n in src.notes)
+    with pytest.raises(CheckpointError, match=r"x\.pth.*global_indices: weights \[1, 3\], stored config \[2, 3\]"):
+        convert_state_dict(sd, "x.pth", dict(meta, cfg=STORED_CFG.replace("            2,", "            1,")))
+    with pytest.raises(CheckpointError, match="depth: weights 4, stored config 12"):
+        convert_state_dict(sd, "x.pth", dict(meta, cfg=STORED_CFG.replace("depth=4", "depth=12")))
+    eps6 = STORED_CFG.replace("norm_cfg=dict(type='LN', requires_grad=True)", "norm_cfg=dict(type='LN', eps=1e-06)")
+    assert convert_state_dict(sd, "x.pth", dict(meta, cfg=eps6)).model["backbone"]["norm_eps"] == 1e-6

@@ -158,6 +158,58 @@ def permute_rows(t: torch.Tensor, perm: Sequence[int], group: int = 1, extra: in
 
 
 # --------------------------------------------------------------------------------------------
+# The config text OpenMMLab checkpoints store (mmcv: meta["config"], mmengine: meta["cfg"])
+
+
+def config_section(text: Any, name: str) -> str:
+    """The text of ``name=dict(...)`` (balanced parentheses) in a stored config, or ""."""
+    if not isinstance(text, str):
+        return ""
+    m = re.search(r"\b" + re.escape(name) + r"\s*=\s*dict\(", text)
+    if not m:
+        return ""
+    depth, start = 0, m.end() - 1
+    for i in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start + 1:i]
+    return text[start + 1:]
+
+
+def _top_level(section: str) -> str:
+    """``section`` with every nested ``(...)``/``[...]`` of dicts removed except lists of numbers."""
+    out, depth = [], 0
+    for ch in section:
+        if ch == "(":
+            depth += 1
+        if depth == 0:
+            out.append(ch)
+        if ch == ")":
+            depth -= 1
+    return "".join(out)
+
+
+def config_int(section: str, key: str) -> Optional[int]:
+    m = re.search(r"\b" + re.escape(key) + r"\s*=\s*(-?\d+)\b(?!\.)", _top_level(section))
+    return int(m.group(1)) if m else None
+
+
+def config_ints(section: str, key: str) -> Optional[List[int]]:
+    m = re.search(r"\b" + re.escape(key) + r"\s*=\s*[\[\(]([-\d,\s]*)[\]\)]", section)
+    return [int(x) for x in re.findall(r"-?\d+", m.group(1))] if m else None
+
+
+def config_ln_eps(section: str) -> Optional[float]:
+    """The eps of ``norm_cfg=dict(type='LN'[, eps=...])`` in ``section``: the stated value, or
+    PyTorch's LayerNorm default 1e-5 when none is stated; None without such a norm_cfg."""
+    norm = config_section(section, "norm_cfg")
+    if not re.search(r"type\s*=\s*['\"]LN['\"]", norm):
+        return None
+    m = re.search(r"\beps\s*=\s*([0-9.eE+-]+)", norm)
+    return float(m.group(1)) if m else 1e-5
+
+
+# --------------------------------------------------------------------------------------------
 # The check against the vitasks model
 
 

@@ -24,7 +24,9 @@ infers it from the class (``norm_layer`` for ``LN2d``; ``ln`` and ``norm`` are a
 
 Differences the converted model takes over: the backbone's LayerNorms are ``dict(type='LN')``
 without an epsilon in the released config, i.e. PyTorch's 1e-5 (detectron2: 1e-6), recorded as
-``norm_eps: 1.0e-5``. mmdet numbers the classes as ``meta.dataset_meta.classes`` lists them
+``norm_eps: 1.0e-5``. The config mmengine stores in the file (``meta["cfg"]``), when there, is
+checked against what the weights show (width, depth, heads, patch, window size and blocks; a
+conflict is an error) and gives the LayerNorm eps. mmdet numbers the classes as ``meta.dataset_meta.classes`` lists them
 (COCO's in category-id order) with the background logit last; the rows are mapped to COCO's
 category ids by those names.
 """
@@ -34,7 +36,16 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-from vitasks.convert.dense import COCO_CATEGORY_IDS, COCO_CLASSES, DenseSource, KeyTaker
+from vitasks.convert.dense import (
+    COCO_CATEGORY_IDS,
+    COCO_CLASSES,
+    DenseSource,
+    KeyTaker,
+    config_int,
+    config_ints,
+    config_ln_eps,
+    config_section,
+)
 from vitasks.convert.vitdet import apply_class_order, vitdet_backbone, vitdet_model
 from vitasks.errors import CheckpointError
 
@@ -178,6 +189,36 @@ def _cat_ids_from_names(names: Optional[Sequence[str]], num_classes: int, source
     return None
 
 
+def check_recorded_backbone(backbone: Dict[str, Any], config_text: Any, source: str, notes: List[str]) -> None:
+    """Compare the backbone inferred from the weights with the config mmengine stored in the
+    file (``meta["cfg"]``): a conflict is an error naming both values; the LayerNorm eps (and
+    the head count when the weights cannot tell) are taken from it."""
+    section = config_section(config_text, "backbone")
+    if not section:
+        return
+    depth = backbone["depth"]
+    recorded = {
+        key: config_int(section, key) for key in ("embed_dim", "depth", "patch_size", "num_heads", "window_size")
+    }
+    if not backbone["use_rel_pos"] and recorded["num_heads"]:
+        backbone["num_heads"] = recorded["num_heads"]
+    windows = config_ints(section, "window_block_indexes")
+    if windows is not None and recorded["window_size"]:
+        recorded["global_indices"] = [i for i in range(depth) if i not in windows]
+    recorded["norm_eps"] = config_ln_eps(section)
+    conflicts = [
+        f"{key}: weights {backbone[key]!r}, stored config {value!r}"
+        for key, value in recorded.items()
+        if value is not None and key in backbone and key != "norm_eps" and backbone[key] != value
+        and not (key == "window_size" and not backbone["use_rel_pos"])
+    ]
+    if conflicts:
+        raise CheckpointError(f"{source}: the weights do not match the config stored in the file: " + "; ".join(conflicts))
+    if recorded["norm_eps"] is not None:
+        backbone["norm_eps"] = recorded["norm_eps"]
+    notes.append("architecture checked against the config stored in the file (meta.cfg)")
+
+
 def convert_state_dict(sd: Dict[str, Any], source: str, meta: Optional[Dict[str, Any]] = None) -> DenseSource:
     """mmdet ViTDet weights -> :class:`DenseSource` (see the module docstring)."""
     meta = meta or {}
@@ -186,7 +227,9 @@ def convert_state_dict(sd: Dict[str, Any], source: str, meta: Optional[Dict[str,
     for key in [k for k in t.sd if k.startswith("data_preprocessor.")]:
         t.take(key)
     backbone = vitdet_backbone(t, "backbone.", norm_eps=BACKBONE_NORM_EPS, notes=notes)
-    notes.append("backbone LayerNorm eps 1e-5 (mmdet's dict(type='LN') default; detectron2 uses 1e-6)")
+    check_recorded_backbone(backbone, meta.get("cfg") or meta.get("config"), source, notes)
+    notes.append(f"backbone LayerNorm eps {backbone['norm_eps']:g} (mmdet's dict(type='LN') default 1e-5; "
+                 "detectron2 uses 1e-6)")
     neck = _neck(t, backbone["embed_dim"], backbone["patch_size"])
     rpn = _rpn(t)
     stages = [s for s in t.indices("roi_head.bbox_head.")]

@@ -293,7 +293,7 @@ def convert_state_dict(sd: Dict[str, Any], source: str, meta: Optional[Dict[str,
     t = KeyTaker(sd, source)
     notes: List[str] = []
     family = _family(t)
-    recorded = recorded_settings(meta.get("config"))
+    recorded = recorded_settings(meta.get("config") or meta.get("cfg"))
     out_indices, aux_in_index = DEFAULT_OUT[family]
     out_indices = recorded.get("out_indices", out_indices)
     aux_in_index = recorded.get("aux_in_index", aux_in_index)
