@@ -306,3 +306,28 @@ def test_beit_own_checkpoint_through_the_mae_converter(tmp_path, shared):
         with torch.no_grad():
             ours = model(x, mode="tensor")
         assert _rel(ours, theirs) < 1e-4
+
+
+def test_beit_pretraining_tables_resampled_by_beits_rule(tmp_path):
+    """`mae` with img_size: BEiT's pre-training table goes to the fine-tuning grid by BEiT's own
+    geometric rule (not the backbone's bilinear one), and the model loads it unchanged."""
+    pytest.importorskip("scipy")
+    from vitasks.models.layers.rel_pos_bias import resize_rel_pos_bias_table_geometric
+
+    torch.manual_seed(0)
+    cfg = transformers.BeitConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        use_shared_relative_position_bias=True, use_absolute_position_embeddings=False, use_mean_pooling=True,
+        num_labels=4,
+    )
+    sd = _unilm_names(_randomise(transformers.BeitForImageClassification(cfg)).state_dict())
+    torch.save({"model": sd}, tmp_path / "beit.pth")
+    ckpt = convert_checkpoint("mae", str(tmp_path / "beit.pth"), None, img_size=56, verbose=False)
+    table = ckpt["state_dict"]["backbone.rel_pos_bias.table"]
+    assert table.shape == (13 * 13 + 3, 2)
+    expected = resize_rel_pos_bias_table_geometric(sd["rel_pos_bias.relative_position_bias_table"], (7, 7))
+    torch.testing.assert_close(table, expected)
+    hint = {**ckpt["meta"]["config_hint"], "use_shared_rel_pos_bias": False, "use_rel_pos_bias": True}
+    backbone = MODELS.build(dict(type="VisionTransformer", **hint))
+    backbone.load_state_dict({k[len("backbone."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")})
+    torch.testing.assert_close(backbone.blocks[1].attn.rel_pos_bias.table.detach(), expected)

@@ -172,3 +172,35 @@ def test_maps_with_rel_pos_bias_and_checkpointing():
 def test_config_errors(kw, match):
     with pytest.raises(ConfigError, match=match):
         _vit(**kw)
+
+
+def test_geometric_resampling_is_beits_fine_tuning_rule():
+    """BEiT's pre-training -> fine-tuning rule: offsets on a geometric sequence reaching the new
+    extent, a bicubic interpolating spline through them; the class-token rows kept."""
+    np = pytest.importorskip("numpy")
+    interpolate = pytest.importorskip("scipy.interpolate")
+    from vitasks.models.layers.rel_pos_bias import geometric_offsets, resize_rel_pos_bias_table_geometric
+
+    torch.manual_seed(0)
+    table = torch.randn(27 * 27 + 3, 2, dtype=torch.float64)  # a 14 x 14 pre-training table
+    new = resize_rel_pos_bias_table_geometric(table, (40, 40))
+    assert new.shape == (79 * 79 + 3, 2)
+    torch.testing.assert_close(new[-3:], table[-3:], rtol=0, atol=0)
+    src, dst = geometric_offsets(27, 79)
+    # The sequence: 1, 1 + q, 1 + q + q^2, ... with its 13th partial sum at the new extent 39.
+    q = src[15] - src[14]
+    assert src[13] == 0 and src[14] == 1 and 1.01 < q < 1.5
+    np.testing.assert_allclose(np.diff(src[14:]), q ** np.arange(1, 13), rtol=1e-9)
+    assert abs(src[-1] - 39) < 1e-3 and dst[0] == -39 and dst[-1] == 39
+    # Offsets 0 and +-1 are nodes of both grids: an interpolating spline keeps their values.
+    old = table[:-3].reshape(27, 27, 2)
+    grid = new[:-3].reshape(79, 79, 2)
+    for i, j in [(0, 0), (1, -1), (-1, 0), (1, 1)]:
+        torch.testing.assert_close(grid[39 + i, 39 + j], old[13 + i, 13 + j], rtol=1e-9, atol=1e-9)
+    # Everywhere: a cubic spline through the same nodes by another construction (scipy's
+    # RegularGridInterpolator, not-a-knot) agrees closely.
+    X, Y = np.meshgrid(dst, dst, indexing="ij")
+    ref = interpolate.RegularGridInterpolator((src, src), old[:, :, 1].numpy(), method="cubic")(np.stack([X, Y], -1))
+    np.testing.assert_allclose(grid[:, :, 1].numpy(), ref, atol=1e-3)
+    # A same-size table is returned as it is.
+    assert resize_rel_pos_bias_table_geometric(table, (14, 14)) is table

@@ -18,7 +18,9 @@ fine-tuned) read here too: ``blocks.i.attn.q_bias`` / ``v_bias`` become the fuse
 ``rel_pos_bias.relative_position_bias_table`` ``rel_pos_bias.table`` (``use_shared_rel_pos_bias``;
 it loads into every block of a ``use_rel_pos_bias`` model, as BEiT's fine-tuning copies it); the
 pre-training ``lm_head`` and ``mask_token`` are dropped, and without absolute position embeddings
-(``use_abs_pos_emb=False``) a zero ``pos_embed`` is written.
+(``use_abs_pos_emb=False``) a zero ``pos_embed`` is written. With ``img_size`` (fine-tuning at
+another resolution) the tables are resampled as BEiT's fine-tuning does when it loads them
+(:func:`~vitasks.models.layers.rel_pos_bias.resize_rel_pos_bias_table_geometric`; needs scipy).
 """
 
 import re
@@ -45,7 +47,7 @@ class RelPosSource(Source):
 
     def to_vitasks(self, opts: ConvertOptions) -> Tuple[StateDict, Dict[str, Any]]:
         from vitasks.engine.architecture import architecture_from_config
-        from vitasks.models.layers.rel_pos_bias import resize_rel_pos_bias_table
+        from vitasks.models.layers.rel_pos_bias import resize_rel_pos_bias_table, resize_rel_pos_bias_table_geometric
 
         out, meta = to_vitasks(self, opts)
         hint = meta["config_hint"]
@@ -56,9 +58,21 @@ class RelPosSource(Source):
         size = hint["img_size"]
         grid = (size, size) if isinstance(size, int) else tuple(size)
         grid = (grid[0] // hint["patch_size"], grid[1] // hint["patch_size"])
+        resized = False
         for k, v in self.tables.items():
-            # At the converted grid (img_size), as the backbone would resample it on loading.
-            out["backbone." + k] = _compact(resize_rel_pos_bias_table(v, grid))
+            # At the converted grid (img_size) by BEiT's fine-tuning rule (geometric offsets,
+            # bicubic spline), not the bilinear rule the backbone applies to other grids.
+            try:
+                new = resize_rel_pos_bias_table_geometric(v, grid)
+            except (ImportError, ValueError):  # no scipy, or not square: the backbone's bilinear rule
+                new = resize_rel_pos_bias_table(v, grid)
+            resized = resized or new.shape != v.shape
+            out["backbone." + k] = _compact(new)
+        if resized:
+            meta["notes"].append(
+                f"relative position tables resampled to the {grid[0]}x{grid[1]} grid by BEiT's fine-tuning rule "
+                "(geometric offsets, bicubic spline)"
+            )
         meta["architecture"] = architecture_from_config(hint)
         return out, meta
 

@@ -16,7 +16,11 @@ gives transformers' outputs at any input size. BEiT's own fine-tuning code inste
 pre-training table once, when loading it, on a geometric sequence of offsets with a cubic spline
 (``semantic_segmentation/backbone/beit.py``, mmseg's ``resize_rel_pos_embed``); vitasks applies the
 bilinear rule at load time too, which differs from that (the published fine-tuned checkpoints
-already hold tables at their fine-tuning grid, so they need no resampling).
+already hold tables at their fine-tuning grid, so they need no resampling). BEiT's rule is
+:func:`resize_rel_pos_bias_table_geometric`, which the ``mae`` converter applies to BEiT's own
+checkpoints when given ``--img-size`` (``python tools/convert_checkpoint.py mae
+beit_base_patch16_224_pt22k_ft22k.pth out.pth --img-size 640``), so the converted tables are
+BEiT's fine-tuning start.
 """
 
 from functools import lru_cache
@@ -124,3 +128,51 @@ class RelativePositionBias(nn.Module):
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}, num_heads={self.num_heads}"
+
+
+def geometric_offsets(src_side: int, dst_side: int):
+    """BEiT's fine-tuning offsets for resampling a (src_side x src_side) offset table, src_side
+    = 2S - 1, to dst_side = 2D - 1 (BEiT's ``semantic_segmentation/backbone/beit.py``): the
+    source's S - 1 positive offsets are spread on a geometric sequence 1, 1 + q, 1 + q + q^2, ...
+    whose ratio q (bisection in [1.01, 1.5]) makes the sum of S - 1 terms reach D - 1, so offsets
+    near 0 keep their spacing and far ones stretch. Returns (source coordinates, target
+    coordinates) along one axis."""
+    import numpy as np
+
+    half_src, half_dst = src_side // 2, dst_side // 2
+    lo, hi = 1.01, 1.5
+    while hi - lo > 1e-6:
+        q = (lo + hi) / 2.0
+        if (1.0 - q**half_src) / (1.0 - q) > half_dst:  # 1 + q + ... + q^(half_src - 1)
+            hi = q
+        else:
+            lo = q
+    steps = np.cumsum([q**i for i in range(half_src)])  # 1, 1 + q, 1 + q + q^2, ...
+    src = np.concatenate([-steps[::-1], [0.0], steps])
+    dst = np.arange(-(dst_side // 2), dst_side // 2 + 1, dtype=np.float64)
+    return src, dst
+
+
+def resize_rel_pos_bias_table_geometric(table: torch.Tensor, new_grid: Tuple[int, int]) -> torch.Tensor:
+    """BEiT's own rule for loading a pre-training table (square grid S x S) into a fine-tuning
+    grid D x D: per head, a bicubic interpolating spline (scipy's ``RectBivariateSpline``,
+    s = 0: what BEiT's ``interp2d(kind="cubic")`` computes on a grid) through the offsets of
+    :func:`geometric_offsets`, read at the integer offsets -(D-1) .. D-1; the three class-token
+    rows kept. Needs scipy; computed in float64 and returned in the table's dtype."""
+    import numpy as np
+    from scipy.interpolate import RectBivariateSpline
+
+    L, heads = table.shape
+    side = (int(round((L - 3) ** 0.5)) + 1) // 2
+    if (2 * side - 1) ** 2 + 3 != L or new_grid[0] != new_grid[1]:
+        raise ValueError("BEiT's geometric resampling takes a square table and a square target grid")
+    if side == new_grid[0]:
+        return table
+    src_side, dst_side = 2 * side - 1, 2 * int(new_grid[0]) - 1
+    src, dst = geometric_offsets(src_side, dst_side)
+    offsets = table[:-3].detach().to(torch.float64).cpu().numpy().reshape(src_side, src_side, heads)
+    out = np.stack(
+        [RectBivariateSpline(src, src, offsets[:, :, h], kx=3, ky=3, s=0)(dst, dst) for h in range(heads)], axis=-1
+    )
+    resized = torch.from_numpy(out.reshape(dst_side * dst_side, heads)).to(table.dtype).to(table.device)
+    return torch.cat([resized, table[-3:]], dim=0)
