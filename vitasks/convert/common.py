@@ -512,8 +512,6 @@ SHIPPED_CONFIGS = {
                                     ("base", 768, 12, 12), ("large", 1024, 24, 16))
     for patch in (16, 32)
 }
-SHIPPED_CONFIGS["configs/_base_/models/vit_b14_dinov2.yaml"] = dict(
-    embed_dim=768, depth=12, num_heads=12, patch_size=14, stem="PatchEmbed")
 SHIPPED_CONFIGS["configs/_base_/models/vit_base_r50_s16.yaml"] = dict(
     embed_dim=768, depth=12, num_heads=12, patch_size=16, stem="ResNetStem", layers=[3, 4, 9])
 
