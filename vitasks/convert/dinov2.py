@@ -106,6 +106,13 @@ def rule_note(rule: Dict[str, Any], source: str) -> str:
     )
 
 
+CONFIG_NOTE = (
+    "DINOv2 configs: configs/cls_dinov2_vitb14.yaml (linear probe on the frozen backbone) and the backbone "
+    "base configs/_base_/models/vit_b14_dinov2.yaml (ViT-B/14; S/L: embed_dim 384/1024, depth 12/24, "
+    "num_heads 6/16); copy the interpolate_* and num_reg_tokens above into them"
+)
+
+
 def pool_note(pool: Optional[str]) -> str:
     if pool == "token_mean":
         return ("pool token_mean: class token + mean of the patch tokens (registers excluded), DINOv2's linear "

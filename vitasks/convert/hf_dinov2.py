@@ -132,5 +132,5 @@ def read(sd: StateDict, cfg: Dict[str, Any], path: str, opts: ConvertOptions) ->
     embed_dim = state["patch_embed.proj.weight"].shape[0] if "patch_embed.proj.weight" in state else 0
     src.pool = dinov2.pool_for(state, embed_dim)
     name = "transformers' Dinov2WithRegisters" if with_registers else "transformers' Dinov2"
-    src.notes += [dinov2.rule_note(rule, name), dinov2.pool_note(opts.pool or src.pool)]
+    src.notes += [dinov2.rule_note(rule, name), dinov2.pool_note(opts.pool or src.pool), dinov2.CONFIG_NOTE]
     return src

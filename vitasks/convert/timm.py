@@ -39,7 +39,7 @@ def _dinov2(src: Source, opts: ConvertOptions, kind: str, name: str) -> Source:
     src.pos_interp = dict(rule)
     src.input_norm = dict(dinov2.DINOV2_NORM)
     src.pool = dinov2.pool_for(sd, sd["patch_embed.proj.weight"].shape[0])
-    src.notes += [dinov2.rule_note(rule, name), dinov2.pool_note(opts.pool or src.pool)]
+    src.notes += [dinov2.rule_note(rule, name), dinov2.pool_note(opts.pool or src.pool), dinov2.CONFIG_NOTE]
     return src
 
 
