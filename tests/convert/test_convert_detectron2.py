@@ -147,6 +147,7 @@ def test_shipped_config_holds_the_weights_with_the_recorded_options(cascade):
     # ViTDet's architecture is what the shipped configs say, but for the stored 14 x 14
     # position grid (pretrain_img_size, until the configs set it).
     assert set(meta["cfg_options"]) <= {"model.backbone.pretrain_img_size=224"}
+    assert cfg.model.backbone.pretrain_img_size == 224 and cfg.model.backbone.get("norm_eps", 1e-6) == 1e-6
 
 
 def test_convert_pkl_loads_exactly_and_keeps_values(tmp_path):

@@ -89,12 +89,12 @@ def test_full_size_key_list_consumed_with_shapes():
     # The options det_coco.yaml needs for these weights: the backbone's LayerNorm epsilon (and
     # the stored 14 x 14 position grid, until the config sets it).
     _, meta = src.to_vitasks()
-    assert "model.backbone.norm_eps=1.0e-05" in meta["cfg_options"]
     assert set(meta["cfg_options"]) <= {"model.backbone.norm_eps=1.0e-05", "model.backbone.pretrain_img_size=224"}
     from vitasks.config import load_config
 
-    cfg = load_config(os.path.join(ROOT, "configs/det_coco.yaml"), meta["cfg_options"])
+    cfg = load_config(os.path.join(ROOT, "configs/det_coco.yaml"), meta["cfg_options"] or None)
     assert compare_with_model(src.state_dict, cfg.model) == dict(missing=[], unexpected=[], shapes=[])
+    assert cfg.model.backbone.norm_eps == 1e-5 and cfg.model.backbone.pretrain_img_size == 224
 
 
 def test_convert_pth_loads_exactly_keeps_values_and_records_eps(tmp_path):
