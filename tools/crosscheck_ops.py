@@ -1,15 +1,15 @@
 """Cross-check vitasks' plain-torch detection ops against torchvision's compiled ones.
 
-Not part of the test suite: it needs torchvision with working ops, which the project does not
-install (torchvision's wheel here is a CUDA build whose ops do not load under the CPU torch of
-.venv). Make a separate environment once and run the script with it:
+vitasks runs torchvision's kernels where torchvision works and its plain-torch ones otherwise
+(``vitasks.models.ops.kernels()``); this script compares the plain-torch versions (``nms_torch``,
+``batched_nms_torch``, ``roi_align_torch``, whatever the process chose) with torchvision itself,
+on many more cases than the tests (tests/models/ops/test_ops_kernels.py, CI's second leg). It
+needs torchvision with working ops, i.e. the second leg's environment:
 
-    python3 -m venv /work/tvenv
-    /work/tvenv/bin/pip install torch==2.14.1 torchvision==0.29.1
-    /work/tvenv/bin/python tools/crosscheck_ops.py [--device cpu|cuda] [--seed 0]
+    bash tools/setup_env.sh torch214    # .venv-torch214: torch 2.14.1 + torchvision 0.29.1 + timm
+    .venv-torch214/bin/python tools/crosscheck_ops.py [--device cpu|cuda] [--seed 0]
 
-It loads ``vitasks/models/ops`` by path as a package of its own (the ops import only torch and
-numpy), so nothing else of vitasks, nor mmengine, has to be installed there. It compares:
+It compares:
 
 - ``nms`` and ``batched_nms`` (both of torchvision's code paths: on the CPU, the coordinate
   offset up to 1,000 boxes (4,000 coordinates) and the per-class loop above) on random boxes with degenerate, duplicate,
@@ -25,9 +25,10 @@ see ``check_nms``) or a relative float difference exceeds 1e-4.
 """
 
 import argparse
-import importlib.util
+import importlib
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, List, Tuple
 
 import torch
@@ -37,15 +38,16 @@ FLOAT_TOLERANCE = 1e-4
 
 
 def load_vitasks_ops():
-    """``vitasks/models/ops`` imported as the stand-alone package ``vitasks_ops``."""
-    root = REPO_ROOT / "vitasks" / "models" / "ops"
-    spec = importlib.util.spec_from_file_location(
-        "vitasks_ops", root / "__init__.py", submodule_search_locations=[str(root)]
+    """vitasks' plain-torch ops under the ops' usual names (whatever kernels() chose)."""
+    from vitasks.models import ops
+
+    nms_module = importlib.import_module("vitasks.models.ops.nms")
+    roi_align_module = importlib.import_module("vitasks.models.ops.roi_align")
+    return SimpleNamespace(
+        nms=nms_module.nms_torch, batched_nms=nms_module.batched_nms_torch,
+        roi_align=roi_align_module.roi_align_torch, box_iou=ops.box_iou,
+        paste_masks_in_image=ops.paste_masks_in_image,
     )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["vitasks_ops"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def load_torchvision_ops():

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Check a GPU machine in one command: which SDPA kernels run (flash / memory-efficient / cuDNN),
+# which kernels NMS and RoIAlign run (torchvision's on a GPU install, checked equal to plain torch),
 # the benchmark table of ViT-B/16 (fp32, bf16, bf16 + torch.compile) and the MFU of a ViT-B/16
 # bf16 training step at the largest batch that fits. Prints markdown for the README.
 #

@@ -1,4 +1,5 @@
-"""Check a GPU machine in one command (``bash tools/gpu_check.sh``): which SDPA kernels run, the
+"""Check a GPU machine in one command (``bash tools/gpu_check.sh``): which SDPA kernels run, which
+kernels the detection ops run (torchvision's, checked equal to plain torch on the GPU), the
 benchmark table (fp32, bf16, ``--compile``) and the MFU of a ViT-B/16 bf16 training step.
 
 MFU (model FLOPs utilisation) = the FLOPs a training step needs (forward + backward, counted by
@@ -16,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["BF16_PEAK_TFLOPS", "bf16_peak_tflops", "sdpa_kernels", "largest_batch", "gpu_check", "main"]
+__all__ = ["BF16_PEAK_TFLOPS", "bf16_peak_tflops", "sdpa_kernels", "detection_kernels", "largest_batch", "gpu_check", "main"]
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets. Matched
 # against torch.cuda.get_device_name() in this order (first substring that matches).
@@ -76,6 +77,41 @@ def sdpa_kernels(device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
     return {"backends": backends, "default_kernels": chosen}
 
 
+def detection_kernels(device: str = "cuda") -> dict[str, Any]:
+    """Which kernels NMS, batched NMS and RoIAlign run (``vitasks.models.ops.kernels()``) and,
+    with torchvision's, whether they give on ``device`` what vitasks' plain-torch ones give."""
+    import importlib
+
+    from vitasks.models.ops import kernels
+
+    info: dict[str, Any] = {"kernels": kernels()}
+    if info["kernels"] != "torchvision":
+        return info
+    nms_ops = importlib.import_module("vitasks.models.ops.nms")
+    roi_ops = importlib.import_module("vitasks.models.ops.roi_align")
+    g = torch.Generator().manual_seed(0)
+    centres, sides = torch.rand(3000, 2, generator=g) * 800, torch.rand(3000, 2, generator=g) * 100 + 4
+    boxes = torch.cat((centres - sides / 2, centres + sides / 2), dim=1).to(device)
+    scores = (torch.rand(3000, generator=g) * 50).round().to(device)  # ties
+    classes = torch.randint(0, 20, (3000,), generator=g).to(device)
+    info["nms_equal"] = torch.equal(nms_ops.nms_torchvision(boxes, scores, 0.5).cpu(),
+                                    nms_ops.nms_torch(boxes, scores, 0.5).cpu())
+    info["batched_nms_equal"] = torch.equal(nms_ops.batched_nms_torchvision(boxes, scores, classes, 0.5).cpu(),
+                                            nms_ops.batched_nms_torch(boxes, scores, classes, 0.5).cpu())
+    features = torch.randn(2, 64, 100, 100, generator=g).to(device)
+    rois = torch.cat((torch.randint(0, 2, (500, 1), generator=g).float().to(device), boxes[:500]), dim=1)
+    diffs = []
+    for fn in (roi_ops.roi_align_torchvision, roi_ops.roi_align_torch):
+        leaf = features.clone().requires_grad_(True)
+        out = fn(leaf, rois, 7, 0.125, 0, True)
+        out.square().sum().backward()
+        diffs.append((out.detach(), leaf.grad))
+    (out_tv, grad_tv), (out_pt, grad_pt) = diffs
+    info["roi_align_max_rel_diff"] = max(
+        ((a - b).abs().max() / b.abs().max().clamp(min=1)).item() for a, b in ((out_pt, out_tv), (grad_pt, grad_tv)))
+    return info
+
+
 def largest_batch(try_batch, start: int = 8, limit: int = 1024) -> int:
     """The largest power of two from ``start`` up to ``limit`` for which ``try_batch(b)`` runs
     without running out of memory."""
@@ -104,7 +140,7 @@ def gpu_check(config: str, batch_size: Optional[int] = None, peak_tflops: Option
     name = torch.cuda.get_device_name()
     peak = peak_tflops or bf16_peak_tflops(name)
     report: dict[str, Any] = {"device": name, "torch": torch.__version__, "bf16_peak_tflops": peak,
-                              "sdpa": sdpa_kernels("cuda")}
+                              "sdpa": sdpa_kernels("cuda"), "ops": detection_kernels("cuda")}
     rows = {}
     for label, amp, comp in (("fp32 eager", False, False), ("bf16 eager", True, False), ("bf16 compile", True, True)):
         if comp and not compile:
@@ -131,6 +167,14 @@ def format_report(report: dict[str, Any]) -> str:
     for backend, state in report["sdpa"]["backends"].items():
         lines.append(f"- {backend}: {state}")
     lines.append(f"- picked by default: {', '.join(report['sdpa']['default_kernels']) or 'unknown'}")
+    ops = report.get("ops")
+    if ops:
+        line = f"Detection ops (NMS, batched NMS, RoIAlign): {ops['kernels']}'s kernels"
+        if "nms_equal" in ops:
+            line += (f"; on the GPU equal to plain torch: NMS {ops['nms_equal']}, batched NMS "
+                     f"{ops['batched_nms_equal']}, RoIAlign and its gradient to "
+                     f"{ops['roi_align_max_rel_diff']:.1e} (relative)")
+        lines += ["", line]
     lines += ["", "| run | inference img/s | training img/s | training TFLOP/s |", "|---|---|---|---|"]
     for label, r in report["table"].items():
         inf, tr = r["phases"].get("inference", {}), r["phases"].get("training", {})

@@ -314,3 +314,18 @@ def test_pooler_and_detector_heads_equal_on_both_kernels(tv_ops, fresh_choice):
     pooled_pt = pooler(features, rois)
     assert_within(pooled_pt, pooled_tv, 1e-6)
     assert ops.kernels() == "torch"
+
+
+def test_gpu_check_reports_the_kernels_and_their_agreement(tv_ops, fresh_choice):
+    from vitasks.gpu_check import detection_kernels, format_report
+
+    info = detection_kernels("cpu")  # what tools/gpu_check.sh runs on the GPU
+    assert info["kernels"] == "torchvision"
+    assert info["nms_equal"] and info["batched_nms_equal"]
+    assert info["roi_align_max_rel_diff"] <= 1e-6
+    use("torch")
+    assert detection_kernels("cpu") == {"kernels": "torch"}
+    report = {"device": "d", "torch": "t", "bf16_peak_tflops": 1.0, "ops": info,
+              "sdpa": {"backends": {}, "default_kernels": []}, "table": {},
+              "mfu": {"batch_size": 1, "train_tflops": 1.0, "mfu": 1.0}}
+    assert "Detection ops (NMS, batched NMS, RoIAlign): torchvision's kernels; on the GPU equal" in format_report(report)
