@@ -169,6 +169,12 @@ def test_convert_pkl_loads_exactly_and_keeps_values(tmp_path):
     assert not result.missing_keys and not result.unexpected_keys
     own = model.state_dict()
     t = lambda k: torch.from_numpy(weights[k])  # noqa: E731
+    # Every weight arrives unchanged under its new name (the position grid without the class
+    # token's entry; COCO's class order is vitasks').
+    key_map = convert_state_dict(weights, "model_final.pkl").key_map
+    for old, new in key_map.items():
+        expected = t(old)[:, 1:] if old.endswith("pos_embed") else t(old)
+        assert torch.equal(own[new], expected), (old, new)
     # qkv stays fused in the same (q, k, v) order; relative-position tables as they are.
     assert torch.equal(own["backbone.blocks.1.attn.qkv.weight"], t("backbone.net.blocks.1.attn.qkv.weight"))
     assert torch.equal(own["backbone.blocks.0.attn.rel_pos_h"], t("backbone.net.blocks.0.attn.rel_pos_h"))

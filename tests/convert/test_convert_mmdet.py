@@ -111,6 +111,13 @@ def test_convert_pth_loads_exactly_keeps_values_and_records_eps(tmp_path):
     from vitasks.engine.checkpoint import load_model_weights
     from vitasks.registry import MODELS
 
+    # Every weight arrives unchanged under its new name (the position grid without the class
+    # token's entry; COCO's class order is vitasks').
+    src = convert_state_dict(sd, "vitdet.pth", released_meta())
+    for old, new in src.key_map.items():
+        expected = sd[old][:, 1:] if old == "backbone.pos_embed" else sd[old]
+        assert torch.equal(ckpt["state_dict"][new], expected), (old, new)
+
     model = MODELS.build(meta["model_hint"])
     result = model.load_state_dict(ckpt["state_dict"], strict=True)
     assert not result.missing_keys and not result.unexpected_keys

@@ -178,6 +178,11 @@ def test_small_conversion_loads_exactly_and_keeps_values(tmp_path, family):
     result = model.load_state_dict(torch.load(tmp_path / "out.pth", weights_only=True)["state_dict"], strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     own = model.state_dict()
+    src = convert_state_dict(sd, "m.pth")
+    for old, new in src.key_map.items():  # renamed unchanged, but BEiT's q/v biases (merged below)
+        if not old.endswith(("q_bias", "v_bias")) and new:
+            assert torch.equal(own[new], sd[old]), (old, new)
+    assert sorted(k for k, v in src.key_map.items() if not v) == sorted(k for k in sd if k.endswith("relative_position_index"))
     layer = "backbone.layers.1."
     if family == "vit":
         assert torch.equal(own["backbone.blocks.1.attn.qkv.weight"], sd[layer + "attn.attn.in_proj_weight"])
