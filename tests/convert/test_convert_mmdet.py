@@ -210,3 +210,12 @@ def test_stored_config_is_checked_against_the_weights():
         convert_state_dict(sd, "x.pth", dict(meta, cfg=STORED_CFG.replace("depth=4", "depth=12")))
     eps6 = STORED_CFG.replace("norm_cfg=dict(type='LN', requires_grad=True)", "norm_cfg=dict(type='LN', eps=1e-06)")
     assert convert_state_dict(sd, "x.pth", dict(meta, cfg=eps6)).model["backbone"]["norm_eps"] == 1e-6
+
+
+def test_other_datasets_keep_their_class_order():
+    keys = mmdet_vitdet_keys(**SMALL, num_classes=3)
+    sd = {k: torch.randn(s) for k, s in keys.items()}
+    src = convert_state_dict(sd, "x.pth", released_meta(["cat", "dog", "emu"]))
+    assert src.dataset_meta == {"classes": ["cat", "dog", "emu"]}
+    assert torch.equal(src.state_dict["roi_head.box_head.cls_score.weight"], sd["roi_head.bbox_head.fc_cls.weight"])
+    assert src.model["roi_head"]["num_classes"] == 3 and src.published == ""

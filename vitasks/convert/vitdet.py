@@ -126,8 +126,9 @@ def apply_class_order(
     vitasks' (sorted category ids, as :class:`~vitasks.data.coco.CocoDataset` numbers them)
     and return the dataset meta. ``per_class_keys``: ``(vitasks key, group, extra)``."""
     if source_cat_ids is None:
-        if num_classes != len(COCO_CATEGORY_IDS):
-            notes.append(f"{num_classes} classes: not COCO's 80, class order kept as it is")
+        not_coco = class_names is not None and set(class_names) != set(COCO_CLASSES)
+        if num_classes != len(COCO_CATEGORY_IDS) or not_coco:
+            notes.append(f"{num_classes} classes, not COCO's: class order kept as it is")
             return dict(classes=list(class_names) if class_names else None)
         source_cat_ids = COCO_CATEGORY_IDS
         class_names = class_names or COCO_CLASSES
