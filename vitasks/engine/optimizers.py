@@ -19,7 +19,24 @@ from torch import nn
 from vitasks.errors import ConfigError
 from vitasks.registry import OPTIM_WRAPPER_CONSTRUCTORS
 
-_PARAMWISE_KEYS = ("layer_decay_rate", "no_decay_names")
+_PARAMWISE_KEYS = ("layer_decay_rate", "no_decay_names", "weight_decay_rule")
+
+# Which parameters get no weight decay, by the rule of the codebase a recipe comes from (besides
+# the names in ``no_decay_names``, which every rule exempts too):
+# - timm: 1-D parameters (biases, norms, LayerScale) and those a module declares through
+#   ``no_weight_decay()`` (DeiT, MAE, VideoMAE, timm);
+# - detectron2: the parameters of torch's norm modules only (``get_default_optimizer_params(
+#   weight_decay_norm=0)``): biases and relative-position tables are decayed, and so are the
+#   channel LayerNorms of the neck and heads (detectron2's ``LayerNorm`` is its own class, not in
+#   its norm list; vitasks' ``LayerNorm2d`` plays it);
+# - mmseg: 1-D parameters only (mmseg's ``LayerDecayOptimizerConstructor`` for BEiT/MAE: its
+#   ``pos_embed`` / ``cls_token`` test compares full names, so those tables are decayed too);
+# - names: only ``no_decay_names`` (mmengine's default constructor with ``custom_keys``).
+WEIGHT_DECAY_RULES = ("timm", "detectron2", "mmseg", "names")
+_TORCH_NORMS = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm1d,
+    nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm,
+)
 
 
 def declared_no_decay(model: nn.Module) -> set:
@@ -52,6 +69,11 @@ class LayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
       weight decay 0 (besides those that always do: 1-D parameters such as biases and norms, and
       those a module declares through ``no_weight_decay()``, see :func:`declared_no_decay`:
       the ViT's ``pos_embed``, ``cls_token`` and ``reg_token``).
+    - ``weight_decay_rule`` (``timm`` default, ``detectron2``, ``mmseg`` or ``names``): which
+      parameters are exempt besides ``no_decay_names`` (see ``WEIGHT_DECAY_RULES``): ``timm``
+      as above; ``detectron2`` the parameters of torch norm modules but not of the channel
+      ``LayerNorm2d`` (ViTDet's rule: biases and relative-position tables decay); ``mmseg``
+      1-D parameters only; ``names`` none.
 
     Frozen parameters (``requires_grad=False``) are left out. Parameters with the same (lr
     scale, weight decay) share one group; each group also carries ``lr_scale``.
@@ -80,7 +102,13 @@ class LayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
         names = paramwise_cfg.get("no_decay_names", [])
         if isinstance(names, str) or not all(isinstance(n, str) for n in names):
             raise ConfigError(f"optim_wrapper.paramwise_cfg.no_decay_names must be a list of names, got {names!r}")
+        rule = paramwise_cfg.get("weight_decay_rule", "timm")
+        if rule not in WEIGHT_DECAY_RULES:
+            raise ConfigError(
+                f"optim_wrapper.paramwise_cfg.weight_decay_rule must be one of {list(WEIGHT_DECAY_RULES)}, got {rule!r}"
+            )
         super().__init__(optim_wrapper_cfg, paramwise_cfg)
+        self.weight_decay_rule = rule
         if self.base_lr is None:
             raise ConfigError("optim_wrapper.optimizer.lr is required by LayerDecayOptimizerConstructor")
         self.layer_decay_rate = float(rate)
@@ -107,7 +135,30 @@ class LayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
         return OPTIM_WRAPPERS.build(optim_wrapper_cfg, default_args=dict(optimizer=optimizer))
 
     def _no_decay(self, name: str, param: torch.Tensor, declared: set) -> bool:
-        return param.ndim <= 1 or name in declared or any(key in name for key in self.no_decay_names)
+        if any(key in name for key in self.no_decay_names):
+            return True
+        if self.weight_decay_rule == "timm":
+            return param.ndim <= 1 or name in declared
+        if self.weight_decay_rule == "mmseg":
+            return param.ndim <= 1
+        if self.weight_decay_rule == "detectron2":
+            return name in declared
+        return False
+
+    def _exempt(self, module: nn.Module) -> set:
+        """The names ``_no_decay`` reads as ``declared`` under this constructor's rule."""
+        if self.weight_decay_rule == "timm":
+            return declared_no_decay(module)
+        if self.weight_decay_rule == "detectron2":
+            from vitasks.models.layers.norm import LayerNorm2d
+
+            return {
+                f"{prefix}.{name}" if prefix else name
+                for prefix, sub in module.named_modules()
+                if isinstance(sub, _TORCH_NORMS) and not isinstance(sub, LayerNorm2d)
+                for name, _ in sub.named_parameters(recurse=False)
+            }
+        return set()
 
     def add_params(self, params: List[dict], module: nn.Module, **kwargs) -> None:
         """Append the parameter groups of ``module`` (the task model) to ``params``."""
@@ -122,7 +173,7 @@ class LayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
                 logger="current",
                 level=logging.WARNING,
             )
-        declared = declared_no_decay(module)
+        declared = self._exempt(module)
         groups: Dict[Tuple[float, Optional[float]], dict] = {}
         for name, param in module.named_parameters():
             if not param.requires_grad:
