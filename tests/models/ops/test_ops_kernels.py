@@ -226,6 +226,18 @@ def test_batched_nms_same_boxes_same_order(tv_ops, threshold):
         brute_nms(boxes[small], scores[small], threshold, groups[small].tolist())
 
 
+def test_batched_nms_is_exactly_per_group_where_offsets_would_round(tv_ops):
+    # IoU of the first two boxes: 10 / 10.003 = 0.99970, under the threshold: both stay.
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10.003], [990, 990, 1000, 1000]])
+    scores, groups = torch.tensor([0.9, 0.8, 0.7]), torch.tensor([100, 100, 0])
+    assert brute_nms(boxes, scores, 0.9998, groups.tolist()) == [0, 1, 2]
+    assert nms_module.batched_nms_torch(boxes, scores, groups, 0.9998).tolist() == [0, 1, 2]
+    assert nms_module.batched_nms_torchvision(boxes, scores, groups, 0.9998).tolist() == [0, 1, 2]
+    # torchvision's own batched_nms shifts group 100 by 100 * 1001 in float32, which rounds
+    # 10.003 to 10 (a step of 1/128 there): it drops the second box. vitasks does not use it.
+    assert tv_ops.batched_nms(boxes, scores, groups, 0.9998).tolist() == [0, 2]
+
+
 def test_nms_same_inputs_and_results_on_both_kernels(tv_ops):
     # Half-precision and float64 scores with float32 boxes: both compute in float32 and sort the
     # scores as given (float64 scores that tie in float32 keep their order).
