@@ -3,7 +3,7 @@ kernels the detection ops run (torchvision's, checked equal to plain torch on th
 benchmark table (fp32, bf16, ``--compile``) and the MFU of a ViT-B/16 bf16 training step.
 
 MFU (model FLOPs utilisation) = the FLOPs a training step needs (forward + backward, counted by
-:mod:`vitasks.benchmark`: recomputation of gradient checkpointing not counted) per second, over
+:mod:`vitasks.benchmarks.throughput`: recomputation of gradient checkpointing not counted) per second, over
 the GPU's dense bf16 peak. The peak comes from :data:`BF16_PEAK_TFLOPS` by device name, or
 ``--peak-tflops``. The batch is the largest power of two that fits (``--batch-size`` to fix it).
 """
@@ -133,7 +133,7 @@ def largest_batch(try_batch, start: int = 8, limit: int = 1024) -> int:
 def gpu_check(config: str, batch_size: Optional[int] = None, peak_tflops: Optional[float] = None,
               iters: int = 10, compile: bool = True) -> dict[str, Any]:
     """Run the checks on the current CUDA device; returns everything measured."""
-    from vitasks.benchmark import run_benchmark
+    from vitasks.benchmarks.throughput import run_benchmark
 
     if not torch.cuda.is_available():
         raise RuntimeError("gpu_check needs a CUDA device (torch.cuda.is_available() is False)")
