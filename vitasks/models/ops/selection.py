@@ -60,7 +60,8 @@ def select_kernels(value="auto", where: str = CONFIG_KEY) -> str:
     """Apply a config's ``kernels`` value (``where`` names it in messages, e.g.
     ``"configs/x.yaml: kernels"``) and return the kernels in use.
 
-    ``auto`` (or None) changes nothing. ``torch``/``torchvision`` makes the choice now, unless
+    ``auto`` (or None) leaves the choice to ``VITASKS_KERNELS`` and what works (made now if it
+    was not yet, so the run's log says it); ``torch``/``torchvision`` makes it now, unless
     ``VITASKS_KERNELS`` forces one (the environment wins, and the log says so).
 
     Raises:
