@@ -22,6 +22,14 @@ The record is plain JSON (it is also stored in ``.safetensors`` metadata)::
      "pool": "token", "fc_norm": false, "final_norm": true,
      "stem": {"type": "PatchEmbed", "bias": true}}
 
+It also records how position embeddings are resampled to another grid (``interpolate_mode``,
+``interpolate_antialias``, ``interpolate_offset``: DINOv2's, timm's and transformers' rules
+differ by 1e-3 at 224 px), ViTDet's windows (``window_size``, ``global_indices``), the decomposed
+relative positions (``use_rel_pos``) and BEiT's relative position bias (``rel_pos_bias``:
+``per_block``, ``shared`` or ``none``). A ``VideoVisionTransformer`` records its space-time
+layout instead: attention type, tubelet size, frames, temporal depth, position embeddings and
+inflation.
+
 Stems add what changes their outputs: ``ConvStem`` its channels, strides, kernel size and
 BatchNorm epsilon; ``ResNetStem`` its layers, root width, GroupNorm groups and epsilon, and the
 weight-standardisation form and epsilon. A setting missing on either side (an older record, a
@@ -93,8 +101,11 @@ def _stem_architecture(stem: nn.Module) -> Dict[str, Any]:
 def backbone_architecture(backbone: Optional[nn.Module]) -> Optional[Dict[str, Any]]:
     """The output-changing settings a ``VisionTransformer`` (or subclass) was built with, read
     from its modules (see the module docstring); None for any other module."""
+    from vitasks.models.backbones.video_vit import VideoVisionTransformer
     from vitasks.models.backbones.vit import VisionTransformer
 
+    if isinstance(backbone, VideoVisionTransformer):
+        return _video_architecture(backbone)
     if not isinstance(backbone, VisionTransformer):
         return None
     vit = backbone
@@ -116,6 +127,43 @@ def backbone_architecture(backbone: Optional[nn.Module]) -> Optional[Dict[str, A
         "fc_norm": _read(lambda: _is_norm(vit.fc_norm)),
         "final_norm": _read(lambda: _is_norm(vit.norm) or _is_norm(vit.fc_norm)),
         "stem": _read(lambda: _stem_architecture(vit.stem)),
+        # how the position embeddings are resampled to another grid (DINOv2's and timm's rules differ)
+        "interpolate_mode": _read(lambda: str(vit.interpolate_mode)),
+        "interpolate_antialias": _read(lambda: bool(vit.interpolate_antialias)),
+        "interpolate_offset": _read(lambda: _number(vit.interpolate_offset)),
+        # ViTDet's attention layout and the relative positions (decomposed, or BEiT's bias table)
+        "window_size": _read(lambda: int(vit.window_size)),
+        "global_indices": _read(lambda: sorted(int(i) for i in vit.global_indices) if vit.window_size else None),
+        "use_rel_pos": _read(lambda: bool(vit.use_rel_pos)),
+        "rel_pos_bias": _read(lambda: "per_block" if vit.use_rel_pos_bias else
+                              "shared" if vit.use_shared_rel_pos_bias else "none"),
+    }
+    return {k: v for k, v in record.items() if v is not None}
+
+
+def _video_architecture(vit: nn.Module) -> Dict[str, Any]:
+    """The output-changing settings of a ``VideoVisionTransformer``: the image settings it shares
+    and its space-time layout (attention type, tubelets, frames, temporal encoder, position
+    embeddings, how image weights are inflated)."""
+    block = _read(lambda: vit.blocks[0])
+    record = {
+        "type": type(vit).__name__,
+        "embed_dim": _read(lambda: int(vit.embed_dim)),
+        "depth": _read(lambda: int(vit.spatial_depth)),
+        "temporal_depth": _read(lambda: int(vit.temporal_depth)),
+        "num_heads": _read(lambda: int(vit.num_heads)),
+        "patch_size": _read(lambda: int(vit.patch_size)),
+        "tubelet_size": _read(lambda: int(vit.tubelet_size)),
+        "num_frames": _read(lambda: int(vit.num_frames)),
+        "attention_type": _read(lambda: str(vit.attention_type)),
+        "pos_embed": _read(lambda: str(vit.pos_embed_type)),
+        "inflate": _read(lambda: str(vit.inflate)),
+        "qkv_bias": _read(lambda: block.attn.qkv.bias is not None),
+        "norm_eps": _read(lambda: float(block.norm1.eps)),
+        "mlp_act": _read(lambda: str(vit.mlp_act)),
+        "class_token": _read(lambda: vit.cls_token is not None),
+        "pool": _read(lambda: str(vit.pool)),
+        "interpolate_mode": _read(lambda: str(vit.interpolate_mode)),
     }
     return {k: v for k, v in record.items() if v is not None}
 
@@ -124,11 +172,13 @@ def architecture_from_config(backbone_cfg: Mapping[str, Any]) -> Optional[Dict[s
     """The record of the backbone a ``VisionTransformer`` config (e.g. a converter's config
     hint) builds: built on the meta device (no memory, no initialisation cost) and read by
     :func:`backbone_architecture`, so the defaults the config leaves out are recorded too."""
+    from vitasks.models.backbones.video_vit import VideoVisionTransformer
     from vitasks.models.backbones.vit import VisionTransformer
 
     kwargs = {k: v for k, v in dict(backbone_cfg).items() if k != "type"}
+    cls = VideoVisionTransformer if backbone_cfg.get("type") == "VideoVisionTransformer" else VisionTransformer
     with torch.device("meta"):
-        backbone = VisionTransformer(**kwargs)
+        backbone = cls(**kwargs)
     return backbone_architecture(backbone)
 
 
