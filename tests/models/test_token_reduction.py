@@ -380,6 +380,13 @@ def test_unmerge_gives_each_patch_its_merged_token(num_prefix):
             for p in h:
                 if p >= num_prefix:
                     assert torch.equal(grid[b, p - num_prefix], y[b, t])
+    from vitasks.models.layers.token_reduction import ToMe
+
+    # Pooling: the official patch's plain mean of the merged tokens; size-weighted on request, the
+    # mean over the original patches (merged tokens are their members' means here).
+    torch.testing.assert_close(ToMe(8, 4).pool_mean(y, state, num_prefix), y[:, num_prefix:].mean(1))
+    torch.testing.assert_close(ToMe(8, 4, size_weighted_mean=True).pool_mean(y, state, num_prefix), x[:, num_prefix:].mean(1))
+    torch.testing.assert_close(grid.mean(1), x[:, num_prefix:].mean(1))
 
 
 @torch.no_grad()

@@ -337,7 +337,7 @@ class ToMe(TokenReduction):
     merged. Merged tokens are size-weighted averages and carry their size; with
     ``proportional_attention`` log(size) is added to the attention logits (SDPA's float mask).
     Mean pooling is the plain mean of the merged patch tokens (as timm's pooling in the
-    patched model). Dense outputs are unmerged onto the full grid. No parameters: converted
+    patched model; ``size_weighted_mean`` for the mean over the original patches). Dense outputs are unmerged onto the full grid. No parameters: converted
     timm / MAE / DeiT weights run as they are (ToMe's "off the shelf" use) and give the official
     patch's outputs. Every block goes through the backbone's block call, so ``with_cp`` holds.
 
@@ -347,9 +347,16 @@ class ToMe(TokenReduction):
             (0: no merging there; a backbone with window blocks can merge after the last one).
             0 everywhere is the plain model, bit for bit.
         proportional_attention: add log(token size) to the attention logits.
+        size_weighted_mean: ``pool: mean`` weighs each merged token by its size, i.e. averages
+            over the original patches (not the official patch's plain mean of the merged tokens,
+            which leans towards the unmerged ones). Off by default, so converted weights give
+            the official results; on a small mean-pooled model that was trained without merging
+            it keeps the accuracy far better (docs/tokens.md).
     """
 
-    def __init__(self, embed_dim: int, depth: int, r=0, proportional_attention: bool = True) -> None:
+    def __init__(
+        self, embed_dim: int, depth: int, r=0, proportional_attention: bool = True, size_weighted_mean: bool = False
+    ) -> None:
         super().__init__(embed_dim, depth)
         if isinstance(r, (list, tuple)):
             if len(r) != depth:
@@ -358,6 +365,7 @@ class ToMe(TokenReduction):
         else:
             self.r = (_check_int(r, "r"),) * depth
         self.proportional_attention = bool(proportional_attention)
+        self.size_weighted_mean = bool(size_weighted_mean)
         merging = [i for i, v in enumerate(self.r) if v > 0]
         # The merge of block i follows its attention: block i + 1 is the first to see fewer tokens.
         self.first_reduced_block = merging[0] + 1 if merging else depth
@@ -375,7 +383,7 @@ class ToMe(TokenReduction):
 
     def extra_repr(self) -> str:
         r = self.r[0] if len(set(self.r)) == 1 else list(self.r)
-        return f"r={r}, proportional_attention={self.proportional_attention}"
+        return f"r={r}, proportional_attention={self.proportional_attention}, size_weighted_mean={self.size_weighted_mean}"
 
     def run(self, blocks, x, grid, num_prefix, dense_at, call_block):
         state = MergeState(x, num_prefix, self.proportional_attention)
@@ -391,6 +399,16 @@ class ToMe(TokenReduction):
             if i in dense_at:
                 dense[i] = state.unmerge(x)
         return x, dense, state
+
+    def pool_mean(self, x: Tensor, state: MergeState, num_prefix: int) -> Tensor:
+        """The plain mean of the (merged) patch tokens, as timm's pooling in the official patch;
+        with ``size_weighted_mean`` each weighed by its size (the mean over the original patches
+        of their unmerged values)."""
+        patch = x[:, num_prefix:]
+        if not self.size_weighted_mean or state.sizes is None:
+            return patch.mean(dim=1)
+        sizes = state.sizes[:, num_prefix:]
+        return (patch * sizes).sum(dim=1) / sizes.sum(dim=1)
 
     def run_with_attention(self, blocks, x, grid, num_prefix):
         state = MergeState(x, num_prefix, self.proportional_attention)
