@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.model import BaseModule
 
+from vitasks.checks import PositiveInt, checked, config_key
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 from vitasks.structures import DataSample
@@ -35,15 +36,17 @@ class BaseClsHead(BaseModule):
         init_cfg: mmengine initialisation config.
     """
 
+    config_key = "model.head"
+
+    @checked
     def __init__(
         self,
-        num_classes: int,
+        num_classes: PositiveInt,
         loss: Optional[dict] = None,
         init_cfg: Optional[dict] = None,
     ) -> None:
         super().__init__(init_cfg=init_cfg)
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ConfigError(f"{type(self).__name__}: num_classes must be a positive integer, got {num_classes!r}")
+        self.config_path = config_key(default=self.config_key)  # for errors at run time too
         self.num_classes = num_classes
         loss = dict(type="CrossEntropyLoss") if loss is None else loss
         self.loss_module = MODELS.build(loss) if isinstance(loss, dict) else loss
@@ -92,10 +95,11 @@ class LinearClsHead(BaseClsHead):
         init_cfg: mmengine initialisation config.
     """
 
+    @checked
     def __init__(
         self,
-        num_classes: int,
-        in_channels: int,
+        num_classes: PositiveInt,
+        in_channels: PositiveInt,
         loss: Optional[dict] = None,
         init_cfg: Optional[dict] = None,
     ) -> None:
@@ -118,7 +122,7 @@ class LinearClsHead(BaseClsHead):
         if feats.shape[-1] != self.in_channels:
             raise ConfigError(
                 f"LinearClsHead: in_channels is {self.in_channels} but the backbone gives {feats.shape[-1]} features; "
-                "set model.head.in_channels to the backbone's width (2 x embed_dim for pool='token_mean')"
+                f"set {self.config_path}.in_channels to the backbone's width (2 x embed_dim for pool='token_mean')"
             )
         return self.fc(feats)
 
@@ -135,10 +139,11 @@ class MLPClsHead(BaseClsHead):
         init_cfg: mmengine initialisation config.
     """
 
+    @checked
     def __init__(
         self,
-        num_classes: int,
-        in_channels: int,
+        num_classes: PositiveInt,
+        in_channels: PositiveInt,
         hidden_channels: int,
         loss: Optional[dict] = None,
         init_cfg: Optional[dict] = None,

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitasks.checks import InRange, PositiveInt, checked, config_key
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 from vitasks.structures import DataSample
@@ -67,30 +68,31 @@ class BaseDecodeHead(nn.Module):
             turn it off.
     """
 
+    config_key = "model.decode_head"
+
+    @checked
     def __init__(
         self,
         in_channels: int | Sequence[int],
-        channels: int,
-        num_classes: int,
+        channels: PositiveInt,
+        num_classes: PositiveInt,
         in_index: int | Sequence[int] = -1,
-        dropout_ratio: float = 0.1,
+        dropout_ratio: InRange(0, 1) = 0.1,
         loss_decode: dict | Sequence[dict] | None = None,
         ignore_index: int = 255,
         align_corners: bool = False,
         with_conv_seg: bool = True,
     ) -> None:
         super().__init__()
-        owner = type(self).__name__
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ConfigError(f"{owner}: num_classes must be a positive integer, got {num_classes!r}")
+        where = self.config_path = config_key(default=self.config_key)  # for errors at run time too
         if isinstance(in_index, (list, tuple)) != isinstance(in_channels, (list, tuple)):
             raise ConfigError(
-                f"{owner}: in_index and in_channels must both be single values or both lists, got "
+                f"{where}: in_index and in_channels must both be single values or both lists, got "
                 f"in_index={in_index!r}, in_channels={in_channels!r}"
             )
         if isinstance(in_index, (list, tuple)) and len(in_index) != len(in_channels):
             raise ConfigError(
-                f"{owner}: {len(in_index)} in_index values for {len(in_channels)} in_channels"
+                f"{where}: {len(in_index)} in_index values for {len(in_channels)} in_channels"
             )
         self.in_channels = list(in_channels) if isinstance(in_channels, (list, tuple)) else int(in_channels)
         self.in_index = list(in_index) if isinstance(in_index, (list, tuple)) else int(in_index)
@@ -102,7 +104,7 @@ class BaseDecodeHead(nn.Module):
             loss_decode = dict(type="CrossEntropyLoss")
         loss_cfgs = [loss_decode] if isinstance(loss_decode, (dict, nn.Module)) else list(loss_decode)
         if not loss_cfgs:
-            raise ConfigError(f"{owner}: loss_decode is empty")
+            raise ConfigError(f"{where}.loss_decode is empty")
         self.loss_names = [_loss_name(c, i, len(loss_cfgs)) for i, c in enumerate(loss_cfgs)]
         self.loss_decode = nn.ModuleList(
             MODELS.build(self._with_ignore_index(c)) if isinstance(c, dict) else c for c in loss_cfgs
@@ -132,7 +134,7 @@ class BaseDecodeHead(nn.Module):
         for i in indices:
             if not -len(inputs) <= i < len(inputs):
                 raise ConfigError(
-                    f"{type(self).__name__}: in_index {i} is out of range for {len(inputs)} "
+                    f"{self.config_path}.in_index {i} is out of range for {len(inputs)} "
                     "feature maps (check the backbone's out_indices)"
                 )
         selected = [inputs[i] for i in indices]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitasks.checks import NonNegativeInt, PositiveInt, checked, config_key
 from vitasks.errors import ConfigError
 from vitasks.models.heads.decode_head import BaseDecodeHead, resize
 from vitasks.models.layers import ConvBNReLU, TransformerBlock
@@ -60,18 +61,12 @@ class UPerHead(BaseDecodeHead):
         num_classes: int,
         in_index: Sequence[int] = (0, 1, 2, 3),
         pool_scales: Sequence[int] = (1, 2, 3, 6),
-        dropout_ratio: float = 0.1,
-        loss_decode: dict | Sequence[dict] | None = None,
-        ignore_index: int = 255,
-        align_corners: bool = False,
+        **kwargs,
     ) -> None:
         if not isinstance(in_channels, (list, tuple)) or len(in_channels) < 1:
-            raise ConfigError(f"UPerHead: in_channels must be a list per level, got {in_channels!r}")
-        super().__init__(
-            in_channels, channels, num_classes, in_index=list(in_index),
-            dropout_ratio=dropout_ratio, loss_decode=loss_decode, ignore_index=ignore_index,
-            align_corners=align_corners,
-        )
+            raise ConfigError(f"{config_key('in_channels', default=self.config_key)} must be a list per level, "
+                              f"got {in_channels!r}")
+        super().__init__(in_channels, channels, num_classes, in_index=list(in_index), **kwargs)
         self.psp = PyramidPooling(pool_scales, self.in_channels[-1], self.channels, self.align_corners)
         self.bottleneck = conv_block(self.in_channels[-1] + len(pool_scales) * self.channels, self.channels, 3)
         self.lateral_convs = nn.ModuleList(conv_block(c, self.channels, 1) for c in self.in_channels[:-1])
@@ -110,32 +105,23 @@ class FCNHead(BaseDecodeHead):
         dropout_ratio, loss_decode, ignore_index, align_corners: as :class:`BaseDecodeHead`.
     """
 
+    @checked
     def __init__(
         self,
         in_channels: int,
         channels: int,
         num_classes: int,
         in_index: int = -1,
-        num_convs: int = 2,
+        num_convs: NonNegativeInt = 2,
         kernel_size: int = 3,
         concat_input: bool = True,
         dilation: int = 1,
-        dropout_ratio: float = 0.1,
-        loss_decode: dict | Sequence[dict] | None = None,
-        ignore_index: int = 255,
-        align_corners: bool = False,
+        **kwargs,
     ) -> None:
-        if num_convs < 0:
-            raise ConfigError(f"FCNHead: num_convs must be >= 0, got {num_convs}")
         if num_convs == 0 and channels != in_channels:
-            raise ConfigError(
-                f"FCNHead: with num_convs=0 channels ({channels}) must equal in_channels ({in_channels})"
-            )
-        super().__init__(
-            in_channels, channels, num_classes, in_index=in_index,
-            dropout_ratio=dropout_ratio, loss_decode=loss_decode, ignore_index=ignore_index,
-            align_corners=align_corners,
-        )
+            raise ConfigError(f"{config_key(default=self.config_key)}: with num_convs=0 channels ({channels}) "
+                              f"must equal in_channels ({in_channels})")
+        super().__init__(in_channels, channels, num_classes, in_index=in_index, **kwargs)
         self.convs = nn.Sequential(*(
             conv_block(self.in_channels if i == 0 else self.channels, self.channels, kernel_size, dilation)
             for i in range(num_convs)
@@ -173,28 +159,21 @@ class SETRPUPHead(BaseDecodeHead):
             (SETR uses no dropout).
     """
 
+    @checked
     def __init__(
         self,
         in_channels: int,
         channels: int,
         num_classes: int,
         in_index: int = -1,
-        num_convs: int = 4,
-        up_scale: int = 2,
+        num_convs: PositiveInt = 4,
+        up_scale: PositiveInt = 2,
         kernel_size: int = 3,
         norm_eps: float = 1e-6,
         dropout_ratio: float = 0.0,
-        loss_decode: dict | Sequence[dict] | None = None,
-        ignore_index: int = 255,
-        align_corners: bool = False,
+        **kwargs,
     ) -> None:
-        if num_convs < 1:
-            raise ConfigError(f"SETRPUPHead: num_convs must be >= 1, got {num_convs}")
-        super().__init__(
-            in_channels, channels, num_classes, in_index=in_index,
-            dropout_ratio=dropout_ratio, loss_decode=loss_decode, ignore_index=ignore_index,
-            align_corners=align_corners,
-        )
+        super().__init__(in_channels, channels, num_classes, in_index=in_index, dropout_ratio=dropout_ratio, **kwargs)
         self.norm = nn.LayerNorm(self.in_channels, eps=norm_eps)
         self.up_scale = int(up_scale)
         self.up_convs = nn.ModuleList(
@@ -230,15 +209,10 @@ class SegmenterLinearHead(BaseDecodeHead):
         num_classes: int,
         in_index: int = -1,
         dropout_ratio: float = 0.0,
-        loss_decode: dict | Sequence[dict] | None = None,
-        ignore_index: int = 255,
-        align_corners: bool = False,
+        **kwargs,
     ) -> None:
-        super().__init__(
-            in_channels, in_channels, num_classes, in_index=in_index,
-            dropout_ratio=dropout_ratio, loss_decode=loss_decode, ignore_index=ignore_index,
-            align_corners=align_corners,
-        )
+        super().__init__(in_channels, in_channels, num_classes, in_index=in_index, dropout_ratio=dropout_ratio,
+                         **kwargs)
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.cls_seg(self._select(inputs))
@@ -280,19 +254,13 @@ class SegmenterMaskHead(BaseDecodeHead):
         drop_rate: float = 0.0,
         in_index: int = -1,
         dropout_ratio: float = 0.0,
-        loss_decode: dict | Sequence[dict] | None = None,
-        ignore_index: int = 255,
-        align_corners: bool = False,
+        **kwargs,
     ) -> None:
         if embed_dims % num_heads:
-            raise ConfigError(
-                f"SegmenterMaskHead: embed_dims ({embed_dims}) must be divisible by num_heads ({num_heads})"
-            )
-        super().__init__(
-            in_channels, embed_dims, num_classes, in_index=in_index, with_conv_seg=False,
-            dropout_ratio=dropout_ratio, loss_decode=loss_decode, ignore_index=ignore_index,
-            align_corners=align_corners,
-        )
+            raise ConfigError(f"{config_key(default=self.config_key)}: embed_dims ({embed_dims}) must be divisible "
+                              f"by num_heads ({num_heads})")
+        super().__init__(in_channels, embed_dims, num_classes, in_index=in_index, with_conv_seg=False,
+                         dropout_ratio=dropout_ratio, **kwargs)
         self.dec_proj = nn.Linear(self.in_channels, embed_dims)
         self.cls_emb = nn.Parameter(torch.zeros(1, num_classes, embed_dims))
         nn.init.trunc_normal_(self.cls_emb, std=0.02)

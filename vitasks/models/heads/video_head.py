@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vitasks.errors import ConfigError
+from vitasks.checks import InRange, OneOf, PositiveInt, checked
 from vitasks.registry import MODELS
 from vitasks.structures import DataSample
 
@@ -64,20 +64,17 @@ class VideoClsHead(LinearClsHead):
         init_cfg: mmengine initialisation config.
     """
 
+    @checked
     def __init__(
         self,
-        num_classes: int,
-        in_channels: int,
-        dropout_ratio: float = 0.0,
-        average_clips: str = "prob",
+        num_classes: PositiveInt,
+        in_channels: PositiveInt,
+        dropout_ratio: InRange(0, 1, high_open=True) = 0.0,
+        average_clips: OneOf(*AVERAGE_CLIPS) = "prob",
         loss: Optional[dict] = None,
         init_cfg: Optional[dict] = None,
     ) -> None:
         super().__init__(num_classes, in_channels, loss=loss, init_cfg=init_cfg)
-        if not isinstance(dropout_ratio, (int, float)) or not 0.0 <= dropout_ratio < 1.0:
-            raise ConfigError(f"model.head.dropout_ratio must be in [0, 1), got {dropout_ratio!r}")
-        if average_clips not in AVERAGE_CLIPS:
-            raise ConfigError(f"model.head.average_clips must be one of {list(AVERAGE_CLIPS)}, got {average_clips!r}")
         self.average_clips = average_clips
         self.dropout = nn.Dropout(dropout_ratio) if dropout_ratio > 0 else nn.Identity()
 
