@@ -19,11 +19,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from vitasks.errors import ConfigError
+from vitasks.checks import NonNegativeInt, OneOf, PositiveInt, checked
 from vitasks.models.layers.norm import LayerNorm2d
 from vitasks.registry import MODELS
 
-_NORMS = (None, "", "LN")
+Norm = OneOf(None, "", "LN")  # channel LayerNorm, or none
 
 
 def _conv_norm_relu(in_channels: int, out_channels: int, norm: Optional[str]) -> nn.Sequential:
@@ -34,11 +34,6 @@ def _conv_norm_relu(in_channels: int, out_channels: int, norm: Optional[str]) ->
         nn.init.zeros_(conv.bias)
     layers = [conv] + ([LayerNorm2d(out_channels)] if norm else []) + [nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
-
-
-def _check_norm(norm: Optional[str], owner: str) -> None:
-    if norm not in _NORMS:
-        raise ConfigError(f"{owner}.norm must be 'LN' (channel LayerNorm) or null, got {norm!r}")
 
 
 @MODELS.register_module()
@@ -57,22 +52,22 @@ class ConvFCBoxHead(nn.Module):
         class_agnostic: one box per RoI (Cascade R-CNN) instead of one per class.
     """
 
+    config_key = "model.roi_head.box_head"
+
+    @checked
     def __init__(
         self,
-        num_classes: int,
-        in_channels: int = 256,
-        pooled_size: int = 7,
-        num_convs: int = 4,
-        conv_channels: int = 256,
-        num_fcs: int = 1,
-        fc_channels: int = 1024,
-        norm: Optional[str] = "LN",
+        num_classes: PositiveInt,
+        in_channels: PositiveInt = 256,
+        pooled_size: PositiveInt = 7,
+        num_convs: NonNegativeInt = 4,
+        conv_channels: PositiveInt = 256,
+        num_fcs: NonNegativeInt = 1,
+        fc_channels: PositiveInt = 1024,
+        norm: Norm = "LN",
         class_agnostic: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ConfigError(f"model.roi_head: num_classes must be a positive integer, got {num_classes!r}")
-        _check_norm(norm, "model.roi_head.box_head")
         self.num_classes = num_classes
         self.class_agnostic = bool(class_agnostic)
         self.convs = nn.Sequential(*(
@@ -114,17 +109,19 @@ class MaskConvUpsampleHead(nn.Module):
         class_agnostic: one mask per RoI instead of one per class.
     """
 
+    config_key = "model.roi_head.mask_head"
+
+    @checked
     def __init__(
         self,
-        num_classes: int,
-        in_channels: int = 256,
-        num_convs: int = 4,
-        conv_channels: int = 256,
-        norm: Optional[str] = "LN",
+        num_classes: PositiveInt,
+        in_channels: PositiveInt = 256,
+        num_convs: NonNegativeInt = 4,
+        conv_channels: PositiveInt = 256,
+        norm: Norm = "LN",
         class_agnostic: bool = False,
     ) -> None:
         super().__init__()
-        _check_norm(norm, "model.roi_head.mask_head")
         self.num_classes = num_classes
         self.class_agnostic = bool(class_agnostic)
         self.convs = nn.Sequential(*(

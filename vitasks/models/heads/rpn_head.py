@@ -26,23 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitasks.checks import InRange, NonNegativeInt, PositiveInt, checked, config_key, int_pair
 from vitasks.errors import ConfigError
 from vitasks.models.ops import AnchorGenerator, BoxCoder, batched_nms, box_iou, clip_boxes, nonempty_boxes
 from vitasks.models.ops.sampling import Matcher, subsample_labels
 from vitasks.registry import MODELS
 
 ImageSize = Tuple[int, int]
-
-
-def _train_test_pair(value, key: str) -> Tuple[int, int]:
-    """A (training, testing) pair from a number or a 2-list (``pre_nms_topk: [2000, 1000]``)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
-    ):
-        raise ConfigError(f"model.rpn_head.{key} must be a positive integer or [train, test], got {value!r}")
-    return int(value[0]), int(value[1])
 
 
 def box_regression_loss(
@@ -82,18 +72,21 @@ class RPNHead(nn.Module):
     Inputs are the pyramid maps ``(N, C, H_l, W_l)``, finest first, one per stride.
     """
 
+    config_key = "model.rpn_head"
+
+    @checked
     def __init__(
         self,
-        in_channels: int = 256,
-        num_convs: int = 2,
+        in_channels: PositiveInt = 256,
+        num_convs: NonNegativeInt = 2,
         anchor_sizes: Sequence = (32, 64, 128, 256, 512),
         aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
         strides: Sequence[int] = (4, 8, 16, 32, 64),
         anchor_offset: float = 0.0,
         iou_thresholds: Sequence[float] = (0.3, 0.7),
         allow_low_quality_matches: bool = True,
-        batch_size_per_image: int = 256,
-        positive_fraction: float = 0.5,
+        batch_size_per_image: PositiveInt = 256,
+        positive_fraction: InRange(0, 1, low_open=True) = 0.5,
         pre_nms_topk: Sequence[int] = (2000, 1000),
         post_nms_topk: Sequence[int] = (1000, 1000),
         nms_threshold: float = 0.7,
@@ -104,20 +97,19 @@ class RPNHead(nn.Module):
         loss_bbox_weight: float = 1.0,
     ) -> None:
         super().__init__()
+        where = self.config_path = config_key(default=self.config_key)  # for errors at run time too
         if len(iou_thresholds) != 2:
             raise ConfigError(
-                f"model.rpn_head.iou_thresholds must be [background_below, foreground_from], got {list(iou_thresholds)}"
+                f"{where}.iou_thresholds must be [background_below, foreground_from], got {list(iou_thresholds)}"
             )
-        if not 0 < positive_fraction <= 1:
-            raise ConfigError(f"model.rpn_head.positive_fraction must be in (0, 1], got {positive_fraction}")
         try:
             self.anchor_generator = AnchorGenerator(anchor_sizes, aspect_ratios, strides, anchor_offset)
         except ValueError as error:
-            raise ConfigError(f"model.rpn_head: {error}") from None
+            raise ConfigError(f"{where}: {error}") from None
         num_anchors = set(self.anchor_generator.num_anchors_per_location)
         if len(num_anchors) != 1:
             raise ConfigError(
-                "model.rpn_head: the head is shared by all levels, so every level needs the same number of "
+                f"{where}: the head is shared by all levels, so every level needs the same number of "
                 f"anchors per position; anchor_sizes {list(anchor_sizes)} give {sorted(num_anchors)}"
             )
         self.num_anchors = num_anchors.pop()
@@ -138,8 +130,9 @@ class RPNHead(nn.Module):
         self.box_coder = BoxCoder(box_coder_weights)
         self.batch_size_per_image = int(batch_size_per_image)
         self.positive_fraction = float(positive_fraction)
-        self.pre_nms_topk = _train_test_pair(pre_nms_topk, "pre_nms_topk")
-        self.post_nms_topk = _train_test_pair(post_nms_topk, "post_nms_topk")
+        pair = "a positive integer or [train, test]"  # e.g. pre_nms_topk: [2000, 1000]
+        self.pre_nms_topk = int_pair(pre_nms_topk, f"{where}.pre_nms_topk", pair)
+        self.post_nms_topk = int_pair(post_nms_topk, f"{where}.post_nms_topk", pair)
         self.nms_threshold = float(nms_threshold)
         self.min_box_size = float(min_box_size)
         self.smooth_l1_beta = float(smooth_l1_beta)
@@ -150,7 +143,7 @@ class RPNHead(nn.Module):
     def _check_levels(self, features: Sequence[torch.Tensor]) -> None:
         if len(features) != len(self.strides):
             raise ConfigError(
-                f"model.rpn_head: built for {len(self.strides)} levels (strides {list(self.strides)}), "
+                f"{self.config_path}: built for {len(self.strides)} levels (strides {list(self.strides)}), "
                 f"the neck gives {len(features)} maps"
             )
 
