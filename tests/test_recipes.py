@@ -1,0 +1,319 @@
+"""Each full-size config is its anchor's recipe, as docs/recipes.md promises (issue 18).
+
+- docs/recipes.md has a section for every full-size config (every file in configs/ outside
+  configs/demo/ and _base_); the config's header names the anchor file and the published number
+  the section gives, and lists deviations;
+- every row of a section's "Checked settings" table equals the loaded config;
+- the weight-decay rules that the recipes name (``paramwise_cfg.weight_decay_rule``) exempt exactly
+  the parameters their codebases exempt, written out here per parameter name;
+- the ViTDet pipeline of det_coco.yaml keeps a crop without objects, and the detector trains on it.
+"""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from vitasks.config import load_config
+from vitasks.data.det_transforms import InstanceMasks
+from vitasks.engine.optimizers import LayerDecayOptimizerConstructor
+from vitasks.errors import ConfigError
+from vitasks.registry import MODELS, TRANSFORMS
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+RECIPES = ROOT / "docs" / "recipes.md"
+FULL_SIZE = sorted(p.name for p in CONFIGS.glob("*.yaml"))
+ABSENT = "(absent)"
+
+
+# ------------------------------------------------------------------------------------ docs parser
+
+
+def parse_recipes(text: str) -> dict:
+    """``{config file name: {"anchor": [tokens], "published": [numbers], "deviations": bool,
+    "settings": [(key, value)]}}`` from docs/recipes.md's ``### `configs/...` `` sections."""
+    sections = {}
+    for block in re.split(r"^### ", text, flags=re.M)[1:]:
+        heading, _, body = block.partition("\n")
+        names = [Path(n).name for n in re.findall(r"`([^`]+\.yaml)`", heading)]
+        anchor = re.search(r"^- Anchor: (.*?)(?=^- |\n\n)", body, flags=re.M | re.S)
+        published = re.search(r"^- Published: (.*?)(?=^- |\n\n)", body, flags=re.M | re.S)
+        settings = []
+        for line in body.splitlines():
+            row = re.fullmatch(r"\| `([^`]+)` \| `(.*)` \|", line.strip())
+            if row:
+                settings.append((row.group(1), row.group(2)))
+        entry = dict(
+            anchor=re.findall(r"`([^`]+)`", anchor.group(1)) if anchor else None,
+            anchor_text=anchor.group(1) if anchor else "",
+            published=re.findall(r"\d+\.\d+", published.group(1)) if published else [],
+            deviations=bool(re.search(r"^- (Deviations|Kept and deviations)", body, flags=re.M)),
+            settings=settings,
+        )
+        for name in names:
+            sections[name] = entry
+    return sections
+
+
+SECTIONS = parse_recipes(RECIPES.read_text())
+
+
+def header(name: str) -> str:
+    """The config's leading comment block, one line, whitespace collapsed."""
+    lines = []
+    for line in (CONFIGS / name).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return " ".join(" ".join(lines).split())
+
+
+_MISSING = object()
+
+
+def lookup(cfg, key: str):
+    """A dotted key into the config: ``a.b``, ``a[Type]`` (first entry with that type), ``a[2]``."""
+    node = cfg
+    for part in key.split("."):
+        m = re.fullmatch(r"([^\[\]]+)((?:\[[^\]]+\])*)", part)
+        assert m, f"bad key part {part!r} in {key}"
+        name, selectors = m.group(1), re.findall(r"\[([^\]]+)\]", m.group(2))
+        if not hasattr(node, "keys") or name not in node:  # a dict, ConfigDict or Config
+            return _MISSING
+        node = node[name]
+        for sel in selectors:
+            if not isinstance(node, (list, tuple)):
+                return _MISSING
+            if re.fullmatch(r"-?\d+", sel):
+                node = node[int(sel)]
+            else:
+                found = [e for e in node if hasattr(e, "keys") and e.get("type") == sel]
+                if not found:
+                    return _MISSING
+                node = found[0]
+    return node
+
+
+def plain(value):
+    """mmengine ConfigDicts / tuples as plain dicts and lists, for comparison with YAML."""
+    if hasattr(value, "keys"):
+        return {k: plain(value[k]) for k in value.keys()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def test_parser_reads_sections_rows_and_selectors():
+    text = "### `configs/a.yaml`, `b.yaml`\n\n- Anchor: `repo` `x/y.py`.\n- Published: 1.5 AP.\n" \
+           "- Deviations: none.\n\n| key | value |\n| --- | --- |\n| `p[T].q` | `[1, 2]` |\n"
+    sections = parse_recipes(text)
+    assert set(sections) == {"a.yaml", "b.yaml"}
+    assert sections["a.yaml"]["anchor"] == ["repo", "x/y.py"] and sections["a.yaml"]["published"] == ["1.5"]
+    assert sections["b.yaml"]["settings"] == [("p[T].q", "[1, 2]")]
+    cfg = {"p": [{"type": "S", "q": 0}, {"type": "T", "q": [1, 2]}], "r": {"s": [5, 6]}}
+    assert lookup(cfg, "p[T].q") == [1, 2] and lookup(cfg, "r.s[-1]") == 6
+    assert lookup(cfg, "p[U]") is _MISSING and lookup(cfg, "r.t") is _MISSING
+
+
+def test_every_full_size_config_has_a_section():
+    assert "cls_imagenet.yaml" in FULL_SIZE and "det_coco.yaml" in FULL_SIZE
+    missing = sorted(set(FULL_SIZE) - set(SECTIONS))
+    assert not missing, f"docs/recipes.md has no section for {missing}"
+    unknown = sorted(set(SECTIONS) - set(FULL_SIZE))
+    assert not unknown, f"docs/recipes.md describes configs that do not exist: {unknown}"
+
+
+@pytest.mark.parametrize("name", FULL_SIZE)
+def test_header_names_anchor_and_published_number(name):
+    section, text = SECTIONS[name], header(name)
+    assert "Anchor:" in text, f"{name}: the header does not name its anchor ('Anchor: ...')"
+    if section["anchor"]:
+        for token in section["anchor"]:
+            if token.endswith(".yaml"):  # "the recipe of X.yaml": X's own anchor is checked there
+                continue
+            assert token in text, f"{name}: the header does not name the anchor's {token!r}"
+    else:
+        assert section["anchor_text"].startswith("none") and "Anchor: none" in text, name
+    for number in section["published"]:
+        assert number in text, f"{name}: the header does not give the published number {number}"
+    if section["deviations"]:
+        assert "deviation" in text.lower(), f"{name}: docs/recipes.md lists deviations, the header none"
+
+
+CHECKED = [(name, key, value) for name in FULL_SIZE for key, value in SECTIONS.get(name, {}).get("settings", [])]
+
+
+def test_the_promises_cover_the_recipes_the_issue_names():
+    """The settings issue 18 found drifting are among the checked rows."""
+    keys = {(n, k) for n, k, _ in CHECKED}
+    for name, key in [
+        ("det_coco.yaml", "train_dataloader.dataset.pipeline[DetRandomCrop]"),
+        ("det_coco.yaml", "optim_wrapper.paramwise_cfg"),
+        ("det_coco.yaml", "model.backbone.pretrain_img_size"),
+        ("seg_ade20k.yaml", "model.backbone.use_rel_pos_bias"),
+        ("seg_ade20k.yaml", "model.backbone.layer_scale_init_value"),
+        ("video_k400_timesformer.yaml", "model.backbone.drop_path_rate"),
+        ("video_k400_timesformer.yaml", "model.data_preprocessor.mean"),
+        ("video_k400_videomae.yaml", "train_cfg.max_epochs"),
+        ("video_k400_videomae.yaml", "optim_wrapper.clip_grad"),
+        ("video_k400_videomae.yaml", "train_dataloader.sampler"),
+        ("cls_imagenet.yaml", "custom_hooks[EMAHook].decay"),
+        ("cls_imagenet.yaml", "train_dataloader.dataset.pipeline[Albu].transforms[ColorJitter]"),
+        ("video_k400.yaml", "optim_wrapper.optimizer"),
+        ("video_k400_vivit.yaml", "optim_wrapper.optimizer"),
+    ]:
+        assert (name, key) in keys, (name, key)
+
+
+_LOADED = {}
+
+
+def loaded(name):
+    if name not in _LOADED:
+        _LOADED[name] = load_config(str(CONFIGS / name))
+    return _LOADED[name]
+
+
+@pytest.mark.parametrize("name,key,value", CHECKED, ids=[f"{n}:{k}" for n, k, _ in CHECKED])
+def test_config_setting_is_what_recipes_md_promises(name, key, value):
+    got = lookup(loaded(name), key)
+    if value == ABSENT:
+        assert got is _MISSING, f"{name}: {key} should be absent, is {got!r}"
+        return
+    assert got is not _MISSING, f"{name}: {key} is missing (docs/recipes.md promises {value})"
+    expected = yaml.safe_load(value)
+    got = plain(got)
+    if isinstance(expected, float) or isinstance(got, float):
+        assert got == pytest.approx(expected, rel=1e-12), (name, key)
+    else:
+        assert got == expected, f"{name}: {key} is {got!r}, docs/recipes.md promises {expected!r}"
+
+
+# ------------------------------------------------------------------------------- weight decay
+
+
+def tiny_vitdet():
+    cfg = dict(
+        type="MaskRCNN",
+        data_preprocessor=dict(type="BaseDataPreprocessor"),
+        backbone=dict(type="VisionTransformer", img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2,
+                      class_token=False, pool="none", final_norm=False, out_indices=[-1], window_size=2,
+                      global_indices=[1], use_rel_pos=True, pretrain_img_size=32),
+        neck=dict(type="SimpleFeaturePyramid", in_channels=32, out_channels=16),
+        rpn_head=dict(type="RPNHead", in_channels=16, anchor_sizes=[8, 16, 32, 64, 128], batch_size_per_image=64,
+                      pre_nms_topk=[200, 100], post_nms_topk=[100, 50]),
+        roi_head=dict(type="StandardRoIHead", num_classes=3, in_channels=16, batch_size_per_image=64,
+                      box_head=dict(conv_channels=16, fc_channels=32, num_convs=2),
+                      mask_head=dict(conv_channels=16, num_convs=2)),
+    )
+    return MODELS.build(cfg)
+
+
+def tiny_beit():
+    return MODELS.build(dict(type="VisionTransformer", img_size=32, patch_size=16, embed_dim=32, depth=2,
+                             num_heads=2, use_rel_pos_bias=True, layer_scale_init_value=1.0, pool="token"))
+
+
+def decay_of(model, paramwise_cfg, wd=0.1):
+    wrapper = LayerDecayOptimizerConstructor(
+        dict(optimizer=dict(type="AdamW", lr=1e-3, weight_decay=wd)), paramwise_cfg)(model)
+    by_param = {}
+    for group in wrapper.optimizer.param_groups:
+        for p in group["params"]:
+            by_param[id(p)] = group["weight_decay"]
+    return {name: by_param[id(p)] for name, p in model.named_parameters()}
+
+
+def test_detectron2_rule_decays_biases_rel_pos_and_channel_layernorms():
+    """detectron2's ViTDet: get_default_optimizer_params(weight_decay_norm=0) + {pos_embed: 0}.
+    Its norm list holds torch.nn.LayerNorm (the ViT's norm1/norm2) but not detectron2's own
+    channel LayerNorm (the neck's and the conv heads' "LN"), so only the ViT's LayerNorms and
+    pos_embed are exempt; biases and the rel_pos tables decay."""
+    model = tiny_vitdet()
+    decay = decay_of(model, dict(layer_decay_rate=0.7, weight_decay_rule="detectron2", no_decay_names=["pos_embed"]))
+    exempt = {n for n, wd in decay.items() if wd == 0.0}
+    expected = {n for n in decay if re.fullmatch(r"backbone\.blocks\.\d+\.norm[12]\.(weight|bias)", n)}
+    expected.add("backbone.pos_embed")
+    assert exempt == expected
+    assert decay["backbone.blocks.0.attn.qkv.bias"] == 0.1
+    assert decay["backbone.blocks.1.attn.rel_pos_h"] == 0.1
+    channel_ln = [n for n in decay if n.startswith(("neck.", "roi_head.")) and "norm" in n]
+    assert channel_ln and all(decay[n] == 0.1 for n in channel_ln)
+    # The default (timm) rule on the same model exempts every 1-D parameter and the tables.
+    timm = decay_of(model, dict(layer_decay_rate=0.7))
+    assert timm["backbone.blocks.0.attn.qkv.bias"] == 0.0 and timm["backbone.blocks.1.attn.rel_pos_h"] == 0.0
+
+
+def test_mmseg_rule_exempts_only_1d_parameters():
+    """mmseg's LayerDecayOptimizerConstructor (BEiT/MAE): `len(param.shape) == 1 or
+    name.endswith('.bias') or name in ('pos_embed', 'cls_token')` with full names, which never
+    equal those two: the position table, class token and relative position bias tables decay."""
+    model = tiny_beit()
+    decay = decay_of(model, dict(layer_decay_rate=0.65, weight_decay_rule="mmseg"), wd=0.05)
+    for name, p in model.named_parameters():
+        expected = 0.0 if (p.ndim == 1 or name.endswith(".bias")) else 0.05
+        assert decay[name] == expected, name
+    assert decay["pos_embed"] == decay["cls_token"] == 0.05
+    assert any("rel_pos_bias" in n and wd == 0.05 for n, wd in decay.items())
+    layer_scale = [n for n in decay if ".ls1." in n or ".ls2." in n]
+    assert layer_scale and all(decay[n] == 0.0 for n in layer_scale)
+
+
+def test_names_rule_exempts_only_the_named_parameters():
+    model = tiny_beit()
+    decay = decay_of(model, dict(weight_decay_rule="names", no_decay_names=["cls_token", "pos_embed"]), wd=1e-4)
+    assert {n for n, wd in decay.items() if wd == 0.0} == {"cls_token", "pos_embed"}
+
+
+def test_unknown_weight_decay_rule_is_a_config_error():
+    with pytest.raises(ConfigError, match="weight_decay_rule"):
+        LayerDecayOptimizerConstructor(dict(optimizer=dict(type="AdamW", lr=1e-3)), dict(weight_decay_rule="timmm"))
+
+
+# ------------------------------------------------------------------------------ empty crops
+
+
+def test_vitdet_pipeline_keeps_a_crop_without_objects_and_the_detector_trains_on_it():
+    """det_coco.yaml's train pipeline (after loading) at 64 px: a sample whose only object lies
+    outside the crop comes out packed with no instances (detectron2 keeps such crops), and Mask
+    R-CNN's loss on it is finite, backpropagates, and has zero box and mask terms."""
+    cfg = load_config(str(CONFIGS / "det_coco.yaml"), ["input_size=[64,64]"])
+    steps = [dict(s) for s in cfg.train_dataloader.dataset.pipeline if s["type"] not in ("LoadImage", "LoadDetAnnotations")]
+    assert [s["type"] for s in steps] == ["DetRandomResize", "DetRandomCrop", "FilterDetAnnotations",
+                                          "DetRandomFlip", "PackDetInputs"]
+    # The config's resize, with the scale drawn as 2.0 (64 x 2 = 128 px); the rest as configured.
+    steps[0]["ratio_range"] = [2.0, 2.0]
+    transforms = [TRANSFORMS.build(s) for s in steps]
+    # A 64 x 64 image with one small object in its top-right corner, resized to 128 x 128: the
+    # 64 x 64 crop at offset round(64 u) on both axes (detectron2's FixedSizeCrop: one u for both)
+    # holds the object (x >= 120, y < 8) only if 64 u > 56 and 64 u < 8 at once: never.
+    def corner_object():
+        masks = InstanceMasks([[[60.0, 0.0, 64.0, 0.0, 64.0, 4.0, 60.0, 4.0]]], (64, 64))
+        return dict(img=np.full((64, 64, 3), 90, np.uint8), img_shape=(64, 64), ori_shape=(64, 64),
+                    img_path="x.jpg", gt_bboxes=np.array([[60.0, 0.0, 64.0, 4.0]], np.float32),
+                    gt_labels=np.array([1]), gt_ignore_flags=np.array([False]), gt_masks=masks,
+                    rng=np.random.default_rng(0))
+
+    results = corner_object()
+    for t in transforms:
+        results = t(results)
+        assert results is not None, f"{type(t).__name__} dropped the sample"
+    sample = results["data_samples"]
+    assert tuple(results["inputs"].shape[-2:]) == (64, 64)
+    assert len(sample.gt_instances.bboxes) == 0
+    model = tiny_vitdet()
+    inputs = results["inputs"].float().unsqueeze(0) / 255.0
+    losses = model(inputs, [sample], mode="loss")
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert losses["loss_mask"].item() == 0 and all(v.item() == 0 for k, v in losses.items() if k.endswith("bbox"))
+    assert losses["loss_rpn_cls"].item() > 0
+    # With mmdetection's default (allow_negative_crop false) the same draw is refused.
+    steps[1]["allow_negative_crop"] = False
+    refuse = TRANSFORMS.build(steps[1])
+    assert refuse(transforms[0](corner_object())) is None
