@@ -334,9 +334,8 @@ def test_merge_matches_the_loop_reference_and_keeps_totals(num_prefix):
     assert torch.equal(merged[:, :num_prefix], x[:, :num_prefix])
     for b in range(B):
         groups, values, ref_sizes = reference_merge(x[b], sizes[b, :, 0], metric[b], r, num_prefix)
-        assert _groups_of(Matching(matching.src[b : b + 1], matching.dst[b : b + 1], matching.base[b : b + 1], N), N) == [
-            sorted(g) for g in groups
-        ]
+        one = Matching(matching.src[b : b + 1], matching.dst[b : b + 1], matching.base[b : b + 1], N, num_prefix)
+        assert _groups_of(one, N) == [sorted(g) for g in groups]
         torch.testing.assert_close(merged[b], values, rtol=1e-12, atol=1e-12)  # same order
         torch.testing.assert_close(new_sizes[b, :, 0], ref_sizes)
 

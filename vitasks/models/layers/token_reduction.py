@@ -170,13 +170,20 @@ class Matching:
     dst: Tensor
     base: Tensor
     num_tokens: int
+    num_prefix: int = 0
+
+    def dst_index(self) -> Tensor:
+        """(B, r): the positions after the merge of the B tokens ``dst`` (the unprotected B
+        tokens close the sequence, in their order)."""
+        first_b = self.base.shape[1] - (self.num_tokens // 2 - self.num_prefix // 2)
+        return first_b + self.dst - self.num_prefix // 2
 
     def new_index(self) -> Tensor:
         """(B, num_tokens): where each token ends up after the merge."""
         B, n_new = self.base.shape
         index = self.base.new_empty(B, self.num_tokens)
         index.scatter_(1, self.base, torch.arange(n_new, device=self.base.device).expand(B, -1))
-        return index.scatter_(1, 2 * self.src, index.gather(1, 2 * self.dst + 1))
+        return index.scatter_(1, 2 * self.src, self.dst_index())
 
 
 def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int = 0) -> Optional[Matching]:
@@ -221,7 +228,7 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int = 0) -> Opti
             2 * unmerged[:, protected_a:],
             torch.arange(2 * protected_b + 1, 2 * num_b, 2, device=device).expand(B, -1),
         ], dim=1)
-    return Matching(src=src, dst=dst, base=base, num_tokens=N)
+    return Matching(src=src, dst=dst, base=base, num_tokens=N, num_prefix=num_prefix)
 
 
 def merge_tokens(x: Tensor, sizes: Tensor, matching: Matching) -> Tuple[Tensor, Tensor]:
@@ -239,7 +246,7 @@ def merge_tokens(x: Tensor, sizes: Tensor, matching: Matching) -> Tuple[Tensor, 
     base = matching.base
     src = 2 * matching.src  # (B, r): the merged A tokens' positions in x
     dst_old = 2 * matching.dst + 1  # (B, r): their B tokens' positions in x
-    dst = matching.new_index().gather(1, dst_old)  # ... and after the merge
+    dst = matching.dst_index()  # ... and after the merge
     src_sizes = sizes.gather(1, src[..., None])
     merged_sizes = sizes.gather(1, base[..., None]).scatter_add(1, dst[..., None], src_sizes)
     merged = x.gather(1, base[..., None].expand(-1, -1, C))
