@@ -12,12 +12,16 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from vitasks.checks import PositiveInt, checked, config_key
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 
 
+RESCALES = (4, 2, 1, 0.5, 0.25)
+
+
 def _rescale_module(scale: float, channels: int) -> nn.Module:
-    """The module changing a map's resolution by ``scale`` (4, 2, 1, 0.5 or 0.25)."""
+    """The module changing a map's resolution by ``scale`` (one of :data:`RESCALES`)."""
     if scale == 4:
         # Two stride-2 deconvs with BN + GELU between them (BEiT/MAE's fpn1).
         return nn.Sequential(
@@ -32,9 +36,7 @@ def _rescale_module(scale: float, channels: int) -> nn.Module:
         return nn.Identity()
     if scale == 0.5:
         return nn.MaxPool2d(kernel_size=2, stride=2)
-    if scale == 0.25:
-        return nn.MaxPool2d(kernel_size=4, stride=4)
-    raise ConfigError(f"Feature2Pyramid: rescales must be among 4, 2, 1, 0.5, 0.25; got {scale}")
+    return nn.MaxPool2d(kernel_size=4, stride=4)
 
 
 @MODELS.register_module()
@@ -49,10 +51,15 @@ class Feature2Pyramid(nn.Module):
         rescales: resolution factor per input map, in input order.
     """
 
-    def __init__(self, embed_dim: int, rescales: Sequence[float] = (4, 2, 1, 0.5)) -> None:
+    config_key = "model.neck"
+
+    @checked
+    def __init__(self, embed_dim: PositiveInt, rescales: Sequence[float] = (4, 2, 1, 0.5)) -> None:
         super().__init__()
-        if not rescales:
-            raise ConfigError("Feature2Pyramid: rescales is empty")
+        self.config_path = config_key(default=self.config_key)  # for errors at run time too
+        if not rescales or any(s not in RESCALES for s in rescales):
+            raise ConfigError(f"{self.config_path}.rescales must be among {', '.join(map(str, RESCALES))} "
+                              f"(one per input map); got {rescales!r}")
         self.embed_dim = int(embed_dim)
         self.rescales = tuple(float(s) for s in rescales)
         self.ops = nn.ModuleList(_rescale_module(s, self.embed_dim) for s in self.rescales)
@@ -60,7 +67,7 @@ class Feature2Pyramid(nn.Module):
     def forward(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         if len(inputs) != len(self.ops):
             raise ConfigError(
-                f"Feature2Pyramid: got {len(inputs)} feature maps for {len(self.ops)} rescales "
+                f"{self.config_path}: got {len(inputs)} feature maps for {len(self.ops)} rescales "
                 f"{list(self.rescales)}; the backbone's out_indices must name one block per rescale"
             )
         return tuple(op(x) for op, x in zip(self.ops, inputs))

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitasks.checks import PositiveInt, checked, config_key
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 
@@ -33,15 +34,20 @@ class MultiLevelNeck(nn.Module):
         scales: resize factor of each output level (mmseg's ViT: [4, 2, 1, 0.5]).
     """
 
-    def __init__(self, in_channels: Sequence[int], out_channels: int, scales: Sequence[float] = (0.5, 1, 2, 4)) -> None:
+    config_key = "model.neck"
+
+    @checked
+    def __init__(self, in_channels: Sequence[int], out_channels: PositiveInt,
+                 scales: Sequence[float] = (0.5, 1, 2, 4)) -> None:
         super().__init__()
+        where = self.config_path = config_key(default=self.config_key)  # for errors at run time too
         if not isinstance(in_channels, (list, tuple)) or not in_channels:
-            raise ConfigError(f"model.neck.in_channels must be a list of channels per input, got {in_channels!r}")
+            raise ConfigError(f"{where}.in_channels must be a list of channels per input, got {in_channels!r}")
         if not scales or any(not isinstance(s, (int, float)) or s <= 0 for s in scales):
-            raise ConfigError(f"model.neck.scales must be positive numbers, got {scales!r}")
+            raise ConfigError(f"{where}.scales must be positive numbers, got {scales!r}")
         if len(in_channels) not in (1, len(scales)):
             raise ConfigError(
-                f"model.neck: {len(in_channels)} in_channels for {len(scales)} scales (one input, or one per scale)"
+                f"{where}: {len(in_channels)} in_channels for {len(scales)} scales (one input, or one per scale)"
             )
         self.in_channels = [int(c) for c in in_channels]
         self.out_channels = int(out_channels)
@@ -59,7 +65,7 @@ class MultiLevelNeck(nn.Module):
             inputs = (inputs,)
         if len(inputs) != len(self.lateral_convs):
             raise ConfigError(
-                f"MultiLevelNeck: got {len(inputs)} feature maps for {len(self.lateral_convs)} in_channels; the "
+                f"{self.config_path}: got {len(inputs)} feature maps for {len(self.lateral_convs)} in_channels; the "
                 "backbone's out_indices must name one block per input"
             )
         laterals = [conv(x) for conv, x in zip(self.lateral_convs, inputs)]

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitasks.checks import PositiveInt, checked, config_key
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 
@@ -94,29 +95,29 @@ class SimpleFeaturePyramid(nn.Module):
         norm_eps: epsilon of the channel LayerNorms (detectron2: 1e-6).
     """
 
+    config_key = "model.neck"
+
+    @checked
     def __init__(
         self,
-        in_channels: int = 768,
-        out_channels: int = 256,
+        in_channels: PositiveInt = 768,
+        out_channels: PositiveInt = 256,
         scale_factors: Sequence[float] = _SCALES,
-        input_stride: int = 16,
+        input_stride: PositiveInt = 16,
         top_block: bool = True,
         norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        sizes = (("in_channels", in_channels), ("out_channels", out_channels), ("input_stride", input_stride))
-        for key, value in sizes:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"model.neck.{key} must be a positive integer, got {value!r}")
+        where = self.config_path = config_key(default=self.config_key)  # for errors at run time too
         scales = [float(s) for s in scale_factors] if isinstance(scale_factors, Sequence) else None
         if not scales or any(s not in _SCALES for s in scales) or scales != sorted(set(scales), reverse=True):
             raise ConfigError(
-                f"model.neck.scale_factors must be distinct values among {list(_SCALES)} in decreasing order, "
+                f"{where}.scale_factors must be distinct values among {list(_SCALES)} in decreasing order, "
                 f"got {scale_factors!r}"
             )
         if 4.0 in scales and in_channels % 4 or 2.0 in scales and in_channels % 2:
             raise ConfigError(
-                f"model.neck.in_channels {in_channels} must be divisible by 4 for the x4 level (by 2 for x2): "
+                f"{where}.in_channels {in_channels} must be divisible by 4 for the x4 level (by 2 for x2): "
                 "its deconvolutions halve the channels"
             )
         self.in_channels = in_channels
@@ -134,8 +135,8 @@ class SimpleFeaturePyramid(nn.Module):
         x = inputs if isinstance(inputs, torch.Tensor) else inputs[-1]
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ConfigError(
-                f"SimpleFeaturePyramid: expected the backbone's last map (B, {self.in_channels}, H, W), got "
-                f"{tuple(x.shape)}; set the backbone's out_indices (e.g. [-1]) and model.neck.in_channels "
+                f"{self.config_path}: expected the backbone's last map (B, {self.in_channels}, H, W), got "
+                f"{tuple(x.shape)}; set the backbone's out_indices (e.g. [-1]) and {self.config_path}.in_channels "
                 "to its embed_dim"
             )
         outs = [level(x) for level in self.levels]
