@@ -9,8 +9,10 @@ import torch.nn as nn
 
 from vitasks.checks import (
     BlockIndices,
+    Flag,
     InRange,
     IntPair,
+    NonNegativeInt,
     OneOf,
     OrNone,
     PositiveInt,
@@ -126,3 +128,26 @@ def test_a_bad_detector_head_argument_inside_a_multitask_model_names_its_real_ke
     single["roi_head"]["positive_fraction"] = 1.5
     with pytest.raises(ConfigError, match=r"^model\.roi_head\.positive_fraction must be a number in \(0, 1\]"):
         MODELS.build(single)
+
+
+class Counts(nn.Module):
+    config_key = "model.counts"
+
+    @checked
+    def __init__(self, count: NonNegativeInt = 0, on: Flag = False) -> None:
+        super().__init__()
+        self.count, self.on = count, on
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(count=-1), r"model.counts.count must be an integer >= 0, got -1"),
+    (dict(count=2.5), r"model.counts.count must be an integer >= 0, got 2.5"),  # a number is not a count
+    (dict(count=True), r"model.counts.count must be an integer >= 0, got True"),
+    (dict(on=1), r"model.counts.on must be true or false, got 1"),
+    (dict(on="yes"), r"model.counts.on must be true or false, got 'yes'"),
+])
+def test_counts_and_flags(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        Counts(**kwargs)
+    counts = Counts(count=0, on=True)
+    assert (counts.count, counts.on) == (0, True)

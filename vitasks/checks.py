@@ -33,6 +33,7 @@ __all__ = [
     "Check",
     "PositiveInt",
     "NonNegativeInt",
+    "Flag",
     "IntPair",
     "OneOf",
     "InRange",
@@ -44,6 +45,8 @@ __all__ = [
     "argument_checks",
     "int_pair",
     "positive_int",
+    "non_negative_int",
+    "flag",
     "one_of",
     "in_range",
     "block_indices",
@@ -90,6 +93,18 @@ def _number(value: Any) -> bool:
 def positive_int(value: Any, key: str) -> int:
     if not _is_int(value) or value < 1:
         raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def non_negative_int(value: Any, key: str) -> int:
+    if not _is_int(value) or value < 0:
+        raise ConfigError(f"{key} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def flag(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
     return value
 
 
@@ -191,7 +206,8 @@ class _Optional(Check):
 
 
 PositiveInt = Annotated[int, _Function(positive_int)]
-NonNegativeInt = Annotated[int, _Function(in_range, low=0)]
+NonNegativeInt = Annotated[int, _Function(non_negative_int)]
+Flag = Annotated[bool, _Function(flag)]
 IntPair = Annotated[Any, _Function(int_pair)]
 
 
