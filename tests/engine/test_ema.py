@@ -109,6 +109,21 @@ def test_training_evaluates_and_saves_the_average(tmp_path):
     best_sd = load_checkpoint_file(str(best[0]))["state_dict"]
     for k, v in best_sd.items():
         torch.testing.assert_close(v.double(), expected[4 * best_epoch - 1][k], rtol=1e-6, atol=1e-6)
+    # Testing a checkpoint with the hook in the config evaluates its state_dict (the average),
+    # not the hook's fresh copy: the test metric is the last validation's.
+    from vitasks.engine.launch import test as run_test
+
+    del EVALUATED[:]
+    metrics = run_test(_ema_config(tmp_path), str(tmp_path / "wd" / "epoch_4.pth"), work_dir=str(tmp_path / "test"))
+    val_log = [m for m in (tmp_path / "wd").rglob("scalars.json")]
+    assert metrics["toy/acc"] == pytest.approx(_last_val_metric(val_log[0], "toy/acc"))
+
+
+def _last_val_metric(path, key):
+    import json
+
+    records = [json.loads(line) for line in open(path) if key in line]
+    return records[-1][key]
 
 
 def test_without_evaluate_the_trained_weights_are_evaluated_and_saved(tmp_path):
