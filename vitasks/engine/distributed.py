@@ -1,23 +1,40 @@
-"""Starting the process group for ``--launcher pytorch|slurm``, on GPUs or CPUs.
+"""Starting the process group for ``--launcher pytorch|slurm``, on GPUs or CPUs, and ending it.
 
 mmengine's ``init_dist`` always calls ``torch.cuda.set_device``, which fails on a machine
 without GPUs, and defaults to the NCCL backend, which needs them. :func:`init_distributed`
 starts the group itself (the Runner then sees an initialised group and leaves it alone):
 NCCL with one GPU per process where CUDA is available, gloo on CPUs.
 
-The group is destroyed when the process exits normally (an ``atexit`` handler, while the
-interpreter is still whole). A process that leaves it to the interpreter's teardown can die with
-SIGABRT ("terminate called without an active exception"): gloo's C++ worker threads still hold
-work objects with tensors, and releasing those needs the GIL of an interpreter that is going away.
+Ending it (:func:`shutdown_distributed`, an ``atexit`` handler) is ordered so that no backend
+thread outlives the interpreter's working life. gloo runs each collective on a worker thread
+(``pt_gloo_runloop``) that marks the work done and only then drops its last reference to it; the
+work holds the collective's tensors, and a tensor that has a Python object (``all_gather_object``
+and mmengine's result collection make such) needs the GIL to release it. If the main thread has
+meanwhile reached ``Py_FinalizeEx``, CPython ends that thread with ``pthread_exit``, whose
+unwinding meets the work's ``noexcept`` destructor: ``std::terminate``, "terminate called without
+an active exception", SIGABRT, a finished run exiting -6 (seen on a loaded machine, where the
+worker waits long for a core). ``destroy_process_group`` alone does not prevent it: it forgets the
+group, but gloo's shutdown stops no thread, and the DDP reducer (or FSDP's state) keeps the group
+object, and with it the threads, alive until the model is freed, which for a model in an
+unreachable runner is the interpreter's last garbage collection. So the handler destroys the
+group, frees what is unreachable (models, optimizers, the frames of an already printed uncaught
+exception) while the interpreter is whole, and drops its own references to the groups last: their
+destructors then join the threads with the GIL released, so a worker that still has to free a
+tensor can. A finished run first waits at a barrier (:func:`wait_for_all_ranks`), so no rank tears
+down while another still communicates.
 """
 
 from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import os
+import signal
 import subprocess
-from typing import Optional
+import sys
+import threading
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -25,7 +42,7 @@ from mmengine.logging import print_log
 
 from vitasks.errors import ConfigError
 
-__all__ = ["init_distributed", "shutdown_distributed", "LAUNCHERS"]
+__all__ = ["init_distributed", "shutdown_distributed", "wait_for_all_ranks", "backend_threads", "LAUNCHERS"]
 
 LAUNCHERS = ("none", "pytorch", "slurm")
 
@@ -127,11 +144,75 @@ def init_distributed(
     atexit.register(shutdown_distributed)
 
 
-def shutdown_distributed() -> None:
-    """Destroy the default process group, if one is up (safe to call more than once).
-
-    Registered with ``atexit`` by :func:`init_distributed`; call it earlier to free the group's
-    threads and sockets before the process ends.
-    """
+def wait_for_all_ranks() -> None:
+    """A barrier at the end of a finished run (train or test), when a group is up: every rank has
+    then finished every collective, so none closes its connections while a peer still needs them.
+    Not for the error path: a rank that failed must not wait for the others."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# Threads of the c10d backends (gloo's workers and its socket loop; NCCL's watchdog and heartbeat
+# monitor), by the names torch gives them.
+_BACKEND_THREAD_PREFIXES = ("pt_gloo", "gloo_", "pt_nccl", "pt_heartbeat")
+
+
+def backend_threads() -> List[str]:
+    """Names of this process's threads that belong to a c10d backend (Linux; [] elsewhere)."""
+    names = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return names
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                name = f.read().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if name.startswith(_BACKEND_THREAD_PREFIXES):
+            names.append(name)
+    return sorted(names)
+
+
+def shutdown_distributed() -> None:
+    """End distributed use in this process: destroy every process group and join the backends'
+    threads while the interpreter still works (safe to call more than once; a no-op without a
+    group).
+
+    Registered with ``atexit`` by :func:`init_distributed` (see the module's docstring for why the
+    order matters). Models and runners still referenced after it keep their groups, and those
+    groups' threads, alive: that is reported as a warning.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        # A second Ctrl-C (torchrun passes one on) must not cut the teardown short.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        from torch.distributed.distributed_c10d import _world
+
+        # Our own references to the groups' Python objects: dropped last, they run the groups'
+        # destructors, which join the threads, with the GIL released (torch binds ProcessGroup
+        # with a holder that releases it).
+        groups = list(_world.pg_map)
         dist.destroy_process_group()
+        # An uncaught exception's frames (already printed) hold the runner, and so the model.
+        for name in ("last_traceback", "last_value", "last_type", "last_exc"):
+            if getattr(sys, name, None) is not None:
+                setattr(sys, name, None)
+        gc.collect()  # the unreachable runner: DDP's reducer, FSDP's state, optimizer, loaders
+        del groups
+        left = backend_threads()
+        if left:
+            print_log(
+                f"distributed: {len(left)} backend threads ({', '.join(left)}) are still running "
+                "after the process group was destroyed: a model or runner is still referenced; "
+                "release it before the program ends",
+                logger="current",
+                level=30,
+            )
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)

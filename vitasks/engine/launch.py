@@ -113,6 +113,17 @@ def _init_dist(cfg: Config, launcher: str) -> None:
     init_distributed(launcher, **dist_cfg)
 
 
+def _finish_dist(launcher: str) -> None:
+    """After a finished distributed run: wait until every rank is done communicating, so that no
+    rank's exit (see :func:`vitasks.engine.distributed.shutdown_distributed`) races a peer's last
+    collective. Only on success: a failed rank leaves at once and the others error out."""
+    if launcher == "none":
+        return
+    from vitasks.engine.distributed import wait_for_all_ranks
+
+    wait_for_all_ranks()
+
+
 def _build_runner(cfg: Config):
     from vitasks.config import validate_config
     from vitasks.engine.runner import VitasksRunner
@@ -164,6 +175,7 @@ def train(
     _init_dist(cfg, launcher)
     runner = _build_runner(cfg)
     runner.train()
+    _finish_dist(launcher)
     return runner
 
 
@@ -244,4 +256,5 @@ def test(
         with open(osp.join(runner.work_dir, METRICS_FILE), "w") as f:
             json.dump(metrics, f, indent=2)
         runner.logger.info(f"Metrics written to {osp.join(runner.work_dir, METRICS_FILE)}")
+    _finish_dist(launcher)
     return metrics

@@ -1,0 +1,146 @@
+"""Run a short distributed training many times in a row and report how every run ended.
+
+    python tools/dist_soak.py [--runs 50] [--nproc 2] [--strategy ddp|fsdp] [--demo cls|multitask]
+
+Each run is ``torchrun --nproc_per_node NPROC tools/train.py <demo config> --launcher pytorch``
+on a tiny generated dataset (written once, in a temporary folder), for a few iterations with
+validation and checkpoints in between (so the end of a run has the collectives a real run ends
+with: DDP's gradient all-reduce, result gathering, the final barrier). A run passes when torchrun
+exits 0 and no process aborted (SIGABRT, "terminate called ..."). The exit status is 0 when every
+run passed. The log of every failed run is kept (``--log-dir``). See docs/distributed.md.
+
+One OpenMP thread per process (``OMP_NUM_THREADS=1``) unless the environment sets another.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+DEMOS = {
+    "cls": "configs/demo/cls_synthetic.yaml",
+    "multitask": "configs/demo/multitask_synthetic.yaml",
+}
+
+# What a crash looks like in torchrun's output: the C++ runtime's message, and the signal of a
+# process that died of SIGABRT (6) or SIGSEGV (11).
+_CRASH = re.compile(r"terminate called|Signal (6|11) \(SIG|exitcode\s*:\s*-(6|11)\b|Fatal Python error")
+
+
+def make_data(root: Path, demo: str) -> Path:
+    """A tiny dataset of the demo's layout under ``root`` (cls: ImageNet folders; multitask: cls/,
+    seg/ and det/)."""
+    from vitasks.data.synthetic.cls import make_cls_dataset
+
+    if demo == "cls":
+        make_cls_dataset(str(root / "cls"), train_per_class=4, val_per_class=2)
+        return root / "cls"
+    from vitasks.data.synthetic.det import make_det_dataset
+    from vitasks.data.synthetic.seg import make_seg_dataset
+
+    make_cls_dataset(str(root / "cls"), train_per_class=4, val_per_class=2)
+    make_seg_dataset(str(root / "seg"), num_train=16, num_val=8)
+    make_det_dataset(str(root / "det"), num_train=16, num_val=8)
+    return root
+
+
+def cfg_options(demo: str, data_root: Path, strategy: str) -> list:
+    """Overrides that make the demo a few iterations long, validating and saving on the way."""
+    if demo == "cls":
+        options = [
+            f"data_root={data_root}", "train_cfg.max_epochs=2", "train_cfg.val_interval=1",
+            "train_dataloader.batch_size=8", "val_dataloader.batch_size=8",
+            "default_hooks.checkpoint.interval=1", "default_hooks.logger.interval=1",
+        ]
+    else:
+        options = [
+            f"data_root={data_root}", "train_cfg.max_iters=6", "train_cfg.val_interval=3",
+            "default_hooks.checkpoint.interval=3", "default_hooks.logger.interval=1",
+        ]
+    if strategy != "ddp":
+        options.append(f"strategy={strategy}")
+    return options
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_once(args, options: list, work_dir: Path, timeout: float) -> tuple:
+    """One torchrun; returns (exit status or "timeout", crashed, seconds, output)."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
+        f"--nproc_per_node={args.nproc}", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        str(REPO / "tools" / "train.py"), str(REPO / DEMOS[args.demo]), "--launcher", "pytorch",
+        "--work-dir", str(work_dir), "--cfg-options", *options,
+    ]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    if args.cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(command, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        return "timeout", False, time.monotonic() - start, out + err
+    output = proc.stdout + proc.stderr
+    return proc.returncode, bool(_CRASH.search(output)), time.monotonic() - start, output
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=50, help="how many runs (default 50)")
+    parser.add_argument("--nproc", type=int, default=2, help="processes per run (default 2)")
+    parser.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp")
+    parser.add_argument("--demo", choices=sorted(DEMOS), default="cls", help="which demo config")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds one run may take")
+    parser.add_argument("--log-dir", default=None, help="where the logs of failed runs go (default: the temp folder)")
+    parser.add_argument("--cpu", action="store_true", help="hide GPUs (gloo on the CPU)")
+    parser.add_argument("--stop-on-failure", action="store_true")
+    args = parser.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="vitasks_soak_"))
+    log_dir = Path(args.log_dir) if args.log_dir else tmp / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    data_root = make_data(tmp / "data", args.demo)
+    options = cfg_options(args.demo, data_root, args.strategy)
+    print(f"soak: {args.runs} runs of {DEMOS[args.demo]} ({args.strategy}, {args.nproc} processes); "
+          f"data in {data_root}", flush=True)
+    failed, crashed, timed_out, seconds = [], [], [], []
+    for i in range(1, args.runs + 1):
+        work_dir = tmp / f"run{i}"
+        code, crash, took, output = run_once(args, options, work_dir, args.timeout)
+        seconds.append(took)
+        ok = code == 0 and not crash
+        if not ok:
+            failed.append(i)
+            crashed += [i] if crash else []
+            timed_out += [i] if code == "timeout" else []
+            (log_dir / f"run{i}.log").write_text(output)
+        print(f"run {i:3d}: exit {code}{' CRASH' if crash else ''} {took:6.1f} s"
+              f"{'' if ok else '  log: ' + str(log_dir / f'run{i}.log')}", flush=True)
+        shutil.rmtree(work_dir, ignore_errors=True)
+        if failed and args.stop_on_failure:
+            break
+    done = len(seconds)
+    print(f"soak: {done - len(failed)}/{done} runs exited 0; aborts/crashes: {len(crashed)} {crashed}; "
+          f"timeouts: {len(timed_out)} {timed_out}; other failures: "
+          f"{sorted(set(failed) - set(crashed) - set(timed_out))}; "
+          f"{sum(seconds):.0f} s in all, {sum(seconds) / max(done, 1):.1f} s per run", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
