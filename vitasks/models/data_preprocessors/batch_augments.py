@@ -11,10 +11,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from vitasks.checks import InRange, building, checked, config_key
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 
-__all__ = ["CutMix", "Mixup", "RandomBatchAugment", "RandomErasing", "build_random_erasing"]
+__all__ = ["CutMix", "Mixup", "RandomBatchAugment", "RandomErasing", "build_batch_augments", "build_random_erasing",
+           "mix_batch"]
 
 
 def _sample_beta(alpha: float) -> float:
@@ -31,9 +33,10 @@ class Mixup:
         alpha: Beta distribution parameter (0.8 in DeiT).
     """
 
-    def __init__(self, alpha: float = 0.8) -> None:
-        if alpha <= 0:
-            raise ConfigError(f"Mixup: alpha must be > 0, got {alpha}")
+    config_key = "model.data_preprocessor.batch_augments.augments"
+
+    @checked
+    def __init__(self, alpha: InRange(0, low_open=True) = 0.8) -> None:
         self.alpha = float(alpha)
 
     def mix(
@@ -66,9 +69,10 @@ class CutMix:
         alpha: Beta distribution parameter (1.0 in DeiT).
     """
 
-    def __init__(self, alpha: float = 1.0) -> None:
-        if alpha <= 0:
-            raise ConfigError(f"CutMix: alpha must be > 0, got {alpha}")
+    config_key = "model.data_preprocessor.batch_augments.augments"
+
+    @checked
+    def __init__(self, alpha: InRange(0, low_open=True) = 1.0) -> None:
         self.alpha = float(alpha)
 
     @staticmethod
@@ -120,18 +124,17 @@ class RandomBatchAugment:
     def __init__(self, augments: Sequence, probs: Optional[Sequence[float]] = None) -> None:
         if isinstance(augments, dict):
             augments = [augments]
-        self.augments = [MODELS.build(a) if isinstance(a, dict) else a for a in augments]
+        where = config_key(default="model.data_preprocessor.batch_augments")
+        with building("augments", root=where):
+            self.augments = [MODELS.build(a) if isinstance(a, dict) else a for a in augments]
         if not self.augments:
-            raise ConfigError("batch_augments.augments is empty: name at least one (Mixup, CutMix)")
+            raise ConfigError(f"{where}.augments is empty: name at least one (Mixup, CutMix)")
         if probs is None:
             probs = [1.0 / len(self.augments)] * len(self.augments)
         probs = [float(p) for p in probs]
-        if len(probs) != len(self.augments):
-            raise ConfigError(
-                f"batch_augments.probs has {len(probs)} values for {len(self.augments)} augments"
-            )
-        if any(p < 0 for p in probs) or sum(probs) > 1.0 + 1e-6:
-            raise ConfigError(f"batch_augments.probs must be >= 0 and sum to at most 1, got {probs}")
+        if len(probs) != len(self.augments) or any(p < 0 for p in probs) or sum(probs) > 1.0 + 1e-6:
+            raise ConfigError(f"{where}.probs must be one value >= 0 per augment ({len(self.augments)}), "
+                              f"summing to at most 1, got {probs}")
         # The last entry is "no augmentation".
         self.probs = probs + [max(0.0, 1.0 - sum(probs))]
 
@@ -276,9 +279,43 @@ class RandomErasing:
         )
 
 
+def build_batch_augments(cfg: Optional[dict], num_classes: Optional[int], owner: str) -> Optional[RandomBatchAugment]:
+    """The ``batch_augments`` option of the preprocessor at config key ``owner``: ``None``, or
+    ``{augments: [...], probs: [...]}`` with ``num_classes`` set (for the soft targets)."""
+    if cfg is None:
+        return None
+    if not isinstance(cfg, dict) or "augments" not in cfg:
+        raise ConfigError(f"{owner}.batch_augments must be a dict with `augments` (and optional `probs`), got {cfg!r}")
+    unknown = set(cfg) - {"augments", "probs"}
+    if unknown:
+        raise ConfigError(f"{owner}.batch_augments: unknown keys {sorted(unknown)}; expected `augments` and `probs`")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"{owner}.num_classes: batch_augments need a positive integer (e.g. ${{num_classes}}) "
+                          f"to build soft targets, got {num_classes!r}")
+    with building("batch_augments", root=owner):
+        return RandomBatchAugment(**cfg)
+
+
+def mix_batch(augment: RandomBatchAugment, inputs: torch.Tensor, samples: Sequence, num_classes: int,
+              owner: str) -> torch.Tensor:
+    """Mixup/CutMix ``inputs`` (a sample per row) with ``augment``; each sample's one-hot label
+    mixed alike goes into its ``gt_score``."""
+    labels = torch.cat([s.gt_label.reshape(-1) for s in samples]).to(inputs.device).long()
+    if labels.numel() != len(samples):
+        raise ValueError("Mixup/CutMix need exactly one gt_label per sample")
+    if int(labels.max()) >= num_classes or int(labels.min()) < 0:
+        raise ConfigError(f"{owner}: a label ({int(labels.max())}) is outside 0..{num_classes - 1}; "
+                          "check `num_classes`")
+    targets = torch.nn.functional.one_hot(labels, num_classes).to(inputs.dtype)
+    inputs, targets = augment(inputs, targets)
+    for sample, target in zip(samples, targets):
+        sample.gt_score = target
+    return inputs
+
+
 def build_random_erasing(cfg, owner: str) -> Optional[RandomErasing]:
-    """A preprocessor's ``random_erasing`` option: ``None``, a dict (``type`` optional, default
-    ``RandomErasing``) or an object."""
+    """The ``random_erasing`` option of the preprocessor at config key ``owner``: ``None``, a dict
+    (``type`` optional, default ``RandomErasing``) or an object."""
     if cfg is None or isinstance(cfg, RandomErasing):
         return cfg
     if not isinstance(cfg, dict):
@@ -289,6 +326,7 @@ def build_random_erasing(cfg, owner: str) -> Optional[RandomErasing]:
     cfg = dict(cfg)
     cfg.setdefault("type", "RandomErasing")
     try:
-        return MODELS.build(cfg)
+        with building("random_erasing", root=owner):
+            return MODELS.build(cfg)
     except TypeError as e:
         raise ConfigError(f"{owner}.random_erasing: {e}") from e

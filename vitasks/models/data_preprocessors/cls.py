@@ -9,13 +9,13 @@ one chosen per batch, as the DeiT recipe) and turns the hard labels into soft ta
 
 from typing import List, Optional, Sequence
 
-import torch
 from mmengine.model import ImgDataPreprocessor
 
+from vitasks.checks import config_key
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 
-from .batch_augments import RandomBatchAugment, build_random_erasing
+from .batch_augments import build_batch_augments, build_random_erasing, mix_batch
 from .normalization import IMAGENET_MEAN, IMAGENET_STD, PerImageStandardization
 
 __all__ = ["ClsDataPreprocessor"]
@@ -58,8 +58,9 @@ class ClsDataPreprocessor(ImgDataPreprocessor):
         per_image_norm: Optional[dict] = None,
         random_erasing: Optional[dict] = None,
     ) -> None:
+        where = config_key(default="model.data_preprocessor")
         if (mean is None) != (std is None):
-            raise ConfigError("ClsDataPreprocessor: give both mean and std, or neither")
+            raise ConfigError(f"{where}: give both mean and std, or neither")
         super().__init__(
             mean=mean,
             std=std,
@@ -69,28 +70,10 @@ class ClsDataPreprocessor(ImgDataPreprocessor):
             non_blocking=non_blocking,
         )
         self.num_classes = num_classes
-        self.per_image_norm = PerImageStandardization.from_config(per_image_norm, "ClsDataPreprocessor")
-        self.random_erasing = build_random_erasing(random_erasing, "ClsDataPreprocessor")
-        if batch_augments is not None:
-            if not isinstance(batch_augments, dict) or "augments" not in batch_augments:
-                raise ConfigError(
-                    "ClsDataPreprocessor.batch_augments must be a dict with `augments` "
-                    f"(and optional `probs`), got {batch_augments!r}"
-                )
-            unknown = set(batch_augments) - {"augments", "probs"}
-            if unknown:
-                raise ConfigError(
-                    f"ClsDataPreprocessor.batch_augments: unknown keys {sorted(unknown)}; "
-                    "expected `augments` and `probs`"
-                )
-            if not isinstance(num_classes, int) or num_classes < 1:
-                raise ConfigError(
-                    "ClsDataPreprocessor: batch_augments need `num_classes` (a positive integer, "
-                    f"e.g. ${{num_classes}}) to build soft targets, got {num_classes!r}"
-                )
-            self.batch_augments = RandomBatchAugment(**batch_augments)
-        else:
-            self.batch_augments = None
+        self.config_path = where  # for errors at run time too
+        self.per_image_norm = PerImageStandardization.from_config(per_image_norm, where)
+        self.random_erasing = build_random_erasing(random_erasing, where)
+        self.batch_augments = build_batch_augments(batch_augments, num_classes, where)
 
     def forward(self, data: dict, training: bool = False) -> dict:
         data = super().forward(data, training)
@@ -101,18 +84,6 @@ class ClsDataPreprocessor(ImgDataPreprocessor):
             data["inputs"] = self.random_erasing(data["inputs"])
         samples: Optional[List] = data.get("data_samples")
         if training and self.batch_augments is not None and samples:
-            inputs = data["inputs"]
-            labels = torch.cat([s.gt_label.reshape(-1) for s in samples]).to(inputs.device).long()
-            if labels.numel() != len(samples):
-                raise ValueError("Mixup/CutMix need exactly one gt_label per sample")
-            if int(labels.max()) >= self.num_classes or int(labels.min()) < 0:
-                raise ConfigError(
-                    f"ClsDataPreprocessor: a label ({int(labels.max())}) is outside "
-                    f"0..{self.num_classes - 1}; check `num_classes`"
-                )
-            targets = torch.nn.functional.one_hot(labels, self.num_classes).to(inputs.dtype)
-            inputs, targets = self.batch_augments(inputs, targets)
-            for sample, target in zip(samples, targets):
-                sample.gt_score = target
-            data["inputs"] = inputs
+            data["inputs"] = mix_batch(self.batch_augments, data["inputs"], samples, self.num_classes,
+                                       self.config_path)
         return data

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from mmengine.model import BaseDataPreprocessor
 
+from vitasks.checks import InRange, IntPair, NonNegativeInt, OrNone, PositiveInt, building, checked, config_key
 from vitasks.errors import ConfigError
 
 # ImageNet statistics in 0-255 RGB (torchvision's, which most checkpoints were trained with).
@@ -36,17 +37,17 @@ class PerImageStandardization:
             (standardisation only).
     """
 
-    def __init__(self, eps: float = 0.3, border: int = 4) -> None:
-        if not float(eps) > 0:
-            raise ConfigError(f"data_preprocessor.per_image_norm.eps must be > 0, got {eps!r}")
-        if int(border) != border or border < 0:
-            raise ConfigError(f"data_preprocessor.per_image_norm.border must be an integer >= 0, got {border!r}")
+    config_key = "model.data_preprocessor.per_image_norm"
+
+    @checked
+    def __init__(self, eps: InRange(0, low_open=True) = 0.3, border: NonNegativeInt = 4) -> None:
         self.eps = float(eps)
         self.border = int(border)
 
     @classmethod
     def from_config(cls, cfg: dict | bool | None, owner: str) -> PerImageStandardization | None:
-        """``None``/``False``: off; ``True``: defaults; a dict: the keyword arguments."""
+        """The preprocessor option ``per_image_norm`` of the preprocessor at config key ``owner``:
+        ``None``/``False`` (off), ``True`` (defaults) or ``{eps, border}``."""
         if cfg is None or cfg is False:
             return None
         if cfg is True:
@@ -56,7 +57,8 @@ class PerImageStandardization:
         unknown = set(cfg) - {"eps", "border"}
         if unknown:
             raise ConfigError(f"{owner}.per_image_norm: unknown keys {sorted(unknown)}; expected eps, border")
-        return cls(**cfg)
+        with building("per_image_norm", root=owner):
+            return cls(**cfg)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """``images``: (..., C, H, W) floats, each image unpadded; returns the same shape."""
@@ -83,36 +85,45 @@ class PaddedImagePreprocessor(BaseDataPreprocessor):
     (``per_image_norm``, see :class:`PerImageStandardization`), optionally swap channels 0 and 2,
     and pad a list of images on the bottom and right (pixel (y, x) keeps its place) into one batch.
 
-    Subclasses choose the padded size (``size``: a minimum ``(H, W)``; ``size_divisor``: a
-    multiple) and what to do with the samples.
+    Args:
+        mean, std: per-channel mean and std in 0-255 RGB (ImageNet's by default); both ``None``
+            leaves the values as they are.
+        size: ``(H, W)`` minimum padded size, or ``None``.
+        size_divisor: pad to a multiple of this, or ``None``.
+        pad_val: image padding value after normalisation (0 = the mean colour).
+        to_rgb: swap channels 0 and 2 (vitasks' LoadImage already gives RGB).
+        non_blocking: non-blocking host-to-device copies.
+        per_image_norm: standardise each image on its own after mean/std (``true`` or
+            ``{eps, border}``, see :class:`PerImageStandardization`).
+
+    Subclasses choose when the batch is padded to ``size``/``size_divisor``
+    (:meth:`padded_shape`) and what to do with the samples.
     """
 
+    config_key = "model.data_preprocessor"
+
+    @checked
     def __init__(
         self,
         mean: Sequence[float] | None = IMAGENET_MEAN,
         std: Sequence[float] | None = IMAGENET_STD,
-        size: Sequence[int] | None = None,
-        size_divisor: int | None = None,
+        size: OrNone(IntPair) = None,
+        size_divisor: OrNone(PositiveInt) = None,
         pad_val: float = 0.0,
         to_rgb: bool = False,
         non_blocking: bool = False,
         per_image_norm: dict | bool | None = None,
     ) -> None:
         super().__init__(non_blocking=non_blocking)
-        owner = type(self).__name__
+        owner = config_key(default=self.config_key)
         self.per_image_norm = PerImageStandardization.from_config(per_image_norm, owner)
         if (mean is None) != (std is None):
             raise ConfigError(f"{owner}: give both mean and std, or neither")
-        if size is not None and (len(size) != 2 or min(size) <= 0):
-            raise ConfigError(f"{owner}.size must be [H, W] > 0, got {size!r}")
-        if size_divisor is not None and int(size_divisor) < 1:
-            raise ConfigError(f"{owner}.size_divisor must be >= 1, got {size_divisor!r}")
         self.normalize = mean is not None
         if self.normalize:
             self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), False)
             self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1), False)
-        self.size = None if size is None else (int(size[0]), int(size[1]))
-        self.size_divisor = None if size_divisor is None else int(size_divisor)
+        self.size, self.size_divisor = size, size_divisor
         self.pad_val = float(pad_val)
         self.to_rgb = bool(to_rgb)
 
@@ -131,6 +142,20 @@ class PaddedImagePreprocessor(BaseDataPreprocessor):
                 img = self.per_image_norm(img)  # before padding: the statistics of the image alone
             images.append(img)
         return images
+
+    def padded_shape(self, shapes: Sequence[tuple[int, int]], to_size: bool = True) -> tuple[int, int]:
+        """The (H, W) that images of ``shapes`` are padded to: the largest, then (``to_size``) at
+        least ``size`` and a multiple of ``size_divisor``."""
+        height = max(h for h, _ in shapes)
+        width = max(w for _, w in shapes)
+        if not to_size:
+            return height, width
+        if self.size is not None:
+            height, width = max(height, self.size[0]), max(width, self.size[1])
+        if self.size_divisor:
+            d = self.size_divisor
+            height, width = -(-height // d) * d, -(-width // d) * d
+        return height, width
 
     def pad_batch(self, images: list[torch.Tensor], height: int, width: int) -> torch.Tensor:
         """The images padded with ``pad_val`` to ``height`` x ``width`` and stacked."""

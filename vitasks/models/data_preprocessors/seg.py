@@ -8,14 +8,12 @@ predictions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch.nn.functional as F
 
 from vitasks.registry import MODELS
 from vitasks.structures import PixelData
 
-from .normalization import IMAGENET_MEAN, IMAGENET_STD, PaddedImagePreprocessor
+from .normalization import PaddedImagePreprocessor
 
 __all__ = ["SegDataPreprocessor"]
 
@@ -30,50 +28,22 @@ class SegDataPreprocessor(PaddedImagePreprocessor):
     stay at their original size for scoring), so the model sees no extra padding.
 
     Args:
-        mean: per-channel mean in 0-255 RGB (ImageNet's by default).
-        std: per-channel std in 0-255 RGB.
-        size: ``(H, W)`` minimum padded size in training (the crop size, ``[512, 512]``).
-        size_divisor: pad training batches to a multiple of this.
-        pad_val: image padding value (after normalisation; 0 = the mean colour).
         seg_pad_val: label padding value (the ignore index).
-        to_rgb: swap channels 0 and 2 (vitasks' LoadImage already gives RGB).
-        non_blocking: non-blocking host-to-device copies.
-        per_image_norm: standardise each image on its own after mean/std (``true`` or
-            ``{eps, border}``, see :class:`~.normalization.PerImageStandardization`).
+        **kwargs: ``mean``, ``std``, ``size`` (in training: the crop size, ``[512, 512]``),
+            ``size_divisor`` (in training), ``pad_val``, ``to_rgb``, ``non_blocking``,
+            ``per_image_norm``: see :class:`~.normalization.PaddedImagePreprocessor`.
     """
 
-    def __init__(
-        self,
-        mean: Sequence[float] | None = IMAGENET_MEAN,
-        std: Sequence[float] | None = IMAGENET_STD,
-        size: Sequence[int] | None = None,
-        size_divisor: int | None = None,
-        pad_val: float = 0.0,
-        seg_pad_val: int = 255,
-        to_rgb: bool = False,
-        non_blocking: bool = False,
-        per_image_norm: dict | bool | None = None,
-    ) -> None:
-        super().__init__(mean, std, size, size_divisor, pad_val, to_rgb, non_blocking, per_image_norm)
+    def __init__(self, seg_pad_val: int = 255, **kwargs) -> None:
+        super().__init__(**kwargs)
         self.seg_pad_val = int(seg_pad_val)
-
-    def _target_size(self, shapes: list[tuple[int, int]], training: bool) -> tuple[int, int]:
-        height = max(h for h, _ in shapes)
-        width = max(w for _, w in shapes)
-        if training:
-            if self.size is not None:
-                height, width = max(height, self.size[0]), max(width, self.size[1])
-            if self.size_divisor:
-                d = self.size_divisor
-                height, width = -(-height // d) * d, -(-width // d) * d
-        return height, width
 
     def forward(self, data: dict, training: bool = False) -> dict:
         data = self.cast_data(data)
         samples = data.get("data_samples")
         images = self.normalized_images(data["inputs"])
         shapes = [tuple(img.shape[-2:]) for img in images]
-        height, width = self._target_size(shapes, training)
+        height, width = self.padded_shape(shapes, to_size=training)
         batch = self.pad_batch(images, height, width)
         if samples is not None:
             for sample, (h, w) in zip(samples, shapes):

@@ -13,10 +13,11 @@ from typing import List, Optional, Sequence, Union
 import torch
 from mmengine.model import BaseDataPreprocessor
 
+from vitasks.checks import config_key
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 
-from .batch_augments import RandomBatchAugment, build_random_erasing
+from .batch_augments import build_batch_augments, build_random_erasing, mix_batch
 from .normalization import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["VideoDataPreprocessor"]
@@ -51,29 +52,15 @@ class VideoDataPreprocessor(BaseDataPreprocessor):
         random_erasing: Optional[dict] = None,
     ) -> None:
         super().__init__(non_blocking=non_blocking)
-        self.random_erasing = build_random_erasing(random_erasing, "VideoDataPreprocessor")
-        if len(mean) != 3 or len(std) != 3:
-            raise ConfigError(f"VideoDataPreprocessor: mean and std need 3 values (RGB), got {mean!r} and {std!r}")
-        if any(float(s) <= 0 for s in std):
-            raise ConfigError(f"VideoDataPreprocessor: std must be positive, got {std!r}")
+        where = self.config_path = config_key(default="model.data_preprocessor")  # for errors at run time too
+        self.random_erasing = build_random_erasing(random_erasing, where)
+        if len(mean) != 3 or len(std) != 3 or any(float(s) <= 0 for s in std):
+            raise ConfigError(f"{where}: mean and std need 3 values (RGB), std positive, got {mean!r} and {std!r}")
         # (3, 1, 1, 1): broadcast over (N, 3, T, H, W).
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1), False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1, 1), False)
         self.num_classes = num_classes
-        self.batch_augments = None
-        if batch_augments is not None:
-            if not isinstance(batch_augments, dict) or set(batch_augments) - {"augments", "probs"} \
-                    or "augments" not in batch_augments:
-                raise ConfigError(
-                    "VideoDataPreprocessor.batch_augments must be a dict with `augments` (and "
-                    f"optional `probs`), got {batch_augments!r}"
-                )
-            if not isinstance(num_classes, int) or num_classes < 1:
-                raise ConfigError(
-                    "VideoDataPreprocessor: batch_augments need `num_classes` (a positive integer, "
-                    f"e.g. ${{num_classes}}) to build soft targets, got {num_classes!r}"
-                )
-            self.batch_augments = RandomBatchAugment(**batch_augments)
+        self.batch_augments = build_batch_augments(batch_augments, num_classes, where)
 
     @staticmethod
     def stack_views(inputs: Union[torch.Tensor, List[torch.Tensor]]) -> torch.Tensor:
@@ -117,23 +104,7 @@ class VideoDataPreprocessor(BaseDataPreprocessor):
             # Every view of every sample is a clip (N x V, 3, T, H, W) with a draw of its own.
             batch = self.random_erasing(batch.flatten(0, 1)).view(batch.shape)
         if training and self.batch_augments is not None and samples:
-            batch = self._mix(batch, samples)
+            # all views of a sample move together
+            batch = mix_batch(self.batch_augments, batch, samples, self.num_classes, self.config_path)
         data["inputs"] = batch.flatten(0, 1)
         return data
-
-    def _mix(self, batch: torch.Tensor, samples: list) -> torch.Tensor:
-        """Mixup/CutMix over samples (all views of a sample move together), soft targets into
-        each sample's ``gt_score``."""
-        labels = torch.cat([s.gt_label.reshape(-1) for s in samples]).to(batch.device).long()
-        if labels.numel() != len(samples):
-            raise ValueError("Mixup/CutMix need exactly one gt_label per sample")
-        if int(labels.max()) >= self.num_classes or int(labels.min()) < 0:
-            raise ConfigError(
-                f"VideoDataPreprocessor: a label ({int(labels.max())}) is outside "
-                f"0..{self.num_classes - 1}; check `num_classes`"
-            )
-        targets = torch.nn.functional.one_hot(labels, self.num_classes).to(batch.dtype)
-        batch, targets = self.batch_augments(batch, targets)
-        for sample, target in zip(samples, targets):
-            sample.gt_score = target
-        return batch

@@ -20,7 +20,7 @@ with a side of ``min_box_size`` or less are dropped; NMS at IoU 0.7 runs per lev
 gradient.
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
