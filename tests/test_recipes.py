@@ -317,3 +317,51 @@ def test_vitdet_pipeline_keeps_a_crop_without_objects_and_the_detector_trains_on
     steps[1]["allow_negative_crop"] = False
     refuse = TRANSFORMS.build(steps[1])
     assert refuse(transforms[0](corner_object())) is None
+
+
+# ------------------------------------------------------------------------- pipelines run
+
+
+@pytest.mark.parametrize("name", FULL_SIZE)
+def test_every_pipeline_step_builds(name):
+    cfg = loaded(name)
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        spec = cfg.get(loader)
+        pipelines = [t["dataset"]["pipeline"] for t in spec["tasks"].values()] if "tasks" in spec \
+            else [spec["dataset"]["pipeline"]]
+        for pipeline in pipelines:
+            for step in pipeline:
+                TRANSFORMS.build(dict(step))
+
+
+@pytest.mark.parametrize("name", [n for n in FULL_SIZE if n.startswith("video_")])
+def test_video_train_pipeline_runs_on_a_clip(name):
+    """The recipe's augmentation (RandAugment, rescale/jitter, crops, colour) on a decoded clip
+    gives clip_len frames of img_size, the same geometry on every frame."""
+    cfg = loaded(name)
+    steps = [dict(s) for s in cfg.train_dataloader.dataset.pipeline]
+    assert [s["type"] for s in steps[:2]] == ["SampleFrames", "DecodeFrames"]
+    transforms = [TRANSFORMS.build(s) for s in steps[2:]]
+    rng = np.random.default_rng(0)
+    clip = np.repeat(rng.integers(0, 256, (1, 240, 320, 3), dtype=np.uint8), cfg.clip_len, axis=0)
+    results = dict(imgs=clip, img_shape=(240, 320), ori_shape=(240, 320), label=3, filename="x.mp4",
+                   rng=np.random.default_rng(1))
+    for t in transforms:
+        results = t(results)
+    inputs = results["inputs"]
+    assert tuple(inputs.shape) == (3, cfg.clip_len, cfg.img_size, cfg.img_size)
+    # Identical input frames stay identical: one draw per clip.
+    assert torch.equal(inputs[:, 0], inputs[:, -1])
+
+
+def test_deit_train_pipeline_runs_on_an_image():
+    cfg = loaded("cls_imagenet.yaml")
+    steps = [dict(s) for s in cfg.train_dataloader.dataset.pipeline]
+    assert steps[0]["type"] == "LoadImage"
+    transforms = [TRANSFORMS.build(s) for s in steps[1:]]
+    results = dict(img=np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8),
+                   img_shape=(300, 400), ori_shape=(300, 400), gt_label=5, img_path="x.jpg",
+                   rng=np.random.default_rng(2))
+    for t in transforms:
+        results = t(results)
+    assert tuple(results["inputs"].shape) == (3, 224, 224)
