@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from mmengine.structures import InstanceData
 
+from vitasks.checks import config_key
 from vitasks.errors import ConfigError
 from vitasks.models.heads.roi_heads import Detections, GroundTruth
 from vitasks.models.ops import clip_boxes, nonempty_boxes, paste_masks_in_image
@@ -71,7 +72,8 @@ class TwoStageDetector(TaskModel):
         if data_preprocessor is None:
             data_preprocessor = dict(type="DetDataPreprocessor")
         if neck is None:
-            raise ConfigError(f"{type(self).__name__}: `model.neck` is required (e.g. {{type: SimpleFeaturePyramid}})")
+            raise ConfigError(f"{type(self).__name__}: `{config_key('neck', default='model')}` is required "
+                              "(e.g. {type: SimpleFeaturePyramid})")
         super().__init__(backbone, neck=neck, data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.rpn_head = self.build_part(rpn_head, "rpn_head")
         self.roi_head = self.build_part(roi_head, "roi_head")

@@ -18,71 +18,57 @@ Predictions are cut to the unpadded input, resized (bilinear, on logits) to the 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
+from vitasks.checks import IntPair, OrNone, PositiveInt, building, checked, config_key, one_of
 from vitasks.errors import ConfigError
 from vitasks.models.heads.decode_head import resize
 from vitasks.models.tasks.base import TaskModel
 from vitasks.registry import MODELS
 from vitasks.structures import DataSample, PixelData
 
-_TEST_KEYS = {"mode", "crop_size", "stride", "windows_per_batch", "size_divisor", "tta"}
 _TTA_KEYS = {"ratios", "flip", "merge"}
 
 
-def _pair(value, key: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        value = (value, value)
-    if not isinstance(value, (list, tuple)) or len(value) != 2 or min(value) <= 0:
-        raise ConfigError(f"model.test_cfg.{key} must be [H, W] of positive sizes, got {value!r}")
-    return int(value[0]), int(value[1])
-
-
 class SegTestConfig:
-    """Checked ``model.test_cfg`` of :class:`EncoderDecoder`."""
+    """Checked ``model.test_cfg`` of :class:`EncoderDecoder` (see the module docstring)."""
 
-    def __init__(self, cfg: dict | None) -> None:
+    config_key = "model.test_cfg"
+
+    @checked
+    def __init__(self, mode: str = "whole", crop_size: OrNone(IntPair) = None, stride: OrNone(IntPair) = None,
+                 windows_per_batch: PositiveInt = 8, size_divisor: OrNone(PositiveInt) = None,
+                 tta: dict | None = None) -> None:
+        where = self.config_path = config_key(default=self.config_key)
+        if mode not in ("whole", "slide"):
+            raise ConfigError(f"{where}.mode must be 'whole' or 'slide', got {mode!r}")
+        if mode == "slide" and (crop_size is None or stride is None):
+            raise ConfigError(f"{where}: mode 'slide' needs crop_size and stride, e.g. "
+                              "crop_size: [512, 512], stride: [341, 341]")
+        self.mode, self.windows_per_batch, self.size_divisor = mode, windows_per_batch, size_divisor
+        self.crop_size, self.stride = (crop_size, stride) if mode == "slide" else (None, None)
+        tta = {} if tta is None else tta
+        if not isinstance(tta, dict) or set(tta) - _TTA_KEYS:
+            raise ConfigError(f"{where}.tta must be a dict with keys among {sorted(_TTA_KEYS)}, got {tta!r}")
+        self.ratios = [float(r) for r in tta.get("ratios", [1.0])]
+        if not self.ratios or min(self.ratios) <= 0:
+            raise ConfigError(f"{where}.tta.ratios must be positive numbers, got {tta.get('ratios')!r}")
+        self.flip = bool(tta.get("flip", False))
+        self.merge = one_of(tta.get("merge", "logits"), ("logits", "probs"), f"{where}.tta.merge")
+
+    @classmethod
+    def from_config(cls, cfg: dict | None) -> SegTestConfig:
         cfg = dict(cfg or {})
-        unknown = set(cfg) - _TEST_KEYS
-        if unknown:
-            raise ConfigError(
-                f"model.test_cfg: unknown keys {sorted(unknown)}; expected some of {sorted(_TEST_KEYS)}"
-            )
-        self.mode = cfg.get("mode", "whole")
-        if self.mode not in ("whole", "slide"):
-            raise ConfigError(f"model.test_cfg.mode must be 'whole' or 'slide', got {self.mode!r}")
-        if self.mode == "slide":
-            if "crop_size" not in cfg or "stride" not in cfg:
-                raise ConfigError("model.test_cfg: mode 'slide' needs crop_size and stride, e.g. "
-                                  "crop_size: [512, 512], stride: [341, 341]")
-            self.crop_size = _pair(cfg["crop_size"], "crop_size")
-            self.stride = _pair(cfg["stride"], "stride")
-        else:
-            self.crop_size = self.stride = None
-        self.windows_per_batch = int(cfg.get("windows_per_batch", 8))
-        if self.windows_per_batch < 1:
-            raise ConfigError(f"model.test_cfg.windows_per_batch must be >= 1, got {self.windows_per_batch}")
-        self.size_divisor = cfg.get("size_divisor")
-        if self.size_divisor is not None and (not isinstance(self.size_divisor, int) or self.size_divisor < 1):
-            raise ConfigError(f"model.test_cfg.size_divisor must be a positive integer, got {self.size_divisor!r}")
-        tta = cfg.get("tta")
-        if tta is None:
-            self.ratios, self.flip, self.merge = [1.0], False, "logits"
-        else:
-            if not isinstance(tta, dict) or set(tta) - _TTA_KEYS:
-                raise ConfigError(
-                    f"model.test_cfg.tta must be a dict with keys among {sorted(_TTA_KEYS)}, got {tta!r}"
-                )
-            self.ratios = [float(r) for r in tta.get("ratios", [1.0])]
-            if not self.ratios or min(self.ratios) <= 0:
-                raise ConfigError(f"model.test_cfg.tta.ratios must be positive numbers, got {tta.get('ratios')!r}")
-            self.flip = bool(tta.get("flip", False))
-            self.merge = tta.get("merge", "logits")
-            if self.merge not in ("logits", "probs"):
-                raise ConfigError(f"model.test_cfg.tta.merge must be 'logits' or 'probs', got {self.merge!r}")
+        known = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        unknown = set(cfg) - set(known)
+        with building("test_cfg", root="model"):
+            if unknown:
+                raise ConfigError(f"{config_key()}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+            return cls(**cfg)
 
 
 def slide_windows(
@@ -152,11 +138,11 @@ class EncoderDecoder(TaskModel):
         for head in heads[1:]:
             if head.num_classes != self.num_classes:
                 raise ConfigError(
-                    f"EncoderDecoder: auxiliary head has num_classes={head.num_classes} but the decode "
-                    f"head has {self.num_classes}; use ${{num_classes}} for both"
+                    f"{getattr(head, 'config_path', 'model.auxiliary_head')}: num_classes={head.num_classes} but "
+                    f"the decode head has {self.num_classes}; use ${{num_classes}} for both"
                 )
         self.train_cfg = dict(train_cfg or {})
-        self.test_cfg = SegTestConfig(test_cfg)
+        self.test_cfg = SegTestConfig.from_config(test_cfg)
         divisor = self.test_cfg.size_divisor or getattr(self.backbone, "stride", 1)
         self.size_divisor = int(divisor) if divisor else 1
 
@@ -205,7 +191,7 @@ class EncoderDecoder(TaskModel):
         time (default ``test_cfg.windows_per_batch``)."""
         cfg = self.test_cfg
         if cfg.crop_size is None:
-            raise ConfigError("model.test_cfg: slide inference needs crop_size and stride")
+            raise ConfigError(f"{cfg.config_path}: slide inference needs crop_size and stride")
         per_batch = windows_per_batch or cfg.windows_per_batch
         batch, _, height, width = inputs.shape
         boxes = slide_windows(height, width, cfg.crop_size, cfg.stride)
