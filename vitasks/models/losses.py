@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vitasks.checks import InRange, checked, config_key
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 
@@ -64,19 +65,19 @@ class CrossEntropyLoss(nn.Module):
         avg_non_ignore: Divide by the non-ignored elements only (default: by all elements).
     """
 
+    config_key = "model.head.loss"
+
+    @checked
     def __init__(
         self,
         loss_weight: float = 1.0,
-        label_smoothing: float = 0.0,
+        label_smoothing: InRange(0, 1, high_open=True) = 0.0,
         class_weight: Optional[Sequence[float] | str] = None,
         ignore_index: int = 255,
         avg_non_ignore: bool = False,
     ) -> None:
         super().__init__()
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ConfigError(
-                f"CrossEntropyLoss: label_smoothing must be in [0, 1), got {label_smoothing}"
-            )
+        self.config_path = config_key(default=self.config_key)  # for errors at run time too
         self.loss_weight = float(loss_weight)
         self.label_smoothing = float(label_smoothing)
         self.ignore_index = int(ignore_index)
@@ -85,7 +86,7 @@ class CrossEntropyLoss(nn.Module):
         if self.balanced:
             if class_weight != "balanced":
                 raise ConfigError(
-                    f"CrossEntropyLoss: class_weight must be a list of K numbers or 'balanced', got {class_weight!r}"
+                    f"{self.config_path}.class_weight must be a list of K numbers or 'balanced', got {class_weight!r}"
                 )
             class_weight = None
         if class_weight is not None:
@@ -121,7 +122,7 @@ class CrossEntropyLoss(nn.Module):
         if self.class_weight is not None:
             if self.class_weight.numel() != pred.shape[1]:
                 raise ConfigError(
-                    f"CrossEntropyLoss: class_weight has {self.class_weight.numel()} values but "
+                    f"{self.config_path}.class_weight has {self.class_weight.numel()} values but "
                     f"the logits have {pred.shape[1]} classes"
                 )
             class_weight = self.class_weight.to(device=pred.device, dtype=pred.dtype)
@@ -197,11 +198,12 @@ class DiceLoss(nn.Module):
         ignore_index: Label value of unlabelled pixels.
     """
 
-    def __init__(self, loss_weight: float = 1.0, smooth: float = 1.0, exponent: float = 2.0,
+    config_key = "model.decode_head.loss_decode"
+
+    @checked
+    def __init__(self, loss_weight: float = 1.0, smooth: InRange(0) = 1.0, exponent: InRange(0, low_open=True) = 2.0,
                  ignore_index: int = 255) -> None:
         super().__init__()
-        if smooth < 0 or exponent <= 0:
-            raise ConfigError(f"DiceLoss: smooth must be >= 0 and exponent > 0, got {smooth}, {exponent}")
         self.loss_weight = float(loss_weight)
         self.smooth = float(smooth)
         self.exponent = float(exponent)

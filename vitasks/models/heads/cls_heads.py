@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.model import BaseModule
 
-from vitasks.checks import PositiveInt, checked, config_key
+from vitasks.checks import PositiveInt, building, checked, config_key
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 from vitasks.structures import DataSample
@@ -49,7 +49,8 @@ class BaseClsHead(BaseModule):
         self.config_path = config_key(default=self.config_key)  # for errors at run time too
         self.num_classes = num_classes
         loss = dict(type="CrossEntropyLoss") if loss is None else loss
-        self.loss_module = MODELS.build(loss) if isinstance(loss, dict) else loss
+        with building("loss", root=self.config_path):
+            self.loss_module = MODELS.build(loss) if isinstance(loss, dict) else loss
 
     @staticmethod
     def _targets(data_samples: Sequence[DataSample], device: torch.device) -> torch.Tensor:

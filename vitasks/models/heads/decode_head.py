@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitasks.checks import InRange, PositiveInt, checked, config_key
+from vitasks.checks import InRange, PositiveInt, building, checked, config_key
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 from vitasks.structures import DataSample
@@ -106,9 +106,10 @@ class BaseDecodeHead(nn.Module):
         if not loss_cfgs:
             raise ConfigError(f"{where}.loss_decode is empty")
         self.loss_names = [_loss_name(c, i, len(loss_cfgs)) for i, c in enumerate(loss_cfgs)]
-        self.loss_decode = nn.ModuleList(
-            MODELS.build(self._with_ignore_index(c)) if isinstance(c, dict) else c for c in loss_cfgs
-        )
+        self.loss_decode = nn.ModuleList()
+        for i, c in enumerate(loss_cfgs):
+            with building("loss_decode" if len(loss_cfgs) == 1 else f"loss_decode.{i}", root=where):
+                self.loss_decode.append(MODELS.build(self._with_ignore_index(c)) if isinstance(c, dict) else c)
         self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else nn.Identity()
         if with_conv_seg:
             self.conv_seg = nn.Conv2d(self.channels, num_classes, kernel_size=1)
