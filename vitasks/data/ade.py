@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 from mmengine.dataset import BaseDataset
 from mmengine.logging import print_log
 
-from vitasks.data.imagenet import SkipBadSamplesMixin, build_pipeline, check_num_classes
+from vitasks.checks import one_of
+from vitasks.data.imagenet import SkipBadSamplesMixin, build_pipeline, check_dataset_args, check_num_classes
 from vitasks.data.seeding import SeededSampleMixin
 from vitasks.errors import ConfigError, DataError
 from vitasks.registry import DATASETS
@@ -110,13 +111,7 @@ class SegFolderDataset(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
         serialize_data: bool = True,
     ) -> None:
         owner = type(self).__name__
-        if not data_root:
-            raise ConfigError(
-                f"{owner}: `data_root` is missing; set the config's top-level `data_root` (or "
-                "--cfg-options data_root=DIR)"
-            )
-        if not os.path.isdir(data_root):
-            raise DataError(f"{owner}: data_root {data_root!r} does not exist or is not a folder")
+        check_dataset_args(owner, data_root, num_classes, f"the folder holding {img_dir}/")
         self.img_path = os.path.join(data_root, img_dir)
         self.ann_path = None if ann_dir is None else os.path.join(data_root, ann_dir)
         for path, key in ((self.img_path, "img_dir"), (self.ann_path, "ann_dir")):
@@ -157,8 +152,6 @@ class SegFolderDataset(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
     def _class_names(
         self, data_root: str, classes: Sequence[str] | None, num_classes: int | None, owner: str
     ) -> list[str]:
-        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
-            raise ConfigError(f"{owner}: num_classes must be a positive integer, got {num_classes!r}")
         source = "`classes`"
         if classes is not None:
             names = [str(c) for c in classes]
@@ -254,9 +247,7 @@ class ADE20KDataset(SegFolderDataset):
         indices: int | Sequence[int] | None = None,
         serialize_data: bool = True,
     ) -> None:
-        if split not in self.SPLITS:
-            raise ConfigError(f"ADE20KDataset: split must be one of {self.SPLITS}, got {split!r}")
-        self.split = split
+        self.split = one_of(split, self.SPLITS, "ADE20KDataset.split")
         super().__init__(
             data_root=data_root,
             img_dir=f"images/{split}",

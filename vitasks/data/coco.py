@@ -30,9 +30,9 @@ from mmengine.logging import print_log
 from pycocotools.coco import COCO
 
 from vitasks.data.det_transforms import normalize_segmentation
-from vitasks.data.imagenet import SkipBadSamplesMixin, build_pipeline, check_num_classes
+from vitasks.data.imagenet import SkipBadSamplesMixin, build_pipeline, check_dataset_args, check_num_classes
 from vitasks.data.seeding import SeededSampleMixin
-from vitasks.errors import ConfigError, DataError
+from vitasks.errors import DataError
 from vitasks.registry import DATASETS
 
 __all__ = ["CocoDataset", "load_coco_api"]
@@ -100,13 +100,7 @@ class CocoDataset(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
         serialize_data: bool = True,
     ) -> None:
         owner = type(self).__name__
-        if not data_root:
-            raise ConfigError(
-                f"{owner}: `data_root` is missing; set the config's top-level `data_root` (or "
-                "--cfg-options data_root=DIR) to a folder with annotations/ and the image folders"
-            )
-        if not os.path.isdir(data_root):
-            raise DataError(f"{owner}: data_root {data_root!r} does not exist or is not a folder")
+        check_dataset_args(owner, data_root, num_classes, "a folder with annotations/ and the image folders")
         self.ann_path = os.path.abspath(os.path.join(data_root, ann_file))
         self.img_path = os.path.join(data_root, img_dir)
         if not os.path.isdir(self.img_path):
@@ -124,8 +118,6 @@ class CocoDataset(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
         if len(set(cat_ids)) != len(cat_ids):
             raise DataError(f"{self.ann_path}: category ids are not unique: {cat_ids}")
         names = [str(c.get("name", c["id"])) for c in categories]
-        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
-            raise ConfigError(f"{owner}: num_classes must be a positive integer, got {num_classes!r}")
         check_num_classes(num_classes, names, f"{self.ann_path} (its `categories`)")
         self.cat_to_label = {cat_id: label for label, cat_id in enumerate(cat_ids)}
 

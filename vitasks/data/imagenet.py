@@ -8,6 +8,7 @@ from typing import Callable, List, Optional, Sequence, Union
 from mmengine.dataset import BaseDataset
 from mmengine.logging import print_log
 
+from vitasks.checks import one_of, positive_int
 from vitasks.data.seeding import SeededSampleMixin
 from vitasks.errors import ConfigError, DataError
 from vitasks.registry import DATASETS, TRANSFORMS
@@ -29,6 +30,18 @@ def build_pipeline(pipeline: Sequence[Union[dict, Callable]], owner: str) -> Lis
         else:
             raise ConfigError(f"{owner}.pipeline[{i}] must be a dict or a callable, got {t!r}")
     return built
+
+
+def check_dataset_args(owner: str, data_root: Optional[str], num_classes: Optional[int], layout: str) -> None:
+    """What every dataset checks first: ``data_root`` is set (``layout`` says what it should hold)
+    and is a folder, ``num_classes`` is None or a positive integer."""
+    if not data_root:
+        raise ConfigError(f"{owner}: `data_root` is missing; set the config's top-level `data_root` (or "
+                          f"--cfg-options data_root=DIR) to {layout}")
+    if not os.path.isdir(data_root):
+        raise DataError(f"{owner}: data_root {data_root!r} does not exist or is not a folder")
+    if num_classes is not None:
+        positive_int(num_classes, f"{owner}: num_classes")
 
 
 def check_num_classes(num_classes: Optional[int], names: Sequence[str], where: str) -> None:
@@ -106,16 +119,8 @@ class ImageNetFolder(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
         indices: Optional[Union[int, Sequence[int]]] = None,
         serialize_data: bool = True,
     ) -> None:
-        if not data_root:
-            raise ConfigError(
-                "ImageNetFolder: `data_root` is missing; set the config's top-level `data_root` "
-                "(or --cfg-options data_root=DIR) to a folder with train/<class>/ and val/<class>/"
-            )
-        if not os.path.isdir(data_root):
-            raise DataError(f"ImageNetFolder: data_root {data_root!r} does not exist or is not a folder")
-        if split not in self.SPLITS:
-            raise ConfigError(f"ImageNetFolder: split must be one of {self.SPLITS}, got {split!r}")
-        self.split = split
+        check_dataset_args("ImageNetFolder", data_root, num_classes, "a folder with train/<class>/ and val/<class>/")
+        self.split = one_of(split, self.SPLITS, "ImageNetFolder.split")
         self.split_dir = split_dir or split
         self.split_path = os.path.join(data_root, self.split_dir)
         if not os.path.isdir(self.split_path):

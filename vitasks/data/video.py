@@ -20,7 +20,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from mmengine.dataset import BaseDataset
 
-from vitasks.data.imagenet import SkipBadSamplesMixin, build_pipeline, check_num_classes
+from vitasks.data.imagenet import SkipBadSamplesMixin, build_pipeline, check_dataset_args, check_num_classes
 from vitasks.data.seeding import SeededSampleMixin
 from vitasks.data.video_io import probe_video
 from vitasks.errors import ConfigError, DataError
@@ -75,15 +75,7 @@ class _ListDataset(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
         serialize_data: bool,
     ) -> None:
         name = type(self).__name__
-        if not data_root:
-            raise ConfigError(
-                f"{name}: `data_root` is missing; set the config's top-level `data_root` (or "
-                f"--cfg-options data_root=DIR) to the folder holding {ann_file!r}"
-            )
-        if not os.path.isdir(data_root):
-            raise DataError(f"{name}: data_root {data_root!r} does not exist or is not a folder")
-        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
-            raise ConfigError(f"{name}: num_classes must be a positive integer, got {num_classes!r}")
+        check_dataset_args(name, data_root, num_classes, f"the folder holding {ann_file!r}")
         if isinstance(data_prefix, dict):
             unknown = set(data_prefix) - {self.kind}
             if unknown:
