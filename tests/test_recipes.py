@@ -284,10 +284,13 @@ def test_vitdet_pipeline_keeps_a_crop_without_objects_and_the_detector_trains_on
     R-CNN's loss on it is finite, backpropagates, and has zero box and mask terms."""
     cfg = load_config(str(CONFIGS / "det_coco.yaml"), ["input_size=[64,64]"])
     steps = [dict(s) for s in cfg.train_dataloader.dataset.pipeline if s["type"] not in ("LoadImage", "LoadDetAnnotations")]
-    assert [s["type"] for s in steps] == ["DetRandomResize", "DetRandomCrop", "FilterDetAnnotations",
-                                          "DetRandomFlip", "PackDetInputs"]
-    # The config's resize, with the scale drawn as 2.0 (64 x 2 = 128 px); the rest as configured.
-    steps[0]["ratio_range"] = [2.0, 2.0]
+    # detectron2's order: RandomFlip, ResizeScale, FixedSizeCrop (its one offset draw for both
+    # axes makes the order matter), then filter_empty_instances.
+    assert [s["type"] for s in steps] == ["DetRandomFlip", "DetRandomResize", "DetRandomCrop",
+                                          "FilterDetAnnotations", "PackDetInputs"]
+    # No flip, the resize's scale drawn as 2.0 (64 x 2 = 128 px); the rest as configured.
+    steps[0]["prob"] = 0.0
+    steps[1]["ratio_range"] = [2.0, 2.0]
     transforms = [TRANSFORMS.build(s) for s in steps]
     # A 64 x 64 image with one small object in its top-right corner, resized to 128 x 128: the
     # 64 x 64 crop at offset round(64 u) on both axes (detectron2's FixedSizeCrop: one u for both)
@@ -314,9 +317,9 @@ def test_vitdet_pipeline_keeps_a_crop_without_objects_and_the_detector_trains_on
     assert losses["loss_mask"].item() == 0 and all(v.item() == 0 for k, v in losses.items() if k.endswith("bbox"))
     assert losses["loss_rpn_cls"].item() > 0
     # With mmdetection's default (allow_negative_crop false) the same draw is refused.
-    steps[1]["allow_negative_crop"] = False
-    refuse = TRANSFORMS.build(steps[1])
-    assert refuse(transforms[0](corner_object())) is None
+    steps[2]["allow_negative_crop"] = False
+    refuse = TRANSFORMS.build(steps[2])
+    assert refuse(transforms[1](transforms[0](corner_object()))) is None
 
 
 # ------------------------------------------------------------------------- pipelines run
