@@ -48,8 +48,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from vitasks.data.seeding import sample_rng
-from vitasks.data.seg_transforms import rescaled_size
+from vitasks.data.seg_transforms import check_ratio_range, rescaled_size
 from vitasks.data.transforms import BaseTransform
+from vitasks.checks import InRange, IntPair, OneOf, checked, config_key
 from vitasks.errors import ConfigError, DataError
 from vitasks.registry import TRANSFORMS
 from vitasks.structures import DataSample
@@ -73,6 +74,10 @@ _INTERP = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic"
 _PIL_INTERP = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
                "bicubic": Image.Resampling.BICUBIC, "area": Image.Resampling.BOX}
 _BACKENDS = ("cv2", "pil")
+SizeRule = OneOf("mmcv", "detectron2")
+CropOffset = OneOf("independent", "detectron2")
+FlipDirection = OneOf("horizontal", "vertical")
+MaskFormat = OneOf("bitmap", "compact")
 
 
 def pil_resize(img: np.ndarray, size: tuple[int, int], interpolation: str = "bilinear") -> np.ndarray:
@@ -263,11 +268,6 @@ def _select(results: dict, keep: np.ndarray) -> None:
             results[key] = results[key][keep]
 
 
-def _check_size(size: Sequence[int], owner: str, key: str) -> tuple[int, int]:
-    if not isinstance(size, (list, tuple)) or len(size) != 2 or min(size) <= 0:
-        raise ConfigError(f"{owner}.{key} must be two positive sizes like [1024, 1024], got {size!r}")
-    return int(size[0]), int(size[1])
-
 
 @TRANSFORMS.register_module()
 class LoadDetAnnotations(BaseTransform):
@@ -336,18 +336,12 @@ class DetResize(BaseTransform):
             equal).
     """
 
-    def __init__(self, scale: Sequence[int] = (1024, 1024), keep_ratio: bool = True,
-                 interpolation: str = "bilinear", backend: str = "cv2") -> None:
-        owner = type(self).__name__
-        self.scale = _check_size(scale, owner, "scale")
+    @checked
+    def __init__(self, scale: IntPair = (1024, 1024), keep_ratio: bool = True,
+                 interpolation: OneOf(*_INTERP) = "bilinear", backend: OneOf(*_BACKENDS) = "cv2") -> None:
+        self.scale = scale
         self.keep_ratio = bool(keep_ratio)
-        if interpolation not in _INTERP:
-            raise ConfigError(
-                f"{owner}.interpolation must be one of {sorted(_INTERP)}, got {interpolation!r}"
-            )
         self.interpolation = interpolation
-        if backend not in _BACKENDS:
-            raise ConfigError(f"{owner}.backend must be one of {list(_BACKENDS)}, got {backend!r}")
         self.backend = backend
 
     def _target(self, height: int, width: int, scale: tuple[float, float]) -> tuple[int, int]:
@@ -400,20 +394,15 @@ class DetRandomResize(DetResize):
         size_rule: ``mmcv`` (the default) or ``detectron2``.
     """
 
-    def __init__(self, scale: Sequence[int] = (1024, 1024), ratio_range: Sequence[float] = (0.1, 2.0),
+    @checked
+    def __init__(self, scale: IntPair = (1024, 1024), ratio_range: Sequence[float] = (0.1, 2.0),
                  keep_ratio: bool = True, interpolation: str = "bilinear", backend: str = "cv2",
-                 size_rule: str = "mmcv") -> None:
+                 size_rule: SizeRule = "mmcv") -> None:
         super().__init__(scale, keep_ratio, interpolation, backend)
-        if size_rule not in ("mmcv", "detectron2"):
-            raise ConfigError(f"DetRandomResize.size_rule must be mmcv or detectron2, got {size_rule!r}")
         if size_rule == "detectron2" and not keep_ratio:
-            raise ConfigError("DetRandomResize: size_rule detectron2 keeps the ratio; set keep_ratio: true")
+            raise ConfigError(f"{self.config_key}: size_rule detectron2 keeps the ratio; set keep_ratio: true")
         self.size_rule = size_rule
-        if len(ratio_range) != 2 or not 0 < ratio_range[0] <= ratio_range[1]:
-            raise ConfigError(
-                f"DetRandomResize.ratio_range must be [min, max] with 0 < min <= max, got {ratio_range!r}"
-            )
-        self.ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
+        self.ratio_range = check_ratio_range(ratio_range, config_key("ratio_range", default=self.config_key))
 
     def transform(self, results: dict) -> dict:
         ratio = sample_rng(results).uniform(*self.ratio_range)
@@ -451,13 +440,12 @@ class DetRandomCrop(BaseTransform):
             (``FixedSizeCrop``: one ``u ~ U(0, 1)`` for both axes, offsets ``np.round(margin x u)``).
     """
 
-    def __init__(self, crop_size: Sequence[int] = (1024, 1024), allow_negative_crop: bool = False,
-                 recompute_bbox: bool = True, offset: str = "independent") -> None:
-        self.crop_size = _check_size(crop_size, "DetRandomCrop", "crop_size")
+    @checked
+    def __init__(self, crop_size: IntPair = (1024, 1024), allow_negative_crop: bool = False,
+                 recompute_bbox: bool = True, offset: CropOffset = "independent") -> None:
+        self.crop_size = crop_size
         self.allow_negative_crop = bool(allow_negative_crop)
         self.recompute_bbox = bool(recompute_bbox)
-        if offset not in ("independent", "detectron2"):
-            raise ConfigError(f"DetRandomCrop.offset must be independent or detectron2, got {offset!r}")
         self.offset = offset
 
     def _offsets(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int]:
@@ -548,11 +536,8 @@ class DetRandomFlip(BaseTransform):
         direction: ``horizontal`` or ``vertical``.
     """
 
-    def __init__(self, prob: float = 0.5, direction: str = "horizontal") -> None:
-        if not 0 <= prob <= 1:
-            raise ConfigError(f"DetRandomFlip.prob must be in [0, 1], got {prob}")
-        if direction not in ("horizontal", "vertical"):
-            raise ConfigError(f"DetRandomFlip.direction must be horizontal or vertical, got {direction!r}")
+    @checked
+    def __init__(self, prob: InRange(0, 1) = 0.5, direction: FlipDirection = "horizontal") -> None:
         self.prob = float(prob)
         self.direction = direction
 
@@ -588,14 +573,13 @@ class PackDetInputs(BaseTransform):
             ``compact``: the :class:`InstanceMasks` object (polygons/RLE, rasterised by the model).
     """
 
+    @checked
     def __init__(
         self,
         meta_keys: Sequence[str] = ("img_id", "img_path", "ori_shape", "img_shape", "scale_factor",
                                     "flip", "flip_direction"),
-        mask_format: str = "bitmap",
+        mask_format: MaskFormat = "bitmap",
     ) -> None:
-        if mask_format not in ("bitmap", "compact"):
-            raise ConfigError(f"PackDetInputs.mask_format must be bitmap or compact, got {mask_format!r}")
         self.meta_keys = tuple(meta_keys)
         self.mask_format = mask_format
 

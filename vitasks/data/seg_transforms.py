@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from vitasks.data.seeding import sample_rng
 from vitasks.data.seg_labels import reduce_zero
 from vitasks.data.transforms import BaseTransform
+from vitasks.checks import InRange, IntPair, OneOf, checked, config_key
 from vitasks.errors import ConfigError, DataError
 from vitasks.registry import TRANSFORMS
 
@@ -105,10 +106,11 @@ class LoadSegAnnotations(BaseTransform):
         return results
 
 
-def _check_scale(scale: Sequence[int], owner: str) -> tuple[int, int]:
-    if not isinstance(scale, (list, tuple)) or len(scale) != 2 or min(scale) <= 0:
-        raise ConfigError(f"{owner}.scale must be two positive sizes like [2048, 512], got {scale!r}")
-    return int(scale[0]), int(scale[1])
+def check_ratio_range(ratio_range: Sequence[float], key: str) -> tuple[float, float]:
+    """A random resize's ``[min, max]`` ratio, ``0 < min <= max``."""
+    if not isinstance(ratio_range, (list, tuple)) or len(ratio_range) != 2 or not 0 < ratio_range[0] <= ratio_range[1]:
+        raise ConfigError(f"{key} must be [min, max] with 0 < min <= max, got {ratio_range!r}")
+    return float(ratio_range[0]), float(ratio_range[1])
 
 
 def rescaled_size(height: int, width: int, scale: tuple[float, float]) -> tuple[int, int]:
@@ -157,15 +159,12 @@ class SegResize(BaseTransform):
         interpolation: image interpolation: ``bilinear`` (mmseg's), ``bicubic``, ``area``, ``nearest``.
     """
 
+    @checked
     def __init__(
-        self, scale: Sequence[int] = (2048, 512), keep_ratio: bool = True, interpolation: str = "bilinear"
+        self, scale: IntPair = (2048, 512), keep_ratio: bool = True, interpolation: OneOf(*_INTERP) = "bilinear"
     ) -> None:
-        self.scale = _check_scale(scale, type(self).__name__)
+        self.scale = scale
         self.keep_ratio = bool(keep_ratio)
-        if interpolation not in _INTERP:
-            raise ConfigError(
-                f"{type(self).__name__}.interpolation must be one of {sorted(_INTERP)}, got {interpolation!r}"
-            )
         self.interpolation = interpolation
 
     def _target(self, height: int, width: int, scale: tuple[float, float]) -> tuple[int, int]:
@@ -199,11 +198,7 @@ class SegRandomResize(SegResize):
         interpolation: str = "bilinear",
     ) -> None:
         super().__init__(scale, keep_ratio, interpolation)
-        if len(ratio_range) != 2 or not 0 < ratio_range[0] <= ratio_range[1]:
-            raise ConfigError(
-                f"SegRandomResize.ratio_range must be [min, max] with 0 < min <= max, got {ratio_range!r}"
-            )
-        self.ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
+        self.ratio_range = check_ratio_range(ratio_range, config_key("ratio_range", default=self.config_key))
 
     def transform(self, results: dict) -> dict:
         ratio = sample_rng(results).uniform(*self.ratio_range)
@@ -226,18 +221,15 @@ class SegRandomCrop(BaseTransform):
         max_tries: crops drawn before the last one is kept.
     """
 
+    @checked
     def __init__(
         self,
-        crop_size: Sequence[int] = (512, 512),
-        cat_max_ratio: float = 1.0,
+        crop_size: IntPair = (512, 512),
+        cat_max_ratio: InRange(0, 1, low_open=True) = 1.0,
         ignore_index: int = 255,
         max_tries: int = 10,
     ) -> None:
-        if not isinstance(crop_size, (list, tuple)) or len(crop_size) != 2 or min(crop_size) <= 0:
-            raise ConfigError(f"SegRandomCrop.crop_size must be [H, W] > 0, got {crop_size!r}")
-        if not 0 < cat_max_ratio <= 1:
-            raise ConfigError(f"SegRandomCrop.cat_max_ratio must be in (0, 1], got {cat_max_ratio}")
-        self.crop_size = (int(crop_size[0]), int(crop_size[1]))
+        self.crop_size = crop_size
         self.cat_max_ratio = float(cat_max_ratio)
         self.ignore_index = int(ignore_index)
         self.max_tries = int(max_tries)

@@ -16,13 +16,22 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vitasks.data.seeding import sample_rng, seed_from
+from vitasks.checks import InRange, PositiveInt, checked
 from vitasks.errors import ConfigError, DataError
 from vitasks.registry import TRANSFORMS
 from vitasks.structures import DataSample, PixelData
 
 
 class BaseTransform:
-    """A transform: ``__call__(results) -> results`` (``None`` drops the sample)."""
+    """A transform: ``__call__(results) -> results`` (``None`` drops the sample). A pipeline entry
+    has no config key of its own (the same list serves every loader): errors name the transform's
+    type and argument (``SegRandomCrop.crop_size``)."""
+
+    config_key = "BaseTransform"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.config_key = cls.__name__
 
     def transform(self, results: dict) -> Optional[dict]:
         raise NotImplementedError
@@ -202,9 +211,9 @@ class ResizeCenterCrop(Albu):
         interpolation: Resize interpolation name (DeiT evaluates with bicubic).
     """
 
-    def __init__(self, size: int, crop_ratio: float = 0.875, interpolation: str = "bicubic") -> None:
-        if not 0 < crop_ratio <= 1:
-            raise ConfigError(f"ResizeCenterCrop.crop_ratio must be in (0, 1], got {crop_ratio}")
+    @checked
+    def __init__(self, size: PositiveInt, crop_ratio: InRange(0, 1, low_open=True) = 0.875,
+                 interpolation: str = "bicubic") -> None:
         self.size = int(size)
         self.crop_ratio = float(crop_ratio)
         self.interpolation = interpolation
