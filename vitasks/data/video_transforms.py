@@ -28,7 +28,7 @@ sample the same frames and crops in every run.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence
 
 import albumentations as A
 import numpy as np
@@ -37,6 +37,7 @@ import torch
 from vitasks.data.seeding import sample_rng
 from vitasks.data.transforms import BaseTransform, _reseed, build_albu
 from vitasks.data.video_io import probe_video, read_raw_frames, read_video_frames
+from vitasks.checks import IntPair, OneOf, PositiveInt, checked
 from vitasks.errors import ConfigError, DataError
 from vitasks.registry import TRANSFORMS
 from vitasks.structures import DataSample
@@ -51,12 +52,7 @@ __all__ = [
 ]
 
 OUT_OF_BOUND_OPTS = ("loop", "repeat_last", "error")
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+OutOfBound = OneOf(*OUT_OF_BOUND_OPTS)
 
 
 def _total_frames(results: dict, owner: str) -> int:
@@ -106,22 +102,17 @@ class SampleFrames(BaseTransform):
         keep_tail_frames: mmaction2's real-valued training stretches.
     """
 
+    @checked
     def __init__(
         self,
-        clip_len: int,
-        frame_interval: int = 1,
-        num_clips: int = 1,
+        clip_len: PositiveInt,
+        frame_interval: PositiveInt = 1,
+        num_clips: PositiveInt = 1,
         test_mode: bool = False,
-        out_of_bound_opt: str = "loop",
+        out_of_bound_opt: OutOfBound = "loop",
         keep_tail_frames: bool = False,
     ) -> None:
-        self.clip_len = _positive_int(clip_len, "SampleFrames.clip_len")
-        self.frame_interval = _positive_int(frame_interval, "SampleFrames.frame_interval")
-        self.num_clips = _positive_int(num_clips, "SampleFrames.num_clips")
-        if out_of_bound_opt not in OUT_OF_BOUND_OPTS:
-            raise ConfigError(
-                f"SampleFrames.out_of_bound_opt must be one of {OUT_OF_BOUND_OPTS}, got {out_of_bound_opt!r}"
-            )
+        self.clip_len, self.frame_interval, self.num_clips = clip_len, frame_interval, num_clips
         self.test_mode = bool(test_mode)
         self.out_of_bound_opt = out_of_bound_opt
         self.keep_tail_frames = bool(keep_tail_frames)
@@ -206,9 +197,10 @@ class UniformSample(BaseTransform):
         allow_repeat: Whether a video shorter than ``clip_len`` may repeat frames.
     """
 
-    def __init__(self, clip_len: int, num_clips: int = 1, test_mode: bool = False, allow_repeat: bool = True) -> None:
-        self.clip_len = _positive_int(clip_len, "UniformSample.clip_len")
-        self.num_clips = _positive_int(num_clips, "UniformSample.num_clips")
+    @checked
+    def __init__(self, clip_len: PositiveInt, num_clips: PositiveInt = 1, test_mode: bool = False,
+                 allow_repeat: bool = True) -> None:
+        self.clip_len, self.num_clips = clip_len, num_clips
         if self.num_clips > 1 and not test_mode:
             raise ConfigError("UniformSample: num_clips > 1 is for testing (test_mode: true)")
         self.test_mode = bool(test_mode)
@@ -251,8 +243,9 @@ class DecodeFrames(BaseTransform):
         num_threads: PyAV decoder threads (1: data-loader workers already run in parallel).
     """
 
-    def __init__(self, num_threads: int = 1) -> None:
-        self.num_threads = _positive_int(num_threads, "DecodeFrames.num_threads")
+    @checked
+    def __init__(self, num_threads: PositiveInt = 1) -> None:
+        self.num_threads = num_threads
 
     def transform(self, results: dict) -> dict:
         if "frame_inds" not in results:
@@ -320,11 +313,9 @@ class ThreeCrop(BaseTransform):
         crop_size: Output side (int) or ``[height, width]``.
     """
 
-    def __init__(self, crop_size: Union[int, Sequence[int]]) -> None:
-        size = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
-        if len(size) != 2:
-            raise ConfigError(f"ThreeCrop.crop_size must be an int or [height, width], got {crop_size!r}")
-        self.crop_size = tuple(_positive_int(s, "ThreeCrop.crop_size") for s in size)
+    @checked
+    def __init__(self, crop_size: IntPair) -> None:
+        self.crop_size = crop_size
 
     def transform(self, results: dict) -> dict:
         imgs = results["imgs"]
