@@ -33,6 +33,7 @@ import torch
 from mmengine.dataset import DefaultSampler, InfiniteSampler
 from torch.utils.data import Sampler
 
+from vitasks.checks import NonNegativeInt, PositiveInt, checked
 from vitasks.registry import DATA_SAMPLERS
 
 __all__ = [
@@ -151,19 +152,18 @@ class RepeatAugSampler(Sampler):
     """
 
     _skip = 0
+    config_key = "train_dataloader.sampler"  # the training loader's, the only one that repeats
 
+    @checked
     def __init__(
-        self, dataset, num_repeats: int = 3, shuffle: bool = True, seed: Optional[int] = None,
-        selected_round: int = 256, spread: bool = True, keep_epoch_length: bool = True,
+        self, dataset, num_repeats: PositiveInt = 3, shuffle: bool = True, seed: Optional[int] = None,
+        selected_round: NonNegativeInt = 256, spread: bool = True, keep_epoch_length: bool = True,
     ) -> None:
         from mmengine.dist import get_dist_info, sync_random_seed
 
         from vitasks.errors import ConfigError
 
-        where = "train_dataloader.sampler"
-        for key, value, minimum in (("num_repeats", num_repeats, 1), ("selected_round", selected_round, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ConfigError(f"{where}.{key} must be an integer >= {minimum}, got {value!r}")
+        where = self.config_key
         self.rank, self.world_size = get_dist_info()
         self.dataset = dataset
         self.num_repeats = num_repeats
