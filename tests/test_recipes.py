@@ -368,3 +368,79 @@ def test_deit_train_pipeline_runs_on_an_image():
     for t in transforms:
         results = t(results)
     assert tuple(results["inputs"].shape) == (3, 224, 224)
+
+
+# ----------------------------------------------------------------------------- lr schedules
+
+
+def simulate_lr(cfg, epoch_length: int, epochs: int) -> np.ndarray:
+    """The lr of every iteration under the config's param_scheduler, stepped as mmengine's
+    ParamSchedulerHook steps them (iteration-based ones after each iteration)."""
+    from mmengine.registry import PARAM_SCHEDULERS
+
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=float(cfg.optim_wrapper.optimizer.lr))
+    schedulers = []
+    for spec in cfg.param_scheduler:
+        spec = dict(spec)
+        cls = PARAM_SCHEDULERS.get(spec.pop("type"))
+        if spec.pop("convert_to_iter_based", False):
+            schedulers.append(cls.build_iter_from_epoch(optimizer, epoch_length=epoch_length, **spec))
+        else:
+            schedulers.append(cls(optimizer, **spec))
+    per_iter = [s for s in schedulers if not s.by_epoch]
+    per_epoch = [s for s in schedulers if s.by_epoch]
+    lrs = []
+    for i in range(epochs * epoch_length):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()  # (no gradient: a no-op, in the order mmengine expects)
+        for s in per_iter:
+            s.step()
+        if (i + 1) % epoch_length == 0:
+            for s in per_epoch:
+                s.step()
+    return np.array(lrs)
+
+
+def test_videomae_schedule_is_cosine_scheduler():
+    """VideoMAE's utils.cosine_scheduler(lr, min_lr, 75, n, warmup_epochs=5): np.linspace(0, lr,
+    5n), then min_lr + (lr - min_lr)(1 + cos(pi i / N)) / 2 over the N = 70n other iterations."""
+    cfg, n = loaded("video_k400_videomae.yaml"), 8
+    lr, min_lr, warmup = 5e-4, 1e-6, 5 * n
+    cosine = [min_lr + 0.5 * (lr - min_lr) * (1 + np.cos(np.pi * i / (70 * n))) for i in range(70 * n)]
+    reference = np.concatenate([np.linspace(0, lr, warmup), cosine])
+    ours = simulate_lr(cfg, n, 75)
+    np.testing.assert_allclose(ours[warmup:], reference[warmup:], rtol=1e-9, atol=1e-15)
+    # The warm-up: both linear to lr; ours from 0.001 x lr (documented), one step apart at most.
+    assert np.abs(ours[:warmup] - reference[:warmup]).max() <= lr / (warmup - 1) + 1e-3 * lr + 1e-15
+
+
+@pytest.mark.parametrize("name,base_lr", [("video_k400.yaml", 0.05), ("video_k400_vivit.yaml", 0.1)])
+def test_vivit_schedule_is_scenics_compound(name, base_lr):
+    """scenic/train_lib/lr_schedules.py, 'constant * cosine_decay * linear_warmup' with
+    warmup_steps = int(2.5 n) and steps_per_cycle = 30 n: lr min(1, t / w) x cosine over the
+    steps after the warm-up, (1 + cos(pi (t - w) / (30 n - w))) / 2."""
+    cfg, n = loaded(name), 8
+    assert cfg.optim_wrapper.optimizer.lr == base_lr
+    w, total = int(2.5 * n), 30 * n
+    t = np.arange(total)
+    reference = base_lr * np.minimum(1.0, t / w) * 0.5 * (1 + np.cos(np.pi * np.maximum(0, t - w) / (total - w)))
+    ours = simulate_lr(cfg, n, 30)
+    np.testing.assert_allclose(ours[w:], reference[w:], rtol=1e-9, atol=1e-12)
+    # The warm-up: ours from 0.001 x lr (documented) and mmengine's LinearLR reaches the lr one
+    # iteration before Scenic's min(1, t / w): one warm-up step apart at most.
+    assert np.abs(ours[:w] - reference[:w]).max() <= base_lr / (w - 1) + 1e-3 * base_lr + 1e-12
+
+
+def test_deit_schedule_is_timms_per_epoch():
+    """DeiT's timm CosineLRScheduler (t_initial 300, warmup_t 5 from 1e-6, lr_min 1e-5), stepped
+    per epoch by main.py: lr(e) = 1e-6 + e (lr - 1e-6) / 5 for e < 5, else
+    1e-5 + (lr - 1e-5)(1 + cos(pi e / 300)) / 2, constant within an epoch."""
+    cfg, n = loaded("cls_imagenet.yaml"), 3
+    lr = 5e-4
+    epoch = np.arange(300 * n) // n
+    reference = np.where(epoch < 5, 1e-6 + epoch * (lr - 1e-6) / 5,
+                         1e-5 + 0.5 * (lr - 1e-5) * (1 + np.cos(np.pi * epoch / 300)))
+    ours = simulate_lr(cfg, n, 300)
+    assert np.abs(ours - reference).max() < 5e-4 * lr
+    np.testing.assert_allclose(ours[10 * n:], reference[10 * n:], rtol=1e-3)
