@@ -26,6 +26,14 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, topk: Sequence[int
     return out
 
 
+def parse_topk(topk: int | Sequence[int], key: str) -> tuple[int, ...]:
+    """A metric's ``topk``: one positive int or a non-empty list of them."""
+    values = (topk,) if isinstance(topk, int) else tuple(topk)
+    if not values or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in values):
+        raise ConfigError(f"{key} must be positive integers, got {topk!r}")
+    return values
+
+
 @METRICS.register_module()
 class Accuracy(BaseMetric):
     """Top-k accuracy from the samples' ``pred_score`` and ``gt_label``.
@@ -45,10 +53,7 @@ class Accuracy(BaseMetric):
         collect_device: str = "cpu",
     ) -> None:
         super().__init__(collect_device=collect_device, prefix=prefix)
-        topk = (topk,) if isinstance(topk, int) else tuple(topk)
-        if not topk or any(not isinstance(k, int) or k < 1 for k in topk):
-            raise ConfigError(f"Accuracy.topk must be positive integers, got {topk!r}")
-        self.topk = topk
+        self.topk = parse_topk(topk, "Accuracy.topk")
 
     def process(self, data_batch, data_samples: Sequence[dict]) -> None:
         for sample in data_samples:

@@ -26,6 +26,7 @@ from mmengine.evaluator import BaseMetric
 from mmengine.logging import print_log
 
 from vitasks.data.seg_labels import encode_label_map, sample_reduce_zero_label
+from vitasks.checks import positive_int
 from vitasks.errors import ConfigError, DataError
 from vitasks.registry import METRICS
 
@@ -137,9 +138,7 @@ class IoUMetric(BaseMetric):
         prefix: str | None = None,
     ) -> None:
         super().__init__(collect_device=collect_device, prefix=prefix)
-        if num_classes is not None and int(num_classes) < 1:
-            raise ConfigError(f"IoUMetric: num_classes must be >= 1, got {num_classes}")
-        self.num_classes = None if num_classes is None else int(num_classes)
+        self.num_classes = None if num_classes is None else positive_int(num_classes, "IoUMetric.num_classes")
         self.ignore_index = int(ignore_index)
         self.class_names = None if class_names is None else list(class_names)
         self.print_table = print_table

@@ -12,8 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from mmengine.evaluator import BaseMetric
 
-from vitasks.errors import ConfigError
-from vitasks.evaluation.accuracy import topk_accuracy
+from vitasks.evaluation.accuracy import parse_topk, topk_accuracy
 from vitasks.evaluation.dump import ClsPredictionDumper
 from vitasks.registry import METRICS
 
@@ -49,10 +48,7 @@ class VideoAccuracy(BaseMetric):
         self, topk: Sequence[int] = (1, 5), prefix: Optional[str] = None, collect_device: str = "cpu"
     ) -> None:
         super().__init__(collect_device=collect_device, prefix=prefix)
-        topk = (topk,) if isinstance(topk, int) else tuple(topk)
-        if not topk or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in topk):
-            raise ConfigError(f"VideoAccuracy.topk must be positive integers, got {topk!r}")
-        self.topk = topk
+        self.topk = parse_topk(topk, "VideoAccuracy.topk")
 
     def process(self, data_batch, data_samples: Sequence[dict]) -> None:
         for sample in data_samples:
