@@ -30,6 +30,7 @@ from mmengine.hooks import CheckpointHook, Hook
 from mmengine.hooks import EMAHook as _MMEngineEMAHook
 from mmengine.model import BaseAveragedModel, is_model_wrapper
 
+from vitasks.checks import InRange, NonNegativeInt, OrNone, PositiveInt, checked
 from vitasks.data.seeding import derive_seed
 from vitasks.registry import HOOKS
 
@@ -184,22 +185,19 @@ class EMAHook(_MMEngineEMAHook):
         strict_load: accepted for mmengine configs (resuming always loads the average strictly).
     """
 
-    def __init__(self, decay: float | None = None, interval: int = 1, warmup: bool = False, evaluate: bool = True,
-                 update_buffers: bool = False, begin_iter: int = 0, begin_epoch: int = 0,
-                 momentum: float | None = None, strict_load: bool = False) -> None:
+    config_key = "custom_hooks: EMAHook"  # an entry of the list
+
+    @checked
+    def __init__(self, decay: OrNone(InRange(0, 1, True, True)) = None, interval: PositiveInt = 1,
+                 warmup: bool = False, evaluate: bool = True, update_buffers: bool = False,
+                 begin_iter: NonNegativeInt = 0, begin_epoch: NonNegativeInt = 0,
+                 momentum: OrNone(InRange(0, 1, True, True)) = None, strict_load: bool = False) -> None:
         from vitasks.errors import ConfigError
 
-        where = "custom_hooks: EMAHook"
+        where = self.config_key
         if decay is not None and momentum is not None:
             raise ConfigError(f"{where}: give decay or momentum (= 1 - decay), not both")
         decay = 0.9998 if decay is None and momentum is None else decay if decay is not None else 1.0 - momentum
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
-            raise ConfigError(f"{where}.decay must be a number in (0, 1) (DeiT: 0.99996), got {decay!r}")
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise ConfigError(f"{where}.interval must be an integer >= 1, got {interval!r}")
-        for key, value in (("begin_iter", begin_iter), ("begin_epoch", begin_epoch)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{where}.{key} must be an integer >= 0, got {value!r}")
         if begin_iter and begin_epoch:
             raise ConfigError(f"{where}: set begin_iter or begin_epoch, not both")
         super().__init__(strict_load=strict_load, begin_iter=begin_iter, begin_epoch=begin_epoch)
