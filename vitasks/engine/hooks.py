@@ -236,13 +236,8 @@ class EMAHook(_MMEngineEMAHook):
         if self._swapped:
             self._swap_ema_parameters()
 
-    def before_test_epoch(self, runner) -> None:
-        if self._averaging() and not self._swapped:
-            self._swap_ema_parameters()
-
-    def after_test_epoch(self, runner, metrics=None) -> None:
-        if self._swapped:
-            self._swap_ema_parameters()
+    before_test_epoch = before_val_epoch
+    after_test_epoch = after_val_epoch
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         checkpoint["ema_state_dict"] = self.ema_model.state_dict()
