@@ -444,3 +444,32 @@ def test_deit_schedule_is_timms_per_epoch():
     ours = simulate_lr(cfg, n, 300)
     assert np.abs(ours - reference).max() < 5e-4 * lr
     np.testing.assert_allclose(ours[10 * n:], reference[10 * n:], rtol=1e-3)
+
+
+def test_mmengine_custom_keys_with_a_leading_dot_match_nothing():
+    """Why video_k400_timesformer.yaml decays every parameter: mmaction2's TimeSformer config
+    exempts '.backbone.cls_token' (etc.) through mmengine's DefaultOptimWrapperConstructor, whose
+    parameter names have no leading dot, so the keys never match and the run decayed them."""
+    from mmengine.optim import DefaultOptimWrapperConstructor
+
+    class Recognizer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Module()
+            self.backbone.cls_token = nn.Parameter(torch.zeros(1, 1, 4))
+            self.backbone.pos_embed = nn.Parameter(torch.zeros(1, 5, 4))
+            self.backbone.time_embed = nn.Parameter(torch.zeros(1, 2, 4))
+            self.backbone.proj = nn.Linear(4, 4)
+
+    keys = {k: dict(decay_mult=0.0) for k in (".backbone.cls_token", ".backbone.pos_embed", ".backbone.time_embed")}
+    wrapper = DefaultOptimWrapperConstructor(
+        dict(type="OptimWrapper", optimizer=dict(type="SGD", lr=0.005, momentum=0.9, weight_decay=1e-4)),
+        dict(custom_keys=keys))(Recognizer())
+    assert all(group["weight_decay"] == 1e-4 for group in wrapper.optimizer.param_groups)
+    # vitasks' config gives the same: every parameter of a tiny TimeSformer decays.
+    model = MODELS.build(dict(type="VideoVisionTransformer", num_frames=2, img_size=32, patch_size=16,
+                              tubelet_size=1, embed_dim=32, depth=1, num_heads=2, attention_type="divided",
+                              pos_embed="learned", class_token=True, pool="token"))
+    paramwise = dict(loaded("video_k400_timesformer.yaml").optim_wrapper.paramwise_cfg)
+    decay = decay_of(model, paramwise, wd=1e-4)
+    assert {"cls_token", "pos_embed", "time_embed"} <= set(decay) and all(wd == 1e-4 for wd in decay.values())
