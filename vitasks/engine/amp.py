@@ -37,11 +37,9 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 def autocast_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
     """``"bfloat16"``/``"float16"`` (or the torch dtype, or None) as a torch dtype."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        if dtype not in (None, *_DTYPES.values()):
-            raise ConfigError(f"optim_wrapper.dtype: expected bfloat16 or float16, got {dtype}")
+    if dtype is None or dtype in _DTYPES.values():
         return dtype
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise ConfigError(f"optim_wrapper.dtype: expected 'bfloat16' or 'float16', got {dtype!r}")
     return _DTYPES[dtype]
 

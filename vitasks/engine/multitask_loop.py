@@ -45,6 +45,7 @@ from mmengine.runner.loops import IterBasedTrainLoop, _InfiniteDataloaderIterato
 from mmengine.runner.base_loop import BaseLoop
 from mmengine.runner.utils import calc_dynamic_intervals
 
+from vitasks.checks import one_of
 from vitasks.data.seeding import can_skip_samples, derive_seed
 from vitasks.engine.amp import autocast_dtype
 from vitasks.engine.fsdp import is_sharded
@@ -134,10 +135,8 @@ class TaskSchedule:
 
     def __init__(self, names: Sequence[str], kind: str = "round_robin", weights: Optional[Mapping[str, float]] = None,
                  accumulate: bool = False, seed: int = 0) -> None:
-        if kind not in SCHEDULES:
-            raise ConfigError(f"train_cfg.schedule must be one of {list(SCHEDULES)}, got {kind!r}")
         self.names = list(names)
-        self.kind = kind
+        self.kind = one_of(kind, SCHEDULES, "train_cfg.schedule")
         self.accumulate = bool(accumulate)
         self.seed = int(seed)
         if kind == "weighted":
