@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from vitasks.errors import CheckpointError
+from vitasks.checks import int_pair
+from vitasks.errors import CheckpointError, ConfigError
 
 Tensor = torch.Tensor
 StateDict = Dict[str, Tensor]
@@ -143,15 +144,11 @@ def block_indices(sd: StateDict, prefix: str = "blocks.") -> List[int]:
 
 
 def _pair(size: Union[int, Sequence[int]], what: str) -> Tuple[int, int]:
-    if isinstance(size, int) and not isinstance(size, bool):
-        size = (size, size)
+    """A checkpoint's (or an option's) image size ``N`` or ``(H, W)``; a bad one is a CheckpointError."""
     try:
-        size = tuple(int(s) for s in size)
-    except TypeError:
-        raise CheckpointError(f"{what} must be an int or (height, width), got {size!r}") from None
-    if len(size) != 2 or min(size) < 1:
-        raise CheckpointError(f"{what} must be a positive int or (height, width), got {size!r}")
-    return size
+        return int_pair(size, what, "a positive int or (height, width)")
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def _square_side(n: int) -> Optional[int]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from vitasks.checks import int_pair
 from vitasks.errors import ConfigError
 
 ExportForward = Callable[[nn.Module, torch.Tensor], "torch.Tensor | tuple[torch.Tensor, ...]"]
@@ -118,14 +119,6 @@ def export_spec(model: nn.Module) -> ExportSpec:
     )
 
 
-def _pair(value, what: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        value = (value, value)
-    if not isinstance(value, (list, tuple)) or len(value) != 2 or min(int(v) for v in value) < 1:
-        raise ConfigError(f"{what} must be a positive size or [H, W], got {value!r}")
-    return int(value[0]), int(value[1])
-
-
 def export_input_shape(model: nn.Module, img_size: int | Sequence[int] | None = None) -> tuple[int, ...]:
     """Per-sample input shape: ``(C, H, W)``, or ``(C, T, H, W)`` for a video backbone (one with
     ``num_frames``). ``img_size`` overrides the backbone's ``img_size``."""
@@ -139,7 +132,7 @@ def export_input_shape(model: nn.Module, img_size: int | Sequence[int] | None = 
             f"cannot tell the input size of {type(model).__name__} (its backbone has no img_size): "
             "give it with --img-size H [W]"
         )
-    height, width = _pair(size, "--img-size" if img_size is not None else "model.backbone.img_size")
+    height, width = int_pair(size, "--img-size" if img_size is not None else "model.backbone.img_size")
     cfg = getattr(model, "cfg", None)
     backbone_cfg = (cfg.get("model") or {}).get("backbone") if cfg is not None else None
     channels = int((backbone_cfg or {}).get("in_channels", 3)) if isinstance(backbone_cfg, dict) else 3

@@ -5,20 +5,14 @@ command of :mod:`vitasks.cli`) builds the model through :func:`vitasks.apis.atte
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from vitasks.checks import int_pair
 from vitasks.errors import ConfigError, VitasksError
 from vitasks.visualization.rollout import HEAD_FUSIONS, attention_rollout, upsample_map
-
-
-def _pair(value: Any) -> tuple[int, int]:
-    if isinstance(value, (tuple, list)):
-        return int(value[0]), int(value[1])
-    return int(value), int(value)
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
@@ -45,7 +39,7 @@ def compute_attention_maps(
     "layers_grid": (B, L, h, w)}``; upsampled maps are scaled to [0, 1] per map.
     """
     height, width = inputs.shape[-2:]
-    sh, sw = _pair(getattr(backbone, "stride", 16))
+    sh, sw = int_pair(getattr(backbone, "stride", 16), f"{type(backbone).__name__}.stride")
     if height % sh or width % sw:
         raise VitasksError(f"input size {height}x{width} is not divisible by the backbone's stride {sh}x{sw}")
     grid = (height // sh, width // sw)
