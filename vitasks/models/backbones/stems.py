@@ -18,11 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitasks.checks import OneOf, PositiveInt, checked, config_key
 from vitasks.errors import ConfigError
 from vitasks.models.layers.conv import NORMS, ConvBNReLU
 from vitasks.registry import MODELS
 
-_WHERE = "model.backbone.stem"
+STEM_KEY = "model.backbone.stem"
+
+
+def _where() -> str:
+    """The stem's config key (``model.backbone.stem`` under the backbone being built)."""
+    return config_key(default=STEM_KEY)
+
 
 #: Forms of weight standardisation: ``"var"`` (w - mean) / sqrt(var + eps), as timm and BiT's
 #: PyTorch code; ``"std"`` (w - mean) / (std + eps), as Google's JAX ViT hybrid.
@@ -32,27 +39,21 @@ WS_FORMS = ("var", "std")
 def _check_ws_form(ws_form, stem: str) -> str:
     if ws_form not in WS_FORMS:
         raise ConfigError(
-            f"{_WHERE}.ws_form of {stem} must be one of {list(WS_FORMS)} ('var': (w - mean) / sqrt(var + ws_eps), "
+            f"{_where()}.ws_form of {stem} must be one of {list(WS_FORMS)} ('var': (w - mean) / sqrt(var + ws_eps), "
             f"timm's; 'std': (w - mean) / (std + ws_eps), Google's JAX code), got {ws_form!r}"
         )
     return ws_form
 
 
-def _check_positive_int(value, key: str, stem: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{_WHERE}.{key} of {stem} must be a positive integer, got {value!r}")
-    return value
-
-
 def _check_int_list(values, key: str, stem: str, allow_empty: bool = False) -> Tuple[int, ...]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise ConfigError(f"{_WHERE}.{key} of {stem} must be a list of positive integers, got {values!r}")
+        raise ConfigError(f"{_where()}.{key} of {stem} must be a list of positive integers, got {values!r}")
     values = tuple(values)
     if not values and not allow_empty:
-        raise ConfigError(f"{_WHERE}.{key} of {stem} must not be empty")
+        raise ConfigError(f"{_where()}.{key} of {stem} must not be empty")
     for v in values:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{_WHERE}.{key} of {stem} must be a list of positive integers, got {list(values)!r}")
+            raise ConfigError(f"{_where()}.{key} of {stem} must be a list of positive integers, got {list(values)!r}")
     return values
 
 
@@ -74,9 +75,12 @@ class PatchEmbed(nn.Module):
     State dict: ``proj.{weight,bias}``.
     """
 
-    def __init__(self, in_channels: int = 3, embed_dim: int = 768, patch_size: int = 16, bias: bool = True) -> None:
+    config_key = STEM_KEY
+
+    @checked
+    def __init__(self, in_channels: int = 3, embed_dim: int = 768, patch_size: PositiveInt = 16,
+                 bias: bool = True) -> None:
         super().__init__()
-        _check_positive_int(patch_size, "patch_size", "PatchEmbed")
         self.stride = patch_size
         self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
         # As MAE / timm: initialise the patchify conv like a linear layer on flattened patches.
@@ -128,6 +132,9 @@ class ConvStem(nn.Module):
     State dict: ``convs.{i}.conv.weight``, ``convs.{i}.bn.*``, ``proj.{weight,bias}``.
     """
 
+    config_key = STEM_KEY
+
+    @checked
     def __init__(
         self,
         in_channels: int = 3,
@@ -135,17 +142,14 @@ class ConvStem(nn.Module):
         preset: Optional[str] = None,
         channels: Optional[Sequence[int]] = None,
         strides: Optional[Sequence[int]] = None,
-        kernel_size: int = 3,
+        kernel_size: PositiveInt = 3,
         bn_eps: float = 1e-5,
-        norm: str = "BN",
+        norm: OneOf(*NORMS) = "BN",
     ) -> None:
         super().__init__()
         channels, strides = self._resolve(embed_dim, preset, channels, strides)
-        if norm not in NORMS:
-            raise ConfigError(f"{_WHERE}.norm of ConvStem: expected one of {', '.join(NORMS)}, got {norm!r}")
-        _check_positive_int(kernel_size, "kernel_size", "ConvStem")
         if kernel_size % 2 == 0:
-            raise ConfigError(f"{_WHERE}.kernel_size of ConvStem must be odd, got {kernel_size}")
+            raise ConfigError(f"{_where()}.kernel_size of ConvStem must be odd, got {kernel_size}")
         self.channels = channels
         self.strides = strides
         self.stride = math.prod(strides)
@@ -161,11 +165,11 @@ class ConvStem(nn.Module):
     def _resolve(embed_dim, preset, channels, strides) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
         if preset is not None:
             if channels is not None or strides is not None:
-                raise ConfigError(f"{_WHERE}: ConvStem takes either `preset` or `channels` + `strides`, not both")
+                raise ConfigError(f"{_where()}: ConvStem takes either `preset` or `channels` + `strides`, not both")
             key = str(preset).upper().replace("VITC-", "")
             if key not in CONV_STEM_PRESETS:
                 raise ConfigError(
-                    f"{_WHERE}.preset of ConvStem: unknown preset {preset!r}; expected one of "
+                    f"{_where()}.preset of ConvStem: unknown preset {preset!r}; expected one of "
                     f"{sorted(CONV_STEM_PRESETS, key=lambda k: int(k[:-2]))}"
                 )
             p = CONV_STEM_PRESETS[key]
@@ -173,18 +177,18 @@ class ConvStem(nn.Module):
         if channels is None and strides is None:
             if embed_dim not in _PRESET_FOR_WIDTH:
                 raise ConfigError(
-                    f"{_WHERE}: ConvStem needs `preset` (one of {list(CONV_STEM_PRESETS)}) or `channels` "
+                    f"{_where()}: ConvStem needs `preset` (one of {list(CONV_STEM_PRESETS)}) or `channels` "
                     f"and `strides`; the paper has no default stem for embed_dim {embed_dim}"
                 )
             p = CONV_STEM_PRESETS[_PRESET_FOR_WIDTH[embed_dim]]
             return p["channels"], p["strides"]
         if channels is None or strides is None:
-            raise ConfigError(f"{_WHERE}: ConvStem needs both `channels` and `strides` (one stride per conv)")
+            raise ConfigError(f"{_where()}: ConvStem needs both `channels` and `strides` (one stride per conv)")
         channels = _check_int_list(channels, "channels", "ConvStem")
         strides = _check_int_list(strides, "strides", "ConvStem")
         if len(channels) != len(strides):
             raise ConfigError(
-                f"{_WHERE}: ConvStem `channels` has {len(channels)} entries but `strides` has {len(strides)}; "
+                f"{_where()}: ConvStem `channels` has {len(channels)} entries but `strides` has {len(strides)}; "
                 "give one stride per conv"
             )
         return channels, strides
@@ -435,14 +439,17 @@ class ResNetStem(nn.Module):
     ``proj.{weight,bias}`` (timm's ``patch_embed.*`` names minus the prefix).
     """
 
+    config_key = STEM_KEY
+
+    @checked
     def __init__(
         self,
         in_channels: int = 3,
         embed_dim: int = 768,
         layers: Sequence[int] = (3, 4, 9),
         widths: Optional[Sequence[int]] = None,
-        stem_channels: int = 64,
-        num_groups: int = 32,
+        stem_channels: PositiveInt = 64,
+        num_groups: PositiveInt = 32,
         ws_eps: float = 1e-8,
         gn_eps: float = 1e-5,
         ws_form: str = "var",
@@ -452,17 +459,16 @@ class ResNetStem(nn.Module):
         layers = _check_int_list(layers, "layers", "ResNetStem")
         if widths is None:
             if len(layers) > 4:
-                raise ConfigError(f"{_WHERE}.layers of ResNetStem has {len(layers)} stages; give `widths` for more than 4")
+                raise ConfigError(f"{_where()}.layers of ResNetStem has {len(layers)} stages; give `widths` for more than 4")
             widths = (256, 512, 1024, 2048)[: len(layers)]
         widths = _check_int_list(widths, "widths", "ResNetStem")
         if len(widths) != len(layers):
             raise ConfigError(
-                f"{_WHERE}: ResNetStem `widths` has {len(widths)} entries but `layers` has {len(layers)}"
+                f"{_where()}: ResNetStem `widths` has {len(widths)} entries but `layers` has {len(layers)}"
             )
-        _check_positive_int(stem_channels, "stem_channels", "ResNetStem")
         for key, c in [("stem_channels", stem_channels)] + [("widths", w) for w in widths] + [("widths / 4", w // 4) for w in widths]:
             if c % num_groups:
-                raise ConfigError(f"{_WHERE}: ResNetStem {key} ({c}) must be divisible by num_groups ({num_groups})")
+                raise ConfigError(f"{_where()}: ResNetStem {key} ({c}) must be divisible by num_groups ({num_groups})")
         self.layers = layers
         self.stride = 4 * 2 ** (len(layers) - 1)
         self.backbone = ResNetV2Body(in_channels, layers, widths, stem_channels, num_groups, ws_eps, gn_eps, ws_form)

@@ -22,53 +22,26 @@ not equal: the class token is one key among T' copies of each patch key, so it g
 """
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from mmengine.logging import print_log
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from vitasks.checks import IntPair, OneOf, PositiveInt, checked, config_key, one_of
 from vitasks.errors import CheckpointError, ConfigError
 from vitasks.registry import MODELS
 
-from ..layers import Attention, TransformerBlock, mlp_act_layer, resample_abs_pos_embed
+from ..layers import Attention, TransformerBlock, resample_abs_pos_embed
+from .base import INTERPOLATE_MODES, ViTBackbone
 
 ATTENTION_TYPES = ("joint", "divided", "factorised_encoder")
 POS_EMBED_TYPES = ("learned", "joint", "sincos")
 INFLATE_MODES = ("center", "average")
-_POOLS = ("token", "mean")
-_INTERPOLATE_MODES = ("nearest", "bilinear", "bicubic", "area", "nearest-exact")
-# Parameters of the embedding "layer" (layer id 0 for layer-wise lr decay).
-_EMBED_NAMES = ("stem", "pos_embed", "time_embed", "cls_token")
 # The parameter names of an attention layer and a LayerNorm, copied spatial -> temporal.
 _ATTN_PARAMS = ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias")
 _NORM_PARAMS = ("weight", "bias")
-
-
-def _positive_int(value, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"model.backbone.{key} must be a positive integer, got {value!r}")
-    return value
-
-
-def _pair(value, key: str) -> Tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    if (
-        not isinstance(value, (tuple, list))
-        or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
-    ):
-        raise ConfigError(f"model.backbone.{key} must be a positive int or [height, width], got {value!r}")
-    return tuple(value)
-
-
-def _choice(value, choices: Sequence[str], key: str) -> str:
-    if value not in choices:
-        raise ConfigError(f"model.backbone.{key} must be one of {list(choices)}, got {value!r}")
-    return value
 
 
 def sincos_position_table(num_positions: int, dim: int, device=None) -> torch.Tensor:
@@ -91,7 +64,7 @@ def inflate_patch_kernel(weight: torch.Tensor, frames: int, mode: str) -> torch.
     static clip embeds exactly as its frame; ``average``: every frame gets kernel / frames, so a
     static clip embeds as its frame too and every frame contributes (I3D's inflation).
     """
-    _choice(mode, INFLATE_MODES, "inflate")
+    one_of(mode, INFLATE_MODES, config_key("inflate", default=VideoVisionTransformer.config_key))
     if mode == "average":
         return (weight / frames).unsqueeze(2).repeat(1, 1, frames, 1, 1)
     out = weight.new_zeros(weight.shape[0], weight.shape[1], frames, *weight.shape[2:])
@@ -136,9 +109,8 @@ class TubeletEmbed(nn.Module):
                  motion_energy: bool = False) -> None:
         super().__init__()
         if motion_energy and tubelet_size < 2:
-            raise ConfigError(
-                f"model.backbone.motion_energy needs tubelet_size >= 2 (motion within a tubelet), got {tubelet_size}"
-            )
+            raise ConfigError(f"{config_key('motion_energy', default='model.backbone')} needs tubelet_size >= 2 "
+                              f"(motion within a tubelet), got {tubelet_size}")
         self.stride = patch_size
         self.tubelet_size = tubelet_size
         self.motion_energy = bool(motion_energy)
@@ -254,7 +226,7 @@ def _resample_time(table: torch.Tensor, length: int, num_prefix_tokens: int = 0)
 
 
 @MODELS.register_module()
-class VideoVisionTransformer(nn.Module):
+class VideoVisionTransformer(ViTBackbone):
     """Video ViT: tubelet embedding -> tokens (+ class token, + position embeddings) -> blocks
     (joint, factorised encoder or divided space-time attention) -> final norm -> pooling.
 
@@ -306,16 +278,22 @@ class VideoVisionTransformer(nn.Module):
     ``forward(x)`` on clips (B, in_channels, T, H, W) returns ``(pooled,)`` with pooled (B, C).
     """
 
+    # Parameters of the embedding "layer" (layer id 0 for layer-wise lr decay), and those that
+    # get no weight decay (timm's convention).
+    embed_names = ("stem", "pos_embed", "time_embed", "cls_token")
+    no_decay_names = ("pos_embed", "time_embed", "cls_token")
+
+    @checked
     def __init__(
         self,
-        num_frames: int = 8,
-        img_size: Union[int, Sequence[int]] = 224,
-        patch_size: int = 16,
-        tubelet_size: int = 1,
+        num_frames: PositiveInt = 8,
+        img_size: IntPair = 224,
+        patch_size: PositiveInt = 16,
+        tubelet_size: PositiveInt = 1,
         in_channels: int = 3,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
+        embed_dim: PositiveInt = 768,
+        depth: PositiveInt = 12,
+        num_heads: PositiveInt = 12,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
@@ -325,55 +303,33 @@ class VideoVisionTransformer(nn.Module):
         norm_eps: float = 1e-6,
         fc_norm_eps: Optional[float] = None,
         mlp_act: str = "gelu",
-        attention_type: str = "joint",
-        temporal_depth: int = 4,
-        pos_embed: str = "learned",
+        attention_type: OneOf(*ATTENTION_TYPES) = "joint",
+        temporal_depth: PositiveInt = 4,
+        pos_embed: OneOf(*POS_EMBED_TYPES) = "learned",
         class_token: bool = True,
-        pool: str = "token",
+        pool: OneOf("token", "mean") = "token",
         fc_norm: Optional[bool] = None,
         final_norm: bool = True,
-        inflate: str = "center",
+        inflate: OneOf(*INFLATE_MODES) = "center",
         motion_energy: bool = False,
         with_cp: bool = False,
-        interpolate_mode: str = "bicubic",
+        interpolate_mode: OneOf(*INTERPOLATE_MODES) = "bicubic",
     ) -> None:
-        super().__init__()
-        for key, value in (("num_frames", num_frames), ("patch_size", patch_size), ("tubelet_size", tubelet_size),
-                           ("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)):
-            _positive_int(value, key)
-        img_size = _pair(img_size, "img_size")
-        self.attention_type = _choice(attention_type, ATTENTION_TYPES, "attention_type")
-        self.pos_embed_type = _choice(pos_embed, POS_EMBED_TYPES, "pos_embed")
-        self.pool = _choice(pool, _POOLS, "pool")
-        self.inflate = _choice(inflate, INFLATE_MODES, "inflate")
-        self.interpolate_mode = _choice(interpolate_mode, _INTERPOLATE_MODES, "interpolate_mode")
-        mlp_act_layer(mlp_act, key="model.backbone.mlp_act")
-        if embed_dim % num_heads:
-            raise ConfigError(f"model.backbone: embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
+        super().__init__(embed_dim, depth, num_heads, mlp_act, pool, class_token, with_cp)
+        self.attention_type, self.pos_embed_type = attention_type, pos_embed
+        self.inflate, self.interpolate_mode = inflate, interpolate_mode
         if num_frames % tubelet_size:
-            raise ConfigError(
-                f"model.backbone.num_frames {num_frames} must be divisible by tubelet_size {tubelet_size}"
-            )
+            raise ConfigError(f"{self.key('num_frames')} {num_frames} must be divisible by tubelet_size {tubelet_size}")
         if img_size[0] % patch_size or img_size[1] % patch_size:
-            raise ConfigError(f"model.backbone.img_size {list(img_size)} must be divisible by patch_size {patch_size}")
-        if pool == "token" and not class_token:
-            raise ConfigError('model.backbone: pool="token" needs class_token=True; use pool="mean" without one')
-        if self.attention_type == "factorised_encoder":
-            _positive_int(temporal_depth, "temporal_depth")
-            if self.pos_embed_type != "learned":
-                raise ConfigError(
-                    "model.backbone: attention_type factorised_encoder takes pos_embed: learned (a spatial table "
-                    f"per frame group and the temporal encoder's own), got {pos_embed!r}"
-                )
+            raise ConfigError(f"{self.key('img_size')} {list(img_size)} must be divisible by patch_size {patch_size}")
+        if attention_type == "factorised_encoder" and pos_embed != "learned":
+            raise ConfigError(f"{self.key()}: attention_type factorised_encoder takes pos_embed: learned (a spatial "
+                              f"table per frame group and the temporal encoder's own), got {pos_embed!r}")
 
         self.num_frames = num_frames
         self.img_size = img_size
         self.patch_size = patch_size
         self.tubelet_size = tubelet_size
-        self.embed_dim = embed_dim
-        self.num_heads = num_heads
-        self.mlp_act = mlp_act
-        self.grad_checkpointing = bool(with_cp)
         self.num_prefix_tokens = int(bool(class_token))
         self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
         self.temporal_size = num_frames // tubelet_size
@@ -406,76 +362,49 @@ class VideoVisionTransformer(nn.Module):
 
         block_kwargs = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate, attn_drop=attn_drop_rate,
                             layer_scale_init_value=layer_scale_init_value, norm_eps=norm_eps, mlp_act=mlp_act)
-        # Linear over all blocks; plain Python so the model can be built on the meta device.
-        total = self.depth
-        dpr = [drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
+        dpr = self.drop_path_rates(drop_path_rate, self.depth)  # over all blocks
         block_cls = DividedSpaceTimeBlock if self.attention_type == "divided" else TransformerBlock
         self.blocks = nn.ModuleList(
             block_cls(embed_dim, num_heads, drop_path=dpr[i], **block_kwargs) for i in range(depth)
         )
-        use_fc_norm = (pool == "mean") if fc_norm is None else bool(fc_norm)
-        fc_eps = norm_eps if fc_norm_eps is None else float(fc_norm_eps)
+        norm, fc = self.final_norms(embed_dim, norm_eps, pool, fc_norm, final_norm, fc_norm_eps)
         self.temporal_encoder: Optional[TemporalEncoder] = None
         if factorised:
-            # The spatial encoder keeps its own final norm (ViViT), named as the image ViT's.
+            # The spatial encoder keeps its own final norm (ViViT), named as the image ViT's; the
+            # temporal encoder's is the final norm on all tokens.
             self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm else nn.Identity()
             self.temporal_encoder = TemporalEncoder(
                 self.temporal_size, embed_dim, temporal_depth, num_heads, class_token=bool(class_token),
-                final_norm=final_norm and not use_fc_norm, drop_path_rates=dpr[depth:], **block_kwargs,
+                final_norm=isinstance(norm, nn.LayerNorm), drop_path_rates=dpr[depth:], **block_kwargs,
             )
         else:
-            self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm and not use_fc_norm else nn.Identity()
-        self.fc_norm = nn.LayerNorm(embed_dim, eps=fc_eps) if final_norm and use_fc_norm else nn.Identity()
-        self._init_weights()
+            self.norm = norm
+        self.fc_norm = fc
+        encoder = self.temporal_encoder
+        self.init_embeddings([self.pos_embed, self.time_embed], [self.cls_token])
+        if encoder is not None:
+            self.init_embeddings([encoder.pos_embed], [encoder.cls_token])
+        self.init_linears([self.blocks] + ([encoder.blocks] if encoder is not None else []), skip="temporal_fc")
 
-    def _init_weights(self) -> None:
-        for table in (self.pos_embed, self.time_embed):
-            if table is not None:
-                nn.init.trunc_normal_(table, std=0.02)
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=1e-6)
-        modules: List[nn.Module] = [self.blocks]
-        if self.temporal_encoder is not None:
-            nn.init.trunc_normal_(self.temporal_encoder.pos_embed, std=0.02)
-            if self.temporal_encoder.cls_token is not None:
-                nn.init.normal_(self.temporal_encoder.cls_token, std=1e-6)
-            modules.append(self.temporal_encoder.blocks)
-        for module in modules:
-            for name, m in module.named_modules():
-                if isinstance(m, nn.Linear) and not name.endswith("temporal_fc"):
-                    nn.init.trunc_normal_(m.weight, std=0.02)
-                    if m.bias is not None:
-                        nn.init.zeros_(m.bias)
-
-    # ---------------------------------------------------------------------------- helpers
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward pass instead of storing its activations."""
-        self.grad_checkpointing = bool(enable)
+    # ---------------------------------------------------------------------------- optimizer
 
     def get_layer_id(self, param_name: str) -> int:
-        """Layer id for layer-wise lr decay (names relative to the backbone): embeddings 0,
-        block i -> i + 1, the temporal encoder's embeddings and block j -> depth + 1 and
-        depth + j + 1 (after the spatial blocks), everything else (final norms) num_layers + 1."""
+        """:meth:`ViTBackbone.get_layer_id`; the temporal encoder's embeddings and block j follow
+        the spatial blocks: depth + 1 and depth + j + 1."""
         parts = param_name.split(".")
-        if parts[0] in _EMBED_NAMES:
-            return 0
-        if parts[0] == "blocks":
-            return int(parts[1]) + 1
         if parts[0] == "temporal_encoder":
             if parts[1] == "blocks":
                 return self.spatial_depth + int(parts[2]) + 1
             if parts[1] in ("cls_token", "pos_embed"):
                 return self.spatial_depth + 1
-        return self.depth + 1
+        return super().get_layer_id(param_name)
 
     def no_weight_decay(self) -> set:
-        """Position embeddings and class tokens: no weight decay (timm's convention)."""
-        names = {n for n in ("pos_embed", "time_embed", "cls_token") if getattr(self, n) is not None}
-        if self.temporal_encoder is not None:
-            names.add("temporal_encoder.pos_embed")
-            if self.temporal_encoder.cls_token is not None:
-                names.add("temporal_encoder.cls_token")
+        """Position embeddings and class tokens (the temporal encoder's too)."""
+        names = super().no_weight_decay()
+        encoder = self.temporal_encoder
+        if encoder is not None:
+            names.update(f"temporal_encoder.{n}" for n in ("pos_embed", "cls_token") if getattr(encoder, n) is not None)
         return names
 
     # ---------------------------------------------------------------------------- position embeddings
@@ -544,11 +473,6 @@ class VideoVisionTransformer(nn.Module):
             cls = cls.expand(B, -1, -1)
         return cls, patches
 
-    def _run(self, block: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, *args, use_reentrant=False)
-        return block(x, *args)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """All output tokens (B, P + L, C) before pooling, after the final ``norm`` (not
         ``fc_norm``): the T'*h*w patch tokens (joint, divided), or the T' frame tokens of the
@@ -561,9 +485,9 @@ class VideoVisionTransformer(nn.Module):
         x = self.pos_drop(torch.cat([cls, tokens], dim=1) if cls is not None else tokens)
         for block in self.blocks:
             if self.attention_type == "divided":
-                x = self._run(block, x, t, self.num_prefix_tokens)
+                x = self.run_block(block, x, t, self.num_prefix_tokens)
             else:
-                x = self._run(block, x)
+                x = self.run_block(block, x)
         return self.norm(x)
 
     def _factorised(self, cls: Optional[torch.Tensor], patches: torch.Tensor) -> torch.Tensor:
@@ -573,13 +497,13 @@ class VideoVisionTransformer(nn.Module):
             x = torch.cat([cls.repeat_interleave(t, dim=0), x], dim=1)
         x = self.pos_drop(x)
         for block in self.blocks:
-            x = self._run(block, x)
+            x = self.run_block(block, x)
         x = self.norm(x)
         frames = x[:, 0] if cls is not None else x.mean(dim=1)  # a token per frame group
         encoder = self.temporal_encoder
         x = self.pos_drop(encoder.embed(frames.reshape(B, t, C)))
         for block in encoder.blocks:
-            x = self._run(block, x)
+            x = self.run_block(block, x)
         return encoder.norm(x)
 
     def pool_tokens(self, x: torch.Tensor) -> torch.Tensor:

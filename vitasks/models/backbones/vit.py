@@ -10,21 +10,19 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from mmengine.logging import print_log
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from vitasks.checks import (
+    BlockIndices, Flag, InRange, IntPair, NonNegativeInt, OneOf, OrNone, PositiveInt, building, checked,
+)
 from vitasks.errors import CheckpointError, ConfigError
 from vitasks.registry import MODELS
 
-from ..layers import TransformerBlock, mlp_act_layer, resample_abs_pos_embed
+from ..layers import TransformerBlock, resample_abs_pos_embed
 from ..layers.rel_pos_bias import RelativePositionBias
 from ..layers.token_reduction import build_token_reduction
+from .base import INTERPOLATE_MODES, ViTBackbone
 
 _POOLS = ("token", "mean", "token_mean", "none")
-_INTERPOLATE_MODES = ("nearest", "bilinear", "bicubic", "area", "nearest-exact")
-# Parameters of the embedding "layer": layer id 0 for layer-wise learning-rate decay.
-_EMBED_NAMES = ("stem", "pos_embed", "cls_token", "reg_token")
-# Parameters that get no weight decay whatever their shape.
-NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "reg_token")
 # The relative-position tables of each block's attention (blocks.<i>.attn.<name>): no weight decay.
 REL_POS_NAMES = ("rel_pos_h", "rel_pos_w")
 # BEiT's relative position bias tables (blocks.<i>.attn.rel_pos_bias.table, or the shared
@@ -36,20 +34,8 @@ def _is_square(n: int) -> bool:
     return n > 0 and math.isqrt(n) ** 2 == n
 
 
-def _pair(value, key: str) -> Tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    if (
-        not isinstance(value, (tuple, list))
-        or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
-    ):
-        raise ConfigError(f"model.backbone.{key} must be a positive int or [height, width], got {value!r}")
-    return tuple(value)
-
-
 @MODELS.register_module()
-class VisionTransformer(nn.Module):
+class VisionTransformer(ViTBackbone):
     """Vision Transformer: stem -> tokens (+ class / register tokens, + position embeddings) ->
     pre-norm transformer blocks -> final norm -> pooling or multi-level maps.
 
@@ -144,19 +130,28 @@ class VisionTransformer(nn.Module):
     ``cls_token`` is unused and the class token's position embedding is dropped (detectron2's
     ``pretrain_use_cls_token``).
 
-    ``forward(x)`` returns a tuple: one map per ``out_indices`` entry, else ``(pooled,)`` with
-    pooled (B, C), or ``(tokens,)`` (B, N, C) for ``pool="none"``. Token order is
-    [class token, register tokens, patch tokens (row-major)].
+    ``forward(x)`` returns a tuple: one map per ``out_indices`` entry (through
+    :meth:`forward_intermediates`), else ``(pooled,)`` with pooled (B, C), or ``(tokens,)``
+    (B, N, C) for ``pool="none"``. Token order is [class token, register tokens, patch tokens
+    (row-major)]. The common parts (norms, pooling, block call, parameter groups) are
+    :class:`~vitasks.models.backbones.base.ViTBackbone`'s.
     """
 
+
+    # Parameters of the embedding "layer" (layer id 0 for layer-wise lr decay), and those that
+    # get no weight decay whatever their shape.
+    embed_names = ("stem", "pos_embed", "cls_token", "reg_token")
+    no_decay_names = ("pos_embed", "cls_token", "reg_token")
+
+    @checked
     def __init__(
         self,
-        img_size: Union[int, Sequence[int]] = 224,
-        patch_size: int = 16,
+        img_size: IntPair = 224,
+        patch_size: PositiveInt = 16,
         in_channels: int = 3,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
+        embed_dim: PositiveInt = 768,
+        depth: PositiveInt = 12,
+        num_heads: PositiveInt = 12,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
@@ -166,136 +161,84 @@ class VisionTransformer(nn.Module):
         norm_eps: float = 1e-6,
         mlp_act: str = "gelu",
         class_token: bool = True,
-        num_reg_tokens: int = 0,
-        pool: str = "token",
+        num_reg_tokens: NonNegativeInt = 0,
+        pool: OneOf(*_POOLS) = "token",
         fc_norm: Optional[bool] = None,
         final_norm: bool = True,
-        out_indices: Optional[Sequence[int]] = None,
+        out_indices: OrNone(BlockIndices("depth", allow_empty=False)) = None,
         stem: Optional[dict] = None,
         with_cp: bool = False,
-        interpolate_mode: str = "bicubic",
-        interpolate_antialias: bool = False,
-        interpolate_offset: float = 0.0,
-        frozen: bool = False,
-        window_size: int = 0,
-        global_indices: Sequence[int] = (),
+        interpolate_mode: OneOf(*INTERPOLATE_MODES) = "bicubic",
+        interpolate_antialias: Flag = False,
+        interpolate_offset: InRange(0, 1, high_open=True) = 0.0,
+        frozen: Flag = False,
+        window_size: NonNegativeInt = 0,
+        global_indices: BlockIndices("depth") = (),
         use_rel_pos: bool = False,
         rel_pos_zero_init: bool = True,
         use_rel_pos_bias: bool = False,
         use_shared_rel_pos_bias: bool = False,
-        pretrain_img_size: Optional[Union[int, Sequence[int]]] = None,
+        pretrain_img_size: OrNone(IntPair) = None,
         token_reduction: Optional[dict] = None,
     ) -> None:
-        super().__init__()
-        img_size = _pair(img_size, "img_size")
-        for key, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads), ("patch_size", patch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"model.backbone.{key} must be a positive integer, got {value!r}")
-        if embed_dim % num_heads:
-            raise ConfigError(f"model.backbone: embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
-        if pool not in _POOLS:
-            raise ConfigError(f"model.backbone.pool must be one of {list(_POOLS)}, got {pool!r}")
-        if pool in ("token", "token_mean") and not class_token:
-            raise ConfigError(f'model.backbone: pool="{pool}" needs class_token=True; use pool="mean" without a class token')
-        if isinstance(num_reg_tokens, bool) or not isinstance(num_reg_tokens, int) or num_reg_tokens < 0:
-            raise ConfigError(f"model.backbone.num_reg_tokens must be an integer >= 0, got {num_reg_tokens!r}")
-        mlp_act_layer(mlp_act, key="model.backbone.mlp_act")  # validated before anything is built
-        if interpolate_mode not in _INTERPOLATE_MODES:
-            raise ConfigError(f"model.backbone.interpolate_mode must be one of {list(_INTERPOLATE_MODES)}, got {interpolate_mode!r}")
-        if not isinstance(interpolate_antialias, bool):
-            raise ConfigError(f"model.backbone.interpolate_antialias must be true or false, got {interpolate_antialias!r}")
+        super().__init__(embed_dim, depth, num_heads, mlp_act, pool, class_token, with_cp, frozen)
+        key = self.key
         if interpolate_antialias and interpolate_mode not in ("bilinear", "bicubic"):
-            raise ConfigError(
-                f"model.backbone.interpolate_antialias needs interpolate_mode bilinear or bicubic, got {interpolate_mode!r}"
-            )
-        if (
-            isinstance(interpolate_offset, bool)
-            or not isinstance(interpolate_offset, (int, float))
-            or not 0 <= interpolate_offset < 1
-        ):
-            raise ConfigError(
-                f"model.backbone.interpolate_offset must be a number in [0, 1) (DINOv2: 0.1), got {interpolate_offset!r}"
-            )
+            raise ConfigError(f"{key('interpolate_antialias')} needs interpolate_mode bilinear or bicubic, "
+                              f"got {interpolate_mode!r}")
         if pool == "token_mean" and fc_norm:
-            raise ConfigError(
-                'model.backbone: pool="token_mean" concatenates two tokens after the final norm (DINOv2); '
-                "it takes no fc_norm (set fc_norm: false)"
-            )
-        if not isinstance(frozen, bool):
-            raise ConfigError(f"model.backbone.frozen must be true or false, got {frozen!r}")
+            raise ConfigError(f'{key()}: pool="token_mean" concatenates two tokens after the final norm (DINOv2); '
+                              "it takes no fc_norm (set fc_norm: false)")
+        for name, indices in (("out_indices", out_indices), ("global_indices", global_indices)):
+            if indices is not None and len(set(indices)) != len(indices):
+                raise ConfigError(f"{key(name)} names a block twice (counted from 0: {list(indices)})")
 
-        self.embed_dim = embed_dim
-        self.depth = depth
-        self.num_heads = num_heads
         self.patch_size = patch_size
-        self.pool = pool
-        self.mlp_act = mlp_act
         self.interpolate_mode = interpolate_mode
         self.interpolate_antialias = interpolate_antialias
         self.interpolate_offset = float(interpolate_offset)
-        self.frozen = frozen
         # Width of the pooled features (what a classification head reads).
         self.num_features = 2 * embed_dim if pool == "token_mean" else embed_dim
-        self.grad_checkpointing = bool(with_cp)
         self.num_pos_prefix_tokens = 1 if class_token else 0  # the class token has a position embedding
         self.num_reg_tokens = num_reg_tokens
         self.num_prefix_tokens = self.num_pos_prefix_tokens + num_reg_tokens
-        self.window_size, self.global_indices = self._check_windows(window_size, global_indices, depth)
+        self.window_size, self.global_indices = window_size, tuple(sorted(global_indices))
         self.use_rel_pos = bool(use_rel_pos)
         if (self.window_size or self.use_rel_pos) and self.num_prefix_tokens:
             raise ConfigError(
-                "model.backbone: window_size and use_rel_pos work on the patch grid alone (as ViTDet): set "
+                f"{key()}: window_size and use_rel_pos work on the patch grid alone (as ViTDet): set "
                 "class_token: false, num_reg_tokens: 0 and pool: mean or none (a checkpoint's class token "
                 "is dropped on loading)"
             )
-
         self.use_rel_pos_bias = bool(use_rel_pos_bias)
         self.use_shared_rel_pos_bias = bool(use_shared_rel_pos_bias)
         if self.use_rel_pos_bias and self.use_shared_rel_pos_bias:
             raise ConfigError(
-                "model.backbone: use_rel_pos_bias (a table per block) and use_shared_rel_pos_bias (one table) "
+                f"{key()}: use_rel_pos_bias (a table per block) and use_shared_rel_pos_bias (one table) "
                 "exclude each other; a shared checkpoint table loads into every block with use_rel_pos_bias"
             )
         if self.use_rel_pos_bias or self.use_shared_rel_pos_bias:
-            which = "use_rel_pos_bias" if self.use_rel_pos_bias else "use_shared_rel_pos_bias"
-            if self.window_size:
-                raise ConfigError(f"model.backbone.{which} (BEiT's table) needs global attention: set window_size: 0")
-            if num_reg_tokens:
-                raise ConfigError(
-                    f"model.backbone.{which}: BEiT's table has entries for the class token only; set num_reg_tokens: 0"
-                )
-            if token_reduction is not None:
-                raise ConfigError(
-                    f"model.backbone.{which}: the relative position bias needs every block to see the whole patch "
-                    "grid; remove token_reduction"
-                )
+            which = key("use_rel_pos_bias" if self.use_rel_pos_bias else "use_shared_rel_pos_bias")
+            problem = ("needs global attention (BEiT's table): set window_size: 0" if self.window_size else
+                       "has entries for the class token only (BEiT's table): set num_reg_tokens: 0" if num_reg_tokens
+                       else "needs every block to see the whole patch grid: remove token_reduction"
+                       if token_reduction is not None else None)
+            if problem:
+                raise ConfigError(f"{which} {problem}")
 
         self.stem = self._build_stem(stem, in_channels, embed_dim, patch_size)
         self.stride = self.stem.stride
-        if img_size[0] % self.stride or img_size[1] % self.stride:
-            raise ConfigError(
-                f"model.backbone.img_size {list(img_size)} must be divisible by the stem stride {self.stride}"
-            )
         self.img_size = img_size
-        self.grid_size = (img_size[0] // self.stride, img_size[1] // self.stride)
-
+        self.grid_size = self._grid_of(img_size, "img_size")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, num_reg_tokens, embed_dim)) if num_reg_tokens else None
-        self.pos_grid = self.grid_size
-        if pretrain_img_size is not None:
-            pretrain_img_size = _pair(pretrain_img_size, "pretrain_img_size")
-            if pretrain_img_size[0] % self.stride or pretrain_img_size[1] % self.stride:
-                raise ConfigError(
-                    f"model.backbone.pretrain_img_size {list(pretrain_img_size)} must be divisible by the stem "
-                    f"stride {self.stride}"
-                )
-            self.pos_grid = (pretrain_img_size[0] // self.stride, pretrain_img_size[1] // self.stride)
+        self.pos_grid = self.grid_size if pretrain_img_size is None else self._grid_of(pretrain_img_size,
+                                                                                      "pretrain_img_size")
         num_pos = self.num_pos_prefix_tokens + self.pos_grid[0] * self.pos_grid[1]
         self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
 
-        # Linear over depth; plain Python so the model can also be built on the meta device.
-        dpr = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
+        dpr = self.drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate,
@@ -308,17 +251,11 @@ class VisionTransformer(nn.Module):
             for i in range(depth)
         )
         self.rel_pos_bias = RelativePositionBias(self.grid_size, num_heads) if self.use_shared_rel_pos_bias else None
-        use_fc_norm = (pool == "mean") if fc_norm is None else bool(fc_norm)
-        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm and not use_fc_norm else nn.Identity()
-        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm and use_fc_norm else nn.Identity()
-
-        self.out_indices = self._check_out_indices(out_indices)
-        if self.out_indices is not None:
-            self._out_set = frozenset(self.out_indices)
-            # Blocks after the last requested one would be computed for nothing.
-            self._num_run = max(self.out_indices) + 1
-        self._init_weights()
-        # After _init_weights: the reduction initialises its own layers.
+        self.norm, self.fc_norm = self.final_norms(embed_dim, norm_eps, pool, fc_norm, final_norm)
+        self.out_indices = out_indices
+        self.init_embeddings([self.pos_embed], [self.cls_token, self.reg_token])
+        self.init_linears([self.blocks])
+        # After the initialisation: the reduction initialises its own layers.
         self.token_reduction = build_token_reduction(
             token_reduction, embed_dim=embed_dim, depth=depth, window_sizes=[b.window_size for b in self.blocks],
             use_rel_pos=self.use_rel_pos, out_indices=self.out_indices,
@@ -329,139 +266,69 @@ class VisionTransformer(nn.Module):
 
     # ---------------------------------------------------------------------------- construction
 
-    @staticmethod
-    def _build_stem(stem: Optional[dict], in_channels: int, embed_dim: int, patch_size: int) -> nn.Module:
+    def _grid_of(self, size: Tuple[int, int], name: str) -> Tuple[int, int]:
+        if size[0] % self.stride or size[1] % self.stride:
+            raise ConfigError(f"{self.key(name)} {list(size)} must be divisible by the stem stride {self.stride}")
+        return size[0] // self.stride, size[1] // self.stride
+
+    def _build_stem(self, stem: Optional[dict], in_channels: int, embed_dim: int, patch_size: int) -> nn.Module:
+        where = self.key("stem")
         stem = dict(type="PatchEmbed") if stem is None else stem
         if not isinstance(stem, dict) or "type" not in stem:
-            raise ConfigError(
-                "model.backbone.stem must be a dict with a `type` (e.g. PatchEmbed, ConvStem, ResNetStem), "
-                f"got {stem!r}"
-            )
+            raise ConfigError(f"{where} must be a dict with a `type` (e.g. PatchEmbed, ConvStem, ResNetStem), "
+                              f"got {stem!r}")
         cfg = dict(stem)
         stem_type = cfg.pop("type")
         cls = stem_type if isinstance(stem_type, type) else MODELS.get(stem_type)
         if cls is None:
-            raise ConfigError(
-                f"model.backbone.stem.type: {stem_type!r} is not a registered model component; "
-                "stems in vitasks: PatchEmbed, ConvStem, ResNetStem"
-            )
+            raise ConfigError(f"{where}.type: {stem_type!r} is not a registered model component; "
+                              "stems in vitasks: PatchEmbed, ConvStem, ResNetStem")
         name = getattr(cls, "__name__", str(stem_type))
         params = inspect.signature(cls).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         given = dict(in_channels=in_channels, embed_dim=embed_dim)
         if "patch_size" in params:
             given["patch_size"] = patch_size
-        for key, value in given.items():
-            if key in cfg and cfg[key] != value:
-                raise ConfigError(
-                    f"model.backbone.stem.{key} is {cfg[key]!r} but the backbone's {key} is {value!r}; "
-                    f"set it on model.backbone only"
-                )
-            cfg[key] = value
-        if not takes_any:
-            unknown = sorted(set(cfg) - set(params))
-            if unknown:
-                accepted = [k for k in params if k not in given]
-                raise ConfigError(f"model.backbone.stem: {name} got unknown arguments {unknown}; it accepts {accepted}")
-        module = cls(**cfg)
+        for arg, value in given.items():
+            if arg in cfg and cfg[arg] != value:
+                raise ConfigError(f"{where}.{arg} is {cfg[arg]!r} but the backbone's {arg} is {value!r}; "
+                                  f"set it on {self.key()} only")
+            cfg[arg] = value
+        unknown = sorted(set(cfg) - set(params))
+        if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            accepted = [k for k in params if k not in given]
+            raise ConfigError(f"{where}: {name} got unknown arguments {unknown}; it accepts {accepted}")
+        with building("stem", root=self.config_key):  # the stem's errors name <this backbone's key>.stem
+            module = cls(**cfg)
         stride = getattr(module, "stride", None)
-        if not isinstance(stride, int) or stride < 1:
-            raise ConfigError(f"model.backbone.stem: {name} must expose an integer `stride`, got {stride!r}")
-        if stride != patch_size:
+        if not isinstance(stride, int) or stride != patch_size:
             raise ConfigError(
-                f"model.backbone: the {name} stem has total stride {stride} but model.backbone.patch_size is "
-                f"{patch_size}; set patch_size: {stride} (or change the stem's strides)"
+                f"{self.key()}: the {name} stem has total stride {stride!r} but {self.key('patch_size')} is "
+                f"{patch_size}; set patch_size: {stride} (or change the stem's strides; a stem exposes an integer "
+                "`stride`)"
             )
         return module
 
-    @staticmethod
-    def _check_windows(window_size, global_indices, depth: int) -> Tuple[int, Tuple[int, ...]]:
-        if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 0:
-            raise ConfigError(
-                f"model.backbone.window_size must be an integer >= 0 (0: global attention), got {window_size!r}"
-            )
-        if isinstance(global_indices, int) and not isinstance(global_indices, bool):
-            global_indices = [global_indices]
-        if global_indices is None:
-            global_indices = ()
-        if isinstance(global_indices, (str, bytes)) or not isinstance(global_indices, Sequence):
-            raise ConfigError(f"model.backbone.global_indices must be a list of block indices, got {global_indices!r}")
-        result = []
-        for i in global_indices:
-            if isinstance(i, bool) or not isinstance(i, int) or not -depth <= i < depth:
-                raise ConfigError(
-                    f"model.backbone.global_indices: {i!r} is not a block index of a depth-{depth} model "
-                    f"(expected integers in [{-depth}, {depth - 1}])"
-                )
-            result.append(i % depth)
-        if len(set(result)) != len(result):
-            raise ConfigError(f"model.backbone.global_indices {list(global_indices)} names a block twice")
-        return window_size, tuple(sorted(result))
-
-    def _check_out_indices(self, out_indices) -> Optional[Tuple[int, ...]]:
-        if out_indices is None:
-            return None
-        if isinstance(out_indices, int) and not isinstance(out_indices, bool):
-            out_indices = [out_indices]
-        if isinstance(out_indices, (str, bytes)) or not isinstance(out_indices, Sequence) or not out_indices:
-            raise ConfigError(f"model.backbone.out_indices must be a non-empty list of block indices, got {out_indices!r}")
-        result = []
-        for i in out_indices:
-            if isinstance(i, bool) or not isinstance(i, int) or not -self.depth <= i < self.depth:
-                raise ConfigError(
-                    f"model.backbone.out_indices: {i!r} is not a block index of a depth-{self.depth} model "
-                    f"(expected integers in [{-self.depth}, {self.depth - 1}])"
-                )
-            result.append(i % self.depth)
-        if len(set(result)) != len(result):
-            raise ConfigError(f"model.backbone.out_indices {list(out_indices)} names a block twice")
-        return tuple(result)
-
-    def _init_weights(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=1e-6)
-        if self.reg_token is not None:
-            nn.init.normal_(self.reg_token, std=1e-6)
-        for m in self.blocks.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-    # ---------------------------------------------------------------------------- helpers
-
-    def train(self, mode: bool = True) -> "VisionTransformer":
-        """As ``nn.Module.train``; a ``frozen`` backbone stays in eval mode."""
-        return super().train(mode and not getattr(self, "frozen", False))
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward pass instead of storing its activations."""
-        self.grad_checkpointing = bool(enable)
+    # ---------------------------------------------------------------------------- optimizer
 
     def get_layer_id(self, param_name: str) -> int:
-        """Layer id for layer-wise lr decay of a parameter named relative to the backbone:
-        stem / position embedding / class and register tokens 0, block i -> i + 1 (its
-        relative-position tables ``blocks.<i>.attn.rel_pos_*`` included), everything else (final
-        norms) depth + 1 (the optimizer gives necks and heads depth + 1 too)."""
-        first = param_name.split(".", 1)[0]
-        if first in _EMBED_NAMES:
-            return 0
-        if first == "blocks":
-            return int(param_name.split(".", 2)[1]) + 1
+        """:meth:`ViTBackbone.get_layer_id`; a block's relative-position tables
+        (``blocks.<i>.attn.rel_pos_*``) count as the block, a token reduction's parameters as
+        the block they serve."""
+        first, _, rest = param_name.partition(".")
         if first == "token_reduction":
-            return self.token_reduction.layer_id(param_name.split(".", 1)[1])
-        return self.depth + 1
+            return self.token_reduction.layer_id(rest)
+        return super().get_layer_id(param_name)
 
     def no_weight_decay(self) -> set:
-        """Names of parameters that get no weight decay (besides 1-D ones), relative to the
-        backbone; the optimizer constructor reads them (timm's convention)."""
-        names = {n for n in NO_WEIGHT_DECAY if getattr(self, n, None) is not None}
+        """Position embeddings, class and register tokens, relative-position tables."""
+        names = super().no_weight_decay()
         names.update(
             n for n, _ in self.blocks.named_parameters(prefix="blocks") if n.rsplit(".", 1)[-1] in REL_POS_NAMES
         )
         names.update(n for n, _ in self.named_parameters() if n.endswith(REL_POS_BIAS_SUFFIX))
         return names
+
+    # ---------------------------------------------------------------------------- position embeddings
 
     def _resample_pos_embed(self, pos: torch.Tensor, new_grid, old_grid) -> torch.Tensor:
         """Position embeddings on ``old_grid`` -> ``new_grid`` by this backbone's rule
@@ -554,83 +421,106 @@ class VisionTransformer(nn.Module):
         x = torch.cat(prefix + [x], dim=1) if prefix else x.contiguous()
         return self.pos_drop(x), grid
 
-    def _block(
-        self, block: nn.Module, x: torch.Tensor, grid: Tuple[int, int], attn_bias: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        if attn_bias is not None:  # the shared relative position bias
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                return checkpoint(block, x, grid, attn_bias, use_reentrant=False)
-            return block(x, grid, attn_bias)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, grid, use_reentrant=False)
-        return block(x, grid)
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, Sequence[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        norm_last_block: bool = False,
+        pooled: bool = False,
+    ):
+        """Features of intermediate blocks, with timm's name and contract.
+
+        Args:
+            x: images (B, in_channels, H, W).
+            indices: an int n (the last n blocks), a list of block indices (negative counts from
+                the end), or None (every block).
+            norm: apply the final ``norm`` to every intermediate.
+            stop_early: run no block after the last one asked for (the final features are then
+                those of that block).
+            output_fmt: ``"NCHW"`` maps (B, C, H/stride, W/stride) or ``"NLC"`` tokens
+                (B, h*w, C); prefix tokens are dropped either way.
+            intermediates_only: return only the list of intermediates.
+            norm_last_block: vitasks' (OpenMMLab's) convention: the final ``norm`` on the map of
+                the last block (``depth - 1``) only, as ``forward`` with ``out_indices`` does.
+            pooled: the final features pooled as :meth:`forward` pools them (``pool``, then
+                ``fc_norm``; a token reduction's own mean) instead of all tokens.
+
+        Returns:
+            ``(final_features, intermediates)``: the tokens after the blocks and the final
+            ``norm`` (B, N, C) (or the pooled (B, C) with ``pooled``) and the list of
+            intermediates in the order of ``indices``; or that list alone with
+            ``intermediates_only``. With a token reduction the final tokens are the reduced ones
+            and the intermediates lie on the full patch grid (unmerged, fused or projected back).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"forward_intermediates: output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        if indices is None or isinstance(indices, int):
+            count = self.depth if indices is None else indices
+            if not 0 < count <= self.depth:
+                raise ValueError(f"forward_intermediates: indices={indices} asks for the last {count} of "
+                                 f"{self.depth} blocks")
+            take = list(range(self.depth - count, self.depth))
+        else:
+            take = [i + self.depth if i < 0 else i for i in indices]
+            if any(not 0 <= i < self.depth for i in take):
+                raise ValueError(f"forward_intermediates: block indices {list(indices)} out of range for depth "
+                                 f"{self.depth}")
+        B = x.shape[0]
+        x, (h, w) = self._embed(x)
+        count = max(take, default=-1) + 1 if stop_early else self.depth
+
+        def output(i: int, y: torch.Tensor) -> torch.Tensor:
+            if norm or (norm_last_block and i == self.depth - 1):
+                y = self.norm(y)
+            y = y[:, y.shape[1] - h * w :]  # the patch tokens
+            if output_fmt == "NLC":
+                return y
+            return y.transpose(1, 2).reshape(B, self.embed_dim, h, w).contiguous()
+
+        # Each output is taken as soon as its block has run (the backward then sums the gradients
+        # in the order it always has: same weights after training, bit for bit).
+        state, kept = None, {}
+        if self.token_reduction is not None:
+            x, grids, state = self.token_reduction.run(self.blocks[:count], x, (h, w), self.num_prefix_tokens,
+                                                       frozenset(take), self.run_block)
+            kept = {i: output(i, grids[i]) for i in take}
+        else:
+            bias = self._shared_bias((h, w), x.shape[1])
+            for i in range(count):
+                x = self.run_block(self.blocks[i], x, (h, w), bias)
+                if i in take:
+                    kept[i] = output(i, x)
+        intermediates = [kept[i] for i in take]
+        if intermediates_only:
+            return intermediates
+        x = self.norm(x)
+        return (self.pool_tokens(x, state) if pooled else x), intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """All tokens (B, N, C) after the blocks and the final ``norm`` (not ``fc_norm``); with a
         token reduction, the reduced tokens."""
-        if self.token_reduction is not None:
-            x, grid = self._embed(x)
-            x, _, _ = self.token_reduction.run(self.blocks, x, grid, self.num_prefix_tokens, frozenset(), self._block)
-            return self.norm(x)
-        x, grid = self._embed(x)
-        bias = self._shared_bias(grid, x.shape[1])
-        for block in self.blocks:
-            x = self._block(block, x, grid, bias)
-        return self.norm(x)
+        return self.forward_intermediates(x, indices=[])[0]
 
-    def pool_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def pool_tokens(self, x: torch.Tensor, state: object = None) -> torch.Tensor:
         """Tokens from :meth:`forward_features` -> pooled (B, C) (or tokens for pool="none"),
-        then ``fc_norm``."""
-        if self.pool == "token":
-            x = x[:, 0]
-        elif self.pool == "mean":
-            x = x[:, self.num_prefix_tokens :].mean(dim=1)
-        elif self.pool == "token_mean":
-            x = torch.cat([x[:, 0], x[:, self.num_prefix_tokens :].mean(dim=1)], dim=-1)
-        return self.fc_norm(x)
-
-    def _forward_maps(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        B = x.shape[0]
-        x, (h, w) = self._embed(x)
-        bias = self._shared_bias((h, w), x.shape[1])
-        maps: Dict[int, torch.Tensor] = {}
-        for i in range(self._num_run):
-            x = self._block(self.blocks[i], x, (h, w), bias)
-            if i in self._out_set:
-                y = self.norm(x) if i == self.depth - 1 else x
-                # Drop the prefix tokens; (B, h*w, C) -> contiguous (B, C, h, w).
-                maps[i] = y[:, self.num_prefix_tokens :].transpose(1, 2).reshape(B, self.embed_dim, h, w).contiguous()
-        return tuple(maps[i] for i in self.out_indices)
-
-    def _forward_reduced(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """:meth:`forward` through ``token_reduction``: dense maps on the full patch grid, or the
-        pooled reduced tokens."""
-        B = x.shape[0]
-        x, (h, w) = self._embed(x)
-        dense_at = self._out_set if self.out_indices is not None else frozenset()
-        blocks = self.blocks[: self._num_run] if self.out_indices is not None else self.blocks
-        x, grids, state = self.token_reduction.run(blocks, x, (h, w), self.num_prefix_tokens, dense_at, self._block)
-        if self.out_indices is not None:
-            maps = []
-            for i in self.out_indices:
-                y = self.norm(grids[i]) if i == self.depth - 1 else grids[i]
-                maps.append(y.transpose(1, 2).reshape(B, self.embed_dim, h, w).contiguous())
-            return tuple(maps)
-        x = self.norm(x)
-        if self.pool == "mean":
-            return (self.fc_norm(self.token_reduction.pool_mean(x, state, self.num_prefix_tokens)),)
-        if self.pool == "token_mean":
-            return (torch.cat([x[:, 0], self.token_reduction.pool_mean(x, state, self.num_prefix_tokens)], dim=-1),)
-        return (self.pool_tokens(x),)
+        then ``fc_norm``; with a token reduction its mean of the reduced tokens (``state``: what
+        its ``run`` returned)."""
+        mean = None
+        if self.token_reduction is not None and self.pool in ("mean", "token_mean"):
+            mean = self.token_reduction.pool_mean(x, state, self.num_prefix_tokens)
+        return super().pool_tokens(x, mean)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """(B, in_channels, H, W) images, H and W divisible by ``stride`` -> tuple of features
         (see the class docstring)."""
-        if self.token_reduction is not None:
-            return self._forward_reduced(x)
         if self.out_indices is not None:
-            return self._forward_maps(x)
-        return (self.pool_tokens(self.forward_features(x)),)
+            return tuple(self.forward_intermediates(x, self.out_indices, stop_early=True, intermediates_only=True,
+                                                    norm_last_block=True))
+        return (self.forward_intermediates(x, indices=[], pooled=True)[0],)
 
     def forward_with_attention(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Tokens as :meth:`forward_features` and each block's attention probabilities

@@ -96,18 +96,35 @@ class TransformerBlock(nn.Module):
         return hw
 
     def _attend(
-        self, x: torch.Tensor, hw: Optional[Tuple[int, int]], attn_bias: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, hw: Optional[Tuple[int, int]], attn_bias: Optional[torch.Tensor] = None,
+        with_attention: bool = False,
+    ):
+        """The attention branch on normalised tokens (global or windowed); with ``with_attention``
+        also its probabilities (B, heads, N, N)."""
+        attend = self.attn.forward_with_attention if with_attention else self.attn
         if self.window_size == 0:
-            return self.attn(x, hw) if attn_bias is None else self.attn(x, hw, attn_bias)
+            return attend(x, hw, attn_bias)
         if attn_bias is not None:
             raise ValueError("an external attention bias needs global attention (window_size=0)")
         B, N, C = x.shape
         h, w = self._grid(x, hw)
         ws = self.window_size
         windows, padded_hw = window_partition(x.view(B, h, w, C), ws)
-        y = self.attn(windows.view(-1, ws * ws, C), (ws, ws))
-        return window_unpartition(y.view(-1, ws, ws, C), ws, padded_hw, (h, w)).view(B, N, C)
+        y = attend(windows.view(-1, ws * ws, C), (ws, ws))
+        if with_attention:
+            y, window_attn = y
+        y = window_unpartition(y.view(-1, ws, ws, C), ws, padded_hw, (h, w)).view(B, N, C)
+        if not with_attention:
+            return y
+        # Scatter each window's (ws^2 x ws^2) probabilities into the full N x N matrix (zero
+        # between windows). Padded positions map to the extra index N, dropped at the end.
+        index = window_token_index((h, w), ws, device=x.device)  # (num_windows, ws^2)
+        num_windows, L = index.shape
+        heads = window_attn.shape[1]
+        window_attn = window_attn.view(B, num_windows, heads, L, L).transpose(1, 2)
+        full = window_attn.new_zeros(B, heads, N + 1, N + 1)
+        full[:, :, index[:, :, None].expand(-1, -1, L), index[:, None, :].expand(-1, L, -1)] = window_attn
+        return y, full[:, :, :N, :N]
 
     def forward(
         self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None, attn_bias: Optional[torch.Tensor] = None
@@ -119,29 +136,6 @@ class TransformerBlock(nn.Module):
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 
-    def _attend_with_attention(
-        self, x: torch.Tensor, hw: Optional[Tuple[int, int]], attn_bias: Optional[torch.Tensor] = None
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self.window_size == 0:
-            return self.attn.forward_with_attention(x, hw, attn_bias)
-        if attn_bias is not None:
-            raise ValueError("an external attention bias needs global attention (window_size=0)")
-        B, N, C = x.shape
-        h, w = self._grid(x, hw)
-        ws = self.window_size
-        windows, padded_hw = window_partition(x.view(B, h, w, C), ws)
-        y, window_attn = self.attn.forward_with_attention(windows.view(-1, ws * ws, C), (ws, ws))
-        y = window_unpartition(y.view(-1, ws, ws, C), ws, padded_hw, (h, w)).view(B, N, C)
-        # Scatter each window's (ws^2 x ws^2) probabilities into the full N x N matrix (zero
-        # between windows). Padded positions map to the extra index N, dropped at the end.
-        index = window_token_index((h, w), ws, device=x.device)  # (num_windows, ws^2)
-        num_windows, L = index.shape
-        heads = window_attn.shape[1]
-        window_attn = window_attn.view(B, num_windows, heads, L, L).transpose(1, 2)
-        full = window_attn.new_zeros(B, heads, N + 1, N + 1)
-        full[:, :, index[:, :, None].expand(-1, -1, L), index[:, None, :].expand(-1, L, -1)] = window_attn
-        return y, full[:, :, :N, :N]
-
     def forward_with_attention(
         self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None, attn_bias: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +144,7 @@ class TransformerBlock(nn.Module):
         In a window block the probabilities are zero between windows, and a row sums to less
         than 1 where its window has padded tokens (their share is not shown).
         """
-        y, attn = self._attend_with_attention(self.norm1(x), hw, attn_bias)
+        y, attn = self._attend(self.norm1(x), hw, attn_bias, with_attention=True)
         x = x + self.drop_path1(self.ls1(y))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, attn

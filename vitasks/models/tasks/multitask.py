@@ -44,6 +44,7 @@ checkpoint's ``head.*`` (``decode_head.*``...) onto the task that has those keys
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 import warnings
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -167,10 +168,13 @@ def _reads_clips(task: nn.Module) -> bool:
 
 
 def _can_walk_blocks(backbone: nn.Module) -> bool:
-    """Whether the backbone is a vitasks ViT whose blocks we can run once for maps and pooled
-    feature together (a token reduction changes the token set: not walked)."""
-    needed = ("_embed", "blocks", "_block", "norm", "pool_tokens", "num_prefix_tokens", "embed_dim")
-    return all(hasattr(backbone, n) for n in needed) and getattr(backbone, "token_reduction", None) is None
+    """Whether the backbone gives block maps and the pooled feature from one pass
+    (``forward_intermediates`` with ``pooled``, as vitasks' ViT); a token reduction changes the
+    token set and what a block index means: run as configured."""
+    intermediates = getattr(backbone, "forward_intermediates", None)
+    if not callable(intermediates) or getattr(backbone, "token_reduction", None) is not None:
+        return False
+    return "pooled" in inspect.signature(intermediates).parameters
 
 
 def _input_normalisation(preprocessor: nn.Module) -> Optional[str]:
@@ -332,20 +336,12 @@ class MultiTaskModel(BaseModel):
             if pooled:
                 return BackboneOutputs(outputs[0], {})
             return BackboneOutputs(None, dict(zip(sorted(set(map_indices)), outputs)))
-        wanted = set(map_indices)
-        depth = len(backbone.blocks)
-        last = depth if pooled else (max(wanted) + 1 if wanted else 0)
-        batch = inputs.shape[0]
-        x, (h, w) = backbone._embed(inputs)
-        maps: Dict[int, torch.Tensor] = {}
-        for i in range(last):
-            x = backbone._block(backbone.blocks[i], x, (h, w))
-            if i in wanted:
-                # As VisionTransformer's own maps: the final norm on the last block's map only.
-                y = backbone.norm(x) if i == depth - 1 else x
-                maps[i] = y[:, backbone.num_prefix_tokens:].transpose(1, 2).reshape(batch, backbone.embed_dim, h, w).contiguous()
-        pooled_feature = backbone.pool_tokens(backbone.norm(x)) if pooled else None
-        return BackboneOutputs(pooled_feature, maps)
+        wanted = sorted(set(map_indices))
+        # As VisionTransformer's own maps: the final norm on the last block's map only.
+        outputs = backbone.forward_intermediates(inputs, wanted, stop_early=not pooled, intermediates_only=not pooled,
+                                                 norm_last_block=True, pooled=True)
+        pooled_feature, maps = outputs if pooled else (None, outputs)
+        return BackboneOutputs(pooled_feature, dict(zip(wanted, maps)))
 
     def _fetch(self, inputs: torch.Tensor, spec: OutputSpec) -> Tuple[torch.Tensor, ...]:
         """A task view's forward: the single pass's outputs when ``inputs`` is its batch, else a
