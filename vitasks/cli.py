@@ -57,18 +57,31 @@ def _check_cfg_options(options: Sequence[str]) -> List[str]:
     return list(options)
 
 
+def _command(subparsers, name: str, handler, help: str, description: str, *positionals: tuple,
+             cfg_options: bool = True) -> argparse.ArgumentParser:
+    """The parser of sub-command ``name`` with its positional arguments (``(dest, help)``) and its
+    handler, which can reach the parser as ``args.parser`` (for ``parser.error``). With
+    ``cfg_options``, :func:`build_parser` adds ``--cfg-options`` last and :func:`main` checks it
+    before the handler runs."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    for dest, text in positionals:
+        parser.add_argument(dest, help=text)
+    parser.set_defaults(handler=handler, parser=parser, takes_cfg_options=cfg_options)
+    return parser
+
+
 # --------------------------------------------------------------------------------------------
 # train
 # --------------------------------------------------------------------------------------------
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "train", help="train a model from a config",
-        description="Train with mmengine's Runner. Checkpoints and `last_checkpoint` go to the "
+    parser = _command(
+        subparsers, "train", _run_train, "train a model from a config",
+        "Train with mmengine's Runner. Checkpoints and `last_checkpoint` go to the "
         "work dir (default work_dirs/<config name>).",
+        ("config", "YAML config file"),
     )
-    parser.add_argument("config", help="YAML config file")
     parser.add_argument("--work-dir", help="where logs and checkpoints go")
     parser.add_argument(
         "--resume", nargs="?", const="auto", default=None, metavar="CKPT",
@@ -81,13 +94,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     # from the environment instead.
     parser.add_argument("--local-rank", "--local_rank", type=int, default=0,
                         help=argparse.SUPPRESS)
-    _add_cfg_options(parser)
-    parser.set_defaults(handler=_run_train)
     return parser
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    cfg_options = _check_cfg_options(args.cfg_options)
     launch = importlib.import_module("vitasks.engine.launch")
     launch.train(
         args.config,
@@ -95,7 +105,7 @@ def _run_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         amp=args.amp,
         launcher=args.launcher,
-        cfg_options=cfg_options,
+        cfg_options=args.cfg_options,
     )
     return 0
 
@@ -106,20 +116,17 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def add_test_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "test", help="evaluate a checkpoint",
-        description="Evaluate a checkpoint on the config's test set; writes metrics.json in the "
+    parser = _command(
+        subparsers, "test", _run_test, "evaluate a checkpoint",
+        "Evaluate a checkpoint on the config's test set; writes metrics.json in the "
         "work dir.",
+        ("config", "YAML config file"), ("checkpoint", "checkpoint file"),
     )
-    parser.add_argument("config", help="YAML config file")
-    parser.add_argument("checkpoint", help="checkpoint file")
     parser.add_argument("--work-dir", help="where logs and metrics.json go")
     parser.add_argument("--dump", metavar="PATH",
                         help="also write the predictions (the config's `test_dump`) to PATH")
     parser.add_argument("--amp", action="store_true",
                         help="evaluate under bf16 autocast (CPU and GPU)")
-    _add_cfg_options(parser)
-    parser.set_defaults(handler=_run_test)
     return parser
 
 
@@ -136,7 +143,6 @@ def format_metrics(metrics: dict) -> str:
 
 
 def _run_test(args: argparse.Namespace) -> int:
-    cfg_options = _check_cfg_options(args.cfg_options)
     launch = importlib.import_module("vitasks.engine.launch")
     metrics = launch.test(
         args.config,
@@ -144,7 +150,7 @@ def _run_test(args: argparse.Namespace) -> int:
         work_dir=args.work_dir,
         dump=args.dump,
         amp=args.amp,
-        cfg_options=cfg_options,
+        cfg_options=args.cfg_options,
     )
     if isinstance(metrics, dict):
         print(format_metrics(metrics))
@@ -157,23 +163,19 @@ def _run_test(args: argparse.Namespace) -> int:
 
 
 def add_infer_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "infer", help="predict on images or videos (every task of a multi-task model)",
-        description="Write predictions as JSON and drawn as PNG, one per input.",
+    parser = _command(
+        subparsers, "infer", _run_infer, "predict on images or videos (every task of a multi-task model)",
+        "Write predictions as JSON and drawn as PNG, one per input.",
+        ("config", "YAML config file"), ("checkpoint", "checkpoint file"),
     )
-    parser.add_argument("config", help="YAML config file")
-    parser.add_argument("checkpoint", help="checkpoint file")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image or video files, or folders of them")
     parser.add_argument("--out-dir", required=True, help="output folder")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--topk", type=int, default=5, help="classes kept per prediction")
-    _add_cfg_options(parser)
-    parser.set_defaults(handler=_run_infer)
     return parser
 
 
 def _run_infer(args: argparse.Namespace) -> int:
-    cfg_options = _check_cfg_options(args.cfg_options)
     apis = importlib.import_module("vitasks.apis")
     results = apis.run_inference(
         args.config,
@@ -182,7 +184,7 @@ def _run_infer(args: argparse.Namespace) -> int:
         args.out_dir,
         device=args.device,
         topk=args.topk,
-        cfg_options=cfg_options,
+        cfg_options=args.cfg_options,
     )
     count = len(results) if isinstance(results, (list, tuple)) else len(args.inputs)
     print(f"wrote predictions for {count} input(s) to {args.out_dir}")
@@ -197,21 +199,18 @@ def _run_infer(args: argparse.Namespace) -> int:
 def add_attention_map_parser(subparsers) -> argparse.ArgumentParser:
     from vitasks.visualization.rollout import HEAD_FUSIONS
 
-    parser = subparsers.add_parser(
-        "attention-map", help="attention rollout and per-layer maps over an image",
-        description="Attention rollout (Abnar & Zuidema 2020) and per-layer class-token attention "
+    parser = _command(
+        subparsers, "attention-map", _run_attention_map, "attention rollout and per-layer maps over an image",
+        "Attention rollout (Abnar & Zuidema 2020) and per-layer class-token attention "
         "of a ViT model, drawn over the image.",
+        ("config", "config file (YAML)"), ("checkpoint", "checkpoint file"),
     )
-    parser.add_argument("config", help="config file (YAML)")
-    parser.add_argument("checkpoint", help="checkpoint file")
     parser.add_argument("image", help="image file")
     parser.add_argument("--out", required=True, help="output PNG")
     parser.add_argument("--head-fusion", choices=HEAD_FUSIONS, default="mean", help="how heads are fused per layer")
     parser.add_argument("--no-residual", action="store_true",
                         help="do not model the skip connection as 0.5 * (A + I)")
     parser.add_argument("--device", default="cpu")
-    _add_cfg_options(parser)
-    parser.set_defaults(handler=_run_attention_map)
     return parser
 
 
@@ -220,7 +219,7 @@ def _run_attention_map(args: argparse.Namespace) -> int:
     apis.attention_map(
         args.config, args.checkpoint, args.image, args.out, device=args.device,
         head_fusion=args.head_fusion, add_residual=not args.no_residual,
-        cfg_options=_check_cfg_options(args.cfg_options),
+        cfg_options=args.cfg_options,
     )
     print(f"wrote {args.out}")
     return 0
@@ -232,11 +231,12 @@ def _run_attention_map(args: argparse.Namespace) -> int:
 
 
 def add_convert_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "convert", help="convert outside ViT weights to vitasks names",
-        description="Convert a timm, Hugging Face, Google .npz, MAE or DeiT checkpoint, or a whole "
+    parser = _command(
+        subparsers, "convert", _run_convert, "convert outside ViT weights to vitasks names",
+        "Convert a timm, Hugging Face, Google .npz, MAE or DeiT checkpoint, or a whole "
         "detectron2 / mmdetection ViTDet detector or mmsegmentation UperNet segmentor (these print "
         "the config and --cfg-options that hold them).",
+        cfg_options=False,
     )
     parser.add_argument("format", choices=CONVERT_FORMATS, metavar="FORMAT",
                         help=f"source format: {', '.join(CONVERT_FORMATS)}")
@@ -255,7 +255,6 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
                         help="attention heads, for widths whose head count can't be inferred")
     parser.add_argument("--keep-pre-logits", action="store_true",
                         help="keep a pre-training pre_logits layer as MLPClsHead.hidden")
-    parser.set_defaults(handler=_run_convert, parser=parser)
     return parser
 
 
@@ -289,14 +288,14 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def add_list_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "list", help="list the registered components",
-        description="Print every component registered in vitasks (built-in and installed "
+    parser = _command(
+        subparsers, "list", _run_list, "list the registered components",
+        "Print every component registered in vitasks (built-in and installed "
         "plugins), grouped by registry: its name, the module defining it and the package that "
         "provided it (vitasks, mmengine, a plugin and what named it, or a distribution).",
+        cfg_options=False,
     )
     parser.add_argument("registry", nargs="?", help="only this registry (e.g. models)")
-    parser.set_defaults(handler=_run_list)
     return parser
 
 
@@ -335,13 +334,13 @@ def _run_list(args: argparse.Namespace) -> int:
 
 
 def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "benchmark", help="throughput, memory and FLOP efficiency of a config's model",
-        description="Inference and training throughput, peak memory, FLOPs and FLOP/s efficiency "
+    parser = _command(
+        subparsers, "benchmark", _run_benchmark, "throughput, memory and FLOP efficiency of a config's model",
+        "Inference and training throughput, peak memory, FLOPs and FLOP/s efficiency "
         "relative to a plain matmul, for the model of a config (vitasks/benchmarks/throughput.py "
         "says what is measured).",
+        ("config", "config file (YAML)"),
     )
-    parser.add_argument("config", help="config file (YAML)")
     parser.add_argument("--batch-size", type=_positive_int, default=8)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 on GPUs without bf16)")
     parser.add_argument("--compile", action="store_true",
@@ -360,8 +359,6 @@ def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
                         help="also export as ONNX and time onnxruntime beside eager PyTorch (CPU, fp32; "
                         "needs the deploy extra)")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
-    _add_cfg_options(parser)
-    parser.set_defaults(handler=_run_benchmark)
     return parser
 
 
@@ -388,7 +385,7 @@ def _run_benchmark(args: argparse.Namespace) -> int:
         grad_ckpt=args.grad_ckpt, img_size=args.img_size, iters=args.iters,
         warmup=max(0, args.warmup), device=args.device, matmul_size=args.matmul_size,
         matmul_iters=args.matmul_iters, train=not args.no_train,
-        cfg_options=_check_cfg_options(args.cfg_options), onnx=args.onnx,
+        cfg_options=args.cfg_options, onnx=args.onnx,
     )
     print(throughput.format_table(result))
     if args.json:
@@ -402,15 +399,14 @@ def _run_benchmark(args: argparse.Namespace) -> int:
 
 
 def add_export_onnx_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "export-onnx", help="export a task model as ONNX, checked with onnxruntime",
-        description="Export a task model as ONNX (dynamic batch) and check it against PyTorch with "
+    parser = _command(
+        subparsers, "export-onnx", _run_export_onnx, "export a task model as ONNX, checked with onnxruntime",
+        "Export a task model as ONNX (dynamic batch) and check it against PyTorch with "
         "onnxruntime. The graph takes already-normalised float32 inputs; the mean/std, the "
         "outputs and their post-processing are in the file's metadata_props. Exit status 1 when "
         "onnxruntime disagrees with PyTorch, 2 when the model cannot be exported.",
+        ("config", "config file (YAML)"), ("checkpoint", "checkpoint file; `none` keeps the initial weights"),
     )
-    parser.add_argument("config", help="config file (YAML)")
-    parser.add_argument("checkpoint", help="checkpoint file; `none` keeps the initial weights")
     parser.add_argument("out", help="the .onnx file to write")
     parser.add_argument("--batch-size", type=_positive_int, default=2,
                         help="a batch size the check runs at (plus one other); the batch axis is dynamic")
@@ -421,8 +417,6 @@ def add_export_onnx_parser(subparsers) -> argparse.ArgumentParser:
                         help="fail above this relative difference between onnxruntime and PyTorch (default 1e-4)")
     parser.add_argument("--time", type=int, default=0, metavar="ITERS",
                         help="then time onnxruntime and eager PyTorch at --batch-size, ITERS runs each")
-    _add_cfg_options(parser)
-    parser.set_defaults(handler=_run_export_onnx, parser=parser)
     return parser
 
 
@@ -431,10 +425,9 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
         args.parser.error("--img-size takes H or H W")
     img_size = None if args.img_size is None else (args.img_size * 2)[:2]
     checkpoint = None if args.checkpoint.lower() == "none" else args.checkpoint
-    cfg_options = _check_cfg_options(args.cfg_options)
     onnx = importlib.import_module("vitasks.deploy.onnx")
     try:
-        result = onnx.export_from_config(args.config, checkpoint, args.out, cfg_options=cfg_options,
+        result = onnx.export_from_config(args.config, checkpoint, args.out, cfg_options=args.cfg_options,
                                          batch_size=args.batch_size, opset=args.opset, img_size=img_size,
                                          rtol=args.rtol)
     except onnx.ExportMismatchError as err:
@@ -445,7 +438,7 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
         timing = importlib.import_module("vitasks.benchmarks.onnx_timing")
         print(timing.format_comparison(timing.compare_onnx_eager(
             args.out, args.config, checkpoint, args.batch_size, iters=args.time, img_size=img_size,
-            cfg_options=cfg_options)))
+            cfg_options=args.cfg_options)))
     return 0
 
 
@@ -455,14 +448,14 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
 
 
 def add_eval_coco_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "eval-coco", help="score a COCO results file with pycocotools",
-        description="Score a COCO results file with pycocotools (bbox, and segm when present).",
+    parser = _command(
+        subparsers, "eval-coco", _run_eval_coco, "score a COCO results file with pycocotools",
+        "Score a COCO results file with pycocotools (bbox, and segm when present).",
+        cfg_options=False,
     )
     parser.add_argument("results", help="COCO results JSON (a list of detections)")
     parser.add_argument("annotations", help="COCO annotation JSON the results refer to")
     parser.add_argument("--out", help="write the metrics as a flat JSON {name: value}")
-    parser.set_defaults(handler=_run_eval_coco)
     return parser
 
 
@@ -483,23 +476,21 @@ def _run_eval_coco(args: argparse.Namespace) -> int:
 
 
 def add_browse_dataset_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "browse-dataset", help="draw what the training pipeline feeds the model",
-        description="Draw what the training pipeline feeds the model: the first N samples of the "
+    parser = _command(
+        subparsers, "browse-dataset", _run_browse_dataset, "draw what the training pipeline feeds the model",
+        "Draw what the training pipeline feeds the model: the first N samples of the "
         "training stream, random augmentations included (seeded by randomness.seed).",
+        ("config", "a YAML config"),
     )
-    parser.add_argument("config", help="a YAML config")
     parser.add_argument("--out-dir", required=True, help="folder for the PNGs")
     parser.add_argument("--num", type=_positive_int, default=10, help="how many samples (default 10)")
-    _add_cfg_options(parser)
-    parser.set_defaults(handler=_run_browse_dataset)
     return parser
 
 
 def _run_browse_dataset(args: argparse.Namespace) -> int:
     browse = importlib.import_module("vitasks.visualization.browse")
     written = browse.browse_dataset(args.config, args.out_dir, num=args.num,
-                                    cfg_options=_check_cfg_options(args.cfg_options))
+                                    cfg_options=args.cfg_options)
     print(f"wrote {len(written)} images to {args.out_dir}")
     return 0
 
@@ -510,9 +501,11 @@ def _run_browse_dataset(args: argparse.Namespace) -> int:
 
 
 def add_analyze_logs_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "analyze-logs", help="training curves and iteration times from work dirs' logs",
-        description="Training curves and iteration times from work dirs' logs.",
+    parser = _command(
+        subparsers, "analyze-logs", _run_analyze_logs,
+        "training curves and iteration times from work dirs' logs",
+        "Training curves and iteration times from work dirs' logs.",
+        cfg_options=False,
     )
     sub = parser.add_subparsers(dest="action", required=True)
     plot = sub.add_parser("plot_curve", help="plot logged quantities (loss, lr, metrics) as a PNG")
@@ -524,7 +517,6 @@ def add_analyze_logs_parser(subparsers) -> argparse.ArgumentParser:
     plot.add_argument("--legend", nargs="+", help="curve labels: one per work dir, or one per work dir and key")
     timing = sub.add_parser("cal_train_time", help="mean time per training iteration")
     timing.add_argument("work_dirs", nargs="+", metavar="WORK_DIR")
-    parser.set_defaults(handler=_run_analyze_logs)
     return parser
 
 
@@ -571,7 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _SUBCOMMANDS:
-        add(subparsers)
+        command = add(subparsers)
+        if command.get_default("takes_cfg_options"):
+            _add_cfg_options(command)
     return parser
 
 
@@ -584,6 +578,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else 2)
     try:
+        if getattr(args, "cfg_options", None) is not None:  # a malformed KEY=VALUE fails before heavy imports
+            args.cfg_options = _check_cfg_options(args.cfg_options)
         return int(args.handler(args) or 0)
     except VitasksError as err:
         print(f"vitasks: error: {err}", file=sys.stderr)
