@@ -341,3 +341,62 @@ def test_gpu_check_reports_the_kernels_and_their_agreement(tv_ops, fresh_choice)
               "sdpa": {"backends": {}, "default_kernels": []}, "table": {},
               "mfu": {"batch_size": 1, "train_tflops": 1.0, "mfu": 1.0}}
     assert "Detection ops (NMS, batched NMS, RoIAlign): torchvision's kernels; on the GPU equal" in format_report(report)
+
+
+def test_detector_losses_gradients_and_predictions_equal_on_both_kernels(tv_ops, fresh_choice):
+    """A tiny Mask R-CNN (as tests/models/test_detector.py builds it): the same losses, gradients
+    and detections whichever kernels run its NMS and RoIAlign."""
+    import copy
+
+    from mmengine.structures import InstanceData
+
+    from vitasks.registry import MODELS
+    from vitasks.structures import DataSample
+
+    torch.manual_seed(0)
+    model = MODELS.build(dict(
+        type="MaskRCNN", data_preprocessor=dict(type="BaseDataPreprocessor"),
+        backbone=dict(type="VisionTransformer", img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2,
+                      class_token=False, pool="none", final_norm=False, out_indices=[-1]),
+        neck=dict(type="SimpleFeaturePyramid", in_channels=32, out_channels=16),
+        rpn_head=dict(type="RPNHead", in_channels=16, anchor_sizes=[8, 16, 32, 64, 128], batch_size_per_image=64,
+                      pre_nms_topk=[200, 100], post_nms_topk=[100, 50]),
+        roi_head=dict(type="StandardRoIHead", num_classes=3, in_channels=16, batch_size_per_image=64,
+                      box_head=dict(conv_channels=16, fc_channels=32, num_convs=2),
+                      mask_head=dict(conv_channels=16, num_convs=2)),
+    ))
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    samples = []
+    for shift in (0, 6):
+        masks = torch.zeros(2, 64, 64, dtype=torch.bool)
+        masks[0, 10 + shift:30, 8:40] = True
+        masks[1, 35:60, 30 - shift:55] = True
+        data = DataSample(metainfo=dict(img_shape=(64, 64), ori_shape=(64, 64), scale_factor=(1.0, 1.0)))
+        data.gt_instances = InstanceData(
+            bboxes=torch.tensor([[8.0, 10.0 + shift, 40.0, 30.0], [30.0 - shift, 35.0, 55.0, 60.0]]),
+            labels=torch.tensor([0, 2]), masks=masks)
+        samples.append(data)
+
+    results = {}
+    for choice in ("torchvision", "torch"):
+        use(choice)
+        replica = copy.deepcopy(model)
+        torch.manual_seed(3)  # the heads' sampling of anchors and proposals
+        losses = replica(images, copy.deepcopy(samples), mode="loss")
+        sum(losses.values()).backward()
+        grads = {n: p.grad.clone() for n, p in replica.named_parameters() if p.grad is not None}
+        replica.eval()
+        with torch.no_grad():
+            predictions = replica(images, copy.deepcopy(samples), mode="predict")
+        results[choice] = ({k: v.detach() for k, v in losses.items()}, grads, predictions)
+    (losses_tv, grads_tv, pred_tv), (losses_pt, grads_pt, pred_pt) = results["torchvision"], results["torch"]
+    assert losses_tv.keys() == losses_pt.keys() and grads_tv.keys() == grads_pt.keys()
+    for name in losses_tv:
+        torch.testing.assert_close(losses_pt[name], losses_tv[name], rtol=1e-5, atol=1e-6)
+    for name in grads_tv:
+        assert_within(grads_pt[name], grads_tv[name], 1e-5)
+    assert sum(len(p.pred_instances) for p in pred_tv) > 0
+    for a, b in zip(pred_tv, pred_pt):
+        assert torch.equal(a.pred_instances.labels, b.pred_instances.labels)
+        torch.testing.assert_close(a.pred_instances.bboxes, b.pred_instances.bboxes, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(a.pred_instances.scores, b.pred_instances.scores, rtol=1e-5, atol=1e-6)
