@@ -236,3 +236,17 @@ def test_converted_hybrid_hint_selects_the_r50_config():
                 stem=dict(type="ResNetStem", layers=[3, 4, 9]))
     assert suggest_config(hint) == "configs/_base_/models/vit_base_r50_s16.yaml"
     assert suggest_config(dict(hint, depth=6)) is None
+
+
+def test_fuse_qkv_concatenates_query_key_value_and_checks_them():
+    from vitasks.convert.common import fuse_qkv
+
+    w = {p: torch.full((2, 3), float(i)) for i, p in enumerate("qkv")}
+    b = {"q": torch.ones(2), "v": torch.full((2,), 3.0)}  # no key bias (BEiT, VideoMAE)
+    out = fuse_qkv({"0": {"weight": w, "bias": b}}, "x", zero_missing_bias=True)
+    assert torch.equal(out["blocks.0.attn.qkv.weight"], torch.cat([w["q"], w["k"], w["v"]]))
+    assert torch.equal(out["blocks.0.attn.qkv.bias"], torch.tensor([1.0, 1.0, 0.0, 0.0, 3.0, 3.0]))
+    with pytest.raises(CheckpointError, match="x: layer 0 has .* biases for \\['q', 'v'\\]"):
+        fuse_qkv({"0": {"weight": w, "bias": b}}, "x")  # ViT and DINOv2 have all three
+    with pytest.raises(CheckpointError, match="layer 1 has query/key/value weights for \\['q'\\]"):
+        fuse_qkv({"1": {"weight": {"q": w["q"]}}}, "x", zero_missing_bias=True)

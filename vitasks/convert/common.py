@@ -151,6 +151,25 @@ def _pair(size: Union[int, Sequence[int]], what: str) -> Tuple[int, int]:
         raise CheckpointError(str(err)) from None
 
 
+def fuse_qkv(qkv: Dict[str, Dict[str, Dict[str, Tensor]]], where: str,
+             zero_missing_bias: bool = False) -> StateDict:
+    """``blocks.{i}.attn.qkv.{weight,bias}`` from separate query, key and value projections
+    (``qkv[i][kind][q|k|v]``, as transformers stores them). With ``zero_missing_bias`` a missing
+    bias (BEiT's and VideoMAE's key) is zero, which gives the same attention (softmax ignores a
+    per-query constant); otherwise every projection needs both."""
+    out: StateDict = {}
+    for i, kinds in qkv.items():
+        weights, biases = kinds.get("weight", {}), kinds.get("bias", {})
+        if set(weights) != set("qkv") or (biases and not zero_missing_bias and set(biases) != set("qkv")):
+            raise CheckpointError(f"{where}: layer {i} has query/key/value weights for {sorted(weights)} and biases "
+                                  f"for {sorted(biases)}; expected query, key and value")
+        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([weights[p] for p in "qkv"], dim=0)
+        if biases:
+            zero = torch.zeros_like(weights["q"][:, 0])
+            out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([biases.get(p, zero) for p in "qkv"], dim=0)
+    return out
+
+
 def _square_side(n: int) -> Optional[int]:
     side = math.isqrt(n) if n >= 0 else -1
     return side if side >= 1 and side * side == n else None

@@ -22,7 +22,7 @@ from typing import Any, Dict
 
 import torch
 
-from vitasks.convert.common import ConvertOptions, Source, StateDict, read_torch_state_dict
+from vitasks.convert.common import ConvertOptions, Source, StateDict, fuse_qkv, read_torch_state_dict
 from vitasks.errors import CheckpointError
 
 HF_DEFAULT_EPS = 1e-12
@@ -137,14 +137,7 @@ def hf_to_timm(sd: StateDict, where: str) -> StateDict:
             f"{where}: {len(unknown)} weights are not those of a transformers ViT/DeiT "
             f"(vit.embeddings.*, vit.encoder.layer.*, vit.layernorm, classifier): {sorted(unknown)[:10]}"
         )
-    for i, kinds in qkv.items():
-        for kind, parts in kinds.items():
-            if set(parts) != {"q", "k", "v"}:
-                raise CheckpointError(
-                    f"{where}: layer {i} has {kind}s for {sorted(parts)} only; expected query, key and value"
-                )
-            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    return out
+    return {**out, **fuse_qkv(qkv, where)}
 
 
 def read(path: str, opts: ConvertOptions) -> Source:

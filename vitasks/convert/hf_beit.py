@@ -49,7 +49,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from vitasks.convert.common import ConvertOptions, Source, StateDict, _compact, _num, _pair
+from vitasks.convert.common import ConvertOptions, Source, StateDict, _compact, _num, _pair, fuse_qkv
 from vitasks.errors import CheckpointError
 
 PREFIXES = ("beit.", "data2vec_vision.")
@@ -196,15 +196,7 @@ def _rename(sd: StateDict, prefix: str, path: str, notes: List[str]) -> Tuple[St
             f"{path}: {len(unknown)} weights are not those of a transformers BEiT / Data2Vec-vision model "
             f"(embeddings, layers, fpn, decode_head, auxiliary_head, classifier): {sorted(unknown)[:10]}"
         )
-    for i, kinds in qkv.items():
-        if set(kinds.get("weight", {})) != {"q", "k", "v"}:
-            raise CheckpointError(f"{path}: layer {i} lacks some of the query / key / value weights")
-        w = kinds["weight"]
-        backbone[f"blocks.{i}.attn.qkv.weight"] = torch.cat([w["q"], w["k"], w["v"]], dim=0)
-        b = kinds.get("bias", {})
-        if b:
-            zeros = torch.zeros_like(w["q"][:, 0])
-            backbone[f"blocks.{i}.attn.qkv.bias"] = torch.cat([b.get(n, zeros) for n in "qkv"], dim=0)
+    backbone.update(fuse_qkv(qkv, path, zero_missing_bias=True))
     if any("attn.qkv.bias" in k for k in backbone) and not any(
         k.startswith(prefix) and re.search(r"(attention\.key|k_proj)\.bias$", k) for k in sd
     ):

@@ -20,7 +20,7 @@ from typing import Any, Dict
 import torch
 
 from vitasks.convert import dinov2
-from vitasks.convert.common import ConvertOptions, Source, StateDict
+from vitasks.convert.common import ConvertOptions, Source, StateDict, fuse_qkv
 from vitasks.errors import CheckpointError
 
 _PREFIXES = ("dinov2_with_registers.", "dinov2.")
@@ -95,12 +95,7 @@ def to_timm(sd: StateDict, where: str) -> StateDict:
             f"{where}: {len(unknown)} weights are not those of a transformers DINOv2 "
             f"({prefix or ''}embeddings.*, {prefix or ''}encoder.layer.*, layernorm, classifier): {sorted(unknown)[:10]}"
         )
-    for i, kinds in qkv.items():
-        for kind, parts in kinds.items():
-            if set(parts) != {"q", "k", "v"}:
-                raise CheckpointError(f"{where}: layer {i} has {kind}s for {sorted(parts)} only; expected query, key and value")
-            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    return out
+    return {**out, **fuse_qkv(qkv, where)}
 
 
 def read(sd: StateDict, cfg: Dict[str, Any], path: str, opts: ConvertOptions) -> Source:

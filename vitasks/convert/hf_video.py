@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from vitasks.convert.common import NUM_HEADS_BY_WIDTH, ConvertOptions, Source, StateDict, _compact, _pair
+from vitasks.convert.common import NUM_HEADS_BY_WIDTH, ConvertOptions, Source, StateDict, _compact, _pair, fuse_qkv
 from vitasks.convert.hf import _read_config
 from vitasks.errors import CheckpointError
 
@@ -200,16 +200,7 @@ def _rename(sd: StateDict, kind: str, path: str, notes: List[str]) -> Tuple[Stat
             f"{path}: {len(unknown)} weights are not those of a transformers {VIDEO_MODELS[kind][0]} "
             f"({kind}.embeddings.*, {kind}.encoder.layer.* or {kind}.layers.*, classifier): {sorted(unknown)[:10]}"
         )
-    for i, kinds in qkv.items():
-        weights = kinds.get("weight", {})
-        if set(weights) != {"q", "k", "v"}:
-            raise CheckpointError(f"{path}: layer {i} has query/key/value weights for {sorted(weights)} only")
-        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([weights["q"], weights["k"], weights["v"]], dim=0)
-        biases = kinds.get("bias", {})
-        if biases:
-            # A missing bias (VideoMAE's key) is zero: the fused layer computes the same scores.
-            zero = torch.zeros_like(weights["q"][:, 0])
-            out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([biases.get(p, zero) for p in "qkv"], dim=0)
+    out.update(fuse_qkv(qkv, path, zero_missing_bias=True))  # VideoMAE has no key bias
     kernel = out.get("stem.proj.weight")
     if kernel is None:
         raise CheckpointError(f"{path}: no patch embedding ({kind}.embeddings.patch_embeddings.projection.weight)")
