@@ -1,9 +1,13 @@
 """Distributed data parallel training with torchrun on CPU/gloo (tools/dist_train.sh)."""
 
+import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,23 +28,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_torchrun_matches_one_process_with_the_summed_batch(tmp_path):
-    short = dict(train_cfg=dict(max_epochs=2))
-    cfg = toy.write_config(tmp_path, "ddp.yaml", **short)
+PLUGINS = ["vitasks_toy_plugin", "vitasks_exit_probe_plugin"]
+
+# What a crashed process looks like in torchrun's output (the C++ runtime's message, SIGABRT or
+# SIGSEGV exit codes and torchrun's summary of them, Python's fatal error report).
+CRASH = re.compile(r"terminate called|Signal (6|11) \(SIG|exitcode\s*:\s*-(6|11)\b|Fatal Python error")
+
+
+def _dist_env(probe_dir) -> dict:
     env = dict(
         os.environ,
         PORT=str(_free_port()),
         PYTHON=sys.executable,
         PYTHONPATH=os.pathsep.join([str(Path(toy.__file__).parent), str(REPO), os.environ.get("PYTHONPATH", "")]),
         OMP_NUM_THREADS="1",
+        VITASKS_TEST_EXIT_PROBE=str(probe_dir),
     )
     env.pop("CUDA_VISIBLE_DEVICES", None)
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def _backend_threads_at_exit(probe_dir, ranks=(0, 1)) -> dict:
+    """``{rank: [backend threads]}`` as each rank's exit probe recorded them."""
+    return {r: json.loads((probe_dir / f"rank{r}.json").read_text())["backend_threads"] for r in ranks}
+
+
+def test_two_process_torchrun_matches_one_process_with_the_summed_batch(tmp_path):
+    short = dict(train_cfg=dict(max_epochs=2))
+    cfg = toy.write_config(tmp_path, "ddp.yaml", plugins=PLUGINS, **short)
+    env = _dist_env(tmp_path / "probe")
     work_dir = tmp_path / "ddp"
     proc = subprocess.run(
         ["bash", str(REPO / "tools" / "dist_train.sh"), cfg, "2", "--work-dir", str(work_dir)],
         env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # The cause of the SIGABRTs some runs ended with: gloo's worker threads still running when the
+    # interpreter's teardown began (DDP's reducer kept the destroyed group alive), one of them
+    # freeing a finished collective's tensors, which needs the GIL, which teardown refuses
+    # (pthread_exit through a noexcept destructor: std::terminate). None may be left.
+    assert _backend_threads_at_exit(tmp_path / "probe") == {0: [], 1: []}
+    assert not CRASH.search(proc.stdout + proc.stderr)
     assert (work_dir / "last_checkpoint").read_text().strip() == str(work_dir / "epoch_2.pth")
     ddp = load_checkpoint_file(str(work_dir / "epoch_2.pth"))
     assert ddp["meta"]["iter"] == 4  # 16 samples / (2 processes x 4) = 2 iterations per epoch
@@ -54,6 +83,53 @@ def test_two_process_torchrun_matches_one_process_with_the_summed_batch(tmp_path
     assert ddp["state_dict"].keys() == ref.keys()
     for key, value in ref.items():
         torch.testing.assert_close(ddp["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_exception_on_one_rank_ends_every_rank_with_an_error(tmp_path):
+    """Rank 1 raises after its 2nd iteration; rank 0 goes on into the next collective. Every rank
+    must end, non-zero, without an abort, in bounded time, and the error must be rank 1's."""
+    hooks = [dict(type="FailOnRankHook", rank=1, at_iter=2)]
+    cfg = toy.write_config(tmp_path, "fault.yaml", plugins=PLUGINS, custom_hooks=hooks, train_cfg=dict(max_epochs=2))
+    env = _dist_env(tmp_path / "probe")
+    proc = subprocess.run(
+        ["bash", str(REPO / "tools" / "dist_train.sh"), cfg, "2", "--work-dir", str(tmp_path / "wd")],
+        env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=240,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]
+    assert "injected fault on rank 1 at iteration 2" in output
+    assert not CRASH.search(output), output[-3000:]
+    # The failed rank ran its teardown: no backend thread outlived it.
+    assert _backend_threads_at_exit(tmp_path / "probe", ranks=(1,)) == {1: []}
+
+
+def test_ctrl_c_ends_every_rank_without_an_abort(tmp_path):
+    """Ctrl-C in a terminal: SIGINT to torchrun and both ranks (one process group) mid-training.
+    Every process ends, non-zero, without an abort or a hang."""
+    progress = tmp_path / "progress.txt"
+    hooks = [dict(type="ProgressHook", path=str(progress), delay=0.2)]
+    cfg = toy.write_config(tmp_path, "ctrlc.yaml", plugins=PLUGINS + ["vitasks_fault_plugin"], custom_hooks=hooks,
+                           train_cfg=dict(max_epochs=50))
+    env = _dist_env(tmp_path / "probe")
+    proc = subprocess.Popen(
+        ["bash", str(REPO / "tools" / "dist_train.sh"), cfg, "2", "--work-dir", str(tmp_path / "wd")],
+        env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (progress.exists() and len(progress.read_text().split()) >= 4):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode != 0, output[-3000:]
+    assert not CRASH.search(output), output[-3000:]
+    assert len(progress.read_text().split()) < 2 * 50 * 2  # stopped well before the end
 
 
 def test_launcher_without_torchrun_environment(monkeypatch):
