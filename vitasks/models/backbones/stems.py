@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitasks.checks import OneOf, PositiveInt, checked, config_key
+from vitasks.checks import PositiveInt, checked, config_key
 from vitasks.errors import ConfigError
 from vitasks.models.layers.conv import NORMS, ConvBNReLU
 from vitasks.registry import MODELS
@@ -144,10 +144,12 @@ class ConvStem(nn.Module):
         strides: Optional[Sequence[int]] = None,
         kernel_size: PositiveInt = 3,
         bn_eps: float = 1e-5,
-        norm: OneOf(*NORMS) = "BN",
+        norm: str = "BN",
     ) -> None:
         super().__init__()
         channels, strides = self._resolve(embed_dim, preset, channels, strides)
+        if norm not in NORMS:
+            raise ConfigError(f"{_where()}.norm of ConvStem: expected one of {', '.join(NORMS)}, got {norm!r}")
         if kernel_size % 2 == 0:
             raise ConfigError(f"{_where()}.kernel_size of ConvStem must be odd, got {kernel_size}")
         self.channels = channels
