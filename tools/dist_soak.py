@@ -99,6 +99,12 @@ def run_once(args, options: list, work_dir: Path, timeout: float) -> tuple:
     return proc.returncode, bool(_CRASH.search(output)), time.monotonic() - start, output
 
 
+def left_threads(output: str) -> bool:
+    """Whether a process reported backend threads still running after its teardown (see
+    vitasks.engine.distributed.shutdown_distributed)."""
+    return "still running after the process group was destroyed" in output
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=50, help="how many runs (default 50)")
@@ -118,18 +124,20 @@ def main(argv=None) -> int:
     options = cfg_options(args.demo, data_root, args.strategy)
     print(f"soak: {args.runs} runs of {DEMOS[args.demo]} ({args.strategy}, {args.nproc} processes); "
           f"data in {data_root}", flush=True)
-    failed, crashed, timed_out, seconds = [], [], [], []
+    failed, crashed, timed_out, seconds, leftovers = [], [], [], [], []
     for i in range(1, args.runs + 1):
         work_dir = tmp / f"run{i}"
         code, crash, took, output = run_once(args, options, work_dir, args.timeout)
         seconds.append(took)
+        if left_threads(output):
+            leftovers.append(i)
         ok = code == 0 and not crash
         if not ok:
             failed.append(i)
             crashed += [i] if crash else []
             timed_out += [i] if code == "timeout" else []
             (log_dir / f"run{i}.log").write_text(output)
-        print(f"run {i:3d}: exit {code}{' CRASH' if crash else ''} {took:6.1f} s"
+        print(f"run {i:3d}: exit {code}{' CRASH' if crash else ''}{' THREADS-LEFT' if i in leftovers else ''} {took:6.1f} s"
               f"{'' if ok else '  log: ' + str(log_dir / f'run{i}.log')}", flush=True)
         shutil.rmtree(work_dir, ignore_errors=True)
         if failed and args.stop_on_failure:
@@ -137,7 +145,8 @@ def main(argv=None) -> int:
     done = len(seconds)
     print(f"soak: {done - len(failed)}/{done} runs exited 0; aborts/crashes: {len(crashed)} {crashed}; "
           f"timeouts: {len(timed_out)} {timed_out}; other failures: "
-          f"{sorted(set(failed) - set(crashed) - set(timed_out))}; "
+          f"{sorted(set(failed) - set(crashed) - set(timed_out))}; backend threads left at exit: "
+          f"{len(leftovers)} {leftovers}; "
           f"{sum(seconds):.0f} s in all, {sum(seconds) / max(done, 1):.1f} s per run", flush=True)
     return 1 if failed else 0
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import gc
+import logging
 import os
 import signal
 import subprocess
@@ -211,7 +212,7 @@ def shutdown_distributed() -> None:
                 "after the process group was destroyed: a model or runner is still referenced; "
                 "release it before the program ends",
                 logger="current",
-                level=30,
+                level=logging.WARNING,
             )
     finally:
         if in_main:
