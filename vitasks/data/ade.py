@@ -223,49 +223,22 @@ class ADE20KDataset(SegFolderDataset):
             ``num_classes`` differs from 150 (a dataset in the ADE layout with other classes).
         num_classes: expected number of classes (``${num_classes}``).
         reduce_zero_label: map 0 ("other") to 255 and the rest to value - 1.
-        img_suffix, seg_map_suffix, ignore_index, skip_bad_samples, pipeline, test_mode,
-        lazy_init, max_refetch, indices, serialize_data: as :class:`SegFolderDataset`.
+        **kwargs: ``img_suffix``, ``seg_map_suffix``, ``ignore_index``, ``skip_bad_samples``,
+            ``pipeline``, ``test_mode``, ``lazy_init``, ``max_refetch``, ``indices``,
+            ``serialize_data``: as :class:`SegFolderDataset`.
     """
 
     SPLITS = ("training", "validation")
 
-    def __init__(
-        self,
-        data_root: str | None = None,
-        split: str = "training",
-        classes: Sequence[str] | None = None,
-        num_classes: int | None = None,
-        reduce_zero_label: bool = True,
-        img_suffix: str | Sequence[str] = ".jpg",
-        seg_map_suffix: str = ".png",
-        ignore_index: int = 255,
-        skip_bad_samples: bool = False,
-        pipeline: Sequence[dict | Callable] = (),
-        test_mode: bool = False,
-        lazy_init: bool = False,
-        max_refetch: int = 1000,
-        indices: int | Sequence[int] | None = None,
-        serialize_data: bool = True,
-    ) -> None:
+    def __init__(self, data_root: str | None = None, split: str = "training", reduce_zero_label: bool = True,
+                 **kwargs) -> None:
         self.split = one_of(split, self.SPLITS, "ADE20KDataset.split")
-        super().__init__(
-            data_root=data_root,
-            img_dir=f"images/{split}",
-            ann_dir=f"annotations/{split}",
-            img_suffix=img_suffix,
-            seg_map_suffix=seg_map_suffix,
-            classes=classes,
-            num_classes=num_classes,
-            reduce_zero_label=reduce_zero_label,
-            ignore_index=ignore_index,
-            skip_bad_samples=skip_bad_samples,
-            pipeline=pipeline,
-            test_mode=test_mode,
-            lazy_init=lazy_init,
-            max_refetch=max_refetch,
-            indices=indices,
-            serialize_data=serialize_data,
-        )
+        fixed = sorted(set(kwargs) & {"img_dir", "ann_dir"})
+        if fixed:
+            raise ConfigError(f"ADE20KDataset: {', '.join(fixed)} follow from `split` (images/<split>, "
+                              "annotations/<split>); use SegFolderDataset for other folders")
+        super().__init__(data_root=data_root, img_dir=f"images/{split}", ann_dir=f"annotations/{split}",
+                         reduce_zero_label=reduce_zero_label, **kwargs)
 
     def _default_classes(self, data_root: str, num_classes: int | None) -> list[str] | None:
         if num_classes is None or num_classes == len(ADE20K_CLASSES):
