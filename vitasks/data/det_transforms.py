@@ -49,7 +49,7 @@ from pycocotools import mask as mask_utils
 
 from vitasks.data.seeding import sample_rng
 from vitasks.data.seg_transforms import check_ratio_range, rescaled_size
-from vitasks.data.transforms import BaseTransform
+from vitasks.data.transforms import BaseTransform, chw_tensor
 from vitasks.checks import InRange, IntPair, OneOf, checked, config_key
 from vitasks.errors import ConfigError, DataError
 from vitasks.registry import TRANSFORMS
@@ -595,10 +595,7 @@ class PackDetInputs(BaseTransform):
         return instances
 
     def transform(self, results: dict) -> dict:
-        img = results["img"]
-        if img.ndim == 2:
-            img = img[:, :, None]
-        inputs = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+        inputs = chw_tensor(results["img"])
         sample = DataSample()
         if results.get("gt_bboxes") is not None:
             ignore = results.get("gt_ignore_flags")

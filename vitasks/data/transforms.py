@@ -44,6 +44,14 @@ class BaseTransform:
         return f"{type(self).__name__}({args})"
 
 
+def chw_tensor(img: np.ndarray) -> torch.Tensor:
+    """An HWC (or HW) image array as the CHW tensor the model's preprocessor takes (its
+    dtype kept: uint8 stays uint8)."""
+    if img.ndim == 2:
+        img = img[:, :, None]
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+
+
 def read_image(path: str) -> np.ndarray:
     """Read an image file as RGB uint8 HWC; any unreadable, truncated or non-image file raises
     DataError naming it.
@@ -245,10 +253,7 @@ class PackInputs(BaseTransform):
         self.meta_keys = tuple(meta_keys)
 
     def transform(self, results: dict) -> dict:
-        img = results["img"]
-        if img.ndim == 2:
-            img = img[:, :, None]
-        inputs = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+        inputs = chw_tensor(results["img"])
         sample = DataSample()
         if results.get("gt_label") is not None:
             sample.gt_label = torch.as_tensor(results["gt_label"], dtype=torch.long).reshape(-1)
