@@ -473,3 +473,24 @@ def test_mmengine_custom_keys_with_a_leading_dot_match_nothing():
     paramwise = dict(loaded("video_k400_timesformer.yaml").optim_wrapper.paramwise_cfg)
     decay = decay_of(model, paramwise, wd=1e-4)
     assert {"cls_token", "pos_embed", "time_embed"} <= set(decay) and all(wd == 1e-4 for wd in decay.values())
+
+
+@pytest.mark.parametrize("name", [n for n in FULL_SIZE if n != "multitask_cls_seg.yaml"])
+def test_samplers_and_hooks_build(name):
+    """The recipe's sampler (RepeatAugSampler for DeiT and VideoMAE) and custom hooks (EMA) build
+    from the config as written; the repeated-augmentation sampler repeats as the anchor does."""
+    from vitasks.registry import DATA_SAMPLERS, HOOKS
+
+    cfg = loaded(name)
+    sampler_cfg = dict(cfg.train_dataloader.sampler)
+    sampler = DATA_SAMPLERS.build(dict(sampler_cfg, dataset=list(range(1024)), seed=0))
+    if sampler_cfg["type"] == "RepeatAugSampler":  # (the others may be infinite)
+        indices = [int(i) for i in iter(sampler)]
+        repeats = sampler_cfg["num_repeats"]
+        if sampler_cfg.get("spread", True):  # DeiT's RASampler: 1024 // 256 * 256 samples, each thrice
+            assert len(indices) == 1024
+        else:  # VideoMAE's num_sample: every video, its repeats next to each other
+            assert len(indices) == 1024 * repeats
+            assert all(len(set(indices[i:i + repeats])) == 1 for i in range(0, len(indices), repeats))
+    for hook in cfg.get("custom_hooks", []):
+        HOOKS.build(dict(hook))
