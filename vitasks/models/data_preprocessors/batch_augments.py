@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from vitasks.checks import InRange, building, checked, config_key
+from vitasks.checks import InRange, NonNegativeInt, OrNone, PositiveInt, building, checked, config_key, one_of
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 
@@ -177,39 +177,32 @@ class RandomErasing:
         max_attempts: tries per rectangle; default 10 for images, 100 for clips.
     """
 
+    config_key = "RandomErasing"  # built alone; inside a preprocessor its key there
+
+    @checked
     def __init__(
         self,
-        probability: float = 0.5,
-        min_area: float = 0.02,
-        max_area: float = 1 / 3,
-        min_aspect: float = 0.3,
-        max_aspect: Optional[float] = None,
+        probability: InRange(0, 1) = 0.5,
+        min_area: InRange(0, 1, low_open=True) = 0.02,
+        max_area: InRange(0, 1, low_open=True) = 1 / 3,
+        min_aspect: InRange(0, low_open=True) = 0.3,
+        max_aspect: OrNone(InRange(0, low_open=True)) = None,
         mode: str = "const",
-        min_count: int = 1,
-        max_count: Optional[int] = None,
-        num_splits: int = 0,
-        max_attempts: Optional[int] = None,
-        prob: Optional[float] = None,
+        min_count: PositiveInt = 1,
+        max_count: OrNone(PositiveInt) = None,
+        num_splits: NonNegativeInt = 0,
+        max_attempts: OrNone(PositiveInt) = None,
+        prob: OrNone(InRange(0, 1)) = None,
     ) -> None:
-        if prob is not None:
-            probability = prob
-        if not 0 <= float(probability) <= 1:
-            raise ConfigError(f"RandomErasing.probability must be in [0, 1], got {probability}")
-        if not 0 < float(min_area) <= float(max_area) <= 1:
-            raise ConfigError(
-                f"RandomErasing: need 0 < min_area <= max_area <= 1, got {min_area} and {max_area}"
-            )
+        where = config_key(default=self.config_key)
+        probability = probability if prob is None else prob
         max_aspect = max_aspect or 1.0 / min_aspect
-        if not 0 < float(min_aspect) <= float(max_aspect):
-            raise ConfigError(
-                f"RandomErasing: need 0 < min_aspect <= max_aspect, got {min_aspect} and {max_aspect}"
-            )
-        mode = (mode or "const").lower()
-        if mode not in ("const", "rand", "pixel"):
-            raise ConfigError(f"RandomErasing.mode must be const, rand or pixel, got {mode!r}")
         max_count = max_count or min_count
-        if not 1 <= int(min_count) <= int(max_count):
-            raise ConfigError(f"RandomErasing: need 1 <= min_count <= max_count, got {min_count}, {max_count}")
+        for name, low, high in (("area", min_area, max_area), ("aspect", min_aspect, max_aspect),
+                                ("count", min_count, max_count)):
+            if low > high:
+                raise ConfigError(f"{where}: need min_{name} <= max_{name}, got {low} and {high}")
+        mode = one_of((mode or "const").lower(), ("const", "rand", "pixel"), f"{where}.mode")
         self.probability = float(probability)
         self.min_area, self.max_area = float(min_area), float(max_area)
         self.min_aspect, self.max_aspect = float(min_aspect), float(max_aspect)
