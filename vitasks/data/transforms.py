@@ -160,6 +160,13 @@ def build_albu(cfg: Dict[str, Any], where: str = "Albu.transforms") -> Any:
     return transform
 
 
+def as_uint8(img: np.ndarray) -> np.ndarray:
+    """Back to the uint8 convention after albumentations (a transform may give floats), contiguous."""
+    if img.dtype != np.uint8:
+        img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(img)
+
+
 def _reseed(transform: Any, rng: np.random.Generator) -> None:
     """Give an albumentations transform and each transform inside it a seed of its own from
     ``rng``. (``Compose.set_random_seed`` gives all of them the same seed, which would tie their
@@ -182,12 +189,11 @@ class Albu(BaseTransform):
     """
 
     def __init__(self, transforms: Sequence[Dict[str, Any]]) -> None:
+        where = f"{self.config_key}.transforms"
         if not isinstance(transforms, (list, tuple)):
-            raise ConfigError(f"Albu.transforms must be a list of dicts, got {transforms!r}")
+            raise ConfigError(f"{where} must be a list of dicts, got {transforms!r}")
         self.transforms = [dict(t) if isinstance(t, dict) else t for t in transforms]
-        self._compose = A.Compose(
-            [build_albu(t, f"Albu.transforms[{i}]") for i, t in enumerate(transforms)]
-        )
+        self._compose = A.Compose([build_albu(t, f"{where}[{i}]") for i, t in enumerate(transforms)])
 
     def transform(self, results: dict) -> dict:
         _reseed(self._compose, sample_rng(results))
@@ -196,11 +202,8 @@ class Albu(BaseTransform):
         if has_mask:
             kwargs["mask"] = results["gt_seg_map"]
         out = self._compose(**kwargs)
-        img = out["image"]
-        if img.dtype != np.uint8:
-            # Keep the uint8 convention (e.g. after a float-producing transform).
-            img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-        results["img"] = np.ascontiguousarray(img)
+        img = as_uint8(out["image"])
+        results["img"] = img
         results["img_shape"] = img.shape[:2]
         if has_mask:
             results["gt_seg_map"] = np.ascontiguousarray(out["mask"])

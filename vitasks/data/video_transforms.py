@@ -28,14 +28,13 @@ sample the same frames and crops in every run.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Optional, Sequence
 
-import albumentations as A
 import numpy as np
 import torch
 
 from vitasks.data.seeding import sample_rng
-from vitasks.data.transforms import BaseTransform, _reseed, build_albu
+from vitasks.data.transforms import Albu, BaseTransform, _reseed, as_uint8
 from vitasks.data.video_io import probe_video, read_raw_frames, read_video_frames
 from vitasks.checks import IntPair, OneOf, PositiveInt, checked
 from vitasks.errors import ConfigError, DataError
@@ -269,7 +268,7 @@ class DecodeFrames(BaseTransform):
 
 
 @TRANSFORMS.register_module()
-class VideoAlbu(BaseTransform):
+class VideoAlbu(Albu):
     """Albumentations on all frames of a sample with ONE draw of the random parameters (its
     ``images`` target), so a clip is cropped, flipped, resized and colour-jittered as a whole.
 
@@ -284,21 +283,11 @@ class VideoAlbu(BaseTransform):
     # Config validation checks the `type` names in `transforms` against albumentations.
     config_foreign_types = {"transforms": "albumentations"}
 
-    def __init__(self, transforms: Sequence[Dict[str, Any]]) -> None:
-        if not isinstance(transforms, (list, tuple)):
-            raise ConfigError(f"VideoAlbu.transforms must be a list of dicts, got {transforms!r}")
-        self.transforms = [dict(t) if isinstance(t, dict) else t for t in transforms]
-        self._compose = A.Compose(
-            [build_albu(t, f"VideoAlbu.transforms[{i}]") for i, t in enumerate(transforms)]
-        )
-
     def transform(self, results: dict) -> dict:
         _reseed(self._compose, sample_rng(results))
         # The `images` target (albumentations >= 1.4.12): one set of parameters for all frames.
-        imgs = np.asarray(self._compose(images=results["imgs"])["images"])
-        if imgs.dtype != np.uint8:
-            imgs = np.clip(np.rint(imgs), 0, 255).astype(np.uint8)
-        results["imgs"] = np.ascontiguousarray(imgs)
+        imgs = as_uint8(np.asarray(self._compose(images=results["imgs"])["images"]))
+        results["imgs"] = imgs
         results["img_shape"] = imgs.shape[1:3]
         return results
 
