@@ -61,18 +61,18 @@ class _ListDataset(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
 
     def __init__(
         self,
-        data_root: Optional[str],
-        ann_file: str,
-        data_prefix: Union[str, dict, None],
-        classes: Optional[Sequence[str]],
-        num_classes: Optional[int],
-        skip_bad_samples: bool,
-        pipeline: Sequence[Union[dict, Callable]],
-        test_mode: bool,
-        lazy_init: bool,
-        max_refetch: int,
-        indices: Optional[Union[int, Sequence[int]]],
-        serialize_data: bool,
+        data_root: Optional[str] = None,
+        ann_file: str = "train.txt",
+        data_prefix: Union[str, dict, None] = None,
+        classes: Optional[Sequence[str]] = None,
+        num_classes: Optional[int] = None,
+        skip_bad_samples: bool = False,
+        pipeline: Sequence[Union[dict, Callable]] = (),
+        test_mode: bool = False,
+        lazy_init: bool = False,
+        max_refetch: int = 1000,
+        indices: Optional[Union[int, Sequence[int]]] = None,
+        serialize_data: bool = True,
     ) -> None:
         name = type(self).__name__
         check_dataset_args(name, data_root, num_classes, f"the folder holding {ann_file!r}")
@@ -156,24 +156,6 @@ class VideoListDataset(_ListDataset):
 
     kind = "video"
 
-    def __init__(
-        self,
-        data_root: Optional[str] = None,
-        ann_file: str = "train.txt",
-        data_prefix: Union[str, dict, None] = None,
-        classes: Optional[Sequence[str]] = None,
-        num_classes: Optional[int] = None,
-        skip_bad_samples: bool = False,
-        pipeline: Sequence[Union[dict, Callable]] = (),
-        test_mode: bool = False,
-        lazy_init: bool = False,
-        max_refetch: int = 1000,
-        indices: Optional[Union[int, Sequence[int]]] = None,
-        serialize_data: bool = True,
-    ) -> None:
-        super().__init__(data_root, ann_file, data_prefix, classes, num_classes, skip_bad_samples,
-                         pipeline, test_mode, lazy_init, max_refetch, indices, serialize_data)
-
     def load_data_list(self) -> List[dict]:
         data_list, labels = [], []
         for lineno, line in _read_lines(self.ann_file):
@@ -220,23 +202,9 @@ class RawFrameDataset(_ListDataset):
 
     kind = "img"
 
-    def __init__(
-        self,
-        data_root: Optional[str] = None,
-        ann_file: str = "train.txt",
-        data_prefix: Union[str, dict, None] = None,
-        filename_tmpl: str = "img_{:05d}.jpg",
-        start_index: int = 1,
-        classes: Optional[Sequence[str]] = None,
-        num_classes: Optional[int] = None,
-        skip_bad_samples: bool = False,
-        pipeline: Sequence[Union[dict, Callable]] = (),
-        test_mode: bool = False,
-        lazy_init: bool = False,
-        max_refetch: int = 1000,
-        indices: Optional[Union[int, Sequence[int]]] = None,
-        serialize_data: bool = True,
-    ) -> None:
+    def __init__(self, data_root: Optional[str] = None, ann_file: str = "train.txt",
+                 data_prefix: Union[str, dict, None] = None, filename_tmpl: str = "img_{:05d}.jpg",
+                 start_index: int = 1, **kwargs) -> None:
         try:
             filename_tmpl.format(start_index)
         except (IndexError, KeyError, ValueError, AttributeError) as e:
@@ -246,8 +214,7 @@ class RawFrameDataset(_ListDataset):
             ) from e
         self.filename_tmpl = filename_tmpl
         self.start_index = int(start_index)
-        super().__init__(data_root, ann_file, data_prefix, classes, num_classes, skip_bad_samples,
-                         pipeline, test_mode, lazy_init, max_refetch, indices, serialize_data)
+        super().__init__(data_root, ann_file, data_prefix, **kwargs)
 
     def load_data_list(self) -> List[dict]:
         data_list, labels = [], []
