@@ -26,13 +26,13 @@ class DetDataPreprocessor(PaddedImagePreprocessor):
 
     Args:
         pad_mask: pad ``gt_instances.masks`` bitmaps to the batch shape too.
-        **kwargs: ``mean``, ``std``, ``size`` (``[1024, 1024]`` for ViTDet), ``size_divisor``,
+        *args, **kwargs: ``mean``, ``std``, ``size`` (``[1024, 1024]`` for ViTDet), ``size_divisor``,
             ``pad_val``, ``to_rgb``, ``non_blocking``, ``per_image_norm``: see
             :class:`~.normalization.PaddedImagePreprocessor`.
     """
 
-    def __init__(self, pad_mask: bool = False, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, *args, pad_mask: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self.pad_mask = bool(pad_mask)
 
     def forward(self, data: dict, training: bool = False) -> dict:

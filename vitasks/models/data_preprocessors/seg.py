@@ -29,13 +29,13 @@ class SegDataPreprocessor(PaddedImagePreprocessor):
 
     Args:
         seg_pad_val: label padding value (the ignore index).
-        **kwargs: ``mean``, ``std``, ``size`` (in training: the crop size, ``[512, 512]``),
+        *args, **kwargs: ``mean``, ``std``, ``size`` (in training: the crop size, ``[512, 512]``),
             ``size_divisor`` (in training), ``pad_val``, ``to_rgb``, ``non_blocking``,
             ``per_image_norm``: see :class:`~.normalization.PaddedImagePreprocessor`.
     """
 
-    def __init__(self, seg_pad_val: int = 255, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, *args, seg_pad_val: int = 255, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self.seg_pad_val = int(seg_pad_val)
 
     def forward(self, data: dict, training: bool = False) -> dict:

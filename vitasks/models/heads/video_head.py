@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vitasks.checks import InRange, OneOf, PositiveInt, checked
+from vitasks.checks import InRange, OneOf, checked
 from vitasks.registry import MODELS
 from vitasks.structures import DataSample
 
@@ -56,25 +56,15 @@ class VideoClsHead(LinearClsHead):
     ``pred_label`` = its argmax.
 
     Args:
-        num_classes: number of classes K.
-        in_channels: feature width C.
         dropout_ratio: dropout before ``fc`` (training only).
         average_clips: ``"prob"`` or ``"score"``.
-        loss: loss config (label smoothing goes here); default cross-entropy.
-        init_cfg: mmengine initialisation config.
+        num_classes, in_channels, loss (label smoothing goes here), init_cfg: as :class:`LinearClsHead`.
     """
 
     @checked
-    def __init__(
-        self,
-        num_classes: PositiveInt,
-        in_channels: PositiveInt,
-        dropout_ratio: InRange(0, 1, high_open=True) = 0.0,
-        average_clips: OneOf(*AVERAGE_CLIPS) = "prob",
-        loss: Optional[dict] = None,
-        init_cfg: Optional[dict] = None,
-    ) -> None:
-        super().__init__(num_classes, in_channels, loss=loss, init_cfg=init_cfg)
+    def __init__(self, num_classes: int, in_channels: int, dropout_ratio: InRange(0, 1, high_open=True) = 0.0,
+                 average_clips: OneOf(*AVERAGE_CLIPS) = "prob", **kwargs) -> None:
+        super().__init__(num_classes, in_channels, **kwargs)
         self.average_clips = average_clips
         self.dropout = nn.Dropout(dropout_ratio) if dropout_ratio > 0 else nn.Identity()
 
