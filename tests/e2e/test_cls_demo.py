@@ -20,10 +20,10 @@ NUM_CLASSES = 4
 def trained(tmp_path_factory, in_process_loaders):
     root = tmp_path_factory.mktemp("cls_demo")
     data_root = root / "data"
-    # Four generated shape classes at the demo's 64 px in the "plain" style (white on black): in a
-    # schedule short enough for the suite the demo learns these, not the random-colour ones.
+    # Four generated shape classes at the demo's 64 px, drawn light or dark over crops of a
+    # photograph ("photo" style): the demo must learn objects on real backgrounds.
     make_cls_dataset(str(data_root), num_classes=NUM_CLASSES, train_per_class=80, val_per_class=20, size=64,
-                     seed=0, style="plain")
+                     seed=0, style="photo")
     work_dir = root / "work"
     options = [
         f"data_root={data_root}",
@@ -65,5 +65,9 @@ def test_demo_learns_and_dump_matches_metrics(trained):
     correct = sum(classes.index(Path(rec["file"]).parent.name) == rec["pred"] for rec in lines)
     assert metrics["accuracy/top1"] == pytest.approx(100.0 * correct / len(lines), abs=1e-6)
 
-    # Well above chance (25 %) on held-out images.
-    assert metrics["accuracy/top1"] > 60.0, metrics
+    # Well above chance on held-out images: chance is the most frequent class's share of the
+    # validation set (what always answering that class scores); ask for a fifth of the way to
+    # 100 % in this short schedule (measured: 45 % with 4 classes, chance 25 %).
+    counts = [sum(1 for _ in (data_root / "val" / c).iterdir()) for c in classes]
+    chance = 100.0 * max(counts) / sum(counts)
+    assert metrics["accuracy/top1"] >= chance + 0.2 * (100.0 - chance), (metrics, chance)

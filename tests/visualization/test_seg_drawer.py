@@ -28,6 +28,9 @@ TINY = [
     "model.neck.embed_dim=16",
     "model.decode_head.in_channels=16",
     "model.decode_head.channels=8",
+    # A small stem of its own, so that the random model's map varies whatever the demo's stem.
+    "model.backbone.stem.channels=[8,16,16]",
+    "model.backbone.stem.strides=[2,2,2]",
 ]
 
 
