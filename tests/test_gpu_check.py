@@ -4,7 +4,7 @@ search and the report (the GPU run itself needs a GPU: not in CI)."""
 import pytest
 import torch
 
-from vitasks.gpu_check import bf16_peak_tflops, format_report, largest_batch, sdpa_kernels
+from vitasks.benchmarks.gpu_check import bf16_peak_tflops, format_report, largest_batch, sdpa_kernels
 
 
 def test_peak_table_matches_device_names():

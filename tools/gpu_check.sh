@@ -11,4 +11,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
-exec "$PYTHON" -m vitasks.gpu_check "$@"
+exec "$PYTHON" -m vitasks.cli gpu-check "$@"

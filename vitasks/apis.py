@@ -160,6 +160,10 @@ def init_model(
         mode="tensor")`` is the raw head output for normalised inputs.
     """
     cfg = load_cfg(config, cfg_options)
+    if cfg.get("kernels") is not None:  # the config's choice of NMS/RoIAlign kernels, as in training
+        from vitasks.models.ops.selection import select_kernels
+
+        select_kernels(cfg.get("kernels"), f"{getattr(cfg, 'filename', None) or 'config'}: kernels")
     model = build_model(cfg)
     meta: dict = {}
     if checkpoint is not None:

@@ -1,5 +1,6 @@
 """The ``vitasks`` command: ``train``, ``test``, ``infer``, ``attention-map``, ``convert``,
-``list``, ``benchmark``, ``export-onnx``, ``eval-coco``, ``browse-dataset`` and ``analyze-logs``.
+``list``, ``benchmark``, ``export-onnx``, ``eval-coco``, ``browse-dataset``, ``analyze-logs`` and
+``gpu-check``.
 
 The package's only command-line code: the lower layers expose functions, and this module parses
 arguments for them.
@@ -375,7 +376,7 @@ def _write_json(path: str, data) -> None:
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump(data, f, indent=2)
+        json.dump(data, f, indent=2, default=str)
 
 
 def _run_benchmark(args: argparse.Namespace) -> int:
@@ -538,6 +539,37 @@ def _run_analyze_logs(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# gpu-check
+# --------------------------------------------------------------------------------------------
+
+
+def add_gpu_check_parser(subparsers) -> argparse.ArgumentParser:
+    parser = _command(
+        subparsers, "gpu-check", _run_gpu_check, "check a GPU machine (tools/gpu_check.sh)",
+        "Which SDPA and detection kernels run, the benchmark table of a ViT-B/16 and the MFU of "
+        "its bf16 training step (vitasks/benchmarks/gpu_check.py).",
+        cfg_options=False,
+    )
+    parser.add_argument("--config", default="configs/cls_imagenet.yaml", help="ViT-B/16 by default")
+    parser.add_argument("--batch-size", type=_positive_int, default=None,
+                        help="training batch for the MFU (default: largest that fits)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table")
+    parser.add_argument("--iters", type=_positive_int, default=10)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--json", default=None, metavar="OUT")
+    return parser
+
+
+def _run_gpu_check(args: argparse.Namespace) -> int:
+    gpu = importlib.import_module("vitasks.benchmarks.gpu_check")
+    report = gpu.gpu_check(args.config, args.batch_size, args.peak_tflops, args.iters, compile=not args.no_compile)
+    print(gpu.format_report(report))
+    if args.json:
+        _write_json(args.json, report)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------
 
@@ -553,6 +585,7 @@ _SUBCOMMANDS: Sequence[Callable] = (
     add_eval_coco_parser,
     add_browse_dataset_parser,
     add_analyze_logs_parser,
+    add_gpu_check_parser,
 )
 
 

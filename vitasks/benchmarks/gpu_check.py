@@ -10,14 +10,11 @@ the GPU's dense bf16 peak. The peak comes from :data:`BF16_PEAK_TFLOPS` by devic
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from typing import Any, Optional
 
 import torch
 
-__all__ = ["BF16_PEAK_TFLOPS", "bf16_peak_tflops", "sdpa_kernels", "detection_kernels", "largest_batch", "gpu_check", "main"]
+__all__ = ["BF16_PEAK_TFLOPS", "bf16_peak_tflops", "sdpa_kernels", "detection_kernels", "largest_batch", "gpu_check"]
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets. Matched
 # against torch.cuda.get_device_name() in this order (first substring that matches).
@@ -184,24 +181,3 @@ def format_report(report: dict[str, Any]) -> str:
     mfu = f"{100 * m['mfu']:.1f} %" if m["mfu"] is not None else "n/a (unknown peak: --peak-tflops)"
     lines += ["", f"ViT-B/16 bf16 training step at batch {m['batch_size']}: {m['train_tflops']:.1f} TFLOP/s, MFU {mfu}"]
     return "\n".join(lines)
-
-
-def main(argv: Optional[list] = None) -> int:
-    p = argparse.ArgumentParser(prog="tools/gpu_check.sh", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/cls_imagenet.yaml", help="ViT-B/16 by default")
-    p.add_argument("--batch-size", type=int, default=None, help="training batch for the MFU (default: largest that fits)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table")
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--json", default=None, metavar="OUT")
-    args = p.parse_args(argv)
-    report = gpu_check(args.config, args.batch_size, args.peak_tflops, args.iters, compile=not args.no_compile)
-    print(format_report(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1, default=str)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
