@@ -329,7 +329,7 @@ def test_pooler_and_detector_heads_equal_on_both_kernels(tv_ops, fresh_choice):
 
 
 def test_gpu_check_reports_the_kernels_and_their_agreement(tv_ops, fresh_choice):
-    from vitasks.gpu_check import detection_kernels, format_report
+    from vitasks.benchmarks.gpu_check import detection_kernels, format_report
 
     info = detection_kernels("cpu")  # what tools/gpu_check.sh runs on the GPU
     assert info["kernels"] == "torchvision"
