@@ -70,3 +70,20 @@ def test_lower_layers_build_no_component_of_a_higher_layer():
                 problems.append(f"{path.relative_to(PACKAGE)} builds '{name}' defined in {bad}")
     assert seen > 5  # the scan finds the registry references (ConvFCBoxHead, MaskConvUpsampleHead...)
     assert not problems, problems
+
+
+def test_command_line_code_lives_in_cli_and_tools():
+    """Argument parsing only in vitasks/cli.py (and the scripts in tools/)."""
+    parsing = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                     if "argparse" in imported_modules(p) and p.name != "cli.py")
+    assert parsing == []
+
+
+def test_tools_import_no_private_names():
+    tools = PACKAGE.parent / "tools"
+    private = []
+    for path in sorted(tools.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vitasks"):
+                private += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert private == []

@@ -110,11 +110,11 @@ def batches_per_task(cfg, names: list, iters: int) -> dict:
 # ---------------------------------------------------------------------------- step time
 def time_steps(cfg, rounds: int, steps: int) -> dict:
     """Median seconds per optimizer step: each task alone, and every task in one step."""
-    from vitasks.engine.launch import _build_runner
+    from vitasks.engine.launch import build_runner
 
     cfg = copy.deepcopy(cfg)
     cfg.work_dir = os.path.join(cfg.work_dir, "timing")
-    runner = _build_runner(cfg)
+    runner = build_runner(cfg)
     model = runner.model
     optim_wrapper = runner.build_optim_wrapper(cfg.optim_wrapper)
     names = task_names(cfg)

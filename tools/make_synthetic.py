@@ -1,7 +1,8 @@
-"""Write a small generated dataset in a standard layout: ``python tools/make_synthetic.py {cls,seg,det,video} OUT``."""
+"""Write a small generated dataset in a standard layout:
+``python tools/make_synthetic.py {cls,seg,det,video} OUT [--seed N] [--style random|plain|photo]``."""
 import sys
 
-from vitasks.data.synthetic import main
+from vitasks.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(["make-synthetic", *sys.argv[1:]]))

@@ -1,6 +1,6 @@
 """The ``vitasks`` command: ``train``, ``test``, ``infer``, ``attention-map``, ``convert``,
-``list``, ``benchmark``, ``export-onnx``, ``eval-coco``, ``browse-dataset``, ``analyze-logs`` and
-``gpu-check``.
+``list``, ``benchmark``, ``export-onnx``, ``eval-coco``, ``browse-dataset``, ``analyze-logs``,
+``gpu-check`` and ``make-synthetic``.
 
 The package's only command-line code: the lower layers expose functions, and this module parses
 arguments for them.
@@ -570,6 +570,40 @@ def _run_gpu_check(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# make-synthetic
+# --------------------------------------------------------------------------------------------
+
+
+def add_make_synthetic_parser(subparsers) -> argparse.ArgumentParser:
+    from vitasks.data.synthetic import KINDS
+
+    parser = _command(
+        subparsers, "make-synthetic", _run_make_synthetic, "write a small generated dataset",
+        "Write a small generated dataset in a standard layout (tools/make_synthetic.py).",
+        cfg_options=False,
+    )
+    parser.add_argument("kind", choices=sorted(KINDS), help="which task's dataset")
+    parser.add_argument("out", help="output folder (the dataset's data_root)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--style", choices=("random", "plain", "photo"), default="random",
+        help="random: shapes in random colours and textures on textured backgrounds (default); "
+        "plain: white shapes on black (quick checks); photo: shapes drawn light or dark over crops "
+        "of the photograph that ships with matplotlib (photo composites). cls and seg only.",
+    )
+    return parser
+
+
+def _run_make_synthetic(args: argparse.Namespace) -> int:
+    synthetic = importlib.import_module("vitasks.data.synthetic")
+    if args.style != "random" and args.kind not in synthetic.STYLED_KINDS:
+        args.parser.error(f"--style {args.style} is for {' and '.join(synthetic.STYLED_KINDS)} only")
+    synthetic.make_synthetic(args.kind, args.out, seed=args.seed, style=args.style)
+    print(f"wrote a synthetic {args.kind} dataset ({args.style} style) to {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------
 
@@ -586,6 +620,7 @@ _SUBCOMMANDS: Sequence[Callable] = (
     add_browse_dataset_parser,
     add_analyze_logs_parser,
     add_gpu_check_parser,
+    add_make_synthetic_parser,
 )
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from vitasks.convert import convert_checkpoint
-from vitasks.engine.launch import _build_runner, prepare_config
+from vitasks.engine.launch import build_runner, prepare_config
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "det_coco.yaml")
 DIM, DEPTH, HEADS, PATCH = 32, 2, 2, 16
@@ -88,7 +88,7 @@ def expected_pos_embed(pos_embed: torch.Tensor, grid: int, new_grid: int) -> tor
 
 def load_into_detector(checkpoint: str, tmp_path):
     cfg = prepare_config(CONFIG, TINY + [f"load_from={checkpoint}"], work_dir=str(tmp_path / "wd"))
-    runner = _build_runner(cfg)
+    runner = build_runner(cfg)
     heads_before = {k: v.clone() for k, v in runner.model.state_dict().items() if not k.startswith("backbone.")}
     runner.load_or_resume()  # what train() does first: load_from, with the vitasks rules
     return runner.model, heads_before

@@ -20,7 +20,7 @@ from mmengine.dist import get_rank, is_distributed
 
 from vitasks.errors import CheckpointError, ConfigError
 
-__all__ = ["train", "test", "prepare_config", "flatten_metrics", "METRICS_FILE"]
+__all__ = ["train", "test", "prepare_config", "build_runner", "flatten_metrics", "METRICS_FILE"]
 
 METRICS_FILE = "metrics.json"
 
@@ -124,7 +124,7 @@ def _finish_dist(launcher: str) -> None:
     wait_for_all_ranks()
 
 
-def _build_runner(cfg: Config):
+def build_runner(cfg: Config):
     from vitasks.config import validate_config
     from vitasks.engine.runner import VitasksRunner
 
@@ -173,7 +173,7 @@ def train(
             f"{cfg.filename}: training needs train_dataloader, train_cfg and optim_wrapper"
         )
     _init_dist(cfg, launcher)
-    runner = _build_runner(cfg)
+    runner = build_runner(cfg)
     runner.train()
     _finish_dist(launcher)
     return runner
@@ -249,7 +249,7 @@ def test(
     if dump:
         _add_dump(cfg, dump)
     _init_dist(cfg, launcher)
-    runner = _build_runner(cfg)
+    runner = build_runner(cfg)
     metrics = flatten_metrics(runner.test())
     if get_rank() == 0 or not is_distributed():
         os.makedirs(runner.work_dir, exist_ok=True)

@@ -131,10 +131,10 @@ def test_the_config_key_is_checked_and_applied_when_the_runner_is_built(fresh_ch
     monkeypatch.setattr(selection, "_probe_result", (object(), "torchvision 0.29.1"))
     (tmp_path / "x.yaml").write_text("kernels: cuda\n")
     with pytest.raises(ConfigError, match="x.yaml: kernels: expected one of auto, torchvision, torch, got 'cuda'"):
-        launch._build_runner(load_config(str(tmp_path / "x.yaml")))
+        launch.build_runner(load_config(str(tmp_path / "x.yaml")))
     assert selection._choice is None
     (tmp_path / "x.yaml").write_text("kernels: torch\n")
-    assert launch._build_runner(load_config(str(tmp_path / "x.yaml"))) == "runner"
+    assert launch.build_runner(load_config(str(tmp_path / "x.yaml"))) == "runner"
     assert kernels() == "torch"
     assert "x.yaml: kernels: torch" in fresh_choice[0]
 

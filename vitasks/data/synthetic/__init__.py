@@ -4,7 +4,6 @@ Each kind is a function ``make_<kind>_dataset(out_dir, seed=0, ...)`` in its own
 demo configs under ``configs/demo/`` read what these write.
 """
 
-import argparse
 import importlib
 
 # kind -> (module, function): imported on demand so one kind's dependencies don't burden another.
@@ -32,26 +31,3 @@ def make_synthetic(kind: str, out_dir: str, seed: int = 0, style: str = "random"
     if style != "random":
         raise ValueError(f"the {kind!r} dataset has no style {style!r}; styles are for {', '.join(STYLED_KINDS)}")
     return make(out_dir, seed=seed)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="make_synthetic", description="Write a small generated dataset in a standard layout."
-    )
-    parser.add_argument("kind", choices=sorted(KINDS), help="which task's dataset")
-    parser.add_argument("out", help="output folder (the dataset's data_root)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--style",
-        choices=("random", "plain", "photo"),
-        default="random",
-        help="random: shapes in random colours and textures on textured backgrounds (default); "
-        "plain: white shapes on black (quick checks); photo: shapes drawn light or dark over crops "
-        "of the photograph that ships with matplotlib (photo composites). cls and seg only.",
-    )
-    args = parser.parse_args(argv)
-    if args.style != "random" and args.kind not in STYLED_KINDS:
-        parser.error(f"--style {args.style} is for {' and '.join(STYLED_KINDS)} only")
-    make_synthetic(args.kind, args.out, seed=args.seed, style=args.style)
-    print(f"wrote a synthetic {args.kind} dataset ({args.style} style) to {args.out}")
-    return 0
