@@ -16,7 +16,7 @@ import argparse
 import os
 import re
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 import tempfile
@@ -70,17 +70,12 @@ def cfg_options(demo: str, data_root: Path, strategy: str) -> list:
     return options
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_once(args, options: list, work_dir: Path, timeout: float) -> tuple:
     """One torchrun; returns (exit status or "timeout", crashed, seconds, output)."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
-        f"--nproc_per_node={args.nproc}", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        # --standalone: torchrun binds a free port itself (picking one here and passing it races
+        # with other launches on the machine)
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
         str(REPO / "tools" / "train.py"), str(REPO / DEMOS[args.demo]), "--launcher", "pytorch",
         "--work-dir", str(work_dir), "--cfg-options", *options,
     ]
@@ -89,13 +84,15 @@ def run_once(args, options: list, work_dir: Path, timeout: float) -> tuple:
     if args.cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     start = time.monotonic()
+    # Its own process group, so that a run that hangs is killed whole (torchrun and its workers).
+    proc = subprocess.Popen(command, cwd=str(REPO), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        proc = subprocess.run(command, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-        return "timeout", False, time.monotonic() - start, out + err
-    output = proc.stdout + proc.stderr
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        return "timeout", bool(_CRASH.search(output or "")), time.monotonic() - start, output or ""
     return proc.returncode, bool(_CRASH.search(output)), time.monotonic() - start, output
 
 
