@@ -7,8 +7,9 @@
   with ``--resume`` ends with the uninterrupted run's weights, and ``last_checkpoint`` never
   names a partial file (four kills: two at random moments of training, two half-way through
   writing a checkpoint);
-- with repeated augmentation (``RepeatAugSampler``) and the weights' EMA (``EMAHook``) on, a run
-  stopped mid-epoch and resumed ends with the uninterrupted run's weights and average.
+- with RandAugment, RandomErasing, repeated augmentation (``RepeatAugSampler``) and the weights'
+  EMA (``EMAHook``) all on, a run stopped mid-epoch and resumed ends with the uninterrupted run's
+  weights and average.
 """
 
 import os
@@ -100,17 +101,24 @@ def test_num_workers_changes_nothing(reference, data_root, tmp_path):
     assert _same(_final_weights(tmp_path / "workers"), reference)
 
 
-# Repeated augmentation (3 repeats, the epoch length kept: 12 images per epoch) and the EMA on.
+# DeiT's recipe pieces all on: RandAugment (timm's rand-m9-mstd0.5-inc1), RandomErasing after
+# normalisation, repeated augmentation (3 repeats, the epoch length kept: 12 images per epoch)
+# and the EMA of the weights.
 REPEAT_AUG_EMA = {
+    "train_dataloader.dataset.pipeline": "[{type: LoadImage}, {type: RandAugment, config_str: rand-m9-mstd0.5-inc1}, "
+                                         "{type: Albu, transforms: [{type: RandomResizedCrop, "
+                                         "size: ['${img_size}', '${img_size}'], scale: [0.6, 1.0]}]}, {type: PackInputs}]",
+    "model.data_preprocessor.random_erasing": "{type: RandomErasing, probability: 0.5, mode: pixel}",
     "train_dataloader.sampler": "{type: RepeatAugSampler, num_repeats: 3, selected_round: 0}",
     "custom_hooks": "[{type: EMAHook, decay: 0.9, warmup: true}]",
 }
 
 
 def test_repeat_aug_and_ema_same_seed_and_stopped_then_resumed(reference, data_root, tmp_path):
-    """With RepeatAugSampler and EMAHook on, a run with the same seed stopped mid-epoch (interrupt
-    checkpoint) and resumed ends with the uninterrupted run's weights and average, bit for bit;
-    and the recipe changed the training (the weights are not the plain run's)."""
+    """With RandAugment, RandomErasing, RepeatAugSampler and EMAHook on, a run with the same seed
+    stopped mid-epoch (interrupt checkpoint) and resumed ends with the uninterrupted run's weights
+    and average, bit for bit; and the recipe changed the training (the weights are not the plain
+    run's)."""
     def final(work_dir):
         ck = load_checkpoint_file(str(Path(work_dir) / f"epoch_{EPOCHS}.pth"))
         return ck["state_dict"], ck["ema_state_dict"]
