@@ -657,5 +657,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return code if isinstance(code, int) else 2
 
 
+def end_process(code: int) -> None:
+    """Leave the process with ``code`` (what ``tools/train.py``, ``tools/test.py`` and the
+    ``vitasks`` command end with).
+
+    After a distributed run the process group is destroyed first, while the interpreter still
+    works (:func:`vitasks.engine.distributed.shutdown_distributed`). If the backend's threads
+    outlive it (FSDP on torch 2.13 holds its group from C++), the interpreter's own finalisation
+    could abort: a gloo worker that asks for the GIL then is ended with ``pthread_exit`` inside a
+    ``noexcept`` destructor (``terminate called without an active exception``). Then the logs and
+    output are flushed and the process ends with ``os._exit(code)``, skipping that finalisation,
+    so a finished run exits with its status, never with SIGABRT.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        import logging
+        import os
+
+        from vitasks.engine.distributed import backend_threads, shutdown_distributed
+
+        shutdown_distributed()
+        if backend_threads():
+            print("distributed: backend threads outlive the process group; output flushed, the process "
+                  f"ends now with status {code}", file=sys.stderr)
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    sys.exit(code)
+
+
+def console_main() -> None:
+    """The ``vitasks`` console command."""
+    end_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

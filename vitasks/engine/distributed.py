@@ -211,8 +211,9 @@ def shutdown_distributed() -> None:
             print_log(
                 f"distributed: {len(left)} backend threads ({', '.join(left)}) are still running "
                 "after the process group was destroyed: something still holds the group (a model or "
-                "runner the program keeps, or, under FSDP, torch's own state), so the threads end "
-                "only in the interpreter's teardown",
+                "runner the program keeps, or, under FSDP, torch's own state); tools/train.py, "
+                "tools/test.py and the vitasks command then end the process with os._exit after "
+                "flushing, a program of its own may abort in the interpreter's teardown",
                 logger="current",
                 level=logging.WARNING,
             )
