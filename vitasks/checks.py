@@ -39,6 +39,7 @@ __all__ = [
     "InRange",
     "BlockIndices",
     "OrNone",
+    "ListOf",
     "building",
     "config_key",
     "checked",
@@ -227,6 +228,26 @@ def BlockIndices(depth_argument: str = "depth", allow_empty: bool = True) -> Any
 def OrNone(annotation: Any) -> Any:  # noqa: N802
     """``OrNone(PositiveInt)``: None, or what ``annotation`` accepts."""
     return Annotated[Any, _Optional(_check_of(annotation))]
+
+
+class _ListOf(Check):
+    """A list (or tuple) whose every entry passes ``check``; empty only when ``allow_empty``."""
+
+    def __init__(self, check: Check, allow_empty: bool) -> None:
+        self.check, self.reads, self.allow_empty = check, check.reads, allow_empty
+
+    def __call__(self, value: Any, key: str, arguments: Mapping[str, Any]) -> Any:
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        if not value and not self.allow_empty:
+            raise ConfigError(f"{key} must not be empty")
+        return tuple(self.check(v, f"{key}[{i}]", arguments) for i, v in enumerate(value))
+
+
+def ListOf(annotation: Any, allow_empty: bool = False) -> Any:  # noqa: N802
+    """``ListOf(PositiveInt)``: a list of what ``annotation`` accepts (as a tuple), each entry's
+    message naming ``key[i]``; not empty unless ``allow_empty``."""
+    return Annotated[Any, _ListOf(_check_of(annotation), allow_empty)]
 
 
 def _check_of(annotation: Any) -> Optional[Check]:

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitasks.checks import PositiveInt, checked, config_key
+from vitasks.checks import ListOf, OrNone, PositiveInt, checked, config_key
 from vitasks.errors import ConfigError
-from vitasks.models.layers.conv import NORMS, ConvBNReLU
+from vitasks.models.layers.conv import ConvBNReLU, check_norm
 from vitasks.registry import MODELS
 
 STEM_KEY = "model.backbone.stem"
@@ -43,18 +43,6 @@ def _check_ws_form(ws_form, stem: str) -> str:
             f"timm's; 'std': (w - mean) / (std + ws_eps), Google's JAX code), got {ws_form!r}"
         )
     return ws_form
-
-
-def _check_int_list(values, key: str, stem: str, allow_empty: bool = False) -> Tuple[int, ...]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise ConfigError(f"{_where()}.{key} of {stem} must be a list of positive integers, got {values!r}")
-    values = tuple(values)
-    if not values and not allow_empty:
-        raise ConfigError(f"{_where()}.{key} of {stem} must not be empty")
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{_where()}.{key} of {stem} must be a list of positive integers, got {list(values)!r}")
-    return values
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,16 +128,15 @@ class ConvStem(nn.Module):
         in_channels: int = 3,
         embed_dim: int = 768,
         preset: Optional[str] = None,
-        channels: Optional[Sequence[int]] = None,
-        strides: Optional[Sequence[int]] = None,
+        channels: OrNone(ListOf(PositiveInt)) = None,
+        strides: OrNone(ListOf(PositiveInt)) = None,
         kernel_size: PositiveInt = 3,
         bn_eps: float = 1e-5,
         norm: str = "BN",
     ) -> None:
         super().__init__()
         channels, strides = self._resolve(embed_dim, preset, channels, strides)
-        if norm not in NORMS:
-            raise ConfigError(f"{_where()}.norm of ConvStem: expected one of {', '.join(NORMS)}, got {norm!r}")
+        check_norm(norm, f"{_where()}.norm of ConvStem")
         if kernel_size % 2 == 0:
             raise ConfigError(f"{_where()}.kernel_size of ConvStem must be odd, got {kernel_size}")
         self.channels = channels
@@ -184,15 +171,9 @@ class ConvStem(nn.Module):
                 )
             p = CONV_STEM_PRESETS[_PRESET_FOR_WIDTH[embed_dim]]
             return p["channels"], p["strides"]
-        if channels is None or strides is None:
-            raise ConfigError(f"{_where()}: ConvStem needs both `channels` and `strides` (one stride per conv)")
-        channels = _check_int_list(channels, "channels", "ConvStem")
-        strides = _check_int_list(strides, "strides", "ConvStem")
-        if len(channels) != len(strides):
-            raise ConfigError(
-                f"{_where()}: ConvStem `channels` has {len(channels)} entries but `strides` has {len(strides)}; "
-                "give one stride per conv"
-            )
+        if channels is None or strides is None or len(channels) != len(strides):
+            raise ConfigError(f"{_where()}: ConvStem needs both `channels` and `strides`, one stride per conv; got "
+                              f"channels={channels!r}, strides={strides!r}")
         return channels, strides
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -448,8 +429,8 @@ class ResNetStem(nn.Module):
         self,
         in_channels: int = 3,
         embed_dim: int = 768,
-        layers: Sequence[int] = (3, 4, 9),
-        widths: Optional[Sequence[int]] = None,
+        layers: ListOf(PositiveInt) = (3, 4, 9),
+        widths: OrNone(ListOf(PositiveInt)) = None,
         stem_channels: PositiveInt = 64,
         num_groups: PositiveInt = 32,
         ws_eps: float = 1e-8,
@@ -458,16 +439,11 @@ class ResNetStem(nn.Module):
     ) -> None:
         super().__init__()
         _check_ws_form(ws_form, "ResNetStem")
-        layers = _check_int_list(layers, "layers", "ResNetStem")
         if widths is None:
-            if len(layers) > 4:
-                raise ConfigError(f"{_where()}.layers of ResNetStem has {len(layers)} stages; give `widths` for more than 4")
             widths = (256, 512, 1024, 2048)[: len(layers)]
-        widths = _check_int_list(widths, "widths", "ResNetStem")
         if len(widths) != len(layers):
-            raise ConfigError(
-                f"{_where()}: ResNetStem `widths` has {len(widths)} entries but `layers` has {len(layers)}"
-            )
+            raise ConfigError(f"{_where()}: ResNetStem `widths` has {len(widths)} entries but `layers` has "
+                              f"{len(layers)} stages; give `widths`, one per stage (the default has 4)")
         for key, c in [("stem_channels", stem_channels)] + [("widths", w) for w in widths] + [("widths / 4", w // 4) for w in widths]:
             if c % num_groups:
                 raise ConfigError(f"{_where()}: ResNetStem {key} ({c}) must be divisible by num_groups ({num_groups})")

@@ -9,7 +9,7 @@ from torch import nn
 from vitasks.errors import ConfigError
 from vitasks.models.layers.norm import LayerNorm2d
 
-__all__ = ["ConvBNReLU", "conv_norm", "NORMS"]
+__all__ = ["ConvBNReLU", "conv_norm", "check_norm", "NORMS"]
 
 # Before the stem and the heads shared this block, the heads' version was an ``nn.Sequential``
 # whose state dict read ``0.weight`` (conv) and ``1.*`` (BatchNorm); such checkpoints still load.
@@ -19,18 +19,24 @@ _LEGACY_PREFIXES = {"0.": "conv.", "1.": "bn."}
 NORMS = ("BN", "LN", "GN")
 
 
+def check_norm(norm: str, key: str = "norm") -> str:
+    """``norm`` if it names a normalisation of :class:`ConvBNReLU`; else a ConfigError at ``key``."""
+    if norm not in NORMS:
+        raise ConfigError(f"{key}: expected one of {', '.join(NORMS)}, got {norm!r}")
+    return norm
+
+
 def conv_norm(norm: str, channels: int, eps: float) -> nn.Module:
     """The normalisation layer named by ``norm`` (see :class:`ConvBNReLU`) for ``channels``."""
+    check_norm(norm)
     if norm == "BN":
         return nn.BatchNorm2d(channels, eps=eps)
     if norm == "LN":
         return LayerNorm2d(channels, eps=eps)
-    if norm == "GN":
-        groups = max(1, min(32, channels // 8))
-        while channels % groups:
-            groups -= 1
-        return nn.GroupNorm(groups, channels, eps=eps)
-    raise ConfigError(f"norm: expected one of {', '.join(NORMS)}, got {norm!r}")
+    groups = max(1, min(32, channels // 8))  # GN
+    while channels % groups:
+        groups -= 1
+    return nn.GroupNorm(groups, channels, eps=eps)
 
 
 class ConvBNReLU(nn.Module):
