@@ -94,12 +94,9 @@ def _apply_amp(cfg: Config, amp: bool) -> None:
     ow["type"] = "MixedPrecisionOptimWrapper"
     if ow.get("dtype") is None:
         ow["dtype"] = "bfloat16"
-    if ow["dtype"] not in ("bfloat16", "float16"):
-        raise ConfigError(
-            f"{cfg.filename}: optim_wrapper.dtype: expected bfloat16 or float16, got {ow['dtype']!r}"
-        )
-    from vitasks.engine.amp import device_type, warn_if_bf16_is_slow
+    from vitasks.engine.amp import autocast_dtype, device_type, warn_if_bf16_is_slow
 
+    autocast_dtype(ow["dtype"])  # bfloat16 or float16
     # bf16 on a CPU that emulates it is several times slower than float32: say so, once.
     warn_if_bf16_is_slow(device_type(), ow["dtype"])
 
@@ -168,15 +165,19 @@ def train(
         cfg.resume = resume
     if isinstance(cfg.get("resume"), str) and cfg.resume != "auto" and not osp.isfile(cfg.resume):
         raise CheckpointError(f"--resume: checkpoint {cfg.resume!r} does not exist")
-    if not cfg.get("train_dataloader") or not cfg.get("train_cfg") or not cfg.get("optim_wrapper"):
-        raise ConfigError(
-            f"{cfg.filename}: training needs train_dataloader, train_cfg and optim_wrapper"
-        )
+    _require(cfg, "training", ("train_dataloader", "train_cfg", "optim_wrapper"), allow_empty=False)
     _init_dist(cfg, launcher)
     runner = build_runner(cfg)
     runner.train()
     _finish_dist(launcher)
     return runner
+
+
+def _require(cfg: Config, purpose: str, keys: Sequence[str], allow_empty: bool = True) -> None:
+    """The top-level ``keys`` that ``purpose`` needs are set (and not empty, unless ``allow_empty``)."""
+    missing = [k for k in keys if cfg.get(k) is None or not (allow_empty or cfg.get(k))]
+    if missing:
+        raise ConfigError(f"{cfg.filename}: {purpose} needs {', '.join(missing)} in the config")
 
 
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict:
@@ -201,13 +202,11 @@ def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict:
 
 def _add_dump(cfg: Config, dump: str) -> None:
     test_dump = cfg.get("test_dump")
-    if not test_dump:
+    if not isinstance(test_dump, Mapping) or "type" not in test_dump:
         raise ConfigError(
             f"{cfg.filename}: --dump needs a `test_dump` entry in the config: the dumper metric "
-            "that writes predictions, e.g. `test_dump: {type: ClsPredictionDumper}`"
+            f"that writes predictions, e.g. `test_dump: {{type: ClsPredictionDumper}}`, got {test_dump!r}"
         )
-    if not isinstance(test_dump, Mapping) or "type" not in test_dump:
-        raise ConfigError(f"{cfg.filename}: test_dump: expected a metric dict with a `type`, got {test_dump!r}")
     dumper = dict(test_dump, out_path=str(dump))
     evaluator = cfg.get("test_evaluator")
     if isinstance(evaluator, Mapping) and "metrics" in evaluator:  # an Evaluator config
@@ -240,9 +239,7 @@ def test(
     cfg = prepare_config(config, cfg_options, work_dir, launcher)
     if not osp.isfile(str(checkpoint)):
         raise CheckpointError(f"checkpoint file {str(checkpoint)!r} does not exist")
-    missing = [k for k in ("test_dataloader", "test_cfg", "test_evaluator") if cfg.get(k) is None]
-    if missing:
-        raise ConfigError(f"{cfg.filename}: testing needs {', '.join(missing)} in the config")
+    _require(cfg, "testing", ("test_dataloader", "test_cfg", "test_evaluator"))
     _apply_amp(cfg, amp)
     cfg.load_from = str(checkpoint)
     cfg.resume = False

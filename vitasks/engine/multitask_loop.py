@@ -59,21 +59,36 @@ __all__ = ["MultiTaskTrainLoop", "MultiTaskValLoop", "MultiTaskTestLoop", "TaskS
 SCHEDULES = ("round_robin", "weighted")
 
 
-def _task_configs(section: object, key: str, task_names: Sequence[str]) -> Dict[str, object]:
-    """``section.tasks`` checked against the model's task names."""
+def _task_configs(section: object, key: str, task_names: Sequence[str], needed: Sequence[str] = (),
+                  what: str = "data") -> Dict[str, object]:
+    """``section.tasks`` checked against the model's task names; each of ``needed`` must have an
+    entry (its ``what``)."""
     if not isinstance(section, Mapping) or not isinstance(section.get("tasks"), Mapping):
         raise ConfigError(f"{key}: a multi-task model needs `{key}: {{tasks: {{<task name>: ...}}}}`, one entry per "
                           f"task of model.tasks ({', '.join(task_names)})")
     tasks = dict(section["tasks"])
     unknown = [n for n in tasks if n not in task_names]
-    if unknown:
-        raise ConfigError(f"{key}.tasks: {unknown} are not tasks of the model (model.tasks: {list(task_names)})")
+    missing = [n for n in needed if n not in tasks]
+    if unknown or missing:
+        problem = (f": {unknown} are not tasks of the model (model.tasks: {list(task_names)})" if unknown
+                   else f" has no {what} for tasks {missing}")
+        raise ConfigError(f"{key}.tasks{problem}")
     return tasks
 
 
 def _model_of(runner):
     model = runner.model
     return model.module if hasattr(model, "module") else model
+
+
+def _multitask_model(runner, stage: str, loop: object, does: str):
+    """The runner's model (unwrapped), which the loop ``loop`` (``<stage>_cfg.type``) needs to be a
+    MultiTaskModel."""
+    model = _model_of(runner)
+    if not hasattr(model, "tasks"):
+        raise ConfigError(f"{stage}_cfg.type {type(loop).__name__} {does} a MultiTaskModel (model.type), got "
+                          f"{type(model).__name__}")
+    return model
 
 
 def _ddp_wrapper(model) -> Optional[torch.nn.Module]:
@@ -192,15 +207,9 @@ class MultiTaskTrainLoop(IterBasedTrainLoop):
                  val_interval: int = 1000, dynamic_intervals=None, schedule: str = "round_robin",
                  weights: Optional[Mapping[str, float]] = None, accumulate: bool = False) -> None:
         self._runner = runner
-        model = _model_of(runner)
-        if not hasattr(model, "tasks"):
-            raise ConfigError("train_cfg.type MultiTaskTrainLoop trains a MultiTaskModel (model.type), got "
-                              f"{type(model).__name__}")
+        model = _multitask_model(runner, "train", self, "trains")
         names = list(model.tasks)
-        configs = _task_configs(dataloader, "train_dataloader", names)
-        missing = [n for n in names if n not in configs]
-        if missing:
-            raise ConfigError(f"train_dataloader.tasks has no data for tasks {missing}")
+        configs = _task_configs(dataloader, "train_dataloader", names, needed=names)
         diff_rank_seed = runner._randomness_cfg.get("diff_rank_seed", False)
         self.dataloaders = {}
         for name in names:
@@ -281,17 +290,12 @@ class _MultiTaskEvalLoop(_AutocastMixin, BaseLoop):
 
     def __init__(self, runner, dataloader, evaluator, fp16: bool = False, dtype: Optional[str] = None) -> None:
         self._runner = runner
-        model = _model_of(runner)
-        if not hasattr(model, "tasks"):
-            raise ConfigError(f"{self.stage}_cfg.type {type(self).__name__} evaluates a MultiTaskModel, got "
-                              f"{type(model).__name__}")
+        model = _multitask_model(runner, self.stage, self, "evaluates")
         names = list(model.tasks)
         loader_key, evaluator_key = f"{self.stage}_dataloader", f"{self.stage}_evaluator"
         loaders = _task_configs(dataloader, loader_key, names)
-        evaluators = _task_configs(evaluator, evaluator_key, names)
-        no_metric = [n for n in loaders if n not in evaluators]
-        if no_metric:
-            raise ConfigError(f"{evaluator_key}.tasks has no metric for tasks {no_metric} of {loader_key}.tasks")
+        evaluators = _task_configs(evaluator, evaluator_key, names, needed=list(loaders),
+                                   what=f"metric (tasks of {loader_key}.tasks)")
         self.dataloaders = {}
         for name in [n for n in names if n in loaders]:
             loader = loaders[name]

@@ -16,6 +16,7 @@ from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS, OPTIMIZERS
 from torch import nn
 
+from vitasks.checks import in_range, one_of
 from vitasks.errors import ConfigError
 from vitasks.registry import OPTIM_WRAPPER_CONSTRUCTORS
 
@@ -96,17 +97,12 @@ class LayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
                 f"optim_wrapper.paramwise_cfg: LayerDecayOptimizerConstructor got unknown keys {unknown}; "
                 f"it accepts {list(_PARAMWISE_KEYS)}"
             )
-        rate = paramwise_cfg.get("layer_decay_rate", 1.0)
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
-            raise ConfigError(f"optim_wrapper.paramwise_cfg.layer_decay_rate must be a number in (0, 1], got {rate!r}")
+        key = "optim_wrapper.paramwise_cfg."
+        rate = in_range(paramwise_cfg.get("layer_decay_rate", 1.0), key + "layer_decay_rate", 0, 1, low_open=True)
         names = paramwise_cfg.get("no_decay_names", [])
         if isinstance(names, str) or not all(isinstance(n, str) for n in names):
-            raise ConfigError(f"optim_wrapper.paramwise_cfg.no_decay_names must be a list of names, got {names!r}")
-        rule = paramwise_cfg.get("weight_decay_rule", "timm")
-        if rule not in WEIGHT_DECAY_RULES:
-            raise ConfigError(
-                f"optim_wrapper.paramwise_cfg.weight_decay_rule must be one of {list(WEIGHT_DECAY_RULES)}, got {rule!r}"
-            )
+            raise ConfigError(f"{key}no_decay_names must be a list of names, got {names!r}")
+        rule = one_of(paramwise_cfg.get("weight_decay_rule", "timm"), WEIGHT_DECAY_RULES, key + "weight_decay_rule")
         super().__init__(optim_wrapper_cfg, paramwise_cfg)
         self.weight_decay_rule = rule
         if self.base_lr is None:
