@@ -24,6 +24,7 @@ import io
 import json
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from mmengine.dataset import BaseDataset
 from mmengine.logging import print_log
@@ -35,19 +36,25 @@ from vitasks.data.seeding import SeededSampleMixin
 from vitasks.errors import DataError
 from vitasks.registry import DATASETS
 
-__all__ = ["CocoDataset", "load_coco_api"]
+__all__ = ["CocoDataset", "load_coco_api", "read_json"]
+
+
+def read_json(path: str, what: str, kind: str = "") -> Any:
+    """The JSON file ``path`` (a ``what``, e.g. ``annotation file``); a missing or unreadable file
+    is a DataError naming it (and its ``kind``)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read the {kind or what} {path}: {e}") from e
 
 
 def load_coco_api(path: str) -> COCO:
     """A pycocotools ``COCO`` index of the annotation file at ``path`` (its progress lines go
     to nothing); a missing or malformed file is a DataError naming it."""
-    if not os.path.isfile(path):
-        raise DataError(f"annotation file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            dataset = json.load(f)
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read the COCO annotation file {path}: {e}") from e
+    dataset = read_json(path, "annotation file", "COCO annotation file")
     if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list):
         raise DataError(f"{path} is not a COCO annotation file (expected an object with an `images` list)")
     dataset.setdefault("annotations", [])

@@ -41,6 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
+from vitasks.checks import one_of, positive_int
 from vitasks.data.seeding import sample_rng
 from vitasks.data.transforms import BaseTransform
 from vitasks.errors import ConfigError
@@ -244,8 +245,7 @@ def parse_rand_config(config_str: str) -> RandAugmentSpec:
                 )
         except ValueError as e:
             raise ConfigError(f"{where}: section {section!r} has a bad number ({e})") from e
-    if spec.num_layers < 1:
-        raise ConfigError(f"{where}: n must be at least 1")
+    positive_int(spec.num_layers, f"{where}: n")
     if spec.transforms is not None and spec.transforms not in _NAMED_SETS:
         # timm falls back to the default list for an unknown name.
         spec.transforms = None
@@ -311,12 +311,8 @@ class RandAugment(BaseTransform):
         if not isinstance(fill, (list, tuple)) or len(fill) != 3:
             raise ConfigError(f"RandAugment.hparams.img_mean must be 3 values in 0-255, got {fill!r}")
         self._fill = tuple(int(round(float(v))) for v in fill)
-        interp = self.hparams["interpolation"]
-        if interp != "random" and interp not in _PIL_FILTERS:
-            raise ConfigError(
-                f"RandAugment.hparams.interpolation must be one of {sorted(_PIL_FILTERS) + ['random']}, "
-                f"got {interp!r}"
-            )
+        interp = one_of(self.hparams["interpolation"], sorted(_PIL_FILTERS) + ["random"],
+                        "RandAugment.hparams.interpolation")
         self._filters = _RANDOM_FILTERS if interp == "random" else (_PIL_FILTERS[interp],)
         if "magnitude_std" in given:
             spec.magnitude_std = float(given["magnitude_std"])

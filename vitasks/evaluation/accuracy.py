@@ -53,21 +53,25 @@ class Accuracy(BaseMetric):
         collect_device: str = "cpu",
     ) -> None:
         super().__init__(collect_device=collect_device, prefix=prefix)
-        self.topk = parse_topk(topk, "Accuracy.topk")
+        self.topk = parse_topk(topk, f"{type(self).__name__}.topk")
 
     def process(self, data_batch, data_samples: Sequence[dict]) -> None:
         for sample in data_samples:
             if "pred_score" not in sample or "gt_label" not in sample:
-                raise ValueError("Accuracy needs `pred_score` and `gt_label` in each data sample")
+                raise ValueError(f"{type(self).__name__} needs `pred_score` and `gt_label` in each data sample")
             self.results.append(
                 {
-                    "pred_score": sample["pred_score"].detach().float().cpu(),
+                    "pred_score": sample["pred_score"].detach().float().cpu().reshape(-1),
                     "gt_label": int(sample["gt_label"].reshape(-1)[0]),
                 }
             )
 
-    def compute_metrics(self, results: list) -> dict:
+    @staticmethod
+    def stacked(results: list) -> tuple:
+        """The results' scores (N, K) and labels (N,)."""
         scores = torch.stack([r["pred_score"] for r in results])
-        labels = torch.tensor([r["gt_label"] for r in results], dtype=torch.long)
-        values = topk_accuracy(scores, labels, self.topk)
-        return {f"top{k}": v for k, v in zip(self.topk, values)}
+        return scores, torch.tensor([r["gt_label"] for r in results], dtype=torch.long)
+
+    def compute_metrics(self, results: list) -> dict:
+        scores, labels = self.stacked(results)
+        return {f"top{k}": v for k, v in zip(self.topk, topk_accuracy(scores, labels, self.topk))}

@@ -35,8 +35,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from vitasks.data.coco import load_coco_api
+from vitasks.data.coco import load_coco_api, read_json
 from vitasks.errors import ConfigError, DataError
+from vitasks.evaluation.dump import PredictionDumper
 from vitasks.registry import METRICS
 
 __all__ = [
@@ -203,19 +204,16 @@ def check_results(results: Any, gt: COCO, source: str) -> list[dict]:
                 f"{source}: detection {i} lacks {', '.join(missing) or 'both bbox and segmentation'} "
                 "(each needs image_id, category_id, score and a bbox and/or segmentation)"
             )
-    unknown_images = sorted({r["image_id"] for r in results} - set(gt.imgs))
-    if unknown_images:
-        raise DataError(
-            f"{source}: {len(unknown_images)} image id(s) are not in the annotations: "
-            f"{', '.join(str(i) for i in unknown_images[:5])}{', ...' if len(unknown_images) > 5 else ''} "
-            "(results and annotation file do not belong together)"
-        )
-    unknown_cats = sorted({r["category_id"] for r in results} - set(gt.cats))
-    if unknown_cats:
-        raise DataError(
-            f"{source}: category id(s) {', '.join(str(c) for c in unknown_cats[:5])} are not in the "
-            f"annotations' categories {sorted(gt.cats)[:10]} (are labels mapped back to category ids?)"
-        )
+    for key, known, message in (
+        ("image_id", gt.imgs, "{n} image id(s) are not in the annotations: {ids} (results and annotation file "
+                              "do not belong together)"),
+        ("category_id", gt.cats, "category id(s) {ids} are not in the annotations' categories {known} (are labels "
+                                 "mapped back to category ids?)"),
+    ):
+        unknown = sorted({r[key] for r in results} - set(known))
+        if unknown:
+            ids = ", ".join(str(i) for i in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+            raise DataError(f"{source}: " + message.format(n=len(unknown), ids=ids, known=sorted(known)[:10]))
     for key in ("segmentation", "bbox"):
         count = sum(key in r for r in results)
         if 0 < count < len(results):
@@ -276,9 +274,7 @@ def evaluate_coco(
     """
     metrics: dict[str, float] = {}
     text = []
-    for iou_type in iou_types:
-        if iou_type not in IOU_TYPES:
-            raise ConfigError(f"COCO metric type must be one of {IOU_TYPES}, got {iou_type!r}")
+    for iou_type in _iou_types(iou_types, "COCO metric types"):
         chosen = _results_for(results, iou_type)
         with contextlib.redirect_stdout(io.StringIO()):
             dt = gt.loadRes(chosen) if chosen else _empty_results(gt)
@@ -302,6 +298,13 @@ def evaluate_coco(
             rows = [f"{n:<{width}}  {ap:.3f}" for n, ap in zip(names, aps)]
             text.append(f"{iou_type} AP per category:\n{'category':<{width}}  AP\n" + "\n".join(rows))
     return metrics, "\n".join(text)
+
+
+def _iou_types(metric: str | Sequence[str], key: str) -> tuple[str, ...]:
+    types = (metric,) if isinstance(metric, str) else tuple(metric)
+    if not types or any(m not in IOU_TYPES for m in types):
+        raise ConfigError(f"{key} must be a subset of {list(IOU_TYPES)}, got {metric!r}")
+    return types
 
 
 @METRICS.register_module()
@@ -328,10 +331,7 @@ class CocoMetric(BaseMetric):
         prefix: str | None = None,
     ) -> None:
         super().__init__(collect_device=collect_device, prefix=prefix)
-        self.iou_types = (metric,) if isinstance(metric, str) else tuple(metric)
-        bad = [m for m in self.iou_types if m not in IOU_TYPES]
-        if bad or not self.iou_types:
-            raise ConfigError(f"CocoMetric.metric must be a subset of {list(IOU_TYPES)}, got {metric!r}")
+        self.iou_types = _iou_types(metric, "CocoMetric.metric")
         self.ann_file = ann_file
         self.classwise = bool(classwise)
         self._gt: COCO | None = None
@@ -389,7 +389,7 @@ class CocoMetric(BaseMetric):
 
 
 @METRICS.register_module()
-class CocoResultsDumper(BaseMetric):
+class CocoResultsDumper(PredictionDumper):
     """Write the predictions as a COCO results JSON (``tools/test.py --dump PATH``): a list of
     ``{image_id, category_id, bbox (xywh), score[, segmentation (RLE)]}`` with the annotation
     file's image and category ids, which pycocotools scores as it is (``tools/eval_coco.py``).
@@ -404,8 +404,6 @@ class CocoResultsDumper(BaseMetric):
         prefix: unused (it reports no numbers).
     """
 
-    default_prefix: str | None = ""
-
     def __init__(
         self,
         out_path: str | None = None,
@@ -413,10 +411,7 @@ class CocoResultsDumper(BaseMetric):
         collect_device: str = "cpu",
         prefix: str | None = None,
     ) -> None:
-        super().__init__(collect_device=collect_device, prefix=prefix)
-        if not out_path:
-            raise ConfigError("CocoResultsDumper: `out_path` is missing (tools/test.py --dump PATH sets it)")
-        self.out_path = str(out_path)
+        super().__init__(out_path, collect_device=collect_device, prefix=prefix)
         self.with_masks = with_masks
 
     @property
@@ -465,13 +460,7 @@ def evaluate_results_file(results_path: str, ann_path: str) -> tuple[dict[str, f
     boxes, ``segm`` when they have segmentations. Returns the prefixed metrics
     (``coco/bbox_mAP``, ...) and the printed summaries."""
     gt = load_ground_truth(ann_path)
-    if not os.path.isfile(results_path):
-        raise DataError(f"results file not found: {results_path}")
-    try:
-        with open(results_path, encoding="utf-8") as f:
-            results = json.load(f)
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read the results file {results_path}: {e}") from e
+    results = read_json(results_path, "results file")
     check_results(results, gt, results_path)
     iou_types = [t for t, key in (("bbox", "bbox"), ("segm", "segmentation")) if key in results[0]]
     metrics, text = evaluate_coco(gt, results, iou_types)

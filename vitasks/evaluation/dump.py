@@ -18,8 +18,21 @@ from vitasks.registry import METRICS
 _FILE_KEYS = ("img_path", "video_path", "filename")
 
 
+class PredictionDumper(BaseMetric):
+    """What the dumpers share: the ``out_path`` that ``--dump PATH`` sets; no numbers reported."""
+
+    default_prefix: Optional[str] = ""
+
+    def __init__(self, out_path: Optional[str] = None, collect_device: str = "cpu",
+                 prefix: Optional[str] = None) -> None:
+        super().__init__(collect_device=collect_device, prefix=prefix)
+        if not out_path:
+            raise ConfigError(f"{type(self).__name__}: `out_path` is missing (tools/test.py --dump PATH sets it)")
+        self.out_path = str(out_path)
+
+
 @METRICS.register_module()
-class ClsPredictionDumper(BaseMetric):
+class ClsPredictionDumper(PredictionDumper):
     """Writes one JSON line per sample: ``{"file", "pred", "scores"}``.
 
     ``file`` is the image (or video) path relative to the data root when it lies under it,
@@ -38,12 +51,7 @@ class ClsPredictionDumper(BaseMetric):
         data_root: Optional[str] = None,
         collect_device: str = "cpu",
     ) -> None:
-        super().__init__(collect_device=collect_device, prefix=None)
-        if not out_path:
-            raise ConfigError(
-                "ClsPredictionDumper: `out_path` is missing (tools/test.py --dump PATH sets it)"
-            )
-        self.out_path = str(out_path)
+        super().__init__(out_path, collect_device=collect_device)
         self.data_root = data_root
 
     def _relative(self, path: str) -> str:

@@ -28,6 +28,7 @@ from mmengine.logging import print_log
 from vitasks.data.seg_labels import encode_label_map, sample_reduce_zero_label
 from vitasks.checks import positive_int
 from vitasks.errors import ConfigError, DataError
+from vitasks.evaluation.dump import PredictionDumper
 from vitasks.registry import METRICS
 
 
@@ -217,7 +218,7 @@ def format_class_table(names: Sequence[str], scores: Mapping[str, np.ndarray]) -
 
 
 @METRICS.register_module()
-class SegPredictionDumper(BaseMetric):
+class SegPredictionDumper(PredictionDumper):
     """Write each prediction as a PNG label map named after its image (``--dump PATH``).
 
     The PNG's path under ``out_path`` is the image's path relative to the image folder, with
@@ -241,8 +242,6 @@ class SegPredictionDumper(BaseMetric):
         prefix: unused, kept for mmengine.
     """
 
-    default_prefix: str | None = ""
-
     def __init__(
         self,
         out_path: str,
@@ -251,10 +250,7 @@ class SegPredictionDumper(BaseMetric):
         collect_device: str = "cpu",
         prefix: str | None = None,
     ) -> None:
-        super().__init__(collect_device=collect_device, prefix=prefix)
-        if not out_path:
-            raise ConfigError("SegPredictionDumper: out_path must be a folder path")
-        self.out_path = str(out_path)
+        super().__init__(out_path, collect_device=collect_device, prefix=prefix)
         self.reduce_zero_label = reduce_zero_label
         self.img_root = img_root
         # Written file -> the image it came from, to refuse a second prediction of the same name.

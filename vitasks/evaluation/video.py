@@ -7,12 +7,11 @@ dumper (JSON lines ``{"file", "pred", "scores"}``) under a video name: the file 
 path relative to the data root, as in the list file.
 """
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
-from mmengine.evaluator import BaseMetric
 
-from vitasks.evaluation.accuracy import parse_topk, topk_accuracy
+from vitasks.evaluation.accuracy import Accuracy
 from vitasks.evaluation.dump import ClsPredictionDumper
 from vitasks.registry import METRICS
 
@@ -32,7 +31,7 @@ def mean_class_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 @METRICS.register_module()
-class VideoAccuracy(BaseMetric):
+class VideoAccuracy(Accuracy):
     """Top-k and mean class accuracy (percent) of video predictions.
 
     Args:
@@ -44,30 +43,14 @@ class VideoAccuracy(BaseMetric):
 
     default_prefix: Optional[str] = "acc"
 
-    def __init__(
-        self, topk: Sequence[int] = (1, 5), prefix: Optional[str] = None, collect_device: str = "cpu"
-    ) -> None:
-        super().__init__(collect_device=collect_device, prefix=prefix)
-        self.topk = parse_topk(topk, "VideoAccuracy.topk")
-
-    def process(self, data_batch, data_samples: Sequence[dict]) -> None:
-        for sample in data_samples:
-            if "pred_score" not in sample or "gt_label" not in sample:
-                raise ValueError("VideoAccuracy needs `pred_score` and `gt_label` in each data sample")
-            self.results.append({
-                "pred_score": sample["pred_score"].detach().float().cpu().reshape(-1),
-                "gt_label": int(sample["gt_label"].reshape(-1)[0]),
-            })
-
     def compute_metrics(self, results: List[dict]) -> Dict[str, float]:
-        scores = torch.stack([r["pred_score"] for r in results])
-        labels = torch.tensor([r["gt_label"] for r in results], dtype=torch.long)
+        scores, labels = self.stacked(results)
         if int(labels.max()) >= scores.shape[1]:
             raise ValueError(
                 f"VideoAccuracy: a label ({int(labels.max())}) is outside the {scores.shape[1]} "
                 "predicted classes; check num_classes"
             )
-        metrics = {f"top{k}": v for k, v in zip(self.topk, topk_accuracy(scores, labels, self.topk))}
+        metrics = super().compute_metrics(results)
         metrics["mean1"] = mean_class_accuracy(scores, labels)
         return metrics
 
