@@ -32,3 +32,19 @@ def test_list_of_normalises_to_a_tuple():
 def test_list_of_names_the_entry(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         _Part(**kwargs)
+
+
+def test_options_checks_a_child_config():
+    from vitasks.checks import options
+
+    assert options({"a": 1}, "model.x", ["a", "b"], given={"b": 2}, parent="model") == {"a": 1, "b": 2}
+    assert options({"b": 2}, "model.x", ["b"], given={"b": 2}, parent="model") == {"b": 2}  # the same value
+    with pytest.raises(ConfigError, match=r"^model.x must be a dict with `a`, got \{'b': 1\}$"):
+        options({"b": 1}, "model.x", what="a dict with `a`", required=("a",))
+    with pytest.raises(ConfigError, match=r"^model.x must be a dict, got 3$"):
+        options(3, "model.x")
+    with pytest.raises(ConfigError, match=r"^model.x: unknown keys \['c'\] \(unknown arguments of Part\); "
+                                          r"expected some of \['a'\]$"):
+        options({"c": 1}, "model.x", ["a", "b"], owner="Part", given={"b": 2}, parent="model")
+    with pytest.raises(ConfigError, match=r"^model.x.b is 3 but the b of model is 2; set it on model only$"):
+        options({"b": 3}, "model.x", ["b"], given={"b": 2}, parent="model")

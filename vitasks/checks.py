@@ -52,6 +52,7 @@ __all__ = [
     "in_range",
     "block_indices",
     "build_child",
+    "options",
 ]
 
 # The config key of what is being built now, as its parts ("model", "tasks", "det", "roi_head").
@@ -312,15 +313,36 @@ def check_literal_arguments(cls: Any, node: Mapping[str, Any], path: str) -> lis
     return problems
 
 
+def options(cfg: Any, key: str, accepted: Optional[Sequence[str]] = None, what: str = "a dict",
+            required: Sequence[str] = (), owner: str = "", given: Optional[Mapping[str, Any]] = None,
+            parent: str = "") -> Dict[str, Any]:
+    """The option dict ``cfg`` at config key ``key`` (a child component's config, or a dict of
+    options), as a new dict: it must be a mapping holding the ``required`` keys (else "``key`` must
+    be ``what``"), with keys among ``accepted`` when given (``owner``: the class that takes them).
+    ``given`` are arguments the ``parent`` (its config key) sets: the config may leave them out or
+    repeat the parent's value; they are added to the result."""
+    if not isinstance(cfg, Mapping) or any(k not in cfg for k in required):
+        raise ConfigError(f"{key} must be {what}, got {cfg!r}")
+    cfg = dict(cfg)
+    for arg, value in (given or {}).items():
+        if arg in cfg and cfg[arg] != value:
+            raise ConfigError(f"{key}.{arg} is {cfg[arg]!r} but the {arg} of {parent} is {value!r}; set it on "
+                              f"{parent} only")
+        cfg[arg] = value
+    unknown = sorted((k for k in cfg if k not in set(accepted)), key=str) if accepted is not None else []
+    if unknown:
+        raise ConfigError(f"{key}: unknown keys {unknown}{f' (unknown arguments of {owner})' if owner else ''}; "
+                          f"expected some of {sorted(k for k in accepted if k not in (given or {}))}")
+    return cfg
+
+
 def build_child(cfg: Any, key: str, registry: Any, owner: str = "", **inject: Any) -> Any:
     """Build the child component ``key`` of the one being built from ``{type: ..., ...}`` in
     ``registry``, with ``inject`` added (an argument the config may not set itself). An already
     built object passes through."""
     if cfg is None or not isinstance(cfg, dict):
         return cfg
-    if "type" not in cfg:
-        raise ConfigError(f"{config_key(key)} must be a dict with a `type`{f' ({owner})' if owner else ''}, "
-                          f"got {cfg!r}")
+    options(cfg, config_key(key), what=f"a dict with a `type`{f' ({owner})' if owner else ''}", required=("type",))
     clash = sorted(set(cfg) & set(inject))
     if clash:
         raise ConfigError(f"{config_key(key)}: {', '.join(clash)} is set by {owner or 'its parent'}; "

@@ -5,14 +5,14 @@ relative position bias."""
 
 import inspect
 import math
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from mmengine.logging import print_log
 from torch import nn
 
 from vitasks.checks import (
-    BlockIndices, Flag, InRange, IntPair, NonNegativeInt, OneOf, OrNone, PositiveInt, building, checked,
+    BlockIndices, Flag, InRange, IntPair, NonNegativeInt, OneOf, OrNone, PositiveInt, building, checked, options,
 )
 from vitasks.errors import CheckpointError, ConfigError
 from vitasks.registry import MODELS
@@ -273,12 +273,9 @@ class VisionTransformer(ViTBackbone):
 
     def _build_stem(self, stem: Optional[dict], in_channels: int, embed_dim: int, patch_size: int) -> nn.Module:
         where = self.key("stem")
-        stem = dict(type="PatchEmbed") if stem is None else stem
-        if not isinstance(stem, dict) or "type" not in stem:
-            raise ConfigError(f"{where} must be a dict with a `type` (e.g. PatchEmbed, ConvStem, ResNetStem), "
-                              f"got {stem!r}")
-        cfg = dict(stem)
-        stem_type = cfg.pop("type")
+        stem = options(dict(type="PatchEmbed") if stem is None else stem, where, required=("type",),
+                       what="a dict with a `type` (e.g. PatchEmbed, ConvStem, ResNetStem)")
+        stem_type = stem.pop("type")
         cls = stem_type if isinstance(stem_type, type) else MODELS.get(stem_type)
         if cls is None:
             raise ConfigError(f"{where}.type: {stem_type!r} is not a registered model component; "
@@ -288,15 +285,8 @@ class VisionTransformer(ViTBackbone):
         given = dict(in_channels=in_channels, embed_dim=embed_dim)
         if "patch_size" in params:
             given["patch_size"] = patch_size
-        for arg, value in given.items():
-            if arg in cfg and cfg[arg] != value:
-                raise ConfigError(f"{where}.{arg} is {cfg[arg]!r} but the backbone's {arg} is {value!r}; "
-                                  f"set it on {self.key()} only")
-            cfg[arg] = value
-        unknown = sorted(set(cfg) - set(params))
-        if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            accepted = [k for k in params if k not in given]
-            raise ConfigError(f"{where}: {name} got unknown arguments {unknown}; it accepts {accepted}")
+        open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        cfg = options(stem, where, None if open_ended else list(params), owner=name, given=given, parent=self.key())
         with building("stem", root=self.config_key):  # the stem's errors name <this backbone's key>.stem
             module = cls(**cfg)
         stride = getattr(module, "stride", None)

@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from vitasks.checks import InRange, NonNegativeInt, OrNone, PositiveInt, building, checked, config_key, one_of
+from vitasks.checks import InRange, NonNegativeInt, OrNone, PositiveInt, building, checked, config_key, one_of, options
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 
@@ -277,11 +277,8 @@ def build_batch_augments(cfg: Optional[dict], num_classes: Optional[int], owner:
     ``{augments: [...], probs: [...]}`` with ``num_classes`` set (for the soft targets)."""
     if cfg is None:
         return None
-    if not isinstance(cfg, dict) or "augments" not in cfg:
-        raise ConfigError(f"{owner}.batch_augments must be a dict with `augments` (and optional `probs`), got {cfg!r}")
-    unknown = set(cfg) - {"augments", "probs"}
-    if unknown:
-        raise ConfigError(f"{owner}.batch_augments: unknown keys {sorted(unknown)}; expected `augments` and `probs`")
+    cfg = options(cfg, f"{owner}.batch_augments", ("augments", "probs"), required=("augments",),
+                  what="a dict with `augments` (and optional `probs`)")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"{owner}.num_classes: batch_augments need a positive integer (e.g. ${{num_classes}}) "
                           f"to build soft targets, got {num_classes!r}")
@@ -311,12 +308,7 @@ def build_random_erasing(cfg, owner: str) -> Optional[RandomErasing]:
     (``type`` optional, default ``RandomErasing``) or an object."""
     if cfg is None or isinstance(cfg, RandomErasing):
         return cfg
-    if not isinstance(cfg, dict):
-        raise ConfigError(
-            f"{owner}.random_erasing must be a dict like {{type: RandomErasing, probability: 0.25, "
-            f"mode: pixel}}, got {cfg!r}"
-        )
-    cfg = dict(cfg)
+    cfg = options(cfg, f"{owner}.random_erasing", what="a dict like {type: RandomErasing, probability: 0.25, mode: pixel}")
     cfg.setdefault("type", "RandomErasing")
     try:
         with building("random_erasing", root=owner):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from mmengine.model import BaseDataPreprocessor
 
-from vitasks.checks import InRange, IntPair, NonNegativeInt, OrNone, PositiveInt, building, checked, config_key
+from vitasks.checks import InRange, IntPair, NonNegativeInt, OrNone, PositiveInt, building, checked, config_key, options
 from vitasks.errors import ConfigError
 
 # ImageNet statistics in 0-255 RGB (torchvision's, which most checkpoints were trained with).
@@ -52,11 +52,7 @@ class PerImageStandardization:
             return None
         if cfg is True:
             return cls()
-        if not isinstance(cfg, dict):
-            raise ConfigError(f"{owner}.per_image_norm must be true, false or a dict with eps/border, got {cfg!r}")
-        unknown = set(cfg) - {"eps", "border"}
-        if unknown:
-            raise ConfigError(f"{owner}.per_image_norm: unknown keys {sorted(unknown)}; expected eps, border")
+        cfg = options(cfg, f"{owner}.per_image_norm", ("eps", "border"), "true, false or a dict with eps/border")
         with building("per_image_norm", root=owner):
             return cls(**cfg)
 

@@ -33,6 +33,7 @@ carry the token set from one block to the next, so a rollout can follow tokens t
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -40,6 +41,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from vitasks.checks import NonNegativeInt, PositiveInt, block_indices, building, checked, non_negative_int, options
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 
@@ -51,12 +53,6 @@ REDUCTION_TYPES = ("ToMe", "TokenLearner", "VisualTokens")
 # ``block`` may be any function of (x, grid) (ToMe's block with its merge), so every reduction keeps
 # ``with_cp``.
 BlockCall = Callable[[nn.Module, Tensor, Tuple[int, int]], Tensor]
-
-
-def _check_int(value, key: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{WHERE}.{key} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def _block_index(value, key: str, depth: int) -> int:
@@ -92,6 +88,8 @@ class TokenReduction(nn.Module):
         embed_dim: token width C (given by the backbone).
         depth: number of blocks (given by the backbone).
     """
+
+    config_key = WHERE
 
     def __init__(self, embed_dim: int, depth: int) -> None:
         super().__init__()
@@ -368,9 +366,9 @@ class ToMe(TokenReduction):
         if isinstance(r, (list, tuple)):
             if len(r) != depth:
                 raise ConfigError(f"{WHERE}.r: a list needs one entry per block ({depth}), got {len(r)}: {list(r)}")
-            self.r = tuple(_check_int(v, "r") for v in r)
+            self.r = tuple(non_negative_int(v, f"{WHERE}.r") for v in r)
         else:
-            self.r = (_check_int(r, "r"),) * depth
+            self.r = (non_negative_int(r, f"{WHERE}.r"),) * depth
         self.proportional_attention = bool(proportional_attention)
         self.size_weighted_mean = bool(size_weighted_mean)
         merging = [i for i, v in enumerate(self.r) if v > 0]
@@ -523,14 +521,14 @@ class TokenLearner(TokenReduction):
         drop: dropout in those MLPs.
     """
 
+    @checked
     def __init__(
-        self, embed_dim: int, depth: int, num_tokens: int = 8, at_block: int = 0, fuser: bool = False,
-        bottleneck_dim: int = 64, drop: float = 0.0,
+        self, embed_dim: int, depth: int, num_tokens: NonNegativeInt = 8, at_block: int = 0, fuser: bool = False,
+        bottleneck_dim: PositiveInt = 64, drop: float = 0.0,
     ) -> None:
         super().__init__(embed_dim, depth)
-        self.num_tokens = _check_int(num_tokens, "num_tokens")
+        self.num_tokens = num_tokens
         self.at_block = _block_index(at_block, "at_block", depth)
-        _check_int(bottleneck_dim, "bottleneck_dim", 1)
         self.use_fuser = bool(fuser)
         self.learners = nn.ModuleList()
         self.fusers = nn.ModuleList()
@@ -687,18 +685,17 @@ class VisualTokens(TokenReduction):
         recurrent_at: blocks after ``at_block`` that start a group with a recurrent tokenizer.
     """
 
+    @checked
     def __init__(
-        self, embed_dim: int, depth: int, num_tokens: int = 16, at_block: int = 0,
+        self, embed_dim: int, depth: int, num_tokens: NonNegativeInt = 16, at_block: int = 0,
         recurrent_at: Sequence[int] = (), out_indices: Optional[Sequence[int]] = None,
     ) -> None:
         super().__init__(embed_dim, depth)
-        self.num_tokens = _check_int(num_tokens, "num_tokens")
+        self.num_tokens = num_tokens
         self.at_block = _block_index(at_block, "at_block", depth)
         if isinstance(recurrent_at, int) and not isinstance(recurrent_at, bool):
             recurrent_at = [recurrent_at]
-        if isinstance(recurrent_at, (str, bytes)) or not isinstance(recurrent_at, Sequence):
-            raise ConfigError(f"{WHERE}.recurrent_at must be a list of block indices, got {recurrent_at!r}")
-        starts = sorted(_block_index(i, "recurrent_at", depth) for i in recurrent_at)
+        starts = sorted(block_indices(recurrent_at, depth, f"{WHERE}.recurrent_at"))
         if len(set(starts)) != len(starts) or any(i <= self.at_block for i in starts):
             raise ConfigError(
                 f"{WHERE}.recurrent_at {list(recurrent_at)} must name distinct blocks after at_block {self.at_block}"
@@ -792,12 +789,8 @@ def build_token_reduction(
     None for ``cfg=None``. ``embed_dim`` and ``depth`` come from the backbone."""
     if cfg is None:
         return None
-    if not isinstance(cfg, dict) or "type" not in cfg:
-        raise ConfigError(
-            f"{WHERE} must be a dict with a `type` ({', '.join(REDUCTION_TYPES)}), e.g. {{type: ToMe, r: 13}}; "
-            f"got {cfg!r}"
-        )
-    cfg = dict(cfg)
+    cfg = options(cfg, WHERE, what=f"a dict with a `type` ({', '.join(REDUCTION_TYPES)}), e.g. {{type: ToMe, r: 13}}",
+                  required=("type",))
     kind = cfg.pop("type")
     cls = kind if isinstance(kind, type) else MODELS.get(kind)
     if cls is None or not (isinstance(cls, type) and issubclass(cls, TokenReduction)):
@@ -806,18 +799,11 @@ def build_token_reduction(
         near = difflib.get_close_matches(str(kind), REDUCTION_TYPES, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise ConfigError(f"{WHERE}.type: {kind!r} is not a token reduction{hint}; expected one of {list(REDUCTION_TYPES)}")
-    given = dict(embed_dim=embed_dim, depth=depth, out_indices=out_indices)
-    for key in given:
-        if key in cfg:
-            raise ConfigError(f"{WHERE}.{key} is set by the backbone (model.backbone.{key}); remove it here")
-    import inspect
-
     params = inspect.signature(cls).parameters
-    accepted = [p for p in params if p not in given]
-    unknown = sorted(set(cfg) - set(accepted))
-    if unknown:
-        raise ConfigError(f"{WHERE}: {cls.__name__} got unknown keys {unknown}; it accepts {accepted}")
-    module = cls(**{k: v for k, v in given.items() if k in params}, **cfg)
+    given = {k: v for k, v in dict(embed_dim=embed_dim, depth=depth, out_indices=out_indices).items() if k in params}
+    cfg = options(cfg, WHERE, list(params), owner=cls.__name__, given=given, parent="model.backbone")
+    with building("token_reduction", root="model.backbone"):
+        module = cls(**cfg)
     module.validate(list(window_sizes), bool(use_rel_pos), out_indices)
     return module
 

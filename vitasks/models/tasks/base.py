@@ -8,8 +8,7 @@ import torch
 import torch.nn as nn
 from mmengine.model import BaseModel
 
-from vitasks.checks import building, config_key
-from vitasks.errors import ConfigError
+from vitasks.checks import building, config_key, options
 from vitasks.registry import MODELS
 
 
@@ -22,8 +21,7 @@ def build_part(cfg: Union[dict, nn.Module], owner: str, key: str) -> nn.Module:
     """
     if isinstance(cfg, nn.Module):
         return cfg
-    if not isinstance(cfg, dict) or "type" not in cfg:
-        raise ConfigError(f"{owner}: `{config_key(key, default='model')}` must be a dict with a `type`, got {cfg!r}")
+    options(cfg, config_key(key, default="model"), what=f"a dict with a `type` ({owner})", required=("type",))
     with building(key, root="model"):  # the part's errors name `model.<key>` (under a multi-task model's task)
         return MODELS.build(cfg)
 

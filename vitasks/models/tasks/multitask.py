@@ -54,7 +54,7 @@ import torch.nn as nn
 from mmengine.model import BaseDataPreprocessor, BaseModel
 from mmengine.optim import OptimWrapper
 
-from vitasks.checks import building
+from vitasks.checks import building, options
 from vitasks.errors import ConfigError
 from vitasks.models.tasks.base import build_part
 from vitasks.registry import MODELS
@@ -291,9 +291,7 @@ class MultiTaskModel(BaseModel):
                               "metric names as '<name>/...' and state-dict keys as 'tasks.<name>.')")
         if name in self.tasks:
             raise ConfigError(f"model.tasks: the task name {name!r} is used twice")
-        if not isinstance(cfg, Mapping) or "type" not in cfg:
-            raise ConfigError(f"{where} must be a dict with a `type` (a task model such as ImageClassifier), got {cfg!r}")
-        cfg = dict(cfg)
+        cfg = options(cfg, where, what="a dict with a `type` (a task model such as ImageClassifier)", required=("type",))
         if "backbone" in cfg:
             raise ConfigError(f"{where}: a task has no backbone of its own; `model.backbone` is shared by every task "
                               f"(say what it reads with model.out_indices.{name})")

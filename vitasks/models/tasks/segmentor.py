@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from vitasks.checks import IntPair, OrNone, PositiveInt, building, checked, config_key, one_of
+from vitasks.checks import IntPair, OrNone, PositiveInt, building, checked, config_key, one_of, options
 from vitasks.errors import ConfigError
 from vitasks.models.heads.decode_head import resize
 from vitasks.models.tasks.base import TaskModel
@@ -51,9 +51,7 @@ class SegTestConfig:
                               "crop_size: [512, 512], stride: [341, 341]")
         self.mode, self.windows_per_batch, self.size_divisor = mode, windows_per_batch, size_divisor
         self.crop_size, self.stride = (crop_size, stride) if mode == "slide" else (None, None)
-        tta = {} if tta is None else tta
-        if not isinstance(tta, dict) or set(tta) - _TTA_KEYS:
-            raise ConfigError(f"{where}.tta must be a dict with keys among {sorted(_TTA_KEYS)}, got {tta!r}")
+        tta = options({} if tta is None else tta, f"{where}.tta", sorted(_TTA_KEYS))
         self.ratios = [float(r) for r in tta.get("ratios", [1.0])]
         if not self.ratios or min(self.ratios) <= 0:
             raise ConfigError(f"{where}.tta.ratios must be positive numbers, got {tta.get('ratios')!r}")
@@ -62,13 +60,9 @@ class SegTestConfig:
 
     @classmethod
     def from_config(cls, cfg: dict | None) -> SegTestConfig:
-        cfg = dict(cfg or {})
         known = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
-        unknown = set(cfg) - set(known)
         with building("test_cfg", root="model"):
-            if unknown:
-                raise ConfigError(f"{config_key()}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
-            return cls(**cfg)
+            return cls(**options(cfg or {}, config_key(), known))
 
 
 def slide_windows(
