@@ -1,5 +1,6 @@
 """Write a small generated dataset in a standard layout:
-``python tools/make_synthetic.py {cls,seg,det,video} OUT [--seed N] [--style random|plain|photo]``."""
+``python tools/make_synthetic.py {cls,seg,det,video} OUT [--seed N] [--style random|plain|photo]``
+(every kind takes every style; ``photo``: shapes over crops of a photograph)."""
 import sys
 
 from vitasks.cli import main

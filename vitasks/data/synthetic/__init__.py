@@ -15,19 +15,11 @@ KINDS = {
 }
 
 
-#: Kinds that take ``style`` (see ``drawing.STYLES``); the others draw the ``"random"`` style only.
-STYLED_KINDS = ("cls", "seg")
-
-
 def make_synthetic(kind: str, out_dir: str, seed: int = 0, style: str = "random"):
     """Write the generated dataset ``kind`` into ``out_dir`` in the appearance ``style``
-    (``"random"``, ``"plain"`` or ``"photo"``: see ``drawing.STYLES``)."""
+    (``"random"``, ``"plain"`` or ``"photo"``, for every kind: see ``drawing.STYLES``)."""
     if kind not in KINDS:
         raise ValueError(f"unknown synthetic dataset kind {kind!r}; expected one of {sorted(KINDS)}")
     module_name, function_name = KINDS[kind]
     make = getattr(importlib.import_module(module_name), function_name)
-    if kind in STYLED_KINDS:
-        return make(out_dir, seed=seed, style=style)
-    if style != "random":
-        raise ValueError(f"the {kind!r} dataset has no style {style!r}; styles are for {', '.join(STYLED_KINDS)}")
-    return make(out_dir, seed=seed)
+    return make(out_dir, seed=seed, style=style)

@@ -33,16 +33,9 @@ def class_names(num_classes: int) -> List[str]:
 def draw_cls_image(rng: np.random.Generator, shape: str, size: int, style: str = "random") -> np.ndarray:
     """One RGB uint8 (size, size, 3) image of ``shape`` (``style``: see ``drawing.STYLES``)."""
     hw = (size, size)
-    if style == "plain":
-        alpha = drawing.random_shape_alpha(rng, shape, hw, radius_range=(0.25, 0.42))
-        return np.repeat(np.rint(alpha * 255).astype(np.uint8)[..., None], 3, axis=2)
-    if style == "photo":
-        img = drawing.photo_background(rng, hw)
-        alpha = drawing.random_shape_alpha(rng, shape, hw, radius_range=(0.25, 0.42))
-        return drawing.finish(rng, drawing.paint_light_or_dark(rng, img, alpha))
-    img = drawing.background(rng, hw, clutter=int(rng.integers(0, 3)))
+    img = drawing.style_background(rng, hw, style)
     alpha = drawing.random_shape_alpha(rng, shape, hw, radius_range=(0.25, 0.42))
-    return drawing.finish(rng, drawing.paint(rng, img, alpha))
+    return drawing.finish_in_style(rng, drawing.paint_in_style(rng, img, alpha, style), style)
 
 
 def make_cls_dataset(

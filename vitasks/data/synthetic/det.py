@@ -3,8 +3,9 @@ only in shape.
 
 ``annotations/instances_{train2017,val2017}.json`` with images in ``train2017/`` and ``val2017/``.
 Each image holds one to four non-overlapping shapes of :mod:`vitasks.data.synthetic.drawing`
-(disc, ring, triangle, square, star, ...) at random positions, sizes and rotations, in random
-colours and textures over a random background, drawn as the other generated datasets draw them.
+(disc, ring, triangle, square, star, ...) at random positions, sizes and rotations, drawn as the
+other generated datasets draw them: in random colours and textures over a random background by
+default, light or dark over crops of a photograph in the ``"photo"`` style.
 The category is the shape, never the colour. What a real COCO file has is exercised:
 
 - category ids are not contiguous (1, 3, 5, ...), so a label -> id mapping bug shows;
@@ -97,11 +98,12 @@ def _annotation(polygons: list[np.ndarray] | None, drawn: np.ndarray, size: int)
             "area": float(mask_utils.area(rle)), "iscrowd": 0}
 
 
-def draw_det_sample(rng: np.random.Generator, size: int, num_classes: int,
-                    empty: bool = False) -> tuple[np.ndarray, list[tuple[int, dict]]]:
-    """One image (RGB uint8) and its objects ``[(label, annotation without ids), ...]``."""
+def draw_det_sample(rng: np.random.Generator, size: int, num_classes: int, empty: bool = False,
+                    style: str = "random") -> tuple[np.ndarray, list[tuple[int, dict]]]:
+    """One image (RGB uint8) and its objects ``[(label, annotation without ids), ...]``;
+    ``style``: see ``drawing.STYLES``."""
     hw = (size, size)
-    img = drawing.background(rng, hw, clutter=int(rng.integers(0, 3)))
+    img = drawing.style_background(rng, hw, style)
     objects: list[tuple[int, dict]] = []
     taken = np.zeros(hw, bool)  # covered by an earlier shape, grown by a margin
     for _ in range(0 if empty else int(rng.integers(1, 5))):
@@ -124,9 +126,9 @@ def draw_det_sample(rng: np.random.Generator, size: int, num_classes: int,
         else:
             continue
         objects.append((label, _annotation(polygons, drawn, size)))
-        img = drawing.paint(rng, img, alpha)
+        img = drawing.paint_in_style(rng, img, alpha, style, min_contrast=drawing.VISIBLE_CONTRAST)
         taken |= cv2.dilate((alpha > 0.05).astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
-    return drawing.finish(rng, img), objects
+    return drawing.finish_in_style(rng, img, style), objects
 
 
 def make_det_dataset(
@@ -137,6 +139,7 @@ def make_det_dataset(
     img_size: int = 128,
     num_classes: int = 10,
     empty_prob: float = 0.03,
+    style: str = "random",
 ) -> str:
     """Write the dataset into ``out_dir`` (the config's ``data_root``) and return it.
 
@@ -148,8 +151,11 @@ def make_det_dataset(
         img_size: side of the square images (at least 32).
         num_classes: how many shapes of :data:`drawing.SHAPE_NAMES` (in order) are categories.
         empty_prob: share of training images without objects.
+        style: ``"random"`` colours and textures, ``"plain"`` white shapes on black (quick checks),
+            or ``"photo"``: light or dark shapes over crops of photographs (see ``drawing.STYLES``).
     """
     names = det_class_names(num_classes)
+    drawing.check_style(style)
     if img_size < 32:
         raise ValueError(f"make_det_dataset: img_size must be at least 32 pixels, got {img_size}")
     prepare_output(out_dir, ("annotations", "train2017", "val2017"), "make_det_dataset")
@@ -165,7 +171,7 @@ def make_det_dataset(
             # One generator per image: changing the counts never changes the other images.
             rng = np.random.default_rng([seed, split_index, i])
             empty = split_index == 0 and rng.random() < empty_prob
-            img, objects = draw_det_sample(rng, img_size, num_classes, empty=empty)
+            img, objects = draw_det_sample(rng, img_size, num_classes, empty=empty, style=style)
             img_id = first_id + i
             file_name = f"{img_id:012d}.jpg"
             cv2.imwrite(os.path.join(img_dir, file_name), img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
@@ -179,5 +185,5 @@ def make_det_dataset(
                        "images": images, "annotations": annotations, "categories": categories}, f)
     write_marker(out_dir, dict(kind="det", num_classes=num_classes, classes=names, cat_ids=cat_ids,
                                num_train=num_train, num_val=num_val, img_size=img_size, seed=seed,
-                               empty_prob=empty_prob))
+                               empty_prob=empty_prob, style=style))
     return out_dir

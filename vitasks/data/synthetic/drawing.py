@@ -1,8 +1,10 @@
 """Drawing for the generated datasets: shapes that only their outline tells apart, painted in
 random colours and textures over random backgrounds.
 
-Both generated datasets (``cls`` and ``seg``) draw with these functions, so a model trained on
-one sees the same kind of objects in the other. What a class is, is the shape alone: colour,
+All generated datasets (``cls``, ``seg``, ``det`` and ``video``) draw with these functions, in
+the same appearance styles (:data:`STYLES`, through :func:`style_background`,
+:func:`paint_in_style` and :func:`finish_in_style`), so a model trained on one sees the same
+kind of objects in the others. What a class is, is the shape alone: colour,
 texture, size, position, rotation and background are drawn independently of it, so a model has
 to look at outlines (as for real objects) rather than at colour statistics.
 
@@ -240,8 +242,15 @@ def photographs() -> List[np.ndarray]:
 def photo_background(rng: np.random.Generator, size: Tuple[int, int]) -> np.ndarray:
     """A random crop (H, W, 3) float32 in 0-255 of one of :func:`photographs`: a square of 15 to
     60 % of the photograph's shorter side, resized, flipped or turned at random, its colour
-    channels in a random order (so a few photographs give backgrounds of many colours)."""
+    channels in a random order (so a few photographs give backgrounds of many colours). For a
+    size that is not square, the middle (H, W) of the square resized to the longer side (the
+    photograph's proportions are kept)."""
     height, width = size
+    if height != width:
+        side = max(height, width)
+        square = photo_background(rng, (side, side))
+        top, left = (side - height) // 2, (side - width) // 2
+        return np.ascontiguousarray(square[top:top + height, left:left + width])
     photo = photographs()[int(rng.integers(len(photographs())))]
     side = int(rng.uniform(0.15, 0.6) * min(photo.shape[:2]))
     side = max(side, 8)
@@ -255,12 +264,64 @@ def photo_background(rng: np.random.Generator, size: Tuple[int, int]) -> np.ndar
     return cv2.resize(np.ascontiguousarray(crop), (width, height), interpolation=cv2.INTER_AREA)
 
 
-def paint_light_or_dark(rng: np.random.Generator, img: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+def paint_light_or_dark(rng: np.random.Generator, img: np.ndarray, alpha: np.ndarray,
+                        min_contrast: float = 0.0) -> np.ndarray:
     """Composite a shape's coverage ``alpha`` onto ``img`` in a light or a dark colour (one or the
-    other at random, whatever lies underneath), with a little shading."""
+    other at random, whatever lies underneath), with a little shading.
+
+    With ``min_contrast`` > 0, a colour closer than that (mean absolute difference over the
+    channels) to the mean colour under the shape is swapped for its opposite (255 - colour: the
+    other polarity) when that is further away, so the shape does not vanish into a background of
+    its own brightness (a dark disc on a dark coat): what detection and motion need, where an
+    invisible object would be a wrong label. Takes no extra random draws."""
     size = img.shape[:2]
     level = rng.uniform(180, 250) if rng.random() < 0.5 else rng.uniform(5, 75)
     colour = np.clip(level + rng.uniform(-40, 40, 3), 0, 255).astype(np.float32)
+    if min_contrast > 0:
+        inside = alpha > 0.5
+        under = img[inside].mean(axis=0) if inside.any() else img.reshape(-1, 3).mean(axis=0)
+        contrast = np.abs(colour - under).mean()
+        if contrast < min_contrast and np.abs(255.0 - colour - under).mean() > contrast:
+            colour = 255.0 - colour
     fill = colour * (1.0 + 0.15 * _smooth_noise(rng, size, 2, 1))
     a = alpha[..., None]
     return img * (1.0 - a) + fill * a
+
+
+#: The ``min_contrast`` of :func:`paint_light_or_dark` for the generated sets whose labels need
+#: every object seen (detection boxes, the motion of a clip's object).
+VISIBLE_CONTRAST = 60.0
+
+
+# ---------------------------------------------------------------------------------- styles
+
+
+def style_background(rng: np.random.Generator, size: Tuple[int, int], style: str, max_clutter: int = 2) -> np.ndarray:
+    """The background (H, W, 3) float32 of an image in ``style``: black (``"plain"``), a crop of a
+    photograph (``"photo"``) or a random texture with 0 to ``max_clutter`` distractor lines."""
+    if style == "plain":
+        return np.zeros((*size, 3), np.float32)
+    if style == "photo":
+        return photo_background(rng, size)
+    return background(rng, size, clutter=int(rng.integers(0, max_clutter + 1)))
+
+
+def paint_in_style(rng: np.random.Generator, img: np.ndarray, alpha: np.ndarray, style: str,
+                   min_contrast: float = 0.0) -> np.ndarray:
+    """Composite a shape's coverage ``alpha`` onto ``img`` as ``style`` draws shapes: white with a
+    black outline, so touching shapes stay apart (``"plain"``), light or dark (``"photo"``,
+    :func:`paint_light_or_dark` with ``min_contrast``) or in a random colour and texture
+    (``"random"``, :func:`paint`, which always keeps the colour apart from the one underneath)."""
+    if style == "plain":
+        edge = (alpha > 0.02).astype(np.float32)[..., None]
+        return img * (1.0 - edge) + 255.0 * alpha[..., None] * edge
+    if style == "photo":
+        return paint_light_or_dark(rng, img, alpha, min_contrast)
+    return paint(rng, img, alpha)
+
+
+def finish_in_style(rng: np.random.Generator, img: np.ndarray, style: str) -> np.ndarray:
+    """RGB uint8 of ``img``: :func:`finish` (pixel noise), except ``"plain"``, which is only rounded."""
+    if style == "plain":
+        return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return finish(rng, img)

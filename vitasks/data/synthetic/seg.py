@@ -39,30 +39,15 @@ def draw_seg_sample(
     """One image (RGB uint8) and its label map (uint8, ADE values: 0 edge, 1 background, 2..K);
     ``style``: see ``drawing.STYLES``."""
     hw = (size, size)
-    plain = style == "plain"
-    photo = style == "photo"
-    if plain:
-        img = np.zeros((size, size, 3), np.float32)
-    elif photo:
-        img = drawing.photo_background(rng, hw)
-    else:
-        img = drawing.background(rng, hw, clutter=int(rng.integers(0, 3)))
+    img = drawing.style_background(rng, hw, style)
     label = np.ones(hw, np.uint8)
     for _ in range(int(rng.integers(1, 5))):
         shape_index = int(rng.integers(num_classes - 1))
         alpha = drawing.random_shape_alpha(rng, drawing.SHAPE_NAMES[shape_index], hw, radius_range=(0.12, 0.3))
-        if plain:  # white shapes with a black outline, so overlapping ones stay apart
-            edge = (alpha > 0.02).astype(np.float32)[..., None]
-            img = img * (1 - edge) + 255.0 * alpha[..., None] * edge
-        elif photo:
-            img = drawing.paint_light_or_dark(rng, img, alpha)
-        else:
-            img = drawing.paint(rng, img, alpha)
+        img = drawing.paint_in_style(rng, img, alpha, style)
         label[alpha >= 0.5] = shape_index + 2
         label[(alpha > 0.1) & (alpha < 0.5)] = 0  # anti-aliased edge: neither class
-    if plain:
-        return np.clip(np.rint(img), 0, 255).astype(np.uint8), label
-    return drawing.finish(rng, img), label
+    return drawing.finish_in_style(rng, img, style), label
 
 
 def make_seg_dataset(

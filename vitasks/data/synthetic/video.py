@@ -8,6 +8,9 @@ direction the content moves on screen). Speeds, shapes, colours, backgrounds, a 
 shape and fresh pixel noise in every frame are drawn independently of the class, and a sliding
 object wraps around the frame edges (it leaves on one side and comes back on the other), so any
 single frame, at any time, has the same distribution in every class: only motion tells them apart.
+In the ``"photo"`` style (see ``drawing.STYLES``) the backgrounds are crops of a photograph and
+the shapes light or dark; a sliding object's still background drifts slowly in a random direction
+(:data:`MAX_DRIFT`), as under a hand-held camera.
 
 Written as ``train/<class>/<class>_<i>.mp4`` and ``val/...`` (H.264 through PyAV), the lists
 ``train.txt`` and ``val.txt`` (``train/left/left_0000.mp4 0``), ``classes.txt`` (the names in
@@ -49,58 +52,80 @@ def class_names(num_classes: int) -> List[str]:
     return list(DIRECTIONS)[:num_classes]
 
 
+#: Fastest drift (pixels per frame) of the ``"photo"`` style's still backgrounds: slow next to
+#: the class motion (at least 1 pixel per frame), like a hand-held camera's.
+MAX_DRIFT = 0.3
+
+
 def render_clip(
-    rng: np.random.Generator, direction: Tuple[int, int], size: int, num_frames: int, speed_range: Tuple[int, int]
+    rng: np.random.Generator, direction: Tuple[int, int], size: int, num_frames: int, speed_range: Tuple[int, int],
+    style: str = "random",
 ) -> np.ndarray:
     """Frames ``(num_frames, size, size, 3)`` uint8 of a scene whose content moves by
-    ``direction x speed`` pixels per frame (speed drawn from ``speed_range``, inclusive)."""
+    ``direction x speed`` pixels per frame (speed drawn from ``speed_range``, inclusive), drawn
+    in ``style`` (see ``drawing.STYLES``)."""
     speed = int(rng.integers(speed_range[0], speed_range[1] + 1))
     step = np.array(direction) * speed  # (dx, dy) per frame
     shapes = drawing.SHAPE_NAMES
     if rng.random() < 0.5:
-        return _panning_scene(rng, step, size, num_frames, shapes)
-    return _sliding_object(rng, step, size, num_frames, shapes)
+        return _panning_scene(rng, step, size, num_frames, shapes, style)
+    return _sliding_object(rng, step, size, num_frames, shapes, style)
 
 
-def _place_shape(rng: np.random.Generator, img: np.ndarray, shapes, radius_range=(0.15, 0.3)) -> np.ndarray:
+def _place_shape(rng: np.random.Generator, img: np.ndarray, shapes, style: str,
+                 radius_range=(0.15, 0.3)) -> np.ndarray:
     """``img`` with one random shape painted at a random place."""
     alpha = drawing.random_shape_alpha(rng, str(rng.choice(shapes)), img.shape[:2], radius_range)
-    return drawing.paint(rng, img, alpha)
+    return drawing.paint_in_style(rng, img, alpha, style)
 
 
-def _sliding_object(rng, step, size, num_frames, shapes) -> np.ndarray:
-    """One object slides over a still background, wrapping around the frame edges."""
-    scene = drawing.background(rng, (size, size), clutter=int(rng.integers(0, 3)))
+def _sliding_object(rng, step, size, num_frames, shapes, style) -> np.ndarray:
+    """One object slides over a still background, wrapping around the frame edges. In the
+    ``"photo"`` style the background drifts slowly in a random direction (up to
+    :data:`MAX_DRIFT` pixels per frame, whole pixels at a time), whatever the class."""
+    drift, pad = np.zeros(2), 0
+    if style == "photo":
+        angle = rng.uniform(0, 2 * np.pi)
+        drift = rng.uniform(0, MAX_DRIFT) * np.array([np.cos(angle), np.sin(angle)])
+        pad = int(np.ceil(MAX_DRIFT * (num_frames - 1)))
+    scene = drawing.style_background(rng, (size + 2 * pad, size + 2 * pad), style)
     if rng.random() < 0.5:  # a still distractor: something is there that does not move
-        scene = _place_shape(rng, scene, shapes)
+        scene = _place_shape(rng, scene, shapes, style)
     # The object drawn once at the centre, as coverage and premultiplied colour, then rolled.
     radius = rng.uniform(0.15, 0.28) * size
     alpha = drawing.shape_alpha(str(rng.choice(shapes)), (size, size), (size / 2, size / 2), radius,
                                 rng.uniform(-35, 35), aspect=rng.uniform(0.8, 1.2))
-    colour = drawing.paint(rng, scene, alpha) - scene * (1.0 - alpha[..., None])
+    view = scene[pad:pad + size, pad:pad + size]
+    if style == "plain":
+        colour = 255.0 * alpha[..., None]
+    else:
+        colour = (drawing.paint_in_style(rng, view, alpha, style, min_contrast=drawing.VISIBLE_CONTRAST)
+                  - view * (1.0 - alpha[..., None]))
     start = rng.integers(0, size, 2)  # (x, y): uniform over the torus, whatever the class
     frames = []
     for t in range(num_frames):
+        x, y = pad + np.rint(drift * t).astype(int)
+        view = scene[y:y + size, x:x + size]
         dx, dy = start + step * t
         a = np.roll(alpha, (int(dy), int(dx)), axis=(0, 1))[..., None]
         c = np.roll(colour, (int(dy), int(dx)), axis=(0, 1))
-        frames.append(drawing.finish(rng, scene * (1.0 - a) + c))
+        frames.append(drawing.finish_in_style(rng, view * (1.0 - a) + c, style))
     return np.stack(frames)
 
 
-def _panning_scene(rng, step, size, num_frames, shapes) -> np.ndarray:
+def _panning_scene(rng, step, size, num_frames, shapes, style) -> np.ndarray:
     """A window moves over a larger scene, so everything in view slides by ``step`` per frame."""
     travel = np.abs(step) * (num_frames - 1)
     height, width = size + int(travel[1]), size + int(travel[0])
-    scene = drawing.background(rng, (height, width), clutter=int(rng.integers(0, 4)))
+    scene = drawing.style_background(rng, (height, width), style, max_clutter=3)
     for _ in range(int(rng.integers(1, 4))):
-        scene = _place_shape(rng, scene, shapes, radius_range=(0.1, 0.2))
+        scene = _place_shape(rng, scene, shapes, style, radius_range=(0.1, 0.2))
     # Content moving by +step means the window moving by -step.
     origin = np.where(step > 0, travel, 0)
     frames = []
     for t in range(num_frames):
         x, y = origin - step * t
-        frames.append(drawing.finish(rng, scene[y:y + size, x:x + size]))
+        frames.append(drawing.finish_in_style(rng, scene[y:y + size, x:x + size], style))
     return np.stack(frames)
 
 
@@ -146,6 +171,7 @@ def make_video_dataset(
     speed_range: Tuple[int, int] = (1, 2),
     fps: int = 8,
     keyframe_interval: int = 8,
+    style: str = "random",
 ) -> str:
     """Write the dataset to ``out_dir`` (its data_root) and return ``out_dir``.
 
@@ -159,8 +185,12 @@ def make_video_dataset(
         speed_range: Content speed in pixels per frame (inclusive range).
         fps: Frame rate written in the files.
         keyframe_interval: Largest distance between keyframes (so readers seek, not only decode).
+        style: ``"random"`` colours and textures, ``"plain"`` white shapes on black (quick checks),
+            or ``"photo"``: light or dark shapes over crops of photographs, still backgrounds
+            drifting slowly (see ``drawing.STYLES``).
     """
     names = class_names(num_classes)
+    drawing.check_style(style)
     if num_frames < 2:
         raise ValueError(f"num_frames must be at least 2 (motion needs two frames), got {num_frames}")
     prepare_output(out_dir, ("train", "val", "train.txt", "val.txt", "classes.txt"), "make_video_dataset")
@@ -178,7 +208,7 @@ def make_video_dataset(
             for i in range(per_class):
                 # One generator per clip: a clip does not depend on how many others are made.
                 rng = np.random.default_rng([seed, split_index, label, i])
-                frames = render_clip(rng, DIRECTIONS[name], size, num_frames, speed_range)
+                frames = render_clip(rng, DIRECTIONS[name], size, num_frames, speed_range, style)
                 relative = f"{split}/{name}/{name}_{i:04d}.mp4"
                 write_mp4(os.path.join(out_dir, relative), frames, fps, keyframe_interval)
                 lines.append(f"{relative} {label}\n")
@@ -187,6 +217,6 @@ def make_video_dataset(
     write_marker(out_dir, dict(
         kind="video", seed=seed, num_classes=num_classes, classes=names, train_per_class=train_per_class,
         val_per_class=val_per_class, size=size, num_frames=num_frames, speed_range=list(speed_range),
-        fps=fps, keyframe_interval=keyframe_interval,
+        fps=fps, keyframe_interval=keyframe_interval, style=style,
     ))
     return out_dir
