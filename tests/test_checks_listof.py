@@ -48,3 +48,23 @@ def test_options_checks_a_child_config():
         options({"c": 1}, "model.x", ["a", "b"], owner="Part", given={"b": 2}, parent="model")
     with pytest.raises(ConfigError, match=r"^model.x.b is 3 but the b of model is 2; set it on model only$"):
         options({"b": 3}, "model.x", ["b"], given={"b": 2}, parent="model")
+
+
+def test_divisible_both_or_neither_feature_maps_and_block_indices_without_depth():
+    from vitasks.checks import block_indices, both_or_neither, divisible, feature_maps
+
+    divisible("model.x", embed_dim=12, num_heads=4)
+    with pytest.raises(ConfigError, match=r"^model.x: embed_dim \(10\) must be divisible by num_heads \(4\)$"):
+        divisible("model.x", embed_dim=10, num_heads=4)
+    both_or_neither("model.x", mean=None, std=None)
+    both_or_neither("model.x", mean=[1], std=[2])
+    with pytest.raises(ConfigError, match=r"^model.x: give both mean and std, or neither$"):
+        both_or_neither("model.x", mean=[1], std=None)
+    feature_maps([1, 2], 2, "model.neck", "rescales")
+    feature_maps([1, 2, 3], 2, "model.roi_head", "levels", at_least=True)
+    with pytest.raises(ConfigError, match=r"^model.neck: got 3 feature maps for 2 rescales;"):
+        feature_maps([1, 2, 3], 2, "model.neck", "rescales")
+    with pytest.raises(ConfigError, match=r"got 1 feature maps for 2 levels; the neck must give at least one"):
+        feature_maps([1], 2, "model.roi_head", "levels", at_least=True, source="the neck")
+    assert block_indices([-1, 3], None, "model.x") == (-1, 3)
+    assert block_indices([-1, 3], 4, "model.x") == (3, 3)

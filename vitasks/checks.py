@@ -53,6 +53,9 @@ __all__ = [
     "block_indices",
     "build_child",
     "options",
+    "feature_maps",
+    "both_or_neither",
+    "divisible",
 ]
 
 # The config key of what is being built now, as its parts ("model", "tasks", "det", "roi_head").
@@ -144,12 +147,15 @@ def _interval(low, high, low_open, high_open) -> str:
     return f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
 
 
-def block_indices(values: Any, depth: int, key: str, allow_empty: bool = True) -> Tuple[int, ...]:
-    """Block indices in ``[-depth, depth)`` (negative counts from the end), as non-negative ints."""
+def block_indices(values: Any, depth: Optional[int], key: str, allow_empty: bool = True) -> Tuple[int, ...]:
+    """Block indices in ``[-depth, depth)`` (negative counts from the end), as non-negative ints
+    (as given when ``depth`` is None: a model that does not say how many blocks it has)."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not all(_is_int(v) for v in values):
         raise ConfigError(f"{key} must be a list of block indices, got {values!r}")
     if not values and not allow_empty:
         raise ConfigError(f"{key} must name at least one block")
+    if depth is None:
+        return tuple(values)
     bad = [v for v in values if not -depth <= v < depth]
     if bad:
         raise ConfigError(f"{key}: block indices {bad} out of range for depth {depth} "
@@ -334,6 +340,29 @@ def options(cfg: Any, key: str, accepted: Optional[Sequence[str]] = None, what: 
         raise ConfigError(f"{key}: unknown keys {unknown}{f' (unknown arguments of {owner})' if owner else ''}; "
                           f"expected some of {sorted(k for k in accepted if k not in (given or {}))}")
     return cfg
+
+
+def both_or_neither(key: str, **values: Any) -> None:
+    """Two (or more) arguments that go together: all None or none (``mean`` and ``std``)."""
+    if len({v is None for v in values.values()}) > 1:
+        names = list(values)
+        raise ConfigError(f"{key}: give both {' and '.join(names)}, or neither")
+
+
+def divisible(key: str, **values: int) -> None:
+    """``divisible(key, embed_dim=768, num_heads=12)``: the first value a multiple of the second."""
+    (name, value), (by, divisor) = values.items()
+    if value % divisor:
+        raise ConfigError(f"{key}: {name} ({value}) must be divisible by {by} ({divisor})")
+
+
+def feature_maps(features: Sequence[Any], expected: int, key: str, what: str, at_least: bool = False,
+                 source: str = "the backbone's out_indices") -> None:
+    """The feature maps a neck or head got against the ``expected`` count its config ``key`` set
+    (one per ``what``; more are fine with ``at_least``)."""
+    if len(features) < expected or (len(features) != expected and not at_least):
+        raise ConfigError(f"{key}: got {len(features)} feature maps for {expected} {what}; {source} must give "
+                          f"{'at least ' if at_least else ''}one map per entry")
 
 
 def build_child(cfg: Any, key: str, registry: Any, owner: str = "", **inject: Any) -> Any:

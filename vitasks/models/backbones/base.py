@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vitasks.checks import config_key
+from vitasks.checks import config_key, divisible
 from vitasks.errors import ConfigError
 
 from ..layers import mlp_act_layer
@@ -39,8 +39,7 @@ class ViTBackbone(nn.Module):
     def __init__(self, embed_dim: int, depth: int, num_heads: int, mlp_act: str, pool: str, class_token: bool,
                  with_cp: bool, frozen: bool = False) -> None:
         super().__init__()
-        if embed_dim % num_heads:
-            raise ConfigError(f"{self.key()}: embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
+        divisible(self.key(), embed_dim=embed_dim, num_heads=num_heads)
         if pool in ("token", "token_mean") and not class_token:
             raise ConfigError(f'{self.key()}: pool="{pool}" needs class_token=True; use pool="mean" without a '
                               "class token")
@@ -58,6 +57,14 @@ class ViTBackbone(nn.Module):
         return config_key(name, default=self.config_key)
 
     # ---------------------------------------------------------------------------- construction
+
+    def grid_of(self, size: Tuple[int, ...], stride: int, name: str, by: str = "the stem stride") -> Tuple[int, ...]:
+        """``size // stride`` per dimension, for the argument ``name``; a ConfigError unless each
+        dimension is divisible by ``stride`` (``by``: what the stride is called)."""
+        if any(s % stride for s in size):
+            shown = list(size) if len(size) > 1 else size[0]
+            raise ConfigError(f"{self.key(name)} {shown} must be divisible by {by} {stride}")
+        return tuple(s // stride for s in size)
 
     @staticmethod
     def drop_path_rates(rate: float, count: int) -> List[float]:

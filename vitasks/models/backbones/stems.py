@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitasks.checks import ListOf, OrNone, PositiveInt, checked, config_key
+from vitasks.checks import divisible, ListOf, OrNone, PositiveInt, checked, config_key
 from vitasks.errors import ConfigError
 from vitasks.models.layers.conv import ConvBNReLU, check_norm
 from vitasks.registry import MODELS
@@ -445,8 +445,7 @@ class ResNetStem(nn.Module):
             raise ConfigError(f"{_where()}: ResNetStem `widths` has {len(widths)} entries but `layers` has "
                               f"{len(layers)} stages; give `widths`, one per stage (the default has 4)")
         for key, c in [("stem_channels", stem_channels)] + [("widths", w) for w in widths] + [("widths / 4", w // 4) for w in widths]:
-            if c % num_groups:
-                raise ConfigError(f"{_where()}: ResNetStem {key} ({c}) must be divisible by num_groups ({num_groups})")
+            divisible(f"{_where()} (ResNetStem)", **{key: c, "num_groups": num_groups})
         self.layers = layers
         self.stride = 4 * 2 ** (len(layers) - 1)
         self.backbone = ResNetV2Body(in_channels, layers, widths, stem_channels, num_groups, ws_eps, gn_eps, ws_form)

@@ -318,10 +318,8 @@ class VideoVisionTransformer(ViTBackbone):
         super().__init__(embed_dim, depth, num_heads, mlp_act, pool, class_token, with_cp)
         self.attention_type, self.pos_embed_type = attention_type, pos_embed
         self.inflate, self.interpolate_mode = inflate, interpolate_mode
-        if num_frames % tubelet_size:
-            raise ConfigError(f"{self.key('num_frames')} {num_frames} must be divisible by tubelet_size {tubelet_size}")
-        if img_size[0] % patch_size or img_size[1] % patch_size:
-            raise ConfigError(f"{self.key('img_size')} {list(img_size)} must be divisible by patch_size {patch_size}")
+        (self.temporal_size,) = self.grid_of((num_frames,), tubelet_size, "num_frames", "tubelet_size")
+        self.grid_size = self.grid_of(img_size, patch_size, "img_size", "patch_size")
         if attention_type == "factorised_encoder" and pos_embed != "learned":
             raise ConfigError(f"{self.key()}: attention_type factorised_encoder takes pos_embed: learned (a spatial "
                               f"table per frame group and the temporal encoder's own), got {pos_embed!r}")
@@ -331,8 +329,6 @@ class VideoVisionTransformer(ViTBackbone):
         self.patch_size = patch_size
         self.tubelet_size = tubelet_size
         self.num_prefix_tokens = int(bool(class_token))
-        self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
-        self.temporal_size = num_frames // tubelet_size
         factorised = self.attention_type == "factorised_encoder"
         self.spatial_depth = depth
         self.temporal_depth = temporal_depth if factorised else 0

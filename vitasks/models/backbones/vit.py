@@ -229,11 +229,11 @@ class VisionTransformer(ViTBackbone):
         self.stem = self._build_stem(stem, in_channels, embed_dim, patch_size)
         self.stride = self.stem.stride
         self.img_size = img_size
-        self.grid_size = self._grid_of(img_size, "img_size")
+        self.grid_size = self.grid_of(img_size, self.stride, "img_size")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, num_reg_tokens, embed_dim)) if num_reg_tokens else None
-        self.pos_grid = self.grid_size if pretrain_img_size is None else self._grid_of(pretrain_img_size,
-                                                                                      "pretrain_img_size")
+        self.pos_grid = self.grid_size if pretrain_img_size is None else self.grid_of(pretrain_img_size, self.stride,
+                                                                                     "pretrain_img_size")
         num_pos = self.num_pos_prefix_tokens + self.pos_grid[0] * self.pos_grid[1]
         self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
@@ -265,11 +265,6 @@ class VisionTransformer(ViTBackbone):
             self.train(False)
 
     # ---------------------------------------------------------------------------- construction
-
-    def _grid_of(self, size: Tuple[int, int], name: str) -> Tuple[int, int]:
-        if size[0] % self.stride or size[1] % self.stride:
-            raise ConfigError(f"{self.key(name)} {list(size)} must be divisible by the stem stride {self.stride}")
-        return size[0] // self.stride, size[1] // self.stride
 
     def _build_stem(self, stem: Optional[dict], in_channels: int, embed_dim: int, patch_size: int) -> nn.Module:
         where = self.key("stem")

@@ -11,8 +11,7 @@ from typing import List, Optional, Sequence
 
 from mmengine.model import ImgDataPreprocessor
 
-from vitasks.checks import config_key
-from vitasks.errors import ConfigError
+from vitasks.checks import both_or_neither, config_key
 from vitasks.registry import MODELS
 
 from .batch_augments import build_batch_augments, build_random_erasing, mix_batch
@@ -59,8 +58,7 @@ class ClsDataPreprocessor(ImgDataPreprocessor):
         random_erasing: Optional[dict] = None,
     ) -> None:
         where = config_key(default="model.data_preprocessor")
-        if (mean is None) != (std is None):
-            raise ConfigError(f"{where}: give both mean and std, or neither")
+        both_or_neither(where, mean=mean, std=std)
         super().__init__(
             mean=mean,
             std=std,

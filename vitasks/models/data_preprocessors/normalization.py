@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from mmengine.model import BaseDataPreprocessor
 
-from vitasks.checks import InRange, IntPair, NonNegativeInt, OrNone, PositiveInt, building, checked, config_key, options
-from vitasks.errors import ConfigError
+from vitasks.checks import both_or_neither, InRange, IntPair, NonNegativeInt, OrNone, PositiveInt, building, checked, config_key, options
 
 # ImageNet statistics in 0-255 RGB (torchvision's, which most checkpoints were trained with).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -113,8 +112,7 @@ class PaddedImagePreprocessor(BaseDataPreprocessor):
         super().__init__(non_blocking=non_blocking)
         owner = config_key(default=self.config_key)
         self.per_image_norm = PerImageStandardization.from_config(per_image_norm, owner)
-        if (mean is None) != (std is None):
-            raise ConfigError(f"{owner}: give both mean and std, or neither")
+        both_or_neither(owner, mean=mean, std=std)
         self.normalize = mean is not None
         if self.normalize:
             self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), False)

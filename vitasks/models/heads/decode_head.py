@@ -85,15 +85,10 @@ class BaseDecodeHead(nn.Module):
     ) -> None:
         super().__init__()
         where = self.config_path = config_key(default=self.config_key)  # for errors at run time too
-        if isinstance(in_index, (list, tuple)) != isinstance(in_channels, (list, tuple)):
-            raise ConfigError(
-                f"{where}: in_index and in_channels must both be single values or both lists, got "
-                f"in_index={in_index!r}, in_channels={in_channels!r}"
-            )
-        if isinstance(in_index, (list, tuple)) and len(in_index) != len(in_channels):
-            raise ConfigError(
-                f"{where}: {len(in_index)} in_index values for {len(in_channels)} in_channels"
-            )
+        lists = isinstance(in_index, (list, tuple)), isinstance(in_channels, (list, tuple))
+        if lists[0] != lists[1] or (all(lists) and len(in_index) != len(in_channels)):
+            raise ConfigError(f"{where}: in_index and in_channels must both be single values or both lists of one "
+                              f"length, got in_index={in_index!r}, in_channels={in_channels!r}")
         self.in_channels = list(in_channels) if isinstance(in_channels, (list, tuple)) else int(in_channels)
         self.in_index = list(in_index) if isinstance(in_index, (list, tuple)) else int(in_index)
         self.channels = int(channels)

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitasks.checks import InRange, PositiveInt, building, checked, config_key
+from vitasks.checks import InRange, PositiveInt, building, checked, config_key, feature_maps
 from vitasks.errors import ConfigError
 from vitasks.models.heads.rpn_head import box_regression_loss
 from vitasks.models.ops import BoxCoder, RoIPooler, batched_nms, box_iou, clip_boxes, nonempty_boxes, roi_align
@@ -224,11 +224,8 @@ class StandardRoIHead(nn.Module):
         self.box_head = self._build_box_head()
 
     def _levels(self, features: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
-        if len(features) < len(self.strides):
-            raise ConfigError(
-                f"{self.config_path} pools from {len(self.strides)} levels (strides {list(self.strides)}), "
-                f"the neck gives only {len(features)} maps"
-            )
+        feature_maps(features, len(self.strides), self.config_path, f"levels (strides {list(self.strides)})",
+                     at_least=True, source="the neck")
         return features[: len(self.strides)]
 
     # ------------------------------------------------------------------ targets
@@ -429,19 +426,16 @@ class CascadeRoIHead(StandardRoIHead):
                     "stage_box_coder_weights) instead"
                 )
         self.num_stages = len(stage_iou_thresholds)
-        if self.num_stages < 1 or len(stage_box_coder_weights) != self.num_stages:
+        weights = [1.0] * self.num_stages if stage_loss_weights is None else [float(w) for w in stage_loss_weights]
+        if self.num_stages < 1 or not len(stage_box_coder_weights) == len(weights) == self.num_stages:
             raise ConfigError(
-                f"{where}: stage_iou_thresholds and stage_box_coder_weights need one entry per stage, "
-                f"got {len(stage_iou_thresholds)} and {len(stage_box_coder_weights)}"
+                f"{where}: stage_iou_thresholds, stage_box_coder_weights and stage_loss_weights (when given) need "
+                f"one entry per stage, got {len(stage_iou_thresholds)}, {len(stage_box_coder_weights)} and "
+                f"{len(weights)}"
             )
         if (kwargs.get("box_head") or {}).get("class_agnostic") is False:
             raise ConfigError(f"{where}.box_head.class_agnostic: the cascade's box heads are class-agnostic")
         super().__init__(num_classes, iou_threshold=stage_iou_thresholds[0], **kwargs)
-        weights = [1.0] * self.num_stages if stage_loss_weights is None else [float(w) for w in stage_loss_weights]
-        if len(weights) != self.num_stages:
-            raise ConfigError(
-                f"{where}.stage_loss_weights needs {self.num_stages} values, got {list(stage_loss_weights)}"
-            )
         self.stage_loss_weights = weights
         self.box_coders = [BoxCoder(w) for w in stage_box_coder_weights]
         self.matchers = [Matcher([t], (0, 1), allow_low_quality_matches=False) for t in stage_iou_thresholds]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitasks.checks import InRange, NonNegativeInt, PositiveInt, checked, config_key, int_pair
+from vitasks.checks import InRange, NonNegativeInt, PositiveInt, checked, config_key, feature_maps, int_pair
 from vitasks.errors import ConfigError
 from vitasks.models.ops import AnchorGenerator, BoxCoder, batched_nms, box_iou, clip_boxes, nonempty_boxes
 from vitasks.models.ops.sampling import Matcher, subsample_labels
@@ -141,11 +141,8 @@ class RPNHead(nn.Module):
 
     # ------------------------------------------------------------------ head
     def _check_levels(self, features: Sequence[torch.Tensor]) -> None:
-        if len(features) != len(self.strides):
-            raise ConfigError(
-                f"{self.config_path}: built for {len(self.strides)} levels (strides {list(self.strides)}), "
-                f"the neck gives {len(features)} maps"
-            )
+        feature_maps(features, len(self.strides), self.config_path, f"levels (strides {list(self.strides)})",
+                     source="the neck")
 
     def forward(self, features: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Raw predictions per level: objectness logits ``(N, A, H, W)`` and deltas

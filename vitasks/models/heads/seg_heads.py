@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitasks.checks import NonNegativeInt, PositiveInt, checked, config_key
+from vitasks.checks import NonNegativeInt, PositiveInt, checked, config_key, divisible
 from vitasks.errors import ConfigError
 from vitasks.models.heads.decode_head import BaseDecodeHead, resize
 from vitasks.models.layers import ConvBNReLU, TransformerBlock
@@ -256,9 +256,7 @@ class SegmenterMaskHead(BaseDecodeHead):
         dropout_ratio: float = 0.0,
         **kwargs,
     ) -> None:
-        if embed_dims % num_heads:
-            raise ConfigError(f"{config_key(default=self.config_key)}: embed_dims ({embed_dims}) must be divisible "
-                              f"by num_heads ({num_heads})")
+        divisible(config_key(default=self.config_key), embed_dims=embed_dims, num_heads=num_heads)
         super().__init__(in_channels, embed_dims, num_classes, in_index=in_index, with_conv_seg=False,
                          dropout_ratio=dropout_ratio, **kwargs)
         self.dec_proj = nn.Linear(self.in_channels, embed_dims)

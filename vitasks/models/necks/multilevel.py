@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from vitasks.checks import PositiveInt, checked, config_key
+from vitasks.checks import PositiveInt, checked, config_key, feature_maps
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 
@@ -65,9 +65,5 @@ class Feature2Pyramid(nn.Module):
         self.ops = nn.ModuleList(_rescale_module(s, self.embed_dim) for s in self.rescales)
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        if len(inputs) != len(self.ops):
-            raise ConfigError(
-                f"{self.config_path}: got {len(inputs)} feature maps for {len(self.ops)} rescales "
-                f"{list(self.rescales)}; the backbone's out_indices must name one block per rescale"
-            )
+        feature_maps(inputs, len(self.ops), self.config_path, f"rescales {list(self.rescales)}")
         return tuple(op(x) for op, x in zip(self.ops, inputs))

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitasks.checks import PositiveInt, checked, config_key
+from vitasks.checks import InRange, ListOf, PositiveInt, checked, config_key, feature_maps
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 
@@ -37,14 +37,10 @@ class MultiLevelNeck(nn.Module):
     config_key = "model.neck"
 
     @checked
-    def __init__(self, in_channels: Sequence[int], out_channels: PositiveInt,
-                 scales: Sequence[float] = (0.5, 1, 2, 4)) -> None:
+    def __init__(self, in_channels: ListOf(PositiveInt), out_channels: PositiveInt,
+                 scales: ListOf(InRange(0, low_open=True)) = (0.5, 1, 2, 4)) -> None:
         super().__init__()
         where = self.config_path = config_key(default=self.config_key)  # for errors at run time too
-        if not isinstance(in_channels, (list, tuple)) or not in_channels:
-            raise ConfigError(f"{where}.in_channels must be a list of channels per input, got {in_channels!r}")
-        if not scales or any(not isinstance(s, (int, float)) or s <= 0 for s in scales):
-            raise ConfigError(f"{where}.scales must be positive numbers, got {scales!r}")
         if len(in_channels) not in (1, len(scales)):
             raise ConfigError(
                 f"{where}: {len(in_channels)} in_channels for {len(scales)} scales (one input, or one per scale)"
@@ -63,11 +59,7 @@ class MultiLevelNeck(nn.Module):
     def forward(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         if isinstance(inputs, torch.Tensor):
             inputs = (inputs,)
-        if len(inputs) != len(self.lateral_convs):
-            raise ConfigError(
-                f"{self.config_path}: got {len(inputs)} feature maps for {len(self.lateral_convs)} in_channels; the "
-                "backbone's out_indices must name one block per input"
-            )
+        feature_maps(inputs, len(self.lateral_convs), self.config_path, "in_channels")
         laterals = [conv(x) for conv, x in zip(self.lateral_convs, inputs)]
         if len(laterals) == 1:
             laterals = laterals * len(self.scales)

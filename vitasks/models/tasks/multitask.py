@@ -54,7 +54,7 @@ import torch.nn as nn
 from mmengine.model import BaseDataPreprocessor, BaseModel
 from mmengine.optim import OptimWrapper
 
-from vitasks.checks import building, options
+from vitasks.checks import block_indices, building, options
 from vitasks.errors import ConfigError
 from vitasks.models.tasks.base import build_part
 from vitasks.registry import MODELS
@@ -81,15 +81,7 @@ class OutputSpec:
                               "turns into the time-averaged pooled feature; it cannot read block maps (remove the entry)")
         if isinstance(out_indices, int) and not isinstance(out_indices, bool):
             out_indices = [out_indices]
-        if not isinstance(out_indices, (list, tuple)) or not out_indices:
-            raise ConfigError(f"model.out_indices.{task} must be a non-empty list of block indices, "
-                              f"got {out_indices!r}")
-        resolved = []
-        for index in out_indices:
-            if depth is not None and not -depth <= int(index) < depth:
-                raise ConfigError(f"model.out_indices.{task}: {index} is not a block of the depth-{depth} backbone")
-            resolved.append(int(index) % depth if depth is not None else int(index))
-        self.map_indices = tuple(resolved)
+        self.map_indices = block_indices(out_indices, depth, f"model.out_indices.{task}", allow_empty=False)
 
     @property
     def pooled(self) -> bool:
