@@ -68,3 +68,25 @@ def test_divisible_both_or_neither_feature_maps_and_block_indices_without_depth(
         feature_maps([1], 2, "model.roi_head", "levels", at_least=True, source="the neck")
     assert block_indices([-1, 3], None, "model.x") == (-1, 3)
     assert block_indices([-1, 3], 4, "model.x") == (3, 3)
+
+
+def test_config_errors_and_component_class():
+    from vitasks.checks import component_class, config_errors
+    from vitasks.registry import MODELS
+    import vitasks.models  # noqa: F401
+
+    with pytest.raises(ConfigError, match=r"^model.head: bad size$"):
+        with config_errors("model.head"):
+            raise ValueError("bad size")
+    with pytest.raises(ConfigError, match=r"^model.head.x must be 1$"):  # already names the key: unchanged
+        with config_errors("model.head", ConfigError):
+            raise ConfigError("model.head.x must be 1")
+    with pytest.raises(TypeError):  # not one of the kinds asked for
+        with config_errors("model.head"):
+            raise TypeError("no")
+    assert component_class("PatchEmbed", MODELS, "model.backbone.stem").__name__ == "PatchEmbed"
+    with pytest.raises(ConfigError, match=r"^model.backbone.stem.type: 'PatchEmbedd' is not a registered stem "
+                                          r"\(did you mean 'PatchEmbed'\?\); expected one of \['PatchEmbed', 'ConvStem'\]$"):
+        component_class("PatchEmbedd", MODELS, "model.backbone.stem", "stem", choices=("PatchEmbed", "ConvStem"))
+    with pytest.raises(ConfigError, match=r"'PatchEmbed' is not a registered token reduction"):
+        component_class("PatchEmbed", MODELS, "model.x", "token reduction", base=int)

@@ -20,6 +20,7 @@ This module imports nothing of vitasks but its errors, so any layer may use it.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import math
@@ -56,6 +57,8 @@ __all__ = [
     "feature_maps",
     "both_or_neither",
     "divisible",
+    "config_errors",
+    "component_class",
 ]
 
 # The config key of what is being built now, as its parts ("model", "tasks", "det", "roi_head").
@@ -347,6 +350,32 @@ def both_or_neither(key: str, **values: Any) -> None:
     if len({v is None for v in values.values()}) > 1:
         names = list(values)
         raise ConfigError(f"{key}: give both {' and '.join(names)}, or neither")
+
+
+@contextmanager
+def config_errors(key: str, *kinds: type) -> Iterator[None]:
+    """A ValueError (or one of ``kinds``) raised inside, by a layer or op built from the config at
+    ``key``, becomes a ConfigError naming that key (a ConfigError that names it already passes)."""
+    try:
+        yield
+    except kinds or (ValueError,) as error:
+        if isinstance(error, ConfigError) and str(error).startswith(key):
+            raise
+        raise ConfigError(f"{key}: {error}") from error
+
+
+def component_class(kind: Any, registry: Any, key: str, what: str = "model component",
+                    choices: Optional[Sequence[str]] = None, base: Optional[type] = None) -> Any:
+    """The class a config's ``type`` names (a registered name, or the class itself) at config key
+    ``key`` (the dict holding the ``type``): a ConfigError naming the nearest of ``choices`` (the
+    registry's names when None) unless it is registered (and a subclass of ``base``, when given)."""
+    cls = registry.get(kind) if isinstance(kind, str) else kind
+    if cls is None or (base is not None and not (isinstance(cls, type) and issubclass(cls, base))):
+        near = difflib.get_close_matches(str(kind), list(choices or registry.module_dict), n=1)
+        raise ConfigError(f"{key}.type: {kind!r} is not a registered {what}"
+                          f"{f' (did you mean {near[0]!r}?)' if near else ''}"
+                          f"{f'; expected one of {list(choices)}' if choices else ''}")
+    return cls
 
 
 def divisible(key: str, **values: int) -> None:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitasks.checks import divisible, ListOf, OrNone, PositiveInt, checked, config_key
+from vitasks.checks import divisible, ListOf, one_of, OrNone, PositiveInt, checked, config_key
 from vitasks.errors import ConfigError
 from vitasks.models.layers.conv import ConvBNReLU, check_norm
 from vitasks.registry import MODELS
@@ -37,12 +37,7 @@ WS_FORMS = ("var", "std")
 
 
 def _check_ws_form(ws_form, stem: str) -> str:
-    if ws_form not in WS_FORMS:
-        raise ConfigError(
-            f"{_where()}.ws_form of {stem} must be one of {list(WS_FORMS)} ('var': (w - mean) / sqrt(var + ws_eps), "
-            f"timm's; 'std': (w - mean) / (std + ws_eps), Google's JAX code), got {ws_form!r}"
-        )
-    return ws_form
+    return one_of(ws_form, WS_FORMS, f"{_where()}.ws_form of {stem}")
 
 
 # --------------------------------------------------------------------------------------------

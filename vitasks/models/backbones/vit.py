@@ -12,7 +12,7 @@ from mmengine.logging import print_log
 from torch import nn
 
 from vitasks.checks import (
-    BlockIndices, Flag, InRange, IntPair, NonNegativeInt, OneOf, OrNone, PositiveInt, building, checked, options,
+    BlockIndices, Flag, InRange, IntPair, NonNegativeInt, OneOf, OrNone, PositiveInt, building, checked, component_class, options,
 )
 from vitasks.errors import CheckpointError, ConfigError
 from vitasks.registry import MODELS
@@ -271,10 +271,7 @@ class VisionTransformer(ViTBackbone):
         stem = options(dict(type="PatchEmbed") if stem is None else stem, where, required=("type",),
                        what="a dict with a `type` (e.g. PatchEmbed, ConvStem, ResNetStem)")
         stem_type = stem.pop("type")
-        cls = stem_type if isinstance(stem_type, type) else MODELS.get(stem_type)
-        if cls is None:
-            raise ConfigError(f"{where}.type: {stem_type!r} is not a registered model component; "
-                              "stems in vitasks: PatchEmbed, ConvStem, ResNetStem")
+        cls = component_class(stem_type, MODELS, where, "stem", choices=("PatchEmbed", "ConvStem", "ResNetStem"))
         name = getattr(cls, "__name__", str(stem_type))
         params = inspect.signature(cls).parameters
         given = dict(in_channels=in_channels, embed_dim=embed_dim)

@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from vitasks.checks import InRange, NonNegativeInt, OrNone, PositiveInt, building, checked, config_key, one_of, options
+from vitasks.checks import InRange, NonNegativeInt, OrNone, PositiveInt, building, checked, config_errors, config_key, one_of, options
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 
@@ -310,8 +310,5 @@ def build_random_erasing(cfg, owner: str) -> Optional[RandomErasing]:
         return cfg
     cfg = options(cfg, f"{owner}.random_erasing", what="a dict like {type: RandomErasing, probability: 0.25, mode: pixel}")
     cfg.setdefault("type", "RandomErasing")
-    try:
-        with building("random_erasing", root=owner):
-            return MODELS.build(cfg)
-    except TypeError as e:
-        raise ConfigError(f"{owner}.random_erasing: {e}") from e
+    with config_errors(f"{owner}.random_erasing", TypeError), building("random_erasing", root=owner):
+        return MODELS.build(cfg)

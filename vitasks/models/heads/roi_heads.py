@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitasks.checks import InRange, PositiveInt, building, checked, config_key, feature_maps
+from vitasks.checks import InRange, PositiveInt, building, checked, config_errors, config_key, feature_maps
 from vitasks.errors import ConfigError
 from vitasks.models.heads.rpn_head import box_regression_loss
 from vitasks.models.ops import BoxCoder, RoIPooler, batched_nms, box_iou, clip_boxes, nonempty_boxes, roi_align
@@ -183,11 +183,9 @@ class StandardRoIHead(nn.Module):
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.strides = tuple(int(s) for s in strides)
-        try:
+        with config_errors(self.config_path):
             self.box_pooler = RoIPooler(box_pooled_size, self.strides, sampling_ratio, aligned=True)
             self.mask_pooler = RoIPooler(mask_pooled_size, self.strides, sampling_ratio, aligned=True)
-        except ValueError as error:
-            raise ConfigError(f"{self.config_path}: {error}") from None
         self.box_pooled_size = box_pooled_size
         self.box_head_cfg = dict(box_head or {})
         self.build_box_heads()

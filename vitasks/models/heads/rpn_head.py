@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitasks.checks import InRange, NonNegativeInt, PositiveInt, checked, config_key, feature_maps, int_pair
+from vitasks.checks import InRange, NonNegativeInt, PositiveInt, checked, config_errors, config_key, feature_maps, int_pair
 from vitasks.errors import ConfigError
 from vitasks.models.ops import AnchorGenerator, BoxCoder, batched_nms, box_iou, clip_boxes, nonempty_boxes
 from vitasks.models.ops.sampling import Matcher, subsample_labels
@@ -102,10 +102,8 @@ class RPNHead(nn.Module):
             raise ConfigError(
                 f"{where}.iou_thresholds must be [background_below, foreground_from], got {list(iou_thresholds)}"
             )
-        try:
+        with config_errors(where):
             self.anchor_generator = AnchorGenerator(anchor_sizes, aspect_ratios, strides, anchor_offset)
-        except ValueError as error:
-            raise ConfigError(f"{where}: {error}") from None
         num_anchors = set(self.anchor_generator.num_anchors_per_location)
         if len(num_anchors) != 1:
             raise ConfigError(

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from vitasks.errors import ConfigError
+from vitasks.checks import one_of
 
 #: MLP activations by config name. ``gelu`` is the exact (erf) GELU of PyTorch/timm-trained
 #: models; ``gelu_tanh`` the tanh approximation 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))),
@@ -20,9 +20,7 @@ MLP_ACTS = {
 def mlp_act_layer(name: str, key: str = "mlp_act") -> Callable[[], nn.Module]:
     """The activation-module factory for config name ``name`` (one of :data:`MLP_ACTS`); an
     unknown name raises a ConfigError naming ``key`` (the config key it came from)."""
-    if not isinstance(name, str) or name not in MLP_ACTS:
-        raise ConfigError(f"{key} must be one of {list(MLP_ACTS)}, got {name!r}")
-    return MLP_ACTS[name]
+    return MLP_ACTS[one_of(name, list(MLP_ACTS), key)]
 
 
 class Mlp(nn.Module):

@@ -41,7 +41,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from vitasks.checks import NonNegativeInt, PositiveInt, block_indices, building, checked, non_negative_int, options
+from vitasks.checks import NonNegativeInt, PositiveInt, block_indices, building, checked, component_class, non_negative_int, options
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 
@@ -792,13 +792,7 @@ def build_token_reduction(
     cfg = options(cfg, WHERE, what=f"a dict with a `type` ({', '.join(REDUCTION_TYPES)}), e.g. {{type: ToMe, r: 13}}",
                   required=("type",))
     kind = cfg.pop("type")
-    cls = kind if isinstance(kind, type) else MODELS.get(kind)
-    if cls is None or not (isinstance(cls, type) and issubclass(cls, TokenReduction)):
-        import difflib
-
-        near = difflib.get_close_matches(str(kind), REDUCTION_TYPES, n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ConfigError(f"{WHERE}.type: {kind!r} is not a token reduction{hint}; expected one of {list(REDUCTION_TYPES)}")
+    cls = component_class(kind, MODELS, WHERE, "token reduction", choices=REDUCTION_TYPES, base=TokenReduction)
     params = inspect.signature(cls).parameters
     given = {k: v for k, v in dict(embed_dim=embed_dim, depth=depth, out_indices=out_indices).items() if k in params}
     cfg = options(cfg, WHERE, list(params), owner=cls.__name__, given=given, parent="model.backbone")

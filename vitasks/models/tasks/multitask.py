@@ -54,7 +54,7 @@ import torch.nn as nn
 from mmengine.model import BaseDataPreprocessor, BaseModel
 from mmengine.optim import OptimWrapper
 
-from vitasks.checks import block_indices, building, options
+from vitasks.checks import block_indices, building, component_class, config_errors, options
 from vitasks.errors import ConfigError
 from vitasks.models.tasks.base import build_part
 from vitasks.registry import MODELS
@@ -281,27 +281,17 @@ class MultiTaskModel(BaseModel):
         if not isinstance(name, str) or not _TASK_NAME.match(name):
             raise ConfigError(f"model.tasks: task name {name!r} must be a Python-style identifier (it prefixes "
                               "metric names as '<name>/...' and state-dict keys as 'tasks.<name>.')")
-        if name in self.tasks:
-            raise ConfigError(f"model.tasks: the task name {name!r} is used twice")
         cfg = options(cfg, where, what="a dict with a `type` (a task model such as ImageClassifier)", required=("type",))
         if "backbone" in cfg:
             raise ConfigError(f"{where}: a task has no backbone of its own; `model.backbone` is shared by every task "
                               f"(say what it reads with model.out_indices.{name})")
         model_type = cfg.pop("type")
         spec = OutputSpec(out_indices, depth, name)
-        model_cls = MODELS.get(model_type) if isinstance(model_type, str) else model_type
-        if model_cls is None:
-            raise ConfigError(f"{where}.type: {model_type!r} is not a registered model")
+        model_cls = component_class(model_type, MODELS, where, "model")
         view = SharedBackboneView(name, spec, self._fetch, self.backbone)
-        try:
-            with building("tasks", name, root="model"):  # the task's parts name model.tasks.<name>.<part>
-                task = model_cls(backbone=view, **cfg)
-        except ConfigError as e:
-            if str(e).startswith(where):
-                raise
-            raise ConfigError(f"{where}: {e}") from e
-        except TypeError as e:
-            raise ConfigError(f"{where}: cannot build {getattr(model_cls, '__name__', model_cls)}: {e}") from e
+        # the task's parts name model.tasks.<name>.<part>
+        with config_errors(where, ConfigError, TypeError), building("tasks", name, root="model"):
+            task = model_cls(backbone=view, **cfg)
         if _reads_clips(task):
             spec = OutputSpec(out_indices, depth, name, clips=True)  # known once the task model is built
             view.spec = spec
