@@ -170,6 +170,78 @@ def fuse_qkv(qkv: Dict[str, Dict[str, Dict[str, Tensor]]], where: str,
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# transformers' encoder names (ViT, DeiT, BEiT/Data2Vec, DINOv2, TimeSformer, VideoMAE, ViViT)
+# --------------------------------------------------------------------------------------------
+
+#: A layer's modules (hub and transformers 5 names) -> the block's modules.
+HF_LAYER_PARTS = {
+    "attention.output.dense": "attn.proj",   # hub
+    "attention.o_proj": "attn.proj",         # transformers 5
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "layernorm_before": "norm1",
+    "layernorm_after": "norm2",
+}
+#: A layer's separate query, key and value projections, fused into ``attn.qkv``.
+HF_QKV_PARTS = {
+    "attention.attention.query": "q", "attention.attention.key": "k", "attention.attention.value": "v",
+    "attention.q_proj": "q", "attention.k_proj": "k", "attention.v_proj": "v",
+}
+HF_LAYER_RE = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)$")
+
+
+class HFEncoderNames:
+    """Renames the weights of a transformers encoder (without the model's prefix) into timm's or
+    vitasks' block names: ``top`` maps whole names (embeddings, final norm); a layer's weight
+    (``encoder.layer.{i}.<rest>`` or ``layers.{i}.<rest>``) goes by ``parts`` (its whole
+    ``<rest>``, or its module name with ``weight``/``bias``) to ``blocks.{i}.<name>``, and its
+    query/key/value projections are fused (:func:`fuse_qkv`)."""
+
+    def __init__(self, top: Dict[str, str], parts: Dict[str, str]) -> None:
+        self.top, self.parts = top, parts
+        self.out: StateDict = {}
+        self.qkv: Dict[str, Dict[str, Dict[str, Tensor]]] = {}
+        self.unknown: List[str] = []
+
+    def add_qkv(self, layer: str, kind: str, which: str, value: Tensor) -> None:
+        self.qkv.setdefault(layer, {}).setdefault(kind, {})[which] = value
+
+    def place(self, name: str, value: Tensor) -> bool:
+        """Put ``name`` (without the model's prefix) where it goes; False if it is none of these."""
+        if name in self.top:
+            self.out[self.top[name]] = value
+            return True
+        m = HF_LAYER_RE.match(name)
+        if not m:
+            return False
+        i, rest = m.groups()
+        if rest in self.parts:
+            self.out[f"blocks.{i}.{self.parts[rest]}"] = value
+            return True
+        module, _, kind = rest.rpartition(".")
+        if kind not in ("weight", "bias"):
+            return False
+        if module in HF_QKV_PARTS:
+            self.add_qkv(i, kind, HF_QKV_PARTS[module], value)
+            return True
+        if module in self.parts:
+            self.out[f"blocks.{i}.{self.parts[module]}.{kind}"] = value
+            return True
+        return False
+
+    def result(self, where: str, model: str, expected: str, zero_missing_bias: bool = False) -> StateDict:
+        """The renamed weights, q/k/v fused; any weight left in ``unknown`` is a CheckpointError
+        saying it is not one of a transformers ``model`` (whose names are ``expected``)."""
+        if self.unknown:
+            raise CheckpointError(f"{where}: {len(self.unknown)} weights are not those of a transformers {model} "
+                                  f"({expected}): {sorted(self.unknown)[:10]}")
+        self.out.update(fuse_qkv(self.qkv, where, zero_missing_bias=zero_missing_bias))
+        return self.out
+
+
 def _square_side(n: int) -> Optional[int]:
     side = math.isqrt(n) if n >= 0 else -1
     return side if side >= 1 and side * side == n else None

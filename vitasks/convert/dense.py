@@ -58,6 +58,23 @@ RESAMPLED_AT_LOAD = ("backbone.pos_embed",)
 _ROOT = Path(__file__).resolve().parents[2]
 
 
+def read_openmmlab_file(path: str, toolbox: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """``(state_dict, meta)`` of an OpenMMLab ``toolbox`` checkpoint (mmdetection,
+    mmsegmentation), read with weights_only."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    from vitasks.engine.checkpoint import load_checkpoint_file
+
+    obj = load_checkpoint_file(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected an {toolbox} checkpoint dict, found a {type(obj).__name__}")
+    sd = obj.get("state_dict", obj)
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: its state_dict is a {type(sd).__name__}")
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    return dict(sd), meta
+
+
 def to_tensor(value: Any, source: str, key: str) -> torch.Tensor:
     """A float32 (or integer) tensor owning its memory, from a numpy array or a tensor."""
     if isinstance(value, np.ndarray):

@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from vitasks.convert.dense import DenseSource, KeyTaker
 from vitasks.convert.safe_pickle import load_plain_pickle
-from vitasks.convert.vitdet import apply_class_order, vitdet_backbone, vitdet_model
+from vitasks.convert.vitdet import vitdet_backbone, vitdet_source
 from vitasks.errors import CheckpointError
 
 PUBLISHED = {
@@ -202,29 +202,9 @@ def convert_state_dict(
     mask = _mask_head(t)
     t.finish()
 
-    dsts = [f"roi_head.box_heads.{s}" for s in stages] or ["roi_head.box_head"]
-    per_class = [(f"{d}.cls_score.{p}", 1, 1) for d in dsts for p in ("weight", "bias")]
-    if not box["class_agnostic"]:
-        per_class += [(f"{d}.bbox_pred.{p}", 4, 0) for d in dsts for p in ("weight", "bias")]
-    if mask is not None and not mask["class_agnostic"]:
-        per_class += [(f"roi_head.mask_head.predictor.{p}", 1, 0) for p in ("weight", "bias")]
-    dataset_meta = apply_class_order(t, num_classes, source_cat_ids, class_names, per_class, notes)
-    if stages:
-        box.pop("class_agnostic")
-        box["class_agnostic"] = True
-    model = vitdet_model(backbone, neck, rpn, box, mask, num_classes, len(stages))
-    cascade = bool(stages)
-    return DenseSource(
-        fmt="detectron2",
-        path=source,
-        state_dict=t.out,
-        model=model,
-        config="configs/det_coco_cascade.yaml" if cascade else "configs/det_coco.yaml",
-        key_map=dict(t.taken),
-        dataset_meta=dataset_meta,
-        published=PUBLISHED.get((backbone["depth"], cascade), "") if num_classes == 80 else "",
-        notes=notes,
-    )
+    published = PUBLISHED.get((backbone["depth"], bool(stages)), "") if num_classes == 80 else ""
+    return vitdet_source("detectron2", t, backbone, neck, rpn, box, mask, num_classes, stages, source_cat_ids,
+                         class_names, published, notes)
 
 
 def read(path: str, opts: Any = None) -> DenseSource:

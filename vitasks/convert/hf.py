@@ -17,12 +17,9 @@ is handled as ``pre_logits``; ``mask_token`` is dropped.
 import glob
 import json
 import os
-import re
 from typing import Any, Dict
 
-import torch
-
-from vitasks.convert.common import ConvertOptions, Source, StateDict, fuse_qkv, read_torch_state_dict
+from vitasks.convert.common import HF_LAYER_PARTS, ConvertOptions, HFEncoderNames, Source, StateDict, read_torch_state_dict
 from vitasks.errors import CheckpointError
 
 HF_DEFAULT_EPS = 1e-12
@@ -30,22 +27,6 @@ HF_DEFAULT_EPS = 1e-12
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
-# Per-layer names (after the layer prefix) -> timm names; q/k/v are fused separately.
-_LAYER_MAP = {
-    "attention.output.dense": "attn.proj",   # hub
-    "attention.o_proj": "attn.proj",         # transformers 5
-    "intermediate.dense": "mlp.fc1",
-    "output.dense": "mlp.fc2",
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
-    "layernorm_before": "norm1",
-    "layernorm_after": "norm2",
-}
-_QKV = {
-    "attention.attention.query": "q", "attention.attention.key": "k", "attention.attention.value": "v",
-    "attention.q_proj": "q", "attention.k_proj": "k", "attention.v_proj": "v",
-}
-_LAYER_RE = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$")
 _TOP_MAP = {
     "embeddings.cls_token": "cls_token",
     "embeddings.distillation_token": "dist_token",
@@ -105,39 +86,15 @@ def hf_to_timm(sd: StateDict, where: str) -> StateDict:
     for p in ("vit.", "deit."):
         if any(k.startswith(p) for k in sd):
             prefix = p
-    out: StateDict = {}
-    qkv: Dict[str, Dict[str, Dict[str, torch.Tensor]]] = {}
-    unknown = []
+    names = HFEncoderNames(_TOP_MAP, HF_LAYER_PARTS)
     for key, v in sd.items():
         head = key.split(".")[0]
         if head in _HEAD_MAP and key.count(".") == 1:
-            out[f"{_HEAD_MAP[head]}.{key.split('.')[1]}"] = v
-            continue
-        if not key.startswith(prefix):
-            unknown.append(key)
-            continue
-        k = key[len(prefix):]
-        if k == "embeddings.mask_token":
-            continue
-        if k in _TOP_MAP:
-            out[_TOP_MAP[k]] = v
-            continue
-        m = _LAYER_RE.match(k)
-        if m:
-            i, part, kind = m.groups()
-            if part in _QKV:
-                qkv.setdefault(i, {}).setdefault(kind, {})[_QKV[part]] = v
-                continue
-            if part in _LAYER_MAP:
-                out[f"blocks.{i}.{_LAYER_MAP[part]}.{kind}"] = v
-                continue
-        unknown.append(key)
-    if unknown:
-        raise CheckpointError(
-            f"{where}: {len(unknown)} weights are not those of a transformers ViT/DeiT "
-            f"(vit.embeddings.*, vit.encoder.layer.*, vit.layernorm, classifier): {sorted(unknown)[:10]}"
-        )
-    return {**out, **fuse_qkv(qkv, where)}
+            names.out[f"{_HEAD_MAP[head]}.{key.split('.')[1]}"] = v
+        elif not key.startswith(prefix) or not (key[len(prefix):] == "embeddings.mask_token"
+                                                or names.place(key[len(prefix):], v)):
+            names.unknown.append(key)
+    return names.result(where, "ViT/DeiT", "vit.embeddings.*, vit.encoder.layer.*, vit.layernorm, classifier")
 
 
 def read(path: str, opts: ConvertOptions) -> Source:

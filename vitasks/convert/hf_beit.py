@@ -49,36 +49,19 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from vitasks.convert.common import ConvertOptions, Source, StateDict, _compact, _num, _pair, fuse_qkv
+from vitasks.convert.common import HF_LAYER_PARTS, ConvertOptions, HFEncoderNames, Source, StateDict, _compact, _num, _pair
 from vitasks.errors import CheckpointError
 
 PREFIXES = ("beit.", "data2vec_vision.")
 HF_DEFAULT_EPS = 1e-12
 
-_LAYER_RE = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)$")
 _LAYER_PARTS = {
+    **HF_LAYER_PARTS,
     "lambda_1": "ls1.gamma",
     "lambda_2": "ls2.gamma",
-    "attention.output.dense.weight": "attn.proj.weight",
-    "attention.output.dense.bias": "attn.proj.bias",
-    "attention.o_proj.weight": "attn.proj.weight",
-    "attention.o_proj.bias": "attn.proj.bias",
-    "intermediate.dense.weight": "mlp.fc1.weight",
-    "intermediate.dense.bias": "mlp.fc1.bias",
-    "output.dense.weight": "mlp.fc2.weight",
-    "output.dense.bias": "mlp.fc2.bias",
-    "mlp.fc1.weight": "mlp.fc1.weight",
-    "mlp.fc1.bias": "mlp.fc1.bias",
-    "mlp.fc2.weight": "mlp.fc2.weight",
-    "mlp.fc2.bias": "mlp.fc2.bias",
-    "layernorm_before.weight": "norm1.weight",
-    "layernorm_before.bias": "norm1.bias",
-    "layernorm_after.weight": "norm2.weight",
-    "layernorm_after.bias": "norm2.bias",
     "attention.attention.relative_position_bias.relative_position_bias_table": "attn.rel_pos_bias.table",
     "relative_position_bias.relative_position_bias_table": "attn.rel_pos_bias.table",
 }
-_QKV_RE = re.compile(r"^attention\.(?:attention\.(query|key|value)|(q|k|v)_proj)\.(weight|bias)$")
 _TOP = {
     "embeddings.cls_token": "cls_token",
     "embeddings.position_embeddings": "pos_embed",
@@ -155,30 +138,13 @@ def _conv_names(key: str) -> str:
 def _rename(sd: StateDict, prefix: str, path: str, notes: List[str]) -> Tuple[StateDict, StateDict]:
     """(backbone, rest): vitasks names without ``backbone.`` for the backbone, full names for
     the neck and heads (``head.fc`` for a classifier)."""
-    backbone: StateDict = {}
     rest: StateDict = {}
-    qkv: Dict[str, Dict[str, Dict[str, torch.Tensor]]] = {}
-    unknown = []
+    names = HFEncoderNames(_TOP, _LAYER_PARTS)
     for key, v in sd.items():
         if key.startswith(prefix) and not (prefix == "" and key.startswith(("classifier.",) + _REST_HEADS)):
             k = key[len(prefix):]
-            if k in _DROPPED or k.endswith("relative_position_index"):
-                continue
-            if k in _TOP:
-                backbone[_TOP[k]] = v
-                continue
-            m = _LAYER_RE.match(k)
-            if m:
-                i, part = m.groups()
-                if part in _LAYER_PARTS:
-                    backbone[f"blocks.{i}.{_LAYER_PARTS[part]}"] = v
-                    continue
-                q = _QKV_RE.match(part)
-                if q:
-                    which = (q.group(1) or q.group(2))[0]  # q / k / v
-                    qkv.setdefault(i, {}).setdefault(q.group(3), {})[which] = v
-                    continue
-            unknown.append(key)
+            if not (k in _DROPPED or k.endswith("relative_position_index") or names.place(k, v)):
+                names.unknown.append(key)
             continue
         if key.startswith("classifier."):
             rest["head.fc." + key.split(".", 1)[1]] = v
@@ -190,13 +156,9 @@ def _rename(sd: StateDict, prefix: str, path: str, notes: List[str]) -> Tuple[St
                 rest[new] = v
                 break
         else:
-            unknown.append(key)
-    if unknown:
-        raise CheckpointError(
-            f"{path}: {len(unknown)} weights are not those of a transformers BEiT / Data2Vec-vision model "
-            f"(embeddings, layers, fpn, decode_head, auxiliary_head, classifier): {sorted(unknown)[:10]}"
-        )
-    backbone.update(fuse_qkv(qkv, path, zero_missing_bias=True))
+            names.unknown.append(key)
+    backbone = names.result(path, "BEiT / Data2Vec-vision model",
+                            "embeddings, layers, fpn, decode_head, auxiliary_head, classifier", zero_missing_bias=True)
     if any("attn.qkv.bias" in k for k in backbone) and not any(
         k.startswith(prefix) and re.search(r"(attention\.key|k_proj)\.bias$", k) for k in sd
     ):

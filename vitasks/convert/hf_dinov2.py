@@ -14,13 +14,10 @@ embeddings bicubically to the target size, with antialiasing in the with-registe
 only; the pooling is ``token_mean``, which is what ``Dinov2ForImageClassification`` classifies.
 """
 
-import re
 from typing import Any, Dict
 
-import torch
-
 from vitasks.convert import dinov2
-from vitasks.convert.common import ConvertOptions, Source, StateDict, fuse_qkv
+from vitasks.convert.common import HF_LAYER_PARTS, HF_LAYER_RE, ConvertOptions, HFEncoderNames, Source, StateDict
 from vitasks.errors import CheckpointError
 
 _PREFIXES = ("dinov2_with_registers.", "dinov2.")
@@ -36,17 +33,11 @@ _TOP = {
 _LAYER = {
     "norm1": "norm1",
     "norm2": "norm2",
-    "attention.output.dense": "attn.proj",  # hub
-    "attention.o_proj": "attn.proj",        # transformers 5
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
-}
-_QKV = {
-    "attention.attention.query": "q", "attention.attention.key": "k", "attention.attention.value": "v",
-    "attention.q_proj": "q", "attention.k_proj": "k", "attention.v_proj": "v",
+    "layer_scale1.lambda1": "ls1.gamma",
+    "layer_scale2.lambda1": "ls2.gamma",
+    **HF_LAYER_PARTS,
 }
 _SWIGLU = ("mlp.weights_in", "mlp.weights_out", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-_LAYER_RE = re.compile(r"^encoder\.layer\.(\d+)\.(.+)\.(weight|bias|lambda1)$")
 
 
 def detect(sd: StateDict, cfg: Dict[str, Any]) -> bool:
@@ -59,43 +50,18 @@ def detect(sd: StateDict, cfg: Dict[str, Any]) -> bool:
 def to_timm(sd: StateDict, where: str) -> StateDict:
     """transformers DINOv2 names -> timm's (q, k, v fused into qkv)."""
     prefix = next((p for p in _PREFIXES if any(k.startswith(p) for k in sd)), "")
-    out: StateDict = {}
-    qkv: Dict[str, Dict[str, Dict[str, torch.Tensor]]] = {}
-    unknown = []
+    names = HFEncoderNames(_TOP, _LAYER)
     for key, v in sd.items():
-        if key in ("classifier.weight", "classifier.bias"):
-            out["head." + key.split(".")[1]] = v
-            continue
-        if not key.startswith(prefix):
-            unknown.append(key)
-            continue
         k = key[len(prefix):]
-        if k == "embeddings.mask_token":
-            continue
-        if k in _TOP:
-            out[_TOP[k]] = v
-            continue
-        m = _LAYER_RE.match(k)
-        if m:
-            i, part, kind = m.groups()
-            if part.startswith(_SWIGLU):
-                raise CheckpointError(f"{where}: {dinov2.SWIGLU_MESSAGE}")
-            if kind == "lambda1" and part in ("layer_scale1", "layer_scale2"):
-                out[f"blocks.{i}.ls{part[-1]}.gamma"] = v
-                continue
-            if part in _QKV and kind != "lambda1":
-                qkv.setdefault(i, {}).setdefault(kind, {})[_QKV[part]] = v
-                continue
-            if part in _LAYER and kind != "lambda1":
-                out[f"blocks.{i}.{_LAYER[part]}.{kind}"] = v
-                continue
-        unknown.append(key)
-    if unknown:
-        raise CheckpointError(
-            f"{where}: {len(unknown)} weights are not those of a transformers DINOv2 "
-            f"({prefix or ''}embeddings.*, {prefix or ''}encoder.layer.*, layernorm, classifier): {sorted(unknown)[:10]}"
-        )
-    return {**out, **fuse_qkv(qkv, where)}
+        layer = HF_LAYER_RE.match(k)
+        if key.startswith(prefix) and layer and layer.group(2).startswith(_SWIGLU):
+            raise CheckpointError(f"{where}: {dinov2.SWIGLU_MESSAGE}")
+        if key in ("classifier.weight", "classifier.bias"):
+            names.out["head." + key.split(".")[1]] = v
+        elif not key.startswith(prefix) or not (k == "embeddings.mask_token" or names.place(k, v)):
+            names.unknown.append(key)
+    return names.result(where, "DINOv2", f"{prefix or ''}embeddings.*, {prefix or ''}encoder.layer.*, layernorm, "
+                        "classifier")
 
 
 def read(sd: StateDict, cfg: Dict[str, Any], path: str, opts: ConvertOptions) -> Source:

@@ -32,13 +32,12 @@ they hold it and transformers' defaults otherwise (said in the notes).
 
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-import torch
 
-from vitasks.convert.common import NUM_HEADS_BY_WIDTH, ConvertOptions, Source, StateDict, _compact, _pair, fuse_qkv
+from vitasks.convert.common import (HF_LAYER_PARTS, HF_LAYER_RE, NUM_HEADS_BY_WIDTH, ConvertOptions, HFEncoderNames, Source,
+                                    StateDict, _compact, _pair)
 from vitasks.convert.hf import _read_config
 from vitasks.errors import CheckpointError
 
@@ -58,28 +57,15 @@ _ACTS = {"gelu": "gelu", "gelu_fast": "gelu_tanh", "gelu_new": "gelu_tanh", "gel
 
 # Per-layer module names (hub and transformers 5) -> the block's module names in vitasks.
 _LAYER_PARTS = {
-    "layernorm_before": "norm1",
-    "layernorm_after": "norm2",
-    "attention.output.dense": "attn.proj",
-    "attention.o_proj": "attn.proj",
+    **HF_LAYER_PARTS,
     "attention.attention.qkv": "attn.qkv",
-    "intermediate.dense": "mlp.fc1",
-    "output.dense": "mlp.fc2",
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
     "temporal_layernorm": "temporal_norm",
     "temporal_attention.attention.qkv": "temporal_attn.qkv",
     "temporal_attention.output.dense": "temporal_attn.proj",
     "temporal_dense": "temporal_fc",
 }
-# Separate projections fused into attn.qkv: (module name, kind) -> q/k/v.
-_QKV_PARTS = {
-    "attention.attention.query": "q", "attention.attention.key": "k", "attention.attention.value": "v",
-    "attention.q_proj": "q", "attention.k_proj": "k", "attention.v_proj": "v",
-}
 # VideoMAE's hub checkpoints hold the q and v biases as parameters of the attention itself.
 _SEPARATE_BIASES = {"attention.attention.q_bias": "q", "attention.attention.v_bias": "v"}
-_LAYER_RE = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)$")
 
 
 def detect_video_model(sd: StateDict) -> Optional[str]:
@@ -151,11 +137,8 @@ def _input_norm(folder: str) -> Optional[Dict[str, List[float]]]:
 
 def _rename(sd: StateDict, kind: str, path: str, notes: List[str]) -> Tuple[StateDict, StateDict]:
     """(backbone tensors in vitasks names, head tensors)."""
-    out: StateDict = {}
     head: StateDict = {}
-    qkv: Dict[str, Dict[str, Dict[str, torch.Tensor]]] = {}
-    unknown = []
-    top = {
+    names = HFEncoderNames({
         "embeddings.cls_token": "cls_token",
         "embeddings.position_embeddings": "pos_embed",
         "embeddings.time_embeddings": "time_embed",
@@ -163,44 +146,25 @@ def _rename(sd: StateDict, kind: str, path: str, notes: List[str]) -> Tuple[Stat
         "embeddings.patch_embeddings.projection.bias": "stem.proj.bias",
         "layernorm.weight": "norm.weight",
         "layernorm.bias": "norm.bias",
-    }
+    }, _LAYER_PARTS)
     for key, value in sd.items():
+        k = key[len(kind) + 1:]
+        layer = HF_LAYER_RE.match(k)
         if key in ("classifier.weight", "classifier.bias"):
             head["fc." + key.split(".")[1]] = value
-            continue
-        if key in ("fc_norm.weight", "fc_norm.bias"):  # VideoMAE's, outside the base model
-            out[key] = value
-            continue
-        if not key.startswith(kind + "."):
-            unknown.append(key)
-            continue
-        k = key[len(kind) + 1:]
-        if k.startswith("pooler."):
+        elif key in ("fc_norm.weight", "fc_norm.bias"):  # VideoMAE's, outside the base model
+            names.out[key] = value
+        elif not key.startswith(kind + "."):
+            names.unknown.append(key)
+        elif k.startswith("pooler."):
             notes.append(f"{key} dropped: the classifier does not use the pooler")
-            continue
-        if k in top:
-            out[top[k]] = value
-            continue
-        m = _LAYER_RE.match(k)
-        if m:
-            i, rest = m.groups()
-            name, _, kind_ = rest.rpartition(".")
-            if rest in _SEPARATE_BIASES:
-                qkv.setdefault(i, {}).setdefault("bias", {})[_SEPARATE_BIASES[rest]] = value
-                continue
-            if kind_ in ("weight", "bias") and name in _QKV_PARTS:
-                qkv.setdefault(i, {}).setdefault(kind_, {})[_QKV_PARTS[name]] = value
-                continue
-            if kind_ in ("weight", "bias") and name in _LAYER_PARTS:
-                out[f"blocks.{i}.{_LAYER_PARTS[name]}.{kind_}"] = value
-                continue
-        unknown.append(key)
-    if unknown:
-        raise CheckpointError(
-            f"{path}: {len(unknown)} weights are not those of a transformers {VIDEO_MODELS[kind][0]} "
-            f"({kind}.embeddings.*, {kind}.encoder.layer.* or {kind}.layers.*, classifier): {sorted(unknown)[:10]}"
-        )
-    out.update(fuse_qkv(qkv, path, zero_missing_bias=True))  # VideoMAE has no key bias
+        elif layer and layer.group(2) in _SEPARATE_BIASES:
+            names.add_qkv(layer.group(1), "bias", _SEPARATE_BIASES[layer.group(2)], value)
+        elif not names.place(k, value):
+            names.unknown.append(key)
+    # VideoMAE has no key bias
+    out = names.result(path, VIDEO_MODELS[kind][0], f"{kind}.embeddings.*, {kind}.encoder.layer.* or "
+                       f"{kind}.layers.*, classifier", zero_missing_bias=True)
     kernel = out.get("stem.proj.weight")
     if kernel is None:
         raise CheckpointError(f"{path}: no patch embedding ({kind}.embeddings.patch_embeddings.projection.weight)")

@@ -33,8 +33,7 @@ category ids by those names.
 
 from __future__ import annotations
 
-import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from vitasks.convert.dense import (
     COCO_CATEGORY_IDS,
@@ -45,8 +44,9 @@ from vitasks.convert.dense import (
     config_ints,
     config_ln_eps,
     config_section,
+    read_openmmlab_file,
 )
-from vitasks.convert.vitdet import apply_class_order, vitdet_backbone, vitdet_model
+from vitasks.convert.vitdet import vitdet_backbone, vitdet_source
 from vitasks.errors import CheckpointError
 
 PUBLISHED = "box AP 51.6, mask AP 45.7 (vitdet_mask-rcnn_vit-b-mae_lsj-100e_20230328_153519-e15fe294.pth)"
@@ -55,20 +55,9 @@ NORM_NAMES = ("norm_layer", "ln", "norm", "ln2d")
 BACKBONE_NORM_EPS = 1e-5
 
 
-def read_file(path: str) -> tuple:
+def read_file(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """``(state_dict, meta)`` of an mmdetection checkpoint, read with weights_only."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    from vitasks.engine.checkpoint import load_checkpoint_file
-
-    obj = load_checkpoint_file(path)
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected an mmdetection checkpoint dict, found a {type(obj).__name__}")
-    sd = obj.get("state_dict", obj)
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path}: its state_dict is a {type(sd).__name__}")
-    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-    return dict(sd), meta
+    return read_openmmlab_file(path, "mmdetection")
 
 
 def _norm_name(t: KeyTaker, module: str) -> Optional[str]:
@@ -247,25 +236,9 @@ def convert_state_dict(sd: Dict[str, Any], source: str, meta: Optional[Dict[str,
     dataset = meta.get("dataset_meta") if isinstance(meta.get("dataset_meta"), dict) else {}
     names = dataset.get("classes") or meta.get("CLASSES")
     cat_ids = _cat_ids_from_names(names, num_classes, source)
-    dsts = [f"roi_head.box_heads.{s}" for s in stages] or ["roi_head.box_head"]
-    per_class = [(f"{d}.cls_score.{p}", 1, 1) for d in dsts for p in ("weight", "bias")]
-    if not box["class_agnostic"]:
-        per_class += [(f"{d}.bbox_pred.{p}", 4, 0) for d in dsts for p in ("weight", "bias")]
-    if mask is not None and not mask["class_agnostic"]:
-        per_class += [(f"roi_head.mask_head.predictor.{p}", 1, 0) for p in ("weight", "bias")]
-    dataset_meta = apply_class_order(t, num_classes, cat_ids, list(names) if names else None, per_class, notes)
-    model = vitdet_model(backbone, neck, rpn, box, mask, num_classes, len(stages))
-    return DenseSource(
-        fmt="mmdet",
-        path=source,
-        state_dict=t.out,
-        model=model,
-        config="configs/det_coco_cascade.yaml" if stages else "configs/det_coco.yaml",
-        key_map=dict(t.taken),
-        dataset_meta=dataset_meta,
-        published=PUBLISHED if not stages and backbone["depth"] == 12 and num_classes == 80 else "",
-        notes=notes,
-    )
+    published = PUBLISHED if not stages and backbone["depth"] == 12 and num_classes == 80 else ""
+    return vitdet_source("mmdet", t, backbone, neck, rpn, box, mask, num_classes, stages, cat_ids,
+                         list(names) if names else None, published, notes)
 
 
 def read(path: str, opts: Any = None) -> DenseSource:

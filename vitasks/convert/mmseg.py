@@ -36,13 +36,12 @@ BEiT). ADE20K's classes keep mmseg's order (label value - 1), which is vitasks' 
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from vitasks.convert.dense import DenseSource, KeyTaker
+from vitasks.convert.dense import DenseSource, KeyTaker, read_openmmlab_file
 from vitasks.errors import CheckpointError
 
 IMAGENET_MEAN = [123.675, 116.28, 103.53]
@@ -60,18 +59,7 @@ _BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 def read_file(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """``(state_dict, meta)`` of an mmsegmentation checkpoint, read with weights_only."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    from vitasks.engine.checkpoint import load_checkpoint_file
-
-    obj = load_checkpoint_file(path)
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected an mmsegmentation checkpoint dict, found a {type(obj).__name__}")
-    sd = obj.get("state_dict", obj)
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path}: its state_dict is a {type(sd).__name__}")
-    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-    return dict(sd), meta
+    return read_openmmlab_file(path, "mmsegmentation")
 
 
 def _ints(text: str) -> List[int]:

@@ -16,7 +16,7 @@ import math
 from typing import Any, Dict, List, Optional, Sequence
 
 from vitasks.convert.common import NUM_HEADS_BY_WIDTH
-from vitasks.convert.dense import COCO_CATEGORY_IDS, COCO_CLASSES, KeyTaker, class_permutation, permute_rows
+from vitasks.convert.dense import COCO_CATEGORY_IDS, COCO_CLASSES, DenseSource, KeyTaker, class_permutation, permute_rows
 from vitasks.errors import CheckpointError
 
 BLOCK_PARTS = (
@@ -194,4 +194,31 @@ def vitdet_model(
             **rpn,
         ),
         roi_head=roi,
+    )
+
+
+def vitdet_source(fmt: str, t: KeyTaker, backbone: Dict[str, Any], neck: Dict[str, Any], rpn: Dict[str, Any],
+                  box: Dict[str, Any], mask: Optional[Dict[str, Any]], num_classes: int, stages: Sequence[int],
+                  cat_ids: Optional[Sequence[int]], class_names: Optional[Sequence[str]], published: str,
+                  notes: List[str]) -> DenseSource:
+    """The converted ViTDet (``t.out``) as a :class:`DenseSource`: its per-class rows put in
+    vitasks' class order (:func:`apply_class_order`), in the Mask R-CNN (Cascade with ``stages``)
+    of :func:`vitdet_model`."""
+    dsts = [f"roi_head.box_heads.{s}" for s in stages] or ["roi_head.box_head"]
+    per_class = [(f"{d}.cls_score.{p}", 1, 1) for d in dsts for p in ("weight", "bias")]
+    if not box["class_agnostic"]:
+        per_class += [(f"{d}.bbox_pred.{p}", 4, 0) for d in dsts for p in ("weight", "bias")]
+    if mask is not None and not mask["class_agnostic"]:
+        per_class += [(f"roi_head.mask_head.predictor.{p}", 1, 0) for p in ("weight", "bias")]
+    dataset_meta = apply_class_order(t, num_classes, cat_ids, class_names, per_class, notes)
+    return DenseSource(
+        fmt=fmt,
+        path=t.source,
+        state_dict=t.out,
+        model=vitdet_model(backbone, neck, rpn, box, mask, num_classes, len(stages)),
+        config="configs/det_coco_cascade.yaml" if stages else "configs/det_coco.yaml",
+        key_map=dict(t.taken),
+        dataset_meta=dataset_meta,
+        published=published,
+        notes=notes,
     )
