@@ -15,14 +15,12 @@ ADE20K (SceneParsing, ``ADEChallengeData2016``): ``images/{training,validation}/
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from mmengine.dataset import BaseDataset
 from mmengine.logging import print_log
 
 from vitasks.checks import one_of
-from vitasks.data.imagenet import SkipBadSamplesMixin, build_pipeline, check_dataset_args, check_num_classes
-from vitasks.data.seeding import SeededSampleMixin
+from vitasks.data.imagenet import FileDataset, check_dataset_args, check_num_classes
 from vitasks.errors import ConfigError, DataError
 from vitasks.registry import DATASETS
 
@@ -70,7 +68,7 @@ def _read_classes_file(path: str) -> list[str]:
 
 
 @DATASETS.register_module()
-class SegFolderDataset(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
+class SegFolderDataset(FileDataset):
     """Images with label maps of the same relative name in a parallel folder.
 
     Args:
@@ -102,13 +100,7 @@ class SegFolderDataset(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
         num_classes: int | None = None,
         reduce_zero_label: bool = False,
         ignore_index: int = 255,
-        skip_bad_samples: bool = False,
-        pipeline: Sequence[dict | Callable] = (),
-        test_mode: bool = False,
-        lazy_init: bool = False,
-        max_refetch: int = 1000,
-        indices: int | Sequence[int] | None = None,
-        serialize_data: bool = True,
+        **kwargs,
     ) -> None:
         owner = type(self).__name__
         check_dataset_args(owner, data_root, num_classes, f"the folder holding {img_dir}/")
@@ -121,7 +113,6 @@ class SegFolderDataset(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
         self.seg_map_suffix = _suffixes(seg_map_suffix, "seg_map_suffix", owner)[0]
         self.reduce_zero_label = bool(reduce_zero_label)
         self.ignore_index = int(ignore_index)
-        self.skip_bad_samples = bool(skip_bad_samples)
 
         class_names = self._class_names(data_root, classes, num_classes, owner)
         metainfo = dict(
@@ -129,21 +120,8 @@ class SegFolderDataset(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
             reduce_zero_label=self.reduce_zero_label,
             ignore_index=self.ignore_index,
         )
-        super().__init__(
-            ann_file="",
-            metainfo=metainfo,
-            data_root=data_root,
-            data_prefix=dict(img_path=""),
-            indices=indices,
-            serialize_data=serialize_data,
-            pipeline=build_pipeline(pipeline, owner),
-            test_mode=test_mode,
-            lazy_init=lazy_init,
-            max_refetch=max_refetch,
-        )
-        # The folder that image names are relative to (`--dump` names its PNGs after it). Set
-        # here, not through `metainfo=`, where mmengine would read a string as a file to load.
-        self._metainfo["img_root"] = os.path.abspath(self.img_path)
+        # The folder that image names are relative to (`--dump` names its PNGs after it).
+        super().__init__(data_root, metainfo, dict(img_root=os.path.abspath(self.img_path)), **kwargs)
 
     def _default_classes(self, data_root: str, num_classes: int | None) -> list[str] | None:
         """Class names when the config gives none (overridden by ADE20K)."""

@@ -23,16 +23,13 @@ import contextlib
 import io
 import json
 import os
-from collections.abc import Callable, Sequence
 from typing import Any
 
-from mmengine.dataset import BaseDataset
 from mmengine.logging import print_log
 from pycocotools.coco import COCO
 
 from vitasks.data.det_transforms import normalize_segmentation
-from vitasks.data.imagenet import SkipBadSamplesMixin, build_pipeline, check_dataset_args, check_num_classes
-from vitasks.data.seeding import SeededSampleMixin
+from vitasks.data.imagenet import FileDataset, check_dataset_args, check_num_classes
 from vitasks.errors import DataError
 from vitasks.registry import DATASETS
 
@@ -67,7 +64,7 @@ def load_coco_api(path: str) -> COCO:
 
 
 @DATASETS.register_module()
-class CocoDataset(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
+class CocoDataset(FileDataset):
     """Detection / instance segmentation dataset in the COCO format.
 
     ``load_data_list()`` gives, per image (sorted by image id)::
@@ -98,13 +95,7 @@ class CocoDataset(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
         img_dir: str = "train2017",
         num_classes: int | None = None,
         filter_empty_gt: bool = True,
-        skip_bad_samples: bool = False,
-        pipeline: Sequence[dict | Callable] = (),
-        test_mode: bool = False,
-        lazy_init: bool = False,
-        max_refetch: int = 1000,
-        indices: int | Sequence[int] | None = None,
-        serialize_data: bool = True,
+        **kwargs,
     ) -> None:
         owner = type(self).__name__
         check_dataset_args(owner, data_root, num_classes, "a folder with annotations/ and the image folders")
@@ -113,7 +104,6 @@ class CocoDataset(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
         if not os.path.isdir(self.img_path):
             raise DataError(f"{owner}: image folder {self.img_path!r} (img_dir) does not exist")
         self.filter_empty_gt = bool(filter_empty_gt)
-        self.skip_bad_samples = bool(skip_bad_samples)
         # What loading dropped, for the log and for callers: {reason: count}.
         self.load_stats: dict[str, int] = {}
 
@@ -128,22 +118,9 @@ class CocoDataset(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
         check_num_classes(num_classes, names, f"{self.ann_path} (its `categories`)")
         self.cat_to_label = {cat_id: label for label, cat_id in enumerate(cat_ids)}
 
-        super().__init__(
-            ann_file="",
-            metainfo=dict(classes=tuple(names), cat_ids=tuple(cat_ids)),
-            data_root=data_root,
-            data_prefix=dict(img_path=""),
-            indices=indices,
-            serialize_data=serialize_data,
-            pipeline=build_pipeline(pipeline, owner),
-            test_mode=test_mode,
-            lazy_init=lazy_init,
-            max_refetch=max_refetch,
-        )
-        # The annotation file scores the predictions (CocoMetric) and holds the ids a dump must
-        # use. Set after BaseDataset's init, which would read a string metainfo value as a file.
-        self._metainfo["ann_file"] = self.ann_path
-        self._metainfo["data_root"] = data_root
+        # The annotation file scores the predictions (CocoMetric) and holds the ids a dump must use.
+        super().__init__(data_root, dict(classes=tuple(names), cat_ids=tuple(cat_ids)),
+                         dict(ann_file=self.ann_path, data_root=data_root), **kwargs)
 
     def full_init(self) -> None:
         super().full_init()

@@ -80,8 +80,40 @@ class SkipBadSamplesMixin:
                             "unreadable images with a warning)") from e
 
 
+class FileDataset(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
+    """What vitasks' datasets share: bad samples skipped in training (:class:`SkipBadSamplesMixin`),
+    seeded per-sample randomness, the pipeline built from vitasks' TRANSFORMS, and the keyword
+    arguments of mmengine's BaseDataset that configs set (``skip_bad_samples``, ``pipeline``,
+    ``test_mode``, ``lazy_init``, ``max_refetch``, ``indices``, ``serialize_data``), which a
+    dataset passes on as ``**kwargs``.
+
+    The dataset gives the rest positionally: ``metainfo``, ``paths`` (strings added to the
+    metainfo after BaseDataset's init, which would read a string metainfo value as a file to
+    load), and BaseDataset's ``ann_file`` and ``data_prefix`` when it reads them."""
+
+    def __init__(self, data_root: Optional[str], metainfo: Optional[dict] = None, paths: Optional[dict] = None,
+                 ann_file: str = "", data_prefix: Optional[dict] = None, /, *, skip_bad_samples: bool = False,
+                 pipeline: Sequence[Union[dict, Callable]] = (), test_mode: bool = False, lazy_init: bool = False,
+                 max_refetch: int = 1000, indices: Optional[Union[int, Sequence[int]]] = None,
+                 serialize_data: bool = True) -> None:
+        self.skip_bad_samples = bool(skip_bad_samples)
+        super().__init__(
+            ann_file=ann_file,
+            metainfo=metainfo,
+            data_root=data_root,
+            data_prefix=data_prefix or dict(img_path=""),
+            indices=indices,
+            serialize_data=serialize_data,
+            pipeline=build_pipeline(pipeline, type(self).__name__),
+            test_mode=test_mode,
+            lazy_init=lazy_init,
+            max_refetch=max_refetch,
+        )
+        self._metainfo.update(paths or {})
+
+
 @DATASETS.register_module()
-class ImageNetFolder(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
+class ImageNetFolder(FileDataset):
     """Classification dataset read from class folders, as ImageNet comes.
 
     ``load_data_list()`` gives ``{"img_path", "gt_label"}`` per image, images sorted by path;
@@ -111,13 +143,7 @@ class ImageNetFolder(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
         split_dir: Optional[str] = None,
         classes: Optional[Sequence[str]] = None,
         num_classes: Optional[int] = None,
-        skip_bad_samples: bool = False,
-        pipeline: Sequence[Union[dict, Callable]] = (),
-        test_mode: bool = False,
-        lazy_init: bool = False,
-        max_refetch: int = 1000,
-        indices: Optional[Union[int, Sequence[int]]] = None,
-        serialize_data: bool = True,
+        **kwargs,
     ) -> None:
         check_dataset_args("ImageNetFolder", data_root, num_classes, "a folder with train/<class>/ and val/<class>/")
         self.split = one_of(split, self.SPLITS, "ImageNetFolder.split")
@@ -128,7 +154,6 @@ class ImageNetFolder(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
                 f"ImageNetFolder: split folder {self.split_path!r} does not exist "
                 f"(expected {data_root}/{self.split_dir}/<class>/<images>)"
             )
-        self.skip_bad_samples = bool(skip_bad_samples)
         self.expected_num_classes = num_classes
 
         found = sorted(
@@ -148,21 +173,8 @@ class ImageNetFolder(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
         if not class_names:
             raise DataError(f"ImageNetFolder: {self.split_path!r} has no class folders")
         check_num_classes(num_classes, class_names, repr(self.split_path))
-        super().__init__(
-            ann_file="",
-            metainfo=dict(classes=tuple(class_names)),
-            data_root=data_root,
-            data_prefix=dict(img_path=""),
-            indices=indices,
-            serialize_data=serialize_data,
-            pipeline=build_pipeline(pipeline, "ImageNetFolder"),
-            test_mode=test_mode,
-            lazy_init=lazy_init,
-            max_refetch=max_refetch,
-        )
         # `data_root` in the metainfo lets metrics (the prediction dumper) write relative paths.
-        # Set after BaseDataset's init, which would read any string metainfo value as a file.
-        self._metainfo["data_root"] = data_root
+        super().__init__(data_root, dict(classes=tuple(class_names)), dict(data_root=data_root), **kwargs)
 
     def load_data_list(self) -> List[dict]:
         data_list = []

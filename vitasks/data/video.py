@@ -16,12 +16,9 @@ with a warning in training with ``skip_bad_samples: true``).
 from __future__ import annotations
 
 import os
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
-from mmengine.dataset import BaseDataset
-
-from vitasks.data.imagenet import SkipBadSamplesMixin, build_pipeline, check_dataset_args, check_num_classes
-from vitasks.data.seeding import SeededSampleMixin
+from vitasks.data.imagenet import FileDataset, check_dataset_args, check_num_classes
 from vitasks.data.video_io import probe_video
 from vitasks.errors import ConfigError, DataError
 from vitasks.registry import DATASETS
@@ -54,7 +51,7 @@ def _parse_label(text: str, path: str, lineno: int, num_classes: Optional[int]) 
     return label
 
 
-class _ListDataset(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
+class _ListDataset(FileDataset):
     """What both list datasets share: the data root, the prefix, class names and the checks."""
 
     kind = "video"
@@ -66,13 +63,7 @@ class _ListDataset(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
         data_prefix: Union[str, dict, None] = None,
         classes: Optional[Sequence[str]] = None,
         num_classes: Optional[int] = None,
-        skip_bad_samples: bool = False,
-        pipeline: Sequence[Union[dict, Callable]] = (),
-        test_mode: bool = False,
-        lazy_init: bool = False,
-        max_refetch: int = 1000,
-        indices: Optional[Union[int, Sequence[int]]] = None,
-        serialize_data: bool = True,
+        **kwargs,
     ) -> None:
         name = type(self).__name__
         check_dataset_args(name, data_root, num_classes, f"the folder holding {ann_file!r}")
@@ -81,22 +72,9 @@ class _ListDataset(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
             if unknown:
                 raise ConfigError(f"{name}.data_prefix: unknown keys {sorted(unknown)}; expected {self.kind!r}")
             data_prefix = data_prefix.get(self.kind)
-        self.skip_bad_samples = bool(skip_bad_samples)
         self.expected_num_classes = num_classes
         self._given_classes = None if classes is None else tuple(str(c) for c in classes)
-        super().__init__(
-            ann_file=ann_file,
-            data_root=data_root,
-            data_prefix={self.kind: data_prefix or ""},
-            indices=indices,
-            serialize_data=serialize_data,
-            pipeline=build_pipeline(pipeline, name),
-            test_mode=test_mode,
-            lazy_init=lazy_init,
-            max_refetch=max_refetch,
-        )
-        # After BaseDataset's init, which would read a string metainfo value as a file path.
-        self._metainfo["data_root"] = data_root
+        super().__init__(data_root, None, dict(data_root=data_root), ann_file, {self.kind: data_prefix or ""}, **kwargs)
 
     def _class_names(self) -> Optional[Tuple[str, ...]]:
         """Given names, else ``classes.txt`` in data_root, else None; checked against num_classes."""
@@ -112,7 +90,17 @@ class _ListDataset(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
             check_num_classes(self.expected_num_classes, names, source)
         return names
 
-    def _finish(self, data_list: List[dict], labels: List[int]) -> List[dict]:
+    def _parse_line(self, line: str, lineno: int) -> Tuple[dict, str]:
+        """A list file's line (number ``lineno``): the sample's fields and its label's text."""
+        raise NotImplementedError
+
+    def load_data_list(self) -> List[dict]:
+        data_list, labels = [], []
+        for lineno, line in _read_lines(self.ann_file):
+            info, label_text = self._parse_line(line, lineno)
+            label = _parse_label(label_text, self.ann_file, lineno, self.expected_num_classes)
+            labels.append(label)
+            data_list.append({**info, "gt_label": label, "source": f"{self.ann_file}, line {lineno}"})
         if not data_list:
             raise DataError(f"{type(self).__name__}: {self.ann_file} lists nothing")
         names = self._class_names()
@@ -156,22 +144,11 @@ class VideoListDataset(_ListDataset):
 
     kind = "video"
 
-    def load_data_list(self) -> List[dict]:
-        data_list, labels = [], []
-        for lineno, line in _read_lines(self.ann_file):
-            parts = line.rsplit(None, 1)  # the path may contain spaces, the label does not
-            if len(parts) != 2:
-                raise DataError(
-                    f"{self.ann_file}, line {lineno}: expected `relative/path.mp4 label`, got {line!r}"
-                )
-            label = _parse_label(parts[1], self.ann_file, lineno, self.expected_num_classes)
-            labels.append(label)
-            data_list.append({
-                "filename": self._path(parts[0]),
-                "gt_label": label,
-                "source": f"{self.ann_file}, line {lineno}",
-            })
-        return self._finish(data_list, labels)
+    def _parse_line(self, line: str, lineno: int) -> Tuple[dict, str]:
+        parts = line.rsplit(None, 1)  # the path may contain spaces, the label does not
+        if len(parts) != 2:
+            raise DataError(f"{self.ann_file}, line {lineno}: expected `relative/path.mp4 label`, got {line!r}")
+        return {"filename": self._path(parts[0])}, parts[1]
 
     def get_data_info(self, idx: int) -> dict:
         info = super().get_data_info(idx)
@@ -216,32 +193,21 @@ class RawFrameDataset(_ListDataset):
         self.start_index = int(start_index)
         super().__init__(data_root, ann_file, data_prefix, **kwargs)
 
-    def load_data_list(self) -> List[dict]:
-        data_list, labels = [], []
-        for lineno, line in _read_lines(self.ann_file):
-            parts = line.rsplit(None, 2)
-            total = None
-            if len(parts) == 3:
-                try:
-                    total = int(parts[1])
-                except ValueError:
-                    total = None
-            if total is None or total < 1:
-                raise DataError(
-                    f"{self.ann_file}, line {lineno}: expected `frame_dir total_frames label` with "
-                    f"total_frames a positive integer, got {line!r}"
-                )
-            label = _parse_label(parts[2], self.ann_file, lineno, self.expected_num_classes)
-            labels.append(label)
-            frame_dir = self._path(parts[0])
-            data_list.append({
-                "frame_dir": frame_dir,
-                "filename": frame_dir,
-                "total_frames": total,
-                "gt_label": label,
-                "source": f"{self.ann_file}, line {lineno}",
-            })
-        return self._finish(data_list, labels)
+    def _parse_line(self, line: str, lineno: int) -> Tuple[dict, str]:
+        parts = line.rsplit(None, 2)
+        total = None
+        if len(parts) == 3:
+            try:
+                total = int(parts[1])
+            except ValueError:
+                total = None
+        if total is None or total < 1:
+            raise DataError(
+                f"{self.ann_file}, line {lineno}: expected `frame_dir total_frames label` with "
+                f"total_frames a positive integer, got {line!r}"
+            )
+        frame_dir = self._path(parts[0])
+        return {"frame_dir": frame_dir, "filename": frame_dir, "total_frames": total}, parts[2]
 
     def get_data_info(self, idx: int) -> dict:
         info = super().get_data_info(idx)
