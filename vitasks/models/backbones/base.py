@@ -66,6 +66,17 @@ class ViTBackbone(nn.Module):
             raise ConfigError(f"{self.key(name)} {shown} must be divisible by {by} {stride}")
         return tuple(s // stride for s in size)
 
+    def check_input(self, sizes: Tuple[int, ...], strides: Tuple[int, ...]) -> None:
+        """An input of ``sizes`` ((H, W), or (T, H, W) for clips) must split into whole stem
+        patches (``strides`` per dimension): a ConfigError that says what to change otherwise."""
+        if any(s % k for s, k in zip(sizes, strides)):
+            stride = strides[0] if len(set(strides)) == 1 else "x".join(map(str, strides))
+            raise ConfigError(
+                f"{type(self).__name__}: input size {'x'.join(map(str, sizes))} is not divisible by the stem stride "
+                f"{stride} (it does not split into {'tubelets' if len(sizes) == 3 else 'patches'}); resize, crop or "
+                "pad the inputs (and sample the frames) to a multiple of it in the data pipeline"
+            )
+
     @staticmethod
     def drop_path_rates(rate: float, count: int) -> List[float]:
         """Stochastic depth rising linearly from 0 to ``rate`` over ``count`` blocks (plain Python,

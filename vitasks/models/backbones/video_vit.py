@@ -452,12 +452,7 @@ class VideoVisionTransformer(ViTBackbone):
                 f"VideoVisionTransformer takes clips (B, C, T, H, W), got shape {tuple(x.shape)}"
             )
         B, _, T, H, W = x.shape
-        if T % self.tubelet_size or H % self.patch_size or W % self.patch_size:
-            raise ConfigError(
-                f"VideoVisionTransformer: a clip of {T} frames of {H}x{W} does not split into tubelets of "
-                f"{self.tubelet_size}x{self.patch_size}x{self.patch_size}; sample a multiple of {self.tubelet_size} "
-                f"frames and resize or crop to a multiple of {self.patch_size} pixels"
-            )
+        self.check_input((T, H, W), (self.tubelet_size, self.patch_size, self.patch_size))
         x = self.stem(x)  # (B, C, t, h, w)
         t, grid = x.shape[2], (x.shape[3], x.shape[4])
         patches = x.flatten(3).permute(0, 2, 3, 1)  # (B, t, h*w, C)

@@ -383,11 +383,7 @@ class VisionTransformer(ViTBackbone):
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         """Image -> tokens (B, N, C) with position embeddings, and the patch grid (h, w)."""
         B, _, H, W = x.shape
-        if H % self.stride or W % self.stride:
-            raise ConfigError(
-                f"VisionTransformer: input size {H}x{W} is not divisible by the stem stride {self.stride}; "
-                f"resize or pad the images to a multiple of {self.stride} in the data pipeline"
-            )
+        self.check_input((H, W), (self.stride, self.stride))
         x = self.stem(x)
         grid = (x.shape[-2], x.shape[-1])
         x = x.flatten(2).transpose(1, 2)  # (B, h*w, C), a view

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitasks.checks import NonNegativeInt, PositiveInt, checked, config_key, divisible
+from vitasks.checks import ListOf, NonNegativeInt, PositiveInt, checked, config_key, divisible
 from vitasks.errors import ConfigError
 from vitasks.models.heads.decode_head import BaseDecodeHead, resize
 from vitasks.models.layers import ConvBNReLU, TransformerBlock
@@ -54,18 +54,16 @@ class UPerHead(BaseDecodeHead):
         dropout_ratio, loss_decode, ignore_index, align_corners: as :class:`BaseDecodeHead`.
     """
 
+    @checked
     def __init__(
         self,
-        in_channels: Sequence[int],
+        in_channels: ListOf(PositiveInt),
         channels: int,
         num_classes: int,
         in_index: Sequence[int] = (0, 1, 2, 3),
         pool_scales: Sequence[int] = (1, 2, 3, 6),
         **kwargs,
     ) -> None:
-        if not isinstance(in_channels, (list, tuple)) or len(in_channels) < 1:
-            raise ConfigError(f"{config_key('in_channels', default=self.config_key)} must be a list per level, "
-                              f"got {in_channels!r}")
         super().__init__(in_channels, channels, num_classes, in_index=list(in_index), **kwargs)
         self.psp = PyramidPooling(pool_scales, self.in_channels[-1], self.channels, self.align_corners)
         self.bottleneck = conv_block(self.in_channels[-1] + len(pool_scales) * self.channels, self.channels, 3)

@@ -56,6 +56,16 @@ def check_choice(value, where: str) -> Optional[str]:
     return f"{where}: expected one of {', '.join(CHOICES)}, got {value!r}"
 
 
+def _checked_choice(value, where: str) -> str:
+    """``value`` normalised (lower case), or a ConfigError saying what :func:`check_choice` says."""
+    from vitasks.errors import ConfigError
+
+    problem = check_choice(value, where)
+    if problem:
+        raise ConfigError(problem)
+    return value.strip().lower()
+
+
 def select_kernels(value="auto", where: str = CONFIG_KEY) -> str:
     """Apply a config's ``kernels`` value (``where`` names it in messages, e.g.
     ``"configs/x.yaml: kernels"``) and return the kernels in use.
@@ -72,10 +82,7 @@ def select_kernels(value="auto", where: str = CONFIG_KEY) -> str:
 
     if value is None:
         value = "auto"
-    problem = check_choice(value, where)
-    if problem:
-        raise ConfigError(problem)
-    value = value.strip().lower()
+    value = _checked_choice(value, where)
     if value == "auto":
         return kernels()
     with _lock:
@@ -94,12 +101,7 @@ def _env_choice() -> Optional[str]:
     raw = os.environ.get(ENV_VAR)
     if raw is None or not raw.strip():
         return None
-    problem = check_choice(raw, f"environment variable {ENV_VAR}")
-    if problem:
-        from vitasks.errors import ConfigError
-
-        raise ConfigError(problem)
-    return raw.strip().lower()
+    return _checked_choice(raw, f"environment variable {ENV_VAR}")
 
 
 def _probe() -> Tuple[object, str]:

@@ -24,14 +24,28 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from vitasks.checks import IntPair, OrNone, PositiveInt, building, checked, config_key, one_of, options
+from vitasks.checks import InRange, IntPair, ListOf, OneOf, OrNone, PositiveInt, building, checked, config_key, options
 from vitasks.errors import ConfigError
 from vitasks.models.heads.decode_head import resize
 from vitasks.models.tasks.base import TaskModel
 from vitasks.registry import MODELS
 from vitasks.structures import DataSample, PixelData
 
-_TTA_KEYS = {"ratios", "flip", "merge"}
+class SegTTA:
+    """Checked ``model.test_cfg.tta``: resize ``ratios``, ``flip`` and how passes ``merge``."""
+
+    config_key = "model.test_cfg.tta"
+
+    @checked
+    def __init__(self, ratios: ListOf(InRange(0, low_open=True)) = (1.0,), flip: bool = False,
+                 merge: OneOf("logits", "probs") = "logits") -> None:
+        self.ratios, self.flip, self.merge = [float(r) for r in ratios], bool(flip), merge
+
+
+def _check_slide(where: str, crop_size, stride) -> None:
+    if crop_size is None or stride is None:
+        raise ConfigError(f"{where}: mode 'slide' needs crop_size and stride, e.g. "
+                          "crop_size: [512, 512], stride: [341, 341]")
 
 
 class SegTestConfig:
@@ -46,17 +60,14 @@ class SegTestConfig:
         where = self.config_path = config_key(default=self.config_key)
         if mode not in ("whole", "slide"):
             raise ConfigError(f"{where}.mode must be 'whole' or 'slide', got {mode!r}")
-        if mode == "slide" and (crop_size is None or stride is None):
-            raise ConfigError(f"{where}: mode 'slide' needs crop_size and stride, e.g. "
-                              "crop_size: [512, 512], stride: [341, 341]")
+        if mode == "slide":
+            _check_slide(where, crop_size, stride)
         self.mode, self.windows_per_batch, self.size_divisor = mode, windows_per_batch, size_divisor
         self.crop_size, self.stride = (crop_size, stride) if mode == "slide" else (None, None)
-        tta = options({} if tta is None else tta, f"{where}.tta", sorted(_TTA_KEYS))
-        self.ratios = [float(r) for r in tta.get("ratios", [1.0])]
-        if not self.ratios or min(self.ratios) <= 0:
-            raise ConfigError(f"{where}.tta.ratios must be positive numbers, got {tta.get('ratios')!r}")
-        self.flip = bool(tta.get("flip", False))
-        self.merge = one_of(tta.get("merge", "logits"), ("logits", "probs"), f"{where}.tta.merge")
+        tta = options({} if tta is None else tta, f"{where}.tta", ["ratios", "flip", "merge"])
+        with building("tta", root=where):
+            tta = SegTTA(**tta)
+        self.ratios, self.flip, self.merge = tta.ratios, tta.flip, tta.merge
 
     @classmethod
     def from_config(cls, cfg: dict | None) -> SegTestConfig:
@@ -184,8 +195,7 @@ class EncoderDecoder(TaskModel):
         """Sliding-window logits ``(N, K, H, W)``; windows are batched ``windows_per_batch`` at a
         time (default ``test_cfg.windows_per_batch``)."""
         cfg = self.test_cfg
-        if cfg.crop_size is None:
-            raise ConfigError(f"{cfg.config_path}: slide inference needs crop_size and stride")
+        _check_slide(cfg.config_path, cfg.crop_size, cfg.stride)
         per_batch = windows_per_batch or cfg.windows_per_batch
         batch, _, height, width = inputs.shape
         boxes = slide_windows(height, width, cfg.crop_size, cfg.stride)
