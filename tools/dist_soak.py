@@ -70,8 +70,79 @@ def cfg_options(demo: str, data_root: Path, strategy: str) -> list:
     return options
 
 
+def _process_tree(root: int) -> list:
+    """``[(pid, parent pid, state, command line)]`` of ``root`` and every process below it (Linux's
+    /proc; [] elsewhere), parents before children."""
+    table = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # ended meanwhile
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")"
+        state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
+        table[int(entry)] = (int(ppid), state, cmdline)
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        if pid not in table:
+            continue
+        tree.append((pid, *table[pid]))
+        todo += sorted(p for p, (ppid, _, _) in table.items() if ppid == pid)
+    return tree
+
+
+def dump_stacks(root: int, py_spy: str = None, timeout: float = 120) -> str:
+    """The stacks of every process under ``root`` (torchrun, its workers, their data loader
+    workers), for the log of a run that hung: ``py-spy dump --native`` of each when py-spy is
+    there (``py_spy``, else ``py-spy`` on PATH), else faulthandler's Python stacks (SIGUSR1, which
+    workers started with ``VITASKS_FAULTHANDLER_SIGNAL=USR1`` answer on their stderr)."""
+    py_spy = py_spy or shutil.which("py-spy")
+    lines = [f"===== stacks of the processes of the run that hung ({time.strftime('%H:%M:%S')}, "
+             f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())})"]
+    for pid, ppid, state, cmdline in _process_tree(root):
+        lines.append(f"----- pid {pid} (parent {ppid}, state {state}): {cmdline[:300]}")
+        if not py_spy:
+            continue
+        for native in (["--native"], []):  # native frames show where C++ waits; without them if that fails
+            try:
+                out = subprocess.run([py_spy, "dump", "--pid", str(pid), *native], capture_output=True,
+                                     text=True, timeout=timeout)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                lines.append(f"py-spy dump {' '.join(native)} failed: {e}")
+                continue
+            lines.append((out.stdout + out.stderr).rstrip())
+            if out.returncode == 0:
+                break
+    if not py_spy:
+        lines.append("(py-spy not found: faulthandler's stacks, from SIGUSR1, follow in the output)")
+        for pid, _, _, cmdline in _process_tree(root):
+            if "train.py" in cmdline:
+                try:
+                    os.kill(pid, signal.SIGUSR1)
+                except OSError:
+                    pass
+        time.sleep(5)
+    return "\n".join(lines) + "\n"
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILL ``root`` and every process below it. Not its process group alone: torchrun starts
+    each worker in a session of its own, so killing torchrun's group leaves the workers running."""
+    for pid, _, _, _ in reversed(_process_tree(root)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:  # already gone
+            pass
+
+
 def run_once(args, options: list, work_dir: Path, timeout: float) -> tuple:
-    """One torchrun; returns (exit status or "timeout", crashed, seconds, output)."""
+    """One torchrun of the demo (:func:`run_command`)."""
     command = [
         # --standalone: torchrun binds a free port itself (picking one here and passing it races
         # with other launches on the machine)
@@ -81,18 +152,35 @@ def run_once(args, options: list, work_dir: Path, timeout: float) -> tuple:
     ]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("VITASKS_FAULTHANDLER_SIGNAL", "USR1")  # stacks on demand when py-spy is missing
     if args.cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
+    return run_command(command, env, timeout, args.py_spy)
+
+
+def run_command(command: list, env: dict, timeout: float, py_spy: str = None) -> tuple:
+    """Run ``command`` (torchrun) from the repository; returns (exit status or "timeout", crashed,
+    seconds, output). One that exceeds ``timeout`` has the stacks of all its processes dumped
+    (:func:`dump_stacks`) at the end of its output, then is killed with every process under it
+    (:func:`kill_tree`)."""
     start = time.monotonic()
-    # Its own process group, so that a run that hangs is killed whole (torchrun and its workers).
+    # Its own session: the terminal's Ctrl-C reaches the soak, which then ends the run (kill_tree).
     proc = subprocess.Popen(command, cwd=str(REPO), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        return "timeout", bool(_CRASH.search(output or "")), time.monotonic() - start, output or ""
+        stacks = dump_stacks(proc.pid, py_spy)
+        kill_tree(proc.pid)
+        try:
+            output, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # something outside the tree still holds the pipe
+            output = ""
+        output = (output or "") + "\n" + stacks
+        return "timeout", bool(_CRASH.search(output)), time.monotonic() - start, output
+    except BaseException:  # Ctrl-C or an error here: no run may outlive the soak
+        kill_tree(proc.pid)
+        raise
     return proc.returncode, bool(_CRASH.search(output)), time.monotonic() - start, output
 
 
@@ -111,6 +199,8 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=600, help="seconds one run may take")
     parser.add_argument("--log-dir", default=None, help="where the logs of failed runs go (default: the temp folder)")
     parser.add_argument("--cpu", action="store_true", help="hide GPUs (gloo on the CPU)")
+    parser.add_argument("--py-spy", default=None, metavar="PATH",
+                        help="py-spy, to dump the stacks of a run that hangs (default: py-spy on PATH)")
     parser.add_argument("--stop-on-failure", action="store_true")
     args = parser.parse_args(argv)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import faulthandler
 import gc
 import logging
 import os
@@ -127,6 +128,7 @@ def init_distributed(
         raise ConfigError(f"launcher must be one of {list(LAUNCHERS[1:])} here, got {launcher!r}")
     if dist.is_available() and dist.is_initialized():
         return
+    _register_stack_dump()
     if launcher == "slurm":
         _slurm_env(port)
     _env_int("RANK", launcher)
@@ -143,6 +145,20 @@ def init_distributed(
         kwargs["timeout"] = datetime.timedelta(seconds=timeout)
     dist.init_process_group(backend=backend, **kwargs)
     atexit.register(shutdown_distributed)
+
+
+def _register_stack_dump() -> None:
+    """With ``VITASKS_FAULTHANDLER_SIGNAL=USR1`` (or another signal's name) in the environment,
+    that signal makes the process print every thread's Python stack on stderr and go on
+    (``faulthandler``): how ``tools/dist_soak.py`` sees where a hung run waits without py-spy."""
+    name = os.environ.get("VITASKS_FAULTHANDLER_SIGNAL")
+    if not name:
+        return
+    number = getattr(signal, name if name.startswith("SIG") else f"SIG{name}", None)
+    if number is None or not hasattr(faulthandler, "register"):
+        print_log(f"VITASKS_FAULTHANDLER_SIGNAL: unknown signal {name!r}", logger="current", level=logging.WARNING)
+        return
+    faulthandler.register(number, all_threads=True)
 
 
 def wait_for_all_ranks() -> None:
