@@ -101,28 +101,38 @@ def _check_inputs(boxes: torch.Tensor, scores: torch.Tensor) -> None:
         )
 
 
-def _nms(
-    boxes: torch.Tensor,
-    scores: torch.Tensor,
-    groups: Optional[torch.Tensor],
-    iou_threshold: float,
-) -> torch.Tensor:
+def _nms(boxes: torch.Tensor, scores: torch.Tensor, groups: Optional[torch.Tensor], iou_threshold: float,
+         keep_in=None) -> torch.Tensor:
+    """NMS (per group when ``groups`` is given) with ``keep_in(sorted_boxes, threshold)``: what the
+    greedy pass keeps of boxes sorted by descending score (a mask or indices); the plain-torch
+    pass by default."""
+    keep_in = keep_in or _greedy_keep
     _check_inputs(boxes, scores)
     if boxes.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
+    threshold = float(iou_threshold)
     order = torch.sort(scores, descending=True, stable=True).indices
     sorted_boxes = as_float(boxes.detach())[order]
     if groups is None:
-        return order[_greedy_keep(sorted_boxes, float(iou_threshold))]
+        return order[keep_in(sorted_boxes, threshold)]
     # Per group: positions (in score order) of each group's boxes, found with one stable sort
     # by group, so every group's boxes stay in score order.
     sorted_groups = groups[order]
     by_group = torch.sort(sorted_groups, stable=True).indices
     counts = torch.unique_consecutive(sorted_groups[by_group], return_counts=True)[1]
+    if len(counts) == 1:
+        return order[keep_in(sorted_boxes, threshold)]
     keep = torch.zeros(len(order), dtype=torch.bool, device=boxes.device)
     for members in torch.split(by_group, counts.tolist()):
-        keep[members[_greedy_keep(sorted_boxes[members], float(iou_threshold))]] = True
+        keep[members[keep_in(sorted_boxes[members], threshold)]] = True
     return order[keep]
+
+
+def _torchvision_keep(sorted_boxes: torch.Tensor, threshold: float) -> torch.Tensor:
+    """torchvision's NMS on boxes in score order, with strictly decreasing stand-in scores: it
+    visits them in exactly this order (ties included)."""
+    ranks = torch.arange(sorted_boxes.shape[0], 0, -1, dtype=sorted_boxes.dtype, device=sorted_boxes.device)
+    return torchvision_ops().nms(sorted_boxes, ranks, threshold)
 
 
 def _nms_torchvision(
@@ -131,29 +141,9 @@ def _nms_torchvision(
     groups: Optional[torch.Tensor],
     iou_threshold: float,
 ) -> torch.Tensor:
-    _check_inputs(boxes, scores)
-    num_boxes = boxes.shape[0]
-    if num_boxes == 0:
-        return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    if num_boxes > MAX_RANKED_BOXES:  # ranks would tie in float32: the plain version decides
+    if boxes.shape[0] > MAX_RANKED_BOXES:  # ranks would tie in float32: the plain version decides
         return _nms(boxes, scores, groups, iou_threshold)
-    tv_ops = torchvision_ops()
-    order = torch.sort(scores, descending=True, stable=True).indices
-    sorted_boxes = as_float(boxes.detach())[order]
-    # Strictly decreasing stand-in scores: torchvision visits the boxes in exactly this order.
-    ranks = torch.arange(num_boxes, 0, -1, dtype=sorted_boxes.dtype, device=boxes.device)
-    threshold = float(iou_threshold)
-    if groups is None:
-        return order[tv_ops.nms(sorted_boxes, ranks, threshold)]
-    sorted_groups = groups[order]
-    by_group = torch.sort(sorted_groups, stable=True).indices
-    counts = torch.unique_consecutive(sorted_groups[by_group], return_counts=True)[1]
-    if len(counts) == 1:
-        return order[tv_ops.nms(sorted_boxes, ranks, threshold)]
-    keep = torch.zeros(num_boxes, dtype=torch.bool, device=boxes.device)
-    for members in torch.split(by_group, counts.tolist()):
-        keep[members[tv_ops.nms(sorted_boxes[members], ranks[members], threshold)]] = True
-    return order[keep]
+    return _nms(boxes, scores, groups, iou_threshold, _torchvision_keep)
 
 
 def nms_torch(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:

@@ -233,85 +233,72 @@ def roi_align(
     return roi_align_torch(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
 
 
-def _prepare(input: torch.Tensor, boxes: BoxesArg, output_size) -> Tuple[torch.Tensor, int, int]:
+def _roi_align(bins_of, input: torch.Tensor, boxes: BoxesArg, output_size, spatial_scale: float = 1.0,
+               sampling_ratio: int = -1, aligned: bool = False) -> torch.Tensor:
+    """:func:`roi_align` with ``bins_of(features, rois, out_h, out_w, spatial_scale, sampling_ratio,
+    aligned)`` computing the (K, C, out_h, out_w) bins of a non-empty input, rois in the
+    features' dtype."""
     if input.dim() != 4:
         raise ValueError(f"roi_align expects features (N, C, H, W), got shape {tuple(input.shape)}")
     out_h, out_w = _pair(output_size)
-    return boxes_to_rois(boxes).to(input.device), out_h, out_w
-
-
-def roi_align_torchvision(
-    input: torch.Tensor,
-    boxes: BoxesArg,
-    output_size: Union[int, Tuple[int, int]],
-    spatial_scale: float = 1.0,
-    sampling_ratio: int = -1,
-    aligned: bool = False,
-) -> torch.Tensor:
-    """:func:`roi_align` on torchvision's kernel, whatever :func:`kernels` chose (needs
-    torchvision)."""
-    rois, out_h, out_w = _prepare(input, boxes, output_size)
-    num_rois = rois.shape[0]
-    channels, height, width = input.shape[1:]
-    if num_rois == 0 or height == 0 or width == 0:
-        return input.new_zeros((num_rois, channels, out_h, out_w))
-    tv_ops = torchvision_ops()
+    rois = boxes_to_rois(boxes).to(input.device)
+    if rois.shape[0] == 0 or input.shape[2] == 0 or input.shape[3] == 0:
+        return input.new_zeros((rois.shape[0], input.shape[1], out_h, out_w))
     with autocast_off(input.device.type):
         features = as_float(input)
-        bins = tv_ops.roi_align(
-            features, rois.detach().to(features.dtype), (out_h, out_w), float(spatial_scale),
-            int(sampling_ratio), bool(aligned),
-        )
+        bins = bins_of(features, rois.detach().to(features.dtype), out_h, out_w, float(spatial_scale),
+                       int(sampling_ratio), bool(aligned))
     return bins.to(input.dtype)
 
 
-def roi_align_torch(
-    input: torch.Tensor,
-    boxes: BoxesArg,
-    output_size: Union[int, Tuple[int, int]],
-    spatial_scale: float = 1.0,
-    sampling_ratio: int = -1,
-    aligned: bool = False,
-) -> torch.Tensor:
-    """:func:`roi_align` in plain torch, whatever :func:`kernels` chose."""
-    rois, out_h, out_w = _prepare(input, boxes, output_size)
-    num_rois = rois.shape[0]
-    channels, height, width = input.shape[1:]
-    if num_rois == 0 or height == 0 or width == 0:
-        return input.new_zeros((num_rois, channels, out_h, out_w))
-    with autocast_off(input.device.type):
-        features = as_float(input)
-        rois = rois.detach().to(features.dtype)
-        offset = 0.5 if aligned else 0.0
-        start_x = rois[:, 1] * spatial_scale - offset
-        start_y = rois[:, 2] * spatial_scale - offset
-        roi_w = (rois[:, 3] * spatial_scale - offset) - start_x
-        roi_h = (rois[:, 4] * spatial_scale - offset) - start_y
-        if not aligned:
-            roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
-        bin_w, bin_h = roi_w / out_w, roi_h / out_h
-        if sampling_ratio > 0:
-            grids = torch.full((num_rois, 2), sampling_ratio, dtype=torch.long, device=rois.device)
-        else:
-            grids = torch.stack((torch.ceil(roi_h / out_h), torch.ceil(roi_w / out_w)), dim=1)
-            grids = torch.nan_to_num(grids, nan=0.0, posinf=0.0, neginf=0.0).long()
-        batch_index = rois[:, 0].long()
+def roi_align_torchvision(*args, **kwargs) -> torch.Tensor:
+    """:func:`roi_align` (same arguments) on torchvision's kernel, whatever :func:`kernels` chose
+    (needs torchvision)."""
+    return _roi_align(_torchvision_bins, *args, **kwargs)
 
-        group_grids, group_of_roi = torch.unique(grids, dim=0, return_inverse=True)
-        steps: List[_Step] = []
-        for group, (grid_h, grid_w) in enumerate(group_grids.tolist()):
-            if grid_h <= 0 or grid_w <= 0:
-                # An empty sampling grid (an inverted RoI with adaptive sampling) averages
-                # nothing: its bins stay 0.
-                continue
-            members = (group_of_roi == group).nonzero().squeeze(1)
-            y_samples = _sample_positions(start_y[members], bin_h[members], out_h, grid_h)
-            x_samples = _sample_positions(start_x[members], bin_w[members], out_w, grid_w)
-            steps += _plan(y_samples, x_samples, members, batch_index[members], height, width,
-                           channels)
-        # Channels-last, one row per feature cell: the gather reads whole channel vectors.
-        table = features.permute(0, 2, 3, 1).reshape(-1, channels)
-        bins = _RoIAlignFunction.apply(
-            table, steps, (height, width), (num_rois, out_h, out_w, channels)
-        )
-        return bins.permute(0, 3, 1, 2).contiguous().to(input.dtype)
+
+def roi_align_torch(*args, **kwargs) -> torch.Tensor:
+    """:func:`roi_align` (same arguments) in plain torch, whatever :func:`kernels` chose."""
+    return _roi_align(_torch_bins, *args, **kwargs)
+
+
+def _torchvision_bins(features, rois, out_h, out_w, spatial_scale, sampling_ratio, aligned) -> torch.Tensor:
+    return torchvision_ops().roi_align(features, rois, (out_h, out_w), spatial_scale, sampling_ratio, aligned)
+
+
+def _torch_bins(features, rois, out_h, out_w, spatial_scale, sampling_ratio, aligned) -> torch.Tensor:
+    num_rois = rois.shape[0]
+    channels, height, width = features.shape[1:]
+    offset = 0.5 if aligned else 0.0
+    start_x = rois[:, 1] * spatial_scale - offset
+    start_y = rois[:, 2] * spatial_scale - offset
+    roi_w = (rois[:, 3] * spatial_scale - offset) - start_x
+    roi_h = (rois[:, 4] * spatial_scale - offset) - start_y
+    if not aligned:
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    bin_w, bin_h = roi_w / out_w, roi_h / out_h
+    if sampling_ratio > 0:
+        grids = torch.full((num_rois, 2), sampling_ratio, dtype=torch.long, device=rois.device)
+    else:
+        grids = torch.stack((torch.ceil(roi_h / out_h), torch.ceil(roi_w / out_w)), dim=1)
+        grids = torch.nan_to_num(grids, nan=0.0, posinf=0.0, neginf=0.0).long()
+    batch_index = rois[:, 0].long()
+
+    group_grids, group_of_roi = torch.unique(grids, dim=0, return_inverse=True)
+    steps: List[_Step] = []
+    for group, (grid_h, grid_w) in enumerate(group_grids.tolist()):
+        if grid_h <= 0 or grid_w <= 0:
+            # An empty sampling grid (an inverted RoI with adaptive sampling) averages
+            # nothing: its bins stay 0.
+            continue
+        members = (group_of_roi == group).nonzero().squeeze(1)
+        y_samples = _sample_positions(start_y[members], bin_h[members], out_h, grid_h)
+        x_samples = _sample_positions(start_x[members], bin_w[members], out_w, grid_w)
+        steps += _plan(y_samples, x_samples, members, batch_index[members], height, width,
+                       channels)
+    # Channels-last, one row per feature cell: the gather reads whole channel vectors.
+    table = features.permute(0, 2, 3, 1).reshape(-1, channels)
+    bins = _RoIAlignFunction.apply(
+        table, steps, (height, width), (num_rois, out_h, out_w, channels)
+    )
+    return bins.permute(0, 3, 1, 2).contiguous()
