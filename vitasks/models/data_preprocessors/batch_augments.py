@@ -24,8 +24,26 @@ def _sample_beta(alpha: float) -> float:
     return float(torch.distributions.Beta(alpha, alpha).sample())
 
 
+class _BetaMix:
+    """What Mixup and CutMix share: ``alpha`` of the Beta(alpha, alpha) mixing weight, and the
+    targets mixed as the inputs are."""
+
+    config_key = "model.data_preprocessor.batch_augments.augments"
+
+    @checked
+    def __init__(self, alpha: InRange(0, low_open=True) = 1.0) -> None:
+        self.alpha = float(alpha)
+
+    @staticmethod
+    def mix_targets(targets: torch.Tensor, lam: float, perm: torch.Tensor) -> torch.Tensor:
+        return lam * targets + (1.0 - lam) * targets[perm]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(alpha={self.alpha})"
+
+
 @MODELS.register_module()
-class Mixup:
+class Mixup(_BetaMix):
     """Mixup (Zhang et al., 2018): ``x = lam x + (1 - lam) x[perm]``, targets mixed alike, with
     ``lam ~ Beta(alpha, alpha)`` drawn once per batch.
 
@@ -33,18 +51,15 @@ class Mixup:
         alpha: Beta distribution parameter (0.8 in DeiT).
     """
 
-    config_key = "model.data_preprocessor.batch_augments.augments"
-
     @checked
     def __init__(self, alpha: InRange(0, low_open=True) = 0.8) -> None:
-        self.alpha = float(alpha)
+        super().__init__(alpha)
 
     def mix(
         self, inputs: torch.Tensor, targets: torch.Tensor, lam: float, perm: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Deterministic part, for a given ``lam`` and permutation."""
-        mixed = lam * inputs + (1.0 - lam) * inputs[perm]
-        return mixed, lam * targets + (1.0 - lam) * targets[perm]
+        return lam * inputs + (1.0 - lam) * inputs[perm], self.mix_targets(targets, lam, perm)
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Mix a batch: inputs (N, C, H, W) float, targets (N, K) float."""
@@ -52,12 +67,9 @@ class Mixup:
         perm = torch.randperm(inputs.shape[0], device=inputs.device)
         return self.mix(inputs, targets, lam, perm)
 
-    def __repr__(self) -> str:
-        return f"Mixup(alpha={self.alpha})"
-
 
 @MODELS.register_module()
-class CutMix:
+class CutMix(_BetaMix):
     """CutMix (Yun et al., 2019): a box of another sample is pasted into each image; the targets
     are mixed by the pasted area's fraction (after clipping the box to the image, so the weights
     are exact).
@@ -68,12 +80,6 @@ class CutMix:
     Args:
         alpha: Beta distribution parameter (1.0 in DeiT).
     """
-
-    config_key = "model.data_preprocessor.batch_augments.augments"
-
-    @checked
-    def __init__(self, alpha: InRange(0, low_open=True) = 1.0) -> None:
-        self.alpha = float(alpha)
 
     @staticmethod
     def box(height: int, width: int, lam: float, cy: int, cx: int) -> Tuple[int, int, int, int]:
@@ -97,7 +103,7 @@ class CutMix:
         mixed = inputs.clone()
         mixed[..., y0:y1, x0:x1] = inputs[perm][..., y0:y1, x0:x1]
         lam = 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
-        return mixed, lam * targets + (1.0 - lam) * targets[perm]
+        return mixed, self.mix_targets(targets, lam, perm)
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Mix a batch: inputs (N, C, H, W) float, targets (N, K) float."""
@@ -107,9 +113,6 @@ class CutMix:
         cx = int(torch.randint(width, ()).item())
         perm = torch.randperm(inputs.shape[0], device=inputs.device)
         return self.mix(inputs, targets, self.box(height, width, lam, cy, cx), perm)
-
-    def __repr__(self) -> str:
-        return f"CutMix(alpha={self.alpha})"
 
 
 class RandomBatchAugment:

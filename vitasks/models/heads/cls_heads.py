@@ -52,6 +52,28 @@ class BaseClsHead(BaseModule):
         with building("loss", root=self.config_path):
             self.loss_module = MODELS.build(loss) if isinstance(loss, dict) else loss
 
+    def reset_parameters(self) -> None:
+        """The head's own initialisation, done again by :meth:`init_weights` unless an
+        ``init_cfg`` says otherwise (none here)."""
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        if self.init_cfg is None:
+            self.reset_parameters()
+
+    @staticmethod
+    def _with_predictions(data_samples: Optional[List[Optional[DataSample]]], scores: torch.Tensor) -> List[DataSample]:
+        """Each sample (a new one where None) with ``pred_score`` (K,) and ``pred_label`` (1,),
+        the argmax of its row of ``scores``."""
+        labels = scores.argmax(dim=1, keepdim=True)
+        out = []
+        for sample, score, label in zip([None] * len(scores) if data_samples is None else data_samples, scores, labels):
+            sample = DataSample() if sample is None else sample
+            sample.pred_score = score
+            sample.pred_label = label
+            out.append(sample)
+        return out
+
     @staticmethod
     def _targets(data_samples: Sequence[DataSample], device: torch.device) -> torch.Tensor:
         """Soft targets ``(N, K)`` when every sample has ``gt_score`` (Mixup/CutMix), else hard
@@ -70,18 +92,7 @@ class BaseClsHead(BaseModule):
         self, feats: Feats, data_samples: Optional[List[Optional[DataSample]]] = None
     ) -> List[DataSample]:
         """Fill ``pred_score`` (softmax, (K,)) and ``pred_label`` ((1,)) into each sample."""
-        logits = self(feats)
-        scores = F.softmax(logits.float(), dim=1).detach()
-        labels = scores.argmax(dim=1, keepdim=True)
-        if data_samples is None:
-            data_samples = [None] * len(scores)
-        out = []
-        for sample, score, label in zip(data_samples, scores, labels):
-            sample = DataSample() if sample is None else sample
-            sample.pred_score = score
-            sample.pred_label = label
-            out.append(sample)
-        return out
+        return self._with_predictions(data_samples, F.softmax(self(feats).float(), dim=1).detach())
 
 
 @MODELS.register_module()
@@ -107,16 +118,11 @@ class LinearClsHead(BaseClsHead):
         super().__init__(num_classes, loss=loss, init_cfg=init_cfg)
         self.in_channels = in_channels
         self.fc = nn.Linear(in_channels, num_classes)
-        self._zero_fc()
+        self.reset_parameters()
 
-    def _zero_fc(self) -> None:
+    def reset_parameters(self) -> None:
         nn.init.zeros_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
-
-    def init_weights(self) -> None:
-        super().init_weights()
-        if self.init_cfg is None:
-            self._zero_fc()
 
     def forward(self, feats: Feats) -> torch.Tensor:
         feats = _last(feats)
@@ -154,19 +160,14 @@ class MLPClsHead(BaseClsHead):
         self.hidden_channels = hidden_channels
         self.hidden = nn.Linear(in_channels, hidden_channels)
         self.fc = nn.Linear(hidden_channels, num_classes)
-        self._reset()
+        self.reset_parameters()
 
-    def _reset(self) -> None:
+    def reset_parameters(self) -> None:
         # The hidden layer keeps a small random init; the classifier starts at zero.
         nn.init.trunc_normal_(self.hidden.weight, std=0.02)
         nn.init.zeros_(self.hidden.bias)
         nn.init.zeros_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
-
-    def init_weights(self) -> None:
-        super().init_weights()
-        if self.init_cfg is None:
-            self._reset()
 
     def forward(self, feats: Feats) -> torch.Tensor:
         return self.fc(torch.tanh(self.hidden(_last(feats))))

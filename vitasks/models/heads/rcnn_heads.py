@@ -36,8 +36,24 @@ def _conv_norm_relu(in_channels: int, out_channels: int, norm: Optional[str]) ->
     return nn.Sequential(*layers)
 
 
+class _ConvHead(nn.Module):
+    """What the box and mask heads share: ``num_classes``, ``class_agnostic`` and ``convs``, the
+    ``num_convs`` conv-norm-ReLU layers on the pooled features (``conv_out`` channels out)."""
+
+    def __init__(self, num_classes: int, in_channels: int, num_convs: int, conv_channels: int,
+                 norm: Optional[str], class_agnostic: bool) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.class_agnostic = bool(class_agnostic)
+        self.convs = nn.Sequential(*(
+            _conv_norm_relu(in_channels if i == 0 else conv_channels, conv_channels, norm)
+            for i in range(num_convs)
+        ))
+        self.conv_out = conv_channels if num_convs else in_channels
+
+
 @MODELS.register_module()
-class ConvFCBoxHead(nn.Module):
+class ConvFCBoxHead(_ConvHead):
     """Box classification and regression head of a two-stage detector.
 
     Args:
@@ -67,14 +83,8 @@ class ConvFCBoxHead(nn.Module):
         norm: Norm = "LN",
         class_agnostic: bool = False,
     ) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.class_agnostic = bool(class_agnostic)
-        self.convs = nn.Sequential(*(
-            _conv_norm_relu(in_channels if i == 0 else conv_channels, conv_channels, norm)
-            for i in range(num_convs)
-        ))
-        features = (conv_channels if num_convs else in_channels) * pooled_size * pooled_size
+        super().__init__(num_classes, in_channels, num_convs, conv_channels, norm, class_agnostic)
+        features = self.conv_out * pooled_size * pooled_size
         fcs = []
         for i in range(num_fcs):
             fc = nn.Linear(features if i == 0 else fc_channels, fc_channels)
@@ -97,7 +107,7 @@ class ConvFCBoxHead(nn.Module):
 
 
 @MODELS.register_module()
-class MaskConvUpsampleHead(nn.Module):
+class MaskConvUpsampleHead(_ConvHead):
     """Mask head of Mask R-CNN: mask logits at twice the pooled size, one map per class.
 
     Args:
@@ -121,15 +131,8 @@ class MaskConvUpsampleHead(nn.Module):
         norm: Norm = "LN",
         class_agnostic: bool = False,
     ) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.class_agnostic = bool(class_agnostic)
-        self.convs = nn.Sequential(*(
-            _conv_norm_relu(in_channels if i == 0 else conv_channels, conv_channels, norm)
-            for i in range(num_convs)
-        ))
-        deconv_in = conv_channels if num_convs else in_channels
-        self.deconv = nn.ConvTranspose2d(deconv_in, conv_channels, kernel_size=2, stride=2)
+        super().__init__(num_classes, in_channels, num_convs, conv_channels, norm, class_agnostic)
+        self.deconv = nn.ConvTranspose2d(self.conv_out, conv_channels, kernel_size=2, stride=2)
         nn.init.kaiming_normal_(self.deconv.weight, mode="fan_out", nonlinearity="relu")
         nn.init.zeros_(self.deconv.bias)
         self.predictor = nn.Conv2d(conv_channels, 1 if self.class_agnostic else num_classes, 1)

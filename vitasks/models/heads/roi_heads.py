@@ -366,7 +366,8 @@ class StandardRoIHead(nn.Module):
 
     @torch.no_grad()
     def box_predictions(
-        self, features: Sequence[torch.Tensor], proposals: Sequence[torch.Tensor]
+        self, features: Sequence[torch.Tensor], proposals: Sequence[torch.Tensor],
+        image_sizes: Optional[Sequence[ImageSize]] = None,
     ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Per image: class scores (R, K + 1) and boxes (R, K, 4) (or (R, 1, 4))."""
         outputs = self(features, proposals)
@@ -384,7 +385,7 @@ class StandardRoIHead(nn.Module):
         image_sizes: Sequence[ImageSize],
     ) -> List[Detections]:
         """Detections per image in input-image pixels (see the module docstring)."""
-        scores, boxes = self.box_predictions(features, [p.float() for p in proposals])
+        scores, boxes = self.box_predictions(features, [p.float() for p in proposals], image_sizes)
         detections = [self.select_detections(s, b, size) for s, b, size in zip(scores, boxes, image_sizes)]
         if self.with_mask:
             detections = self.mask_probabilities(features, detections)
@@ -513,20 +514,11 @@ class CascadeRoIHead(StandardRoIHead):
         return outputs
 
     @torch.no_grad()
-    def predict(
-        self,
-        features: Sequence[torch.Tensor],
-        proposals: Sequence[torch.Tensor],
-        image_sizes: Sequence[ImageSize],
-    ) -> List[Detections]:
-        outputs = self(features, [p.float() for p in proposals], image_sizes)
+    def box_predictions(self, features, proposals, image_sizes=None):
+        """Per image: class scores (R, K + 1), the mean of the stages', and the last stage's
+        boxes (R, 1, 4) (see :meth:`StandardRoIHead.box_predictions`)."""
+        outputs = self(features, proposals, image_sizes)
         scores = torch.stack([logits.float().softmax(dim=1) for logits in outputs["cls_logits"]]).mean(dim=0)
         boxes = self.box_coders[-1].decode(outputs["bbox_deltas"][-1], outputs["boxes"][-1])[:, None, :]
         counts = [len(p) for p in proposals]
-        detections = [
-            self.select_detections(s, b, size)
-            for s, b, size in zip(scores.split(counts), boxes.split(counts), image_sizes)
-        ]
-        if self.with_mask:
-            detections = self.mask_probabilities(features, detections)
-        return detections
+        return list(scores.split(counts)), list(boxes.split(counts))

@@ -92,13 +92,5 @@ class VideoClsHead(LinearClsHead):
     ) -> List[DataSample]:
         """Each sample with ``pred_score`` (K,) averaged over its views and ``pred_label`` (1,)."""
         logits = self(feats).detach()
-        if data_samples is None:
-            data_samples = [None] * logits.shape[0]
-        scores = self.average_views(logits, views_per_sample(data_samples, logits.shape[0]))
-        out = []
-        for sample, score in zip(data_samples, scores):
-            sample = DataSample() if sample is None else sample
-            sample.pred_score = score
-            sample.pred_label = score.argmax().reshape(1)
-            out.append(sample)
-        return out
+        samples = [None] * logits.shape[0] if data_samples is None else data_samples
+        return self._with_predictions(samples, self.average_views(logits, views_per_sample(samples, logits.shape[0])))
