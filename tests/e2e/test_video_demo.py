@@ -1,5 +1,5 @@
 """End to end: the video demo config (shortened) learns the direction of motion in generated
-clips, is evaluated, and dumps one JSON line per validation video whose count agrees with the
+clips (shapes and photographs moving over crops of a photograph), is evaluated, and dumps one JSON line per validation video whose count agrees with the
 reported accuracy."""
 
 import json
@@ -34,8 +34,10 @@ def read_list(path: str) -> list:
 
 
 def test_video_demo_learns_and_dumps(tmp_path, one_thread, in_process_loaders):
-    # 4 directions, 16 + 8 clips each, 32 px, 12 frames: small enough for the suite.
-    data = make_video_dataset(str(tmp_path / "data"), train_per_class=16, val_per_class=8, size=32, num_frames=12)
+    # 4 directions, 16 + 8 clips each, 32 px, 12 frames: small enough for the suite; the "photo"
+    # style: light or dark shapes sliding over crops of a photograph, or a camera panning over one.
+    data = make_video_dataset(str(tmp_path / "data"), train_per_class=16, val_per_class=8, size=32, num_frames=12,
+                              style="photo")
     work = str(tmp_path / "work")
     options = [
         f"data_root={data}",
@@ -62,7 +64,8 @@ def test_video_demo_learns_and_dumps(tmp_path, one_thread, in_process_loaders):
     correct = sum(r["pred"] == val[r["file"]] for r in records)
     assert metrics["acc/top1"] == pytest.approx(100.0 * correct / len(records))
 
-    # Chance: always answering the most frequent validation class.
+    # Chance: always answering the most frequent validation class. Asked: 60 % of the way from
+    # chance to 100 % (70 % for the 4 balanced classes; measured 93.75 %, seeded).
     chance = 100.0 * max(Counter(val.values()).values()) / len(val)
     assert chance == 25.0
-    assert metrics["acc/top1"] >= chance + 35.0, metrics
+    assert metrics["acc/top1"] >= chance + 0.6 * (100.0 - chance), (metrics, chance)
