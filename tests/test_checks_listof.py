@@ -90,3 +90,24 @@ def test_config_errors_and_component_class():
         component_class("PatchEmbedd", MODELS, "model.backbone.stem", "stem", choices=("PatchEmbed", "ConvStem"))
     with pytest.raises(ConfigError, match=r"'PatchEmbed' is not a registered token reduction"):
         component_class("PatchEmbed", MODELS, "model.x", "token reduction", base=int)
+
+
+def test_block_index_and_unique_block_indices():
+    from vitasks.checks import BlockIndex, BlockIndices
+
+    class Part:
+        config_key = "model.part"
+
+        @checked
+        def __init__(self, depth: int = 4, at: BlockIndex("depth") = 0,
+                     blocks: BlockIndices("depth", unique=True) = ()) -> None:
+            self.at, self.blocks = at, blocks
+
+    assert Part(at=-1, blocks=[0, -1]).at == 3 and Part(blocks=[0, -1]).blocks == (0, 3)
+    with pytest.raises(ConfigError, match=r"^model.part.at: 4 is not a block index of a depth-4 model \(expected an "
+                                          r"integer in \[-4, 3\]\)$"):
+        Part(at=4)
+    with pytest.raises(ConfigError, match=r"model.part.at: 1.0 is not a block index"):
+        Part(at=1.0)
+    with pytest.raises(ConfigError, match=r"^model.part.blocks names a block twice \(counted from 0: \[3, 3\]\)$"):
+        Part(blocks=[3, -1])

@@ -39,6 +39,7 @@ __all__ = [
     "OneOf",
     "InRange",
     "BlockIndices",
+    "BlockIndex",
     "OrNone",
     "ListOf",
     "building",
@@ -52,6 +53,7 @@ __all__ = [
     "one_of",
     "in_range",
     "block_indices",
+    "block_index",
     "build_child",
     "options",
     "feature_maps",
@@ -150,9 +152,19 @@ def _interval(low, high, low_open, high_open) -> str:
     return f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
 
 
-def block_indices(values: Any, depth: Optional[int], key: str, allow_empty: bool = True) -> Tuple[int, ...]:
+def block_index(value: Any, depth: int, key: str) -> int:
+    """One block index in ``[-depth, depth)`` (negative counts from the end), as a non-negative int."""
+    if not _is_int(value) or not -depth <= value < depth:
+        raise ConfigError(f"{key}: {value!r} is not a block index of a depth-{depth} model (expected an integer "
+                          f"in [{-depth}, {depth - 1}])")
+    return value % depth
+
+
+def block_indices(values: Any, depth: Optional[int], key: str, allow_empty: bool = True,
+                  unique: bool = False) -> Tuple[int, ...]:
     """Block indices in ``[-depth, depth)`` (negative counts from the end), as non-negative ints
-    (as given when ``depth`` is None: a model that does not say how many blocks it has)."""
+    (as given when ``depth`` is None: a model that does not say how many blocks it has); each
+    block once when ``unique``."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not all(_is_int(v) for v in values):
         raise ConfigError(f"{key} must be a list of block indices, got {values!r}")
     if not values and not allow_empty:
@@ -163,7 +175,10 @@ def block_indices(values: Any, depth: Optional[int], key: str, allow_empty: bool
     if bad:
         raise ConfigError(f"{key}: block indices {bad} out of range for depth {depth} "
                           f"(valid: {-depth}..{depth - 1})")
-    return tuple(v % depth for v in values)
+    resolved = tuple(v % depth for v in values)
+    if unique and len(set(resolved)) != len(resolved):
+        raise ConfigError(f"{key} names a block twice (counted from 0: {list(resolved)})")
+    return resolved
 
 
 class Check:
@@ -198,12 +213,14 @@ class _OneOf(Check):
 
 
 class _BlockIndices(Check):
-    def __init__(self, depth_argument: str, allow_empty: bool) -> None:
+    def __init__(self, depth_argument: str, allow_empty: bool, unique: bool = False, single: bool = False) -> None:
         self.reads = (depth_argument,)
-        self.allow_empty = allow_empty
+        self.allow_empty, self.unique, self.single = allow_empty, unique, single
 
     def __call__(self, value: Any, key: str, arguments: Mapping[str, Any]) -> Any:
-        return block_indices(value, arguments[self.reads[0]], key, self.allow_empty)
+        if self.single:
+            return block_index(value, arguments[self.reads[0]], key)
+        return block_indices(value, arguments[self.reads[0]], key, self.allow_empty, self.unique)
 
 
 class _Optional(Check):
@@ -231,8 +248,13 @@ def InRange(low: Optional[float] = None, high: Optional[float] = None, low_open:
     return Annotated[float, _Function(in_range, low=low, high=high, low_open=low_open, high_open=high_open)]
 
 
-def BlockIndices(depth_argument: str = "depth", allow_empty: bool = True) -> Any:  # noqa: N802
-    return Annotated[Any, _BlockIndices(depth_argument, allow_empty)]
+def BlockIndices(depth_argument: str = "depth", allow_empty: bool = True, unique: bool = False) -> Any:  # noqa: N802
+    return Annotated[Any, _BlockIndices(depth_argument, allow_empty, unique)]
+
+
+def BlockIndex(depth_argument: str = "depth") -> Any:  # noqa: N802
+    """One block index (``at_block: BlockIndex("depth")``), as a non-negative int."""
+    return Annotated[int, _BlockIndices(depth_argument, allow_empty=False, single=True)]
 
 
 def OrNone(annotation: Any) -> Any:  # noqa: N802

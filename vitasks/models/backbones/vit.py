@@ -165,7 +165,7 @@ class VisionTransformer(ViTBackbone):
         pool: OneOf(*_POOLS) = "token",
         fc_norm: Optional[bool] = None,
         final_norm: bool = True,
-        out_indices: OrNone(BlockIndices("depth", allow_empty=False)) = None,
+        out_indices: OrNone(BlockIndices("depth", allow_empty=False, unique=True)) = None,
         stem: Optional[dict] = None,
         with_cp: bool = False,
         interpolate_mode: OneOf(*INTERPOLATE_MODES) = "bicubic",
@@ -173,7 +173,7 @@ class VisionTransformer(ViTBackbone):
         interpolate_offset: InRange(0, 1, high_open=True) = 0.0,
         frozen: Flag = False,
         window_size: NonNegativeInt = 0,
-        global_indices: BlockIndices("depth") = (),
+        global_indices: BlockIndices("depth", unique=True) = (),
         use_rel_pos: bool = False,
         rel_pos_zero_init: bool = True,
         use_rel_pos_bias: bool = False,
@@ -189,9 +189,6 @@ class VisionTransformer(ViTBackbone):
         if pool == "token_mean" and fc_norm:
             raise ConfigError(f'{key()}: pool="token_mean" concatenates two tokens after the final norm (DINOv2); '
                               "it takes no fc_norm (set fc_norm: false)")
-        for name, indices in (("out_indices", out_indices), ("global_indices", global_indices)):
-            if indices is not None and len(set(indices)) != len(indices):
-                raise ConfigError(f"{key(name)} names a block twice (counted from 0: {list(indices)})")
 
         self.patch_size = patch_size
         self.interpolate_mode = interpolate_mode

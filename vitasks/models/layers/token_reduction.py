@@ -41,7 +41,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from vitasks.checks import NonNegativeInt, PositiveInt, block_indices, building, checked, component_class, non_negative_int, options
+from vitasks.checks import BlockIndex, NonNegativeInt, PositiveInt, block_indices, building, checked, component_class, non_negative_int, options
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 
@@ -53,15 +53,6 @@ REDUCTION_TYPES = ("ToMe", "TokenLearner", "VisualTokens")
 # ``block`` may be any function of (x, grid) (ToMe's block with its merge), so every reduction keeps
 # ``with_cp``.
 BlockCall = Callable[[nn.Module, Tensor, Tuple[int, int]], Tensor]
-
-
-def _block_index(value, key: str, depth: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not -depth <= value < depth:
-        raise ConfigError(
-            f"{WHERE}.{key}: {value!r} is not a block index of a depth-{depth} model "
-            f"(expected an integer in [{-depth}, {depth - 1}]; 0 = straight after the stem)"
-        )
-    return value % depth
 
 
 def _with_prefix(x: Tensor, num_prefix: int, tokens: Tensor) -> Tensor:
@@ -523,12 +514,12 @@ class TokenLearner(TokenReduction):
 
     @checked
     def __init__(
-        self, embed_dim: int, depth: int, num_tokens: NonNegativeInt = 8, at_block: int = 0, fuser: bool = False,
-        bottleneck_dim: PositiveInt = 64, drop: float = 0.0,
+        self, embed_dim: int, depth: int, num_tokens: NonNegativeInt = 8, at_block: BlockIndex("depth") = 0,
+        fuser: bool = False, bottleneck_dim: PositiveInt = 64, drop: float = 0.0,
     ) -> None:
         super().__init__(embed_dim, depth)
         self.num_tokens = num_tokens
-        self.at_block = _block_index(at_block, "at_block", depth)
+        self.at_block = at_block
         self.use_fuser = bool(fuser)
         self.learners = nn.ModuleList()
         self.fusers = nn.ModuleList()
@@ -687,12 +678,12 @@ class VisualTokens(TokenReduction):
 
     @checked
     def __init__(
-        self, embed_dim: int, depth: int, num_tokens: NonNegativeInt = 16, at_block: int = 0,
+        self, embed_dim: int, depth: int, num_tokens: NonNegativeInt = 16, at_block: BlockIndex("depth") = 0,
         recurrent_at: Sequence[int] = (), out_indices: Optional[Sequence[int]] = None,
     ) -> None:
         super().__init__(embed_dim, depth)
         self.num_tokens = num_tokens
-        self.at_block = _block_index(at_block, "at_block", depth)
+        self.at_block = at_block
         if isinstance(recurrent_at, int) and not isinstance(recurrent_at, bool):
             recurrent_at = [recurrent_at]
         starts = sorted(block_indices(recurrent_at, depth, f"{WHERE}.recurrent_at"))
