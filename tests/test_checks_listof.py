@@ -111,3 +111,22 @@ def test_block_index_and_unique_block_indices():
         Part(at=1.0)
     with pytest.raises(ConfigError, match=r"^model.part.blocks names a block twice \(counted from 0: \[3, 3\]\)$"):
         Part(blocks=[3, -1])
+
+
+def test_list_of_single_value_and_any_entries():
+    from vitasks.models.data_preprocessors.batch_augments import RandomBatchAugment
+
+    class Part:
+        config_key = "model.part"
+
+        @checked
+        def __init__(self, losses: ListOf(object, single=dict) = ({"type": "A"},)) -> None:
+            self.losses = losses
+
+    assert Part(losses={"type": "B"}).losses == ({"type": "B"},)
+    assert Part(losses=[{"type": "B"}, 3]).losses == ({"type": "B"}, 3)
+    with pytest.raises(ConfigError, match=r"^model.part.losses must not be empty$"):
+        Part(losses=[])
+    with pytest.raises(ConfigError, match=r"model.data_preprocessor.batch_augments.augments must not be empty"):
+        RandomBatchAugment(augments=[])
+    assert len(RandomBatchAugment(augments={"type": "Mixup"}).augments) == 1

@@ -263,23 +263,31 @@ def OrNone(annotation: Any) -> Any:  # noqa: N802
 
 
 class _ListOf(Check):
-    """A list (or tuple) whose every entry passes ``check``; empty only when ``allow_empty``."""
+    """A list (or tuple) whose every entry passes ``check`` (any entry when None); empty only
+    when ``allow_empty``; a value of the types ``single`` stands for a list of it alone."""
 
-    def __init__(self, check: Check, allow_empty: bool) -> None:
-        self.check, self.reads, self.allow_empty = check, check.reads, allow_empty
+    def __init__(self, check: Optional[Check], allow_empty: bool, single: Any = ()) -> None:
+        self.check, self.allow_empty, self.single = check, allow_empty, single
+        self.reads = check.reads if check is not None else ()
 
     def __call__(self, value: Any, key: str, arguments: Mapping[str, Any]) -> Any:
+        if self.single and isinstance(value, self.single):
+            value = [value]
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         if not value and not self.allow_empty:
             raise ConfigError(f"{key} must not be empty")
+        if self.check is None:
+            return tuple(value)
         return tuple(self.check(v, f"{key}[{i}]", arguments) for i, v in enumerate(value))
 
 
-def ListOf(annotation: Any, allow_empty: bool = False) -> Any:  # noqa: N802
+def ListOf(annotation: Any, allow_empty: bool = False, single: Any = ()) -> Any:  # noqa: N802
     """``ListOf(PositiveInt)``: a list of what ``annotation`` accepts (as a tuple), each entry's
-    message naming ``key[i]``; not empty unless ``allow_empty``."""
-    return Annotated[Any, _ListOf(_check_of(annotation), allow_empty)]
+    message naming ``key[i]``; not empty unless ``allow_empty``. ``single`` (a type or a tuple
+    of types): such a value alone means a list of one (``ListOf(object, single=dict)``: one
+    config or a list of them)."""
+    return Annotated[Any, _ListOf(_check_of(annotation), allow_empty, single)]
 
 
 def _check_of(annotation: Any) -> Optional[Check]:

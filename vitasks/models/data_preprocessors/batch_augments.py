@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from vitasks.checks import InRange, NonNegativeInt, OrNone, PositiveInt, building, checked, config_errors, config_key, one_of, options
+from vitasks.checks import InRange, ListOf, NonNegativeInt, OrNone, PositiveInt, building, checked, config_errors, config_key, one_of, options
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 
@@ -124,14 +124,13 @@ class RandomBatchAugment:
         probs: Probability of each; default: equal, summing to 1.
     """
 
-    def __init__(self, augments: Sequence, probs: Optional[Sequence[float]] = None) -> None:
-        if isinstance(augments, dict):
-            augments = [augments]
-        where = config_key(default="model.data_preprocessor.batch_augments")
+    config_key = "model.data_preprocessor.batch_augments"
+
+    @checked
+    def __init__(self, augments: ListOf(object, single=dict), probs: Optional[Sequence[float]] = None) -> None:
+        where = config_key(default=self.config_key)
         with building("augments", root=where):
             self.augments = [MODELS.build(a) if isinstance(a, dict) else a for a in augments]
-        if not self.augments:
-            raise ConfigError(f"{where}.augments is empty: name at least one (Mixup, CutMix)")
         if probs is None:
             probs = [1.0 / len(self.augments)] * len(self.augments)
         probs = [float(p) for p in probs]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitasks.checks import InRange, PositiveInt, building, checked, config_key
+from vitasks.checks import InRange, ListOf, OrNone, PositiveInt, building, checked, config_key
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 from vitasks.structures import DataSample
@@ -78,7 +78,7 @@ class BaseDecodeHead(nn.Module):
         num_classes: PositiveInt,
         in_index: int | Sequence[int] = -1,
         dropout_ratio: InRange(0, 1) = 0.1,
-        loss_decode: dict | Sequence[dict] | None = None,
+        loss_decode: OrNone(ListOf(object, single=(dict, nn.Module))) = None,
         ignore_index: int = 255,
         align_corners: bool = False,
         with_conv_seg: bool = True,
@@ -95,11 +95,7 @@ class BaseDecodeHead(nn.Module):
         self.num_classes = num_classes
         self.ignore_index = int(ignore_index)
         self.align_corners = bool(align_corners)
-        if loss_decode is None:
-            loss_decode = dict(type="CrossEntropyLoss")
-        loss_cfgs = [loss_decode] if isinstance(loss_decode, (dict, nn.Module)) else list(loss_decode)
-        if not loss_cfgs:
-            raise ConfigError(f"{where}.loss_decode is empty")
+        loss_cfgs = [dict(type="CrossEntropyLoss")] if loss_decode is None else list(loss_decode)
         self.loss_names = [_loss_name(c, i, len(loss_cfgs)) for i, c in enumerate(loss_cfgs)]
         self.loss_decode = nn.ModuleList()
         for i, c in enumerate(loss_cfgs):
