@@ -78,6 +78,14 @@ class ViTBackbone(nn.Module):
             )
 
     @staticmethod
+    def block_options(mlp_ratio: float, qkv_bias: bool, drop_rate: float, attn_drop_rate: float,
+                      layer_scale_init_value: Optional[float], norm_eps: float, mlp_act: str) -> dict:
+        """The keyword arguments every block of the backbone gets from the backbone's options of
+        the same names (``drop_rate`` -> ``proj_drop``, ``attn_drop_rate`` -> ``attn_drop``)."""
+        return dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate, attn_drop=attn_drop_rate,
+                    layer_scale_init_value=layer_scale_init_value, norm_eps=norm_eps, mlp_act=mlp_act)
+
+    @staticmethod
     def drop_path_rates(rate: float, count: int) -> List[float]:
         """Stochastic depth rising linearly from 0 to ``rate`` over ``count`` blocks (plain Python,
         so the model can also be built on the meta device)."""

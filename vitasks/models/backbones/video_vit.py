@@ -356,8 +356,8 @@ class VideoVisionTransformer(ViTBackbone):
             )
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
 
-        block_kwargs = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate, attn_drop=attn_drop_rate,
-                            layer_scale_init_value=layer_scale_init_value, norm_eps=norm_eps, mlp_act=mlp_act)
+        block_kwargs = self.block_options(mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, layer_scale_init_value,
+                                          norm_eps, mlp_act)
         dpr = self.drop_path_rates(drop_path_rate, self.depth)  # over all blocks
         block_cls = DividedSpaceTimeBlock if self.attention_type == "divided" else TransformerBlock
         self.blocks = nn.ModuleList(

@@ -236,11 +236,11 @@ class VisionTransformer(ViTBackbone):
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
 
         dpr = self.drop_path_rates(drop_path_rate, depth)
+        options = self.block_options(mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, layer_scale_init_value, norm_eps,
+                                     mlp_act)
         self.blocks = nn.ModuleList(
             TransformerBlock(
-                embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate,
-                attn_drop=attn_drop_rate, drop_path=dpr[i], layer_scale_init_value=layer_scale_init_value,
-                norm_eps=norm_eps, mlp_act=mlp_act,
+                embed_dim, num_heads, drop_path=dpr[i], **options,
                 window_size=0 if i in self.global_indices else self.window_size,
                 use_rel_pos=self.use_rel_pos, input_size=self.grid_size, rel_pos_zero_init=rel_pos_zero_init,
                 use_rel_pos_bias=self.use_rel_pos_bias,
