@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitasks.checks import divisible, ListOf, one_of, OneOf, OrNone, PositiveInt, checked, config_key
+from vitasks.checks import ListOf, OneOf, OrNone, PositiveInt, checked, config_key, divisible, one_of
 from vitasks.errors import ConfigError
 from vitasks.models.layers.conv import ConvBNReLU, check_norm
 from vitasks.registry import MODELS
@@ -44,6 +44,15 @@ def _check_ws_form(ws_form, stem: str) -> str:
 # Patch embedding
 
 
+def init_patchify(proj: nn.Module) -> nn.Module:
+    """A patchify (or tubelet) conv initialised as MAE / timm do: like a linear layer on the
+    flattened patches (Xavier uniform), bias zero."""
+    nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+    if proj.bias is not None:
+        nn.init.zeros_(proj.bias)
+    return proj
+
+
 @MODELS.register_module()
 class PatchEmbed(nn.Module):
     """Split the image into non-overlapping p x p patches and project each linearly (a p x p
@@ -65,11 +74,7 @@ class PatchEmbed(nn.Module):
                  bias: bool = True) -> None:
         super().__init__()
         self.stride = patch_size
-        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
-        # As MAE / timm: initialise the patchify conv like a linear layer on flattened patches.
-        nn.init.xavier_uniform_(self.proj.weight.view(embed_dim, -1))
-        if bias:
-            nn.init.zeros_(self.proj.bias)
+        self.proj = init_patchify(nn.Conv2d(in_channels, embed_dim, patch_size, stride=patch_size, bias=bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)

@@ -35,6 +35,7 @@ from vitasks.registry import MODELS
 
 from ..layers import Attention, TransformerBlock, resample_abs_pos_embed
 from .base import INTERPOLATE_MODES, ViTBackbone
+from .stems import init_patchify
 
 ATTENTION_TYPES = ("joint", "divided", "factorised_encoder")
 POS_EMBED_TYPES = ("learned", "joint", "sincos")
@@ -115,11 +116,7 @@ class TubeletEmbed(nn.Module):
         self.tubelet_size = tubelet_size
         self.motion_energy = bool(motion_energy)
         kernel = (tubelet_size, patch_size, patch_size)
-        self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=kernel, stride=kernel, bias=bias)
-        # As the image PatchEmbed (MAE / timm): initialised like a linear layer on flat tubelets.
-        nn.init.xavier_uniform_(self.proj.weight.view(embed_dim, -1))
-        if bias:
-            nn.init.zeros_(self.proj.bias)
+        self.proj = init_patchify(nn.Conv3d(in_channels, embed_dim, kernel_size=kernel, stride=kernel, bias=bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.motion_energy:

@@ -12,7 +12,8 @@ from mmengine.logging import print_log
 from torch import nn
 
 from vitasks.checks import (
-    BlockIndices, Flag, InRange, IntPair, NonNegativeInt, OneOf, OrNone, PositiveInt, building, checked, component_class, options,
+    BlockIndices, Flag, InRange, IntPair, NonNegativeInt, OneOf, OrNone, PositiveInt, building, checked,
+    component_class, options,
 )
 from vitasks.errors import CheckpointError, ConfigError
 from vitasks.registry import MODELS

@@ -11,7 +11,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from vitasks.checks import InRange, ListOf, NonNegativeInt, OrNone, PositiveInt, building, checked, config_errors, config_key, one_of, options
+from vitasks.checks import (
+    InRange, ListOf, NonNegativeInt, OrNone, PositiveInt, building, checked, config_errors, config_key, one_of, options,
+)
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 
@@ -310,7 +312,8 @@ def build_random_erasing(cfg, owner: str) -> Optional[RandomErasing]:
     (``type`` optional, default ``RandomErasing``) or an object."""
     if cfg is None or isinstance(cfg, RandomErasing):
         return cfg
-    cfg = options(cfg, f"{owner}.random_erasing", what="a dict like {type: RandomErasing, probability: 0.25, mode: pixel}")
+    cfg = options(cfg, f"{owner}.random_erasing",
+                  what="a dict like {type: RandomErasing, probability: 0.25, mode: pixel}")
     cfg.setdefault("type", "RandomErasing")
     with config_errors(f"{owner}.random_erasing", TypeError), building("random_erasing", root=owner):
         return MODELS.build(cfg)

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from mmengine.model import BaseDataPreprocessor
 
-from vitasks.checks import both_or_neither, InRange, IntPair, NonNegativeInt, OrNone, PositiveInt, building, checked, config_key, options
+from vitasks.checks import (
+    InRange, IntPair, NonNegativeInt, OrNone, PositiveInt, both_or_neither, building, checked, config_key, options,
+)
 
 # ImageNet statistics in 0-255 RGB (torchvision's, which most checkpoints were trained with).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)

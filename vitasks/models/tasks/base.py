@@ -29,11 +29,16 @@ def build_part(cfg: Union[dict, nn.Module], owner: str, key: str) -> nn.Module:
 class TaskModel(BaseModel):
     """Base of the task models: a data preprocessor, a backbone and an optional neck.
 
-    Subclasses build their heads and implement ``forward(inputs, data_samples, mode)``.
+    Subclasses build their heads and implement ``forward(inputs, data_samples, mode)``; a
+    ``data_preprocessor`` left out is their ``default_preprocessor``.
     """
+
+    default_preprocessor: dict = {}
 
     def __init__(self, backbone, neck=None, data_preprocessor=None, init_cfg=None) -> None:
         owner = type(self).__name__
+        if data_preprocessor is None:
+            data_preprocessor = dict(self.default_preprocessor)
         super().__init__(data_preprocessor=build_part(data_preprocessor, owner, "data_preprocessor"),
                          init_cfg=init_cfg)
         self.backbone = build_part(backbone, owner, "backbone")
@@ -62,8 +67,6 @@ class HeadTaskModel(TaskModel):
     predictions filled in.
     """
 
-    default_preprocessor: dict = {}
-
     def __init__(
         self,
         backbone: dict,
@@ -72,8 +75,6 @@ class HeadTaskModel(TaskModel):
         data_preprocessor: dict | nn.Module | None = None,
         init_cfg: dict | None = None,
     ) -> None:
-        if data_preprocessor is None:
-            data_preprocessor = dict(self.default_preprocessor)
         super().__init__(backbone, neck=neck, data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.head = self.build_part(head, "head")
 

@@ -59,6 +59,8 @@ class TwoStageDetector(TaskModel):
         init_cfg: mmengine initialisation config.
     """
 
+    default_preprocessor = dict(type="DetDataPreprocessor")
+
     def __init__(
         self,
         backbone: dict,
@@ -69,8 +71,6 @@ class TwoStageDetector(TaskModel):
         data_preprocessor: Optional[Union[dict, nn.Module]] = None,
         init_cfg: Optional[dict] = None,
     ) -> None:
-        if data_preprocessor is None:
-            data_preprocessor = dict(type="DetDataPreprocessor")
         if neck is None:
             raise ConfigError(f"{type(self).__name__}: `{config_key('neck', default='model')}` is required "
                               "(e.g. {type: SimpleFeaturePyramid})")

@@ -116,6 +116,8 @@ class EncoderDecoder(TaskModel):
         init_cfg: mmengine initialisation config.
     """
 
+    default_preprocessor = dict(type="SegDataPreprocessor")
+
     def __init__(
         self,
         backbone: dict,
@@ -127,8 +129,6 @@ class EncoderDecoder(TaskModel):
         data_preprocessor: dict | nn.Module | None = None,
         init_cfg: dict | None = None,
     ) -> None:
-        if data_preprocessor is None:
-            data_preprocessor = dict(type="SegDataPreprocessor")
         super().__init__(backbone, neck=neck, data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.decode_head = self.build_part(decode_head, "decode_head")
         self.num_classes = self.decode_head.num_classes
