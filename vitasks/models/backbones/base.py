@@ -71,10 +71,12 @@ class ViTBackbone(nn.Module):
         patches (``strides`` per dimension): a ConfigError that says what to change otherwise."""
         if any(s % k for s, k in zip(sizes, strides)):
             stride = strides[0] if len(set(strides)) == 1 else "x".join(map(str, strides))
+            clips = len(sizes) == 3
             raise ConfigError(
                 f"{type(self).__name__}: input size {'x'.join(map(str, sizes))} is not divisible by the stem stride "
-                f"{stride} (it does not split into {'tubelets' if len(sizes) == 3 else 'patches'}); resize, crop or "
-                "pad the inputs (and sample the frames) to a multiple of it in the data pipeline"
+                f"{stride} (it does not split into {'tubelets' if clips else 'patches'}); "
+                f"{'sample the frames and ' if clips else ''}resize, crop or pad to a multiple of it in the data "
+                "pipeline"
             )
 
     @staticmethod
