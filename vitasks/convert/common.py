@@ -190,6 +190,15 @@ HF_QKV_PARTS = {
     "attention.attention.query": "q", "attention.attention.key": "k", "attention.attention.value": "v",
     "attention.q_proj": "q", "attention.k_proj": "k", "attention.v_proj": "v",
 }
+#: The embeddings and final norm -> timm's names (ViT, DeiT, DINOv2).
+HF_TOP_TIMM = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+}
 HF_LAYER_RE = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)$")
 
 

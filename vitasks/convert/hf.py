@@ -19,7 +19,7 @@ import json
 import os
 from typing import Any, Dict
 
-from vitasks.convert.common import HF_LAYER_PARTS, ConvertOptions, HFEncoderNames, Source, StateDict, read_torch_state_dict
+from vitasks.convert.common import HF_LAYER_PARTS, HF_TOP_TIMM, ConvertOptions, HFEncoderNames, Source, StateDict, read_torch_state_dict
 from vitasks.errors import CheckpointError
 
 HF_DEFAULT_EPS = 1e-12
@@ -28,13 +28,8 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 _TOP_MAP = {
-    "embeddings.cls_token": "cls_token",
+    **HF_TOP_TIMM,
     "embeddings.distillation_token": "dist_token",
-    "embeddings.position_embeddings": "pos_embed",
-    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-    "layernorm.weight": "norm.weight",
-    "layernorm.bias": "norm.bias",
     "pooler.dense.weight": "pre_logits.fc.weight",
     "pooler.dense.bias": "pre_logits.fc.bias",
 }
@@ -80,6 +75,25 @@ def _read_config(path: str) -> Dict[str, Any]:
     return cfg
 
 
+def apply_config(src: Source, cfg: Dict[str, Any], default_eps: float, defaults_of: str) -> None:
+    """What a transformers ``config.json`` says that the weights cannot: the LayerNorm epsilon
+    (``default_eps``, ``defaults_of``'s default, without a config), the heads, the activation and
+    the grid the position embeddings were trained at."""
+    if not cfg:
+        src.notes.append(f"no config.json beside the weights: layer_norm_eps={default_eps} assumed ({defaults_of}'s default)")
+    src.norm_eps = float(cfg.get("layer_norm_eps", default_eps))
+    if "num_attention_heads" in cfg:
+        src.num_heads = int(cfg["num_attention_heads"])
+    act = cfg.get("hidden_act", "gelu")
+    if act != "gelu":
+        src.notes.append(f"hidden_act={act!r}: vitasks' MLP uses exact GELU, so outputs will differ slightly")
+    if "image_size" in cfg and "patch_size" in cfg:
+        img, patch = cfg["image_size"], cfg["patch_size"]
+        img = (img, img) if isinstance(img, int) else tuple(img)
+        patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        src.grid = (img[0] // patch[0], img[1] // patch[1])
+
+
 def hf_to_timm(sd: StateDict, where: str) -> StateDict:
     """Rename a transformers ViT/DeiT state dict to timm's names (fusing q, k, v)."""
     prefix = ""
@@ -122,19 +136,7 @@ def read(path: str, opts: ConvertOptions) -> Source:
         # transformers' processors normalise 0-1 images; vitasks' preprocessor 0-255 ones.
         src.input_norm = dict(mean=[round(float(m) * 255, 4) for m in pre["image_mean"]],
                               std=[round(float(s) * 255, 4) for s in pre["image_std"]])
-    if not cfg:
-        src.notes.append(f"no config.json beside the weights: layer_norm_eps={HF_DEFAULT_EPS} assumed (HF's default)")
-    src.norm_eps = float(cfg.get("layer_norm_eps", HF_DEFAULT_EPS))
-    if "num_attention_heads" in cfg:
-        src.num_heads = int(cfg["num_attention_heads"])
-    act = cfg.get("hidden_act", "gelu")
-    if act != "gelu":
-        src.notes.append(f"hidden_act={act!r}: vitasks' MLP uses exact GELU, so outputs will differ slightly")
-    if "image_size" in cfg and "patch_size" in cfg:
-        img, patch = cfg["image_size"], cfg["patch_size"]
-        img = (img, img) if isinstance(img, int) else tuple(img)
-        patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
-        src.grid = (img[0] // patch[0], img[1] // patch[1])
+    apply_config(src, cfg, HF_DEFAULT_EPS, "HF")
     # transformers' ViT/DeiT pool the first token; a DeiT "with teacher" averages both heads.
     if "head_dist.weight" in src.state_dict:
         src.notes.append("HF DeiTForImageClassificationWithTeacher: distillation_classifier dropped")

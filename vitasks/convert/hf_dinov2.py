@@ -17,19 +17,11 @@ only; the pooling is ``token_mean``, which is what ``Dinov2ForImageClassificatio
 from typing import Any, Dict
 
 from vitasks.convert import dinov2
-from vitasks.convert.common import HF_LAYER_PARTS, HF_LAYER_RE, ConvertOptions, HFEncoderNames, Source, StateDict
+from vitasks.convert.common import HF_LAYER_PARTS, HF_LAYER_RE, HF_TOP_TIMM, ConvertOptions, HFEncoderNames, Source, StateDict
 from vitasks.errors import CheckpointError
 
 _PREFIXES = ("dinov2_with_registers.", "dinov2.")
-_TOP = {
-    "embeddings.cls_token": "cls_token",
-    "embeddings.register_tokens": "reg_token",
-    "embeddings.position_embeddings": "pos_embed",
-    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-    "layernorm.weight": "norm.weight",
-    "layernorm.bias": "norm.bias",
-}
+_TOP = {**HF_TOP_TIMM, "embeddings.register_tokens": "reg_token"}
 _LAYER = {
     "norm1": "norm1",
     "norm2": "norm2",
@@ -66,6 +58,8 @@ def to_timm(sd: StateDict, where: str) -> StateDict:
 
 def read(sd: StateDict, cfg: Dict[str, Any], path: str, opts: ConvertOptions) -> Source:
     """A transformers DINOv2 state dict (and its ``config.json``, possibly empty) -> Source."""
+    from vitasks.convert.hf import apply_config  # hf reads the files and dispatches here
+
     if cfg.get("use_swiglu_ffn"):
         raise CheckpointError(f"{path}: config.json says use_swiglu_ffn: {dinov2.SWIGLU_MESSAGE}")
     state = to_timm(sd, path)
@@ -76,20 +70,8 @@ def read(sd: StateDict, cfg: Dict[str, Any], path: str, opts: ConvertOptions) ->
         )
     with_registers = num_reg > 0 or str(cfg.get("model_type", "")) == "dinov2_with_registers"
     rule = dinov2.RULES["hf_reg" if with_registers else "hf"]
-    src = Source(fmt="hf", path=path, state_dict=state, norm_eps=float(cfg.get("layer_norm_eps", dinov2.DINOV2_EPS)),
-                 pos_interp=dict(rule), input_norm=dict(dinov2.DINOV2_NORM))
-    if not cfg:
-        src.notes.append(f"no config.json beside the weights: layer_norm_eps={dinov2.DINOV2_EPS} assumed (Dinov2Config's default)")
-    if "num_attention_heads" in cfg:
-        src.num_heads = int(cfg["num_attention_heads"])
-    act = cfg.get("hidden_act", "gelu")
-    if act != "gelu":
-        src.notes.append(f"hidden_act={act!r}: vitasks' MLP uses exact GELU, so outputs will differ")
-    if "image_size" in cfg and "patch_size" in cfg:
-        img, patch = cfg["image_size"], cfg["patch_size"]
-        img = (img, img) if isinstance(img, int) else tuple(img)
-        patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
-        src.grid = (img[0] // patch[0], img[1] // patch[1])
+    src = Source(fmt="hf", path=path, state_dict=state, pos_interp=dict(rule), input_norm=dict(dinov2.DINOV2_NORM))
+    apply_config(src, cfg, dinov2.DINOV2_EPS, "Dinov2Config")
     embed_dim = state["patch_embed.proj.weight"].shape[0] if "patch_embed.proj.weight" in state else 0
     src.pool = dinov2.pool_for(state, embed_dim)
     name = "transformers' Dinov2WithRegisters" if with_registers else "transformers' Dinov2"
