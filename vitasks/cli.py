@@ -5,8 +5,8 @@
 The package's only command-line code: the lower layers expose functions, and this module parses
 arguments for them.
 
-Each sub-command's parser is built by its own ``add_*_parser`` function; the scripts in
-``tools/`` call ``vitasks.cli.main(["train", *sys.argv[1:]])``. Heavy modules (torch, the
+The sub-commands and their arguments are one table (:func:`commands`), each with its handler
+``_run_<name>``; the scripts in ``tools/`` call ``vitasks.cli.main(["train", *sys.argv[1:]])``. Heavy modules (torch, the
 Runner, the converters) are imported inside the handlers, so ``--help`` and argument errors
 answer at once.
 
@@ -20,19 +20,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 from vitasks.errors import VitasksError
 
-__all__ = [
-    "main",
-    "build_parser",
-    "add_train_parser",
-    "add_test_parser",
-    "add_infer_parser",
-    "add_convert_parser",
-    "add_list_parser",
-]
+__all__ = ["main", "build_parser", "commands", "Command"]
 
 CONVERT_FORMATS = ("timm", "hf", "npz", "mae", "deit", "detectron2", "mmdet", "mmseg")
 LAUNCHERS = ("none", "pytorch", "slurm")
@@ -58,44 +50,9 @@ def _check_cfg_options(options: Sequence[str]) -> List[str]:
     return list(options)
 
 
-def _command(subparsers, name: str, handler, help: str, description: str, *positionals: tuple,
-             cfg_options: bool = True) -> argparse.ArgumentParser:
-    """The parser of sub-command ``name`` with its positional arguments (``(dest, help)``) and its
-    handler, which can reach the parser as ``args.parser`` (for ``parser.error``). With
-    ``cfg_options``, :func:`build_parser` adds ``--cfg-options`` last and :func:`main` checks it
-    before the handler runs."""
-    parser = subparsers.add_parser(name, help=help, description=description)
-    for dest, text in positionals:
-        parser.add_argument(dest, help=text)
-    parser.set_defaults(handler=handler, parser=parser, takes_cfg_options=cfg_options)
-    return parser
-
-
 # --------------------------------------------------------------------------------------------
 # train
 # --------------------------------------------------------------------------------------------
-
-
-def add_train_parser(subparsers) -> argparse.ArgumentParser:
-    parser = _command(
-        subparsers, "train", _run_train, "train a model from a config",
-        "Train with mmengine's Runner. Checkpoints and `last_checkpoint` go to the "
-        "work dir (default work_dirs/<config name>).",
-        ("config", "YAML config file"),
-    )
-    parser.add_argument("--work-dir", help="where logs and checkpoints go")
-    parser.add_argument(
-        "--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-        help="resume training: from CKPT, or without a value from the work dir's last checkpoint",
-    )
-    parser.add_argument("--amp", action="store_true", help="automatic mixed precision")
-    parser.add_argument("--launcher", choices=LAUNCHERS, default="none",
-                        help="job launcher for distributed training")
-    # torch.distributed.launch / older torchrun pass the local rank; the launcher reads it
-    # from the environment instead.
-    parser.add_argument("--local-rank", "--local_rank", type=int, default=0,
-                        help=argparse.SUPPRESS)
-    return parser
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -114,21 +71,6 @@ def _run_train(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 # test
 # --------------------------------------------------------------------------------------------
-
-
-def add_test_parser(subparsers) -> argparse.ArgumentParser:
-    parser = _command(
-        subparsers, "test", _run_test, "evaluate a checkpoint",
-        "Evaluate a checkpoint on the config's test set; writes metrics.json in the "
-        "work dir.",
-        ("config", "YAML config file"), ("checkpoint", "checkpoint file"),
-    )
-    parser.add_argument("--work-dir", help="where logs and metrics.json go")
-    parser.add_argument("--dump", metavar="PATH",
-                        help="also write the predictions (the config's `test_dump`) to PATH")
-    parser.add_argument("--amp", action="store_true",
-                        help="evaluate under bf16 autocast (CPU and GPU)")
-    return parser
 
 
 def format_metrics(metrics: dict) -> str:
@@ -163,19 +105,6 @@ def _run_test(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def add_infer_parser(subparsers) -> argparse.ArgumentParser:
-    parser = _command(
-        subparsers, "infer", _run_infer, "predict on images or videos (every task of a multi-task model)",
-        "Write predictions as JSON and drawn as PNG, one per input.",
-        ("config", "YAML config file"), ("checkpoint", "checkpoint file"),
-    )
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image or video files, or folders of them")
-    parser.add_argument("--out-dir", required=True, help="output folder")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    parser.add_argument("--topk", type=int, default=5, help="classes kept per prediction")
-    return parser
-
-
 def _run_infer(args: argparse.Namespace) -> int:
     apis = importlib.import_module("vitasks.apis")
     results = apis.run_inference(
@@ -197,24 +126,6 @@ def _run_infer(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def add_attention_map_parser(subparsers) -> argparse.ArgumentParser:
-    from vitasks.visualization.rollout import HEAD_FUSIONS
-
-    parser = _command(
-        subparsers, "attention-map", _run_attention_map, "attention rollout and per-layer maps over an image",
-        "Attention rollout (Abnar & Zuidema 2020) and per-layer class-token attention "
-        "of a ViT model, drawn over the image.",
-        ("config", "config file (YAML)"), ("checkpoint", "checkpoint file"),
-    )
-    parser.add_argument("image", help="image file")
-    parser.add_argument("--out", required=True, help="output PNG")
-    parser.add_argument("--head-fusion", choices=HEAD_FUSIONS, default="mean", help="how heads are fused per layer")
-    parser.add_argument("--no-residual", action="store_true",
-                        help="do not model the skip connection as 0.5 * (A + I)")
-    parser.add_argument("--device", default="cpu")
-    return parser
-
-
 def _run_attention_map(args: argparse.Namespace) -> int:
     apis = importlib.import_module("vitasks.apis")
     apis.attention_map(
@@ -229,34 +140,6 @@ def _run_attention_map(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 # convert
 # --------------------------------------------------------------------------------------------
-
-
-def add_convert_parser(subparsers) -> argparse.ArgumentParser:
-    parser = _command(
-        subparsers, "convert", _run_convert, "convert outside ViT weights to vitasks names",
-        "Convert a timm, Hugging Face, Google .npz, MAE or DeiT checkpoint, or a whole "
-        "detectron2 / mmdetection ViTDet detector or mmsegmentation UperNet segmentor (these print "
-        "the config and --cfg-options that hold them).",
-        cfg_options=False,
-    )
-    parser.add_argument("format", choices=CONVERT_FORMATS, metavar="FORMAT",
-                        help=f"source format: {', '.join(CONVERT_FORMATS)}")
-    parser.add_argument("src", metavar="IN", help="source checkpoint")
-    parser.add_argument("dst", metavar="OUT", help="converted checkpoint to write")
-    parser.add_argument("--img-size", nargs="+", type=int, metavar="N",
-                        help="resample position embeddings to this input size (N or H W)")
-    parser.add_argument("--num-classes", type=int, metavar="K",
-                        help="keep the head only if it has K classes")
-    parser.add_argument("--drop-head", action="store_true", help="leave out the classifier head")
-    parser.add_argument("--drop-final-norm", action="store_true",
-                        help="leave out the final norm (for dense tasks)")
-    parser.add_argument("--pool", choices=("token", "mean"),
-                        help="pooling of the converted model when the weights don't say")
-    parser.add_argument("--num-heads", type=int, metavar="H",
-                        help="attention heads, for widths whose head count can't be inferred")
-    parser.add_argument("--keep-pre-logits", action="store_true",
-                        help="keep a pre-training pre_logits layer as MLPClsHead.hidden")
-    return parser
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -286,18 +169,6 @@ def _run_convert(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 # list
 # --------------------------------------------------------------------------------------------
-
-
-def add_list_parser(subparsers) -> argparse.ArgumentParser:
-    parser = _command(
-        subparsers, "list", _run_list, "list the registered components",
-        "Print every component registered in vitasks (built-in and installed "
-        "plugins), grouped by registry: its name, the module defining it and the package that "
-        "provided it (vitasks, mmengine, a plugin and what named it, or a distribution).",
-        cfg_options=False,
-    )
-    parser.add_argument("registry", nargs="?", help="only this registry (e.g. models)")
-    return parser
 
 
 def _run_list(args: argparse.Namespace) -> int:
@@ -332,35 +203,6 @@ def _run_list(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 # benchmark
 # --------------------------------------------------------------------------------------------
-
-
-def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
-    parser = _command(
-        subparsers, "benchmark", _run_benchmark, "throughput, memory and FLOP efficiency of a config's model",
-        "Inference and training throughput, peak memory, FLOPs and FLOP/s efficiency "
-        "relative to a plain matmul, for the model of a config (vitasks/benchmarks/throughput.py "
-        "says what is measured).",
-        ("config", "config file (YAML)"),
-    )
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 on GPUs without bf16)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model (inductor; inference with freezing=True); compilation "
-                        "happens in the first warm-up iteration, whose time is printed as '1st iter s'")
-    parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in training")
-    parser.add_argument("--img-size", type=_positive_int, default=None, help="input side (default: the config's)")
-    parser.add_argument("--iters", type=_positive_int, default=10, help="timed iterations per phase")
-    parser.add_argument("--warmup", type=int, default=3, help="warm-up iterations per phase")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--matmul-size", type=_positive_int, default=4096, help="side of the reference matmul")
-    parser.add_argument("--matmul-iters", type=_positive_int, default=5,
-                        help="timed reference matmuls before and after the model (each)")
-    parser.add_argument("--no-train", action="store_true", help="inference only")
-    parser.add_argument("--onnx", action="store_true",
-                        help="also export as ONNX and time onnxruntime beside eager PyTorch (CPU, fp32; "
-                        "needs the deploy extra)")
-    parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
-    return parser
 
 
 def _positive_int(text: str) -> int:
@@ -399,28 +241,6 @@ def _run_benchmark(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def add_export_onnx_parser(subparsers) -> argparse.ArgumentParser:
-    parser = _command(
-        subparsers, "export-onnx", _run_export_onnx, "export a task model as ONNX, checked with onnxruntime",
-        "Export a task model as ONNX (dynamic batch) and check it against PyTorch with "
-        "onnxruntime. The graph takes already-normalised float32 inputs; the mean/std, the "
-        "outputs and their post-processing are in the file's metadata_props. Exit status 1 when "
-        "onnxruntime disagrees with PyTorch, 2 when the model cannot be exported.",
-        ("config", "config file (YAML)"), ("checkpoint", "checkpoint file; `none` keeps the initial weights"),
-    )
-    parser.add_argument("out", help="the .onnx file to write")
-    parser.add_argument("--batch-size", type=_positive_int, default=2,
-                        help="a batch size the check runs at (plus one other); the batch axis is dynamic")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
-    parser.add_argument("--img-size", type=_positive_int, nargs="+", default=None, metavar="H [W]",
-                        help="input size (default: the backbone's img_size)")
-    parser.add_argument("--rtol", type=float, default=1e-4,
-                        help="fail above this relative difference between onnxruntime and PyTorch (default 1e-4)")
-    parser.add_argument("--time", type=int, default=0, metavar="ITERS",
-                        help="then time onnxruntime and eager PyTorch at --batch-size, ITERS runs each")
-    return parser
-
-
 def _run_export_onnx(args: argparse.Namespace) -> int:
     if args.img_size is not None and len(args.img_size) > 2:
         args.parser.error("--img-size takes H or H W")
@@ -448,18 +268,6 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def add_eval_coco_parser(subparsers) -> argparse.ArgumentParser:
-    parser = _command(
-        subparsers, "eval-coco", _run_eval_coco, "score a COCO results file with pycocotools",
-        "Score a COCO results file with pycocotools (bbox, and segm when present).",
-        cfg_options=False,
-    )
-    parser.add_argument("results", help="COCO results JSON (a list of detections)")
-    parser.add_argument("annotations", help="COCO annotation JSON the results refer to")
-    parser.add_argument("--out", help="write the metrics as a flat JSON {name: value}")
-    return parser
-
-
 def _run_eval_coco(args: argparse.Namespace) -> int:
     coco = importlib.import_module("vitasks.evaluation.coco")
     metrics, text = coco.evaluate_results_file(args.results, args.annotations)
@@ -476,18 +284,6 @@ def _run_eval_coco(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def add_browse_dataset_parser(subparsers) -> argparse.ArgumentParser:
-    parser = _command(
-        subparsers, "browse-dataset", _run_browse_dataset, "draw what the training pipeline feeds the model",
-        "Draw what the training pipeline feeds the model: the first N samples of the "
-        "training stream, random augmentations included (seeded by randomness.seed).",
-        ("config", "a YAML config"),
-    )
-    parser.add_argument("--out-dir", required=True, help="folder for the PNGs")
-    parser.add_argument("--num", type=_positive_int, default=10, help="how many samples (default 10)")
-    return parser
-
-
 def _run_browse_dataset(args: argparse.Namespace) -> int:
     browse = importlib.import_module("vitasks.visualization.browse")
     written = browse.browse_dataset(args.config, args.out_dir, num=args.num,
@@ -499,26 +295,6 @@ def _run_browse_dataset(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 # analyze-logs
 # --------------------------------------------------------------------------------------------
-
-
-def add_analyze_logs_parser(subparsers) -> argparse.ArgumentParser:
-    parser = _command(
-        subparsers, "analyze-logs", _run_analyze_logs,
-        "training curves and iteration times from work dirs' logs",
-        "Training curves and iteration times from work dirs' logs.",
-        cfg_options=False,
-    )
-    sub = parser.add_subparsers(dest="action", required=True)
-    plot = sub.add_parser("plot_curve", help="plot logged quantities (loss, lr, metrics) as a PNG")
-    plot.add_argument("work_dirs", nargs="+", metavar="WORK_DIR",
-                      help="work dirs (or run folders, or scalars.json files); several compare")
-    plot.add_argument("--keys", nargs="+", default=["loss"], help="logged keys to plot (default: loss)")
-    plot.add_argument("--out", help="the PNG to write (default: WORK_DIR/curves.png of the first)")
-    plot.add_argument("--title", help="figure title")
-    plot.add_argument("--legend", nargs="+", help="curve labels: one per work dir, or one per work dir and key")
-    timing = sub.add_parser("cal_train_time", help="mean time per training iteration")
-    timing.add_argument("work_dirs", nargs="+", metavar="WORK_DIR")
-    return parser
 
 
 def _run_analyze_logs(args: argparse.Namespace) -> int:
@@ -543,23 +319,6 @@ def _run_analyze_logs(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def add_gpu_check_parser(subparsers) -> argparse.ArgumentParser:
-    parser = _command(
-        subparsers, "gpu-check", _run_gpu_check, "check a GPU machine (tools/gpu_check.sh)",
-        "Which SDPA and detection kernels run, the benchmark table of a ViT-B/16 and the MFU of "
-        "its bf16 training step (vitasks/benchmarks/gpu_check.py).",
-        cfg_options=False,
-    )
-    parser.add_argument("--config", default="configs/cls_imagenet.yaml", help="ViT-B/16 by default")
-    parser.add_argument("--batch-size", type=_positive_int, default=None,
-                        help="training batch for the MFU (default: largest that fits)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table")
-    parser.add_argument("--iters", type=_positive_int, default=10)
-    parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--json", default=None, metavar="OUT")
-    return parser
-
-
 def _run_gpu_check(args: argparse.Namespace) -> int:
     gpu = importlib.import_module("vitasks.benchmarks.gpu_check")
     report = gpu.gpu_check(args.config, args.batch_size, args.peak_tflops, args.iters, compile=not args.no_compile)
@@ -574,27 +333,6 @@ def _run_gpu_check(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def add_make_synthetic_parser(subparsers) -> argparse.ArgumentParser:
-    from vitasks.data.synthetic import KINDS
-
-    parser = _command(
-        subparsers, "make-synthetic", _run_make_synthetic, "write a small generated dataset",
-        "Write a small generated dataset in a standard layout (tools/make_synthetic.py).",
-        cfg_options=False,
-    )
-    parser.add_argument("kind", choices=sorted(KINDS), help="which task's dataset")
-    parser.add_argument("out", help="output folder (the dataset's data_root)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--style", choices=("random", "plain", "photo"), default="random",
-        help="random: shapes in random colours and textures on textured backgrounds (default); "
-        "plain: white shapes on black (quick checks); photo: shapes drawn light or dark over crops "
-        "of the photograph that ships with matplotlib (photo composites; video: the still "
-        "backgrounds drift slowly). Every kind takes every style.",
-    )
-    return parser
-
-
 def _run_make_synthetic(args: argparse.Namespace) -> int:
     synthetic = importlib.import_module("vitasks.data.synthetic")
     synthetic.make_synthetic(args.kind, args.out, seed=args.seed, style=args.style)
@@ -606,21 +344,187 @@ def _run_make_synthetic(args: argparse.Namespace) -> int:
 # main
 # --------------------------------------------------------------------------------------------
 
-_SUBCOMMANDS: Sequence[Callable] = (
-    add_train_parser,
-    add_test_parser,
-    add_infer_parser,
-    add_attention_map_parser,
-    add_convert_parser,
-    add_list_parser,
-    add_benchmark_parser,
-    add_export_onnx_parser,
-    add_eval_coco_parser,
-    add_browse_dataset_parser,
-    add_analyze_logs_parser,
-    add_gpu_check_parser,
-    add_make_synthetic_parser,
-)
+class Command(NamedTuple):
+    """One sub-command: its handler (which reaches the parser as ``args.parser``, for
+    ``parser.error``) and its arguments as ``(flags, add_argument keywords)``. With
+    ``cfg_options``, ``--cfg-options`` comes last and :func:`main` checks it before the handler
+    runs. ``actions``: sub-commands of its own, ``(name, help, arguments)``."""
+
+    name: str
+    run: Callable[[argparse.Namespace], int]
+    help: str
+    description: str
+    arguments: Sequence[tuple] = ()
+    cfg_options: bool = True
+    actions: Sequence[tuple] = ()
+
+
+def _arg(*flags: str, **keywords) -> tuple:
+    """An argument as ``parser.add_argument(*flags, **keywords)`` takes it."""
+    return flags, keywords
+
+
+def commands() -> List[Command]:
+    """Every sub-command of ``vitasks`` (the lists its modules name are read when the parser is built)."""
+    from vitasks.data.synthetic import KINDS
+    from vitasks.visualization.rollout import HEAD_FUSIONS
+
+    config, checkpoint = _arg("config", help="YAML config file"), _arg("checkpoint", help="checkpoint file")
+    device = _arg("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    json_out = _arg("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    store = dict(action="store_true")
+    return [
+        Command("train", _run_train, "train a model from a config",
+                "Train with mmengine's Runner. Checkpoints and `last_checkpoint` go to the work dir (default "
+                "work_dirs/<config name>).", [
+                    config,
+                    _arg("--work-dir", help="where logs and checkpoints go"),
+                    _arg("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
+                         help="resume training: from CKPT, or without a value from the work dir's last checkpoint"),
+                    _arg("--amp", **store, help="automatic mixed precision"),
+                    _arg("--launcher", choices=LAUNCHERS, default="none", help="job launcher for distributed training"),
+                    # torch.distributed.launch / older torchrun pass the local rank; the launcher
+                    # reads it from the environment instead.
+                    _arg("--local-rank", "--local_rank", type=int, default=0, help=argparse.SUPPRESS),
+                ]),
+        Command("test", _run_test, "evaluate a checkpoint",
+                "Evaluate a checkpoint on the config's test set; writes metrics.json in the work dir.", [
+                    config, checkpoint,
+                    _arg("--work-dir", help="where logs and metrics.json go"),
+                    _arg("--dump", metavar="PATH", help="also write the predictions (the config's `test_dump`) to PATH"),
+                    _arg("--amp", **store, help="evaluate under bf16 autocast (CPU and GPU)"),
+                ]),
+        Command("infer", _run_infer, "predict on images or videos (every task of a multi-task model)",
+                "Write predictions as JSON and drawn as PNG, one per input.", [
+                    config, checkpoint,
+                    _arg("inputs", nargs="+", metavar="INPUT", help="image or video files, or folders of them"),
+                    _arg("--out-dir", required=True, help="output folder"),
+                    device,
+                    _arg("--topk", type=int, default=5, help="classes kept per prediction"),
+                ]),
+        Command("attention-map", _run_attention_map, "attention rollout and per-layer maps over an image",
+                "Attention rollout (Abnar & Zuidema 2020) and per-layer class-token attention of a ViT model, "
+                "drawn over the image.", [
+                    config, checkpoint, _arg("image", help="image file"), _arg("--out", required=True, help="output PNG"),
+                    _arg("--head-fusion", choices=HEAD_FUSIONS, default="mean", help="how heads are fused per layer"),
+                    _arg("--no-residual", **store, help="do not model the skip connection as 0.5 * (A + I)"),
+                    device,
+                ]),
+        Command("convert", _run_convert, "convert outside ViT weights to vitasks names",
+                "Convert a timm, Hugging Face, Google .npz, MAE or DeiT checkpoint, or a whole detectron2 / "
+                "mmdetection ViTDet detector or mmsegmentation UperNet segmentor (these print the config and "
+                "--cfg-options that hold them).", [
+                    _arg("format", choices=CONVERT_FORMATS, metavar="FORMAT",
+                         help=f"source format: {', '.join(CONVERT_FORMATS)}"),
+                    _arg("src", metavar="IN", help="source checkpoint"),
+                    _arg("dst", metavar="OUT", help="converted checkpoint to write"),
+                    _arg("--img-size", nargs="+", type=int, metavar="N",
+                         help="resample position embeddings to this input size (N or H W)"),
+                    _arg("--num-classes", type=int, metavar="K", help="keep the head only if it has K classes"),
+                    _arg("--drop-head", **store, help="leave out the classifier head"),
+                    _arg("--drop-final-norm", **store, help="leave out the final norm (for dense tasks)"),
+                    _arg("--pool", choices=("token", "mean"),
+                         help="pooling of the converted model when the weights don't say"),
+                    _arg("--num-heads", type=int, metavar="H",
+                         help="attention heads, for widths whose head count can't be inferred"),
+                    _arg("--keep-pre-logits", **store, help="keep a pre-training pre_logits layer as MLPClsHead.hidden"),
+                ], cfg_options=False),
+        Command("list", _run_list, "list the registered components",
+                "Print every component registered in vitasks (built-in and installed plugins), grouped by "
+                "registry: its name, the module defining it and the package that provided it (vitasks, mmengine, "
+                "a plugin and what named it, or a distribution).",
+                [_arg("registry", nargs="?", help="only this registry (e.g. models)")], cfg_options=False),
+        Command("benchmark", _run_benchmark, "throughput, memory and FLOP efficiency of a config's model",
+                "Inference and training throughput, peak memory, FLOPs and FLOP/s efficiency relative to a plain "
+                "matmul, for the model of a config (vitasks/benchmarks/throughput.py says what is measured).", [
+                    config,
+                    _arg("--batch-size", type=_positive_int, default=8),
+                    _arg("--amp", **store, help="bf16 autocast (fp16 on GPUs without bf16)"),
+                    _arg("--compile", **store,
+                         help="torch.compile the model (inductor; inference with freezing=True); compilation "
+                         "happens in the first warm-up iteration, whose time is printed as '1st iter s'"),
+                    _arg("--grad-ckpt", **store, help="gradient checkpointing in training"),
+                    _arg("--img-size", type=_positive_int, default=None, help="input side (default: the config's)"),
+                    _arg("--iters", type=_positive_int, default=10, help="timed iterations per phase"),
+                    _arg("--warmup", type=int, default=3, help="warm-up iterations per phase"),
+                    _arg("--device", default=None, help="default: cuda when available, else cpu"),
+                    _arg("--matmul-size", type=_positive_int, default=4096, help="side of the reference matmul"),
+                    _arg("--matmul-iters", type=_positive_int, default=5,
+                         help="timed reference matmuls before and after the model (each)"),
+                    _arg("--no-train", **store, help="inference only"),
+                    _arg("--onnx", **store, help="also export as ONNX and time onnxruntime beside eager PyTorch "
+                         "(CPU, fp32; needs the deploy extra)"),
+                    json_out,
+                ]),
+        Command("export-onnx", _run_export_onnx, "export a task model as ONNX, checked with onnxruntime",
+                "Export a task model as ONNX (dynamic batch) and check it against PyTorch with onnxruntime. The "
+                "graph takes already-normalised float32 inputs; the mean/std, the outputs and their "
+                "post-processing are in the file's metadata_props. Exit status 1 when onnxruntime disagrees with "
+                "PyTorch, 2 when the model cannot be exported.", [
+                    config, _arg("checkpoint", help="checkpoint file; `none` keeps the initial weights"),
+                    _arg("out", help="the .onnx file to write"),
+                    _arg("--batch-size", type=_positive_int, default=2,
+                         help="a batch size the check runs at (plus one other); the batch axis is dynamic"),
+                    _arg("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)"),
+                    _arg("--img-size", type=_positive_int, nargs="+", default=None, metavar="H [W]",
+                         help="input size (default: the backbone's img_size)"),
+                    _arg("--rtol", type=float, default=1e-4,
+                         help="fail above this relative difference between onnxruntime and PyTorch (default 1e-4)"),
+                    _arg("--time", type=int, default=0, metavar="ITERS",
+                         help="then time onnxruntime and eager PyTorch at --batch-size, ITERS runs each"),
+                ]),
+        Command("eval-coco", _run_eval_coco, "score a COCO results file with pycocotools",
+                "Score a COCO results file with pycocotools (bbox, and segm when present).", [
+                    _arg("results", help="COCO results JSON (a list of detections)"),
+                    _arg("annotations", help="COCO annotation JSON the results refer to"),
+                    _arg("--out", help="write the metrics as a flat JSON {name: value}"),
+                ], cfg_options=False),
+        Command("browse-dataset", _run_browse_dataset, "draw what the training pipeline feeds the model",
+                "Draw what the training pipeline feeds the model: the first N samples of the training stream, "
+                "random augmentations included (seeded by randomness.seed).", [
+                    config, _arg("--out-dir", required=True, help="folder for the PNGs"),
+                    _arg("--num", type=_positive_int, default=10, help="how many samples (default 10)"),
+                ]),
+        Command("analyze-logs", _run_analyze_logs, "training curves and iteration times from work dirs' logs",
+                "Training curves and iteration times from work dirs' logs.", cfg_options=False, actions=[
+                    ("plot_curve", "plot logged quantities (loss, lr, metrics) as a PNG", [
+                        _arg("work_dirs", nargs="+", metavar="WORK_DIR",
+                             help="work dirs (or run folders, or scalars.json files); several compare"),
+                        _arg("--keys", nargs="+", default=["loss"], help="logged keys to plot (default: loss)"),
+                        _arg("--out", help="the PNG to write (default: WORK_DIR/curves.png of the first)"),
+                        _arg("--title", help="figure title"),
+                        _arg("--legend", nargs="+", help="curve labels: one per work dir, or one per work dir and key"),
+                    ]),
+                    ("cal_train_time", "mean time per training iteration",
+                     [_arg("work_dirs", nargs="+", metavar="WORK_DIR")]),
+                ]),
+        Command("gpu-check", _run_gpu_check, "check a GPU machine (tools/gpu_check.sh)",
+                "Which SDPA and detection kernels run, the benchmark table of a ViT-B/16 and the MFU of its bf16 "
+                "training step (vitasks/benchmarks/gpu_check.py).", [
+                    _arg("--config", default="configs/cls_imagenet.yaml", help="ViT-B/16 by default"),
+                    _arg("--batch-size", type=_positive_int, default=None,
+                         help="training batch for the MFU (default: largest that fits)"),
+                    _arg("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table"),
+                    _arg("--iters", type=_positive_int, default=10),
+                    _arg("--no-compile", **store),
+                    json_out,
+                ], cfg_options=False),
+        Command("make-synthetic", _run_make_synthetic, "write a small generated dataset",
+                "Write a small generated dataset in a standard layout (tools/make_synthetic.py).", [
+                    _arg("kind", choices=sorted(KINDS), help="which task's dataset"),
+                    _arg("out", help="output folder (the dataset's data_root)"),
+                    _arg("--seed", type=int, default=0),
+                    _arg("--style", choices=("random", "plain", "photo"), default="random",
+                         help="random: shapes in random colours and textures on textured backgrounds (default); "
+                         "plain: white shapes on black (quick checks); photo: shapes drawn light or dark over crops "
+                         "of the photograph that ships with matplotlib (photo composites). cls and seg only."),
+                ], cfg_options=False),
+    ]
+
+
+def _add_arguments(parser: argparse.ArgumentParser, arguments: Sequence[tuple]) -> None:
+    for flags, keywords in arguments:
+        parser.add_argument(*flags, **keywords)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -629,10 +533,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="One Vision Transformer backbone, many vision tasks.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in _SUBCOMMANDS:
-        command = add(subparsers)
-        if command.get_default("takes_cfg_options"):
-            _add_cfg_options(command)
+    for command in commands():
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.description)
+        sub.set_defaults(handler=command.run, parser=sub)
+        _add_arguments(sub, command.arguments)
+        if command.actions:
+            actions = sub.add_subparsers(dest="action", required=True)
+            for name, text, arguments in command.actions:
+                _add_arguments(actions.add_parser(name, help=text), arguments)
+        if command.cfg_options:
+            _add_cfg_options(sub)
     return parser
 
 
