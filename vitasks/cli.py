@@ -517,7 +517,8 @@ def commands() -> List[Command]:
                     _arg("--style", choices=("random", "plain", "photo"), default="random",
                          help="random: shapes in random colours and textures on textured backgrounds (default); "
                          "plain: white shapes on black (quick checks); photo: shapes drawn light or dark over crops "
-                         "of the photograph that ships with matplotlib (photo composites). cls and seg only."),
+                         "of the photograph that ships with matplotlib (photo composites; video: the still "
+                         "backgrounds drift slowly). Every kind takes every style."),
                 ], cfg_options=False),
     ]
 
