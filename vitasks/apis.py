@@ -19,7 +19,6 @@ needs no change here.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -32,6 +31,7 @@ from mmengine.config import Config
 from mmengine.dataset import Compose, pseudo_collate
 from torch import nn
 
+from vitasks.checks import options
 from vitasks.data.dataset_cfg import test_dataset_cfg
 from vitasks.errors import CheckpointError, ConfigError, DataError, VitasksError
 from vitasks.registry import MODELS, TRANSFORMS
@@ -60,20 +60,10 @@ VIDEO_DECODERS = {"DecodeFrames"}
 def load_cfg(config: ConfigLike, cfg_options: Sequence[str] | dict | None = None) -> Config:
     """A config path (YAML, via :func:`vitasks.config.load_config`), a Config or a dict, with
     ``cfg_options`` applied and the config's plugins imported. Never modifies its argument."""
-    if isinstance(config, (str, os.PathLike)):
-        from vitasks.config import load_config
-
-        cfg = load_config(str(config), cfg_options)
-    elif isinstance(config, (Config, dict)):
-        cfg = copy.deepcopy(config) if isinstance(config, Config) else Config(copy.deepcopy(config))
-        if cfg_options:
-            from vitasks.config import parse_cfg_options
-
-            options = dict(cfg_options) if isinstance(cfg_options, dict) else parse_cfg_options(cfg_options)
-            cfg.merge_from_dict(options, allow_list_keys=True)
-    else:
-        raise ConfigError(f"expected a config path, mmengine Config or dict, got {type(config).__name__}")
+    from vitasks.config import as_config
     from vitasks.plugins import import_plugins
+
+    cfg = as_config(config, cfg_options)
 
     import_plugins(cfg)
     return cfg
@@ -85,8 +75,8 @@ def _where(cfg: Config) -> str:
 
 def build_model(cfg: Config) -> nn.Module:
     """Build ``cfg.model`` from the vitasks registry (weights as initialised by the modules)."""
-    if "model" not in cfg or not isinstance(cfg.model, dict):
-        raise ConfigError(f"{_where(cfg)}: no `model` section (a dict with a `type`)")
+    options(cfg.get("model"), f"{_where(cfg)}: model", what="a `model` section (a dict with a `type`)",
+            required=("type",))
     try:
         return MODELS.build(cfg.model)
     except KeyError as e:  # an unregistered type; validate_config gives suggestions
@@ -187,24 +177,18 @@ def test_pipeline_cfg(cfg: Config, task: str | None = None) -> list[dict]:
     With ``task`` (a multi-task model's clip task): that task's own pipeline,
     ``test_dataloader.tasks.<task>.dataset.pipeline`` (else the val loader's)."""
     if task is not None:
-        loaders = {key: _task_loader(cfg, key, task) for key in ("test_dataloader", "val_dataloader")}
-        dataset = test_dataset_cfg(loaders)
-        pipeline = dataset.get("pipeline") if dataset else None
-        if not pipeline:
-            raise ConfigError(
-                f"{_where(cfg)}: no test pipeline for task {task!r}; inference reads its videos with "
-                f"`test_dataloader.tasks.{task}.dataset.pipeline` (or `val_dataloader.tasks.{task}.dataset.pipeline`)"
-            )
-        return [dict(t) for t in pipeline]
-    dataset = test_dataset_cfg(cfg)
+        dataset = test_dataset_cfg({key: _task_loader(cfg, key, task) for key in ("test_dataloader", "val_dataloader")})
+        what, read = f" for task {task!r}", (f"`test_dataloader.tasks.{task}.dataset.pipeline` (or "
+                                             f"`val_dataloader.tasks.{task}.dataset.pipeline`)")
+    else:
+        dataset = test_dataset_cfg(cfg)
+        what, read = "", ("`test_dataloader.dataset.pipeline` (or `val_dataloader.dataset.pipeline`, or a "
+                          "top-level `test_pipeline`)")
     pipeline = dataset.get("pipeline") if dataset else None
-    if pipeline is None:
+    if pipeline is None and task is None:
         pipeline = cfg.get("test_pipeline")
     if not pipeline:
-        raise ConfigError(
-            f"{_where(cfg)}: no test pipeline; inference reads `test_dataloader.dataset.pipeline` "
-            "(or `val_dataloader.dataset.pipeline`, or a top-level `test_pipeline`)"
-        )
+        raise ConfigError(f"{_where(cfg)}: no test pipeline{what}; inference reads {read}")
     return [dict(t) for t in pipeline]
 
 

@@ -38,10 +38,10 @@ import yaml
 from mmengine.config import Config
 from yaml.constructor import ConstructorError
 
-from vitasks.checks import check_literal_arguments
+from vitasks.checks import check_literal_arguments, flag
 from vitasks.errors import ConfigError
 
-__all__ = ["load_config", "validate_config", "dump_config", "parse_cfg_options"]
+__all__ = ["load_config", "as_config", "validate_config", "dump_config", "parse_cfg_options"]
 
 BASE_KEY = "_base_"
 DELETE_KEY = "_delete_"
@@ -121,11 +121,14 @@ def _parse_yaml(text: str, source: str) -> Any:
         raise _yaml_error(source, err) from None
 
 
-def _read_yaml_file(path: Path, shown: str) -> Dict[str, Any]:
+def _read_yaml_file(path: Path, shown: str, missing: str = "") -> Dict[str, Any]:
+    """The mapping a YAML config file holds; ``missing``: the message when there is no such file."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
-        raise ConfigError(f"cannot read config file {shown}: {err.strerror or err}") from None
+        not_found = isinstance(err, FileNotFoundError)
+        raise ConfigError((missing or f"config file not found: {shown}") if not_found
+                          else f"cannot read config file {shown}: {err.strerror or err}") from None
     data = _parse_yaml(text, shown)
     if data is None:
         return {}
@@ -146,10 +149,7 @@ def _join(path: str, key: Any) -> str:
 
 
 def _pop_delete(mapping: dict, where: str) -> bool:
-    flag = mapping.pop(DELETE_KEY, False)
-    if not isinstance(flag, bool):
-        raise ConfigError(f"{where}: {DELETE_KEY} must be true or false, got {flag!r}")
-    return flag
+    return flag(mapping.pop(DELETE_KEY, False), f"{where}: {DELETE_KEY}")
 
 
 def _strip_delete(value: Any, where: str) -> Any:
@@ -187,12 +187,12 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _load_tree(path: Path, shown: str, chain: tuple) -> Dict[str, Any]:
+def _load_tree(path: Path, shown: str, chain: tuple, missing: str = "") -> Dict[str, Any]:
     real = path.resolve()
     if real in chain:
         cycle = " -> ".join(_shown(p) for p in chain[chain.index(real):] + (real,))
         raise ConfigError(f"{shown}: _base_ files include each other in a cycle: {cycle}")
-    data = _read_yaml_file(path, shown)
+    data = _read_yaml_file(path, shown, missing)
     bases = data.pop(BASE_KEY, None)
     if bases is None:
         return data
@@ -204,11 +204,8 @@ def _load_tree(path: Path, shown: str, chain: tuple) -> Dict[str, Any]:
     for base in bases:
         base_path = Path(os.path.normpath(path.parent / os.path.expanduser(base)))
         base_shown = _shown(base_path)
-        if not base_path.is_file():
-            raise ConfigError(
-                f"{shown}: {BASE_KEY} file '{base}' not found (looked for {base_shown})"
-            )
-        merged = _merge(merged, _load_tree(base_path, base_shown, chain + (real,)))
+        missing = f"{shown}: {BASE_KEY} file '{base}' not found (looked for {base_shown})"
+        merged = _merge(merged, _load_tree(base_path, base_shown, chain + (real,), missing))
     return _merge(merged, data)
 
 
@@ -234,12 +231,17 @@ def parse_cfg_options(options: Optional[Iterable[str]]) -> Dict[str, Any]:
         if not isinstance(item, str) or "=" not in item:
             raise ConfigError(f"--cfg-options: expected KEY=VALUE, got {item!r}")
         key, text = item.split("=", 1)
-        key = key.strip()
-        if not key or any(part == "" for part in key.split(".")):
-            raise ConfigError(f"--cfg-options: malformed key {key!r} in {item!r}: expected dotted "
-                              "names such as model.head.num_classes or pipeline.1.p")
+        key = _option_key(key.strip(), f" in {item!r}")
         parsed[key] = _parse_yaml(text, f"--cfg-options {key}") if text.strip() else None
     return parsed
+
+
+def _option_key(key: Any, where: str = "") -> str:
+    """A ``--cfg-options`` key: dotted names without an empty part."""
+    if not isinstance(key, str) or not key or "" in key.split("."):
+        raise ConfigError(f"--cfg-options: malformed key {key!r}{where}: expected dotted names such as "
+                          "model.head.num_classes or pipeline.1.p")
+    return key
 
 
 def _describe(value: Any) -> str:
@@ -260,11 +262,7 @@ def _set_dotted(cfg: dict, key: str, value: Any) -> None:
                 else:
                     node[part] = copy.deepcopy(value)
                 return
-            if not isinstance(node.get(part), (dict, list)):
-                if node.get(part) is not None:
-                    at = _join(".".join(parts[:depth]), part)
-                    raise ConfigError(f"--cfg-options {key}: {at} is {_describe(node[part])}, "
-                                      "not a mapping or a list")
+            if node.get(part) is None:
                 node[part] = {}  # a missing or null section is created
             node = node[part]
         elif isinstance(node, list):
@@ -293,11 +291,7 @@ def _parsed_options(options: Union[Sequence[str], Mapping[str, Any], None]) -> D
     if options is None:
         return {}
     if isinstance(options, Mapping):
-        items = dict(options)
-        for key in items:
-            if not isinstance(key, str) or not key or "" in key.split("."):
-                raise ConfigError(f"--cfg-options: malformed key {key!r}")
-        return items
+        return {_option_key(key): value for key, value in options.items()}
     return parse_cfg_options(options)
 
 
@@ -371,16 +365,14 @@ class _Resolver:
             cycle = " -> ".join(chain[chain.index(name):] + (name,))
             raise ConfigError(f"{self.source}: {path}: references form a cycle: {cycle}")
         value = self._top(name, chain)
-        if name in REQUIRED_WHEN_REFERENCED and value in (None, ""):
+        # a data root or class count must be set; any value put into a string must not be null
+        if (name in REQUIRED_WHEN_REFERENCED and value in (None, "")) or (value is None and not whole):
             raise ConfigError(
-                f"{self.source}: {path} refers to ${{{name}}} but {name} is not set; pass "
-                f"--cfg-options {name}={REQUIRED_WHEN_REFERENCED[name]}"
+                f"{self.source}: {path} refers to ${{{name}}} but {name} is not set; set it in the config or pass "
+                f"--cfg-options {name}={REQUIRED_WHEN_REFERENCED.get(name, '...')}"
             )
         if whole:
             return copy.deepcopy(value)
-        if value is None:
-            raise ConfigError(f"{self.source}: {path} interpolates ${{{name}}} but {name} is null; "
-                              f"set it in the config or pass --cfg-options {name}=...")
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{self.source}: {path}: ${{{name}}} is a "
                               f"{'mapping' if isinstance(value, dict) else 'list'} and cannot be "
@@ -435,8 +427,6 @@ def load_config(
     if file.suffix.lower() not in CONFIG_SUFFIXES:
         raise ConfigError(f"{shown}: vitasks configs are YAML files ({', '.join(CONFIG_SUFFIXES)});"
                           " Python config files are not executed")
-    if not file.is_file():
-        raise ConfigError(f"config file not found: {shown}")
     data = _load_tree(Path(os.path.abspath(file)), shown, ())
     options = _parsed_options(cfg_options)
     _check_retarget_keys(data, list(options), shown)
@@ -450,6 +440,21 @@ def load_config(
         return Config(data, filename=shown, format_python_code=False)
     except KeyError as err:  # mmengine reserves a few top-level names
         raise ConfigError(f"{shown}: {err.args[0]}") from None
+
+
+def as_config(config: Union[str, os.PathLike, Config, dict],
+              cfg_options: Union[Sequence[str], Mapping[str, Any], None] = None) -> Config:
+    """A config path (YAML, :func:`load_config`), or a Config or dict (copied: never modified),
+    with ``cfg_options`` applied."""
+    if isinstance(config, (str, os.PathLike)):
+        return load_config(config, cfg_options)
+    if not isinstance(config, (Config, dict)):
+        raise ConfigError(f"expected a config path, mmengine Config or dict, got {type(config).__name__}")
+    cfg = copy.deepcopy(config) if isinstance(config, Config) else Config(copy.deepcopy(config))
+    if cfg_options:
+        options = cfg_options if isinstance(cfg_options, Mapping) else parse_cfg_options(cfg_options)
+        cfg.merge_from_dict(dict(options), allow_list_keys=True)
+    return cfg
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -683,7 +688,6 @@ def validate_config(cfg: Union[Config, Mapping[str, Any]]) -> None:
         validator._check_registered({}, optim_wrapper["constructor"], "optim_wrapper.constructor",
                                     "optim_wrapper")
     if validator.problems:
-        if len(validator.problems) == 1:
-            raise ConfigError(f"{source}: {validator.problems[0]}")
         listing = "\n".join(f"  {p}" for p in validator.problems)
-        raise ConfigError(f"{source}: {len(validator.problems)} problems:\n{listing}")
+        raise ConfigError(f"{source}: {validator.problems[0]}" if len(validator.problems) == 1
+                          else f"{source}: {len(validator.problems)} problems:\n{listing}")

@@ -99,11 +99,14 @@ def _duplicate_name_error(err: KeyError, origin: str) -> Optional[ConfigError]:
         "and vitasks, cannot share a component name)")
 
 
-def _run_import(load, origin: str):
+def _run_import(load, origin: str, fix: str = "", unloadable: tuple = (ImportError,)):
     """Run ``load()`` (an import), turning the plugin mistakes a user can fix into ConfigErrors:
-    a duplicate component name, a syntax error. ImportErrors are left to the caller."""
+    a duplicate component name, a syntax error, a module that cannot be imported (an
+    ``unloadable`` error; ``fix`` says what to do)."""
     try:
         return load()
+    except unloadable as err:
+        raise ConfigError(f"{origin} cannot be imported: {err}{fix}") from err
     except KeyError as err:
         error = _duplicate_name_error(err, origin)
         if error is None:
@@ -148,16 +151,13 @@ def _is_path(entry: str) -> bool:
 def _import_path(entry: str, base_dir: Path, source: str) -> ModuleType:
     """Import a module file or package folder named by a path in a config."""
     target = Path(os.path.normpath(base_dir / os.path.expanduser(entry)))
-    if target.is_dir():
-        init = target / "__init__.py"
-        if not init.is_file():
-            raise ConfigError(f"{source}: plugins: '{entry}' is a folder without __init__.py "
-                              f"(looked at {target})")
-        name, file, search = target.name, init, [str(target)]
+    if (target / "__init__.py").is_file():
+        name, file, search = target.name, target / "__init__.py", [str(target)]
     elif target.is_file() and target.suffix == ".py":
         name, file, search = target.stem, target, None
     else:
-        raise ConfigError(f"{source}: plugins: '{entry}' not found (looked for {target})")
+        raise ConfigError(f"{source}: plugins: '{entry}' not found (looked for {target}: a .py file or a folder with "
+                          "__init__.py)")
     loaded = sys.modules.get(name)
     if loaded is not None:
         if os.path.realpath(getattr(loaded, "__file__", "") or "") == os.path.realpath(file):
@@ -170,10 +170,8 @@ def _import_path(entry: str, base_dir: Path, source: str) -> ModuleType:
     sys.modules[name] = module
     try:
         _run_import(lambda: spec.loader.exec_module(module), f"{source}: plugins: '{entry}'")
-    except BaseException as err:
+    except BaseException:
         del sys.modules[name]
-        if isinstance(err, ImportError):
-            raise ConfigError(f"{source}: plugins: cannot import '{entry}': {err}") from err
         raise
     _PLUGIN_PROVIDERS.setdefault(name, f"plugin {name} (config {os.path.basename(source)})")
     return module
@@ -186,13 +184,8 @@ def _import_listed(entry: Any, base_dir: Path, source: str) -> str:
     entry = entry.strip()
     if _is_path(entry):
         return _import_path(entry, base_dir, source).__name__
-    try:
-        _run_import(lambda: importlib.import_module(entry), f"{source}: plugins: '{entry}'")
-    except ImportError as err:
-        raise ConfigError(
-            f"{source}: plugins: cannot import module '{entry}': {err}; install the plugin "
-            "package, put it on PYTHONPATH, or give a path relative to the config file"
-        ) from err
+    _run_import(lambda: importlib.import_module(entry), f"{source}: plugins: module '{entry}'",
+                "; install the plugin package, put it on PYTHONPATH, or give a path relative to the config file")
     _PLUGIN_PROVIDERS.setdefault(_top(entry),
                                  f"plugin {_top(entry)} (config {os.path.basename(source)})")
     return entry
@@ -216,16 +209,13 @@ def _load_entry_point(ep: metadata.EntryPoint) -> str:
         return ep.value
     dist = getattr(getattr(ep, "dist", None), "name", None)
     origin = f"installed plugin '{key}'" + (f" (distribution {dist})" if dist else "")
-    try:
-        obj = _run_import(ep.load, origin)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError(f"{origin} in entry-point group {ENTRY_POINT_GROUP} cannot be loaded: "
-                          f"{err}; reinstall or uninstall it") from err
+    obj = _run_import(ep.load, f"{origin} in entry-point group {ENTRY_POINT_GROUP}", "; reinstall or uninstall it",
+                      unloadable=(ImportError, AttributeError))
     module = ep.value.split(":", 1)[0].strip()
     _PLUGIN_PROVIDERS.setdefault(
         _top(module), f"{dist or 'plugin ' + _top(module)} (entry point {ep.name})")
     if callable(obj) and not isinstance(obj, (type, ModuleType)):
-        _run_import(obj, origin)
+        _run_import(obj, origin, unloadable=())
     _LOADED_ENTRY_POINTS.add(key)
     return ep.value
 

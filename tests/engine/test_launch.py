@@ -103,3 +103,17 @@ def test_flatten_metrics():
     )
     assert flat == {"a/top1": 75.0, "n": 3, "nested/x": 0.5}
     assert isinstance(flat["n"], int)
+
+
+def test_dataset_and_metric_errors_name_their_loader_key(tmp_path, trained):
+    """The Runner builds each loader's dataset under ``<stage>_dataloader.dataset`` and each
+    evaluator under ``<stage>_evaluator``: their config errors name those keys."""
+    ckpt, _ = trained
+    no_root = toy.write_config(tmp_path, name="no_root.yaml", test_dataloader=dict(
+        dataset=dict(_delete_=True, type="ImageNetFolder", data_root="", split="val")))
+    with pytest.raises(ConfigError, match=r"test_dataloader\.dataset: `data_root` is missing"):
+        launch.test(no_root, ckpt, work_dir=str(tmp_path / "wd"))
+    bad_metric = toy.write_config(tmp_path, name="bad_metric.yaml",
+                                  test_evaluator=dict(type="CocoMetric", metric=["keypoints"]))
+    with pytest.raises(ConfigError, match=r"test_evaluator\.metric must be a subset of \['bbox', 'segm'\]"):
+        launch.test(bad_metric, ckpt, work_dir=str(tmp_path / "wd2"))

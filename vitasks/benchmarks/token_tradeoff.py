@@ -25,12 +25,13 @@ import os.path as osp
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from vitasks.benchmarks.machine import load_average
+from vitasks.checks import one_of
 from vitasks.errors import ConfigError
 
 DEMO_CONFIGS = {
@@ -97,9 +98,14 @@ def cls_agreement(reference_jsonl: str, other_jsonl: str) -> float:
     """Percent of images with the same top-1 class in two classification dumps (JSON lines
     ``{"file", "pred", ...}`` as ``tools/test.py --dump`` writes them), matched by file."""
     ref, other = _read_cls_dump(reference_jsonl), _read_cls_dump(other_jsonl)
-    if set(ref) != set(other):
-        raise ConfigError(f"{reference_jsonl} and {other_jsonl} hold predictions for different images")
+    _same_images(ref, other, reference_jsonl, other_jsonl, "predictions")
     return 100.0 * sum(ref[f] == other[f] for f in ref) / max(len(ref), 1)
+
+
+def _same_images(names: Iterable[str], other: Iterable[str], where: str, other_where: str, what: str) -> None:
+    """Two dumps to compare must cover the same images."""
+    if set(names) != set(other):
+        raise ConfigError(f"{where} and {other_where} hold {what} for different images")
 
 
 def _read_cls_dump(path: str) -> Dict[str, int]:
@@ -114,8 +120,7 @@ def seg_agreement(reference_dir: str, other_dir: str) -> float:
     from PIL import Image
 
     names = sorted(_pngs(reference_dir))
-    if names != sorted(_pngs(other_dir)):
-        raise ConfigError(f"{reference_dir} and {other_dir} hold label maps for different images")
+    _same_images(names, _pngs(other_dir), reference_dir, other_dir, "label maps")
     same = total = 0
     for name in names:
         a = np.asarray(Image.open(osp.join(reference_dir, name)))
@@ -151,9 +156,7 @@ class Variant:
 def demo_variants(kind: str, tome_r: Sequence[int]) -> List[Variant]:
     """The plain demo of ``kind`` (cls, seg), its TokenLearner and visual-token variants
     (trained) and ToMe at each ``r`` on the plain checkpoint (not retrained)."""
-    if kind not in DEMO_CONFIGS:
-        raise ConfigError(f"demo kind {kind!r}: expected one of {sorted(DEMO_CONFIGS)}")
-    path = DEMO_CONFIGS[kind].format
+    path = DEMO_CONFIGS[one_of(kind, sorted(DEMO_CONFIGS), "demo kind")].format
     variants = [
         Variant("plain", path(""), "plain"),
         Variant("TokenLearner", path("_tokenlearner"), "TokenLearner"),

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from mmengine.logging import print_log
 
 from vitasks.checks import one_of
-from vitasks.data.imagenet import FileDataset, check_dataset_args, check_num_classes
+from vitasks.data.imagenet import FileDataset, check_dataset_args, dataset_key, check_num_classes
 from vitasks.errors import ConfigError, DataError
 from vitasks.registry import DATASETS
 
@@ -84,9 +84,8 @@ class SegFolderDataset(FileDataset):
         reduce_zero_label: label 0 means "other": map it to ``ignore_index`` and the rest to
             value - 1 (ADE20K).
         ignore_index: label value excluded from loss and metric.
-        skip_bad_samples: in training, skip unreadable samples with a warning.
-        pipeline: transform configs.
-        test_mode, lazy_init, max_refetch, indices, serialize_data: as mmengine's BaseDataset.
+        **kwargs: ``skip_bad_samples`` (in training, skip unreadable samples with a warning), ``pipeline``,
+            ``test_mode`` and the rest of :class:`~vitasks.data.imagenet.FileDataset`'s.
     """
 
     def __init__(
@@ -102,7 +101,7 @@ class SegFolderDataset(FileDataset):
         ignore_index: int = 255,
         **kwargs,
     ) -> None:
-        owner = type(self).__name__
+        owner = dataset_key(self)
         check_dataset_args(owner, data_root, num_classes, f"the folder holding {img_dir}/")
         self.img_path = os.path.join(data_root, img_dir)
         self.ann_path = None if ann_dir is None else os.path.join(data_root, ann_dir)
@@ -139,15 +138,11 @@ class SegFolderDataset(FileDataset):
             classes_file = os.path.join(data_root, CLASSES_FILE)
             if names is None and os.path.isfile(classes_file):
                 names, source = _read_classes_file(classes_file), classes_file
-            if names is None:
-                if num_classes is None:
-                    raise ConfigError(
-                        f"{owner}: give `classes` (names in label order) or `num_classes` (e.g. "
-                        f"${{num_classes}}), or put {CLASSES_FILE} in {data_root!r}"
-                    )
+            if names is None and num_classes is not None:
                 names = [f"class_{i}" for i in range(num_classes)]
-        if not names:
-            raise ConfigError(f"{owner}: `classes` is empty")
+        if not names:  # none given, or an empty list
+            raise ConfigError(f"{owner}: give `classes` (names in label order, not empty) or `num_classes` (e.g. "
+                              f"${{num_classes}}), or put {CLASSES_FILE} in {data_root!r}")
         check_num_classes(num_classes, names, f"{owner} at {data_root!r} (classes from {source})")
         return names
 

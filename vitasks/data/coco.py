@@ -29,7 +29,7 @@ from mmengine.logging import print_log
 from pycocotools.coco import COCO
 
 from vitasks.data.det_transforms import normalize_segmentation
-from vitasks.data.imagenet import FileDataset, check_dataset_args, check_num_classes
+from vitasks.data.imagenet import FileDataset, check_dataset_args, dataset_key, check_num_classes
 from vitasks.errors import DataError
 from vitasks.registry import DATASETS
 
@@ -83,9 +83,8 @@ class CocoDataset(FileDataset):
             mismatch with the file's ``categories`` is a ConfigError.
         filter_empty_gt: in training, skip images without an object to learn (no annotation, or
             only crowd regions, as detectron2). Never applied with ``test_mode``.
-        skip_bad_samples: in training, skip unreadable images with a warning.
-        pipeline: transform configs.
-        test_mode, lazy_init, max_refetch, indices, serialize_data: as mmengine's BaseDataset.
+        **kwargs: ``skip_bad_samples`` (in training, skip unreadable images with a warning), ``pipeline``,
+            ``test_mode`` and the rest of :class:`~vitasks.data.imagenet.FileDataset`'s.
     """
 
     def __init__(
@@ -97,7 +96,7 @@ class CocoDataset(FileDataset):
         filter_empty_gt: bool = True,
         **kwargs,
     ) -> None:
-        owner = type(self).__name__
+        owner = dataset_key(self)
         check_dataset_args(owner, data_root, num_classes, "a folder with annotations/ and the image folders")
         self.ann_path = os.path.abspath(os.path.join(data_root, ann_file))
         self.img_path = os.path.join(data_root, img_dir)

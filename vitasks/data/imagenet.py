@@ -1,5 +1,6 @@
 """ImageNet-style folders: ``<data_root>/<split>/<class>/<image>`` (jpg, jpeg, png, any case)."""
 
+import contextlib
 import copy
 import logging
 import os
@@ -8,7 +9,7 @@ from typing import Callable, List, Optional, Sequence, Union
 from mmengine.dataset import BaseDataset
 from mmengine.logging import print_log
 
-from vitasks.checks import one_of, positive_int
+from vitasks.checks import building, config_key, one_of, positive_int
 from vitasks.data.seeding import SeededSampleMixin
 from vitasks.errors import ConfigError, DataError
 from vitasks.registry import DATASETS, TRANSFORMS
@@ -21,15 +22,21 @@ def build_pipeline(pipeline: Sequence[Union[dict, Callable]], owner: str) -> Lis
     root registry would not find vitasks' names)."""
     built = []
     for i, t in enumerate(pipeline or []):
+        if not (isinstance(t, dict) and "type" in t) and (isinstance(t, dict) or not callable(t)):
+            raise ConfigError(f"{owner}.pipeline[{i}] must be a transform dict with a `type`, or a callable, got {t!r}")
         if isinstance(t, dict):
-            if "type" not in t:
-                raise ConfigError(f"{owner}.pipeline[{i}] has no `type`: {t!r}")
-            built.append(TRANSFORMS.build(copy.deepcopy(t)))
-        elif callable(t):
-            built.append(t)
+            # Under a Runner a transform's errors name `<loader>.dataset.pipeline.<i>.<argument>`.
+            with building("pipeline", str(i)) if config_key() else contextlib.nullcontext():
+                built.append(TRANSFORMS.build(copy.deepcopy(t)))
         else:
-            raise ConfigError(f"{owner}.pipeline[{i}] must be a dict or a callable, got {t!r}")
+            built.append(t)
     return built
+
+
+def dataset_key(dataset: object) -> str:
+    """What a dataset's errors name: its config key while a Runner builds it
+    (``train_dataloader.dataset``...), else its class name."""
+    return config_key(default=type(dataset).__name__)
 
 
 def check_dataset_args(owner: str, data_root: Optional[str], num_classes: Optional[int], layout: str) -> None:
@@ -104,7 +111,7 @@ class FileDataset(SkipBadSamplesMixin, SeededSampleMixin, BaseDataset):
             data_prefix=data_prefix or dict(img_path=""),
             indices=indices,
             serialize_data=serialize_data,
-            pipeline=build_pipeline(pipeline, type(self).__name__),
+            pipeline=build_pipeline(pipeline, dataset_key(self)),
             test_mode=test_mode,
             lazy_init=lazy_init,
             max_refetch=max_refetch,
@@ -128,10 +135,8 @@ class ImageNetFolder(FileDataset):
         classes: Optional class names (folder names) in label order.
         num_classes: Expected number of classes (configs pass ``${num_classes}``); a mismatch
             with the folders is a ConfigError.
-        skip_bad_samples: In training, skip unreadable/truncated images with a warning.
-        pipeline: Transform configs.
-        test_mode: Evaluation mode (no re-sampling of bad samples).
-        lazy_init, max_refetch, indices, serialize_data: as mmengine's BaseDataset.
+        **kwargs: ``skip_bad_samples`` (in training, skip unreadable or truncated images with a warning), ``pipeline``,
+            ``test_mode`` and the rest of :class:`~vitasks.data.imagenet.FileDataset`'s.
     """
 
     SPLITS = ("train", "val", "test")
@@ -145,13 +150,14 @@ class ImageNetFolder(FileDataset):
         num_classes: Optional[int] = None,
         **kwargs,
     ) -> None:
-        check_dataset_args("ImageNetFolder", data_root, num_classes, "a folder with train/<class>/ and val/<class>/")
-        self.split = one_of(split, self.SPLITS, "ImageNetFolder.split")
+        owner = dataset_key(self)
+        check_dataset_args(owner, data_root, num_classes, "a folder with train/<class>/ and val/<class>/")
+        self.split = one_of(split, self.SPLITS, f"{owner}.split")
         self.split_dir = split_dir or split
         self.split_path = os.path.join(data_root, self.split_dir)
         if not os.path.isdir(self.split_path):
             raise DataError(
-                f"ImageNetFolder: split folder {self.split_path!r} does not exist "
+                f"{owner}: split folder {self.split_path!r} does not exist "
                 f"(expected {data_root}/{self.split_dir}/<class>/<images>)"
             )
         self.expected_num_classes = num_classes
@@ -167,11 +173,11 @@ class ImageNetFolder(FileDataset):
             missing = [c for c in class_names if c not in found]
             if missing:
                 raise DataError(
-                    f"ImageNetFolder: classes {missing[:5]}{'...' if len(missing) > 5 else ''} have "
+                    f"{owner}: classes {missing[:5]}{'...' if len(missing) > 5 else ''} have "
                     f"no folder in {self.split_path!r}"
                 )
         if not class_names:
-            raise DataError(f"ImageNetFolder: {self.split_path!r} has no class folders")
+            raise DataError(f"{owner}: {self.split_path!r} has no class folders")
         check_num_classes(num_classes, class_names, repr(self.split_path))
         # `data_root` in the metainfo lets metrics (the prediction dumper) write relative paths.
         super().__init__(data_root, dict(classes=tuple(class_names)), dict(data_root=data_root), **kwargs)

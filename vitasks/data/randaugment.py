@@ -41,7 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from vitasks.checks import one_of, positive_int
+from vitasks.checks import one_of, options, positive_int
 from vitasks.data.seeding import sample_rng
 from vitasks.data.transforms import BaseTransform
 from vitasks.errors import ConfigError
@@ -210,11 +210,10 @@ class RandAugmentSpec:
 def parse_rand_config(config_str: str) -> RandAugmentSpec:
     """Parse ``rand-m9-n2-mstd0.5-inc1`` as timm does (see the module's docstring)."""
     where = f"RandAugment.config_str {config_str!r}"
-    if not isinstance(config_str, str):
-        raise ConfigError(f"RandAugment.config_str must be a string like 'rand-m9-mstd0.5-inc1', got {config_str!r}")
+    if not isinstance(config_str, str) or config_str.split("-")[0] != "rand":
+        raise ConfigError(f"RandAugment.config_str must be a string starting with 'rand' like 'rand-m9-mstd0.5-inc1', "
+                          f"got {config_str!r}")
     sections = config_str.split("-")
-    if sections[0] != "rand":
-        raise ConfigError(f"{where}: must start with 'rand' (e.g. 'rand-m9-mstd0.5-inc1')")
     spec = RandAugmentSpec()
     for section in sections[1:]:
         if section.startswith("t"):
@@ -296,14 +295,8 @@ class RandAugment(BaseTransform):
     def __init__(self, config_str: str = "rand-m9-mstd0.5-inc1", hparams: Optional[Dict[str, Any]] = None) -> None:
         self.config_str = config_str
         spec = parse_rand_config(config_str)
-        given = dict(hparams or {})
-        unknown = set(given) - {"img_mean", "interpolation", "translate_const", "translate_pct",
-                                "magnitude_std", "magnitude_max"}
-        if unknown:
-            raise ConfigError(
-                f"RandAugment.hparams: unknown keys {sorted(unknown)}; expected img_mean, "
-                "interpolation, translate_const, translate_pct, magnitude_std, magnitude_max"
-            )
+        given = options(hparams or {}, "RandAugment.hparams", ("img_mean", "interpolation", "translate_const",
+                                                               "translate_pct", "magnitude_std", "magnitude_max"))
         self.hparams = {**DEFAULT_HPARAMS, **given}
         fill = self.hparams["img_mean"]
         if isinstance(fill, (int, float)):

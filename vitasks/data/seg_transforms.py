@@ -22,11 +22,11 @@ from collections.abc import Sequence
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from vitasks.data.seeding import sample_rng
 from vitasks.data.seg_labels import reduce_zero
-from vitasks.data.transforms import BaseTransform
+from vitasks.data.transforms import BaseTransform, read_with_pil
 from vitasks.checks import InRange, IntPair, OneOf, checked, config_key
 from vitasks.errors import ConfigError, DataError
 from vitasks.registry import TRANSFORMS
@@ -37,19 +37,13 @@ _INTERP = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic"
 
 def read_label_map(path: str) -> np.ndarray:
     """Read a label PNG as its raw integer values (a palette PNG gives indices, not colours)."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode not in ("L", "P", "I", "I;16", "1"):
-                raise DataError(
-                    f"label map {path} has mode {im.mode}; expected a single-channel (L, P or "
-                    "16-bit) PNG of class ids"
-                )
-            return np.asarray(im).astype(np.int64 if im.mode.startswith("I") else np.uint8)
-    except FileNotFoundError as e:
-        raise DataError(f"label file not found: {path}") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"cannot read label map {path}: {e}") from e
+    def decode(im: Image.Image) -> np.ndarray:
+        if im.mode not in ("L", "P", "I", "I;16", "1"):
+            raise DataError(f"label map {path} has mode {im.mode}; expected a single-channel (L, P or 16-bit) PNG "
+                            "of class ids")
+        return np.asarray(im).astype(np.int64 if im.mode.startswith("I") else np.uint8)
+
+    return read_with_pil(path, "label map", decode, missing="label file")
 
 
 @TRANSFORMS.register_module()
@@ -106,10 +100,12 @@ class LoadSegAnnotations(BaseTransform):
         return results
 
 
-def check_ratio_range(ratio_range: Sequence[float], key: str) -> tuple[float, float]:
-    """A random resize's ``[min, max]`` ratio, ``0 < min <= max``."""
-    if not isinstance(ratio_range, (list, tuple)) or len(ratio_range) != 2 or not 0 < ratio_range[0] <= ratio_range[1]:
-        raise ConfigError(f"{key} must be [min, max] with 0 < min <= max, got {ratio_range!r}")
+def check_ratio_range(ratio_range: Sequence[float], key: str, low_open: bool = True) -> tuple[float, float]:
+    """A ``[min, max]`` range of factors with ``0 < min <= max`` (``0 <= min`` unless ``low_open``):
+    a random resize's ratios, a photometric distortion's contrast or saturation."""
+    ok = isinstance(ratio_range, (list, tuple)) and len(ratio_range) == 2
+    if not ok or not (0 < ratio_range[0] if low_open else 0 <= ratio_range[0]) or ratio_range[0] > ratio_range[1]:
+        raise ConfigError(f"{key} must be [min, max] with 0 {'<' if low_open else '<='} min <= max, got {ratio_range!r}")
     return float(ratio_range[0]), float(ratio_range[1])
 
 
@@ -292,24 +288,18 @@ class PhotoMetricDistortion(BaseTransform):
         hue_delta: hue shift bound in OpenCV units of 2 degrees (18).
     """
 
+    @checked
     def __init__(
         self,
-        brightness_delta: int = 32,
+        brightness_delta: InRange(0) = 32,
         contrast_range: Sequence[float] = (0.5, 1.5),
         saturation_range: Sequence[float] = (0.5, 1.5),
-        hue_delta: int = 18,
+        hue_delta: InRange(0, 180) = 18,
     ) -> None:
-        for key, value in (("contrast_range", contrast_range), ("saturation_range", saturation_range)):
-            if not isinstance(value, (list, tuple)) or len(value) != 2 or not 0 <= value[0] <= value[1]:
-                raise ConfigError(f"PhotoMetricDistortion.{key} must be [low, high] with 0 <= low <= high, got {value!r}")
-        if brightness_delta < 0 or hue_delta < 0 or hue_delta > 180:
-            raise ConfigError(
-                "PhotoMetricDistortion: brightness_delta must be >= 0 and hue_delta in 0..180, got "
-                f"{brightness_delta} and {hue_delta}"
-            )
         self.brightness_delta = brightness_delta
-        self.contrast_range = (float(contrast_range[0]), float(contrast_range[1]))
-        self.saturation_range = (float(saturation_range[0]), float(saturation_range[1]))
+        self.contrast_range, self.saturation_range = (
+            check_ratio_range(value, config_key(key, default=self.config_key), low_open=False)
+            for key, value in (("contrast_range", contrast_range), ("saturation_range", saturation_range)))
         self.hue_delta = int(hue_delta)
 
     def draw(self, rng: np.random.Generator) -> dict:

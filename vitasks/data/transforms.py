@@ -7,7 +7,7 @@ array; ``results["gt_seg_map"]`` (segmentation) an HW integer array.
 
 import difflib
 import warnings
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import albumentations as A
 import cv2
@@ -16,7 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vitasks.data.seeding import sample_rng, seed_from
-from vitasks.checks import InRange, PositiveInt, checked
+from vitasks.checks import InRange, PositiveInt, checked, one_of
 from vitasks.errors import ConfigError, DataError
 from vitasks.registry import TRANSFORMS
 from vitasks.structures import DataSample, PixelData
@@ -59,18 +59,25 @@ def read_image(path: str) -> np.ndarray:
     PIL is used because it reports truncated JPEG/PNG files, which OpenCV decodes silently
     into partly grey images.
     """
+    return read_with_pil(path, "image", lambda im: np.asarray(im if im.mode == "RGB" else im.convert("RGB"),
+                                                              dtype=np.uint8).copy())
+
+
+def read_with_pil(path: str, what: str, decode: Callable[[Image.Image], np.ndarray],
+                  missing: str = "") -> np.ndarray:
+    """``decode(image)`` of the file ``path`` opened with PIL and decoded whole (so a truncated
+    file fails here); a missing or unreadable file is a DataError naming it as a ``what``
+    (``missing`` when it is not there: ``<what> file`` by default)."""
     try:
         with Image.open(path) as im:
-            im.load()  # decodes everything now, so a truncated file fails here
-            if im.mode != "RGB":
-                im = im.convert("RGB")
-            return np.asarray(im, dtype=np.uint8).copy()
+            im.load()
+            return decode(im)
     except FileNotFoundError as e:
-        raise DataError(f"image file not found: {path}") from e
+        raise DataError(f"{missing or what + ' file'} not found: {path}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         # PIL raises OSError ("image file is truncated", "broken data stream") and
         # SyntaxError for some corrupt PNG chunks.
-        raise DataError(f"cannot read image {path}: {e}") from e
+        raise DataError(f"cannot read {what} {path}: {e}") from e
 
 
 @TRANSFORMS.register_module()
@@ -121,6 +128,13 @@ def _albu_classes() -> List[str]:
     )
 
 
+def build_albu_list(transforms: Sequence[Dict[str, Any]], where: str) -> List[Any]:
+    """Build a list of albumentations transforms (``where`` names the list)."""
+    if not isinstance(transforms, (list, tuple)):
+        raise ConfigError(f"{where} must be a list of dicts, got {transforms!r}")
+    return [build_albu(t, f"{where}[{i}]") for i, t in enumerate(transforms)]
+
+
 def build_albu(cfg: Dict[str, Any], where: str = "Albu.transforms") -> Any:
     """Build one albumentations transform from ``{type: Name, **kwargs}``; nested ``transforms``
     lists (``OneOf``, ``SomeOf``, ...) are built recursively. Errors name the entry."""
@@ -136,13 +150,9 @@ def build_albu(cfg: Dict[str, Any], where: str = "Albu.transforms") -> Any:
     for key, table in _FLAG_KEYS.items():
         value = args.get(key)
         if isinstance(value, str):
-            if value.lower() not in table:
-                raise ConfigError(f"{where}.{name}.{key}: {value!r} is not one of {sorted(table)}")
-            args[key] = table[value.lower()]
+            args[key] = table[one_of(value.lower(), sorted(table), f"{where}.{name}.{key}")]
     if "transforms" in args:
-        args["transforms"] = [
-            build_albu(t, f"{where}.{name}.transforms[{i}]") for i, t in enumerate(args["transforms"])
-        ]
+        args["transforms"] = build_albu_list(args["transforms"], f"{where}.{name}.transforms")
     # Lists from YAML where albumentations expects tuples (size, scale, ratio).
     args = {k: tuple(v) if isinstance(v, list) and k != "transforms" else v for k, v in args.items()}
     try:
@@ -189,11 +199,8 @@ class Albu(BaseTransform):
     """
 
     def __init__(self, transforms: Sequence[Dict[str, Any]]) -> None:
-        where = f"{self.config_key}.transforms"
-        if not isinstance(transforms, (list, tuple)):
-            raise ConfigError(f"{where} must be a list of dicts, got {transforms!r}")
+        self._compose = A.Compose(build_albu_list(transforms, f"{self.config_key}.transforms"))
         self.transforms = [dict(t) if isinstance(t, dict) else t for t in transforms]
-        self._compose = A.Compose([build_albu(t, f"{where}[{i}]") for i, t in enumerate(transforms)])
 
     def transform(self, results: dict) -> dict:
         _reseed(self._compose, sample_rng(results))

@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 from typing import List, Optional, Sequence, Tuple, Union
 
-from vitasks.data.imagenet import FileDataset, check_dataset_args, check_num_classes
+from vitasks.checks import options
+from vitasks.data.imagenet import FileDataset, check_dataset_args, dataset_key, check_num_classes
 from vitasks.data.video_io import probe_video
 from vitasks.errors import ConfigError, DataError
 from vitasks.registry import DATASETS
@@ -65,13 +66,10 @@ class _ListDataset(FileDataset):
         num_classes: Optional[int] = None,
         **kwargs,
     ) -> None:
-        name = type(self).__name__
+        name = dataset_key(self)
         check_dataset_args(name, data_root, num_classes, f"the folder holding {ann_file!r}")
         if isinstance(data_prefix, dict):
-            unknown = set(data_prefix) - {self.kind}
-            if unknown:
-                raise ConfigError(f"{name}.data_prefix: unknown keys {sorted(unknown)}; expected {self.kind!r}")
-            data_prefix = data_prefix.get(self.kind)
+            data_prefix = options(data_prefix, f"{name}.data_prefix", (self.kind,)).get(self.kind)
         self.expected_num_classes = num_classes
         self._given_classes = None if classes is None else tuple(str(c) for c in classes)
         super().__init__(data_root, None, dict(data_root=data_root), ann_file, {self.kind: data_prefix or ""}, **kwargs)
@@ -136,10 +134,8 @@ class VideoListDataset(_ListDataset):
             a string or ``{video: folder}``.
         classes: Class names in label order (default: ``classes.txt`` in data_root if any).
         num_classes: Number of classes (configs pass ``${num_classes}``); labels must be below.
-        skip_bad_samples: In training, skip missing, corrupt or truncated videos with a warning.
-        pipeline: Transform configs.
-        test_mode: Evaluation mode (never skips a sample).
-        lazy_init, max_refetch, indices, serialize_data: as mmengine's BaseDataset.
+        **kwargs: ``skip_bad_samples`` (in training, skip missing, corrupt or truncated videos with a warning), ``pipeline``,
+            ``test_mode`` and the rest of :class:`~vitasks.data.imagenet.FileDataset`'s.
     """
 
     kind = "video"

@@ -26,6 +26,7 @@ import torch
 from mmengine.device import get_device
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 
+from vitasks.checks import one_of
 from vitasks.errors import ConfigError
 from vitasks.registry import OPTIM_WRAPPERS
 
@@ -39,9 +40,7 @@ def autocast_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype
     """``"bfloat16"``/``"float16"`` (or the torch dtype, or None) as a torch dtype."""
     if dtype is None or dtype in _DTYPES.values():
         return dtype
-    if not isinstance(dtype, str) or dtype not in _DTYPES:
-        raise ConfigError(f"optim_wrapper.dtype: expected 'bfloat16' or 'float16', got {dtype!r}")
-    return _DTYPES[dtype]
+    return _DTYPES[one_of(dtype, tuple(_DTYPES), "optim_wrapper.dtype")]
 
 
 def device_type() -> str:

@@ -7,7 +7,6 @@ command-line choices, validate it, and hand it to :class:`~vitasks.engine.runner
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import numbers
@@ -43,18 +42,10 @@ def prepare_config(
 ) -> Config:
     """Load a config (a YAML path, or an already loaded Config), import its plugins, set the
     work dir (``work_dir``, else the config's ``work_dir``, else ``work_dirs/<config name>``)."""
-    from vitasks.config import load_config
+    from vitasks.config import as_config
     from vitasks.plugins import import_plugins
 
-    if isinstance(config, Config):
-        cfg = copy.deepcopy(config)
-        if cfg_options:
-            from vitasks.config import parse_cfg_options
-
-            options = cfg_options if isinstance(cfg_options, Mapping) else parse_cfg_options(cfg_options)
-            cfg.merge_from_dict(dict(options))
-    else:
-        cfg = load_config(config, cfg_options)
+    cfg = as_config(config, cfg_options)
     import_plugins(cfg)
     import vitasks.engine  # noqa: F401  (registers the runner's loops and optim wrapper)
 
@@ -80,7 +71,7 @@ def _apply_amp(cfg: Config, amp: bool) -> None:
     ow = cfg.get("optim_wrapper")
     if not isinstance(ow, Mapping):
         if amp:
-            raise ConfigError(f"{cfg.filename}: --amp needs an optim_wrapper in the config")
+            _require(cfg, "--amp", ("optim_wrapper",), allow_empty=False)
         return
     wrapper_type = ow.get("type", "OptimWrapper")
     wants_amp = amp or "dtype" in ow or wrapper_type == "AmpOptimWrapper"

@@ -45,7 +45,7 @@ from mmengine.runner.loops import IterBasedTrainLoop, _InfiniteDataloaderIterato
 from mmengine.runner.base_loop import BaseLoop
 from mmengine.runner.utils import calc_dynamic_intervals
 
-from vitasks.checks import one_of
+from vitasks.checks import building, one_of, options
 from vitasks.data.seeding import can_skip_samples, derive_seed
 from vitasks.engine.amp import autocast_dtype
 from vitasks.engine.fsdp import is_sharded
@@ -63,16 +63,12 @@ def _task_configs(section: object, key: str, task_names: Sequence[str], needed: 
                   what: str = "data") -> Dict[str, object]:
     """``section.tasks`` checked against the model's task names; each of ``needed`` must have an
     entry (its ``what``)."""
-    if not isinstance(section, Mapping) or not isinstance(section.get("tasks"), Mapping):
-        raise ConfigError(f"{key}: a multi-task model needs `{key}: {{tasks: {{<task name>: ...}}}}`, one entry per "
-                          f"task of model.tasks ({', '.join(task_names)})")
-    tasks = dict(section["tasks"])
-    unknown = [n for n in tasks if n not in task_names]
+    layout = "`{tasks: {<task name>: ...}}` for a multi-task model, one entry per task of model.tasks"
+    tasks = options(options(section, key, what=layout, required=("tasks",))["tasks"], f"{key}.tasks", task_names,
+                    what=layout)
     missing = [n for n in needed if n not in tasks]
-    if unknown or missing:
-        problem = (f": {unknown} are not tasks of the model (model.tasks: {list(task_names)})" if unknown
-                   else f" has no {what} for tasks {missing}")
-        raise ConfigError(f"{key}.tasks{problem}")
+    if missing:
+        raise ConfigError(f"{key}.tasks has no {what} for tasks {missing}")
     return tasks
 
 
@@ -155,10 +151,8 @@ class TaskSchedule:
         self.accumulate = bool(accumulate)
         self.seed = int(seed)
         if kind == "weighted":
-            weights = dict(weights or {})
-            missing = [n for n in self.names if n not in weights]
-            if missing:
-                raise ConfigError(f"train_cfg.weights: no weight for tasks {missing}")
+            weights = options(weights or {}, "train_cfg.weights", what=f"a weight for each task ({self.names})",
+                              required=self.names)
             values = np.array([float(weights[n]) for n in self.names])
             if (values < 0).any() or values.sum() <= 0:
                 raise ConfigError(f"train_cfg.weights must be >= 0 with a positive sum, got {weights}")
@@ -213,7 +207,9 @@ class MultiTaskTrainLoop(IterBasedTrainLoop):
         diff_rank_seed = runner._randomness_cfg.get("diff_rank_seed", False)
         self.dataloaders = {}
         for name in names:
-            loader = runner.build_dataloader(copy.deepcopy(configs[name]), seed=runner.seed, diff_rank_seed=diff_rank_seed)
+            with building("train_dataloader", "tasks", name):
+                loader = runner.build_dataloader(copy.deepcopy(configs[name]), seed=runner.seed,
+                                                 diff_rank_seed=diff_rank_seed)
             _check_data_fits(name, model.tasks[name], loader.dataset, "train_dataloader")
             self.dataloaders[name] = loader
         # mmengine's hooks and checkpoint meta read one loader: the first task's.
@@ -300,7 +296,8 @@ class _MultiTaskEvalLoop(_AutocastMixin, BaseLoop):
         for name in [n for n in names if n in loaders]:
             loader = loaders[name]
             if isinstance(loader, dict):
-                loader = runner.build_dataloader(copy.deepcopy(loader), seed=runner.seed)
+                with building(loader_key, "tasks", name):
+                    loader = runner.build_dataloader(copy.deepcopy(loader), seed=runner.seed)
             self.dataloaders[name] = loader
         self.dataloader = next(iter(self.dataloaders.values()))
         self.evaluator = MultiTaskEvaluator({n: evaluators[n] for n in self.dataloaders}, runner.build_evaluator,

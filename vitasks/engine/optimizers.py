@@ -16,7 +16,7 @@ from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS, OPTIMIZERS
 from torch import nn
 
-from vitasks.checks import in_range, one_of
+from vitasks.checks import in_range, one_of, options
 from vitasks.errors import ConfigError
 from vitasks.registry import OPTIM_WRAPPER_CONSTRUCTORS
 
@@ -88,15 +88,10 @@ class LayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
     """
 
     def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: Optional[dict] = None) -> None:
-        if not isinstance(optim_wrapper_cfg, dict) or "optimizer" not in optim_wrapper_cfg:
-            raise ConfigError("optim_wrapper must be a dict with an `optimizer` (e.g. {type: AdamW, lr: 1e-3})")
-        paramwise_cfg = {} if paramwise_cfg is None else dict(paramwise_cfg)
-        unknown = sorted(set(paramwise_cfg) - set(_PARAMWISE_KEYS))
-        if unknown:
-            raise ConfigError(
-                f"optim_wrapper.paramwise_cfg: LayerDecayOptimizerConstructor got unknown keys {unknown}; "
-                f"it accepts {list(_PARAMWISE_KEYS)}"
-            )
+        options(optim_wrapper_cfg, "optim_wrapper", what="a dict with an `optimizer` (e.g. {type: AdamW, lr: 1e-3})",
+                required=("optimizer",))
+        paramwise_cfg = options({} if paramwise_cfg is None else paramwise_cfg, "optim_wrapper.paramwise_cfg",
+                                _PARAMWISE_KEYS, owner="LayerDecayOptimizerConstructor")
         key = "optim_wrapper.paramwise_cfg."
         rate = in_range(paramwise_cfg.get("layer_decay_rate", 1.0), key + "layer_decay_rate", 0, 1, low_open=True)
         names = paramwise_cfg.get("no_decay_names", [])

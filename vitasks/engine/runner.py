@@ -33,6 +33,7 @@ import os.path as osp
 import signal
 import threading
 from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from typing import Optional, Sequence
 
 import torch
@@ -54,6 +55,7 @@ from mmengine.runner.loops import (
     _update_losses,
 )
 
+from vitasks.checks import building, config_key
 from vitasks.engine.amp import autocast_dtype, device_type
 from vitasks.data.seeding import SEEDED_SAMPLERS, can_skip_samples
 from vitasks.engine.architecture import ARCHITECTURE_KEY, backbone_architecture
@@ -154,27 +156,11 @@ class _AutocastMixin:
         return torch.autocast(device_type=device, dtype=dtype)
 
 
-@LOOPS.register_module()
-class AutocastValLoop(_AutocastMixin, ValLoop):
-    """mmengine's ``ValLoop`` with ``dtype`` (``"bfloat16"``/``"float16"``) for autocast."""
+class _AutocastEvalLoop(_AutocastMixin):
+    """mmengine's ``ValLoop``/``TestLoop`` (next in the MRO, for ``stage`` val/test) with ``dtype``
+    (``"bfloat16"``/``"float16"``) for autocast."""
 
-    def __init__(self, runner, dataloader, evaluator, fp16: bool = False, dtype: Optional[str] = None):
-        super().__init__(runner, dataloader, evaluator, fp16=fp16)
-        self.amp_dtype = autocast_dtype(dtype)
-
-    @torch.no_grad()
-    def run_iter(self, idx, data_batch: Sequence[dict]):
-        self.runner.call_hook("before_val_iter", batch_idx=idx, data_batch=data_batch)
-        with self._autocast():
-            outputs = self.runner.model.val_step(data_batch)
-        outputs, self.val_loss = _update_losses(outputs, self.val_loss)
-        self.evaluator.process(data_samples=outputs, data_batch=data_batch)
-        self.runner.call_hook("after_val_iter", batch_idx=idx, data_batch=data_batch, outputs=outputs)
-
-
-@LOOPS.register_module()
-class AutocastTestLoop(_AutocastMixin, TestLoop):
-    """mmengine's ``TestLoop`` with ``dtype`` (``"bfloat16"``/``"float16"``) for autocast."""
+    stage = "val"
 
     def __init__(self, runner, dataloader, evaluator, fp16: bool = False, dtype: Optional[str] = None):
         super().__init__(runner, dataloader, evaluator, fp16=fp16)
@@ -182,12 +168,50 @@ class AutocastTestLoop(_AutocastMixin, TestLoop):
 
     @torch.no_grad()
     def run_iter(self, idx, data_batch: Sequence[dict]) -> None:
-        self.runner.call_hook("before_test_iter", batch_idx=idx, data_batch=data_batch)
+        stage = self.stage
+        self.runner.call_hook(f"before_{stage}_iter", batch_idx=idx, data_batch=data_batch)
         with self._autocast():
-            outputs = self.runner.model.test_step(data_batch)
-        outputs, self.test_loss = _update_losses(outputs, self.test_loss)
+            outputs = getattr(self.runner.model, f"{stage}_step")(data_batch)
+        outputs, loss = _update_losses(outputs, getattr(self, f"{stage}_loss"))
+        setattr(self, f"{stage}_loss", loss)
         self.evaluator.process(data_samples=outputs, data_batch=data_batch)
-        self.runner.call_hook("after_test_iter", batch_idx=idx, data_batch=data_batch, outputs=outputs)
+        self.runner.call_hook(f"after_{stage}_iter", batch_idx=idx, data_batch=data_batch, outputs=outputs)
+
+
+@LOOPS.register_module()
+class AutocastValLoop(_AutocastEvalLoop, ValLoop):
+    """mmengine's ``ValLoop`` with ``dtype`` (``"bfloat16"``/``"float16"``) for autocast."""
+
+
+@LOOPS.register_module()
+class AutocastTestLoop(_AutocastEvalLoop, TestLoop):
+    """mmengine's ``TestLoop`` with ``dtype`` (``"bfloat16"``/``"float16"``) for autocast."""
+
+    stage = "test"
+
+
+# The stage (train, val, test) whose loop is being built: its data loaders and evaluators are
+# built under the config keys `<stage>_dataloader.dataset` and `<stage>_evaluator`.
+_STAGE: ContextVar[Optional[str]] = ContextVar("vitasks_loop_stage", default=None)
+
+
+@contextmanager
+def _loop_stage(stage: str):
+    token = _STAGE.set(stage)
+    try:
+        yield
+    finally:
+        _STAGE.reset(token)
+
+
+def _building_part(part: str, *below: str):
+    """:func:`vitasks.checks.building` for the loop's ``<stage>_<part>`` (and ``below`` it), so
+    errors name that key; under a key already being built (a multi-task loop's
+    ``train_dataloader.tasks.<name>``) only ``below``; outside a loop's build nothing."""
+    if config_key():
+        return building(*below)
+    stage = _STAGE.get()
+    return building(f"{stage}_{part}", *below) if stage else nullcontext()
 
 
 def _swap_loop_type(loop, default_cls, names: tuple, **defaults):
@@ -295,7 +319,12 @@ class VitasksRunner(Runner):
             if isinstance(sampler, dict) and sampler.get("type") in SEEDED_SAMPLERS:
                 dataloader = dict(copy.deepcopy(dict(dataloader)))
                 dataloader["sampler"] = dict(sampler, type=SEEDED_SAMPLERS[sampler["type"]])
-        return Runner.build_dataloader(dataloader, seed=seed, diff_rank_seed=diff_rank_seed)
+        with _building_part("dataloader", "dataset"):
+            return Runner.build_dataloader(dataloader, seed=seed, diff_rank_seed=diff_rank_seed)
+
+    def build_evaluator(self, evaluator):
+        with _building_part("evaluator"):
+            return super().build_evaluator(evaluator)
 
     # ----------------------------------------------------------------------------- loops
     def build_train_loop(self, loop):
@@ -307,15 +336,18 @@ class VitasksRunner(Runner):
             resumable = {"EpochBasedTrainLoop": ResumableEpochBasedTrainLoop,
                          "IterBasedTrainLoop": ResumableIterBasedTrainLoop}
             loop["type"] = resumable.get(loop["type"], loop["type"])
-        return super().build_train_loop(loop)
+        with _loop_stage("train"):
+            return super().build_train_loop(loop)
 
     def build_val_loop(self, loop):
         loop = _swap_loop_type(loop, AutocastValLoop, ("ValLoop",), dtype=self.amp_dtype)
-        return super().build_val_loop(loop)
+        with _loop_stage("val"):
+            return super().build_val_loop(loop)
 
     def build_test_loop(self, loop):
         loop = _swap_loop_type(loop, AutocastTestLoop, ("TestLoop",), dtype=self.amp_dtype)
-        return super().build_test_loop(loop)
+        with _loop_stage("test"):
+            return super().build_test_loop(loop)
 
     # ----------------------------------------------------------------------------- DDP
     def wrap_model(self, model_wrapper_cfg, model):

@@ -35,9 +35,11 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from vitasks.checks import config_key
 from vitasks.data.coco import load_coco_api, read_json
 from vitasks.errors import ConfigError, DataError
 from vitasks.evaluation.dump import PredictionDumper
+from vitasks.evaluation.meta import from_dataset
 from vitasks.registry import METRICS
 
 __all__ = [
@@ -331,20 +333,15 @@ class CocoMetric(BaseMetric):
         prefix: str | None = None,
     ) -> None:
         super().__init__(collect_device=collect_device, prefix=prefix)
-        self.iou_types = _iou_types(metric, "CocoMetric.metric")
+        self.iou_types = _iou_types(metric, config_key("metric", default="CocoMetric"))
         self.ann_file = ann_file
         self.classwise = bool(classwise)
         self._gt: COCO | None = None
         self._gt_path: str | None = None
 
     def _ann_file(self) -> str:
-        path = self.ann_file or (self.dataset_meta or {}).get("ann_file")
-        if not path:
-            raise ConfigError(
-                "CocoMetric: no annotation file: set the evaluator's `ann_file`, or evaluate a "
-                "CocoDataset (its metainfo names the file)"
-            )
-        return str(path)
+        return str(from_dataset(self, "ann_file", "annotation file", "set the evaluator's `ann_file`, or evaluate a "
+                                "CocoDataset (its metainfo names the file)", given=self.ann_file or None))
 
     def _cat_ids(self) -> list[int]:
         cat_ids = (self.dataset_meta or {}).get("cat_ids")
@@ -420,12 +417,8 @@ class CocoResultsDumper(PredictionDumper):
         return stem + ".segm.json"
 
     def _cat_ids(self) -> list[int]:
-        cat_ids = (self.dataset_meta or {}).get("cat_ids")
-        if cat_ids is None:
-            raise ConfigError(
-                "CocoResultsDumper: the dataset gives no `cat_ids` (label -> category id) in its "
-                "metainfo; dump a CocoDataset"
-            )
+        cat_ids = from_dataset(self, "cat_ids", "category ids (label -> category id) in the dataset's metainfo",
+                               "dump a CocoDataset")
         return [int(c) for c in cat_ids]
 
     def process(self, data_batch: Any, data_samples: Sequence[Any]) -> None:

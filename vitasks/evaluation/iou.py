@@ -29,6 +29,7 @@ from vitasks.data.seg_labels import encode_label_map, sample_reduce_zero_label
 from vitasks.checks import positive_int
 from vitasks.errors import ConfigError, DataError
 from vitasks.evaluation.dump import PredictionDumper
+from vitasks.evaluation.meta import from_dataset
 from vitasks.registry import METRICS
 
 
@@ -153,13 +154,8 @@ class IoUMetric(BaseMetric):
                     f"{len(classes)} classes; set num_classes to {len(classes)}"
                 )
             return self.num_classes
-        classes = (self.dataset_meta or {}).get("classes")
-        if not classes:
-            raise ConfigError(
-                "IoUMetric: num_classes is not set and the dataset gives no 'classes' in its "
-                "metainfo; set val_evaluator.num_classes"
-            )
-        return len(classes)
+        return len(from_dataset(self, "classes", "class names in the dataset's metainfo",
+                                "num_classes is not set: set val_evaluator.num_classes"))
 
     def process(self, data_batch: Any, data_samples: Sequence[Any]) -> None:
         """Accumulate the four areas of each predicted sample."""

@@ -14,6 +14,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence
 
 from mmengine.evaluator import Evaluator
 
+from vitasks.checks import building
 from vitasks.errors import ConfigError
 
 __all__ = ["MultiTaskEvaluator", "prefixed", "in_percent", "MEAN_KEY"]
@@ -50,9 +51,10 @@ class MultiTaskEvaluator:
     def __init__(self, evaluators: Mapping[str, object], build: Callable[[object], Evaluator],
                  mean_of: Optional[Sequence[str]] = None, where: str = "val_evaluator") -> None:
         self.where = where
-        self.evaluators: Dict[str, Evaluator] = {
-            name: cfg if isinstance(cfg, Evaluator) else build(cfg) for name, cfg in evaluators.items()
-        }
+        self.evaluators: Dict[str, Evaluator] = {}
+        for name, cfg in evaluators.items():
+            with building(where, "tasks", name):  # errors name `<where>.tasks.<name>`
+                self.evaluators[name] = cfg if isinstance(cfg, Evaluator) else build(cfg)
         if isinstance(mean_of, str):
             mean_of = [mean_of]
         self.mean_of = list(mean_of or [])

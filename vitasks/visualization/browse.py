@@ -36,8 +36,9 @@ from mmengine.logging import print_log
 from mmengine.registry import DefaultScope
 from PIL import Image, ImageDraw
 
+from vitasks.checks import non_negative_int, options
 from vitasks.data.seeding import SEEDED_SAMPLERS, SeededIndex, derive_seed
-from vitasks.errors import ConfigError, DataError, VitasksError
+from vitasks.errors import DataError, VitasksError
 from vitasks.registry import DATA_SAMPLERS, DATASETS, VISUALIZERS
 
 from .drawers import class_name, draw_text_lines, font_size_for, upscale_for_display
@@ -95,16 +96,13 @@ def _config_seed(cfg: Config) -> int:
     if seed is None:
         print_log("browse_dataset: the config sets no randomness.seed; using 0", logger="current")
         return 0
-    if not isinstance(seed, int):
-        raise ConfigError(f"{cfg.filename}: randomness.seed must be an integer, got {seed!r}")
-    return seed
+    return non_negative_int(seed, f"{cfg.filename}: randomness.seed")
 
 
 def _train_dataloader_cfg(cfg: Config) -> dict:
-    loader = cfg.get("train_dataloader")
-    if not isinstance(loader, dict) or not isinstance(loader.get("dataset"), dict):
-        raise ConfigError(f"{cfg.filename}: browsing needs train_dataloader.dataset in the config")
-    return copy.deepcopy(dict(loader))
+    loader = options(cfg.get("train_dataloader"), f"{cfg.filename}: train_dataloader", required=("dataset",),
+                     what="a loader with train_dataloader.dataset (browsing draws its samples)")
+    return copy.deepcopy(loader)
 
 
 def build_train_dataset(cfg: Config):
@@ -508,17 +506,11 @@ def browse_dataset(
     Returns:
         The paths written, in stream order.
     """
-    from vitasks.config import load_config, parse_cfg_options
+    from vitasks.config import as_config
 
     if num < 1:
         raise VitasksError(f"--num must be at least 1, got {num}")
-    if isinstance(config, Config):
-        cfg = copy.deepcopy(config)
-        if cfg_options:
-            options = cfg_options if isinstance(cfg_options, dict) else parse_cfg_options(cfg_options)
-            cfg.merge_from_dict(dict(options))
-    else:
-        cfg = load_config(config, cfg_options)
+    cfg = as_config(config, cfg_options)
     dataset = build_train_dataset(cfg)
     meta = getattr(dataset, "metainfo", None) or {}
     class_names = meta.get("classes")
