@@ -130,3 +130,12 @@ def test_list_of_single_value_and_any_entries():
     with pytest.raises(ConfigError, match=r"model.data_preprocessor.batch_augments.augments must not be empty"):
         RandomBatchAugment(augments=[])
     assert len(RandomBatchAugment(augments={"type": "Mixup"}).augments) == 1
+
+
+def test_list_of_a_fixed_length():
+    from vitasks.models.data_preprocessors.video import VideoDataPreprocessor
+
+    with pytest.raises(ConfigError, match=r"^model.data_preprocessor.mean must be a list of 3 values, got \[1.0, 2.0\]$"):
+        VideoDataPreprocessor(mean=(1.0, 2.0))
+    with pytest.raises(ConfigError, match=r"^model.data_preprocessor.std\[1\] must be a number in \(0, inf\), got 0$"):
+        VideoDataPreprocessor(std=(1.0, 0, 1.0))

@@ -266,8 +266,9 @@ class _ListOf(Check):
     """A list (or tuple) whose every entry passes ``check`` (any entry when None); empty only
     when ``allow_empty``; a value of the types ``single`` stands for a list of it alone."""
 
-    def __init__(self, check: Optional[Check], allow_empty: bool, single: Any = ()) -> None:
-        self.check, self.allow_empty, self.single = check, allow_empty, single
+    def __init__(self, check: Optional[Check], allow_empty: bool, single: Any = (),
+                 length: Optional[int] = None) -> None:
+        self.check, self.allow_empty, self.single, self.length = check, allow_empty, single, length
         self.reads = check.reads if check is not None else ()
 
     def __call__(self, value: Any, key: str, arguments: Mapping[str, Any]) -> Any:
@@ -277,17 +278,20 @@ class _ListOf(Check):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         if not value and not self.allow_empty:
             raise ConfigError(f"{key} must not be empty")
+        if self.length is not None and len(value) != self.length:
+            raise ConfigError(f"{key} must be a list of {self.length} values, got {list(value)!r}")
         if self.check is None:
             return tuple(value)
         return tuple(self.check(v, f"{key}[{i}]", arguments) for i, v in enumerate(value))
 
 
-def ListOf(annotation: Any, allow_empty: bool = False, single: Any = ()) -> Any:  # noqa: N802
+def ListOf(annotation: Any, allow_empty: bool = False, single: Any = (),  # noqa: N802
+           length: Optional[int] = None) -> Any:
     """``ListOf(PositiveInt)``: a list of what ``annotation`` accepts (as a tuple), each entry's
-    message naming ``key[i]``; not empty unless ``allow_empty``. ``single`` (a type or a tuple
-    of types): such a value alone means a list of one (``ListOf(object, single=dict)``: one
-    config or a list of them)."""
-    return Annotated[Any, _ListOf(_check_of(annotation), allow_empty, single)]
+    message naming ``key[i]``; not empty unless ``allow_empty``; exactly ``length`` entries when
+    given. ``single`` (a type or a tuple of types): such a value alone means a list of one
+    (``ListOf(object, single=dict)``: one config or a list of them)."""
+    return Annotated[Any, _ListOf(_check_of(annotation), allow_empty, single, length)]
 
 
 def _check_of(annotation: Any) -> Optional[Check]:

@@ -8,13 +8,12 @@ gets ``(N x V, 3, T, H, W)`` floats, view ``v`` of sample ``n`` at row ``n x V +
 sample records ``num_views = V``, so a recognizer can average its ``V`` scores back to one.
 """
 
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Union
 
 import torch
 from mmengine.model import BaseDataPreprocessor
 
-from vitasks.checks import config_key
-from vitasks.errors import ConfigError
+from vitasks.checks import InRange, ListOf, checked, config_key
 from vitasks.registry import MODELS
 
 from .batch_augments import build_batch_augments, build_random_erasing, mix_batch
@@ -42,20 +41,21 @@ class VideoDataPreprocessor(BaseDataPreprocessor):
             probability: 0.25, mode: pixel}``); ``None`` for none.
     """
 
+    config_key = "model.data_preprocessor"
+
+    @checked
     def __init__(
         self,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        mean: ListOf(InRange(), length=3) = IMAGENET_MEAN,
+        std: ListOf(InRange(0, low_open=True), length=3) = IMAGENET_STD,
         num_classes: Optional[int] = None,
         batch_augments: Optional[dict] = None,
         non_blocking: bool = False,
         random_erasing: Optional[dict] = None,
     ) -> None:
         super().__init__(non_blocking=non_blocking)
-        where = self.config_path = config_key(default="model.data_preprocessor")  # for errors at run time too
+        where = self.config_path = config_key(default=self.config_key)  # for errors at run time too
         self.random_erasing = build_random_erasing(random_erasing, where)
-        if len(mean) != 3 or len(std) != 3 or any(float(s) <= 0 for s in std):
-            raise ConfigError(f"{where}: mean and std need 3 values (RGB), std positive, got {mean!r} and {std!r}")
         # (3, 1, 1, 1): broadcast over (N, 3, T, H, W).
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1), False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1, 1), False)

@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitasks.checks import InRange, NonNegativeInt, PositiveInt, checked, config_errors, config_key, feature_maps, int_pair
+from vitasks.checks import (
+    InRange, ListOf, NonNegativeInt, PositiveInt, checked, config_errors, config_key, feature_maps, int_pair,
+)
 from vitasks.errors import ConfigError
 from vitasks.models.ops import AnchorGenerator, BoxCoder, batched_nms, box_iou, clip_boxes, nonempty_boxes
 from vitasks.models.ops.sampling import Matcher, subsample_labels
@@ -83,7 +85,7 @@ class RPNHead(nn.Module):
         aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
         strides: Sequence[int] = (4, 8, 16, 32, 64),
         anchor_offset: float = 0.0,
-        iou_thresholds: Sequence[float] = (0.3, 0.7),
+        iou_thresholds: ListOf(InRange(), length=2) = (0.3, 0.7),  # [background_below, foreground_from]
         allow_low_quality_matches: bool = True,
         batch_size_per_image: PositiveInt = 256,
         positive_fraction: InRange(0, 1, low_open=True) = 0.5,
@@ -98,10 +100,6 @@ class RPNHead(nn.Module):
     ) -> None:
         super().__init__()
         where = self.config_path = config_key(default=self.config_key)  # for errors at run time too
-        if len(iou_thresholds) != 2:
-            raise ConfigError(
-                f"{where}.iou_thresholds must be [background_below, foreground_from], got {list(iou_thresholds)}"
-            )
         with config_errors(where):
             self.anchor_generator = AnchorGenerator(anchor_sizes, aspect_ratios, strides, anchor_offset)
         num_anchors = set(self.anchor_generator.num_anchors_per_location)
