@@ -108,6 +108,10 @@ def test_video_photo_clips_move_in_their_class_direction_over_photographs(tmp_pa
     root = make_video_dataset(str(tmp_path / "a"), style="photo", **kwargs)
     assert digest(make_video_dataset(str(tmp_path / "b"), style="photo", **kwargs)) == digest(root)
     assert digest(make_video_dataset(str(tmp_path / "c"), **kwargs)) != digest(root)
+    # Rewriting its own folder replaces the lists and clips (files and folders) with the same bytes.
+    with open(os.path.join(root, "train.txt"), "a") as f:
+        f.write("train/left/stale.mp4 0\n")
+    assert digest(make_video_dataset(root, style="photo", **kwargs)) == digest(str(tmp_path / "b"))
     assert json.load(open(os.path.join(root, "synthetic.json")))["style"] == "photo"
 
 

@@ -74,6 +74,6 @@ def make_cls_dataset(
             os.makedirs(folder, exist_ok=True)
             for i in range(count):
                 Image.fromarray(draw_cls_image(rng, name, size, style)).save(os.path.join(folder, f"{name}_{i:04d}.png"))
-    write_marker(out_dir, dict(kind="cls", num_classes=num_classes, classes=names, train_per_class=train_per_class,
-                               val_per_class=val_per_class, size=size, seed=seed, style=style))
+    write_marker(out_dir, "cls", names, seed, style, train_per_class=train_per_class, val_per_class=val_per_class,
+                 size=size)
     return out_dir, names

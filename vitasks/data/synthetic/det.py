@@ -183,7 +183,6 @@ def make_det_dataset(
         with open(ann_path, "w", encoding="utf-8") as f:
             json.dump({"info": {"description": "vitasks synthetic shapes"}, "licenses": [],
                        "images": images, "annotations": annotations, "categories": categories}, f)
-    write_marker(out_dir, dict(kind="det", num_classes=num_classes, classes=names, cat_ids=cat_ids,
-                               num_train=num_train, num_val=num_val, img_size=img_size, seed=seed,
-                               empty_prob=empty_prob, style=style))
+    write_marker(out_dir, "det", names, seed, style, cat_ids=cat_ids, num_train=num_train, num_val=num_val,
+                 img_size=img_size, empty_prob=empty_prob)
     return out_dir

@@ -90,6 +90,5 @@ def make_seg_dataset(
             cv2.imwrite(os.path.join(ann_dir, name + ".png"), label)
     with open(os.path.join(out_dir, "classes.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(names) + "\n")
-    write_marker(out_dir, dict(kind="seg", num_classes=num_classes, classes=names, num_train=num_train,
-                               num_val=num_val, img_size=img_size, seed=seed, style=style))
+    write_marker(out_dir, "seg", names, seed, style, num_train=num_train, num_val=num_val, img_size=img_size)
     return out_dir

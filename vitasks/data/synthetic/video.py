@@ -194,10 +194,6 @@ def make_video_dataset(
     if num_frames < 2:
         raise ValueError(f"num_frames must be at least 2 (motion needs two frames), got {num_frames}")
     prepare_output(out_dir, ("train", "val", "train.txt", "val.txt", "classes.txt"), "make_video_dataset")
-    for split in ("train.txt", "val.txt", "classes.txt"):
-        path = os.path.join(out_dir, split)
-        if os.path.isfile(path):
-            os.remove(path)
     with open(os.path.join(out_dir, "classes.txt"), "w", encoding="utf-8") as f:
         f.write("".join(n + "\n" for n in names))
     for split_index, (split, per_class) in enumerate((("train", train_per_class), ("val", val_per_class))):
@@ -214,9 +210,7 @@ def make_video_dataset(
                 lines.append(f"{relative} {label}\n")
         with open(os.path.join(out_dir, f"{split}.txt"), "w", encoding="utf-8") as f:
             f.writelines(lines)
-    write_marker(out_dir, dict(
-        kind="video", seed=seed, num_classes=num_classes, classes=names, train_per_class=train_per_class,
-        val_per_class=val_per_class, size=size, num_frames=num_frames, speed_range=list(speed_range),
-        fps=fps, keyframe_interval=keyframe_interval, style=style,
-    ))
+    write_marker(out_dir, "video", names, seed, style, train_per_class=train_per_class, val_per_class=val_per_class,
+                 size=size, num_frames=num_frames, speed_range=list(speed_range), fps=fps,
+                 keyframe_interval=keyframe_interval)
     return out_dir
