@@ -229,3 +229,100 @@ def test_slurm_without_scontrol_or_node_list(tmp_path, slurm_env):
     slurm_env.setenv("MASTER_ADDR", "10.0.0.7")
     _slurm_env(port=None)
     assert os.environ["MASTER_ADDR"] == "10.0.0.7"
+
+
+
+# A stand-in for torchrun: starts a worker (argv[1], with argv[3:] as its arguments) with torchrun's
+# TORCHELASTIC_RUN_ID, prints its pid, and waits for it, or with argv[2] == "orphan" exits at once.
+_LAUNCHER = """
+import os, subprocess, sys
+worker = subprocess.Popen([sys.executable, "-c", *sys.argv[1:2], *sys.argv[3:]], env=dict(os.environ, TORCHELASTIC_RUN_ID="t"))
+print(worker.pid, flush=True)
+if sys.argv[2] != "orphan":
+    worker.wait()
+"""
+# A worker: calls follow_launcher as init_distributed does (after DELAY s), then marks FILE and
+# waits 60 s; on an error it writes the error to FILE instead and exits 3.
+_WORKER = """
+import sys, time
+time.sleep(float(sys.argv[2]))
+from vitasks.engine.distributed import follow_launcher
+try:
+    follow_launcher()
+except Exception as e:
+    open(sys.argv[1], "w").write("error: " + str(e))
+    sys.exit(3)
+open(sys.argv[1], "w").write("following")
+time.sleep(60)
+"""
+
+
+def _gone(pid: int) -> bool:
+    """Whether the process has ended (gone, or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _wait_gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _gone(pid)
+
+
+def _worker_env() -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                OMP_NUM_THREADS="1")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_worker_ends_when_its_torchrun_is_killed(tmp_path):
+    """torchrun killed with SIGKILL (a harness's timeout, the OOM killer) cannot stop its workers,
+    which run in sessions of their own; a worker left behind before joining the group waited for
+    torchrun's store for the group's whole timeout (30 min), alive and silent. Now it gets SIGTERM
+    when torchrun ends."""
+    mark = tmp_path / "mark"
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, _WORKER, "wait", str(mark), "0"],
+                                env=_worker_env(), stdout=subprocess.PIPE, text=True)
+    worker = int(launcher.stdout.readline())
+    try:
+        deadline = time.monotonic() + 120
+        while not mark.exists():
+            assert launcher.poll() is None and time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.1)
+        assert mark.read_text() == "following"
+        launcher.kill()
+        launcher.wait()
+        assert _wait_gone(worker, 30), "the worker outlived its killed launcher"
+    finally:
+        if not _gone(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+def _orphans_go_to_process_1() -> bool:
+    # The grandchild prints its parent after its parent has exited; run() returns when both
+    # have closed the pipe.
+    out = subprocess.run(
+        [sys.executable, "-c", "import subprocess, sys; subprocess.Popen([sys.executable, '-c', "
+         "'import os, time; time.sleep(0.5); print(os.getppid())'])"],
+        capture_output=True, text=True, timeout=60).stdout.split()
+    return out == ["1"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_worker_whose_torchrun_already_ended_stops_with_an_error(tmp_path):
+    if not _orphans_go_to_process_1():
+        pytest.skip("orphans are adopted by a subreaper here, not by process 1")
+    mark = tmp_path / "mark"
+    launcher = subprocess.run([sys.executable, "-c", _LAUNCHER, _WORKER, "orphan", str(mark), "1"],
+                              env=_worker_env(), stdout=subprocess.PIPE, text=True, timeout=120)
+    worker = int(launcher.stdout.split()[0])
+    try:
+        assert _wait_gone(worker, 120)
+        assert "error: torchrun, which started this process, has ended" in mark.read_text()
+    finally:
+        if not _gone(worker):
+            os.kill(worker, signal.SIGKILL)
