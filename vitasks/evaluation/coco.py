@@ -397,18 +397,12 @@ class CocoResultsDumper(PredictionDumper):
     Args:
         out_path: the JSON file to write (folders are created).
         with_masks: ``None`` writes masks when the predictions have them; False never.
-        collect_device: where results are gathered in distributed runs.
-        prefix: unused (it reports no numbers).
+        **kwargs: ``collect_device`` and ``prefix`` (unused: it reports no numbers), as
+            :class:`~vitasks.evaluation.dump.PredictionDumper`.
     """
 
-    def __init__(
-        self,
-        out_path: str | None = None,
-        with_masks: bool | None = None,
-        collect_device: str = "cpu",
-        prefix: str | None = None,
-    ) -> None:
-        super().__init__(out_path, collect_device=collect_device, prefix=prefix)
+    def __init__(self, out_path: str | None = None, with_masks: bool | None = None, **kwargs) -> None:
+        super().__init__(out_path, **kwargs)
         self.with_masks = with_masks
 
     @property

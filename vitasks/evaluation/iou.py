@@ -234,19 +234,13 @@ class SegPredictionDumper(PredictionDumper):
             ``None`` takes the dataset's (metainfo).
         img_root: the image folder that names are made relative to; ``None`` takes the
             dataset's.
-        collect_device: unused (files are written by every rank), kept for mmengine.
-        prefix: unused, kept for mmengine.
+        **kwargs: ``collect_device`` (unused: files are written by every rank) and ``prefix``,
+            as :class:`~vitasks.evaluation.dump.PredictionDumper`.
     """
 
-    def __init__(
-        self,
-        out_path: str,
-        reduce_zero_label: bool | None = None,
-        img_root: str | None = None,
-        collect_device: str = "cpu",
-        prefix: str | None = None,
-    ) -> None:
-        super().__init__(out_path, collect_device=collect_device, prefix=prefix)
+    def __init__(self, out_path: str, reduce_zero_label: bool | None = None, img_root: str | None = None,
+                 **kwargs) -> None:
+        super().__init__(out_path, **kwargs)
         self.reduce_zero_label = reduce_zero_label
         self.img_root = img_root
         # Written file -> the image it came from, to refuse a second prediction of the same name.
