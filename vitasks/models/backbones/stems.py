@@ -160,24 +160,18 @@ class ConvStem(nn.Module):
 
     @staticmethod
     def _resolve(embed_dim, preset, channels, strides) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-        if preset is not None:
-            if channels is not None or strides is not None:
-                raise ConfigError(f"{_where()}: ConvStem takes either `preset` or `channels` + `strides`, not both")
-            key = str(preset).upper().replace("VITC-", "")
+        if preset is not None and (channels is not None or strides is not None):
+            raise ConfigError(f"{_where()}: ConvStem takes either `preset` or `channels` + `strides`, not both")
+        if preset is not None or (channels is None and strides is None):
+            # The preset named, or the paper's stem for this width.
+            key = _PRESET_FOR_WIDTH.get(embed_dim) if preset is None else str(preset).upper().replace("VITC-", "")
             if key not in CONV_STEM_PRESETS:
-                raise ConfigError(
-                    f"{_where()}.preset of ConvStem: unknown preset {preset!r}; expected one of "
-                    f"{sorted(CONV_STEM_PRESETS, key=lambda k: int(k[:-2]))}"
-                )
+                problem = (f"unknown preset {preset!r}" if preset is not None else
+                           f"none given, and the paper has no default stem for embed_dim {embed_dim}")
+                names = sorted(CONV_STEM_PRESETS, key=lambda k: int(k[:-2]))
+                raise ConfigError(f"{_where()}.preset of ConvStem: {problem}; expected one of {names} (or `channels` "
+                                  "and `strides`)")
             p = CONV_STEM_PRESETS[key]
-            return p["channels"], p["strides"]
-        if channels is None and strides is None:
-            if embed_dim not in _PRESET_FOR_WIDTH:
-                raise ConfigError(
-                    f"{_where()}: ConvStem needs `preset` (one of {list(CONV_STEM_PRESETS)}) or `channels` "
-                    f"and `strides`; the paper has no default stem for embed_dim {embed_dim}"
-                )
-            p = CONV_STEM_PRESETS[_PRESET_FOR_WIDTH[embed_dim]]
             return p["channels"], p["strides"]
         if channels is None or strides is None or len(channels) != len(strides):
             raise ConfigError(f"{_where()}: ConvStem needs both `channels` and `strides`, one stride per conv; got "

@@ -210,14 +210,12 @@ class VisionTransformer(ViTBackbone):
             )
         self.use_rel_pos_bias = bool(use_rel_pos_bias)
         self.use_shared_rel_pos_bias = bool(use_shared_rel_pos_bias)
-        if self.use_rel_pos_bias and self.use_shared_rel_pos_bias:
-            raise ConfigError(
-                f"{key()}: use_rel_pos_bias (a table per block) and use_shared_rel_pos_bias (one table) "
-                "exclude each other; a shared checkpoint table loads into every block with use_rel_pos_bias"
-            )
         if self.use_rel_pos_bias or self.use_shared_rel_pos_bias:
             which = key("use_rel_pos_bias" if self.use_rel_pos_bias else "use_shared_rel_pos_bias")
-            problem = ("needs global attention (BEiT's table): set window_size: 0" if self.window_size else
+            problem = ("(a table per block) and use_shared_rel_pos_bias (one table) exclude each other; a shared "
+                       "checkpoint table loads into every block with use_rel_pos_bias"
+                       if self.use_rel_pos_bias and self.use_shared_rel_pos_bias else
+                       "needs global attention (BEiT's table): set window_size: 0" if self.window_size else
                        "has entries for the class token only (BEiT's table): set num_reg_tokens: 0" if num_reg_tokens
                        else "needs every block to see the whole patch grid: remove token_reduction"
                        if token_reduction is not None else None)
