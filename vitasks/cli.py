@@ -51,7 +51,7 @@ def _check_cfg_options(options: Sequence[str]) -> List[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# train
+# the handlers, one per sub-command (``_run_<name>``)
 # --------------------------------------------------------------------------------------------
 
 
@@ -66,11 +66,6 @@ def _run_train(args: argparse.Namespace) -> int:
         cfg_options=args.cfg_options,
     )
     return 0
-
-
-# --------------------------------------------------------------------------------------------
-# test
-# --------------------------------------------------------------------------------------------
 
 
 def format_metrics(metrics: dict) -> str:
@@ -100,11 +95,6 @@ def _run_test(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------------------------
-# infer
-# --------------------------------------------------------------------------------------------
-
-
 def _run_infer(args: argparse.Namespace) -> int:
     apis = importlib.import_module("vitasks.apis")
     results = apis.run_inference(
@@ -121,11 +111,6 @@ def _run_infer(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------------------------
-# attention-map
-# --------------------------------------------------------------------------------------------
-
-
 def _run_attention_map(args: argparse.Namespace) -> int:
     apis = importlib.import_module("vitasks.apis")
     apis.attention_map(
@@ -135,11 +120,6 @@ def _run_attention_map(args: argparse.Namespace) -> int:
     )
     print(f"wrote {args.out}")
     return 0
-
-
-# --------------------------------------------------------------------------------------------
-# convert
-# --------------------------------------------------------------------------------------------
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -164,11 +144,6 @@ def _run_convert(args: argparse.Namespace) -> int:
     )
     print(f"wrote {args.dst}")
     return 0
-
-
-# --------------------------------------------------------------------------------------------
-# list
-# --------------------------------------------------------------------------------------------
 
 
 def _run_list(args: argparse.Namespace) -> int:
@@ -198,11 +173,6 @@ def _run_list(args: argparse.Namespace) -> int:
         blocks.append("\n".join(lines))
     print("\n\n".join(blocks))
     return 0
-
-
-# --------------------------------------------------------------------------------------------
-# benchmark
-# --------------------------------------------------------------------------------------------
 
 
 def _positive_int(text: str) -> int:
@@ -236,11 +206,6 @@ def _run_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------------------------
-# export-onnx
-# --------------------------------------------------------------------------------------------
-
-
 def _run_export_onnx(args: argparse.Namespace) -> int:
     if args.img_size is not None and len(args.img_size) > 2:
         args.parser.error("--img-size takes H or H W")
@@ -263,11 +228,6 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------------------------
-# eval-coco
-# --------------------------------------------------------------------------------------------
-
-
 def _run_eval_coco(args: argparse.Namespace) -> int:
     coco = importlib.import_module("vitasks.evaluation.coco")
     metrics, text = coco.evaluate_results_file(args.results, args.annotations)
@@ -279,22 +239,12 @@ def _run_eval_coco(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------------------------
-# browse-dataset
-# --------------------------------------------------------------------------------------------
-
-
 def _run_browse_dataset(args: argparse.Namespace) -> int:
     browse = importlib.import_module("vitasks.visualization.browse")
     written = browse.browse_dataset(args.config, args.out_dir, num=args.num,
                                     cfg_options=args.cfg_options)
     print(f"wrote {len(written)} images to {args.out_dir}")
     return 0
-
-
-# --------------------------------------------------------------------------------------------
-# analyze-logs
-# --------------------------------------------------------------------------------------------
 
 
 def _run_analyze_logs(args: argparse.Namespace) -> int:
@@ -314,11 +264,6 @@ def _run_analyze_logs(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------------------------
-# gpu-check
-# --------------------------------------------------------------------------------------------
-
-
 def _run_gpu_check(args: argparse.Namespace) -> int:
     gpu = importlib.import_module("vitasks.benchmarks.gpu_check")
     report = gpu.gpu_check(args.config, args.batch_size, args.peak_tflops, args.iters, compile=not args.no_compile)
@@ -326,11 +271,6 @@ def _run_gpu_check(args: argparse.Namespace) -> int:
     if args.json:
         _write_json(args.json, report)
     return 0
-
-
-# --------------------------------------------------------------------------------------------
-# make-synthetic
-# --------------------------------------------------------------------------------------------
 
 
 def _run_make_synthetic(args: argparse.Namespace) -> int:
@@ -341,8 +281,9 @@ def _run_make_synthetic(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# main
+# the sub-commands (one table) and main
 # --------------------------------------------------------------------------------------------
+
 
 class Command(NamedTuple):
     """One sub-command: its handler (which reaches the parser as ``args.parser``, for
