@@ -117,3 +117,17 @@ def test_dataset_and_metric_errors_name_their_loader_key(tmp_path, trained):
                                   test_evaluator=dict(type="CocoMetric", metric=["keypoints"]))
     with pytest.raises(ConfigError, match=r"test_evaluator\.metric must be a subset of \['bbox', 'segm'\]"):
         launch.test(bad_metric, ckpt, work_dir=str(tmp_path / "wd2"))
+
+
+def test_a_transform_error_names_its_pipeline_entry(tmp_path, trained):
+    """Under the Runner a dataset's transforms are built at ``<loader>.dataset.pipeline.<i>``."""
+    from PIL import Image
+
+    ckpt, _ = trained
+    (tmp_path / "data" / "val" / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "val" / "a" / "x.png")
+    pipeline = [dict(type="LoadImage"), dict(type="SegRandomResize", scale=[8, 8], ratio_range=[2.0, 1.0])]
+    cfg = toy.write_config(tmp_path, name="bad_ratio.yaml", test_dataloader=dict(dataset=dict(
+        _delete_=True, type="ImageNetFolder", data_root=str(tmp_path / "data"), split="val", pipeline=pipeline)))
+    with pytest.raises(ConfigError, match=r"test_dataloader\.dataset\.pipeline\.1\.ratio_range must be \[min, max\]"):
+        launch.test(cfg, ckpt, work_dir=str(tmp_path / "wd"))
