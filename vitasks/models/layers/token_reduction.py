@@ -98,18 +98,15 @@ class TokenReduction(nn.Module):
         ``first_reduced_block`` on must have global attention without it."""
         start = self.first_reduced_block
         windowed = [i for i in range(start, self.depth) if window_sizes[i]]
-        name = type(self).__name__
-        if windowed:
-            raise ConfigError(
-                f"{WHERE}: {name} reduces the tokens from block {start} on, but blocks {windowed} use window "
-                "attention, which needs the full patch grid (ViTDet); reduce only after the last window block "
-                "(a later at_block, or for ToMe an `r` list that is 0 up to there) or set window_size: 0"
-            )
-        if use_rel_pos and start < self.depth:
-            raise ConfigError(
-                f"{WHERE}: {name} reduces the tokens from block {start} on, but use_rel_pos adds a relative "
-                "position bias over the patch grid in every block; set use_rel_pos: false"
-            )
+        problem = (
+            f"blocks {windowed} use window attention, which needs the full patch grid (ViTDet); reduce only after "
+            "the last window block (a later at_block, or for ToMe an `r` list that is 0 up to there) or set "
+            "window_size: 0" if windowed else
+            "use_rel_pos adds a relative position bias over the patch grid in every block; set use_rel_pos: false"
+            if use_rel_pos and start < self.depth else None
+        )
+        if problem:
+            raise ConfigError(f"{WHERE}: {type(self).__name__} reduces the tokens from block {start} on, but {problem}")
 
     # The interface the backbone calls -------------------------------------------------------
 

@@ -76,9 +76,6 @@ class OutputSpec:
         if out_indices is None:
             self.map_indices: Optional[Tuple[int, ...]] = None
             return
-        if clips:
-            raise ConfigError(f"model.out_indices.{task}: task {task!r} reads clips, which the shared image backbone "
-                              "turns into the time-averaged pooled feature; it cannot read block maps (remove the entry)")
         if isinstance(out_indices, int) and not isinstance(out_indices, bool):
             out_indices = [out_indices]
         self.map_indices = block_indices(out_indices, depth, f"model.out_indices.{task}", allow_empty=False)
@@ -292,13 +289,17 @@ class MultiTaskModel(BaseModel):
         # the task's parts name model.tasks.<name>.<part>
         with config_errors(where, ConfigError, TypeError), building("tasks", name, root="model"):
             task = model_cls(backbone=view, **cfg)
-        if _reads_clips(task):
-            spec = OutputSpec(out_indices, depth, name, clips=True)  # known once the task model is built
-            view.spec = spec
-        if spec.pooled and _reads_maps(task):
-            raise ConfigError(f"{where}: a {type(task).__name__} reads feature maps, but the task reads the pooled "
-                              f"feature; say which blocks' maps it reads with model.out_indices.{name} (e.g. [3, 5, 7, 11], or [-1] "
-                              "for ViTDet's pyramid)")
+        clips = _reads_clips(task)  # what the task reads is known once it is built
+        wrong = (f"model.out_indices.{name}: task {name!r} reads clips, which the shared image backbone turns into the "
+                 "time-averaged pooled feature; it cannot read block maps (remove the entry)"
+                 if clips and out_indices is not None else
+                 f"{where}: a {type(task).__name__} reads feature maps, but the task reads the pooled feature; say "
+                 f"which blocks' maps it reads with model.out_indices.{name} (e.g. [3, 5, 7, 11], or [-1] for "
+                 "ViTDet's pyramid)" if spec.pooled and _reads_maps(task) else None)
+        if wrong:
+            raise ConfigError(wrong)
+        if clips:
+            view.spec = spec = OutputSpec(None, depth, name, clips=True)
         self.loss_weights[name] = weight
         self.specs[name] = spec
         return task
