@@ -2,6 +2,7 @@
 
 from .stems import ConvStem, PatchEmbed, ResNetStem
 from .vit import VisionTransformer
+from .stem_skips import StemSkipViT  # (segmentation: the stem's maps as skips)
 from .video_vit import VideoVisionTransformer  # (video helper)
 
-__all__ = ["ConvStem", "PatchEmbed", "ResNetStem", "VideoVisionTransformer", "VisionTransformer"]
+__all__ = ["ConvStem", "PatchEmbed", "ResNetStem", "StemSkipViT", "VideoVisionTransformer", "VisionTransformer"]
