@@ -95,7 +95,7 @@ class TubeletEmbed(nn.Module):
       is the sign.
 
     Same parameters as the linear embedding (nothing to load differently); it needs
-    ``tubelet_size >= 2``.
+    ``tubelet_size >= 2`` (:class:`VideoVisionTransformer` checks it).
 
     Args:
         in_channels: image channels.
@@ -109,9 +109,6 @@ class TubeletEmbed(nn.Module):
     def __init__(self, in_channels: int, embed_dim: int, patch_size: int, tubelet_size: int, bias: bool = True,
                  motion_energy: bool = False) -> None:
         super().__init__()
-        if motion_energy and tubelet_size < 2:
-            raise ConfigError(f"{config_key('motion_energy', default='model.backbone')} needs tubelet_size >= 2 "
-                              f"(motion within a tubelet), got {tubelet_size}")
         self.stride = patch_size
         self.tubelet_size = tubelet_size
         self.motion_energy = bool(motion_energy)
@@ -317,9 +314,13 @@ class VideoVisionTransformer(ViTBackbone):
         self.inflate, self.interpolate_mode = inflate, interpolate_mode
         (self.temporal_size,) = self.grid_of((num_frames,), tubelet_size, "num_frames", "tubelet_size")
         self.grid_size = self.grid_of(img_size, patch_size, "img_size", "patch_size")
-        if attention_type == "factorised_encoder" and pos_embed != "learned":
-            raise ConfigError(f"{self.key()}: attention_type factorised_encoder takes pos_embed: learned (a spatial "
-                              f"table per frame group and the temporal encoder's own), got {pos_embed!r}")
+        problem = (f"{self.key()}: attention_type factorised_encoder takes pos_embed: learned (a spatial table per "
+                   f"frame group and the temporal encoder's own), got {pos_embed!r}"
+                   if attention_type == "factorised_encoder" and pos_embed != "learned" else
+                   f"{self.key('motion_energy')} needs tubelet_size >= 2 (motion within a tubelet), got {tubelet_size}"
+                   if motion_energy and tubelet_size < 2 else None)
+        if problem:
+            raise ConfigError(problem)
 
         self.num_frames = num_frames
         self.img_size = img_size

@@ -418,12 +418,12 @@ class CascadeRoIHead(StandardRoIHead):
         **kwargs,
     ) -> None:
         where = config_key(default=self.config_key)
-        for key in ("iou_threshold", "box_coder_weights"):
-            if key in kwargs:
-                raise ConfigError(
-                    f"{where}.{key}: CascadeRoIHead takes per-stage lists (stage_iou_thresholds, "
-                    "stage_box_coder_weights) instead"
-                )
+        # What the cascade sets itself: per-stage matching and box coding, class-agnostic box heads.
+        fixed = [key for key in ("iou_threshold", "box_coder_weights") if key in kwargs]
+        fixed += ["box_head.class_agnostic"] if (kwargs.get("box_head") or {}).get("class_agnostic") is False else []
+        if fixed:
+            raise ConfigError(f"{where}.{fixed[0]}: CascadeRoIHead sets it itself: it takes per-stage lists "
+                              "(stage_iou_thresholds, stage_box_coder_weights) and its box heads are class-agnostic")
         self.num_stages = len(stage_iou_thresholds)
         weights = [1.0] * self.num_stages if stage_loss_weights is None else [float(w) for w in stage_loss_weights]
         if self.num_stages < 1 or not len(stage_box_coder_weights) == len(weights) == self.num_stages:
@@ -432,8 +432,6 @@ class CascadeRoIHead(StandardRoIHead):
                 f"one entry per stage, got {len(stage_iou_thresholds)}, {len(stage_box_coder_weights)} and "
                 f"{len(weights)}"
             )
-        if (kwargs.get("box_head") or {}).get("class_agnostic") is False:
-            raise ConfigError(f"{where}.box_head.class_agnostic: the cascade's box heads are class-agnostic")
         super().__init__(num_classes, iou_threshold=stage_iou_thresholds[0], **kwargs)
         self.stage_loss_weights = weights
         self.box_coders = [BoxCoder(w) for w in stage_box_coder_weights]

@@ -137,6 +137,17 @@ class TokenReduction(nn.Module):
         the block it serves + 1."""
         return self.first_reduced_block + 1
 
+    def no_attention_maps(self) -> Optional[str]:
+        """Why :meth:`run_with_attention` cannot draw this reduction's maps (a step that is not an
+        attention over tokens, and what to change), or None."""
+        return None
+
+    def check_attention_maps(self) -> None:
+        """A ConfigError saying :meth:`no_attention_maps`, if anything."""
+        reason = self.no_attention_maps()
+        if reason:
+            raise ConfigError(f"{WHERE}: attention maps cannot follow {reason}")
+
 
 # ------------------------------------------------------------------------------------------- ToMe
 
@@ -580,12 +591,14 @@ class TokenLearner(TokenReduction):
                 dense[i] = x[:, num_prefix:]  # the grid (validated)
         return x, dense, None
 
-    def run_with_attention(self, blocks, x, grid, num_prefix):
+    def no_attention_maps(self) -> Optional[str]:
         if self.enabled and self.use_fuser:
-            raise ConfigError(
-                f"{WHERE}: attention maps cannot follow TokenFuser (its sigmoid mixing and residual are not "
-                "an attention over tokens); draw them with fuser: false, or without token_reduction"
-            )
+            return ("TokenFuser (its sigmoid mixing and residual are not an attention over tokens); draw them with "
+                    "fuser: false, or without token_reduction")
+        return None
+
+    def run_with_attention(self, blocks, x, grid, num_prefix):
+        self.check_attention_maps()
         attentions: List[Tensor] = []
         transitions: List[Optional[Tensor]] = [None] * (len(blocks) + 1)
 
@@ -742,12 +755,14 @@ class VisualTokens(TokenReduction):
                 dense[i] = self.project(x, state, num_prefix)
         return x, dense, state
 
-    def run_with_attention(self, blocks, x, grid, num_prefix):
+    def no_attention_maps(self) -> Optional[str]:
         if self.enabled and len(self.group_starts) > 1:
-            raise ConfigError(
-                f"{WHERE}: attention maps cannot follow the projector into a recurrent tokenizer (the map it "
-                "updates is a residual sum, not an attention over tokens); draw them without recurrent_at"
-            )
+            return ("the projector into a recurrent tokenizer (the map it updates is a residual sum, not an "
+                    "attention over tokens); draw them without recurrent_at")
+        return None
+
+    def run_with_attention(self, blocks, x, grid, num_prefix):
+        self.check_attention_maps()
         attentions: List[Tensor] = []
         transitions: List[Optional[Tensor]] = [None] * (len(blocks) + 1)
         state: dict = {}
