@@ -246,7 +246,7 @@ if sys.argv[2] != "orphan":
 _WORKER = """
 import sys, time
 time.sleep(float(sys.argv[2]))
-from vitasks.engine.distributed import follow_launcher
+from vitasks.torchrun_worker import follow_launcher
 try:
     follow_launcher()
 except Exception as e:

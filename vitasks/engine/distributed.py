@@ -27,7 +27,6 @@ down while another still communicates.
 from __future__ import annotations
 
 import atexit
-import ctypes
 import datetime
 import faulthandler
 import gc
@@ -43,7 +42,8 @@ import torch
 import torch.distributed as dist
 from mmengine.logging import print_log
 
-from vitasks.errors import ConfigError, VitasksError
+from vitasks.errors import ConfigError
+from vitasks.torchrun_worker import follow_launcher
 
 __all__ = ["init_distributed", "shutdown_distributed", "wait_for_all_ranks", "backend_threads", "follow_launcher",
            "LAUNCHERS"]
@@ -149,52 +149,6 @@ def init_distributed(
         kwargs["timeout"] = datetime.timedelta(seconds=timeout)
     dist.init_process_group(backend=backend, **kwargs)
     atexit.register(shutdown_distributed)
-
-
-# prctl(2): the signal a process gets when its parent (thread) ends.
-_PR_SET_PDEATHSIG = 1
-
-
-def follow_launcher() -> None:
-    """Under torchrun: end this process when torchrun ends (Linux; a no-op elsewhere and outside
-    torchrun, i.e. without ``TORCHELASTIC_RUN_ID`` in the environment).
-
-    torchrun starts every worker in a session of its own and does not stop them when it is killed
-    itself (SIGKILL: a harness's timeout, the OOM killer). A worker left behind that has not joined
-    the group yet waits for torchrun's store, which died with it, retrying the connection for the
-    group's whole timeout (30 minutes by default), with no output: both ranks alive, nothing moving.
-    So a worker asks the kernel for SIGTERM when its parent ends (``PR_SET_PDEATHSIG``: SIGTERM
-    rather than SIGKILL so that training stops as torchrun itself stops it), and a worker whose
-    torchrun ended before it got that far (it is the init process's child by then) stops at once
-    with an error.
-    """
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
-        return
-    hint = ("torchrun, which started this process, has ended (killed?); "
-            "this worker stops rather than wait for the group's timeout")
-    parent = os.getppid()
-    if parent == 1 and not _is_python(1):  # (torchrun itself may be a container's process 1)
-        raise VitasksError(hint)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        failed = libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0
-    except (OSError, AttributeError):
-        failed = True
-    if failed:
-        print_log("distributed: could not ask to be stopped with torchrun (prctl PR_SET_PDEATHSIG failed)",
-                  logger="current", level=logging.WARNING)
-        return
-    if os.getppid() != parent:  # torchrun ended between the two calls: no signal will come
-        raise VitasksError(hint)
-
-
-def _is_python(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            command = f.read().lower()
-    except OSError:
-        return False
-    return b"python" in command or b"torch" in command
 
 
 def _register_stack_dump() -> None:
