@@ -58,6 +58,7 @@ __all__ = [
     "options",
     "feature_maps",
     "both_or_neither",
+    "not_both",
     "divisible",
     "config_errors",
     "component_class",
@@ -100,16 +101,15 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def positive_int(value: Any, key: str) -> int:
-    if not _is_int(value) or value < 1:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+def positive_int(value: Any, key: str, low: int = 1, what: str = "a positive integer") -> int:
+    """An integer (not a bool) >= ``low``."""
+    if not _is_int(value) or value < low:
+        raise ConfigError(f"{key} must be {what}, got {value!r}")
     return value
 
 
 def non_negative_int(value: Any, key: str) -> int:
-    if not _is_int(value) or value < 0:
-        raise ConfigError(f"{key} must be an integer >= 0, got {value!r}")
-    return value
+    return positive_int(value, key, 0, "an integer >= 0")
 
 
 def flag(value: Any, key: str) -> bool:
@@ -127,9 +127,11 @@ def int_pair(value: Any, key: str, what: str = "a positive int or [height, width
     return int(value[0]), int(value[1])
 
 
-def one_of(value: Any, choices: Sequence[Any], key: str) -> Any:
+def one_of(value: Any, choices: Sequence[Any], key: str, listed: bool = False) -> Any:
+    """``value`` if it is among ``choices`` (``listed``: the message lists them as ``a, b``)."""
     if value not in choices:
-        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+        raise ConfigError(f"{key}: expected one of {', '.join(map(str, choices))}, got {value!r}" if listed
+                          else f"{key} must be one of {list(choices)}, got {value!r}")
     return value
 
 
@@ -384,6 +386,13 @@ def both_or_neither(key: str, **values: Any) -> None:
     if len({v is None for v in values.values()}) > 1:
         names = list(values)
         raise ConfigError(f"{key}: give both {' and '.join(names)}, or neither")
+
+
+def not_both(key: str, **values: Any) -> None:
+    """Arguments that exclude each other: at most one set (not None, 0 or False)."""
+    given = [name for name, value in values.items() if value is not None and value is not False and value != 0]
+    if len(given) > 1:
+        raise ConfigError(f"{key}: give {' or '.join(values)}, not both")
 
 
 @contextmanager

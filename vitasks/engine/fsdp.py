@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from vitasks.checks import one_of
 from vitasks.errors import ConfigError
 
 __all__ = ["STRATEGIES", "check_strategy", "shard_model", "full_state_dicts", "load_full_state", "is_sharded"]
@@ -39,9 +40,7 @@ STRATEGIES = ("ddp", "fsdp")
 
 def check_strategy(strategy: Optional[str], distributed: bool) -> str:
     """The config's ``strategy`` ("ddp" when unset), checked."""
-    strategy = "ddp" if strategy is None else strategy
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    strategy = one_of("ddp" if strategy is None else strategy, STRATEGIES, "strategy", listed=True)
     if strategy == "fsdp" and not distributed:
         raise ConfigError(
             "strategy: fsdp shards the model over the processes of a distributed launch; start "

@@ -30,7 +30,7 @@ from mmengine.hooks import CheckpointHook, Hook
 from mmengine.hooks import EMAHook as _MMEngineEMAHook
 from mmengine.model import BaseAveragedModel, is_model_wrapper
 
-from vitasks.checks import InRange, NonNegativeInt, OrNone, PositiveInt, checked
+from vitasks.checks import InRange, NonNegativeInt, OrNone, PositiveInt, checked, not_both
 from vitasks.data.seeding import derive_seed
 from vitasks.registry import HOOKS
 
@@ -192,14 +192,9 @@ class EMAHook(_MMEngineEMAHook):
                  warmup: bool = False, evaluate: bool = True, update_buffers: bool = False,
                  begin_iter: NonNegativeInt = 0, begin_epoch: NonNegativeInt = 0,
                  momentum: OrNone(InRange(0, 1, True, True)) = None, strict_load: bool = False) -> None:
-        from vitasks.errors import ConfigError
-
-        where = self.config_key
-        if decay is not None and momentum is not None:
-            raise ConfigError(f"{where}: give decay or momentum (= 1 - decay), not both")
+        not_both(self.config_key, decay=decay, momentum=momentum)  # momentum = 1 - decay
+        not_both(self.config_key, begin_iter=begin_iter, begin_epoch=begin_epoch)
         decay = 0.9998 if decay is None and momentum is None else decay if decay is not None else 1.0 - momentum
-        if begin_iter and begin_epoch:
-            raise ConfigError(f"{where}: set begin_iter or begin_epoch, not both")
         super().__init__(strict_load=strict_load, begin_iter=begin_iter, begin_epoch=begin_epoch)
         self.decay = float(decay)
         self.interval = interval

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitasks.checks import ListOf, OneOf, OrNone, PositiveInt, checked, config_key, divisible, one_of
+from vitasks.checks import ListOf, OneOf, OrNone, PositiveInt, checked, config_key, divisible, not_both, one_of
 from vitasks.errors import ConfigError
 from vitasks.models.layers.conv import ConvBNReLU, check_norm
 from vitasks.registry import MODELS
@@ -160,8 +160,7 @@ class ConvStem(nn.Module):
 
     @staticmethod
     def _resolve(embed_dim, preset, channels, strides) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-        if preset is not None and (channels is not None or strides is not None):
-            raise ConfigError(f"{_where()}: ConvStem takes either `preset` or `channels` + `strides`, not both")
+        not_both(f"{_where()}: ConvStem", preset=preset, **{"channels + strides": channels or strides})
         if preset is not None or (channels is None and strides is None):
             # The preset named, or the paper's stem for this width.
             key = _PRESET_FOR_WIDTH.get(embed_dim) if preset is None else str(preset).upper().replace("VITC-", "")

@@ -13,6 +13,7 @@ import torch
 
 from vitasks.checks import (
     InRange, ListOf, NonNegativeInt, OrNone, PositiveInt, building, checked, config_errors, config_key, one_of, options,
+    positive_int,
 )
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
@@ -283,9 +284,8 @@ def build_batch_augments(cfg: Optional[dict], num_classes: Optional[int], owner:
         return None
     cfg = options(cfg, f"{owner}.batch_augments", ("augments", "probs"), required=("augments",),
                   what="a dict with `augments` (and optional `probs`)")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ConfigError(f"{owner}.num_classes: batch_augments need a positive integer (e.g. ${{num_classes}}) "
-                          f"to build soft targets, got {num_classes!r}")
+    positive_int(num_classes, f"{owner}.num_classes", what="a positive integer (e.g. ${num_classes}) for "
+                 "batch_augments' soft targets")
     with building("batch_augments", root=owner):
         return RandomBatchAugment(**cfg)
 

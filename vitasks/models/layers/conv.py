@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vitasks.errors import ConfigError
+from vitasks.checks import one_of
 from vitasks.models.layers.norm import LayerNorm2d
 
 __all__ = ["ConvBNReLU", "conv_norm", "check_norm", "NORMS"]
@@ -21,9 +21,7 @@ NORMS = ("BN", "LN", "GN")
 
 def check_norm(norm: str, key: str = "norm") -> str:
     """``norm`` if it names a normalisation of :class:`ConvBNReLU`; else a ConfigError at ``key``."""
-    if norm not in NORMS:
-        raise ConfigError(f"{key}: expected one of {', '.join(NORMS)}, got {norm!r}")
-    return norm
+    return one_of(norm, NORMS, key, listed=True)
 
 
 def conv_norm(norm: str, channels: int, eps: float) -> nn.Module:
