@@ -31,7 +31,7 @@ from mmengine.config import Config
 from mmengine.dataset import Compose, pseudo_collate
 from torch import nn
 
-from vitasks.checks import options
+from vitasks.checks import config_errors, options
 from vitasks.data.dataset_cfg import test_dataset_cfg
 from vitasks.errors import CheckpointError, ConfigError, DataError, VitasksError
 from vitasks.registry import MODELS, TRANSFORMS
@@ -77,10 +77,8 @@ def build_model(cfg: Config) -> nn.Module:
     """Build ``cfg.model`` from the vitasks registry (weights as initialised by the modules)."""
     options(cfg.get("model"), f"{_where(cfg)}: model", what="a `model` section (a dict with a `type`)",
             required=("type",))
-    try:
+    with config_errors(f"{_where(cfg)}: model", KeyError):  # an unregistered type; validate_config suggests
         return MODELS.build(cfg.model)
-    except KeyError as e:  # an unregistered type; validate_config gives suggestions
-        raise ConfigError(f"{_where(cfg)}: model: {e.args[0] if e.args else e}") from e
 
 
 def read_checkpoint(path: str) -> tuple[dict, dict]:
@@ -215,10 +213,8 @@ def build_test_pipeline(cfg: Config, from_array: bool = False, task: str | None 
         name = _type_name(t)
         if name in ANNOTATION_LOADERS or (from_array and name in IMAGE_LOADERS):
             continue
-        try:
+        with config_errors(f"{_where(cfg)}: {where}", KeyError):
             steps.append(TRANSFORMS.build(t))
-        except KeyError as e:
-            raise ConfigError(f"{_where(cfg)}: {where}: {e.args[0] if e.args else e}") from e
     return Compose(steps)
 
 

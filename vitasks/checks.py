@@ -392,19 +392,20 @@ def not_both(key: str, **values: Any) -> None:
     """Arguments that exclude each other: at most one set (not None, 0 or False)."""
     given = [name for name, value in values.items() if value is not None and value is not False and value != 0]
     if len(given) > 1:
-        raise ConfigError(f"{key}: give {' or '.join(values)}, not both")
+        raise ConfigError(f"{key}: give either {' or '.join(values)}, not both")
 
 
 @contextmanager
 def config_errors(key: str, *kinds: type) -> Iterator[None]:
     """A ValueError (or one of ``kinds``) raised inside, by a layer or op built from the config at
-    ``key``, becomes a ConfigError naming that key (a ConfigError that names it already passes)."""
+    ``key``, becomes a ConfigError naming that key (a ConfigError that names it already passes; a
+    KeyError, e.g. a registry's unknown type, says its message unquoted)."""
     try:
         yield
     except kinds or (ValueError,) as error:
         if isinstance(error, ConfigError) and str(error).startswith(key):
             raise
-        raise ConfigError(f"{key}: {error}") from error
+        raise ConfigError(f"{key}: {error.args[0] if isinstance(error, KeyError) and error.args else error}") from error
 
 
 def component_class(kind: Any, registry: Any, key: str, what: str = "model component",

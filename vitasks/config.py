@@ -266,14 +266,10 @@ def _set_dotted(cfg: dict, key: str, value: Any) -> None:
                 node[part] = {}  # a missing or null section is created
             node = node[part]
         elif isinstance(node, list):
-            try:
-                index = int(part)
-            except ValueError:
-                raise ConfigError(f"--cfg-options {key}: {here} is a list; '{part}' is not an "
-                                  "index") from None
-            if not -len(node) <= index < len(node):
-                raise ConfigError(f"--cfg-options {key}: index {index} is out of range for "
-                                  f"{here}, a list of {len(node)} items")
+            index = int(part) if re.fullmatch(r"-?[0-9]+", part) else None
+            if index is None or not -len(node) <= index < len(node):
+                raise ConfigError(f"--cfg-options {key}: '{part}' is not an index of {here}, a list of {len(node)} "
+                                  f"items (or is out of range: -{len(node)}..{len(node) - 1})")
             if last:
                 if isinstance(value, dict) and isinstance(node[index], dict):
                     node[index] = _merge({"v": node[index]}, {"v": value})["v"]

@@ -144,7 +144,7 @@ def level_to_args(name: str, magnitude: float, hparams: Dict[str, Any], negate: 
         return (max(0.5, min(1.0, 0.5 + 0.5 * level)),)
     if name == "GaussianBlur":
         return (max(0.1, min(2.0, 0.1 + 1.9 * level)),)
-    raise ConfigError(f"RandAugment: unknown op {name!r}")
+    raise ValueError(f"RandAugment: unknown op {name!r}")  # names come from the op lists above
 
 
 def _affine(img: Image.Image, matrix: tuple, resample: int, fill: tuple) -> Image.Image:
@@ -189,7 +189,7 @@ def apply_op(img: Image.Image, name: str, args: tuple, resample: int = Image.Res
         return _affine(img, (1, 0, args[0], 0, 1, 0), resample, fill)
     if base == "TranslateY":
         return _affine(img, (1, 0, 0, 0, 1, args[0]), resample, fill)
-    raise ConfigError(f"RandAugment: unknown op {name!r}")
+    raise ValueError(f"RandAugment: unknown op {name!r}")  # names come from the op lists above
 
 
 @dataclass
