@@ -121,14 +121,26 @@ def dump_stacks(root: int, py_spy: str = None, timeout: float = 120) -> str:
                 break
     if not py_spy:
         lines.append("(py-spy not found: faulthandler's stacks, from SIGUSR1, follow in the output)")
-        for pid, _, _, cmdline in _process_tree(root):
-            if "train.py" in cmdline:
+        for pid, _, _, _ in _process_tree(root):
+            if _catches(pid, signal.SIGUSR1):  # (one that does not would die of it)
                 try:
                     os.kill(pid, signal.SIGUSR1)
                 except OSError:
                     pass
         time.sleep(5)
     return "\n".join(lines) + "\n"
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for signal ``signum`` (its SigCgt mask in /proc)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except OSError:
+        pass
+    return False
 
 
 def kill_tree(root: int) -> None:
