@@ -278,19 +278,25 @@ def check_with_model(state_dict: Mapping[str, torch.Tensor], model_cfg: Mapping[
 
 
 def _defaults(type_name: Any) -> Dict[str, Any]:
-    """The constructor defaults of the registered component ``type_name`` ({} if unknown)."""
+    """The constructor defaults of the registered component ``type_name`` ({} if unknown),
+    followed up its MRO while an ``__init__`` passes ``**kwargs`` on (as config validation does)."""
     import inspect
 
     import vitasks.models  # noqa: F401
     from vitasks.registry import MODELS
 
     cls = MODELS.get(type_name) if isinstance(type_name, str) else None
-    if cls is None:
-        return {}
-    return {
-        name: p.default for name, p in inspect.signature(cls).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
+    defaults: Dict[str, Any] = {}
+    for owner in cls.__mro__ if cls is not None else ():
+        if "__init__" not in vars(owner):
+            continue
+        params = inspect.signature(owner.__init__).parameters.values()
+        for p in params:
+            if p.default is not inspect.Parameter.empty:
+                defaults.setdefault(p.name, p.default)
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            break
+    return defaults
 
 
 def config_differences(hint: Any, config: Any, prefix: str = "model") -> List[str]:

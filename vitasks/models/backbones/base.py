@@ -30,14 +30,32 @@ class ViTBackbone(nn.Module):
     Subclasses set ``embed_names`` (the first component of the parameter names of the embedding
     "layer": layer id 0) and ``no_decay_names`` (parameters without weight decay when present),
     build ``blocks``, ``norm`` and ``fc_norm`` (:meth:`final_norms`) and ``num_prefix_tokens``.
+
+    Keyword arguments both ViTs take as they are (a subclass passes them on as ``**kwargs``):
+        mlp_ratio: MLP hidden width / ``embed_dim``.
+        qkv_bias: bias in the fused qkv projection.
+        drop_rate: dropout after the position embeddings, the attention projection and the MLP.
+        attn_drop_rate: dropout on attention probabilities.
+        drop_path_rate: stochastic depth of the last block; it rises linearly from 0 over the
+            blocks (:meth:`drop_path_rates`).
+        layer_scale_init_value: LayerScale init (e.g. 1e-5); None: no LayerScale.
+        norm_eps: LayerNorm epsilon of the blocks and the final norms (1e-6 as the original ViT).
+        mlp_act: activation of every block's MLP: ``"gelu"`` (exact, erf; PyTorch/timm-trained
+            weights) or ``"gelu_tanh"`` (the tanh approximation, JAX's default ``nn.gelu``:
+            Google's ``.npz`` weights, ViViT's ``gelu_fast``).
+
+    They become ``drop_rate``, ``drop_path_rate``, ``norm_eps`` and ``block_kwargs`` (what every
+    block gets: ``drop_rate`` as ``proj_drop``, ``attn_drop_rate`` as ``attn_drop``).
     """
 
     config_key = "model.backbone"
     embed_names: Tuple[str, ...] = ()
     no_decay_names: Tuple[str, ...] = ()
 
-    def __init__(self, embed_dim: int, depth: int, num_heads: int, mlp_act: str, pool: str, class_token: bool,
-                 with_cp: bool, frozen: bool = False) -> None:
+    def __init__(self, embed_dim: int, depth: int, num_heads: int, pool: str, class_token: bool, with_cp: bool,
+                 frozen: bool = False, *, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 layer_scale_init_value: Optional[float] = None, norm_eps: float = 1e-6, mlp_act: str = "gelu") -> None:
         super().__init__()
         divisible(self.key(), embed_dim=embed_dim, num_heads=num_heads)
         if pool in ("token", "token_mean") and not class_token:
@@ -51,6 +69,9 @@ class ViTBackbone(nn.Module):
         self.mlp_act = mlp_act
         self.frozen = frozen
         self.grad_checkpointing = bool(with_cp)
+        self.drop_rate, self.drop_path_rate, self.norm_eps = drop_rate, drop_path_rate, norm_eps
+        self.block_kwargs = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate, attn_drop=attn_drop_rate,
+                                 layer_scale_init_value=layer_scale_init_value, norm_eps=norm_eps, mlp_act=mlp_act)
 
     def key(self, name: str = "") -> str:
         """The config key of this backbone's argument ``name`` (of the backbone itself for "")."""
@@ -78,14 +99,6 @@ class ViTBackbone(nn.Module):
                 f"{'sample the frames and ' if clips else ''}resize, crop or pad to a multiple of it in the data "
                 "pipeline"
             )
-
-    @staticmethod
-    def block_options(mlp_ratio: float, qkv_bias: bool, drop_rate: float, attn_drop_rate: float,
-                      layer_scale_init_value: Optional[float], norm_eps: float, mlp_act: str) -> dict:
-        """The keyword arguments every block of the backbone gets from the backbone's options of
-        the same names (``drop_rate`` -> ``proj_drop``, ``attn_drop_rate`` -> ``attn_drop``)."""
-        return dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate, attn_drop=attn_drop_rate,
-                    layer_scale_init_value=layer_scale_init_value, norm_eps=norm_eps, mlp_act=mlp_act)
 
     @staticmethod
     def drop_path_rates(rate: float, count: int) -> List[float]:

@@ -232,17 +232,14 @@ class VideoVisionTransformer(ViTBackbone):
         patch_size: spatial side of a tubelet.
         tubelet_size: frames per tubelet (1: TimeSformer; 2: ViViT, VideoMAE).
         in_channels: image channels.
-        embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the transformer's size (``depth``: the
-            blocks of the (spatial) encoder).
-        drop_rate: dropout after the position embeddings, the attention projections and the MLP.
-        attn_drop_rate: dropout on attention probabilities.
-        drop_path_rate: stochastic depth of the last block; rises linearly from 0 over all
-            blocks (spatial then temporal encoder for ``factorised_encoder``).
-        layer_scale_init_value: LayerScale init; None: no LayerScale.
-        norm_eps: LayerNorm epsilon of the blocks and final norms.
+        embed_dim, depth, num_heads: the transformer's size (``depth``: the blocks of the
+            (spatial) encoder).
+        mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, drop_path_rate, layer_scale_init_value,
+        norm_eps, mlp_act: the blocks' options, keyword arguments of
+            :class:`~vitasks.models.backbones.base.ViTBackbone` (``drop_path_rate`` rises over all
+            blocks: spatial then temporal encoder for ``factorised_encoder``).
         fc_norm_eps: epsilon of ``fc_norm``; None: ``norm_eps`` (VideoMAE's is 1e-5 with 1e-12
             in the blocks).
-        mlp_act: ``"gelu"`` (exact) or ``"gelu_tanh"`` (ViViT's ``gelu_fast``, JAX's default).
         attention_type: ``"joint"``, ``"factorised_encoder"`` or ``"divided"`` (module docstring).
         temporal_depth: blocks of the temporal encoder (``factorised_encoder`` only; ViViT-B: 4).
         pos_embed: ``"learned"``: a spatial table ``pos_embed`` (1, P + h*w, C), laid out as the
@@ -288,15 +285,7 @@ class VideoVisionTransformer(ViTBackbone):
         embed_dim: PositiveInt = 768,
         depth: PositiveInt = 12,
         num_heads: PositiveInt = 12,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        layer_scale_init_value: Optional[float] = None,
-        norm_eps: float = 1e-6,
         fc_norm_eps: Optional[float] = None,
-        mlp_act: str = "gelu",
         attention_type: OneOf(*ATTENTION_TYPES) = "joint",
         temporal_depth: PositiveInt = 4,
         pos_embed: OneOf(*POS_EMBED_TYPES) = "learned",
@@ -308,8 +297,9 @@ class VideoVisionTransformer(ViTBackbone):
         motion_energy: bool = False,
         with_cp: bool = False,
         interpolate_mode: OneOf(*INTERPOLATE_MODES) = "bicubic",
+        **kwargs,
     ) -> None:
-        super().__init__(embed_dim, depth, num_heads, mlp_act, pool, class_token, with_cp)
+        super().__init__(embed_dim, depth, num_heads, pool, class_token, with_cp, **kwargs)
         self.attention_type, self.pos_embed_type = attention_type, pos_embed
         self.inflate, self.interpolate_mode = inflate, interpolate_mode
         (self.temporal_size,) = self.grid_of((num_frames,), tubelet_size, "num_frames", "tubelet_size")
@@ -352,11 +342,10 @@ class VideoVisionTransformer(ViTBackbone):
             self.register_buffer(
                 "sincos_table", sincos_position_table(self.temporal_size * num_spatial, embed_dim), persistent=False
             )
-        self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
+        self.pos_drop = nn.Dropout(self.drop_rate) if self.drop_rate > 0 else nn.Identity()
 
-        block_kwargs = self.block_options(mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, layer_scale_init_value,
-                                          norm_eps, mlp_act)
-        dpr = self.drop_path_rates(drop_path_rate, self.depth)  # over all blocks
+        block_kwargs, norm_eps = self.block_kwargs, self.norm_eps
+        dpr = self.drop_path_rates(self.drop_path_rate, self.depth)  # over all blocks
         block_cls = DividedSpaceTimeBlock if self.attention_type == "divided" else TransformerBlock
         self.blocks = nn.ModuleList(
             block_cls(embed_dim, num_heads, drop_path=dpr[i], **block_kwargs) for i in range(depth)

@@ -49,16 +49,9 @@ class VisionTransformer(ViTBackbone):
         embed_dim: token width.
         depth: number of transformer blocks.
         num_heads: attention heads per block.
-        mlp_ratio: MLP hidden width / ``embed_dim``.
-        qkv_bias: bias in the fused qkv projection.
-        drop_rate: dropout after the position embeddings, the attention projection and the MLP.
-        attn_drop_rate: dropout on attention probabilities.
-        drop_path_rate: stochastic depth of the last block; it rises linearly from 0 over depth.
-        layer_scale_init_value: LayerScale init (e.g. 1e-5); None: no LayerScale.
-        norm_eps: LayerNorm epsilon (1e-6 as the original ViT).
-        mlp_act: activation of every block's MLP: ``"gelu"`` (exact, erf; PyTorch/timm-trained
-            weights) or ``"gelu_tanh"`` (the tanh approximation, JAX's default ``nn.gelu``:
-            Google's ``.npz`` weights).
+        mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, drop_path_rate, layer_scale_init_value,
+        norm_eps, mlp_act: the blocks' options, keyword arguments of
+            :class:`~vitasks.models.backbones.base.ViTBackbone`.
         class_token: prepend a learned class token.
         num_reg_tokens: learned register tokens placed after the class token (Darcet et al.
             2024); they get no position embedding.
@@ -153,14 +146,6 @@ class VisionTransformer(ViTBackbone):
         embed_dim: PositiveInt = 768,
         depth: PositiveInt = 12,
         num_heads: PositiveInt = 12,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        layer_scale_init_value: Optional[float] = None,
-        norm_eps: float = 1e-6,
-        mlp_act: str = "gelu",
         class_token: bool = True,
         num_reg_tokens: NonNegativeInt = 0,
         pool: OneOf(*_POOLS) = "token",
@@ -181,8 +166,9 @@ class VisionTransformer(ViTBackbone):
         use_shared_rel_pos_bias: bool = False,
         pretrain_img_size: OrNone(IntPair) = None,
         token_reduction: Optional[dict] = None,
+        **kwargs,
     ) -> None:
-        super().__init__(embed_dim, depth, num_heads, mlp_act, pool, class_token, with_cp, frozen)
+        super().__init__(embed_dim, depth, num_heads, pool, class_token, with_cp, frozen, **kwargs)
         key = self.key
         if interpolate_antialias and interpolate_mode not in ("bilinear", "bicubic"):
             raise ConfigError(f"{key('interpolate_antialias')} needs interpolate_mode bilinear or bicubic, "
@@ -232,14 +218,12 @@ class VisionTransformer(ViTBackbone):
                                                                                      "pretrain_img_size")
         num_pos = self.num_pos_prefix_tokens + self.pos_grid[0] * self.pos_grid[1]
         self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim))
-        self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
+        self.pos_drop = nn.Dropout(self.drop_rate) if self.drop_rate > 0 else nn.Identity()
 
-        dpr = self.drop_path_rates(drop_path_rate, depth)
-        options = self.block_options(mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, layer_scale_init_value, norm_eps,
-                                     mlp_act)
+        dpr = self.drop_path_rates(self.drop_path_rate, depth)
         self.blocks = nn.ModuleList(
             TransformerBlock(
-                embed_dim, num_heads, drop_path=dpr[i], **options,
+                embed_dim, num_heads, drop_path=dpr[i], **self.block_kwargs,
                 window_size=0 if i in self.global_indices else self.window_size,
                 use_rel_pos=self.use_rel_pos, input_size=self.grid_size, rel_pos_zero_init=rel_pos_zero_init,
                 use_rel_pos_bias=self.use_rel_pos_bias,
@@ -247,7 +231,7 @@ class VisionTransformer(ViTBackbone):
             for i in range(depth)
         )
         self.rel_pos_bias = RelativePositionBias(self.grid_size, num_heads) if self.use_shared_rel_pos_bias else None
-        self.norm, self.fc_norm = self.final_norms(embed_dim, norm_eps, pool, fc_norm, final_norm)
+        self.norm, self.fc_norm = self.final_norms(embed_dim, self.norm_eps, pool, fc_norm, final_norm)
         self.out_indices = out_indices
         self.init_embeddings([self.pos_embed], [self.cls_token, self.reg_token])
         self.init_linears([self.blocks])
