@@ -50,6 +50,7 @@ __all__ = [
     "positive_int",
     "non_negative_int",
     "flag",
+    "strings",
     "one_of",
     "in_range",
     "block_indices",
@@ -116,6 +117,16 @@ def flag(value: Any, key: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     return value
+
+
+def strings(value: Any, key: str, what: str = "a list of names", single: bool = False,
+            allow_empty: bool = True) -> Tuple[str, ...]:
+    """A list of non-empty strings (a string alone stands for a list of one when ``single``)."""
+    values = [value] if single and isinstance(value, str) else value
+    if (isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or (not values and not allow_empty)
+            or not all(isinstance(v, str) and v.strip() for v in values)):
+        raise ConfigError(f"{key} must be {what}, got {value!r}")
+    return tuple(values)
 
 
 def int_pair(value: Any, key: str, what: str = "a positive int or [height, width]") -> Tuple[int, int]:

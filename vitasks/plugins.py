@@ -24,6 +24,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Dict, List, Mapping, Optional, Set
 
+from vitasks.checks import strings
 from vitasks.errors import ConfigError
 
 __all__ = ["ENTRY_POINT_GROUP", "import_plugins", "register_all_modules", "entry_point_plugins",
@@ -177,10 +178,7 @@ def _import_path(entry: str, base_dir: Path, source: str) -> ModuleType:
     return module
 
 
-def _import_listed(entry: Any, base_dir: Path, source: str) -> str:
-    if not isinstance(entry, str) or not entry.strip():
-        raise ConfigError(f"{source}: plugins: each entry must be a module name or a path, "
-                          f"got {entry!r}")
+def _import_listed(entry: str, base_dir: Path, source: str) -> str:
     entry = entry.strip()
     if _is_path(entry):
         return _import_path(entry, base_dir, source).__name__
@@ -238,13 +236,8 @@ def import_plugins(cfg: Optional[Mapping[str, Any]] = None, entry_points: bool =
     if cfg is not None:
         listed = cfg.get("plugins") if hasattr(cfg, "get") else None
         source = getattr(cfg, "filename", None) or "config"
-        if listed is None:
-            listed = []
-        elif isinstance(listed, str):
-            listed = [listed]
-        elif not isinstance(listed, (list, tuple)):
-            raise ConfigError(f"{source}: plugins must be a list of module names or paths, "
-                              f"got {listed!r}")
+        listed = strings([] if listed is None else listed, f"{source}: plugins",
+                         "a list of module names or paths (or one)", single=True)
         base_dir = Path(os.path.dirname(os.path.abspath(source))) if source != "config" else Path()
         imported += [_import_listed(entry, base_dir, source) for entry in listed]
     if entry_points:

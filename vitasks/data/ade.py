@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from mmengine.logging import print_log
 
-from vitasks.checks import one_of
+from vitasks.checks import one_of, strings
 from vitasks.data.imagenet import FileDataset, check_dataset_args, dataset_key, check_num_classes
 from vitasks.errors import ConfigError, DataError
 from vitasks.registry import DATASETS
@@ -53,9 +53,7 @@ CLASSES_FILE = "classes.txt"
 
 
 def _suffixes(value: str | Sequence[str], key: str, owner: str) -> tuple[str, ...]:
-    values = [value] if isinstance(value, str) else list(value or [])
-    if not values or not all(isinstance(v, str) and v for v in values):
-        raise ConfigError(f"{owner}.{key} must be a suffix like '.jpg' or a list of them, got {value!r}")
+    values = strings(value, f"{owner}.{key}", "a suffix like '.jpg' or a list of them", single=True, allow_empty=False)
     return tuple(v.lower() for v in values)
 
 

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from mmengine.config import Config
 from mmengine.dist import get_rank, is_distributed
 
+from vitasks.checks import options
 from vitasks.errors import CheckpointError, ConfigError
 
 __all__ = ["train", "test", "prepare_config", "build_runner", "flatten_metrics", "METRICS_FILE"]
@@ -192,12 +193,9 @@ def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict:
 
 
 def _add_dump(cfg: Config, dump: str) -> None:
-    test_dump = cfg.get("test_dump")
-    if not isinstance(test_dump, Mapping) or "type" not in test_dump:
-        raise ConfigError(
-            f"{cfg.filename}: --dump needs a `test_dump` entry in the config: the dumper metric "
-            f"that writes predictions, e.g. `test_dump: {{type: ClsPredictionDumper}}`, got {test_dump!r}"
-        )
+    test_dump = options(cfg.get("test_dump"), f"{cfg.filename}: test_dump", required=("type",),
+                        what="set for --dump: the dumper metric that writes predictions, e.g. "
+                             "`test_dump: {type: ClsPredictionDumper}`")
     dumper = dict(test_dump, out_path=str(dump))
     evaluator = cfg.get("test_evaluator")
     if isinstance(evaluator, Mapping) and "metrics" in evaluator:  # an Evaluator config

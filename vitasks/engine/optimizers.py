@@ -16,7 +16,7 @@ from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS, OPTIMIZERS
 from torch import nn
 
-from vitasks.checks import in_range, one_of, options
+from vitasks.checks import in_range, one_of, options, strings
 from vitasks.errors import ConfigError
 from vitasks.registry import OPTIM_WRAPPER_CONSTRUCTORS
 
@@ -94,9 +94,7 @@ class LayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
                                 _PARAMWISE_KEYS, owner="LayerDecayOptimizerConstructor")
         key = "optim_wrapper.paramwise_cfg."
         rate = in_range(paramwise_cfg.get("layer_decay_rate", 1.0), key + "layer_decay_rate", 0, 1, low_open=True)
-        names = paramwise_cfg.get("no_decay_names", [])
-        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
-            raise ConfigError(f"{key}no_decay_names must be a list of names, got {names!r}")
+        names = strings(paramwise_cfg.get("no_decay_names", []), key + "no_decay_names")
         rule = one_of(paramwise_cfg.get("weight_decay_rule", "timm"), WEIGHT_DECAY_RULES, key + "weight_decay_rule")
         super().__init__(optim_wrapper_cfg, paramwise_cfg)
         self.weight_decay_rule = rule
