@@ -16,7 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vitasks.data.seeding import sample_rng, seed_from
-from vitasks.checks import InRange, PositiveInt, checked, one_of
+from vitasks.checks import InRange, PositiveInt, checked, one_of, options
 from vitasks.errors import ConfigError, DataError
 from vitasks.registry import TRANSFORMS
 from vitasks.structures import DataSample, PixelData
@@ -138,9 +138,7 @@ def build_albu_list(transforms: Sequence[Dict[str, Any]], where: str) -> List[An
 def build_albu(cfg: Dict[str, Any], where: str = "Albu.transforms") -> Any:
     """Build one albumentations transform from ``{type: Name, **kwargs}``; nested ``transforms``
     lists (``OneOf``, ``SomeOf``, ...) are built recursively. Errors name the entry."""
-    if not isinstance(cfg, dict) or "type" not in cfg:
-        raise ConfigError(f"{where}: each entry must be a dict with a `type`, got {cfg!r}")
-    args = dict(cfg)
+    args = options(cfg, where, what="a dict with a `type`", required=("type",))
     name = args.pop("type")
     cls = getattr(A, name, None) if isinstance(name, str) else None
     if not isinstance(cls, type):

@@ -320,15 +320,21 @@ class StandardRoIHead(nn.Module):
         gts: Sequence[GroundTruth],
         image_sizes: Optional[Sequence[ImageSize]] = None,
     ) -> Dict[str, torch.Tensor]:
-        """Training losses for the proposals (per image (R_i, 4)) and the ground truth
-        (``image_sizes`` is unused here; the cascade needs it)."""
+        """Training losses for the proposals (per image (R_i, 4)) and the ground truth: the box
+        losses (:meth:`box_stage_losses`) and ``loss_mask`` on the sampled proposals."""
         features = self._levels(features)
         targets = self.sample_proposals(proposals, gts)
-        cls_logits, deltas = self.box_head(self.box_pooler(features, [t.boxes for t in targets]))
-        losses = self.box_losses(cls_logits, deltas, targets, self.box_coder)
+        losses = self.box_stage_losses(features, targets, gts, image_sizes)
         if self.with_mask:
             losses["loss_mask"] = self.mask_loss(features, targets, gts)
         return losses
+
+    def box_stage_losses(self, features: List[torch.Tensor], targets: List[RoITargets], gts: Sequence[GroundTruth],
+                         image_sizes: Optional[Sequence[ImageSize]]) -> Dict[str, torch.Tensor]:
+        """``loss_cls`` and ``loss_bbox`` of the sampled proposals (``gts`` and ``image_sizes`` are
+        unused here; the cascade's later stages need them)."""
+        cls_logits, deltas = self.box_head(self.box_pooler(features, [t.boxes for t in targets]))
+        return self.box_losses(cls_logits, deltas, targets, self.box_coder)
 
     # ------------------------------------------------------------------ inference
     def forward(
@@ -462,19 +468,12 @@ class CascadeRoIHead(StandardRoIHead):
             refined.append(image_boxes)
         return refined
 
-    def loss(
-        self,
-        features: Sequence[torch.Tensor],
-        proposals: Sequence[torch.Tensor],
-        gts: Sequence[GroundTruth],
-        image_sizes: Optional[Sequence[ImageSize]] = None,
-    ) -> Dict[str, torch.Tensor]:
-        """Per-stage box losses (``s{k}.loss_cls``, ``s{k}.loss_bbox``) and ``loss_mask``."""
+    def box_stage_losses(self, features, targets, gts, image_sizes):
+        """Per-stage box losses (``s{k}.loss_cls``, ``s{k}.loss_bbox``): stage k > 0 on the boxes
+        stage k - 1 refined, labelled again with its own matcher (``loss_mask`` stays on the
+        first stage's sampled proposals)."""
         if image_sizes is None:
             raise ValueError("CascadeRoIHead.loss needs the image sizes to clip the refined boxes")
-        features = self._levels(features)
-        first_targets = self.sample_proposals(proposals, gts)
-        targets = first_targets
         losses = {}
         for stage in range(self.num_stages):
             if stage > 0:
@@ -484,8 +483,6 @@ class CascadeRoIHead(StandardRoIHead):
             stage_losses = self.box_losses(cls_logits, deltas, targets, self.box_coders[stage])
             weight = self.stage_loss_weights[stage]
             losses.update({f"s{stage}.{name}": value * weight for name, value in stage_losses.items()})
-        if self.with_mask:
-            losses["loss_mask"] = self.mask_loss(features, first_targets, gts)
         return losses
 
     def forward(
