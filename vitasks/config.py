@@ -38,7 +38,7 @@ import yaml
 from mmengine.config import Config
 from yaml.constructor import ConstructorError
 
-from vitasks.checks import check_literal_arguments, flag
+from vitasks.checks import check_literal_arguments, flag, strings
 from vitasks.errors import ConfigError
 
 __all__ = ["load_config", "as_config", "validate_config", "dump_config", "parse_cfg_options"]
@@ -196,10 +196,7 @@ def _load_tree(path: Path, shown: str, chain: tuple, missing: str = "") -> Dict[
     bases = data.pop(BASE_KEY, None)
     if bases is None:
         return data
-    if isinstance(bases, str):
-        bases = [bases]
-    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise ConfigError(f"{shown}: {BASE_KEY} must be a path or a list of paths, got {bases!r}")
+    bases = strings(bases, f"{shown}: {BASE_KEY}", "a path or a list of paths", single=True)
     merged: Dict[str, Any] = {}
     for base in bases:
         base_path = Path(os.path.normpath(path.parent / os.path.expanduser(base)))
