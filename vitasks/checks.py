@@ -217,14 +217,6 @@ class _Function(Check):
         return f"{self.function.__name__}({self.options or ''})"
 
 
-class _OneOf(Check):
-    def __init__(self, choices: Sequence[Any]) -> None:
-        self.choices = tuple(choices)
-
-    def __call__(self, value: Any, key: str, arguments: Mapping[str, Any]) -> Any:
-        return one_of(value, self.choices, key)
-
-
 class _BlockIndices(Check):
     def __init__(self, depth_argument: str, allow_empty: bool, unique: bool = False, single: bool = False) -> None:
         self.reads = (depth_argument,)
@@ -253,7 +245,7 @@ IntPair = Annotated[Any, _Function(int_pair)]
 
 
 def OneOf(*choices: Any) -> Any:  # noqa: N802  (reads as a type in a signature)
-    return Annotated[Any, _OneOf(choices)]
+    return Annotated[Any, _Function(one_of, choices=tuple(choices))]
 
 
 def InRange(low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False,  # noqa: N802
