@@ -50,3 +50,20 @@ def test_maxpool_and_strided_stems_share_the_state_dict_but_not_the_output():
 def test_unknown_downsample_names_the_key():
     with pytest.raises(ConfigError, match="downsample.*conv.*maxpool"):
         ConvStem(embed_dim=12, channels=CHANNELS, strides=STRIDES, downsample="avg")
+
+
+def test_without_proj_the_tokens_are_the_last_convs_outputs():
+    torch.manual_seed(0)
+    stem = ConvStem(embed_dim=16, channels=CHANNELS, strides=STRIDES, downsample="maxpool", proj=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert not any(k.startswith("proj.") for k in stem.state_dict())
+    expected = x
+    for layer, stride in zip(stem.convs, STRIDES):
+        expected = layer(F.max_pool2d(expected, stride, ceil_mode=True) if stride > 1 else expected)
+    torch.testing.assert_close(stem(x), expected)
+    assert (stem(x) >= 0).all()  # ReLU outputs, no linear map after them
+
+
+def test_without_proj_the_last_width_must_be_embed_dim():
+    with pytest.raises(ConfigError, match="proj: false.*16 channels.*embed_dim \\(12\\)"):
+        ConvStem(embed_dim=12, channels=CHANNELS, strides=STRIDES, proj=False)

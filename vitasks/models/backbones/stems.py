@@ -118,6 +118,11 @@ class ConvStem(nn.Module):
             VGG-style CNNs do). Max-pooling keeps the strongest response in each window, which
             makes a small stem learn objects over cluttered backgrounds (photographs) much faster
             (README, "Against a plain CNN"). Parameter-free: the state dict is the same.
+        proj: the paper's final 1x1 conv to ``embed_dim``. ``False``: none; the last conv's
+            channels must be ``embed_dim``, and its BN-ReLU outputs are the tokens. On a few
+            hundred images the linear 1x1 after the last ReLU slows learning markedly (two
+            linear maps in a row, each scaling the other's gradient: README, "Against a plain
+            CNN"); without it the stem learns as the plain CNN does. State dict: no ``proj.*``.
 
     With neither ``preset`` nor ``channels``, the paper's stem for ``embed_dim`` is used
     (192 -> 1GF, 384 -> 4GF, 768 -> 18GF, 1024 -> 36GF).
@@ -139,6 +144,7 @@ class ConvStem(nn.Module):
         bn_eps: float = 1e-5,
         norm: str = "BN",
         downsample: OneOf("conv", "maxpool") = "conv",
+        proj: bool = True,
     ) -> None:
         super().__init__()
         channels, strides = self._resolve(embed_dim, preset, channels, strides)
@@ -156,7 +162,10 @@ class ConvStem(nn.Module):
             layers.append(ConvBNReLU(prev, c, kernel_size, stride=1 if pool else s, bn_eps=bn_eps, norm=norm))
             prev = c
         self.convs = nn.Sequential(*layers)
-        self.proj = nn.Conv2d(prev, embed_dim, kernel_size=1)
+        if not proj and prev != embed_dim:
+            raise ConfigError(f"{_where()}: ConvStem with proj: false gives the last conv's {prev} channels as tokens; "
+                              f"set its last `channels` entry to embed_dim ({embed_dim}) or proj: true")
+        self.proj = nn.Conv2d(prev, embed_dim, kernel_size=1) if proj else nn.Identity()
 
     @staticmethod
     def _resolve(embed_dim, preset, channels, strides) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
