@@ -66,11 +66,19 @@ def test_test_arguments_and_metrics_table(launch, capsys):
                      "--cfg-options", "test_dataloader.batch_size=2"])
     assert code == 0
     assert launch.test.calls == [(("cfg.yaml", "ckpt.pth"), dict(
-        work_dir="w", dump="p.jsonl", amp=False, cfg_options=["test_dataloader.batch_size=2"]))]
+        work_dir="w", dump="p.jsonl", amp=False, launcher="none", cfg_options=["test_dataloader.batch_size=2"]))]
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["metric", "value"]
     assert out[2].split() == ["accuracy/top1", "87.5000"]
     assert out[3].split() == ["accuracy/top5", "99.2500"]
+
+
+def test_distributed_test_passes_the_launcher_and_prints_one_table(launch, capsys, monkeypatch):
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert cli.main(["test", "cfg.yaml", "ckpt.pth", "--launcher", "pytorch", "--local-rank=1"]) == 0
+        assert launch.test.calls[-1][1]["launcher"] == "pytorch"
+        assert ("accuracy/top1" in capsys.readouterr().out) == printed
 
 
 def test_infer_arguments(monkeypatch, capsys):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Callable, List, NamedTuple, Optional, Sequence
 
@@ -88,9 +89,10 @@ def _run_test(args: argparse.Namespace) -> int:
         work_dir=args.work_dir,
         dump=args.dump,
         amp=args.amp,
+        launcher=args.launcher,
         cfg_options=args.cfg_options,
     )
-    if isinstance(metrics, dict):
+    if isinstance(metrics, dict) and os.environ.get("RANK", "0") == "0":  # one table, not one per rank
         print(format_metrics(metrics))
     return 0
 
@@ -314,6 +316,10 @@ def commands() -> List[Command]:
     device = _arg("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     json_out = _arg("--json", default=None, metavar="OUT", help="also write the results as JSON")
     store = dict(action="store_true")
+    launcher = _arg("--launcher", choices=LAUNCHERS, default="none", help="job launcher for distributed runs")
+    # torch.distributed.launch / older torchrun pass the local rank; the launcher reads it from the
+    # environment instead.
+    local_rank = _arg("--local-rank", "--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     return [
         Command("train", _run_train, "train a model from a config",
                 "Train with mmengine's Runner. Checkpoints and `last_checkpoint` go to the work dir (default "
@@ -323,10 +329,7 @@ def commands() -> List[Command]:
                     _arg("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                          help="resume training: from CKPT, or without a value from the work dir's last checkpoint"),
                     _arg("--amp", **store, help="automatic mixed precision"),
-                    _arg("--launcher", choices=LAUNCHERS, default="none", help="job launcher for distributed training"),
-                    # torch.distributed.launch / older torchrun pass the local rank; the launcher
-                    # reads it from the environment instead.
-                    _arg("--local-rank", "--local_rank", type=int, default=0, help=argparse.SUPPRESS),
+                    launcher, local_rank,
                 ]),
         Command("test", _run_test, "evaluate a checkpoint",
                 "Evaluate a checkpoint on the config's test set; writes metrics.json in the work dir.", [
@@ -334,6 +337,7 @@ def commands() -> List[Command]:
                     _arg("--work-dir", help="where logs and metrics.json go"),
                     _arg("--dump", metavar="PATH", help="also write the predictions (the config's `test_dump`) to PATH"),
                     _arg("--amp", **store, help="evaluate under bf16 autocast (CPU and GPU)"),
+                    launcher, local_rank,
                 ]),
         Command("infer", _run_infer, "predict on images or videos (every task of a multi-task model)",
                 "Write predictions as JSON and drawn as PNG, one per input.", [
