@@ -1,5 +1,6 @@
-"""End to end: the segmentation demo config trains on generated data, learns, is evaluated and
-dumps its predictions as PNG label maps in the dataset's own values."""
+"""End to end: the segmentation demo config trains on generated shapes drawn light or dark over
+crops of a photograph, learns, is evaluated and dumps its predictions as PNG label maps in the
+dataset's own values."""
 
 import json
 import os
@@ -46,7 +47,7 @@ def all_background_miou(ann_dir: str, num_classes: int) -> float:
 
 def test_seg_demo_learns_and_dumps(tmp_path, one_thread, in_process_loaders):
     data = make_seg_dataset(str(tmp_path / "data"), num_train=48, num_val=8, img_size=64, num_classes=NUM_CLASSES,
-                            style="plain")
+                            style="photo")
     work = str(tmp_path / "work")
     # A shortened schedule of the demo, evaluated at the end.
     options = [
