@@ -219,6 +219,29 @@ def _optimizer(model: nn.Module, cfg: BaselineConfig) -> torch.optim.Optimizer:
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
 
 
+def _fit(model: nn.Module, num_train: int, batch_loss, cfg: BaselineConfig, log, log_every: int) -> None:
+    """The plain loop both baselines share: AdamW with warm-up and cosine decay, a fresh shuffle per
+    epoch, ``batch_loss(indices, generator)`` per step (its augmentation draws come from the
+    generator, after the shuffle), the mean loss logged every ``log_every`` epochs."""
+    optimizer = _optimizer(model, cfg)
+    steps_per_epoch = math.ceil(num_train / cfg.batch_size)
+    scheduler = _schedule(optimizer, cfg.epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = torch.randperm(num_train, generator=gen)
+        total = 0.0
+        for i in range(steps_per_epoch):
+            loss = batch_loss(order[i * cfg.batch_size:(i + 1) * cfg.batch_size], gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item()
+        if (epoch + 1) % log_every == 0 or epoch + 1 == cfg.epochs:
+            log(f"epoch {epoch + 1}/{cfg.epochs} loss {total / steps_per_epoch:.4f}")
+
+
 def train_cls_baseline(data_root: str, cfg: BaselineConfig = CLS_DEFAULTS, log=print) -> Dict[str, float]:
     """Train :class:`PlainCNN` on ``data_root/train`` and return ``{"accuracy/top1": %, "seconds": s}``
     on ``data_root/val``."""
@@ -229,27 +252,14 @@ def train_cls_baseline(data_root: str, cfg: BaselineConfig = CLS_DEFAULTS, log=p
     if val_classes != classes:
         raise DataError(f"cnn_baseline: val/ classes {val_classes} differ from train/ classes {classes}")
     model = PlainCNN(len(classes), cfg.width)
-    optimizer = _optimizer(model, cfg)
-    steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
-    scheduler = _schedule(optimizer, cfg.epochs * steps_per_epoch)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    for epoch in range(cfg.epochs):
-        model.train()
-        order = torch.randperm(len(x_train), generator=gen)
-        total = 0.0
-        for i in range(steps_per_epoch):
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            x = _normalise(x_train[idx])
-            x = F.grid_sample(x, random_affine_grid(len(idx), cfg.img_size, cfg, gen), mode="bilinear",
-                              padding_mode="reflection", align_corners=False)
-            loss = F.cross_entropy(model(x), y_train[idx], label_smoothing=0.1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.item()
-        if (epoch + 1) % 10 == 0 or epoch + 1 == cfg.epochs:
-            log(f"epoch {epoch + 1}/{cfg.epochs} loss {total / steps_per_epoch:.4f}")
+
+    def batch_loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        x = _normalise(x_train[idx])
+        x = F.grid_sample(x, random_affine_grid(len(idx), cfg.img_size, cfg, gen), mode="bilinear",
+                          padding_mode="reflection", align_corners=False)
+        return F.cross_entropy(model(x), y_train[idx], label_smoothing=0.1)
+
+    _fit(model, len(x_train), batch_loss, cfg, log, log_every=10)
     model.eval()
     with torch.no_grad():
         pred = torch.cat([model(_normalise(x_val[i:i + 128])).argmax(1) for i in range(0, len(x_val), 128)])
@@ -287,33 +297,20 @@ def train_seg_baseline(data_root: str, num_classes: int, cfg: BaselineConfig = S
         targets.append(torch.from_numpy(small.astype(np.int64)))
     x_train, y_train = torch.stack(train_images), torch.stack(targets)
     model = PlainFCN(num_classes, cfg.width)
-    optimizer = _optimizer(model, cfg)
-    steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
-    scheduler = _schedule(optimizer, cfg.epochs * steps_per_epoch)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    for epoch in range(cfg.epochs):
-        model.train()
-        order = torch.randperm(len(x_train), generator=gen)
-        total = 0.0
-        for i in range(steps_per_epoch):
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            grid = random_affine_grid(len(idx), cfg.img_size, cfg, gen)
-            x = F.grid_sample(_normalise(x_train[idx]), grid, mode="bilinear", padding_mode="reflection",
-                              align_corners=False)
-            # Labels warped with the same grid (nearest); what falls outside the image is ignored.
-            y = F.grid_sample(y_train[idx, None].float(), grid, mode="nearest", padding_mode="zeros",
-                              align_corners=False)
-            inside = F.grid_sample(torch.ones_like(y), grid, mode="nearest", padding_mode="zeros",
-                                   align_corners=False)
-            y = torch.where(inside > 0.5, y, torch.full_like(y, -1)).long()[:, 0]
-            loss = F.cross_entropy(model(x), y, ignore_index=-1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.item()
-        if (epoch + 1) % 8 == 0 or epoch + 1 == cfg.epochs:
-            log(f"epoch {epoch + 1}/{cfg.epochs} loss {total / steps_per_epoch:.4f}")
+
+    def batch_loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        grid = random_affine_grid(len(idx), cfg.img_size, cfg, gen)
+        x = F.grid_sample(_normalise(x_train[idx]), grid, mode="bilinear", padding_mode="reflection",
+                          align_corners=False)
+        # Labels warped with the same grid (nearest); what falls outside the image is ignored.
+        y = F.grid_sample(y_train[idx, None].float(), grid, mode="nearest", padding_mode="zeros",
+                          align_corners=False)
+        inside = F.grid_sample(torch.ones_like(y), grid, mode="nearest", padding_mode="zeros",
+                               align_corners=False)
+        y = torch.where(inside > 0.5, y, torch.full_like(y, -1)).long()[:, 0]
+        return F.cross_entropy(model(x), y, ignore_index=-1)
+
+    _fit(model, len(x_train), batch_loss, cfg, log, log_every=8)
     model.eval()
     confusion = np.zeros((num_classes, num_classes), np.int64)
     with torch.no_grad():
