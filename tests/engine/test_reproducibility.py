@@ -59,6 +59,10 @@ def _options(data_root, **extra):
         "train_dataloader.batch_size": 4,
         "train_dataloader.num_workers": 0,
         "train_dataloader.persistent_workers": "false",
+        # mmengine validates once after the last epoch: in this process (a persistent worker of
+        # one run, collected by the next run's gc.collect, costs torch's 5 s shutdown timeout).
+        "val_dataloader.num_workers": 0,
+        "val_dataloader.persistent_workers": "false",
         "default_hooks.checkpoint.interval": 1,
         "default_hooks.checkpoint.max_keep_ckpts": 2,
         "default_hooks.logger.interval": 1,
