@@ -15,7 +15,7 @@ from vitasks.data.synthetic.video import make_video_dataset  # noqa: E402
 from vitasks.engine import launch  # noqa: E402  (not `import test`: pytest would collect it)
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo", "video_synthetic.yaml")
-EPOCHS = 12
+EPOCHS = 8  # 12 gave the same accuracy (93.75 %); 8 with seed 1: 96.9 %
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def test_video_demo_learns_and_dumps(tmp_path, one_thread, in_process_loaders):
     assert metrics["acc/top1"] == pytest.approx(100.0 * correct / len(records))
 
     # Chance: always answering the most frequent validation class. Asked: 60 % of the way from
-    # chance to 100 % (70 % for the 4 balanced classes; measured 93.75 %, seeded).
+    # chance to 100 % (70 % for the 4 balanced classes; measured 93.75 % after 8 epochs, seeded).
     chance = 100.0 * max(Counter(val.values()).values()) / len(val)
     assert chance == 25.0
     assert metrics["acc/top1"] >= chance + 0.6 * (100.0 - chance), (metrics, chance)
