@@ -16,7 +16,7 @@ from vitasks.engine import launch  # not `import test`: pytest would collect it
 from vitasks.evaluation.coco import evaluate_results_file
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo", "det_synthetic.yaml")
-ITERS = 150
+ITERS = 120
 NUM_CLASSES = 3
 SIZE = 64
 
@@ -100,9 +100,11 @@ def test_det_demo_learns_boxes_and_masks_and_dumps(tmp_path, one_thread, in_proc
         scored, _ = evaluate_results_file(str(tmp_path / f"random{seed}.json"), annotations)
         for name in ("coco/bbox_mAP_50", "coco/segm_mAP_50"):
             chance[name] = chance.get(name, 0.0) + scored[name] / 3
-    # 150 iterations from scratch only start to learn (measured: box mAP_50 0.137, mask mAP_50
-    # 0.161 against chance 0.009 and 0.005); the runs are seeded, so the margins are exact
-    # repeats, not luck. The full demo schedule is what reaches the demo's numbers.
+    # 120 iterations from scratch only start to learn (measured: box mAP_50 0.151, mask mAP_50
+    # 0.106 against chance 0.009 and 0.005; with randomness.seed=1 0.122 and 0.116; 150
+    # iterations gave 0.137 and 0.161, 100 with seed 1 only 0.069 and 0.060); the runs are
+    # seeded, so the margins are exact repeats, not luck. The full demo schedule is what reaches
+    # the demo's numbers.
     for name in ("coco/bbox_mAP_50", "coco/segm_mAP_50"):
         assert metrics[name] > max(3 * chance[name], chance[name] + 0.05), (name, metrics, chance)
 
