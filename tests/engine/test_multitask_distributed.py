@@ -40,6 +40,7 @@ def two_task_config(directory: Path) -> str:
     seg_root = make_seg_dataset(str(directory / "seg"), num_train=6, num_val=3, img_size=32, num_classes=3)
     options = [f"cls_data_root={cls_root}", "cls_classes=3", f"seg_data_root={seg_root}", "seg_classes=3",
                "embed_dim=32", "model.backbone.depth=2", "model.backbone.num_heads=2",
+               "model.backbone.stem.channels=[8,16,32]", "model.backbone.stem.strides=[2,2,2]",
                "model.backbone.drop_path_rate=0.0",
                "model.tasks.seg.data_preprocessor.size=[32,32]",
                "model.tasks.seg.decode_head.num_convs=0", "model.tasks.seg.decode_head.channels=32",
@@ -50,7 +51,7 @@ def two_task_config(directory: Path) -> str:
                "param_scheduler=[]", "randomness.seed=3",
                "train_dataloader.tasks.seg.dataset.pipeline.3.crop_size=[32,32]",
                "train_dataloader.tasks.seg.dataset.pipeline.2.scale=[64,32]",
-               "train_dataloader.tasks.cls.dataset.pipeline.1.transforms.1.size=[32,32]",
+               "train_dataloader.tasks.cls.dataset.pipeline.1.size=32",
                "val_dataloader.tasks.cls.dataset.pipeline.1.size=32",
                "val_dataloader.tasks.seg.dataset.pipeline.1.scale=[64,32]"]
     for stage in ("train", "val"):

@@ -33,7 +33,7 @@ def tiny_options(cls_root, seg_root, det_root, max_iters=4, **train):
             f"det_data_root={det_root}", "det_classes=3", "det_input_size=[32,32]",
             "model.tasks.det.rpn_head.anchor_sizes=[8,16,32,64]",
             "embed_dim=32", "model.backbone.depth=2", "model.backbone.num_heads=2",
-            "model.backbone.stem.channels=[8,16,32]",
+            "model.backbone.stem.channels=[8,16,32]", "model.backbone.stem.strides=[2,2,2]",
             "model.tasks.seg.data_preprocessor.size=[32,32]", "model.tasks.seg.decode_head.channels=8",
             f"train_cfg.max_iters={max_iters}", f"train_cfg.val_interval={max_iters}",
             "default_hooks.checkpoint.interval=2", "default_hooks.logger.interval=1",
@@ -45,7 +45,7 @@ def tiny_options(cls_root, seg_root, det_root, max_iters=4, **train):
                      f"{stage}_dataloader.tasks.{task}.batch_size=2"]
     opts += ["train_dataloader.tasks.seg.dataset.pipeline.3.crop_size=[32,32]",
              "train_dataloader.tasks.seg.dataset.pipeline.2.scale=[64,32]",
-             "train_dataloader.tasks.cls.dataset.pipeline.1.transforms.1.size=[32,32]",
+             "train_dataloader.tasks.cls.dataset.pipeline.1.size=32",
              "val_dataloader.tasks.cls.dataset.pipeline.1.size=32",
              "val_dataloader.tasks.seg.dataset.pipeline.1.scale=[64,32]"]
     opts += [f"train_cfg.{k}={v}" for k, v in train.items()]
