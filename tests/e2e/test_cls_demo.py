@@ -12,7 +12,7 @@ from vitasks.engine import launch
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo" / "cls_synthetic.yaml"
-EPOCHS = 6
+EPOCHS = 10  # 6 epochs scored 52.5 and 37.5 % with seeds 0 and 1: too close to the bar
 NUM_CLASSES = 4
 
 
@@ -67,7 +67,8 @@ def test_demo_learns_and_dump_matches_metrics(trained):
 
     # Well above chance on held-out images: chance is the most frequent class's share of the
     # validation set (what always answering that class scores); ask for a fifth of the way to
-    # 100 % in this short schedule (measured: 45 % with 4 classes, chance 25 %).
+    # 100 % in this short schedule (measured with 4 classes, chance 25 %: 55.0 %; with
+    # randomness.seed 1 and 2: 56.25 and 53.75 %).
     counts = [sum(1 for _ in (data_root / "val" / c).iterdir()) for c in classes]
     chance = 100.0 * max(counts) / sum(counts)
     assert metrics["accuracy/top1"] >= chance + 0.2 * (100.0 - chance), (metrics, chance)
