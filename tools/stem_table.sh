@@ -27,6 +27,7 @@ declare -A STEM=(
 )
 
 rows=()
+mkdir -p work_dirs/stem_table  # the logs sit beside the work dirs, which train.py makes later
 for name in conv patch; do
   work=work_dirs/stem_table/$name
   options=("data_root=$DATA" "num_classes=$NUM_CLASSES" "${EXTRA[@]}")
