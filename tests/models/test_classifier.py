@@ -252,3 +252,13 @@ def test_head_errors():
         LinearClsHead(num_classes=2, in_channels=4)(torch.randn(2, 3, 4))
     with pytest.raises(ConfigError, match="backbone"):
         MODELS.build(dict(type="ImageClassifier", backbone="vit", head=dict(type="LinearClsHead", num_classes=2, in_channels=4)))
+
+
+@pytest.mark.parametrize("head", [dict(type="LinearClsHead", num_classes=K, in_channels=16),
+                                  dict(type="MLPClsHead", num_classes=K, in_channels=16, hidden_channels=8)])
+def test_head_width_mismatch_names_the_key(head):
+    # The backbone gives 32 features; both heads say in_channels 16: one error naming the key,
+    # not a matmul shape error from inside torch.
+    model = build_classifier(head=head)
+    with pytest.raises(ConfigError, match=r"model\.head\.in_channels.*backbone's width"):
+        model(torch.randn(2, 3, 16, 16), mode="tensor")

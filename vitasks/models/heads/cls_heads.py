@@ -61,6 +61,18 @@ class BaseClsHead(BaseModule):
         if self.init_cfg is None:
             self.reset_parameters()
 
+    def _pooled(self, feats: Feats) -> torch.Tensor:
+        """The last pooled feature, checked against ``in_channels`` so that a width mismatch names
+        the config key instead of failing inside a matmul."""
+        feats = _last(feats)
+        if feats.shape[-1] != self.in_channels:
+            raise ConfigError(
+                f"{type(self).__name__}: in_channels is {self.in_channels} but the backbone gives {feats.shape[-1]} "
+                f"features; set {self.config_path}.in_channels to the backbone's width (2 x embed_dim for "
+                "pool='token_mean')"
+            )
+        return feats
+
     @staticmethod
     def _with_predictions(data_samples: Optional[List[Optional[DataSample]]], scores: torch.Tensor) -> List[DataSample]:
         """Each sample (a new one where None) with ``pred_score`` (K,) and ``pred_label`` (1,),
@@ -125,13 +137,7 @@ class LinearClsHead(BaseClsHead):
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, feats: Feats) -> torch.Tensor:
-        feats = _last(feats)
-        if feats.shape[-1] != self.in_channels:
-            raise ConfigError(
-                f"LinearClsHead: in_channels is {self.in_channels} but the backbone gives {feats.shape[-1]} features; "
-                f"set {self.config_path}.in_channels to the backbone's width (2 x embed_dim for pool='token_mean')"
-            )
-        return self.fc(feats)
+        return self.fc(self._pooled(feats))
 
 
 @MODELS.register_module()
@@ -170,4 +176,4 @@ class MLPClsHead(BaseClsHead):
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, feats: Feats) -> torch.Tensor:
-        return self.fc(torch.tanh(self.hidden(_last(feats))))
+        return self.fc(torch.tanh(self.hidden(self._pooled(feats))))
