@@ -262,6 +262,19 @@ def _hook_type(hook):
     return hook.get("type") if isinstance(hook, dict) else type(hook)
 
 
+def _loaders_of(loop) -> list:
+    """The torch DataLoaders a built loop holds (one, or one per task in a dict); none for a loop
+    not built yet (still its config)."""
+    if not isinstance(loop, BaseLoop):
+        return []
+    found = []
+    for value in vars(loop).values():
+        for item in (value.values() if isinstance(value, dict) else [value]):
+            if isinstance(item, torch.utils.data.DataLoader):
+                found.append(item)
+    return found
+
+
 class VitasksRunner(Runner):
     """mmengine's Runner with safe checkpoint loading, interrupt checkpoints and CPU DDP.
 
@@ -577,11 +590,32 @@ class VitasksRunner(Runner):
             except (Exception, KeyboardInterrupt) as exc:
                 self._save_interrupt_checkpoint(exc)
                 raise
+            finally:
+                self.release_loader_workers()
 
     def val(self) -> dict:
         self._evaluating = True
-        return super().val()
+        try:
+            return super().val()
+        finally:
+            self.release_loader_workers()
 
     def test(self) -> dict:
         self._evaluating = True
-        return super().test()
+        try:
+            return super().test()
+        finally:
+            self.release_loader_workers()
+
+    def release_loader_workers(self) -> None:
+        """End the worker processes the run's data loaders keep (``persistent_workers``) once the
+        run is over. Left to the garbage collector, each is joined wherever a later
+        ``gc.collect()`` finds it, and torch then waits its 5 s timeout per loader: in the next
+        train/test of the same process (a notebook, a test suite) and in a distributed run's exit.
+        Ended here it takes a few milliseconds; a loader used again starts new workers."""
+        for loop in (self._train_loop, self._val_loop, self._test_loop):
+            for loader in _loaders_of(loop):
+                iterator = getattr(loader, "_iterator", None)
+                if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                    iterator._shutdown_workers()
+                loader._iterator = None
