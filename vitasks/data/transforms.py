@@ -9,7 +9,6 @@ import difflib
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import albumentations as A
 import cv2
 import numpy as np
 import torch
@@ -119,8 +118,18 @@ _BORDERS = {
 _FLAG_KEYS = {"interpolation": _INTERPOLATIONS, "mask_interpolation": _INTERPOLATIONS, "border_mode": _BORDERS}
 
 
+def _albumentations() -> Any:
+    """The albumentations module, imported on first use: it takes about a second to import, and
+    most processes (tools, torchrun workers, tests) that import :mod:`vitasks.data` never build
+    an :class:`Albu` transform."""
+    import albumentations
+
+    return albumentations
+
+
 def _albu_classes() -> List[str]:
     """Names of albumentations' transforms and composers (for "did you mean")."""
+    A = _albumentations()
     bases = (A.BasicTransform, A.BaseCompose)
     return sorted(
         n for n in dir(A)
@@ -140,6 +149,7 @@ def build_albu(cfg: Dict[str, Any], where: str = "Albu.transforms") -> Any:
     lists (``OneOf``, ``SomeOf``, ...) are built recursively. Errors name the entry."""
     args = options(cfg, where, what="a dict with a `type`", required=("type",))
     name = args.pop("type")
+    A = _albumentations()
     cls = getattr(A, name, None) if isinstance(name, str) else None
     if not isinstance(cls, type):
         close = difflib.get_close_matches(str(name), _albu_classes(), n=3, cutoff=0.5)
@@ -180,7 +190,7 @@ def _reseed(transform: Any, rng: np.random.Generator) -> None:
     ``rng``. (``Compose.set_random_seed`` gives all of them the same seed, which would tie their
     draws together: every p=0.5 transform would fire on the same samples.)"""
     transform.set_random_seed(seed_from(rng))
-    if isinstance(transform, A.BaseCompose):  # (some single transforms have a `transforms` list too)
+    if isinstance(transform, _albumentations().BaseCompose):  # (some single transforms have a `transforms` list too)
         for child in transform.transforms:
             _reseed(child, rng)
 
@@ -197,7 +207,7 @@ class Albu(BaseTransform):
     """
 
     def __init__(self, transforms: Sequence[Dict[str, Any]]) -> None:
-        self._compose = A.Compose(build_albu_list(transforms, f"{self.config_key}.transforms"))
+        self._compose = _albumentations().Compose(build_albu_list(transforms, f"{self.config_key}.transforms"))
         self.transforms = [dict(t) if isinstance(t, dict) else t for t in transforms]
 
     def transform(self, results: dict) -> dict:
