@@ -184,14 +184,15 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(d
                                 env=_env(when if how == "save" else 0),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if how == "iter":
-            deadline = time.time() + 120
-            while proc.poll() is None and time.time() < deadline:
+            # No wall-clock deadline: on a loaded machine the start-up alone can take minutes, and
+            # a kill that never comes would let this attempt finish the run (fewer faults).
+            while proc.poll() is None:
                 if progress.exists() and len(progress.read_text().split()) >= when:
                     time.sleep(rng.uniform(0.0, 0.15))  # somewhere inside the next iteration or save
                     proc.send_signal(signal.SIGKILL)
                     break
                 time.sleep(0.01)
-        _, err = proc.communicate(timeout=300)
+        _, err = proc.communicate(timeout=900)  # a hang guard only
         if proc.returncode == -signal.SIGKILL:
             kills += 1
         else:
