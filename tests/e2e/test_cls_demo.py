@@ -12,7 +12,7 @@ from vitasks.engine import launch
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo" / "cls_synthetic.yaml"
-EPOCHS = 10  # 6 epochs scored 52.5 and 37.5 % with seeds 0 and 1: too close to the bar
+EPOCHS = 14  # with the random head, 10 epochs scored 41.25 % (seed 0) against the 40 % bar
 NUM_CLASSES = 4
 
 

@@ -262,3 +262,23 @@ def test_head_width_mismatch_names_the_key(head):
     model = build_classifier(head=head)
     with pytest.raises(ConfigError, match=r"model\.head\.in_channels.*backbone's width"):
         model(torch.randn(2, 3, 16, 16), mode="tensor")
+
+
+def test_linear_head_init_std():
+    """``init_std`` 0 (default): a zero head, so the backbone gets no gradient from the first
+    step; ``> 0``: normal weights of that std, and the backbone learns from the first step."""
+    zero = LinearClsHead(num_classes=K, in_channels=16)
+    assert torch.count_nonzero(zero.fc.weight) == 0 and torch.count_nonzero(zero.fc.bias) == 0
+    torch.manual_seed(0)
+    wide = LinearClsHead(num_classes=1000, in_channels=256, init_std=0.05)
+    assert abs(wide.fc.weight.std().item() - 0.05) < 0.001  # 256 000 draws
+    assert abs(wide.fc.weight.mean().item()) < 0.001 and torch.count_nonzero(wide.fc.bias) == 0
+
+    for init_std, learns in ((0.0, False), (0.05, True)):
+        model = build_classifier(head=dict(type="LinearClsHead", num_classes=K, in_channels=32, init_std=init_std))
+        model(torch.randn(2, 3, 16, 16), mode="tensor").logsumexp(1).sum().backward()
+        grads = [p.grad for p in model.backbone.parameters() if p.grad is not None]
+        assert any(g.abs().sum() > 0 for g in grads) == learns
+
+    with pytest.raises(ConfigError, match=r"init_std must be a number in \[0, inf\)"):
+        LinearClsHead(num_classes=K, in_channels=16, init_std=-0.1)

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.model import BaseModule
 
-from vitasks.checks import PositiveInt, building, checked, config_key
+from vitasks.checks import InRange, PositiveInt, building, checked, config_key
 from vitasks.errors import ConfigError
 from vitasks.registry import MODELS
 from vitasks.structures import DataSample
@@ -109,13 +109,18 @@ class BaseClsHead(BaseModule):
 
 @MODELS.register_module()
 class LinearClsHead(BaseClsHead):
-    """One linear layer ``fc``, zero-initialised (as for fine-tuning: the first steps then
-    train the head from a neutral start instead of random logits).
+    """One linear layer ``fc``.
 
     Args:
         num_classes: Number of classes K.
         in_channels: Feature width C.
         loss: Loss config (label smoothing goes here).
+        init_std: ``0`` (default): weights zero, as for fine-tuning (the first steps train the
+            head from a neutral start instead of random logits). ``> 0``: weights normal with
+            this std (timm's truncated normal; mmpretrain's ``LinearClsHead`` draws std 0.01).
+            Training from scratch wants a random start: with a zero head the backbone's first gradients all
+            point along the few directions the head has learned, and on small photo sets the
+            demo then learned far slower (README, "Against a plain CNN"). Biases start at zero.
         init_cfg: mmengine initialisation config.
     """
 
@@ -125,15 +130,20 @@ class LinearClsHead(BaseClsHead):
         num_classes: PositiveInt,
         in_channels: PositiveInt,
         loss: Optional[dict] = None,
+        init_std: InRange(0) = 0.0,
         init_cfg: Optional[dict] = None,
     ) -> None:
         super().__init__(num_classes, loss=loss, init_cfg=init_cfg)
         self.in_channels = in_channels
+        self.init_std = float(init_std)
         self.fc = nn.Linear(in_channels, num_classes)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.zeros_(self.fc.weight)
+        if self.init_std > 0:
+            nn.init.trunc_normal_(self.fc.weight, std=self.init_std)  # (timm's: cut at +-2, absolute)
+        else:
+            nn.init.zeros_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, feats: Feats) -> torch.Tensor:
