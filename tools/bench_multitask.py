@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from vitasks.engine import launch  # noqa: E402
+from vitasks.last_checkpoint import read_last_checkpoint  # noqa: E402
 
 DEFAULT_CONFIG = "configs/demo/multitask_synthetic.yaml"
 
@@ -149,8 +150,7 @@ def train_and_test(cfg, work_dir: str) -> dict:
     start = time.perf_counter()
     launch.train(cfg, work_dir=work_dir)
     seconds = time.perf_counter() - start
-    with open(os.path.join(work_dir, "last_checkpoint")) as f:
-        checkpoint = f.read().strip()
+    checkpoint = read_last_checkpoint(work_dir)
     metrics = launch.test(cfg, checkpoint, work_dir=os.path.join(work_dir, "test"))
     return dict(metrics=metrics, train_seconds=seconds, iters=int(cfg.train_cfg.max_iters))
 

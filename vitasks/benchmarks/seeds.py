@@ -26,6 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
+from vitasks.errors import CheckpointError
+from vitasks.last_checkpoint import read_last_checkpoint
+
 __all__ = [
     "MAIN_METRICS", "SeedsOptions", "train_command", "test_command", "baseline_command",
     "main_metric_names", "summarize", "markdown_table", "run_seeds", "threads_per_job",
@@ -174,16 +177,6 @@ def _read_json(path: str) -> dict:
     return data
 
 
-def last_checkpoint(work_dir: str) -> str:
-    """The checkpoint mmengine's ``last_checkpoint`` file in ``work_dir`` names (a relative path is
-    taken relative to the current directory, as the trainer that wrote it had it)."""
-    with open(osp.join(work_dir, "last_checkpoint"), encoding="utf-8") as f:
-        path = f.read().strip()
-    if not osp.isfile(path) and osp.isfile(osp.join(work_dir, osp.basename(path))):
-        path = osp.join(work_dir, osp.basename(path))
-    return path
-
-
 class _Runner:
     """Runs the commands of every seed, ``jobs`` processes at a time, each writing its output to
     its log file; progress lines go to ``log``."""
@@ -225,9 +218,9 @@ class _Runner:
         if not self._run(run, "train", argv):
             return
         try:
-            checkpoint = last_checkpoint(run.work_dir)
-        except OSError as err:
-            run.errors.append(f"train: no last_checkpoint in {run.work_dir} ({err}), see {run.logs['train']}")
+            checkpoint = read_last_checkpoint(run.work_dir)
+        except CheckpointError as err:
+            run.errors.append(f"train: {err}; see {run.logs['train']}")
             return
         argv = test_command(o.tools_dir, o.config, checkpoint, o.work_dir, o.data_root, o.num_classes,
                             run.seed, o.cfg_options)

@@ -32,7 +32,8 @@ import torch
 
 from vitasks.benchmarks.machine import load_average
 from vitasks.checks import one_of
-from vitasks.errors import ConfigError
+from vitasks.errors import CheckpointError, ConfigError
+from vitasks.last_checkpoint import LAST_CHECKPOINT, read_last_checkpoint
 
 DEMO_CONFIGS = {
     "cls": "configs/demo/cls_synthetic{}.yaml",
@@ -173,15 +174,6 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
 
 
-def _last_checkpoint(work_dir: str) -> Optional[str]:
-    marker = osp.join(work_dir, "last_checkpoint")
-    if not osp.isfile(marker):
-        return None
-    with open(marker) as f:
-        path = f.read().strip()
-    return path if osp.isfile(path) else None
-
-
 def run_tradeoff(
     kind: str,
     work_dir: str,
@@ -210,13 +202,16 @@ def run_tradeoff(
         if not v.trained:
             continue
         train_dir = osp.join(work_dir, _slug(v.name), "train")
-        ckpt = None if retrain else _last_checkpoint(train_dir)
-        if ckpt is None:
+        ckpt = None if retrain else read_last_checkpoint(train_dir, required=False)
+        if ckpt is None or not osp.isfile(ckpt):  # not trained yet, or its checkpoint is gone
             log(f"[{v.name}] training {v.config} in {train_dir}")
             launch.train(v.config, work_dir=train_dir, cfg_options=[*options, *v.options, *train_options])
-            ckpt = _last_checkpoint(train_dir)
-            if ckpt is None:
-                raise RuntimeError(f"training {v.config} left no checkpoint in {train_dir}")
+            ckpt = read_last_checkpoint(train_dir)
+            if not osp.isfile(ckpt):
+                raise CheckpointError(
+                    f"training {v.config} in {train_dir} left {osp.join(train_dir, LAST_CHECKPOINT)} "
+                    f"naming {ckpt!r}, which does not exist"
+                )
         checkpoints[v.name] = ckpt
 
     rows = []

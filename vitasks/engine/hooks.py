@@ -32,6 +32,7 @@ from mmengine.model import BaseAveragedModel, is_model_wrapper
 
 from vitasks.checks import InRange, NonNegativeInt, OrNone, PositiveInt, checked, not_both
 from vitasks.data.seeding import derive_seed
+from vitasks.last_checkpoint import LAST_CHECKPOINT
 from vitasks.registry import HOOKS
 
 __all__ = ["IterationSeedHook", "AtomicCheckpointHook", "EMAHook", "ModelEMA", "write_text_atomic", "replace_atomic"]
@@ -123,7 +124,7 @@ class AtomicCheckpointHook(CheckpointHook):
         )
         if not is_main_process():
             return
-        write_text_atomic(osp.join(runner.work_dir, "last_checkpoint"), self.last_ckpt)
+        write_text_atomic(osp.join(runner.work_dir, LAST_CHECKPOINT), self.last_ckpt)
         for old_step in outdated:
             path = self.file_backend.join_path(self.out_dir, self.filename_tmpl.format(old_step))
             if self.file_backend.isfile(path):

@@ -63,6 +63,7 @@ from vitasks.engine.checkpoint import get_state_dict, load_checkpoint_file, load
 from vitasks.engine.fsdp import check_strategy, full_state_dicts, load_full_state, shard_model
 from vitasks.engine.hooks import AtomicCheckpointHook, IterationSeedHook, replace_atomic, write_text_atomic
 from vitasks.errors import CheckpointError, VitasksError
+from vitasks.last_checkpoint import LAST_CHECKPOINT, read_last_checkpoint
 from vitasks.registry import LOOPS
 
 __all__ = [
@@ -72,10 +73,13 @@ __all__ = [
     "AutocastValLoop",
     "AutocastTestLoop",
     "LAST_CHECKPOINT",
+    "read_last_checkpoint",
 ]
 
-# mmengine's CheckpointHook writes the path of the newest checkpoint into this file.
-LAST_CHECKPOINT = "last_checkpoint"
+# LAST_CHECKPOINT ("last_checkpoint", the file mmengine's CheckpointHook points at the newest
+# checkpoint) and its reader live in vitasks.last_checkpoint (no torch: benchmarks import it
+# without the Runner; hooks.py uses the name too). Resuming below reads the file through
+# mmengine's find_latest_checkpoint and falls back to earlier checkpoints on its own.
 
 
 @LOOPS.register_module()
