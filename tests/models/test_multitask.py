@@ -215,3 +215,14 @@ def test_batchnorm_stem_with_tasks_normalised_differently_is_warned():
     assert warnings_when(conv_stem, copy.deepcopy(SEG_TASK)) == []  # both mean/std alike
     assert warnings_when(dict(conv_stem, norm="LN"), seg_per_image) == []
     assert warnings_when(dict(type="PatchEmbed"), seg_per_image) == []
+
+    # Built on the meta device (shapes only, as tools/benchmark.py and the config tests do), the
+    # mean/std buffers hold no values: nothing to compare, and no error (reading them raised).
+    from vitasks.benchmarks.throughput import init_on_meta
+
+    seg_other_mean = copy.deepcopy(SEG_TASK)
+    seg_other_mean["data_preprocessor"]["mean"] = [127.5, 127.5, 127.5]
+    assert len(warnings_when(conv_stem, seg_other_mean)) == 1  # on the CPU: said
+    with init_on_meta():
+        assert warnings_when(conv_stem, seg_other_mean) == []
+        assert warnings_when(conv_stem, copy.deepcopy(SEG_TASK)) == []

@@ -168,11 +168,12 @@ def _can_walk_blocks(backbone: nn.Module) -> bool:
 
 def _input_normalisation(preprocessor: nn.Module) -> Optional[str]:
     """How a task's data preprocessor normalises its images, in words ("standardised per image"
-    or "mean [...] std [...]"); None when it says neither (nothing to compare)."""
+    or "mean [...] std [...]"); None when it says neither, or when its mean/std have no values
+    (built on the meta device): nothing to compare."""
     if getattr(preprocessor, "per_image_norm", None) is not None:
         return "standardised per image"
     mean, std = getattr(preprocessor, "mean", None), getattr(preprocessor, "std", None)
-    if isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor):
+    if isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor) and not (mean.is_meta or std.is_meta):
         return f"mean {mean.flatten().tolist()} std {std.flatten().tolist()}"
     return None
 
