@@ -118,9 +118,10 @@ class LinearClsHead(BaseClsHead):
         init_std: ``0`` (default): weights zero, as for fine-tuning (the first steps train the
             head from a neutral start instead of random logits). ``> 0``: weights normal with
             this std (timm's truncated normal; mmpretrain's ``LinearClsHead`` draws std 0.01).
-            Training from scratch wants a random start: with a zero head the backbone's first gradients all
-            point along the few directions the head has learned, and on small photo sets the
-            demo then learned far slower (README, "Against a plain CNN"). Biases start at zero.
+            Training from scratch wants a random start: with a zero head the backbone's first
+            gradients all point along the few directions the head has learned, and on small
+            photo sets the demo then learned far slower (README, "Against a plain CNN"). Biases
+            start at zero.
         init_cfg: mmengine initialisation config.
     """
 
