@@ -150,6 +150,9 @@ def test_pixel_ops_by_hand():
     assert (np.asarray(apply_op(pil, "Invert", ())) == 255 - img).all()
     assert (np.asarray(apply_op(pil, "PosterizeIncreasing", (3,))) == img & 0b11100000).all()
     assert (np.asarray(apply_op(pil, "Posterize", (8,))) == img).all()  # >= 8 bits: unchanged
+    # 0 bits keeps nothing (img & 0): black. Pillow 13's posterize refuses bits < 1.
+    assert (np.asarray(apply_op(pil, "PosterizeIncreasing", (0,))) == 0).all()
+    assert (np.asarray(apply_op(pil, "Posterize", (0,))) == 0).all()
     solar = np.where(img >= 230, 255 - img, img)
     assert (np.asarray(apply_op(pil, "SolarizeIncreasing", (230,))) == solar).all()
     added = np.where(img < 128, np.minimum(255, img.astype(int) + 99), img)
@@ -165,6 +168,21 @@ def test_pixel_ops_by_hand():
     stretch = np.array([[[10, 10, 10], [20, 20, 20], [61, 61, 61]]], np.uint8)
     out = np.asarray(apply_op(Image.fromarray(stretch), "AutoContrast", ()))
     assert out[0, :, 0].tolist() == [0, 50, 255]
+
+
+def test_every_op_runs_at_the_magnitude_extremes():
+    # Magnitudes 0 and 10 of every op of both sets, through level_to_args as the draws make them
+    # (the increasing posterize at 10 and the plain one at 0 ask for 0 bits).
+    img = _img(8, 8)
+    ra = RandAugment("rand-m9-mstd0.5-inc1")
+    for name in sorted(set(RAND_TRANSFORMS) | set(RAND_INCREASING_TRANSFORMS)):
+        for magnitude in (0.0, 10.0):
+            args = level_to_args(name, magnitude, ra.hparams, False)
+            out = ra.apply(img, [OpDraw(name, args, BICUBIC)])
+            assert out.shape == img.shape and out.dtype == np.uint8, name
+    bits = level_to_args("PosterizeIncreasing", 10.0, ra.hparams, False)
+    assert bits == (0,)
+    assert (ra.apply(img, [OpDraw("PosterizeIncreasing", bits, BICUBIC)]) == 0).all()
 
 
 def test_enhance_ops_are_pils():

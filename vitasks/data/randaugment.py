@@ -164,7 +164,15 @@ def apply_op(img: Image.Image, name: str, args: tuple, resample: int = Image.Res
     if base == "Rotate":
         return img.rotate(args[0], resample=resample, fillcolor=fill)
     if base in ("Posterize", "PosterizeOriginal"):
-        return img if args[0] >= 8 else ImageOps.posterize(img, args[0])
+        bits = args[0]
+        if bits >= 8:
+            return img
+        if bits <= 0:
+            # Keeping 0 bits masks every value to 0: a black image, what older Pillow (and so
+            # timm) computed. Pillow 13 raises for bits < 1, and magnitude 10 of the increasing
+            # variant (below 2.5 of the plain one) asks for 0 bits.
+            return img.point([0] * 256 * len(img.getbands()))
+        return ImageOps.posterize(img, bits)
     if base == "Solarize":
         return ImageOps.solarize(img, args[0])
     if base == "SolarizeAdd":
