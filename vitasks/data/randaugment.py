@@ -171,7 +171,7 @@ def apply_op(img: Image.Image, name: str, args: tuple, resample: int = Image.Res
             # Keeping 0 bits masks every value to 0: a black image, what older Pillow (and so
             # timm) computed. Pillow 13 raises for bits < 1, and magnitude 10 of the increasing
             # variant (below 2.5 of the plain one) asks for 0 bits.
-            return img.point([0] * 256 * len(img.getbands()))
+            return Image.new(img.mode, img.size)  # all zeros
         return ImageOps.posterize(img, bits)
     if base == "Solarize":
         return ImageOps.solarize(img, args[0])
