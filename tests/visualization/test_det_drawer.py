@@ -25,7 +25,7 @@ TINY = [
     "model.backbone.embed_dim=32",
     "model.backbone.depth=1",
     "model.backbone.num_heads=2",
-    "model.backbone.stem.channels=[8,16,32]",
+    "model.backbone.stem.channels=[8,8,16,16,32,32,32,32]",
     "model.neck.in_channels=32",
     "model.neck.out_channels=16",
     "model.rpn_head.in_channels=16",
@@ -88,6 +88,24 @@ def test_drawing_blends_masks_and_outlines_boxes_in_class_colours():
     # Outside every kept detection (the ring under the threshold is not drawn): the image.
     np.testing.assert_array_equal(drawn[31 * scale + 1, 1 * scale + 1], [100, 100, 100])
     np.testing.assert_array_equal(drawn[1 * scale + scale // 2, 1 * scale + scale // 2], [100, 100, 100])
+
+
+def test_a_box_thinner_than_a_pixel_is_drawn_one_pixel_wide():
+    # A detector can predict a degenerate box (x1 == x2, or y2 just above y1); Pillow raised
+    # "x1 must be greater than or equal to x0" on it and the whole inference run stopped.
+    found = InstanceData()
+    found.bboxes = torch.tensor([[5.0, 4.0, 5.0, 20.0], [2.0, 10.0, 30.0, 10.2]])
+    found.scores = torch.tensor([0.9, 0.8])
+    found.labels = torch.tensor([0, 2])
+    sample = DataSample(metainfo=dict(ori_shape=(32, 40), img_shape=(32, 40)))
+    sample.pred_instances = found
+    image = np.full((32, 40, 3), 100, np.uint8)
+    drawn = DetPredictionDrawer(score_threshold=0.3).draw(image, sample, CLASSES, topk=1)
+    scale = int(np.ceil(MIN_DRAW_SIDE / 32))
+    palette = seg_palette(len(CLASSES))
+    # Each outline is where its box is, in its class colour (below the captions).
+    np.testing.assert_array_equal(drawn[15 * scale, 5 * scale], palette[0])
+    np.testing.assert_array_equal(drawn[10 * scale, 25 * scale], palette[2])
 
 
 def test_mask_at_another_size_is_a_clear_error():

@@ -132,8 +132,11 @@ class DetPredictionDrawer(PredictionDrawer):
         factor = np.array([scale_x, scale_y, scale_x, scale_y])
         for box, colour in zip(boxes * factor, colours):
             # Box corners are continuous coordinates: x2, y2 bound the last pixel from the right.
-            draw.rectangle([float(box[0]), float(box[1]), float(box[2]) - 1, float(box[3]) - 1], outline=colour,
-                           width=width)
+            # A box thinner than a pixel (a detector may predict one) is drawn one pixel wide:
+            # Pillow refuses a rectangle whose end is before its start.
+            x1, y1 = float(box[0]), float(box[1])
+            x2, y2 = max(float(box[2]) - 1, x1), max(float(box[3]) - 1, y1)
+            draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
         drawn = np.asarray(canvas)
         # Lowest score first, so the best detection's caption ends on top where captions overlap.
         for box, score, label in list(zip(boxes * factor, scores, labels))[::-1]:
