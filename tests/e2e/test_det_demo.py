@@ -16,7 +16,7 @@ from vitasks.engine import launch  # not `import test`: pytest would collect it
 from vitasks.evaluation.coco import evaluate_results_file
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo", "det_synthetic.yaml")
-ITERS = 120
+ITERS = 150
 NUM_CLASSES = 3
 SIZE = 64
 
@@ -100,11 +100,13 @@ def test_det_demo_learns_boxes_and_masks_and_dumps(tmp_path, one_thread, in_proc
         scored, _ = evaluate_results_file(str(tmp_path / f"random{seed}.json"), annotations)
         for name in ("coco/bbox_mAP_50", "coco/segm_mAP_50"):
             chance[name] = chance.get(name, 0.0) + scored[name] / 3
-    # 120 iterations from scratch only start to learn (measured: box mAP_50 0.151, mask mAP_50
-    # 0.106 against chance 0.009 and 0.005; with randomness.seed=1 0.122 and 0.116; 150
-    # iterations gave 0.137 and 0.161, 100 with seed 1 only 0.069 and 0.060); the runs are
-    # seeded, so the margins are exact repeats, not luck. The full demo schedule is what reaches
-    # the demo's numbers.
+    # 150 iterations from scratch only start to learn. Measured with the demo's recipe of session
+    # 11 (randomness.seed 0 / 1 / 2 / 3): box mAP_50 0.208 / 0.153 / 0.215 / 0.244, mask mAP_50
+    # 0.136 / 0.101 / 0.163 / 0.177, against chance 0.009 and 0.005 (bars 0.059 and 0.055). With
+    # 120 iterations two seeds scored masks of 0.058 and 0.057, too near the bar for a test that
+    # must pass on every CPU. The runs are seeded, so on one machine the margins are exact
+    # repeats; the spread between seeds stands for the rounding of another CPU. The full demo
+    # schedule is what reaches the demo's numbers.
     for name in ("coco/bbox_mAP_50", "coco/segm_mAP_50"):
         assert metrics[name] > max(3 * chance[name], chance[name] + 0.05), (name, metrics, chance)
 
