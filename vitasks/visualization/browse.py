@@ -41,7 +41,7 @@ from vitasks.data.seeding import SEEDED_SAMPLERS, SeededIndex, derive_seed
 from vitasks.errors import DataError, VitasksError
 from vitasks.registry import DATA_SAMPLERS, DATASETS, VISUALIZERS
 
-from .drawers import class_name, draw_text_lines, font_size_for, upscale_for_display
+from .drawers import class_name, draw_text_lines, font_size_for, outline_box, upscale_for_display
 from .seg_drawer import LegendEntry, blend_labels, draw_legend, label_areas, seg_palette
 
 __all__ = [
@@ -368,9 +368,7 @@ class GtInstancesDrawer(GroundTruthDrawer):
         draw = ImageDraw.Draw(canvas)
         width = max(1, context.scale // 2)
         for box, colour in zip(boxes, colours):
-            # x2, y2 are exclusive: the outline's last pixel is the box's last input pixel.
-            corners = [float(box[0]), float(box[1]), float(box[2]) - 1, float(box[3]) - 1]
-            draw.rectangle(corners, outline=colour, width=width)
+            outline_box(draw, box, colour, width)  # x2, y2 exclusive, as the detector's boxes
         frame = np.asarray(canvas)
         for box, label in zip(boxes, labels):
             origin = (int(max(box[0], 0)), int(max(box[1], 0)))

@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 from vitasks.errors import DataError
 from vitasks.registry import VISUALIZERS
 
-from .drawers import PredictionDrawer, class_name, draw_text_lines, upscale_for_display
+from .drawers import PredictionDrawer, class_name, draw_text_lines, outline_box, upscale_for_display
 from .seg_drawer import seg_palette
 
 #: Opacity of a detection's mask over the image.
@@ -131,12 +131,7 @@ class DetPredictionDrawer(PredictionDrawer):
         width = max(1, int(round(min(scale_x, scale_y))) // 2 + 1)
         factor = np.array([scale_x, scale_y, scale_x, scale_y])
         for box, colour in zip(boxes * factor, colours):
-            # Box corners are continuous coordinates: x2, y2 bound the last pixel from the right.
-            # A box thinner than a pixel (a detector may predict one) is drawn one pixel wide:
-            # Pillow refuses a rectangle whose end is before its start.
-            x1, y1 = float(box[0]), float(box[1])
-            x2, y2 = max(float(box[2]) - 1, x1), max(float(box[3]) - 1, y1)
-            draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
+            outline_box(draw, box, colour, width)
         drawn = np.asarray(canvas)
         # Lowest score first, so the best detection's caption ends on top where captions overlap.
         for box, score, label in list(zip(boxes * factor, scores, labels))[::-1]:

@@ -133,6 +133,15 @@ def draw_text_lines(image: np.ndarray, lines: list[str], origin: tuple[int, int]
     return np.asarray(Image.alpha_composite(base, overlay).convert("RGB"))
 
 
+def outline_box(draw: ImageDraw.ImageDraw, box: Any, colour: tuple, width: int) -> None:
+    """Outline an xyxy box whose x2, y2 bound its last pixel from the right (continuous
+    coordinates). A box thinner than a pixel (a detector may predict one, a pipeline may keep one)
+    is drawn one pixel wide: Pillow refuses a rectangle whose end is before its start."""
+    x1, y1 = float(box[0]), float(box[1])
+    x2, y2 = max(float(box[2]) - 1, x1), max(float(box[3]) - 1, y1)
+    draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
+
+
 def class_name(class_names: list[str] | None, label: int) -> str | None:
     if class_names is not None and 0 <= label < len(class_names):
         return class_names[label]
