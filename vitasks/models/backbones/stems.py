@@ -117,12 +117,12 @@ class ConvStem(nn.Module):
             strided conv) or ``"maxpool"`` (an s x s max-pool, then the conv at stride 1, as plain
             VGG-style CNNs do). Max-pooling keeps the strongest response in each window, which
             makes a small stem learn objects over cluttered backgrounds (photographs) much faster
-            (README, "Against a plain CNN"). Parameter-free: the state dict is the same.
+            (docs/demos.md, "Classification"). Parameter-free: the state dict is the same.
         proj: the paper's final 1x1 conv to ``embed_dim``. ``False``: none; the last conv's
             channels must be ``embed_dim``, and its BN-ReLU outputs are the tokens. On a few
             hundred images the linear 1x1 after the last ReLU slows learning markedly (two
-            linear maps in a row, each scaling the other's gradient: README, "Against a plain
-            CNN"); without it the stem learns as the plain CNN does. State dict: no ``proj.*``.
+            linear maps in a row, each scaling the other's gradient: docs/demos.md,
+            "Classification"); without it the stem learns as the plain CNN does. State dict: no ``proj.*``.
 
     With neither ``preset`` nor ``channels``, the paper's stem for ``embed_dim`` is used
     (192 -> 1GF, 384 -> 4GF, 768 -> 18GF, 1024 -> 36GF).

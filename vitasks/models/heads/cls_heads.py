@@ -120,7 +120,7 @@ class LinearClsHead(BaseClsHead):
             this std (timm's truncated normal; mmpretrain's ``LinearClsHead`` draws std 0.01).
             Training from scratch wants a random start: with a zero head the backbone's first
             gradients all point along the few directions the head has learned, and on small
-            photo sets the demo then learned far slower (README, "Against a plain CNN"). Biases
+            photo sets the demo then learned far slower (docs/demos.md, "Classification"). Biases
             start at zero.
         init_cfg: mmengine initialisation config.
     """
