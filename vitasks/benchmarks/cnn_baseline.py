@@ -1,16 +1,18 @@
-"""The reference the demos must reach: a plain BatchNorm CNN (classification) or a plain FCN
-(segmentation), trained from scratch in a plain PyTorch loop on the data a demo reads, with the
+"""The reference the demos must reach: a plain BatchNorm CNN (classification), a plain FCN
+(segmentation) or a plain 3D CNN (video), trained from scratch in a plain PyTorch loop on the data a demo reads, with the
 demo's budget (the same image size, number of passes over the data, optimiser family and
 label-preserving augmentations), then scored with the demo's metric.
 
-``tools/cnn_baseline.py {cls,seg} DATA_DIR`` runs it. Nothing here goes through the registry,
+``tools/cnn_baseline.py {cls,seg,video} DATA_DIR`` runs it. Nothing here goes through the registry,
 mmengine or the demo configs: it is an independent yardstick written the way a user would write
 one, so that "the ViT demo learns what a CNN learns from the same images" can be checked.
 
 Classification reads the ImageNet folder layout (``train/<class>/*``, ``val/<class>/*``) and
 reports ``accuracy/top1`` (percent); segmentation reads the ADE20K layout (label 0 ignored,
 labels 1..K are classes 0..K-1) and reports ``aAcc``, ``mIoU`` and ``mAcc`` (percent, mmseg's
-definitions: a class absent from both prediction and ground truth does not count).
+definitions: a class absent from both prediction and ground truth does not count); video reads
+the Kinetics list layout (``train.txt`` / ``val.txt`` lines ``relative/path.mp4 LABEL``) and
+reports ``acc/top1`` (percent; softmax averaged over 3 clips spread over each video).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -34,14 +36,22 @@ __all__ = [
     "count_classes",
     "CLS_DEFAULTS",
     "SEG_DEFAULTS",
+    "VIDEO_DEFAULTS",
     "PlainCNN",
     "PlainFCN",
+    "PlainCNN3D",
     "load_imagenet_folders",
     "load_ade_split",
+    "load_video_list",
+    "augment_clips",
+    "train_clip_starts",
+    "test_clip_starts",
+    "clip_indices",
     "random_affine_grid",
     "segmentation_scores",
     "train_cls_baseline",
     "train_seg_baseline",
+    "train_video_baseline",
 ]
 
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -63,6 +73,8 @@ class BaselineConfig:
     scale: Tuple[float, float] = (0.85, 1.15)
     translate: float = 0.1
     rotate: float = 15.0
+    clip_len: int = 8  # video: consecutive frames per clip
+    test_clips: int = 3  # video: clips spread over each validation video, softmax averaged
 
 
 #: The classification demo's budget: 64 px, 60 epochs, batch 32, AdamW.
@@ -70,6 +82,9 @@ CLS_DEFAULTS = BaselineConfig(img_size=64, epochs=60, batch_size=32, lr=2e-3, we
 #: The segmentation demo's budget: 96 px, 1200 iterations of batch 8 on 300 images = 32 epochs.
 SEG_DEFAULTS = BaselineConfig(img_size=96, epochs=32, batch_size=8, lr=2e-3, weight_decay=0.01, width=16,
                               scale=(0.75, 1.5), rotate=10.0)
+#: The video demo's budget: 8-frame clips at 48 px, 30 epochs of batch 16, AdamW lr 1e-3 wd 0.05.
+VIDEO_DEFAULTS = BaselineConfig(img_size=48, epochs=30, batch_size=16, lr=1e-3, weight_decay=0.05, width=16,
+                                scale=(0.8, 1.25), rotate=10.0)
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -120,6 +135,33 @@ class PlainFCN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.classifier(self.features(x))
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _conv_bn_3d(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv3d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout), nn.ReLU(inplace=True))
+
+
+class PlainCNN3D(nn.Module):
+    """The C3D idea at CPU size: eight 3x3x3 conv-BN-ReLU layers in four stages (width w, 2w,
+    4w, 6w), a spatial 1x2x2 max-pool before each new width (2x2x2 before the third stage, the
+    one temporal pool), global average pooling over time and space and a linear classifier.
+    Input ``(N, 3, T, H, W)``."""
+
+    def __init__(self, num_classes: int, width: int = 16):
+        super().__init__()
+        layers: List[nn.Module] = []
+        cin = 3
+        for stage, mult in enumerate((1, 2, 4, 6)):
+            cout = width * mult
+            if stage:
+                layers.append(nn.MaxPool3d((2, 2, 2) if stage == 2 else (1, 2, 2)))
+            layers += [_conv_bn_3d(cin, cout), _conv_bn_3d(cout, cout)]
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean(dim=(2, 3, 4)))
 
 
 def _read_rgb(path: str) -> np.ndarray:
@@ -184,6 +226,55 @@ def load_ade_split(data_root: str, split: str, size: int) -> Tuple[List[torch.Te
     return images, labels
 
 
+def load_video_list(data_root: str, split: str, size: int) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """Every frame of the videos listed in ``data_root/<split>.txt`` (lines ``relative/path.mp4
+    LABEL``), decoded once: uint8 ``(T, 3, size, size)`` per video (shorter side resized, centre
+    crop), and the labels."""
+    from vitasks.data.video_io import probe_video, read_video_frames
+
+    list_file = os.path.join(data_root, f"{split}.txt")
+    if not os.path.isfile(list_file):
+        raise DataError(f"cnn_baseline: no {list_file!r}; expected the Kinetics list layout train.txt / val.txt "
+                        "with lines 'relative/path.mp4 LABEL'")
+    clips, labels = [], []
+    with open(list_file, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            parts = line.strip().rsplit(None, 1)
+            if len(parts) != 2 or not parts[1].isdigit():
+                raise DataError(f"cnn_baseline: {list_file}, line {lineno}: expected 'relative/path.mp4 LABEL' "
+                                f"(a label 0 or more), got {line.strip()!r}")
+            path = os.path.join(data_root, parts[0])
+            frames = read_video_frames(path, range(probe_video(path).num_frames))
+            clips.append(_to_tensor([_resize_center_crop(frame, size) for frame in frames]))
+            labels.append(int(parts[1]))
+    if not clips:
+        raise DataError(f"cnn_baseline: {list_file!r} lists no videos")
+    return clips, torch.tensor(labels)
+
+
+def train_clip_starts(totals: torch.Tensor, clip_len: int, generator: torch.Generator) -> torch.Tensor:
+    """One random start per video of ``totals`` frames, uniform over ``0..total - clip_len``
+    (0 when the video is shorter than a clip)."""
+    choices = (totals - clip_len + 1).clamp(min=1)
+    return (torch.rand(len(totals), generator=generator) * choices).long().clamp(max=choices - 1)
+
+
+def test_clip_starts(total: int, clip_len: int, num_clips: int) -> List[int]:
+    """The demo's test clips (``SampleFrames`` with ``test_mode``): starts evenly spread from the
+    first to the last possible one (the middle one for a single clip)."""
+    last = max(total - clip_len, 0)
+    if num_clips == 1:
+        return [last // 2]
+    return [int(v) for v in np.round(np.arange(num_clips) * (last / (num_clips - 1)))]
+
+
+def clip_indices(start: int, total: int, clip_len: int) -> torch.Tensor:
+    """``clip_len`` consecutive frame indices from ``start``; past the end, the last frame repeats."""
+    return (start + torch.arange(clip_len)).clamp(max=total - 1)
+
+
 def random_affine_grid(n: int, size: int, cfg: BaselineConfig, generator: torch.Generator) -> torch.Tensor:
     """Sampling grids for ``grid_sample``: a random scale, shift and rotation per image (no flips:
     a mirrored glyph can be another class)."""
@@ -199,6 +290,17 @@ def random_affine_grid(n: int, size: int, cfg: BaselineConfig, generator: torch.
 
 def _normalise(images_uint8: torch.Tensor) -> torch.Tensor:
     return (images_uint8.float() / 255.0 - _MEAN) / _STD
+
+
+def augment_clips(clips: torch.Tensor, cfg: BaselineConfig, generator: torch.Generator) -> torch.Tensor:
+    """``clips`` ``(N, T, 3, S, S)`` float, each warped by one random scale, shift and rotation
+    (:func:`random_affine_grid`) that is the same for all its frames: the motion keeps its
+    direction (no flips, no temporal reversal)."""
+    n, t, c, h, w = clips.shape
+    grid = random_affine_grid(n, h, cfg, generator).repeat_interleave(t, dim=0)
+    out = F.grid_sample(clips.reshape(n * t, c, h, w), grid, mode="bilinear", padding_mode="reflection",
+                        align_corners=False)
+    return out.reshape(n, t, c, h, w)
 
 
 def _schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -334,3 +436,41 @@ def count_classes(data_root: str, default: int) -> int:
         return default
     with open(path, encoding="utf-8") as f:
         return sum(1 for line in f if line.strip())
+
+
+def train_video_baseline(data_root: str, num_classes: Optional[int] = None, cfg: BaselineConfig = VIDEO_DEFAULTS,
+                         log=print) -> Dict[str, float]:
+    """Train :class:`PlainCNN3D` on the clips of ``train.txt`` and return ``{"acc/top1": %,
+    "seconds": s}`` on ``val.txt`` (``cfg.test_clips`` clips per video, centre crop, softmax
+    averaged). ``num_classes``: the lines of ``classes.txt`` when not given, else the largest
+    label + 1."""
+    torch.manual_seed(cfg.seed)
+    start = time.perf_counter()
+    train_clips, y_train = load_video_list(data_root, "train", cfg.img_size)
+    val_clips, y_val = load_video_list(data_root, "val", cfg.img_size)
+    if num_classes is None:
+        num_classes = count_classes(data_root, default=int(max(y_train.max(), y_val.max())) + 1)
+    largest = int(max(y_train.max(), y_val.max()))
+    if largest >= num_classes:
+        raise DataError(f"cnn_baseline: label {largest} in {data_root!r}'s lists is out of range for "
+                        f"{num_classes} classes (--num-classes or classes.txt)")
+    totals = torch.tensor([len(c) for c in train_clips])
+    model = PlainCNN3D(num_classes, cfg.width)
+
+    def batch_loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        starts = train_clip_starts(totals[idx], cfg.clip_len, gen)
+        x = torch.stack([train_clips[i][clip_indices(int(s), len(train_clips[i]), cfg.clip_len)]
+                         for i, s in zip(idx.tolist(), starts.tolist())])
+        x = augment_clips(_normalise(x), cfg, gen)
+        return F.cross_entropy(model(x.transpose(1, 2)), y_train[idx], label_smoothing=0.1)
+
+    _fit(model, len(train_clips), batch_loss, cfg, log, log_every=10)
+    model.eval()
+    views = [clip[clip_indices(s, len(clip), cfg.clip_len)] for clip in val_clips
+             for s in test_clip_starts(len(clip), cfg.clip_len, cfg.test_clips)]
+    with torch.no_grad():
+        probs = torch.cat([model(_normalise(torch.stack(views[i:i + 64])).transpose(1, 2)).softmax(1)
+                           for i in range(0, len(views), 64)])
+    pred = probs.view(len(val_clips), cfg.test_clips, -1).mean(1).argmax(1)
+    top1 = 100.0 * (pred == y_val).float().mean().item()
+    return {"acc/top1": round(top1, 2), "seconds": round(time.perf_counter() - start, 1)}
