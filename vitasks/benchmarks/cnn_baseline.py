@@ -448,9 +448,9 @@ def train_video_baseline(data_root: str, num_classes: Optional[int] = None, cfg:
     start = time.perf_counter()
     train_clips, y_train = load_video_list(data_root, "train", cfg.img_size)
     val_clips, y_val = load_video_list(data_root, "val", cfg.img_size)
-    if num_classes is None:
-        num_classes = count_classes(data_root, default=int(max(y_train.max(), y_val.max())) + 1)
     largest = int(max(y_train.max(), y_val.max()))
+    if num_classes is None:
+        num_classes = count_classes(data_root, default=largest + 1)
     if largest >= num_classes:
         raise DataError(f"cnn_baseline: label {largest} in {data_root!r}'s lists is out of range for "
                         f"{num_classes} classes (--num-classes or classes.txt)")
