@@ -30,8 +30,10 @@ relative positions (``use_rel_pos``) and BEiT's relative position bias (``rel_po
 layout instead: attention type, tubelet size, frames, temporal depth, position embeddings and
 inflation.
 
-Stems add what changes their outputs: ``ConvStem`` its channels, strides, kernel size and
-BatchNorm epsilon; ``ResNetStem`` its layers, root width, GroupNorm groups and epsilon, and the
+Stems add what changes their outputs: ``ConvStem`` its channels, strides, kernel size,
+BatchNorm epsilon and how it downsamples (``ConvStem3D`` its temporal strides too; a video ViT
+records its stem when it has one instead of the tubelet embedding, and whether its tubelets give
+motion energies); ``ResNetStem`` its layers, root width, GroupNorm groups and epsilon, and the
 weight-standardisation form and epsilon. A setting missing on either side (an older record, a
 plugin's stem) is not compared.
 """
@@ -82,11 +84,15 @@ def _stem_architecture(stem: nn.Module) -> Dict[str, Any]:
     record: Dict[str, Any] = {"type": name}
     if name == "PatchEmbed":
         record["bias"] = _read(lambda: stem.proj.bias is not None)
-    elif name == "ConvStem":
+    elif name in ("ConvStem", "ConvStem3D"):
         record["channels"] = _read(lambda: [int(c) for c in stem.channels])
         record["strides"] = _read(lambda: [int(s) for s in stem.strides])
+        if name == "ConvStem3D":
+            record["temporal_strides"] = _read(lambda: [int(s) for s in stem.temporal_strides])
         record["kernel_size"] = _read(lambda: int(stem.convs[0].conv.kernel_size[0]))
         record["bn_eps"] = _read(lambda: float(stem.convs[0].bn.eps))
+        # Max-pooling and strided convs share one state dict but not the outputs.
+        record["downsample"] = _read(lambda: str(stem.downsample))
     elif name == "ResNetStem":
         root = _read(lambda: stem.backbone.stem)
         record["layers"] = _read(lambda: [int(n) for n in stem.layers])
@@ -158,6 +164,8 @@ def _video_architecture(vit: nn.Module) -> Dict[str, Any]:
         "attention_type": _read(lambda: str(vit.attention_type)),
         "pos_embed": _read(lambda: str(vit.pos_embed_type)),
         "inflate": _read(lambda: str(vit.inflate)),
+        "motion_energy": _read(lambda: bool(vit.stem.motion_energy) if hasattr(vit.stem, "motion_energy") else None),
+        "stem": _read(lambda: None if type(vit.stem).__name__ == "TubeletEmbed" else _stem_architecture(vit.stem)),
         "qkv_bias": _read(lambda: block.attn.qkv.bias is not None),
         "norm_eps": _read(lambda: float(block.norm1.eps)),
         "mlp_act": _read(lambda: str(vit.mlp_act)),

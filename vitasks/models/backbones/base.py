@@ -8,14 +8,16 @@ reads (``get_layer_id`` for layer-wise lr decay, ``no_weight_decay``). Each subc
 own embedding, block layout and checkpoint loading.
 """
 
+import inspect
 from typing import Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vitasks.checks import config_key, divisible
+from vitasks.checks import building, component_class, config_key, divisible, options
 from vitasks.errors import ConfigError
+from vitasks.registry import MODELS
 
 from ..layers import mlp_act_layer
 
@@ -78,6 +80,36 @@ class ViTBackbone(nn.Module):
         return config_key(name, default=self.config_key)
 
     # ---------------------------------------------------------------------------- construction
+
+    def build_stem(self, stem: Optional[dict], in_channels: int, embed_dim: int, patch_size: int, default: str,
+                   choices: Tuple[str, ...]) -> nn.Module:
+        """The stem the config dict ``stem`` names by ``type`` (``default`` when None), built from
+        MODELS with ``in_channels``, ``embed_dim`` (and ``patch_size`` if it takes one); errors
+        name ``<backbone key>.stem`` (``choices``: the names suggested for a misspelt type). Its
+        ``stride`` must equal ``patch_size``."""
+        where = self.key("stem")
+        stem = options(dict(type=default) if stem is None else stem, where, required=("type",),
+                       what=f"a dict with a `type` (e.g. {', '.join(choices)})")
+        stem_type = stem.pop("type")
+        cls = component_class(stem_type, MODELS, where, "stem", choices=choices)
+        name = getattr(cls, "__name__", str(stem_type))
+        params = inspect.signature(cls).parameters
+        given = dict(in_channels=in_channels, embed_dim=embed_dim)
+        if "patch_size" in params:
+            given["patch_size"] = patch_size
+        open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        cfg = options(stem, where, None if open_ended else list(params), owner=name, given=given, parent=self.key())
+        with building("stem", root=self.config_key):  # the stem's errors name <this backbone's key>.stem
+            module = cls(**cfg)
+        stride = getattr(module, "stride", None)
+        if not isinstance(stride, int) or stride != patch_size:
+            raise ConfigError(
+                f"{self.key()}: the {name} stem has total stride {stride!r} but {self.key('patch_size')} is "
+                f"{patch_size}; set patch_size: {stride} (or change the stem's strides; a stem exposes an integer "
+                "`stride`)"
+            )
+        return module
+
 
     def grid_of(self, size: Tuple[int, ...], stride: int, name: str, by: str = "the stem stride") -> Tuple[int, ...]:
         """``size // stride`` per dimension, for the argument ``name``; a ConfigError unless each

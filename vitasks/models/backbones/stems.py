@@ -6,7 +6,8 @@ A config chooses one under ``model.backbone.stem`` by ``type``. The backbone pas
 
 - :class:`PatchEmbed`: ViT's patchify conv (p x p, stride p).
 - :class:`ConvStem`: stacked 3x3 conv-BN-ReLU layers, then a 1x1 conv (Xiao et al. 2021,
-  "Early Convolutions Help Transformers See Better").
+  "Early Convolutions Help Transformers See Better"); :class:`ConvStem3D`, the same on clips
+  (B, in_channels, T, H, W), for the video ViT.
 - :class:`ResNetStem`: the ResNet (BiT, ResNetV2-style) part of the hybrid R50+ViT-B/16 of
   Dosovitskiy et al. 2021, then a 1x1 conv projection.
 """
@@ -132,6 +133,9 @@ class ConvStem(nn.Module):
 
     config_key = STEM_KEY
 
+    #: Spatial dimensions of the input: 2 for images; :class:`ConvStem3D` takes clips (3).
+    dims = 2
+
     @checked
     def __init__(
         self,
@@ -147,25 +151,38 @@ class ConvStem(nn.Module):
         proj: bool = True,
     ) -> None:
         super().__init__()
+        self._build(in_channels, embed_dim, preset, channels, strides, None, kernel_size, bn_eps, norm, downsample,
+                    proj)
+
+    def _build(self, in_channels, embed_dim, preset, channels, strides, temporal_strides, kernel_size, bn_eps, norm,
+               downsample, proj) -> None:
+        name = type(self).__name__
         channels, strides = self._resolve(embed_dim, preset, channels, strides)
-        check_norm(norm, f"{_where()}.norm of ConvStem")
+        check_norm(norm, f"{_where()}.norm of {name}")
+        if self.dims == 3 and norm == "LN":
+            raise ConfigError(f"{_where()}.norm of {name}: LN is for image stems; use BN or GN")
         if kernel_size % 2 == 0:
-            raise ConfigError(f"{_where()}.kernel_size of ConvStem must be odd, got {kernel_size}")
+            raise ConfigError(f"{_where()}.kernel_size of {name} must be odd, got {kernel_size}")
         self.channels = channels
         self.strides = strides
         self.stride = math.prod(strides)
         self.downsample = downsample
+        # Each conv's stride per input dimension: (s, s) on images, (temporal, s, s) on clips.
+        temporal = () if self.dims == 2 else tuple(temporal_strides)
+        self.conv_strides = tuple((*temporal[i:i + 1], s, s) for i, s in enumerate(strides))
         pool = downsample == "maxpool"
         layers: List[nn.Module] = []
         prev = in_channels
-        for c, s in zip(channels, strides):
-            layers.append(ConvBNReLU(prev, c, kernel_size, stride=1 if pool else s, bn_eps=bn_eps, norm=norm))
+        for c, s in zip(channels, self.conv_strides):
+            layers.append(ConvBNReLU(prev, c, kernel_size, stride=1 if pool else s, bn_eps=bn_eps, norm=norm,
+                                     dims=self.dims))
             prev = c
         self.convs = nn.Sequential(*layers)
         if not proj and prev != embed_dim:
-            raise ConfigError(f"{_where()}: ConvStem with proj: false gives the last conv's {prev} channels as tokens; "
+            raise ConfigError(f"{_where()}: {name} with proj: false gives the last conv's {prev} channels as tokens; "
                               f"set its last `channels` entry to embed_dim ({embed_dim}) or proj: true")
-        self.proj = nn.Conv2d(prev, embed_dim, kernel_size=1) if proj else nn.Identity()
+        conv = nn.Conv2d if self.dims == 2 else nn.Conv3d
+        self.proj = conv(prev, embed_dim, kernel_size=1) if proj else nn.Identity()
 
     @staticmethod
     def _resolve(embed_dim, preset, channels, strides) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
@@ -190,14 +207,63 @@ class ConvStem(nn.Module):
         # Channels-last activations: the layout oneDNN's and cuDNN's convolutions run fastest in
         # (the demos' 8-conv stem trains about a fifth faster on the CPU). The tokens' flatten
         # and transpose that follow are then a free view.
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last if self.dims == 2 else torch.channels_last_3d)
         if self.downsample == "conv":
             return self.proj(self.convs(x))
-        for conv, stride in zip(self.convs, self.strides):
-            if stride > 1:  # ceil_mode: ceil(size / stride) positions, as the strided conv gives
-                x = F.max_pool2d(x, stride, ceil_mode=True)
+        max_pool = F.max_pool2d if self.dims == 2 else F.max_pool3d
+        for conv, stride in zip(self.convs, self.conv_strides):
+            if max(stride) > 1:  # ceil_mode: ceil(size / stride) positions, as the strided conv gives
+                x = max_pool(x, stride, ceil_mode=True)
             x = conv(x)
         return self.proj(x)
+
+
+@MODELS.register_module()
+class ConvStem3D(ConvStem):
+    """:class:`ConvStem` for clips (B, in_channels, T, H, W): k x k x k conv-BN-ReLU layers
+    (Conv3d, BatchNorm3d), then a 1x1x1 conv to ``embed_dim`` (or none), giving a token grid
+    (B, embed_dim, T / temporal_stride, H / stride, W / stride): the stem of a hybrid video ViT,
+    as C3D's layers under a transformer (the video analogue of the image hybrid).
+
+    Args: those of :class:`ConvStem` (``strides`` downsample space; a max-pool with
+    ``downsample: maxpool`` pools time and space together), and
+
+        temporal_strides: each conv's temporal stride, one per entry of ``channels`` (default
+            1 for all: no temporal downsampling). Their product is ``temporal_stride``, which
+            the :class:`~vitasks.models.backbones.VideoVisionTransformer` checks against its
+            ``tubelet_size``.
+
+    State dict: as :class:`ConvStem` with 5-dimensional kernels.
+    """
+
+    dims = 3
+
+    @checked
+    def __init__(
+        self,
+        in_channels: int = 3,
+        embed_dim: int = 768,
+        preset: Optional[str] = None,
+        channels: OrNone(ListOf(PositiveInt)) = None,
+        strides: OrNone(ListOf(PositiveInt)) = None,
+        temporal_strides: OrNone(ListOf(PositiveInt)) = None,
+        kernel_size: PositiveInt = 3,
+        bn_eps: float = 1e-5,
+        norm: str = "BN",
+        downsample: OneOf("conv", "maxpool") = "conv",
+        proj: bool = True,
+    ) -> None:
+        nn.Module.__init__(self)
+        spatial = self._resolve(embed_dim, preset, channels, strides)[1]
+        if temporal_strides is None:
+            temporal_strides = [1] * len(spatial)
+        if len(temporal_strides) != len(spatial):
+            raise ConfigError(f"{_where()}: ConvStem3D needs one temporal stride per conv ({len(spatial)}), got "
+                              f"temporal_strides={list(temporal_strides)!r}")
+        self.temporal_strides = tuple(temporal_strides)
+        self.temporal_stride = math.prod(temporal_strides)
+        self._build(in_channels, embed_dim, preset, channels, strides, temporal_strides, kernel_size, bn_eps, norm,
+                    downsample, proj)
 
 
 # --------------------------------------------------------------------------------------------

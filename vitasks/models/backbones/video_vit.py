@@ -262,6 +262,12 @@ class VideoVisionTransformer(ViTBackbone):
             :class:`TubeletEmbed`): polarity-invariant, zero where nothing moves, signed by the
             direction of motion; for small models learning motion from few clips. Needs
             ``tubelet_size >= 2``; a static clip then embeds to zero (no image-model equivalence).
+        stem: a convolutional stem instead of the tubelet embedding (a hybrid video ViT), as a
+            config dict: ``{type: ConvStem3D, channels: [...], strides: [...],
+            temporal_strides: [...], ...}`` (:class:`~vitasks.models.backbones.ConvStem3D`). Its
+            spatial ``stride`` must equal ``patch_size`` and its ``temporal_stride``
+            ``tubelet_size``. None: the tubelet embedding (:class:`TubeletEmbed`). An image
+            checkpoint's stem kernels are inflated in time as the patch kernel is (``inflate``).
         with_cp: gradient checkpointing of every block.
         interpolate_mode: ``F.interpolate`` mode for resampling the spatial position embeddings
             (joint tables are resampled trilinearly).
@@ -295,6 +301,7 @@ class VideoVisionTransformer(ViTBackbone):
         final_norm: bool = True,
         inflate: OneOf(*INFLATE_MODES) = "center",
         motion_energy: bool = False,
+        stem: Optional[dict] = None,
         with_cp: bool = False,
         interpolate_mode: OneOf(*INTERPOLATE_MODES) = "bicubic",
         **kwargs,
@@ -308,7 +315,9 @@ class VideoVisionTransformer(ViTBackbone):
                    f"frame group and the temporal encoder's own), got {pos_embed!r}"
                    if attention_type == "factorised_encoder" and pos_embed != "learned" else
                    f"{self.key('motion_energy')} needs tubelet_size >= 2 (motion within a tubelet), got {tubelet_size}"
-                   if motion_energy and tubelet_size < 2 else None)
+                   if motion_energy and tubelet_size < 2 else
+                   f"{self.key('motion_energy')} is an option of the tubelet embedding; with "
+                   f"{self.key('stem')} set, leave it false" if motion_energy and stem is not None else None)
         if problem:
             raise ConfigError(problem)
 
@@ -323,7 +332,18 @@ class VideoVisionTransformer(ViTBackbone):
         # Layers for layer-wise lr decay (the optimizer reads `depth`): spatial then temporal blocks.
         self.depth = depth + self.temporal_depth
 
-        self.stem = TubeletEmbed(in_channels, embed_dim, patch_size, tubelet_size, motion_energy=motion_energy)
+        if stem is None:
+            self.stem = TubeletEmbed(in_channels, embed_dim, patch_size, tubelet_size, motion_energy=motion_energy)
+        else:
+            self.stem = self.build_stem(stem, in_channels, embed_dim, patch_size, default="ConvStem3D",
+                                        choices=("ConvStem3D",))
+            temporal = getattr(self.stem, "temporal_stride", None)
+            if temporal != tubelet_size:
+                raise ConfigError(
+                    f"{self.key()}: the {type(self.stem).__name__} stem has temporal stride {temporal!r} but "
+                    f"{self.key('tubelet_size')} is {tubelet_size}; set tubelet_size: {temporal} (or change the "
+                    "stem's temporal_strides; a clip stem exposes an integer `temporal_stride`)"
+                )
         self.stride = patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         num_spatial = self.grid_size[0] * self.grid_size[1]
@@ -516,7 +536,8 @@ def _log(message: str) -> None:
 def _adapt_checkpoint(model: VideoVisionTransformer, sd: Dict[str, torch.Tensor], prefix: str) -> None:
     """Bring a checkpoint's backbone tensors to ``model``'s layout, in place:
 
-    - a 2D patch kernel (C, in, p, p) is inflated to the tubelet (``model.inflate``);
+    - a 2D patch kernel (C, in, p, p) is inflated to the tubelet (``model.inflate``), and so is
+      every 2D kernel of an image ConvStem loading into a ConvStem3D;
     - a class token the model does not have is dropped, with its position;
     - spatial position embeddings (an image ViT's) are resampled to the model's grid; the temporal
       ones the checkpoint lacks start at zero (so a static clip sees the image model's positions);
@@ -530,11 +551,13 @@ def _adapt_checkpoint(model: VideoVisionTransformer, sd: Dict[str, torch.Tensor]
     is_backbone = any(k.startswith(prefix + n) for k in sd for n in ("stem.", "pos_embed", "blocks."))
     if not is_backbone:
         return
-    key = prefix + "stem.proj.weight"
-    kernel = sd.get(key)
-    if isinstance(kernel, torch.Tensor) and kernel.ndim == 4:
-        sd[key] = inflate_patch_kernel(kernel, model.tubelet_size, model.inflate)
-        _log(f"Inflated the 2D patch kernel {key} {tuple(kernel.shape)} to {model.tubelet_size} frames ({model.inflate})")
+    for name, param in model.stem.named_parameters():
+        key = prefix + "stem." + name
+        kernel = sd.get(key)
+        if isinstance(kernel, torch.Tensor) and kernel.ndim == 4 and param.ndim == 5:
+            frames = param.shape[2]
+            sd[key] = inflate_patch_kernel(kernel, frames, model.inflate)
+            _log(f"Inflated the 2D kernel {key} {tuple(kernel.shape)} to {frames} frames ({model.inflate})")
 
     if not own_cls and prefix + "cls_token" in sd:
         sd.pop(prefix + "cls_token")

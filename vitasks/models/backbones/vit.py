@@ -3,7 +3,6 @@ LayerScale, register tokens, mean pooling, multi-level NCHW outputs and any inpu
 ViTDet's options (Li et al. 2022): window attention with a few global blocks and the decomposed
 relative position bias."""
 
-import inspect
 import math
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -12,8 +11,7 @@ from mmengine.logging import print_log
 from torch import nn
 
 from vitasks.checks import (
-    BlockIndices, Flag, InRange, IntPair, NonNegativeInt, OneOf, OrNone, PositiveInt, building, checked,
-    component_class, options,
+    BlockIndices, Flag, InRange, IntPair, NonNegativeInt, OneOf, OrNone, PositiveInt, checked,
 )
 from vitasks.errors import CheckpointError, ConfigError
 from vitasks.registry import MODELS
@@ -208,7 +206,8 @@ class VisionTransformer(ViTBackbone):
             if problem:
                 raise ConfigError(f"{which} {problem}")
 
-        self.stem = self._build_stem(stem, in_channels, embed_dim, patch_size)
+        self.stem = self.build_stem(stem, in_channels, embed_dim, patch_size, default="PatchEmbed",
+                                    choices=("PatchEmbed", "ConvStem", "ResNetStem"))
         self.stride = self.stem.stride
         self.img_size = img_size
         self.grid_size = self.grid_of(img_size, self.stride, "img_size")
@@ -245,30 +244,6 @@ class VisionTransformer(ViTBackbone):
             self.train(False)
 
     # ---------------------------------------------------------------------------- construction
-
-    def _build_stem(self, stem: Optional[dict], in_channels: int, embed_dim: int, patch_size: int) -> nn.Module:
-        where = self.key("stem")
-        stem = options(dict(type="PatchEmbed") if stem is None else stem, where, required=("type",),
-                       what="a dict with a `type` (e.g. PatchEmbed, ConvStem, ResNetStem)")
-        stem_type = stem.pop("type")
-        cls = component_class(stem_type, MODELS, where, "stem", choices=("PatchEmbed", "ConvStem", "ResNetStem"))
-        name = getattr(cls, "__name__", str(stem_type))
-        params = inspect.signature(cls).parameters
-        given = dict(in_channels=in_channels, embed_dim=embed_dim)
-        if "patch_size" in params:
-            given["patch_size"] = patch_size
-        open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        cfg = options(stem, where, None if open_ended else list(params), owner=name, given=given, parent=self.key())
-        with building("stem", root=self.config_key):  # the stem's errors name <this backbone's key>.stem
-            module = cls(**cfg)
-        stride = getattr(module, "stride", None)
-        if not isinstance(stride, int) or stride != patch_size:
-            raise ConfigError(
-                f"{self.key()}: the {name} stem has total stride {stride!r} but {self.key('patch_size')} is "
-                f"{patch_size}; set patch_size: {stride} (or change the stem's strides; a stem exposes an integer "
-                "`stride`)"
-            )
-        return module
 
     # ---------------------------------------------------------------------------- optimizer
 

@@ -1,7 +1,9 @@
-"""The conv -> norm (BatchNorm by default) -> ReLU block shared by the convolutional stem and the
-decode heads."""
+"""The conv -> norm (BatchNorm by default) -> ReLU block shared by the convolutional stems (image
+and clip) and the decode heads."""
 
 from __future__ import annotations
+
+from typing import Tuple, Union
 
 import torch
 from torch import nn
@@ -24,12 +26,15 @@ def check_norm(norm: str, key: str = "norm") -> str:
     return one_of(norm, NORMS, key, listed=True)
 
 
-def conv_norm(norm: str, channels: int, eps: float) -> nn.Module:
-    """The normalisation layer named by ``norm`` (see :class:`ConvBNReLU`) for ``channels``."""
+def conv_norm(norm: str, channels: int, eps: float, dims: int = 2) -> nn.Module:
+    """The normalisation layer named by ``norm`` (see :class:`ConvBNReLU`) for ``channels`` of a
+    map with ``dims`` spatial dimensions (2: images, 3: clips; LN is for images only)."""
     check_norm(norm)
     if norm == "BN":
-        return nn.BatchNorm2d(channels, eps=eps)
+        return nn.BatchNorm2d(channels, eps=eps) if dims == 2 else nn.BatchNorm3d(channels, eps=eps)
     if norm == "LN":
+        if dims != 2:
+            raise ValueError(f"conv_norm: LN normalises images (dims 2), got dims {dims}; use BN or GN")
         return LayerNorm2d(channels, eps=eps)
     groups = max(1, min(32, channels // 8))  # GN
     while channels % groups:
@@ -38,7 +43,8 @@ def conv_norm(norm: str, channels: int, eps: float) -> nn.Module:
 
 
 class ConvBNReLU(nn.Module):
-    """k x k conv (no bias: the BatchNorm shifts) -> BatchNorm2d -> ReLU.
+    """k x k conv (no bias: the BatchNorm shifts) -> BatchNorm2d -> ReLU (k x k x k and
+    BatchNorm3d on clips, ``dims=3``).
 
     The unit of :class:`~vitasks.models.backbones.ConvStem` (Xiao et al. 2021) and of the
     UperNet, FCN and SETR decode heads (mmcv's ``ConvModule`` with BN and ReLU). Padding is
@@ -48,8 +54,8 @@ class ConvBNReLU(nn.Module):
     Args:
         in_channels: input channels.
         out_channels: output channels.
-        kernel_size: square kernel size (odd).
-        stride: convolution stride.
+        kernel_size: square (cube) kernel size (odd).
+        stride: convolution stride (an int, or one per dimension).
         dilation: convolution dilation.
         bn_eps: epsilon of the normalisation.
         norm: ``"BN"`` (BatchNorm2d, the default), ``"LN"`` (LayerNorm over the channels at each
@@ -59,6 +65,8 @@ class ConvBNReLU(nn.Module):
             training and inference.
         kaiming_init: initialise the conv with Kaiming normal (fan_out, ReLU), as mmcv's
             ``ConvModule`` does for the heads; ``False`` keeps PyTorch's default initialisation.
+        dims: spatial dimensions of the input: 2 (images, (B, C, H, W)) or 3 (clips,
+            (B, C, T, H, W): Conv3d and BatchNorm3d, as :class:`~vitasks.models.backbones.ConvStem3D`).
 
     State dict: ``conv.weight``, ``bn.{weight,bias,running_mean,running_var,num_batches_tracked}``
     (mmcv's ``ConvModule`` names; LN and GN have ``bn.{weight,bias}`` only).
@@ -69,18 +77,20 @@ class ConvBNReLU(nn.Module):
         in_channels: int,
         out_channels: int,
         kernel_size: int,
-        stride: int = 1,
+        stride: Union[int, Tuple[int, ...]] = 1,
         dilation: int = 1,
         bn_eps: float = 1e-5,
         kaiming_init: bool = False,
         norm: str = "BN",
+        dims: int = 2,
     ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(
+        conv = {2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        self.conv = conv(
             in_channels, out_channels, kernel_size, stride=stride,
             padding=dilation * (kernel_size // 2), dilation=dilation, bias=False,
         )
-        self.bn = conv_norm(norm, out_channels, bn_eps)
+        self.bn = conv_norm(norm, out_channels, bn_eps, dims)
         self.act = nn.ReLU(inplace=True)
         if kaiming_init:
             nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
