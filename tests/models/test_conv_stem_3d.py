@@ -23,13 +23,14 @@ def _randomise_statistics(stem):
     return stem
 
 
-def _by_hand(stem, x, pool: bool):
-    for layer, s, t in zip(stem.convs, STRIDES, TEMPORAL):
+def _by_hand(stem, x, pool: bool, temporal_kernels=(3, 3, 3, 3)):
+    for layer, s, t, kt in zip(stem.convs, STRIDES, TEMPORAL, temporal_kernels):
         stride = (t, s, s)
         if pool and max(stride) > 1:
             x = F.max_pool3d(x, stride, ceil_mode=True)
         conv, bn = layer.conv, layer.bn
-        x = F.conv3d(x, conv.weight, None, stride=1 if pool else stride, padding=1)
+        assert conv.weight.shape[2:] == (kt, 3, 3)
+        x = F.conv3d(x, conv.weight, None, stride=1 if pool else stride, padding=(kt // 2, 1, 1))
         x = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps)
         x = F.relu(x)
     return F.conv3d(x, stem.proj.weight, stem.proj.bias)
@@ -49,6 +50,21 @@ def test_matches_conv3d_bn_relu_written_out(downsample, size):
     torch.testing.assert_close(out, _by_hand(stem, x, pool=downsample == "maxpool"), rtol=1e-5, atol=1e-5)
 
 
+def test_temporal_kernel_sizes_one_then_three_is_frame_by_frame_first():
+    """SlowFast's Slow-pathway layout: the first convs see one frame each (a 2D CNN on every
+    frame), the later ones three."""
+    torch.manual_seed(0)
+    kernels = [1, 1, 3, 3]
+    stem = _randomise_statistics(ConvStem3D(embed_dim=12, channels=CHANNELS, strides=STRIDES, temporal_strides=TEMPORAL,
+                                            temporal_kernel_sizes=kernels, downsample="maxpool")).eval()
+    x = torch.randn(2, 3, 4, 16, 16)
+    torch.testing.assert_close(stem(x), _by_hand(stem, x, pool=True, temporal_kernels=kernels), rtol=1e-5, atol=1e-5)
+    # Frame-by-frame: the first two layers' outputs at frame t depend only on frame t.
+    early = stem.convs[1](stem.convs[0](x))
+    shuffled = stem.convs[1](stem.convs[0](x[:, :, [2, 0, 3, 1]]))
+    torch.testing.assert_close(shuffled, early[:, :, [2, 0, 3, 1]])
+
+
 def test_without_temporal_strides_time_is_kept():
     stem = ConvStem3D(embed_dim=16, channels=CHANNELS, strides=STRIDES, proj=False).eval()
     assert stem.temporal_stride == 1
@@ -59,6 +75,7 @@ def test_without_temporal_strides_time_is_kept():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(temporal_strides=[1, 2]), "one temporal stride per conv \\(4\\)"),
     (dict(norm="LN"), "LN is for image stems"),
+    (dict(temporal_kernel_sizes=[1, 2, 3, 3]), "one odd temporal kernel size per conv"),
     (dict(kernel_size=2), "must be odd"),
 ])
 def test_bad_settings_name_the_key(kwargs, match):
@@ -125,7 +142,7 @@ def test_architecture_records_the_stem():
     hybrid = dict(HYBRID, type="VideoVisionTransformer")
     record = architecture_from_config(hybrid)
     assert record["stem"] == dict(type="ConvStem3D", channels=CHANNELS, strides=STRIDES, temporal_strides=TEMPORAL,
-                                  kernel_size=3, bn_eps=1e-5, downsample="maxpool")
+                                  temporal_kernel_sizes=[3, 3, 3, 3], kernel_size=3, bn_eps=1e-5, downsample="maxpool")
     strided = dict(hybrid, stem=dict(HYBRID["stem"], downsample="conv"))
     keys = {key for key, _, _ in architecture_mismatches(record, architecture_from_config(strided))}
     assert keys == {"stem.downsample"}

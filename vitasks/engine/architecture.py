@@ -31,7 +31,7 @@ layout instead: attention type, tubelet size, frames, temporal depth, position e
 inflation.
 
 Stems add what changes their outputs: ``ConvStem`` its channels, strides, kernel size,
-BatchNorm epsilon and how it downsamples (``ConvStem3D`` its temporal strides too; a video ViT
+BatchNorm epsilon and how it downsamples (``ConvStem3D`` its temporal strides and kernel sizes too; a video ViT
 records its stem when it has one instead of the tubelet embedding, and whether its tubelets give
 motion energies); ``ResNetStem`` its layers, root width, GroupNorm groups and epsilon, and the
 weight-standardisation form and epsilon. A setting missing on either side (an older record, a
@@ -89,7 +89,8 @@ def _stem_architecture(stem: nn.Module) -> Dict[str, Any]:
         record["strides"] = _read(lambda: [int(s) for s in stem.strides])
         if name == "ConvStem3D":
             record["temporal_strides"] = _read(lambda: [int(s) for s in stem.temporal_strides])
-        record["kernel_size"] = _read(lambda: int(stem.convs[0].conv.kernel_size[0]))
+            record["temporal_kernel_sizes"] = _read(lambda: [int(c.conv.kernel_size[0]) for c in stem.convs])
+        record["kernel_size"] = _read(lambda: int(stem.convs[0].conv.kernel_size[-1]))
         record["bn_eps"] = _read(lambda: float(stem.convs[0].bn.eps))
         # Max-pooling and strided convs share one state dict but not the outputs.
         record["downsample"] = _read(lambda: str(stem.downsample))

@@ -173,8 +173,9 @@ class ConvStem(nn.Module):
         pool = downsample == "maxpool"
         layers: List[nn.Module] = []
         prev = in_channels
-        for c, s in zip(channels, self.conv_strides):
-            layers.append(ConvBNReLU(prev, c, kernel_size, stride=1 if pool else s, bn_eps=bn_eps, norm=norm,
+        for i, (c, s) in enumerate(zip(channels, self.conv_strides)):
+            kernel = kernel_size if self.dims == 2 else (self.temporal_kernel_sizes[i], kernel_size, kernel_size)
+            layers.append(ConvBNReLU(prev, c, kernel, stride=1 if pool else s, bn_eps=bn_eps, norm=norm,
                                      dims=self.dims))
             prev = c
         self.convs = nn.Sequential(*layers)
@@ -232,6 +233,9 @@ class ConvStem3D(ConvStem):
             1 for all: no temporal downsampling). Their product is ``temporal_stride``, which
             the :class:`~vitasks.models.backbones.VideoVisionTransformer` checks against its
             ``tubelet_size``.
+        temporal_kernel_sizes: each conv's kernel size in time (odd; default ``kernel_size``).
+            1 makes a conv look at each frame alone: 1 in the early convs and 3 later is
+            SlowFast's Slow pathway (appearance first, motion on coarser features).
 
     State dict: as :class:`ConvStem` with 5-dimensional kernels.
     """
@@ -247,6 +251,7 @@ class ConvStem3D(ConvStem):
         channels: OrNone(ListOf(PositiveInt)) = None,
         strides: OrNone(ListOf(PositiveInt)) = None,
         temporal_strides: OrNone(ListOf(PositiveInt)) = None,
+        temporal_kernel_sizes: OrNone(ListOf(PositiveInt)) = None,
         kernel_size: PositiveInt = 3,
         bn_eps: float = 1e-5,
         norm: str = "BN",
@@ -260,8 +265,14 @@ class ConvStem3D(ConvStem):
         if len(temporal_strides) != len(spatial):
             raise ConfigError(f"{_where()}: ConvStem3D needs one temporal stride per conv ({len(spatial)}), got "
                               f"temporal_strides={list(temporal_strides)!r}")
+        if temporal_kernel_sizes is None:  # (an even kernel_size is reported by _build)
+            temporal_kernel_sizes = [kernel_size] * len(spatial)
+        elif len(temporal_kernel_sizes) != len(spatial) or any(k % 2 == 0 for k in temporal_kernel_sizes):
+            raise ConfigError(f"{_where()}: ConvStem3D needs one odd temporal kernel size per conv ({len(spatial)}), "
+                              f"got temporal_kernel_sizes={list(temporal_kernel_sizes)!r}")
         self.temporal_strides = tuple(temporal_strides)
         self.temporal_stride = math.prod(temporal_strides)
+        self.temporal_kernel_sizes = tuple(temporal_kernel_sizes)
         self._build(in_channels, embed_dim, preset, channels, strides, temporal_strides, kernel_size, bn_eps, norm,
                     downsample, proj)
 

@@ -54,7 +54,7 @@ class ConvBNReLU(nn.Module):
     Args:
         in_channels: input channels.
         out_channels: output channels.
-        kernel_size: square (cube) kernel size (odd).
+        kernel_size: square (cube) kernel size (odd), or one (odd) size per dimension.
         stride: convolution stride (an int, or one per dimension).
         dilation: convolution dilation.
         bn_eps: epsilon of the normalisation.
@@ -76,7 +76,7 @@ class ConvBNReLU(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int,
+        kernel_size: Union[int, Tuple[int, ...]],
         stride: Union[int, Tuple[int, ...]] = 1,
         dilation: int = 1,
         bn_eps: float = 1e-5,
@@ -86,9 +86,10 @@ class ConvBNReLU(nn.Module):
     ) -> None:
         super().__init__()
         conv = {2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        padding = (tuple(dilation * (k // 2) for k in kernel_size) if isinstance(kernel_size, tuple)
+                   else dilation * (kernel_size // 2))
         self.conv = conv(
-            in_channels, out_channels, kernel_size, stride=stride,
-            padding=dilation * (kernel_size // 2), dilation=dilation, bias=False,
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation, bias=False,
         )
         self.bn = conv_norm(norm, out_channels, bn_eps, dims)
         self.act = nn.ReLU(inplace=True)
