@@ -1,6 +1,6 @@
 """End to end: the video demo config (shortened) learns the direction of motion in generated
-clips (shapes and photographs moving over crops of a photograph), is evaluated, and dumps one JSON line per validation video whose count agrees with the
-reported accuracy."""
+clips (shapes and photographs moving over crops of a photograph), is evaluated, and dumps one
+JSON line per validation video whose count agrees with the reported accuracy."""
 
 import json
 import os
@@ -15,7 +15,9 @@ from vitasks.data.synthetic.video import make_video_dataset  # noqa: E402
 from vitasks.engine import launch  # noqa: E402  (not `import test`: pytest would collect it)
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo", "video_synthetic.yaml")
-EPOCHS = 24
+# The hybrid demo (a 3D-CNN stem) takes a few epochs to pick up the direction: 12 epochs of 128
+# clips. 24 epochs of 64 clips (the same 96 steps) reached 65.6 %, 16 epochs 59.4 %.
+EPOCHS = 12
 
 
 @pytest.fixture
@@ -34,9 +36,9 @@ def read_list(path: str) -> list:
 
 
 def test_video_demo_learns_and_dumps(tmp_path, one_thread, in_process_loaders):
-    # 4 directions, 16 + 8 clips each, 32 px, 12 frames: small enough for the suite; the "photo"
+    # 4 directions, 32 + 8 clips each, 32 px, 12 frames: small enough for the suite; the "photo"
     # style: light or dark shapes sliding over crops of a photograph, or a camera panning over one.
-    data = make_video_dataset(str(tmp_path / "data"), train_per_class=16, val_per_class=8, size=32, num_frames=12,
+    data = make_video_dataset(str(tmp_path / "data"), train_per_class=32, val_per_class=8, size=32, num_frames=12,
                               style="photo")
     work = str(tmp_path / "work")
     options = [
@@ -65,7 +67,9 @@ def test_video_demo_learns_and_dumps(tmp_path, one_thread, in_process_loaders):
     assert metrics["acc/top1"] == pytest.approx(100.0 * correct / len(records))
 
     # Chance: always answering the most frequent validation class. Asked: 60 % of the way from
-    # chance to 100 % (70 % for the 4 balanced classes; measured 93.75 % after 8 epochs, seeded).
+    # chance to 100 % (70 % for the 4 balanced classes; measured 78.1 % after 12 epochs, seeded;
+    # seeds 1 / 2: 81.3 / 84.4; 16 epochs: 78.1).
     chance = 100.0 * max(Counter(val.values()).values()) / len(val)
     assert chance == 25.0
+    print("video demo e2e:", metrics)
     assert metrics["acc/top1"] >= chance + 0.6 * (100.0 - chance), (metrics, chance)

@@ -151,11 +151,11 @@ class ConvStem(nn.Module):
         proj: bool = True,
     ) -> None:
         super().__init__()
-        self._build(in_channels, embed_dim, preset, channels, strides, None, kernel_size, bn_eps, norm, downsample,
-                    proj)
+        self._build(in_channels, embed_dim, preset, channels, strides, kernel_size, bn_eps, norm, downsample, proj)
 
-    def _build(self, in_channels, embed_dim, preset, channels, strides, temporal_strides, kernel_size, bn_eps, norm,
-               downsample, proj) -> None:
+    def _build(self, in_channels, embed_dim, preset, channels, strides, kernel_size, bn_eps, norm, downsample,
+               proj) -> None:
+        """The layers (shared with :class:`ConvStem3D`, which sets its temporal settings first)."""
         name = type(self).__name__
         channels, strides = self._resolve(embed_dim, preset, channels, strides)
         check_norm(norm, f"{_where()}.norm of {name}")
@@ -167,14 +167,17 @@ class ConvStem(nn.Module):
         self.strides = strides
         self.stride = math.prod(strides)
         self.downsample = downsample
-        # Each conv's stride per input dimension: (s, s) on images, (temporal, s, s) on clips.
-        temporal = () if self.dims == 2 else tuple(temporal_strides)
-        self.conv_strides = tuple((*temporal[i:i + 1], s, s) for i, s in enumerate(strides))
+        # Each conv's stride and kernel per input dimension: (s, s) on images, (time, s, s) on clips.
+        if self.dims == 2:
+            self.conv_strides = tuple((s, s) for s in strides)
+            kernels = [kernel_size] * len(strides)
+        else:
+            self.conv_strides = tuple((t, s, s) for t, s in zip(self.temporal_strides, strides))
+            kernels = [(t, kernel_size, kernel_size) for t in self.temporal_kernel_sizes]
         pool = downsample == "maxpool"
         layers: List[nn.Module] = []
         prev = in_channels
-        for i, (c, s) in enumerate(zip(channels, self.conv_strides)):
-            kernel = kernel_size if self.dims == 2 else (self.temporal_kernel_sizes[i], kernel_size, kernel_size)
+        for c, s, kernel in zip(channels, self.conv_strides, kernels):
             layers.append(ConvBNReLU(prev, c, kernel, stride=1 if pool else s, bn_eps=bn_eps, norm=norm,
                                      dims=self.dims))
             prev = c
@@ -273,8 +276,7 @@ class ConvStem3D(ConvStem):
         self.temporal_strides = tuple(temporal_strides)
         self.temporal_stride = math.prod(temporal_strides)
         self.temporal_kernel_sizes = tuple(temporal_kernel_sizes)
-        self._build(in_channels, embed_dim, preset, channels, strides, temporal_strides, kernel_size, bn_eps, norm,
-                    downsample, proj)
+        self._build(in_channels, embed_dim, preset, channels, strides, kernel_size, bn_eps, norm, downsample, proj)
 
 
 # --------------------------------------------------------------------------------------------
