@@ -110,7 +110,6 @@ class ViTBackbone(nn.Module):
             )
         return module
 
-
     def grid_of(self, size: Tuple[int, ...], stride: int, name: str, by: str = "the stem stride") -> Tuple[int, ...]:
         """``size // stride`` per dimension, for the argument ``name``; a ConfigError unless each
         dimension is divisible by ``stride`` (``by``: what the stride is called)."""
