@@ -243,8 +243,6 @@ class VisionTransformer(ViTBackbone):
             self.requires_grad_(False)
             self.train(False)
 
-    # ---------------------------------------------------------------------------- construction
-
     # ---------------------------------------------------------------------------- optimizer
 
     def get_layer_id(self, param_name: str) -> int:
