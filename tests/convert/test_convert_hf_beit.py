@@ -216,7 +216,7 @@ def test_tools_test_on_converted_segmentor(beit_seg, tmp_path):
         "model.decode_head.pool_scales=[1,2,3]", "model.auxiliary_head.in_channels=32",
         "model.auxiliary_head.channels=16", "model.test_cfg.crop_size=[32,32]", "model.test_cfg.stride=[21,21]",
         "test_dataloader.dataset.pipeline.1.scale=[128,32]", "test_dataloader.num_workers=0",
-        "test_dataloader.persistent_workers=false",
+        "test_dataloader.persistent_workers=false", "test_dataloader.pin_memory=false",  # no accelerator here
     ]
     cfg = load_config(CONFIG, options)
     cfg.optim_wrapper.pop("dtype")  # float32, to compare with transformers' float32 logits
