@@ -33,9 +33,9 @@ inflation.
 Stems add what changes their outputs: ``ConvStem`` its channels, strides, kernel size,
 BatchNorm epsilon and how it downsamples (``ConvStem3D`` its temporal strides and kernel sizes
 too; a video ViT records its stem when it has one instead of the tubelet embedding, and whether
-its tubelets give motion energies); ``ResNetStem`` its layers, root width, GroupNorm groups and epsilon, and the
-weight-standardisation form and epsilon. A setting missing on either side (an older record, a
-plugin's stem) is not compared.
+its tubelets give motion energies); ``ResNetStem`` its layers, root width, GroupNorm groups
+and epsilon, and the weight-standardisation form and epsilon. A setting missing on either side
+(an older record, a plugin's stem) is not compared.
 """
 
 from __future__ import annotations

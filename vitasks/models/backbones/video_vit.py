@@ -4,8 +4,8 @@ and VideoMAE (Tong et al. 2022) as options of one backbone built from the image 
 A clip (B, C, T, H, W) is cut into tubelets (``tubelet_size`` frames x ``patch_size`` pixels
 square, a Conv3d), giving a T' x h x w grid of tokens, T' = T / tubelet_size; or a clip stem
 (``stem``: :class:`~vitasks.models.backbones.ConvStem3D`, stacked 3D convs with those total
-strides) gives the grid, a hybrid video ViT. Three ways to
-attend over it (``attention_type``):
+strides) gives the grid, a hybrid video ViT. Three ways to attend over it
+(``attention_type``):
 
 - ``joint``: one sequence of T' * h * w tokens (+ class token) through plain transformer blocks
   (ViViT model 1, VideoMAE);
