@@ -3,7 +3,7 @@
 Trains CONFIG on DIR once per seed (``tools/train.py --cfg-options data_root=DIR num_classes=K
 randomness.seed=S``, each in its own process, ``--jobs`` at a time), scores each run's last
 checkpoint with ``tools/test.py`` and prints a Markdown table: one row per seed, then the mean, min
-and max. ``--baseline cls|seg`` trains ``tools/cnn_baseline.py`` with the same seeds beside it.
+and max. ``--baseline cls|seg|video`` trains ``tools/cnn_baseline.py`` with the same seeds beside it.
 Logs and results go to ``--work-dir`` (``seed<S>/``); ``--json OUT`` writes everything. A failed
 run is reported with its log; the tool then exits with 1, after the other seeds.
 """
@@ -23,8 +23,8 @@ def main(argv=None) -> int:
     parser.add_argument("--num-classes", required=True, type=int, metavar="K", help="num_classes")
     parser.add_argument("--seeds", required=True, type=int, nargs="+", metavar="S",
                         help="randomness.seed of each run (and the baseline's --seed)")
-    parser.add_argument("--baseline", choices=("cls", "seg"), default=None,
-                        help="also train tools/cnn_baseline.py {cls,seg} DIR with each seed")
+    parser.add_argument("--baseline", choices=("cls", "seg", "video"), default=None,
+                        help="also train tools/cnn_baseline.py {cls,seg,video} DIR with each seed")
     parser.add_argument("--baseline-epochs", type=int, default=None, metavar="N",
                         help="the baseline's --epochs (default: its own, the demo's budget)")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",

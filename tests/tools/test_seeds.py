@@ -86,6 +86,9 @@ def test_commands_for_a_seed(tmp_path):
     assert sd.baseline_command("/t", "seg", "data/x", 3, "b.json", 7, epochs=2) == [
         sys.executable, "/t/cnn_baseline.py", "seg", "data/x", "--seed", "3", "--json", "b.json",
         "--num-classes", "7", "--epochs", "2"]
+    assert sd.baseline_command("/t", "video", "data/v", 1, "b.json", 4) == [
+        sys.executable, "/t/cnn_baseline.py", "video", "data/v", "--seed", "1", "--json", "b.json",
+        "--num-classes", "4"]
     assert sd.threads_per_job(2, {"OMP_NUM_THREADS": "3"}) is None
     assert int(sd.threads_per_job(10 ** 6, {})) == 1
 

@@ -52,7 +52,7 @@ class SeedsOptions:
     seeds: Sequence[int]
     work_dir: str
     tools_dir: str
-    baseline: Optional[str] = None  # "cls" | "seg"
+    baseline: Optional[str] = None  # "cls" | "seg" | "video"
     baseline_epochs: Optional[int] = None
     jobs: int = 1
     cfg_options: Sequence[str] = ()
@@ -98,10 +98,11 @@ def test_command(tools_dir: str, config: str, checkpoint: str, work_dir: str, da
 
 def baseline_command(tools_dir: str, task: str, data_root: str, seed: int, json_path: str,
                      num_classes: Optional[int] = None, epochs: Optional[int] = None) -> List[str]:
-    """``tools/cnn_baseline.py {cls,seg} DATA --seed s --json OUT`` (seg: ``--num-classes K``)."""
+    """``tools/cnn_baseline.py {cls,seg,video} DATA --seed s --json OUT`` (seg, video:
+    ``--num-classes K``)."""
     argv = [sys.executable, osp.join(tools_dir, "cnn_baseline.py"), task, data_root,
             "--seed", str(seed), "--json", json_path]
-    if task == "seg" and num_classes is not None:
+    if task in ("seg", "video") and num_classes is not None:
         argv += ["--num-classes", str(num_classes)]
     if epochs is not None:
         argv += ["--epochs", str(epochs)]
