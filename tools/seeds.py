@@ -13,6 +13,8 @@ import os
 import os.path as osp
 import sys
 
+from vitasks.benchmarks.seeds import BASELINE_TASKS, SeedsOptions, run_seeds
+
 TOOLS = osp.dirname(osp.abspath(__file__))
 
 
@@ -23,7 +25,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num-classes", required=True, type=int, metavar="K", help="num_classes")
     parser.add_argument("--seeds", required=True, type=int, nargs="+", metavar="S",
                         help="randomness.seed of each run (and the baseline's --seed)")
-    parser.add_argument("--baseline", choices=("cls", "seg", "video"), default=None,
+    parser.add_argument("--baseline", choices=BASELINE_TASKS, default=None,
                         help="also train tools/cnn_baseline.py {cls,seg,video} DIR with each seed")
     parser.add_argument("--baseline-epochs", type=int, default=None, metavar="N",
                         help="the baseline's --epochs (default: its own, the demo's budget)")
@@ -53,8 +55,6 @@ def main(argv=None) -> int:
         for problem in problems:
             print(f"seeds: error: {problem}", file=sys.stderr)
         return 2
-
-    from vitasks.benchmarks.seeds import SeedsOptions, run_seeds
 
     stem = osp.splitext(osp.basename(args.config))[0]
     opts = SeedsOptions(

@@ -240,9 +240,9 @@ def test_a_failed_seed_is_reported_with_its_log_and_the_tool_exits_1(tmp_path, c
     assert result["runs"][0]["metrics"]["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
     assert result["summary"]["mean"] == {"accuracy/top1": 60.0, "baseline accuracy/top1": 41.0}
 
-    # --metrics all: every number, the baseline's seconds left out.
+    # --metrics all: every number, the baseline's seconds left out (here the video baseline).
     assert tool.main([str(config), "--data", str(tmp_path), "--num-classes", "3", "--seeds", "0",
-                      "--metrics", "all", "--baseline", "cls", "--work-dir", str(work)]) == 0
+                      "--metrics", "all", "--baseline", "video", "--work-dir", str(work)]) == 0
     assert capsys.readouterr().out.splitlines()[0] == (
         "| seed | accuracy/top1 | accuracy/top5 | threads | baseline accuracy/top1 |")
     # Usage errors are named before anything runs.

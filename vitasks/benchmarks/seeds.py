@@ -39,6 +39,7 @@ __all__ = [
 MAIN_METRICS = ("accuracy/top1", "mIoU", "coco/bbox_mAP_50", "acc/top1")
 MULTITASK_MEAN = "mean"
 BASELINE_PREFIX = "baseline "
+BASELINE_TASKS = ("cls", "seg", "video")  # tools/cnn_baseline.py's tasks
 STATS = ("mean", "min", "max")
 
 
@@ -310,8 +311,8 @@ def run_seeds(opts: SeedsOptions, log: Callable[[str], None] = print) -> dict:
     """Train (and test, and optionally train the baseline) once per seed; returns :func:`report`'s
     dict. A failed step is recorded in its seed's ``errors`` with its log's path; the other seeds
     still run."""
-    if opts.baseline not in (None, "cls", "seg"):
-        raise ValueError(f"baseline must be cls or seg, got {opts.baseline!r}")
+    if opts.baseline not in (None, *BASELINE_TASKS):
+        raise ValueError(f"baseline must be one of {', '.join(BASELINE_TASKS)}, got {opts.baseline!r}")
     runner = _Runner(opts, log)
     runs = [SeedRun(seed=s, work_dir=seed_work_dir(opts.work_dir, s)) for s in opts.seeds]
     for run in runs:
