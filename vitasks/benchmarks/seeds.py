@@ -30,7 +30,7 @@ from vitasks.errors import CheckpointError
 from vitasks.last_checkpoint import read_last_checkpoint
 
 __all__ = [
-    "MAIN_METRICS", "SeedsOptions", "train_command", "test_command", "baseline_command",
+    "MAIN_METRICS", "BASELINE_TASKS", "SeedsOptions", "train_command", "test_command", "baseline_command",
     "main_metric_names", "summarize", "markdown_table", "run_seeds", "threads_per_job",
 ]
 
