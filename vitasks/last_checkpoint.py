@@ -3,16 +3,17 @@
 ``tools/train.py`` (its ``CheckpointHook``, :class:`~vitasks.engine.hooks.AtomicCheckpointHook`)
 writes the path of the newest checkpoint into ``<work_dir>/last_checkpoint`` after each save; the
 Runner writes it too when a stopped run saves an interrupt checkpoint. Everything that wants "the
-checkpoint this training run left" (``tools/seeds.py``, the token-tradeoff and multi-task
-benchmarks) reads it with :func:`read_last_checkpoint`.
+checkpoint this training run left" (the Runner's ``--resume``, ``tools/seeds.py``, the
+token-tradeoff and multi-task benchmarks) reads it with :func:`read_last_checkpoint`, so a work
+dir that was moved or copied resumes from its own newest checkpoint.
 
 This module imports only :mod:`vitasks.errors` (no torch, no mmengine), so light orchestrators
 such as :mod:`vitasks.benchmarks.seeds` use it without loading the Runner; it is outside
 ``vitasks/engine`` because importing any module there imports the whole engine package.
 :mod:`vitasks.engine.runner` re-exports both names.
 
-The Runner's own ``--resume`` reads the file through mmengine's ``find_latest_checkpoint`` and
-falls back to earlier checkpoints when the one named cannot be read; it does not use this reader.
+``--resume`` also falls back to the work dir's earlier checkpoints when the one named (or the file
+itself) cannot be read (:meth:`vitasks.engine.runner.VitasksRunner.load_or_resume`).
 """
 
 from __future__ import annotations

@@ -222,3 +222,44 @@ def test_epoch_resume_mid_epoch_does_not_load_the_trained_batches(reference, tmp
     # Training loads 10 batches of 4 (2 left in epoch 2, then 2 epochs), validation 4 x 16.
     assert len(toy.LOADED) == 10 * 4 + 3 * 16
     _assert_same_weights(tmp_path / "wd" / "epoch_4.pth", reference[0] / "epoch_4.pth")
+
+
+def test_a_moved_work_dir_resumes_from_its_own_newest_checkpoint(reference, tmp_path, capsys):
+    """``last_checkpoint`` holds an absolute path; after the work dir is moved, ``--resume``
+    finds the newest checkpoint by its name in the new place, not by file times (here made
+    misleading: the older epoch_1.pth looks newer)."""
+    ref_dir, ref_losses = reference
+    losses = tmp_path / "losses.jsonl"
+    stop = dict(custom_hooks=[dict(type="StopAtIterHook", at_iter=8)])  # right after epoch 2's save
+    with pytest.raises(KeyboardInterrupt):
+        train(toy.write_config(tmp_path, "stop.yaml", losses=losses, **stop), work_dir=str(tmp_path / "old"))
+    moved = tmp_path / "moved"
+    os.rename(tmp_path / "old", moved)
+    assert (moved / "last_checkpoint").read_text().strip() == str(tmp_path / "old" / "epoch_2.pth")
+    later = os.path.getmtime(moved / "epoch_2.pth") + 60
+    os.utime(moved / "epoch_1.pth", (later, later))
+
+    capsys.readouterr()
+    train(toy.write_config(tmp_path, "stop.yaml", losses=losses), work_dir=str(moved), resume="auto")
+    log = capsys.readouterr().out
+    assert "cannot resume" not in log  # (errors reach the terminal; "Resuming from" is info)
+    records = [json.loads(line) for line in losses.read_text().splitlines()]
+    assert [r["iter"] for r in records] == list(range(ITERS))  # epochs 3-4 only: nothing trained twice
+    _assert_same_weights(moved / "epoch_4.pth", ref_dir / "epoch_4.pth")
+
+
+def test_an_empty_last_checkpoint_file_falls_back_to_the_newest_checkpoint(reference, tmp_path, capsys):
+    ref_dir, _ = reference
+    losses = tmp_path / "losses.jsonl"
+    work_dir = tmp_path / "wd"
+    stop = dict(custom_hooks=[dict(type="StopAtIterHook", at_iter=8)])
+    with pytest.raises(KeyboardInterrupt):
+        train(toy.write_config(tmp_path, "stop.yaml", losses=losses, **stop), work_dir=str(work_dir))
+    (work_dir / "last_checkpoint").write_text("")
+    capsys.readouterr()
+    train(toy.write_config(tmp_path, "stop.yaml", losses=losses), work_dir=str(work_dir), resume="auto")
+    log = capsys.readouterr().out
+    assert "last_checkpoint is empty" in log and "trying the checkpoints in" in log
+    records = [json.loads(line) for line in losses.read_text().splitlines()]
+    assert [r["iter"] for r in records] == list(range(ITERS))  # resumed from epoch_2.pth, the newest
+    _assert_same_weights(work_dir / "epoch_4.pth", ref_dir / "epoch_4.pth")

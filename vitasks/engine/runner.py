@@ -45,7 +45,6 @@ from mmengine.optim import OptimWrapper
 from mmengine.registry import MODEL_WRAPPERS as MMENGINE_MODEL_WRAPPERS
 from mmengine.runner import Runner
 from mmengine.runner.base_loop import BaseLoop
-from mmengine.runner.checkpoint import find_latest_checkpoint
 from mmengine.runner.loops import (
     EpochBasedTrainLoop,
     IterBasedTrainLoop,
@@ -78,8 +77,8 @@ __all__ = [
 
 # LAST_CHECKPOINT ("last_checkpoint", the file mmengine's CheckpointHook points at the newest
 # checkpoint) and its reader live in vitasks.last_checkpoint (no torch: benchmarks import it
-# without the Runner; hooks.py uses the name too). Resuming below reads the file through
-# mmengine's find_latest_checkpoint and falls back to earlier checkpoints on its own.
+# without the Runner; hooks.py uses the name too). Resuming below reads the file with it too and
+# falls back to earlier checkpoints on its own.
 
 
 @LOOPS.register_module()
@@ -422,7 +421,13 @@ class VitasksRunner(Runner):
             return
         resumed = False
         if self._resume is True or self._resume == "auto":
-            newest = find_latest_checkpoint(self.work_dir)
+            try:
+                # The path it names, or the same file name in this work dir when the work dir
+                # was moved or copied since (then the path written there no longer exists).
+                newest = read_last_checkpoint(self.work_dir, required=False)
+            except CheckpointError as err:  # empty or unreadable: the checkpoints may be fine
+                self.logger.error(f"resume: {err}; trying the checkpoints in {self.work_dir}")
+                newest = ""
             if newest is None:
                 self.logger.warning(
                     f"resume: no {LAST_CHECKPOINT} file in {self.work_dir}, training from the start"
@@ -446,7 +451,7 @@ class VitasksRunner(Runner):
         be read (a run killed while saving with an older mmengine, a full disk, a damaged file),
         from the newest earlier training checkpoint in the work dir that can."""
         tried = []
-        for path in [newest] + _earlier_checkpoints(self.work_dir, newest):
+        for path in ([newest] if newest else []) + _earlier_checkpoints(self.work_dir, newest):
             problem = None
             if not osp.isfile(path):
                 problem = "it does not exist"
@@ -462,8 +467,9 @@ class VitasksRunner(Runner):
                 f"resume: cannot resume from {path} ({problem}); trying the previous checkpoint"
             )
         where = osp.join(self.work_dir, LAST_CHECKPOINT)
+        named = f"names {newest!r}" if newest else "could not be read"
         raise CheckpointError(
-            f"resume: {where} names {newest!r}, and no checkpoint in {self.work_dir} could be "
+            f"resume: {where} {named}, and no checkpoint in {self.work_dir} could be "
             f"resumed from (tried {', '.join(map(repr, tried))}); pass the checkpoint to resume "
             "from explicitly, or start without --resume"
         )
