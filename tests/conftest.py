@@ -1,5 +1,4 @@
 import os
-import weakref
 
 # Passive OpenMP threads: on a 2-core machine shared with anything else, spinning threads make
 # torch 5-100x slower. Set before torch is imported.
@@ -7,7 +6,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.utils.data  # noqa: E402
 import yaml  # noqa: E402
 
 # Two cores on CI: keep torch from oversubscribing them when pytest runs test files in one process.
@@ -18,29 +16,6 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def _seed():
     torch.manual_seed(0)
     yield
-
-
-# A runner's DataLoader iterators with (persistent) worker processes outlive train()/test(); left
-# to the garbage collector, they are shut down in some later test, where torch's shutdown then
-# waits its full 5 s timeout per iterator. Shut them down at the end of the test that started them.
-_WORKER_ITERATORS = weakref.WeakSet()
-_MPIter = getattr(torch.utils.data.dataloader, "_MultiProcessingDataLoaderIter", None)
-if _MPIter is not None and hasattr(_MPIter, "_shutdown_workers"):
-    _mp_iter_init = _MPIter.__init__
-
-    def _tracked_init(self, loader):
-        _mp_iter_init(self, loader)
-        _WORKER_ITERATORS.add(self)
-
-    _MPIter.__init__ = _tracked_init
-
-
-@pytest.fixture(autouse=True)
-def _stop_dataloader_workers():
-    yield
-    for iterator in list(_WORKER_ITERATORS):
-        iterator._shutdown_workers()
-    _WORKER_ITERATORS.clear()
 
 
 TINY_CLASSES = ["red", "green", "blue"]
