@@ -447,9 +447,10 @@ class VitasksRunner(Runner):
         self._has_loaded = resumed or self._load_from is not None
 
     def _resume_newest_readable(self, newest: str) -> None:
-        """Resume from ``newest`` (what ``last_checkpoint`` names) or, when it is missing or cannot
-        be read (a run killed while saving with an older mmengine, a full disk, a damaged file),
-        from the newest earlier training checkpoint in the work dir that can."""
+        """Resume from ``newest`` (what ``last_checkpoint`` names; empty when that file could not
+        be read) or, when it is missing or cannot be read (a run killed while saving with an older
+        mmengine, a full disk, a damaged file), from the newest earlier training checkpoint in the
+        work dir that can."""
         tried = []
         for path in ([newest] if newest else []) + _earlier_checkpoints(self.work_dir, newest):
             problem = None
