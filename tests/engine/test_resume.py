@@ -124,15 +124,21 @@ def test_resume_errors(tmp_path):
         train(cfg, work_dir=str(tmp_path / "stale"), resume="auto")
 
 
+def _stop_right_after_epoch_2(tmp_path, work_dir, losses):
+    """Train the toy run into ``work_dir`` and stop it with Ctrl-C at iteration 8, right after
+    epoch 2's checkpoint (``last_checkpoint`` names epoch_2.pth)."""
+    stop = dict(custom_hooks=[dict(type="StopAtIterHook", at_iter=8)])
+    with pytest.raises(KeyboardInterrupt):
+        train(toy.write_config(tmp_path, "stop.yaml", losses=losses, **stop), work_dir=str(work_dir))
+
+
 def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, capsys):
     """A damaged newest checkpoint (what an interrupted save of a non-atomic writer leaves) is
     named in the log and the previous one is resumed from; the run still ends as the reference."""
     ref_dir, ref_losses = reference
     losses = tmp_path / "losses.jsonl"
     work_dir = tmp_path / "wd"
-    stop = dict(custom_hooks=[dict(type="StopAtIterHook", at_iter=8)])  # right after epoch 2's save
-    with pytest.raises(KeyboardInterrupt):
-        train(toy.write_config(tmp_path, "stop.yaml", losses=losses, **stop), work_dir=str(work_dir))
+    _stop_right_after_epoch_2(tmp_path, work_dir, losses)
     newest = work_dir / "epoch_2.pth"
     assert (work_dir / "last_checkpoint").read_text().strip() == str(newest)
     data = newest.read_bytes()
@@ -228,11 +234,9 @@ def test_a_moved_work_dir_resumes_from_its_own_newest_checkpoint(reference, tmp_
     """``last_checkpoint`` holds an absolute path; after the work dir is moved, ``--resume``
     finds the newest checkpoint by its name in the new place, not by file times (here made
     misleading: the older epoch_1.pth looks newer)."""
-    ref_dir, ref_losses = reference
+    ref_dir, _ = reference
     losses = tmp_path / "losses.jsonl"
-    stop = dict(custom_hooks=[dict(type="StopAtIterHook", at_iter=8)])  # right after epoch 2's save
-    with pytest.raises(KeyboardInterrupt):
-        train(toy.write_config(tmp_path, "stop.yaml", losses=losses, **stop), work_dir=str(tmp_path / "old"))
+    _stop_right_after_epoch_2(tmp_path, tmp_path / "old", losses)
     moved = tmp_path / "moved"
     os.rename(tmp_path / "old", moved)
     assert (moved / "last_checkpoint").read_text().strip() == str(tmp_path / "old" / "epoch_2.pth")
@@ -252,9 +256,7 @@ def test_an_empty_last_checkpoint_file_falls_back_to_the_newest_checkpoint(refer
     ref_dir, _ = reference
     losses = tmp_path / "losses.jsonl"
     work_dir = tmp_path / "wd"
-    stop = dict(custom_hooks=[dict(type="StopAtIterHook", at_iter=8)])
-    with pytest.raises(KeyboardInterrupt):
-        train(toy.write_config(tmp_path, "stop.yaml", losses=losses, **stop), work_dir=str(work_dir))
+    _stop_right_after_epoch_2(tmp_path, work_dir, losses)
     (work_dir / "last_checkpoint").write_text("")
     capsys.readouterr()
     train(toy.write_config(tmp_path, "stop.yaml", losses=losses), work_dir=str(work_dir), resume="auto")
